@@ -1,0 +1,201 @@
+/**
+ * Wires every part of chatwire together, in one visible place: storage, the
+ * model pool, the chat service, limits, auth and the transport. Tests and
+ * benchmarks start a real server with createApp(config) on port 0.
+ */
+import fs from 'node:fs';
+import path from 'node:path';
+import type { Logger } from 'pino';
+import { createAuth } from './auth/auth.js';
+import { cacheKey, isCacheable } from './cache/cache-key.js';
+import { openResponseCache } from './cache/response-cache.js';
+import { createChatService } from './chat/chat-service.js';
+import type { ChatCache, ChatLimits } from './chat/ports.js';
+import type { Config } from './config.js';
+import { createChatStore } from './db/chat-store.js';
+import { Database } from './db/database.js';
+import { createMarketplaceService } from './db/marketplace.js';
+import { migrate } from './db/migrate.js';
+import { DEV_DEFAULT_MAX_TOKENS } from './llm/dev.js';
+import { createModelPool } from './llm/pool.js';
+import { providerSettingsFrom } from './llm/provider.js';
+import { createRateLimits } from './limits/rate-limits.js';
+import { createMetrics, type Metrics } from './metrics/metrics.js';
+import { AppError } from './protocol/index.js';
+import type { TransportDeps } from './transport/deps.js';
+import { startHttpServer, type HttpServer } from './transport/server.js';
+
+export interface App {
+  readonly port: number;
+  readonly metrics: Metrics;
+  readonly server: HttpServer;
+  /** Graceful shutdown: stop accepting, cancel running tasks and store them, flush, close everything. */
+  close(): Promise<void>;
+}
+
+export interface AppOptions {
+  log: Logger;
+}
+
+export const SQLITE_FILE = 'chatwire.sqlite';
+export const CACHE_DIR = 'cache';
+
+export async function createApp(config: Config, options: AppOptions): Promise<App> {
+  const { log } = options;
+  fs.mkdirSync(config.dataPath, { recursive: true });
+  const metrics = createMetrics();
+  const closers: (() => Promise<void> | void)[] = [];
+  const closeAll = async () => {
+    for (const close of closers.reverse()) {
+      try {
+        await close();
+      } catch (err) {
+        log.warn({ err }, 'closing a part failed');
+      }
+    }
+  };
+
+  try {
+    const db = new Database(path.join(config.dataPath, SQLITE_FILE), { onQuery: (op) => metrics.dbQueries.inc({ op }) });
+    closers.push(() => db.close());
+    const applied = migrate(db);
+    if (applied.length > 0) log.info({ migrations: applied }, 'database migrated');
+    const store = createChatStore(db, { onCommit: (seconds) => metrics.dbCommitSeconds.observe(seconds) });
+    const recovered = store.recoverUnfinished();
+    if (recovered > 0) log.warn({ tasks: recovered }, 'tasks left unfinished by the previous process were marked failed');
+
+    const cache = openResponseCache({
+      path: path.join(config.dataPath, CACHE_DIR),
+      ttlMs: config.cacheTtlSec * 1000,
+      maxBytes: config.cacheMaxBytes,
+      hooks: {
+        onEvict: (count) => metrics.cacheEvictions.inc(count),
+        onBytes: (bytes) => metrics.cacheBytes.set(bytes),
+      },
+      log: (level, msg, fields) => log[level](fields ?? {}, msg),
+    });
+    closers.push(() => cache.close());
+
+    const pool = createModelPool({
+      settings: providerSettingsFrom(config),
+      threads: config.workerThreads,
+      tasksPerWorker: config.tasksPerWorker,
+      maxQueue: config.maxQueue,
+      taskTimeoutMs: config.taskTimeoutMs,
+      hooks: {
+        onModelCall: () => metrics.modelCalls.inc(),
+        onWorkerFailure: () => metrics.workerFailures.inc(),
+      },
+    });
+    closers.push(() => pool.close());
+
+    const limits = createRateLimits({
+      messagesPerSecond: config.messagesPerSecond,
+      chatsPerMinute: config.chatsPerMinute,
+      modelTokensPerMinute: config.modelTokensPerMinute,
+      maxConnectionsPerUser: config.maxConnectionsPerUser,
+    });
+    closers.push(() => limits.close());
+
+    const auth = createAuth(config.jwtSecret === undefined ? {} : { secret: config.jwtSecret });
+    if (auth.mode === 'open') log.warn('open mode: no CHATWIRE_JWT_SECRET, so ?user= is trusted as the user id; set a secret in production');
+    else if (auth.weakSecret) log.warn('CHATWIRE_JWT_SECRET is shorter than 32 bytes; use a longer random secret');
+
+    const marketplace = createMarketplaceService({ db });
+    closers.push(() => marketplace.close());
+
+    const chatCache: ChatCache = {
+      keyOf: (request) =>
+        isCacheable({ provider: config.llm, temperature: request.temperature })
+          ? cacheKey({ provider: config.llm, model: request.model, temperature: request.temperature, maxTokens: request.maxTokens, messages: request.messages })
+          : null,
+      get: (key) => cache.get(key),
+      put: (key, reply) => {
+        cache.put(key, { ...reply, model: config.model, createdAt: Date.now() }).catch((err: unknown) => log.warn({ err }, 'writing the response cache failed'));
+      },
+    };
+    const chatLimits: ChatLimits = {
+      chat: (userId) => {
+        const d = limits.chat(userId);
+        if (!d.ok) metrics.rateLimited.inc({ bucket: d.bucket });
+        return d;
+      },
+      reserveModelTokens: (userId, maxTokens) => {
+        const d = limits.reserveModelTokens(userId, maxTokens);
+        if (!d.ok) metrics.rateLimited.inc({ bucket: d.bucket });
+        return d;
+      },
+    };
+
+    const chat = createChatService({
+      store,
+      pool,
+      cache: chatCache,
+      limits: chatLimits,
+      metrics,
+      log,
+      provider: config.llm,
+      model: config.model,
+      contextMessages: config.contextMessages,
+      defaultMaxTokens: config.llm === 'dev' ? DEV_DEFAULT_MAX_TOKENS : config.defaultMaxTokens,
+      capUnsetMaxTokens: config.llm !== 'dev',
+      taskRetentionMs: config.taskRetentionMs,
+    });
+
+    const allowed = config.allowedOrigins === '*' ? null : new Set(config.allowedOrigins.split(',').map((o) => o.trim()).filter(Boolean));
+    const deps: TransportDeps = {
+      config,
+      metrics,
+      log,
+      auth,
+      chat,
+      marketplace,
+      session: { chat, marketplace, frameLimit: (userId) => limits.frame(userId), metrics, log },
+      connections: {
+        opened: (userId) => {
+          const d = limits.connectionOpened(userId);
+          return d.ok ? { ok: true } : { ok: false, error: new AppError('rate_limited', d.reason) };
+        },
+        closed: (userId) => limits.connectionClosed(userId),
+      },
+      checkOrigin: (origin) => {
+        if (allowed !== null && origin !== undefined && !allowed.has(origin)) throw new AppError('forbidden', `origin ${origin} is not allowed`);
+      },
+      rateLimitHeaders: (userId) => {
+        const h = limits.httpHeaders(userId);
+        return { 'ratelimit-policy': h['RateLimit-Policy'], ratelimit: h.RateLimit };
+      },
+      httpLimit: (userId) => limits.frame(userId),
+      readiness: [
+        { name: 'sqlite', check: () => void db.raw.prepare('SELECT 1').get() },
+        { name: 'workers', check: () => pool.check() },
+        { name: 'cache', check: () => void cache.stats() },
+      ],
+      beforeScrape: () => {
+        const s = pool.stats();
+        metrics.queueDepth.set(s.queued);
+        metrics.modelCallsInFlight.set(s.inFlight);
+      },
+    };
+
+    const server = await startHttpServer(deps, config.host, config.port);
+    let closing: Promise<void> | null = null;
+    return {
+      port: server.port,
+      metrics,
+      server,
+      close() {
+        closing ??= (async () => {
+          server.stopListening();
+          await chat.close();
+          await server.close();
+          await closeAll();
+        })();
+        return closing;
+      },
+    };
+  } catch (err) {
+    await closeAll();
+    throw err;
+  }
+}

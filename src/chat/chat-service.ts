@@ -1,0 +1,375 @@
+import type { Logger } from 'pino';
+import type { Identity } from '../auth/identity.js';
+import { newTaskId, type ChatStore } from '../db/chat-store.js';
+import type { ModelPool, PoolSlot } from '../llm/pool.js';
+import { countTokens, type ModelMessage, type ModelRequest, type ModelResult } from '../llm/provider.js';
+import type { Metrics } from '../metrics/metrics.js';
+import {
+  AppError,
+  toAppError,
+  type ChatAck,
+  type ChatDone,
+  type ChatSendBody,
+  type HistoryMessage,
+  type TaskInfo,
+} from '../protocol/index.js';
+import { Flight, type FlightListener, type FlightOutcome } from './flight.js';
+import type { ChatCache, ChatLimits, TokenReservation } from './ports.js';
+import { Task, type Sink, type Subscription } from './task.js';
+
+export interface ChatServiceOptions {
+  store: ChatStore;
+  pool: ModelPool;
+  cache: ChatCache;
+  limits: ChatLimits;
+  metrics: Metrics;
+  log: Logger;
+  provider: string;
+  model: string;
+  /** Earlier messages of the conversation put in the model's context. */
+  contextMessages: number;
+  /** Model tokens reserved for a chat that does not set maxTokens. */
+  defaultMaxTokens: number;
+  /** Whether the provider is told maxTokens when the client did not set it (caps the reservation). */
+  capUnsetMaxTokens: boolean;
+  taskRetentionMs: number;
+}
+
+export interface SendResult {
+  ack: Omit<ChatAck, 'type' | 'id'>;
+  task: Task;
+}
+
+export interface ChatService {
+  /** Validated, limited and committed; resolves with the ack. The model runs after, never before, the commit. */
+  send(caller: Identity, body: Omit<ChatSendBody, 'id'>, receivedAt?: number): Promise<SendResult>;
+  cancel(caller: Identity, taskId: string): void;
+  /** Streams a task to `sink` from `fromSeq`: replays, then live, then its chat.done or chat.error. Call pump() to start. */
+  subscribe(caller: Identity, taskId: string, fromSeq: number, sink: Sink): Subscription;
+  task(caller: Identity, taskId: string): TaskInfo;
+  history(caller: Identity, conversationId: string, before: string | undefined, limit: number): { messages: HistoryMessage[]; hasMore: boolean };
+  stats(): { tasksInMemory: number; running: number; flights: number };
+  /** Stops taking chats, cancels running tasks, and resolves when their outcomes are stored. */
+  close(): Promise<void>;
+}
+
+const round = (ms: number) => Math.max(0, Math.round(ms * 100) / 100);
+
+export function createChatService(options: ChatServiceOptions): ChatService {
+  const { store, pool, cache, limits, metrics, log } = options;
+  const tasks = new Map<string, Task>();
+  const running = new Set<Task>();
+  const flights = new Map<string, Flight>();
+  const pendingFinishes = new Set<Promise<unknown>>();
+  // Finished tasks in the order they ended; the sweep drops them after the retention window.
+  const retired: Task[] = [];
+  let closing = false;
+
+  const sweep = setInterval(() => {
+    const cutoff = Date.now() - options.taskRetentionMs;
+    let n = 0;
+    while (n < retired.length && (retired[n]?.endedAt ?? 0) <= cutoff) {
+      const t = retired[n] as Task;
+      if (tasks.get(t.taskId) === t) tasks.delete(t.taskId);
+      n++;
+    }
+    if (n > 0) retired.splice(0, n);
+  }, Math.min(30_000, options.taskRetentionMs));
+  sweep.unref();
+
+  function visibleTask(caller: Identity, taskId: string): Task {
+    const task = tasks.get(taskId);
+    if (!task) throw new AppError('not_found', `no task ${taskId}`);
+    if (task.userId !== caller.userId) throw new AppError('forbidden', 'this task belongs to another user');
+    return task;
+  }
+
+  function buildRequest(body: Omit<ChatSendBody, 'id'>, earlier: { role: 'user' | 'assistant'; content: string }[]): ModelRequest {
+    const messages: ModelMessage[] = [];
+    if (body.params?.system) messages.push({ role: 'system', content: body.params.system });
+    messages.push(...earlier, { role: 'user', content: body.text });
+    const maxTokens = body.params?.maxTokens ?? (options.capUnsetMaxTokens ? options.defaultMaxTokens : undefined);
+    return {
+      model: body.model ?? options.model,
+      messages,
+      temperature: body.params?.temperature,
+      maxTokens,
+    };
+  }
+
+  /** Ends a task once: stores the reply (or the failure), then sends chat.done / chat.error to its subscribers. */
+  function finishTask(task: Task, outcome: FlightOutcome | { kind: 'cancelled' }, reservation: TokenReservation | null, promptTokens: number): void {
+    if (task.ending) return;
+    task.ending = true;
+    running.delete(task);
+    const endedAt = performance.now();
+    let status: 'done' | 'cancelled' | 'error';
+    let result: ModelResult | null = null;
+    let error: AppError | null = null;
+    if (outcome.kind === 'error') {
+      status = 'error';
+      error = outcome.error;
+    } else if (outcome.kind === 'cancelled' || outcome.cancelled) {
+      status = 'cancelled';
+    } else {
+      status = 'done';
+      result = outcome.result;
+    }
+    const completionTokens = result?.usage.completionTokens ?? countTokens(task.text);
+    const usage = { promptTokens: result?.usage.promptTokens ?? promptTokens, completionTokens };
+    reservation?.settle(completionTokens);
+    metrics.tokensStreamed.inc(completionTokens);
+    metrics.tasks.inc({ outcome: task.cached ? 'cached' : status });
+    const stored = store
+      .finishTask({
+        taskId: task.taskId,
+        conversationId: task.conversationId,
+        status,
+        text: task.text,
+        finishReason: status === 'cancelled' ? 'cancelled' : (result?.finishReason ?? undefined),
+        errorCode: error?.code,
+        promptTokens: usage.promptTokens,
+        completionTokens: usage.completionTokens,
+        cached: task.cached,
+      })
+      .then(
+        (messageId) => {
+          if (error !== null || messageId === null) {
+            const e = error ?? new AppError('internal', 'the reply could not be stored');
+            if (e.code === 'internal' || e.code === 'worker_failed') {
+              log.warn({ taskId: task.taskId, userId: task.userId, code: e.code, err: e.cause ?? e.message }, 'chat task failed');
+            }
+            metrics.errors.inc({ code: e.code });
+            task.end({ type: 'chat.error', taskId: task.taskId, code: e.code, message: e.message, retryable: e.retryable }, 'error');
+            return;
+          }
+          const done: ChatDone = {
+            type: 'chat.done',
+            taskId: task.taskId,
+            messageId,
+            finishReason: status === 'cancelled' ? 'cancelled' : (result?.finishReason ?? 'stop'),
+            usage,
+            cached: task.cached,
+            timings: {
+              queueMs: round((task.startedAt ?? endedAt) - task.receivedAt),
+              firstTokenMs: task.firstTokenAt === null ? null : round(task.firstTokenAt - task.receivedAt),
+              totalMs: round(endedAt - task.receivedAt),
+            },
+          };
+          task.end(done, status);
+        },
+        (err: unknown) => {
+          log.error({ taskId: task.taskId, userId: task.userId, err }, 'storing the reply failed');
+          metrics.errors.inc({ code: 'internal' });
+          task.end({ type: 'chat.error', taskId: task.taskId, code: 'internal', message: 'the reply could not be stored', retryable: false }, 'error');
+        },
+      )
+      .finally(() => {
+        pendingFinishes.delete(stored);
+        retired.push(task);
+      });
+    pendingFinishes.add(stored);
+  }
+
+  function startFlight(key: string | null, request: ModelRequest, slot: PoolSlot, writeCache: boolean): Flight {
+    const flight = new Flight(key, (f) => {
+      if (f.key !== null && flights.get(f.key) === f) flights.delete(f.key);
+    });
+    if (key !== null) flights.set(key, flight);
+    const run = slot.run(request, {
+      onStart: () => flight.started(),
+      onChunk: (text) => flight.chunk(text),
+      onEnd: (result, cancelled) => {
+        if (writeCache && key !== null && !cancelled && result !== null) {
+          try {
+            cache.put(key, { chunks: flight.chunks, finishReason: result.finishReason, usage: result.usage });
+          } catch (err) {
+            log.warn({ err }, 'writing the response cache failed');
+          }
+        }
+        flight.settle({ kind: 'end', result, cancelled });
+      },
+      onError: (error) => flight.settle({ kind: 'error', error }),
+    });
+    flight.setCancel(() => run.cancel());
+    return flight;
+  }
+
+  function listen(task: Task, flight: Flight, reservation: TokenReservation | null, promptTokens: number): void {
+    const listener: FlightListener & { cancel(): void } = {
+      onChunk: (text) => {
+        const first = task.firstTokenAt === null;
+        task.startedAt ??= flight.startedAt ?? performance.now();
+        task.pushDelta(text);
+        if (first && task.firstTokenAt !== null) metrics.firstToken.observe({ cached: String(task.cached) }, (task.firstTokenAt - task.receivedAt) / 1000);
+      },
+      onOutcome: (outcome) => {
+        task.startedAt ??= flight.startedAt ?? performance.now();
+        finishTask(task, outcome, reservation, promptTokens);
+      },
+      cancel: () => {
+        flight.letGo(listener);
+        finishTask(task, { kind: 'cancelled' }, reservation, promptTokens);
+      },
+    };
+    cancels.set(task, listener.cancel);
+    flight.attach(listener);
+  }
+
+  const cancels = new WeakMap<Task, () => void>();
+
+  return {
+    async send(caller, body, receivedAt = performance.now()) {
+      if (closing) throw new AppError('overloaded', 'the server is shutting down');
+      const conversationId = body.conversationId;
+      if (conversationId !== undefined) {
+        const owner = store.conversationOwner(conversationId);
+        if (owner === undefined) throw new AppError('not_found', `no conversation ${conversationId}`);
+        if (owner !== caller.userId) throw new AppError('forbidden', 'this conversation belongs to another user');
+      }
+      const earlier = conversationId === undefined || options.contextMessages === 0 ? [] : store.context(conversationId, options.contextMessages);
+      const request = buildRequest(body, earlier);
+      const promptTokens = request.messages.reduce((n, m) => n + countTokens(m.content), 0);
+      const mode = body.cache ?? 'use';
+      const key = cache.keyOf(request);
+
+      // Decide how the reply will be produced before anything is stored, so refusals store nothing.
+      let plan: { kind: 'cached'; chunks: string[]; result: ModelResult } | { kind: 'join'; flight: Flight } | { kind: 'run'; slot: PoolSlot };
+      const hit = key !== null && mode === 'use' ? cache.get(key) : undefined;
+      const inFlight = key !== null && mode === 'use' && !hit ? flights.get(key) : undefined;
+      if (key !== null && mode !== 'bypass') (hit ? metrics.cacheHits : metrics.cacheMisses).inc();
+      if (hit) {
+        plan = { kind: 'cached', chunks: hit.chunks, result: { finishReason: hit.finishReason, usage: hit.usage, usageSource: 'reported' } };
+      } else if (inFlight && !inFlight.ended) {
+        plan = { kind: 'join', flight: inFlight };
+      } else {
+        const slot = pool.reserve();
+        if (!slot) throw new AppError('overloaded', 'the model queue is full; retry shortly');
+        plan = { kind: 'run', slot };
+      }
+      const releasePlan = () => {
+        if (plan.kind === 'run') plan.slot.release();
+      };
+
+      const chat = limits.chat(caller.userId);
+      if (!chat.ok) {
+        releasePlan();
+        throw new AppError('rate_limited', `too many chats; retry in ${chat.retryAfterMs} ms`, { retryAfterMs: chat.retryAfterMs });
+      }
+      let reservation: TokenReservation | null = null;
+      if (plan.kind !== 'cached') {
+        const reserved = limits.reserveModelTokens(caller.userId, request.maxTokens ?? options.defaultMaxTokens);
+        if (!reserved.ok) {
+          releasePlan();
+          throw new AppError('rate_limited', `model token budget used up; retry in ${reserved.retryAfterMs} ms`, {
+            retryAfterMs: reserved.retryAfterMs,
+          });
+        }
+        reservation = reserved.reservation;
+      }
+      if (plan.kind === 'join') plan.flight.hold();
+
+      const taskId = newTaskId();
+      let began;
+      try {
+        began = await store.beginChat({ taskId, userId: caller.userId, conversationId, text: body.text });
+      } catch (err) {
+        releasePlan();
+        reservation?.settle(0);
+        if (plan.kind === 'join') plan.flight.letGo();
+        log.error({ err, userId: caller.userId }, 'storing a chat failed');
+        throw new AppError('internal', 'the message could not be stored; it was not sent');
+      }
+      const task = new Task(taskId, caller.userId, began.conversationId, receivedAt, began.createdAt, plan.kind === 'cached');
+      tasks.set(taskId, task);
+      running.add(task);
+      metrics.ackLatency.observe((performance.now() - receivedAt) / 1000);
+
+      if (closing) {
+        releasePlan();
+        if (plan.kind === 'join') plan.flight.letGo();
+        finishTask(task, { kind: 'cancelled' }, reservation, promptTokens);
+      } else if (plan.kind === 'cached') {
+        const replay = new Flight(null, () => {});
+        replay.hold();
+        replay.started();
+        listen(task, replay, null, promptTokens);
+        for (const chunk of plan.chunks) replay.chunk(chunk);
+        replay.settle({ kind: 'end', result: plan.result, cancelled: false });
+      } else if (plan.kind === 'join') {
+        metrics.singleflightJoins.inc();
+        listen(task, plan.flight, reservation, promptTokens);
+      } else {
+        const flight = startFlight(key, request, plan.slot, key !== null && mode !== 'bypass');
+        flight.hold();
+        listen(task, flight, reservation, promptTokens);
+      }
+      return {
+        task,
+        ack: {
+          taskId,
+          conversationId: began.conversationId,
+          messageId: began.messageId,
+          status: plan.kind === 'cached' ? 'cached' : 'queued',
+          rateLimit: chat.info,
+        },
+      };
+    },
+
+    cancel(caller, taskId) {
+      const task = visibleTask(caller, taskId);
+      if (task.ending) return;
+      cancels.get(task)?.();
+    },
+
+    subscribe(caller, taskId, fromSeq, sink) {
+      const task = visibleTask(caller, taskId);
+      return task.subscribe(sink, fromSeq, () => metrics.deltasSent.inc());
+    },
+
+    task(caller, taskId) {
+      const task = tasks.get(taskId);
+      if (task) {
+        if (task.userId !== caller.userId) throw new AppError('forbidden', 'this task belongs to another user');
+        return task.info();
+      }
+      const stored = store.task(taskId);
+      if (!stored) throw new AppError('not_found', `no task ${taskId}`);
+      if (stored.userId !== caller.userId) throw new AppError('forbidden', 'this task belongs to another user');
+      return {
+        taskId: stored.taskId,
+        conversationId: stored.conversationId,
+        status: stored.status,
+        // Deltas are kept in memory only; a task past retention reports its stored text as one.
+        seq: stored.text.length > 0 ? 1 : 0,
+        text: stored.text,
+        createdAt: new Date(stored.createdAt).toISOString(),
+      };
+    },
+
+    history(caller, conversationId, before, limit) {
+      const owner = store.conversationOwner(conversationId);
+      if (owner === undefined) throw new AppError('not_found', `no conversation ${conversationId}`);
+      if (owner !== caller.userId) throw new AppError('forbidden', 'this conversation belongs to another user');
+      return store.history(conversationId, before, limit);
+    },
+
+    stats() {
+      return { tasksInMemory: tasks.size, running: running.size, flights: flights.size };
+    },
+
+    async close() {
+      closing = true;
+      for (const task of [...running]) {
+        try {
+          cancels.get(task)?.();
+        } catch (err) {
+          log.warn({ err: toAppError(err).message, taskId: task.taskId }, 'cancelling a task at shutdown failed');
+        }
+      }
+      store.flush();
+      await Promise.allSettled([...pendingFinishes]);
+      clearInterval(sweep);
+    },
+  };
+}

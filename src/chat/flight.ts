@@ -1,0 +1,81 @@
+import type { ModelResult } from '../llm/provider.js';
+import type { AppError } from '../protocol/index.js';
+
+export type FlightOutcome =
+  | { kind: 'end'; result: ModelResult | null; cancelled: boolean }
+  | { kind: 'error'; error: AppError };
+
+export interface FlightListener {
+  onChunk(text: string): void;
+  onOutcome(outcome: FlightOutcome): void;
+}
+
+/**
+ * One model call (or one cache replay) and everyone listening to it. Identical
+ * chats in flight share one Flight (single-flight): a listener that joins late
+ * gets the chunks so far, then the live ones. The call is cancelled only when
+ * its last holder lets go, so one subscriber cancelling leaves the rest streaming.
+ */
+export class Flight {
+  readonly chunks: string[] = [];
+  outcome: FlightOutcome | null = null;
+  startedAt: number | null = null;
+  private readonly listeners = new Set<FlightListener>();
+  /** Holders: listeners plus chats that reserved a place before their ack commit. */
+  private holders = 0;
+  private cancelCall: (() => void) | null = null;
+
+  constructor(
+    readonly key: string | null,
+    private readonly onSettled: (flight: Flight) => void,
+  ) {}
+
+  get ended(): boolean {
+    return this.outcome !== null;
+  }
+
+  /** Keeps the call alive for a chat that will attach after its commit. */
+  hold(): void {
+    this.holders++;
+  }
+
+  /** Lets go of a hold taken with hold() (e.g. the commit failed) or of an attached listener. */
+  letGo(listener?: FlightListener): void {
+    if (listener) this.listeners.delete(listener);
+    this.holders--;
+    if (this.holders <= 0 && !this.ended) this.cancelCall?.();
+  }
+
+  /** Attaches a listener (that already holds): replays what the flight has, then streams live. */
+  attach(listener: FlightListener): void {
+    for (const chunk of this.chunks) listener.onChunk(chunk);
+    if (this.outcome) {
+      listener.onOutcome(this.outcome);
+      return;
+    }
+    this.listeners.add(listener);
+  }
+
+  setCancel(cancel: () => void): void {
+    this.cancelCall = cancel;
+  }
+
+  started(): void {
+    this.startedAt ??= performance.now();
+  }
+
+  chunk(text: string): void {
+    if (this.ended) return;
+    this.chunks.push(text);
+    for (const l of this.listeners) l.onChunk(text);
+  }
+
+  settle(outcome: FlightOutcome): void {
+    if (this.ended) return;
+    this.outcome = outcome;
+    const listeners = [...this.listeners];
+    this.listeners.clear();
+    this.onSettled(this);
+    for (const l of listeners) l.onOutcome(outcome);
+  }
+}

@@ -1,0 +1,38 @@
+/**
+ * What the chat service needs from the stores around it. The embedded
+ * implementations (LMDB cache, in-memory token buckets) are adapted to these in
+ * main wiring; a Redis-backed one would implement the same shapes.
+ */
+import type { ModelRequest, ModelResult } from '../llm/provider.js';
+import type { CacheMode, RateLimitInfo } from '../protocol/index.js';
+
+export interface CachedReply {
+  chunks: string[];
+  finishReason: ModelResult['finishReason'];
+  usage: ModelResult['usage'];
+}
+
+export interface ChatCache {
+  /** The key of a request, or null when its output is not reproducible (never cached). */
+  keyOf(request: ModelRequest): string | null;
+  get(key: string): CachedReply | undefined;
+  put(key: string, reply: CachedReply): void;
+}
+
+export type LimitDecision =
+  | { ok: true; info: RateLimitInfo }
+  | { ok: false; bucket: string; retryAfterMs: number; info: RateLimitInfo };
+
+export interface TokenReservation {
+  /** Settles with the tokens really used; the rest goes back to the bucket. Idempotent. */
+  settle(usedTokens: number): void;
+}
+
+export interface ChatLimits {
+  /** Takes one chat from the user's chats bucket. */
+  chat(userId: string): LimitDecision;
+  /** Reserves `maxTokens` model tokens; settled when the task ends. */
+  reserveModelTokens(userId: string, maxTokens: number): { ok: true; reservation: TokenReservation } | Extract<LimitDecision, { ok: false }>;
+}
+
+export type { CacheMode };

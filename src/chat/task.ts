@@ -1,0 +1,129 @@
+import type { ChatDone, ChatError, ServerMessage, TaskInfo, TaskStatus } from '../protocol/index.js';
+
+/**
+ * Where a task's messages go: one connection (or SSE response). `deliver`
+ * returns false when the peer is gone. `congested` is true while the peer's
+ * send buffer is over its soft limit: deltas then wait in the task (which
+ * keeps them anyway, for resume) instead of piling up in the socket.
+ */
+export interface Sink {
+  deliver(message: ServerMessage): boolean;
+  congested(): boolean;
+  /** Runs `fn` with the peer's writes batched into one syscall where the transport can. */
+  cork?(fn: () => void): void;
+}
+
+export type TaskTerminal = ChatDone | ChatError;
+
+/** One peer's view of a task: a cursor into the task's deltas. Memory per subscriber is O(1). */
+export class Subscription {
+  private cursor: number;
+  private finished = false;
+
+  constructor(
+    readonly task: Task,
+    private readonly sink: Sink,
+    fromSeq: number,
+    private readonly onDelta?: () => void,
+  ) {
+    this.cursor = fromSeq;
+  }
+
+  get closed(): boolean {
+    return this.finished;
+  }
+
+  /** Sends what the peer has not seen yet, as far as its buffer allows; then the terminal message. */
+  pump(): void {
+    if (this.finished) return;
+    if (this.sink.cork) this.sink.cork(() => this.pumpNow());
+    else this.pumpNow();
+  }
+
+  private pumpNow(): void {
+    const { deltas, taskId } = this.task;
+    while (this.cursor < deltas.length) {
+      if (this.sink.congested()) return;
+      const seq = this.cursor;
+      if (!this.sink.deliver({ type: 'chat.delta', taskId, seq, text: deltas[seq] as string })) {
+        this.close();
+        return;
+      }
+      this.cursor++;
+      this.onDelta?.();
+    }
+    const terminal = this.task.terminal;
+    if (terminal !== null) {
+      if (this.sink.congested()) return;
+      this.sink.deliver(terminal);
+      this.close();
+    }
+  }
+
+  close(): void {
+    if (this.finished) return;
+    this.finished = true;
+    this.task.subscribers.delete(this);
+  }
+}
+
+/**
+ * One chat.send: its own id, its own contiguous seq, its subscribers, and the
+ * one terminal message (chat.done or chat.error) it ends with.
+ */
+export class Task {
+  readonly deltas: string[] = [];
+  readonly subscribers = new Set<Subscription>();
+  status: TaskStatus = 'queued';
+  terminal: TaskTerminal | null = null;
+  text = '';
+  firstTokenAt: number | null = null;
+  startedAt: number | null = null;
+  endedAt: number | null = null;
+  /** Set once the task is ending (cancel, model end, error) so it ends only once. */
+  ending = false;
+
+  constructor(
+    readonly taskId: string,
+    readonly userId: string,
+    readonly conversationId: string,
+    readonly receivedAt: number,
+    readonly createdAt: number,
+    readonly cached: boolean,
+  ) {}
+
+  pushDelta(text: string): void {
+    if (this.ending || text.length === 0) return;
+    if (this.firstTokenAt === null) this.firstTokenAt = performance.now();
+    if (this.status === 'queued') this.status = 'running';
+    this.deltas.push(text);
+    this.text += text;
+    for (const sub of this.subscribers) sub.pump();
+  }
+
+  end(terminal: TaskTerminal, status: Extract<TaskStatus, 'done' | 'error' | 'cancelled'>): void {
+    if (this.terminal !== null) return;
+    this.terminal = terminal;
+    this.status = status;
+    this.endedAt = Date.now();
+    for (const sub of this.subscribers) sub.pump();
+  }
+
+  /** Adds a subscriber; nothing is sent until its first pump(), so the caller can reply first. */
+  subscribe(sink: Sink, fromSeq: number, onDelta?: () => void): Subscription {
+    const sub = new Subscription(this, sink, fromSeq, onDelta);
+    this.subscribers.add(sub);
+    return sub;
+  }
+
+  info(): TaskInfo {
+    return {
+      taskId: this.taskId,
+      conversationId: this.conversationId,
+      status: this.status,
+      seq: this.deltas.length,
+      text: this.text,
+      createdAt: new Date(this.createdAt).toISOString(),
+    };
+  }
+}

@@ -1,0 +1,92 @@
+import os from 'node:os';
+import path from 'node:path';
+import { z } from 'zod';
+
+/**
+ * Every setting chatwire reads, with its environment variable, default and
+ * meaning. This table is the one source for config parsing and for the
+ * README's configuration table (test/unit/config.test.ts keeps them in step).
+ */
+const bool = z
+  .enum(['true', 'false', '1', '0', 'yes', 'no', 'on', 'off'])
+  .transform((v) => v === 'true' || v === '1' || v === 'yes' || v === 'on');
+const int = (min: number, max: number) => z.coerce.number().int().min(min).max(max);
+const optionalString = z
+  .string()
+  .optional()
+  .transform((v) => (v === undefined || v === '' ? undefined : v));
+
+export const settings = {
+  port: { env: 'PORT', schema: int(0, 65535), default: '8080', doc: 'HTTP and WebSocket port (0 picks a free one)' },
+  host: { env: 'HOST', schema: z.string().min(1), default: '0.0.0.0', doc: 'address to listen on' },
+  dataDir: { env: 'CHATWIRE_DATA_DIR', schema: z.string().min(1), default: './data', doc: 'where SQLite and LMDB keep their files' },
+  llm: { env: 'CHATWIRE_LLM', schema: z.enum(['dev', 'openai', 'local']), default: 'dev', doc: 'model provider: dev, openai or local' },
+  model: { env: 'CHATWIRE_MODEL', schema: z.string().min(1).max(128), default: 'dev-1', doc: 'default model name sent to the provider' },
+  devTokenDelayMs: { env: 'CHATWIRE_DEV_TOKEN_DELAY_MS', schema: int(0, 60_000), default: '15', doc: 'dev provider: delay before each token (0 allowed)' },
+  devFaults: { env: 'CHATWIRE_DEV_FAULTS', schema: bool, default: 'false', doc: 'dev provider: honour `/fault exit|throw|hang` messages (fault-injection tests only)' },
+  workerThreads: { env: 'CHATWIRE_WORKER_THREADS', schema: int(1, 256), default: String(Math.max(1, os.availableParallelism())), doc: 'model worker threads (default: number of cores)' },
+  tasksPerWorker: { env: 'CHATWIRE_TASKS_PER_WORKER', schema: int(1, 10_000), default: '64', doc: 'concurrent model tasks per worker (streaming providers are I/O-bound)' },
+  maxQueue: { env: 'CHATWIRE_MAX_QUEUE', schema: int(0, 1_000_000), default: '1024', doc: 'chats waiting for a worker before new ones get `overloaded`' },
+  defaultMaxTokens: { env: 'CHATWIRE_DEFAULT_MAX_TOKENS', schema: int(1, 32_768), default: '1024', doc: 'openai/local: maxTokens of a chat that sets none (caps its token reservation); dev replies are 32 tokens' },
+  taskTimeoutMs: { env: 'CHATWIRE_TASK_TIMEOUT_MS', schema: int(1000, 3_600_000), default: '300000', doc: 'hard deadline of one model call; a worker past it is replaced' },
+  taskRetentionMs: { env: 'CHATWIRE_TASK_RETENTION_MS', schema: int(300_000, 86_400_000), default: '600000', doc: 'how long a finished task stays resumable in memory (at least 5 minutes)' },
+  contextMessages: { env: 'CHATWIRE_CONTEXT_MESSAGES', schema: int(0, 1000), default: '20', doc: "earlier messages of the conversation put in the model's context" },
+  maxFrameBytes: { env: 'CHATWIRE_MAX_FRAME_BYTES', schema: int(1024, 16 * 1024 * 1024), default: '65536', doc: 'largest WebSocket frame or HTTP body accepted; over it: 413 / close 1009' },
+  maxBackpressureBytes: { env: 'CHATWIRE_MAX_BACKPRESSURE_BYTES', schema: int(16 * 1024, 256 * 1024 * 1024), default: '1048576', doc: 'bytes buffered for a slow reader before its socket is closed' },
+  idleTimeoutSec: { env: 'CHATWIRE_IDLE_TIMEOUT_SEC', schema: int(8, 960), default: '120', doc: 'a WebSocket silent this long (pings answered count) is closed' },
+  messagesPerSecond: { env: 'CHATWIRE_MESSAGES_PER_SECOND', schema: z.coerce.number().positive().max(1_000_000), default: '50', doc: 'per-user frames per second (burst of the same size)' },
+  chatsPerMinute: { env: 'CHATWIRE_CHATS_PER_MINUTE', schema: z.coerce.number().positive().max(1_000_000), default: '60', doc: 'per-user chats per minute' },
+  modelTokensPerMinute: { env: 'CHATWIRE_MODEL_TOKENS_PER_MINUTE', schema: z.coerce.number().positive().max(1_000_000_000), default: '20000', doc: 'per-user model tokens per minute (reserved at send, settled at the end)' },
+  shutdownTimeoutMs: { env: 'CHATWIRE_SHUTDOWN_TIMEOUT_MS', schema: int(100, 120_000), default: '5000', doc: 'graceful shutdown deadline before the process exits anyway' },
+  cacheTtlSec: { env: 'CHATWIRE_CACHE_TTL_SEC', schema: int(1, 365 * 86_400), default: '86400', doc: 'how long a cached reply is served' },
+  cacheMaxBytes: { env: 'CHATWIRE_CACHE_MAX_BYTES', schema: int(64 * 1024, 1024 * 1024 * 1024 * 1024), default: String(256 * 1024 * 1024), doc: 'byte bound of the reply cache; least recently used entries are evicted past it' },
+  openaiBaseUrl: { env: 'CHATWIRE_OPENAI_BASE_URL', schema: z.url(), default: 'https://api.openai.com/v1', doc: 'openai provider: base URL of any OpenAI-compatible server (Ollama, vLLM, llama.cpp, LM Studio)' },
+  openaiApiKey: { env: 'CHATWIRE_OPENAI_API_KEY', schema: optionalString, default: '', doc: 'openai provider: API key (optional for local servers)' },
+  upstreamFirstTokenTimeoutMs: { env: 'CHATWIRE_UPSTREAM_FIRST_TOKEN_TIMEOUT_MS', schema: int(100, 600_000), default: '30000', doc: 'openai provider: longest wait for the first token' },
+  upstreamIdleTimeoutMs: { env: 'CHATWIRE_UPSTREAM_IDLE_TIMEOUT_MS', schema: int(100, 600_000), default: '15000', doc: 'openai provider: longest silence between two chunks' },
+  upstreamMaxRetries: { env: 'CHATWIRE_UPSTREAM_MAX_RETRIES', schema: int(0, 10), default: '2', doc: 'openai provider: retries (with backoff) before the first token' },
+  modelPath: { env: 'CHATWIRE_MODEL_PATH', schema: optionalString, default: '', doc: 'local provider: path of the GGUF model file' },
+  localThreads: { env: 'CHATWIRE_LOCAL_THREADS', schema: int(0, 256), default: '1', doc: 'local provider: CPU threads per worker (0 = library default)' },
+  localContextSize: { env: 'CHATWIRE_LOCAL_CONTEXT_SIZE', schema: int(128, 131_072), default: '2048', doc: 'local provider: context size in tokens' },
+  maxConnectionsPerUser: { env: 'CHATWIRE_MAX_CONNECTIONS_PER_USER', schema: int(1, 100_000), default: '16', doc: 'WebSocket connections one user may hold at once' },
+  allowedOrigins: { env: 'CHATWIRE_ALLOWED_ORIGINS', schema: z.string(), default: '*', doc: 'comma-separated origins allowed for WebSocket upgrades and CORS (`*` = any)' },
+  jwtSecret: { env: 'CHATWIRE_JWT_SECRET', schema: optionalString, default: '', doc: 'HS256 secret; unset = open mode (`?user=` trusted, a warning at start)' },
+  logLevel: { env: 'LOG_LEVEL', schema: z.enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']), default: 'info', doc: 'pino log level' },
+} as const;
+
+type Settings = typeof settings;
+export type Config = { readonly [K in keyof Settings]: z.output<Settings[K]['schema']> } & {
+  /** Absolute path of CHATWIRE_DATA_DIR. */
+  readonly dataPath: string;
+};
+
+export class ConfigError extends Error {
+  override name = 'ConfigError';
+}
+
+/**
+ * Reads every setting from `env` (process.env by default) and validates it.
+ * `overrides` (used by tests and scripts) take precedence over the environment.
+ * Throws ConfigError naming the variable when a value is bad.
+ */
+export function loadConfig(
+  env: Record<string, string | undefined> = process.env,
+  overrides: Partial<{ [K in keyof Settings]: z.input<Settings[K]['schema']> | z.output<Settings[K]['schema']> }> = {},
+): Config {
+  const out: Record<string, unknown> = {};
+  const problems: string[] = [];
+  for (const [key, setting] of Object.entries(settings) as [keyof Settings, Settings[keyof Settings]][]) {
+    const override = overrides[key];
+    const raw = override !== undefined ? String(override) : (env[setting.env] ?? setting.default);
+    const parsed = (setting.schema as z.ZodType).safeParse(raw);
+    if (!parsed.success) {
+      problems.push(`${setting.env}=${JSON.stringify(raw)}: ${parsed.error.issues[0]?.message ?? 'invalid'}`);
+    } else {
+      out[key] = parsed.data;
+    }
+  }
+  if (problems.length > 0) throw new ConfigError(`invalid configuration: ${problems.join('; ')}`);
+  out.dataPath = path.resolve(out.dataDir as string);
+  return Object.freeze(out) as Config;
+}
+

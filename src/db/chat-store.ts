@@ -1,0 +1,210 @@
+import crypto from 'node:crypto';
+import { AppError, type FinishReason, type HistoryMessage, type TaskStatus } from '../protocol/index.js';
+import type { Database } from './database.js';
+import { createWriteBatcher } from './write-batcher.js';
+
+export interface BeginChat {
+  taskId: string;
+  userId: string;
+  conversationId?: string | undefined;
+  text: string;
+}
+
+export interface BeganChat {
+  conversationId: string;
+  messageId: string;
+  createdAt: number;
+}
+
+export interface FinishTask {
+  taskId: string;
+  conversationId: string;
+  status: Extract<TaskStatus, 'done' | 'cancelled' | 'error'>;
+  /** The assistant's text; stored as a message unless the task failed. */
+  text: string;
+  finishReason?: FinishReason | undefined;
+  errorCode?: string | undefined;
+  promptTokens: number;
+  completionTokens: number;
+  cached: boolean;
+}
+
+export interface StoredTask {
+  taskId: string;
+  conversationId: string;
+  userId: string;
+  status: TaskStatus;
+  text: string;
+  createdAt: number;
+}
+
+export interface ContextMessage {
+  role: 'user' | 'assistant';
+  content: string;
+}
+
+export interface ChatStore {
+  /** Stores the user message (creating the conversation if needed) and the queued task, in the next group commit. */
+  beginChat(input: BeginChat): Promise<BeganChat>;
+  /** Stores the assistant message and the task's outcome; resolves with the assistant message id (null for a failed task). */
+  finishTask(input: FinishTask): Promise<string | null>;
+  /** The owner of a conversation, or undefined when it does not exist. */
+  conversationOwner(conversationId: string): string | undefined;
+  /** The latest `limit` messages of the conversation, oldest first (the model's context). */
+  context(conversationId: string, limit: number): ContextMessage[];
+  history(conversationId: string, before: string | undefined, limit: number): { messages: HistoryMessage[]; hasMore: boolean };
+  task(taskId: string): StoredTask | undefined;
+  /** Marks tasks a previous process left queued or running as failed; returns how many. */
+  recoverUnfinished(): number;
+  flush(): void;
+  readonly pendingWrites: number;
+}
+
+function randomId(prefix: string, bytes: number): string {
+  return prefix + crypto.randomBytes(bytes).toString('base64url');
+}
+
+/** 128 random bits: task ids are unguessable. */
+export function newTaskId(): string {
+  return randomId('task_', 16);
+}
+
+const iso = (ms: number) => new Date(ms).toISOString();
+
+export function createChatStore(db: Database, hooks: { onCommit?: (seconds: number, size: number) => void } = {}): ChatStore {
+  const batcher = createWriteBatcher(db, hooks.onCommit);
+  const insertConversation = db.prepare('chat.insert_conversation', 'INSERT INTO conversations (conversation_id, user_id, created_at, updated_at) VALUES (?, ?, ?, ?)');
+  const touchConversation = db.prepare('chat.touch_conversation', 'UPDATE conversations SET updated_at = ? WHERE conversation_id = ?');
+  const selectOwner = db.prepare<{ user_id: string }>('chat.conversation_owner', 'SELECT user_id FROM conversations WHERE conversation_id = ?');
+  const insertMessage = db.prepare(
+    'chat.insert_message',
+    'INSERT INTO messages (message_id, conversation_id, role, text, task_id, created_at) VALUES (?, ?, ?, ?, ?, ?)',
+  );
+  const insertTask = db.prepare(
+    'chat.insert_task',
+    "INSERT INTO tasks (task_id, conversation_id, user_id, user_message_id, status, created_at) VALUES (?, ?, ?, ?, 'queued', ?)",
+  );
+  const updateTask = db.prepare(
+    'chat.finish_task',
+    `UPDATE tasks SET status = ?, finish_reason = ?, error_code = ?, reply_message_id = ?, prompt_tokens = ?,
+       completion_tokens = ?, cached = ?, finished_at = ? WHERE task_id = ?`,
+  );
+  const selectContext = db.prepare<{ role: 'user' | 'assistant'; text: string }>(
+    'chat.context',
+    'SELECT role, text FROM messages WHERE conversation_id = ? ORDER BY seq DESC LIMIT ?',
+  );
+  const selectSeq = db.prepare<{ seq: number }>('chat.message_seq', 'SELECT seq FROM messages WHERE message_id = ? AND conversation_id = ?');
+  const selectHistory = db.prepare<{ message_id: string; role: 'user' | 'assistant'; text: string; created_at: number }>(
+    'chat.history',
+    'SELECT message_id, role, text, created_at FROM messages WHERE conversation_id = ? AND seq < ? ORDER BY seq DESC LIMIT ?',
+  );
+  const selectTask = db.prepare<{
+    task_id: string;
+    conversation_id: string;
+    user_id: string;
+    status: TaskStatus;
+    created_at: number;
+    text: string | null;
+  }>(
+    'chat.task',
+    `SELECT t.task_id, t.conversation_id, t.user_id, t.status, t.created_at, m.text
+       FROM tasks t LEFT JOIN messages m ON m.message_id = t.reply_message_id WHERE t.task_id = ?`,
+  );
+  const failUnfinished = db.prepare(
+    'chat.recover_unfinished',
+    "UPDATE tasks SET status = 'error', error_code = 'internal', finished_at = ? WHERE status IN ('queued', 'running')",
+  );
+
+  return {
+    beginChat(input) {
+      const now = Date.now();
+      const messageId = randomId('msg_', 12);
+      let conversationId = input.conversationId;
+      let isNew = false;
+      if (conversationId === undefined) {
+        conversationId = randomId('conv_', 12);
+        isNew = true;
+      }
+      const convId = conversationId;
+      return batcher.enqueue(() => {
+        if (isNew) insertConversation.run(convId, input.userId, now, now);
+        else touchConversation.run(now, convId);
+        insertMessage.run(messageId, convId, 'user', input.text, input.taskId, now);
+        insertTask.run(input.taskId, convId, input.userId, messageId, now);
+        return { conversationId: convId, messageId, createdAt: now };
+      });
+    },
+
+    finishTask(input) {
+      const now = Date.now();
+      const replyId = input.status === 'error' ? null : randomId('msg_', 12);
+      return batcher.enqueue(() => {
+        if (replyId !== null) {
+          insertMessage.run(replyId, input.conversationId, 'assistant', input.text, input.taskId, now);
+          touchConversation.run(now, input.conversationId);
+        }
+        updateTask.run(
+          input.status,
+          input.finishReason ?? null,
+          input.errorCode ?? null,
+          replyId,
+          input.promptTokens,
+          input.completionTokens,
+          input.cached ? 1 : 0,
+          now,
+          input.taskId,
+        );
+        return replyId;
+      });
+    },
+
+    conversationOwner(conversationId) {
+      return selectOwner.get(conversationId)?.user_id;
+    },
+
+    context(conversationId, limit) {
+      return selectContext
+        .all(conversationId, limit)
+        .reverse()
+        .map((r) => ({ role: r.role, content: r.text }));
+    },
+
+    history(conversationId, before, limit) {
+      let beforeSeq = Number.MAX_SAFE_INTEGER;
+      if (before !== undefined) {
+        const row = selectSeq.get(before, conversationId);
+        if (!row) throw new AppError('not_found', `no message ${before} in this conversation`);
+        beforeSeq = row.seq;
+      }
+      const rows = selectHistory.all(conversationId, beforeSeq, limit + 1);
+      const hasMore = rows.length > limit;
+      const page = rows.slice(0, limit).reverse();
+      return {
+        messages: page.map((r) => ({ messageId: r.message_id, role: r.role, text: r.text, createdAt: iso(r.created_at) })),
+        hasMore,
+      };
+    },
+
+    task(taskId) {
+      const row = selectTask.get(taskId);
+      if (!row) return undefined;
+      return {
+        taskId: row.task_id,
+        conversationId: row.conversation_id,
+        userId: row.user_id,
+        status: row.status,
+        text: row.text ?? '',
+        createdAt: row.created_at,
+      };
+    },
+
+    recoverUnfinished() {
+      return failUnfinished.run(Date.now()).changes;
+    },
+
+    flush: () => batcher.flush(),
+    get pendingWrites() {
+      return batcher.pending;
+    },
+  };
+}

@@ -1,0 +1,99 @@
+import crypto from 'node:crypto';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { AppError } from '../protocol/index.js';
+import { countTokens, type ModelRequest, type ModelResult, type Provider } from './provider.js';
+
+export const DEV_DEFAULT_MAX_TOKENS = 32;
+
+// A fixed vocabulary: the reply is a pure function of (model, params, messages).
+const WORDS = (
+  'the a service provider quote booking request schedule price job home repair clean garden paint move ' +
+  'plumber electrician available tomorrow morning afternoon evening week estimate hour hours fixed rate ' +
+  'materials included deposit confirm review rating local licensed insured team visit inspect measure ' +
+  'replace install fix check quick simple careful friendly trusted nearby today soon next flexible ' +
+  'budget detail photo size room kitchen bath roof fence floor wall window door light water heat cool ' +
+  'and or with for to from in on at by of is are can will would should could may this that it you we'
+).split(' ');
+
+export interface DevProviderOptions {
+  tokenDelayMs: number;
+  /** Honour `/fault exit|throw|hang` messages: used by the fault-injection tests. */
+  faults: boolean;
+}
+
+/** Seed of a request: a hash of everything that determines the output. */
+function seedOf(request: ModelRequest): Buffer {
+  const canonical = JSON.stringify([request.model, request.temperature ?? null, request.maxTokens ?? null, request.messages]);
+  return crypto.createHash('sha256').update(canonical).digest();
+}
+
+/** The i-th token of the reply for `seed`, deterministic. */
+function tokenAt(seed: Buffer, i: number): string {
+  const h = crypto.createHash('sha256').update(seed).update(String(i)).digest();
+  const word = WORDS[h.readUInt32BE(0) % WORDS.length] as string;
+  if (i === 0) return word.charAt(0).toUpperCase() + word.slice(1);
+  return ' ' + word;
+}
+
+async function injectFault(text: string): Promise<void> {
+  const m = /^\/fault (exit|throw|hang|upstream)\b/.exec(text);
+  if (!m) return;
+  switch (m[1]) {
+    case 'exit':
+      // Ends the worker thread itself, as a native crash would.
+      process.exit(1);
+      break;
+    case 'throw':
+      // An error that escapes the task: the worker is torn down.
+      setImmediate(() => {
+        throw new Error('injected worker fault');
+      });
+      await sleep(1000);
+      break;
+    case 'hang': {
+      const end = Date.now() + 3_600_000;
+      while (Date.now() < end) {
+        // Busy loop: the worker does not answer anything until it is terminated.
+      }
+      break;
+    }
+    case 'upstream':
+      throw new AppError('upstream_error', 'injected upstream failure');
+  }
+}
+
+/**
+ * The deterministic `dev` provider: `maxTokens` word tokens (default 32),
+ * one every `tokenDelayMs`. finishReason is `length` when the request set
+ * maxTokens (the reply was cut there), else `stop`.
+ */
+export function createDevProvider(options: DevProviderOptions): Provider {
+  return {
+    name: 'dev',
+    async *stream(request: ModelRequest, signal: AbortSignal): AsyncGenerator<string, ModelResult, void> {
+      const last = request.messages.at(-1);
+      if (options.faults && last?.role === 'user') await injectFault(last.content);
+      const seed = seedOf(request);
+      const n = request.maxTokens ?? DEV_DEFAULT_MAX_TOKENS;
+      const promptTokens = request.messages.reduce((sum, m) => sum + countTokens(m.content), 0);
+      let produced = 0;
+      for (let i = 0; i < n; i++) {
+        if (signal.aborted) break;
+        if (options.tokenDelayMs > 0) {
+          try {
+            await sleep(options.tokenDelayMs, undefined, { signal });
+          } catch {
+            break;
+          }
+        }
+        yield tokenAt(seed, i);
+        produced++;
+      }
+      return {
+        finishReason: request.maxTokens !== undefined ? 'length' : 'stop',
+        usage: { promptTokens, completionTokens: produced },
+        usageSource: 'counted',
+      };
+    },
+  };
+}

@@ -1,0 +1,57 @@
+import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from 'prom-client';
+
+const LATENCY_BUCKETS_S = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10];
+
+/**
+ * The process's Prometheus registry and every figure chatwire exports. One
+ * instance per server (no prom-client global registry), so tests can run
+ * several servers in one process.
+ */
+export function createMetrics() {
+  const registry = new Registry();
+  collectDefaultMetrics({ register: registry, prefix: 'chatwire_process_' });
+  const m = {
+    registry,
+    connections: new Gauge({ name: 'chatwire_connections', help: 'Open WebSocket connections', labelNames: ['transport'], registers: [registry] }),
+    framesIn: new Counter({ name: 'chatwire_frames_in_total', help: 'Messages received from clients', labelNames: ['transport'], registers: [registry] }),
+    framesOut: new Counter({ name: 'chatwire_frames_out_total', help: 'Messages sent to clients', labelNames: ['transport'], registers: [registry] }),
+    ackLatency: new Histogram({
+      name: 'chatwire_ack_latency_seconds',
+      help: 'From a chat.send arriving to its chat.ack going out (includes the group commit)',
+      buckets: LATENCY_BUCKETS_S,
+      registers: [registry],
+    }),
+    firstToken: new Histogram({
+      name: 'chatwire_time_to_first_token_seconds',
+      help: 'From a chat.send arriving to its first delta',
+      labelNames: ['cached'],
+      buckets: LATENCY_BUCKETS_S,
+      registers: [registry],
+    }),
+    tokensStreamed: new Counter({ name: 'chatwire_tokens_streamed_total', help: 'Completion tokens streamed to tasks', registers: [registry] }),
+    deltasSent: new Counter({ name: 'chatwire_deltas_sent_total', help: 'chat.delta frames sent to subscribers', registers: [registry] }),
+    queueDepth: new Gauge({ name: 'chatwire_queue_depth', help: 'Model calls waiting for a worker', registers: [registry] }),
+    modelCallsInFlight: new Gauge({ name: 'chatwire_model_calls_in_flight', help: 'Model calls admitted and not finished', registers: [registry] }),
+    modelCalls: new Counter({ name: 'chatwire_model_calls_total', help: 'Model calls started (one per provider stream)', registers: [registry] }),
+    workerFailures: new Counter({ name: 'chatwire_worker_failures_total', help: 'Model calls failed by a worker dying or passing its deadline', registers: [registry] }),
+    tasks: new Counter({ name: 'chatwire_tasks_total', help: 'Chat tasks ended, by outcome', labelNames: ['outcome'], registers: [registry] }),
+    errors: new Counter({ name: 'chatwire_errors_total', help: 'Errors sent to clients, by code', labelNames: ['code'], registers: [registry] }),
+    rateLimited: new Counter({ name: 'chatwire_rate_limited_total', help: 'Requests refused by a rate-limit bucket', labelNames: ['bucket'], registers: [registry] }),
+    slowClientsClosed: new Counter({ name: 'chatwire_slow_clients_closed_total', help: 'Sockets closed for staying over the backpressure limit', registers: [registry] }),
+    dbQueries: new Counter({ name: 'chatwire_db_queries_total', help: 'SQLite statements executed', labelNames: ['op'], registers: [registry] }),
+    dbCommitSeconds: new Histogram({
+      name: 'chatwire_db_commit_seconds',
+      help: 'Time of one group commit of chat writes',
+      buckets: LATENCY_BUCKETS_S,
+      registers: [registry],
+    }),
+    cacheHits: new Counter({ name: 'chatwire_cache_hits_total', help: 'Replies served from the response cache', registers: [registry] }),
+    cacheMisses: new Counter({ name: 'chatwire_cache_misses_total', help: 'Cacheable requests not found in the response cache', registers: [registry] }),
+    cacheBytes: new Gauge({ name: 'chatwire_cache_bytes', help: 'Bytes held by the response cache', registers: [registry] }),
+    cacheEvictions: new Counter({ name: 'chatwire_cache_evictions_total', help: 'Cache entries evicted by the byte bound or TTL', registers: [registry] }),
+    singleflightJoins: new Counter({ name: 'chatwire_singleflight_joins_total', help: 'Chats that joined an identical model call in flight', registers: [registry] }),
+  };
+  return m;
+}
+
+export type Metrics = ReturnType<typeof createMetrics>;

@@ -1,0 +1,43 @@
+import type { Logger } from 'pino';
+import type { Identity } from '../auth/identity.js';
+import type { ChatService } from '../chat/chat-service.js';
+import type { Config } from '../config.js';
+import type { Metrics } from '../metrics/metrics.js';
+import type { AppError } from '../protocol/index.js';
+import type { MarketplaceLookups, SessionDeps } from './session.js';
+
+export interface Authenticator {
+  readonly mode: 'open' | 'jwt';
+  /** Resolves the caller; rejects with AppError('unauthorized') for a missing, bad or expired token. */
+  identify(input: { token?: string | undefined; user?: string | undefined; connectionId: string }): Promise<Identity>;
+}
+
+export interface ReadinessCheck {
+  name: string;
+  check(): Promise<void> | void;
+}
+
+/** Everything the transport layer talks to; wired in app.ts. */
+export interface TransportDeps {
+  config: Config;
+  metrics: Metrics;
+  log: Logger;
+  auth: Authenticator;
+  chat: ChatService;
+  marketplace: MarketplaceLookups;
+  session: SessionDeps;
+  /** Per-user connection cap. */
+  connections: {
+    opened(userId: string): { ok: true } | { ok: false; error: AppError };
+    closed(userId: string): void;
+  };
+  /** Throws AppError('forbidden') for an origin that is not allowed. */
+  checkOrigin(origin: string | undefined): void;
+  /** IETF RateLimit-Policy / RateLimit fields for a user's HTTP responses. */
+  rateLimitHeaders(userId: string): Record<string, string>;
+  /** Takes one HTTP request from the user's request bucket. */
+  httpLimit(userId: string): { ok: true } | { ok: false; retryAfterMs: number; bucket: string };
+  readiness: ReadinessCheck[];
+  /** Refreshes gauges before /metrics is rendered. */
+  beforeScrape(): void;
+}

@@ -1,0 +1,319 @@
+import type { HttpRequest, HttpResponse, TemplatedApp } from 'uWebSockets.js';
+import { z } from 'zod';
+import { tokenFromAuthorization } from '../auth/credentials.js';
+import type { Identity } from '../auth/identity.js';
+import type { Sink, Subscription } from '../chat/task.js';
+import {
+  AppError,
+  badRequestFromZod,
+  ChatSendBodySchema,
+  ConsumerPageFields,
+  HistoryQueryFields,
+  RequestsListFields,
+  toAppError,
+  type ServerMessage,
+} from '../protocol/index.js';
+import type { TransportDeps } from './deps.js';
+import { captureRequest, errorBody, etagMatches, parseJsonBody, readBody, Responder, strongEtag, type RequestInfo } from './http-io.js';
+import { renderStaticRoute, staticAssets } from './static.js';
+
+const HistoryQuerySchema = z.strictObject({ before: HistoryQueryFields.before, limit: HistoryQueryFields.limit });
+const RequestsQuerySchema = z.strictObject(RequestsListFields);
+const ConsumerPageQuerySchema = z.strictObject({ limit: ConsumerPageFields.limit, cursor: ConsumerPageFields.cursor });
+
+/** How fresh each kind of read may be kept by a client or a private cache. */
+const FRESHNESS = {
+  // Conversations and tasks change whenever a chat runs: always revalidate (cheap with ETags).
+  live: 'private, no-cache',
+  // A finished task never changes again.
+  final: 'private, max-age=300',
+  // Marketplace listings tolerate a few seconds of staleness.
+  listing: 'private, max-age=5, must-revalidate',
+} as const;
+
+function queryObject(query: URLSearchParams): Record<string, string> {
+  const out: Record<string, string> = {};
+  for (const [k, v] of query) out[k] = v;
+  return out;
+}
+
+function parseQuery<T>(schema: z.ZodType<T>, query: URLSearchParams, drop: string[] = ['user', 'token']): T {
+  const raw = queryObject(query);
+  for (const k of drop) delete raw[k];
+  const parsed = schema.safeParse(raw);
+  if (!parsed.success) throw badRequestFromZod(parsed.error, 'query');
+  return parsed.data;
+}
+
+interface Handled {
+  status: number;
+  body: unknown;
+  cacheControl?: string;
+}
+
+export function attachHttpRoutes(app: TemplatedApp, deps: TransportDeps): { closeStreams(): void } {
+  const { config, metrics, log, chat, marketplace } = deps;
+  const streams = new Set<{ end(): void }>();
+  let nextAnon = 0;
+  const corsOrigin = (origin: string | undefined): string | undefined => {
+    if (!origin) return undefined;
+    if (config.allowedOrigins === '*') return '*';
+    return config.allowedOrigins.split(',').map((o) => o.trim()).includes(origin) ? origin : undefined;
+  };
+  const commonHeaders = (info: RequestInfo): Record<string, string> => {
+    const h: Record<string, string> = { 'x-content-type-options': 'nosniff' };
+    const allow = corsOrigin(info.headers.get('origin'));
+    if (allow) {
+      h['access-control-allow-origin'] = allow;
+      h['access-control-expose-headers'] = 'RateLimit, RateLimit-Policy, Retry-After, ETag';
+      if (allow !== '*') h.vary = 'Origin';
+    }
+    return h;
+  };
+
+  async function identify(info: RequestInfo): Promise<Identity> {
+    return deps.auth.identify({
+      token: tokenFromAuthorization(info.headers.get('authorization')) ?? info.query.get('token') ?? undefined,
+      user: info.query.get('user') ?? undefined,
+      connectionId: `http${++nextAnon}`,
+    });
+  }
+
+  function sendError(responder: Responder, info: RequestInfo, err: unknown, extra: Record<string, string> = {}): void {
+    const e = toAppError(err);
+    if (e.code === 'internal') log.error({ err: e.cause ?? e, url: info.url }, 'http request failed');
+    metrics.errors.inc({ code: e.code });
+    const { status, body, retryAfterMs } = errorBody(e);
+    const headers: Record<string, string> = { ...commonHeaders(info), ...extra, 'content-type': 'application/json', 'cache-control': 'no-store' };
+    if (retryAfterMs !== undefined) headers['retry-after'] = String(Math.max(1, Math.ceil(retryAfterMs / 1000)));
+    responder.send(status, headers, body);
+  }
+
+  /** A /v1 JSON route: identity, rate limit, handler, RateLimit fields, ETag on reads. */
+  function v1(method: 'get' | 'post', pattern: string, params: number, handler: (caller: Identity, info: RequestInfo, responder: Responder) => Promise<Handled | null>): void {
+    app[method](pattern, (res: HttpResponse, req: HttpRequest) => {
+      const responder = new Responder(res);
+      const info = captureRequest(req, res, params);
+      void (async () => {
+        let limitHeaders: Record<string, string> = {};
+        try {
+          const caller = await identify(info);
+          const limited = deps.httpLimit(caller.userId);
+          limitHeaders = deps.rateLimitHeaders(caller.userId);
+          if (!limited.ok) {
+            metrics.rateLimited.inc({ bucket: limited.bucket });
+            throw new AppError('rate_limited', `too many requests; retry in ${limited.retryAfterMs} ms`, { retryAfterMs: limited.retryAfterMs });
+          }
+          const out = await handler(caller, info, responder);
+          if (out === null || !responder.open) return;
+          const body = JSON.stringify(out.body);
+          const headers: Record<string, string> = { ...commonHeaders(info), ...limitHeaders, 'content-type': 'application/json' };
+          if (method === 'get') {
+            const etag = strongEtag(body);
+            headers.etag = etag;
+            headers['cache-control'] = out.cacheControl ?? FRESHNESS.live;
+            if (etagMatches(info.headers.get('if-none-match'), etag)) {
+              responder.send(304, headers);
+              return;
+            }
+          } else {
+            headers['cache-control'] = 'no-store';
+          }
+          responder.send(out.status, headers, body);
+        } catch (err) {
+          sendError(responder, info, err, limitHeaders);
+        }
+      })();
+    });
+  }
+
+  v1('post', '/v1/chat', 0, async (caller, info, responder) => {
+    const contentType = info.headers.get('content-type') ?? '';
+    if (contentType && !/^application\/json\b/i.test(contentType)) throw new AppError('bad_request', 'the body must be application/json');
+    const raw = parseJsonBody(await readBody(responder, config.maxFrameBytes));
+    const parsed = ChatSendBodySchema.safeParse(raw);
+    if (!parsed.success) throw badRequestFromZod(parsed.error, 'chat');
+    const { id, ...body } = parsed.data;
+    const { ack } = await chat.send(caller, body);
+    return { status: 202, body: id === undefined ? ack : { id, ...ack } };
+  });
+
+  v1('get', '/v1/tasks/:taskId', 1, async (caller, info) => {
+    const task = chat.task(caller, info.params[0] as string);
+    const final = task.status === 'done' || task.status === 'error' || task.status === 'cancelled';
+    return { status: 200, body: task, cacheControl: final ? FRESHNESS.final : FRESHNESS.live };
+  });
+
+  v1('get', '/v1/conversations/:conversationId/messages', 1, async (caller, info) => {
+    const q = parseQuery(HistoryQuerySchema, info.query);
+    return { status: 200, body: chat.history(caller, info.params[0] as string, q.before, q.limit ?? 50) };
+  });
+
+  v1('get', '/v1/requests', 0, async (caller, info) => {
+    const q = parseQuery(RequestsQuerySchema, info.query);
+    return { status: 200, body: await marketplace.requestsList(caller, q), cacheControl: FRESHNESS.listing };
+  });
+
+  v1('get', '/v1/consumers/:consumerId/requests', 1, async (caller, info) => {
+    const q = parseQuery(ConsumerPageQuerySchema, info.query);
+    return { status: 200, body: await marketplace.consumerRequests(caller, { consumerId: info.params[0] as string, ...q }), cacheControl: FRESHNESS.listing };
+  });
+
+  v1('get', '/v1/consumers/:consumerId/bookings', 1, async (caller, info) => {
+    const q = parseQuery(ConsumerPageQuerySchema, info.query);
+    return { status: 200, body: await marketplace.consumerBookings(caller, { consumerId: info.params[0] as string, ...q }), cacheControl: FRESHNESS.listing };
+  });
+
+  // Server-Sent Events: `id:` is the seq, Last-Event-ID resumes after it, the stream ends after done or error.
+  app.get('/v1/tasks/:taskId/stream', (res, req) => {
+    const responder = new Responder(res);
+    const info = captureRequest(req, res, 1);
+    void (async () => {
+      let limitHeaders: Record<string, string> = {};
+      try {
+        const caller = await identify(info);
+        const limited = deps.httpLimit(caller.userId);
+        limitHeaders = deps.rateLimitHeaders(caller.userId);
+        if (!limited.ok) throw new AppError('rate_limited', `too many requests; retry in ${limited.retryAfterMs} ms`, { retryAfterMs: limited.retryAfterMs });
+        const lastEventId = info.headers.get('last-event-id') ?? info.query.get('lastEventId');
+        let fromSeq = 0;
+        if (lastEventId !== null && lastEventId !== undefined && lastEventId !== '') {
+          const n = Number(lastEventId);
+          if (!Number.isSafeInteger(n) || n < 0) throw new AppError('bad_request', 'Last-Event-ID must be the seq of a delta');
+          fromSeq = n + 1;
+        }
+        if (!responder.open) return;
+        let backedUp = false;
+        let ended = false;
+        let subscription: Subscription | null = null;
+        const write = (chunk: string): boolean => {
+          let ok = true;
+          res.cork(() => {
+            ok = res.write(chunk);
+          });
+          if (!ok && !backedUp) {
+            backedUp = true;
+            res.onWritable(() => {
+              backedUp = false;
+              subscription?.pump();
+              return true;
+            });
+          }
+          return true;
+        };
+        const end = () => {
+          if (ended) return;
+          ended = true;
+          clearInterval(heartbeat);
+          streams.delete(stream);
+          subscription?.close();
+          if (responder.open) {
+            responder.done = true;
+            res.cork(() => res.end());
+          }
+        };
+        const stream = { end };
+        const sink: Sink = {
+          congested: () => backedUp || !responder.open,
+          deliver: (m: ServerMessage) => {
+            if (!responder.open || ended) return false;
+            if (m.type === 'chat.delta') write(`id: ${m.seq}\nevent: delta\ndata: ${JSON.stringify(m)}\n\n`);
+            else if (m.type === 'chat.done' || m.type === 'chat.error') {
+              write(`event: ${m.type === 'chat.done' ? 'done' : 'error'}\ndata: ${JSON.stringify(m)}\n\n`);
+              setImmediate(end);
+            }
+            return true;
+          },
+        };
+        subscription = chat.subscribe(caller, info.params[0] as string, fromSeq, sink);
+        const headers: Record<string, string> = {
+          ...commonHeaders(info),
+          ...limitHeaders,
+          'content-type': 'text/event-stream; charset=utf-8',
+          'cache-control': 'no-store',
+          'x-accel-buffering': 'no',
+        };
+        res.cork(() => {
+          res.writeStatus('200 OK');
+          for (const [k, v] of Object.entries(headers)) res.writeHeader(k, v);
+          res.write(': chatwire task stream\n\n');
+        });
+        // Keeps proxies from timing the stream out while the model is quiet.
+        const heartbeat = setInterval(() => {
+          if (responder.open && !backedUp) write(': keep-alive\n\n');
+        }, 15_000);
+        heartbeat.unref();
+        streams.add(stream);
+        responder.onAbort(end);
+        subscription.pump();
+      } catch (err) {
+        sendError(responder, info, err, limitHeaders);
+      }
+    })();
+  });
+
+  app.options('/*', (res, req) => {
+    const responder = new Responder(res);
+    const info = captureRequest(req, res);
+    responder.send(204, {
+      ...commonHeaders(info),
+      'access-control-allow-methods': 'GET, POST, OPTIONS',
+      'access-control-allow-headers': 'authorization, content-type, last-event-id, if-none-match',
+      'access-control-max-age': '600',
+    });
+  });
+
+  app.get('/healthz', (res) => {
+    new Responder(res).send(200, { 'content-type': 'application/json', 'cache-control': 'no-store' }, '{"status":"ok"}');
+  });
+
+  app.get('/readyz', (res) => {
+    const responder = new Responder(res);
+    void (async () => {
+      const failures: Record<string, string> = {};
+      await Promise.all(
+        deps.readiness.map(async (r) => {
+          try {
+            await r.check();
+          } catch (err) {
+            failures[r.name] = err instanceof Error ? err.message : String(err);
+          }
+        }),
+      );
+      const ok = Object.keys(failures).length === 0;
+      const body = JSON.stringify(ok ? { status: 'ready' } : { status: 'not ready', failures });
+      responder.send(ok ? 200 : 503, { 'content-type': 'application/json', 'cache-control': 'no-store' }, body);
+    })();
+  });
+
+  app.get('/metrics', (res) => {
+    const responder = new Responder(res);
+    deps.beforeScrape();
+    metrics.registry.metrics().then(
+      (text) => responder.send(200, { 'content-type': metrics.registry.contentType, 'cache-control': 'no-store' }, text),
+      (err: unknown) => {
+        log.error({ err }, 'rendering metrics failed');
+        responder.send(500, { 'content-type': 'text/plain' }, 'metrics unavailable');
+      },
+    );
+  });
+
+  for (const asset of staticAssets()) {
+    app.get(asset.route, (res, req) => {
+      const responder = new Responder(res);
+      renderStaticRoute(responder, asset, req.getHeader('if-none-match'));
+    });
+  }
+
+  app.any('/*', (res, req) => {
+    const responder = new Responder(res);
+    const info = captureRequest(req, res);
+    sendError(responder, info, new AppError('not_found', `no route ${info.method} ${info.url}`));
+  });
+
+  return {
+    closeStreams() {
+      for (const s of [...streams]) s.end();
+    },
+  };
+}

@@ -1,0 +1,158 @@
+import type { TemplatedApp } from 'uWebSockets.js';
+import { Server as SocketIOServer, type Socket } from 'socket.io';
+import type { Identity } from '../auth/identity.js';
+import type { Sink } from '../chat/task.js';
+import { AppError, PROTOCOL_VERSION, toAppError, type ServerMessage } from '../protocol/index.js';
+import type { TransportDeps } from './deps.js';
+import { errorMessage, Session } from './session.js';
+import { newConnectionId } from './ws.js';
+
+interface SocketState {
+  connectionId: string;
+  identity: Identity;
+}
+
+// While a socket.io socket is backed up we poll for it to drain: engine.io's uWS transport has no drain event.
+const DRAIN_POLL_MS = 25;
+
+function bufferedBytes(socket: Socket): number {
+  const transport = socket.conn.transport as unknown as { name: string; socket?: { getBufferedAmount?: () => number } };
+  const ws = transport.name === 'websocket' ? transport.socket : undefined;
+  const wsBuffered = ws?.getBufferedAmount?.() ?? 0;
+  // Packets engine.io holds itself (polling, or a websocket mid-send), counted at a nominal size.
+  const queued = (socket.conn as unknown as { writeBuffer?: unknown[] }).writeBuffer?.length ?? 0;
+  return wsBuffered + queued * 256;
+}
+
+/**
+ * socket.io on the same uWS app: event name = message type, the payload is
+ * the message without `type`, the direct reply goes to the ack callback (or is
+ * emitted as an event when the client gave none), server-initiated messages are
+ * events named by their type.
+ */
+export function attachSocketIO(app: TemplatedApp, deps: TransportDeps): SocketIOServer {
+  const { config, metrics, log } = deps;
+  const softLimit = Math.min(64 * 1024, Math.floor(config.maxBackpressureBytes / 4));
+  const io = new SocketIOServer({
+    maxHttpBufferSize: config.maxFrameBytes,
+    pingInterval: 25_000,
+    pingTimeout: 20_000,
+    serveClient: false,
+    cors: { origin: config.allowedOrigins === '*' ? true : config.allowedOrigins.split(',').map((o) => o.trim()), credentials: true },
+    allowRequest: (req, callback) => {
+      try {
+        deps.checkOrigin(req.headers.origin);
+        callback(null, true);
+      } catch (err) {
+        callback(toAppError(err).message, false);
+      }
+    },
+  });
+  io.attachApp(app);
+
+  io.use((socket, next) => {
+    const auth = (socket.handshake.auth ?? {}) as Record<string, unknown>;
+    const query = socket.handshake.query as Record<string, unknown>;
+    const connectionId = newConnectionId();
+    const token = typeof auth.token === 'string' ? auth.token : typeof query.token === 'string' ? query.token : undefined;
+    const user = typeof auth.user === 'string' ? auth.user : typeof query.user === 'string' ? query.user : undefined;
+    deps.auth
+      .identify({ token, user, connectionId })
+      .then((identity) => {
+        const admitted = deps.connections.opened(identity.userId);
+        if (!admitted.ok) throw admitted.error;
+        (socket.data as SocketState) = { connectionId, identity };
+        next();
+      })
+      .catch((err: unknown) => {
+        const e = toAppError(err);
+        const refusal = new Error(e.message) as Error & { data: unknown };
+        refusal.data = { code: e.code, message: e.message };
+        next(refusal);
+      });
+  });
+
+  io.on('connection', (socket) => {
+    const state = socket.data as SocketState;
+    let closed = false;
+    let drainTimer: NodeJS.Timeout | undefined;
+    metrics.connections.inc({ transport: 'socket.io' });
+
+    const emit = (m: ServerMessage): boolean => {
+      if (closed) return false;
+      socket.emit(m.type, m);
+      metrics.framesOut.inc({ transport: 'socket.io' });
+      if (bufferedBytes(socket) > config.maxBackpressureBytes) {
+        metrics.slowClientsClosed.inc();
+        closed = true;
+        socket.disconnect(true);
+        return false;
+      }
+      return true;
+    };
+    const watchDrain = () => {
+      if (drainTimer || closed) return;
+      drainTimer = setInterval(() => {
+        if (closed || bufferedBytes(socket) <= softLimit) {
+          clearInterval(drainTimer);
+          drainTimer = undefined;
+          if (!closed) session.pump();
+        }
+      }, DRAIN_POLL_MS);
+    };
+    const sink: Sink = {
+      deliver: emit,
+      congested: () => {
+        if (closed) return true;
+        if (bufferedBytes(socket) <= softLimit) return false;
+        watchDrain();
+        return true;
+      },
+    };
+    const session = new Session(deps.session, state.identity, sink);
+
+    socket.onAny((event: string, ...args: unknown[]) => {
+      metrics.framesIn.inc({ transport: 'socket.io' });
+      const ack = typeof args.at(-1) === 'function' ? (args.pop() as (m: ServerMessage) => void) : undefined;
+      const reply = (m: ServerMessage) => {
+        if (closed) return;
+        metrics.framesOut.inc({ transport: 'socket.io' });
+        if (ack) ack(m);
+        else socket.emit(m.type, m);
+      };
+      if (args.length > 1) {
+        reply(errorMessage(new AppError('bad_request', 'send one payload object per event'), undefined));
+        return;
+      }
+      const payload = args[0] ?? {};
+      if (typeof payload !== 'object' || payload === null || Array.isArray(payload)) {
+        reply(errorMessage(new AppError('bad_request', 'the payload must be a JSON object'), undefined));
+        return;
+      }
+      session.handle({ ...(payload as Record<string, unknown>), type: event }, reply);
+    });
+
+    socket.on('disconnect', () => {
+      closed = true;
+      if (drainTimer) clearInterval(drainTimer);
+      metrics.connections.dec({ transport: 'socket.io' });
+      deps.connections.closed(state.identity.userId);
+      session.close();
+    });
+
+    emit({
+      type: 'hello',
+      connectionId: state.connectionId,
+      userId: state.identity.userId,
+      protocol: PROTOCOL_VERSION,
+      provider: config.llm,
+      model: config.model,
+      limits: { maxFrameBytes: config.maxFrameBytes, messagesPerSecond: config.messagesPerSecond, chatsPerMinute: config.chatsPerMinute },
+    });
+  });
+
+  io.engine.on('connection_error', (err: { code: number; message: string }) => {
+    log.debug({ code: err.code, message: err.message }, 'socket.io connection refused');
+  });
+  return io;
+}

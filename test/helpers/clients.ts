@@ -1,0 +1,140 @@
+import { io as ioClient, type Socket } from 'socket.io-client';
+import WebSocket from 'ws';
+import type { ServerMessage } from '../../src/protocol/index.js';
+
+const WAIT_MS = 10_000;
+
+type Msg = ServerMessage & Record<string, unknown>;
+
+/** A raw /ws client that records every frame and lets a test wait for the next matching one. */
+export class WsClient {
+  readonly received: Msg[] = [];
+  private cursor = 0;
+  private waiters: (() => void)[] = [];
+  closeCode: number | null = null;
+  closeReason = '';
+  readonly closed: Promise<number>;
+
+  private constructor(readonly socket: WebSocket) {
+    socket.on('message', (data, isBinary) => {
+      this.received.push(JSON.parse(isBinary ? '{}' : data.toString()) as Msg);
+      this.wake();
+    });
+    this.closed = new Promise((resolve) => {
+      socket.on('close', (code, reason) => {
+        this.closeCode = code;
+        this.closeReason = reason.toString();
+        this.wake();
+        resolve(code);
+      });
+    });
+    socket.on('error', () => this.wake());
+  }
+
+  static connect(url: string, options: { user?: string; token?: string; protocols?: string[]; headers?: Record<string, string> } = {}): Promise<WsClient> {
+    const u = new URL(url);
+    if (options.user) u.searchParams.set('user', options.user);
+    if (options.token) u.searchParams.set('token', options.token);
+    const socket = new WebSocket(u, options.protocols ?? [], { headers: options.headers });
+    const client = new WsClient(socket);
+    return new Promise((resolve, reject) => {
+      socket.once('open', () => resolve(client));
+      socket.once('unexpected-response', (_req, res) => reject(Object.assign(new Error(`upgrade refused: ${res.statusCode}`), { statusCode: res.statusCode })));
+      socket.once('error', reject);
+    });
+  }
+
+  private wake(): void {
+    const w = this.waiters;
+    this.waiters = [];
+    for (const f of w) f();
+  }
+
+  send(message: unknown): void {
+    this.socket.send(typeof message === 'string' ? message : JSON.stringify(message));
+  }
+
+  /** The next frame (after those already consumed) that matches; frames skipped over stay consumed. */
+  async next(match: (m: Msg) => boolean = () => true, timeoutMs = WAIT_MS): Promise<Msg> {
+    const deadline = Date.now() + timeoutMs;
+    for (;;) {
+      while (this.cursor < this.received.length) {
+        const m = this.received[this.cursor++] as Msg;
+        if (match(m)) return m;
+      }
+      if (this.closeCode !== null) throw new Error(`socket closed (${this.closeCode} ${this.closeReason}) while waiting`);
+      const left = deadline - Date.now();
+      if (left <= 0) throw new Error(`no matching frame within ${timeoutMs} ms; got ${JSON.stringify(this.received.slice(-5))}`);
+      await new Promise<void>((resolve) => {
+        const t = setTimeout(resolve, left);
+        this.waiters.push(() => {
+          clearTimeout(t);
+          resolve();
+        });
+      });
+    }
+  }
+
+  nextOfType<T extends Msg['type']>(type: T, match: (m: Msg) => boolean = () => true): Promise<Extract<Msg, { type: T }> & Msg> {
+    return this.next((m) => m.type === type && match(m)) as Promise<Extract<Msg, { type: T }> & Msg>;
+  }
+
+  /** Sends a request with an id and waits for the reply carrying that id. */
+  async request(message: Record<string, unknown>): Promise<Msg> {
+    const id = (message.id as string | undefined) ?? `r${Math.random().toString(36).slice(2, 10)}`;
+    this.send({ ...message, id });
+    return this.next((m) => (m as { id?: string }).id === id);
+  }
+
+  /** Collects a task's deltas until its chat.done / chat.error. */
+  async collect(taskId: string): Promise<{ deltas: Msg[]; text: string; end: Msg }> {
+    const deltas: Msg[] = [];
+    for (;;) {
+      const m = await this.next((x) => (x as { taskId?: string }).taskId === taskId && x.type !== 'chat.ack');
+      if (m.type === 'chat.delta') deltas.push(m);
+      else return { deltas, text: deltas.map((d) => d.text as string).join(''), end: m };
+    }
+  }
+
+  close(): Promise<number> {
+    if (this.closeCode === null) this.socket.close();
+    return this.closed;
+  }
+
+  terminate(): Promise<number> {
+    this.socket.terminate();
+    return this.closed;
+  }
+}
+
+/** A socket.io client on the same server. */
+export async function connectSocketIO(base: string, auth: Record<string, unknown> = {}): Promise<Socket> {
+  const socket = ioClient(base, { transports: ['websocket'], auth, reconnection: false, forceNew: true });
+  await new Promise<void>((resolve, reject) => {
+    socket.once('connect', () => resolve());
+    socket.once('connect_error', reject);
+  });
+  return socket;
+}
+
+export function emitWithAck(socket: Socket, event: string, payload: Record<string, unknown>): Promise<Msg> {
+  return socket.timeout(WAIT_MS).emitWithAck(event, payload) as Promise<Msg>;
+}
+
+/** Reads an SSE response into events until it ends. */
+export async function readSse(res: Response): Promise<{ event: string; id?: string; data: Msg }[]> {
+  const text = await res.text();
+  const events: { event: string; id?: string; data: Msg }[] = [];
+  for (const block of text.split('\n\n')) {
+    let event = 'message';
+    let id: string | undefined;
+    const data: string[] = [];
+    for (const line of block.split('\n')) {
+      if (line.startsWith('event: ')) event = line.slice(7);
+      else if (line.startsWith('id: ')) id = line.slice(4);
+      else if (line.startsWith('data: ')) data.push(line.slice(6));
+    }
+    if (data.length > 0) events.push(id === undefined ? { event, data: JSON.parse(data.join('\n')) as Msg } : { event, id, data: JSON.parse(data.join('\n')) as Msg });
+  }
+  return events;
+}

@@ -1,0 +1,60 @@
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { pino } from 'pino';
+import { createApp, type App } from '../../src/app.js';
+import { loadConfig, type Config, type settings } from '../../src/config.js';
+
+type Overrides = Parameters<typeof loadConfig>[1];
+
+export interface TestServer {
+  app: App;
+  config: Config;
+  port: number;
+  http: string;
+  ws: string;
+  dataDir: string;
+  close(): Promise<void>;
+  /** Closes the server but keeps the data dir (to restart on it). */
+  stop(): Promise<void>;
+}
+
+export function tempDataDir(): string {
+  return fs.mkdtempSync(path.join(os.tmpdir(), 'chatwire-test-'));
+}
+
+/** Starts a real chatwire server on 127.0.0.1, port 0, with a temp data dir and the dev provider. */
+export async function startServer(overrides: Overrides = {}, dataDir = tempDataDir()): Promise<TestServer> {
+  const config = loadConfig({}, {
+    port: 0,
+    host: '127.0.0.1',
+    dataDir,
+    devTokenDelayMs: 0,
+    workerThreads: 1,
+    logLevel: 'silent',
+    ...overrides,
+  } as Overrides);
+  const log = pino({ level: config.logLevel });
+  const app = await createApp(config, { log });
+  let stopped = false;
+  const stop = async () => {
+    if (stopped) return;
+    stopped = true;
+    await app.close();
+  };
+  return {
+    app,
+    config,
+    port: app.port,
+    http: `http://127.0.0.1:${app.port}`,
+    ws: `ws://127.0.0.1:${app.port}/ws`,
+    dataDir,
+    stop,
+    async close() {
+      await stop();
+      fs.rmSync(dataDir, { recursive: true, force: true });
+    },
+  };
+}
+
+export type SettingName = keyof typeof settings;
