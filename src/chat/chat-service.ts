@@ -197,10 +197,10 @@ export function createChatService(options: ChatServiceOptions): ChatService {
 
   function listen(task: Task, flight: Flight, reservation: TokenReservation | null, promptTokens: number): void {
     const listener: FlightListener & { cancel(): void } = {
-      onChunk: (text) => {
+      onChunk: (text, replayed) => {
         const first = task.firstTokenAt === null;
         task.startedAt ??= flight.startedAt ?? performance.now();
-        task.pushDelta(text);
+        task.pushDelta(text, !replayed);
         if (first && task.firstTokenAt !== null) metrics.firstToken.observe({ cached: String(task.cached) }, (task.firstTokenAt - task.receivedAt) / 1000);
       },
       onOutcome: (outcome) => {
@@ -251,11 +251,7 @@ export function createChatService(options: ChatServiceOptions): ChatService {
         if (plan.kind === 'run') plan.slot.release();
       };
 
-      const chat = limits.chat(caller.userId);
-      if (!chat.ok) {
-        releasePlan();
-        throw new AppError('rate_limited', `too many chats; retry in ${chat.retryAfterMs} ms`, { retryAfterMs: chat.retryAfterMs });
-      }
+      // Tokens first: a reservation can be handed back whole, a chat taken from its bucket cannot.
       let reservation: TokenReservation | null = null;
       if (plan.kind !== 'cached') {
         const reserved = limits.reserveModelTokens(caller.userId, request.maxTokens ?? options.defaultMaxTokens);
@@ -267,6 +263,12 @@ export function createChatService(options: ChatServiceOptions): ChatService {
         }
         reservation = reserved.reservation;
       }
+      const chat = limits.chat(caller.userId);
+      if (!chat.ok) {
+        releasePlan();
+        reservation?.release();
+        throw new AppError('rate_limited', `too many chats; retry in ${chat.retryAfterMs} ms`, { retryAfterMs: chat.retryAfterMs });
+      }
       if (plan.kind === 'join') plan.flight.hold();
 
       const taskId = newTaskId();
@@ -275,7 +277,7 @@ export function createChatService(options: ChatServiceOptions): ChatService {
         began = await store.beginChat({ taskId, userId: caller.userId, conversationId, text: body.text });
       } catch (err) {
         releasePlan();
-        reservation?.settle(0);
+        reservation?.release();
         if (plan.kind === 'join') plan.flight.letGo();
         log.error({ err, userId: caller.userId }, 'storing a chat failed');
         throw new AppError('internal', 'the message could not be stored; it was not sent');
@@ -290,12 +292,13 @@ export function createChatService(options: ChatServiceOptions): ChatService {
         if (plan.kind === 'join') plan.flight.letGo();
         finishTask(task, { kind: 'cancelled' }, reservation, promptTokens);
       } else if (plan.kind === 'cached') {
+        // A hit replays the stored chunks with their boundaries, as the miss streamed them.
         const replay = new Flight(null, () => {});
         replay.hold();
         replay.started();
-        listen(task, replay, null, promptTokens);
         for (const chunk of plan.chunks) replay.chunk(chunk);
         replay.settle({ kind: 'end', result: plan.result, cancelled: false });
+        listen(task, replay, null, promptTokens);
       } else if (plan.kind === 'join') {
         metrics.singleflightJoins.inc();
         listen(task, plan.flight, reservation, promptTokens);

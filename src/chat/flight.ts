@@ -6,7 +6,8 @@ export type FlightOutcome =
   | { kind: 'error'; error: AppError };
 
 export interface FlightListener {
-  onChunk(text: string): void;
+  /** `replayed` is true for chunks the flight had before this listener attached. */
+  onChunk(text: string, replayed: boolean): void;
   onOutcome(outcome: FlightOutcome): void;
 }
 
@@ -48,7 +49,7 @@ export class Flight {
 
   /** Attaches a listener (that already holds): replays what the flight has, then streams live. */
   attach(listener: FlightListener): void {
-    for (const chunk of this.chunks) listener.onChunk(chunk);
+    for (const chunk of this.chunks) listener.onChunk(chunk, true);
     if (this.outcome) {
       listener.onOutcome(this.outcome);
       return;
@@ -67,7 +68,7 @@ export class Flight {
   chunk(text: string): void {
     if (this.ended) return;
     this.chunks.push(text);
-    for (const l of this.listeners) l.onChunk(text);
+    for (const l of this.listeners) l.onChunk(text, false);
   }
 
   settle(outcome: FlightOutcome): void {

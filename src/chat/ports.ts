@@ -26,6 +26,8 @@ export type LimitDecision =
 export interface TokenReservation {
   /** Settles with the tokens really used; the rest goes back to the bucket. Idempotent. */
   settle(usedTokens: number): void;
+  /** For a chat that never ran: everything goes back. */
+  release(): void;
 }
 
 export interface ChatLimits {

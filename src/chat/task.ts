@@ -45,6 +45,7 @@ export class Subscription {
     while (this.cursor < deltas.length) {
       if (this.sink.congested()) return;
       const seq = this.cursor;
+      this.task.seal(seq);
       if (!this.sink.deliver({ type: 'chat.delta', taskId, seq, text: deltas[seq] as string })) {
         this.close();
         return;
@@ -67,12 +68,22 @@ export class Subscription {
   }
 }
 
+// A delta that nobody has seen yet grows up to this size before a new one starts.
+const MAX_COALESCED_CHARS = 4096;
+
 /**
  * One chat.send: its own id, its own contiguous seq, its subscribers, and the
  * one terminal message (chat.done or chat.error) it ends with.
+ *
+ * Coalescing: a delta is sealed (immutable) once any peer has been sent it.
+ * Until then new text is appended to it, so while every subscriber is backed
+ * up (or none is connected) the tokens pile into one delta instead of one
+ * frame each, and seq stays the same for everyone: no gap, nothing rewritten
+ * that a client has seen.
  */
 export class Task {
   readonly deltas: string[] = [];
+  private sealed = 0;
   readonly subscribers = new Set<Subscription>();
   status: TaskStatus = 'queued';
   terminal: TaskTerminal | null = null;
@@ -92,11 +103,18 @@ export class Task {
     readonly cached: boolean,
   ) {}
 
-  pushDelta(text: string): void {
+  /** Adds model text; `coalesce` false keeps it a delta of its own (a replay keeps its chunk boundaries). */
+  pushDelta(text: string, coalesce = true): void {
     if (this.ending || text.length === 0) return;
     if (this.firstTokenAt === null) this.firstTokenAt = performance.now();
     if (this.status === 'queued') this.status = 'running';
-    this.deltas.push(text);
+    const last = this.deltas.length - 1;
+    if (coalesce && last >= this.sealed && (this.deltas[last] as string).length + text.length <= MAX_COALESCED_CHARS) {
+      this.deltas[last] += text;
+    } else {
+      this.deltas.push(text);
+      if (!coalesce) this.sealed = this.deltas.length;
+    }
     this.text += text;
     for (const sub of this.subscribers) sub.pump();
   }
@@ -116,7 +134,14 @@ export class Task {
     return sub;
   }
 
+  /** Marks deltas up to `seq` as seen by someone: they never change again. */
+  seal(seq: number): void {
+    if (seq >= this.sealed) this.sealed = seq + 1;
+  }
+
+  /** A snapshot for task.get; what it reports is sealed, so resuming from its seq misses nothing. */
   info(): TaskInfo {
+    this.sealed = this.deltas.length;
     return {
       taskId: this.taskId,
       conversationId: this.conversationId,

@@ -107,9 +107,13 @@ export class WsClient {
   }
 }
 
-/** A socket.io client on the same server. */
-export async function connectSocketIO(base: string, auth: Record<string, unknown> = {}): Promise<Socket> {
-  const socket = ioClient(base, { transports: ['websocket'], auth, reconnection: false, forceNew: true });
+export type RecordingSocket = Socket & { received: Msg[] };
+
+/** A socket.io client on the same server; `received` records every server event from the start (hello comes at once). */
+export async function connectSocketIO(base: string, auth: Record<string, unknown> = {}): Promise<RecordingSocket> {
+  const socket = ioClient(base, { transports: ['websocket'], auth, reconnection: false, forceNew: true }) as RecordingSocket;
+  socket.received = [];
+  socket.onAny((event: string, payload: Msg) => socket.received.push({ ...payload, type: event } as Msg));
   await new Promise<void>((resolve, reject) => {
     socket.once('connect', () => resolve());
     socket.once('connect_error', reject);
