@@ -5,18 +5,42 @@
  * races the task's own completion against the last chunk.
  */
 import type { MessagePort } from 'node:worker_threads';
-import { workerData } from 'node:worker_threads';
+import { BroadcastChannel, threadId, workerData } from 'node:worker_threads';
+import type { ControlMessage } from '../src/llm/pool.js';
 import { createProvider } from '../src/llm/providers.js';
 import type { ModelRequest, Provider, ProviderSettings } from '../src/llm/provider.js';
 import type { WorkerEvent, WorkerTask } from '../src/llm/worker-protocol.js';
 import { isAppError } from '../src/protocol/index.js';
 
-const settings = (workerData as { settings: ProviderSettings }).settings;
+const { settings, controlChannel } = workerData as { settings: ProviderSettings; controlChannel?: string };
 let provider: Promise<Provider> | undefined;
 
+// Piscina terminates workers without notice: on this channel the pool asks a provider that holds resources
+// (the local provider's llama.cpp model) to release them first.
+const control = controlChannel === undefined ? undefined : new BroadcastChannel(controlChannel);
+if (control) {
+  control.unref();
+  control.onmessage = (event) => {
+    if ((event as { data: ControlMessage }).data.t === 'close') void closeProvider(control);
+  };
+}
+
 function getProvider(): Promise<Provider> {
-  provider ??= createProvider(settings);
+  provider ??= createProvider(settings).then((created) => {
+    if (created.close) control?.postMessage({ t: 'opened', threadId } satisfies ControlMessage);
+    return created;
+  });
   return provider;
+}
+
+async function closeProvider(channel: BroadcastChannel): Promise<void> {
+  try {
+    await (await provider)?.close?.();
+  } catch {
+    // The pool terminates this thread next, whatever happened: a provider that failed to start or to close has nothing left to free.
+  } finally {
+    channel.postMessage({ t: 'closed', threadId } satisfies ControlMessage);
+  }
 }
 
 function isAbortError(err: unknown): boolean {
@@ -40,7 +64,7 @@ async function streamModel(request: ModelRequest, port: MessagePort): Promise<vo
   };
   try {
     const model = await getProvider();
-    post({ t: 'start' });
+    post({ t: 'start', threadId });
     const iterator = model.stream(request, controller.signal);
     for (;;) {
       const step = await iterator.next();

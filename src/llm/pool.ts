@@ -1,4 +1,5 @@
-import { MessageChannel } from 'node:worker_threads';
+import { randomUUID } from 'node:crypto';
+import { BroadcastChannel, MessageChannel } from 'node:worker_threads';
 import { Piscina } from 'piscina';
 import { AppError, type ErrorCode } from '../protocol/index.js';
 import type { ModelRequest, ModelResult, ProviderSettings } from './provider.js';
@@ -19,6 +20,13 @@ export interface ModelPoolOptions {
     onWorkerFailure?: () => void;
   };
 }
+
+/**
+ * On the pool's BroadcastChannel (its name is workerData.controlChannel): a worker whose provider holds resources
+ * announces `opened`; the pool's close() broadcasts `close`, and each such worker answers `closed` once its provider
+ * has released them.
+ */
+export type ControlMessage = { t: 'opened'; threadId: number } | { t: 'close' } | { t: 'closed'; threadId: number };
 
 export interface ModelRunHandlers {
   /** A worker picked the call up (the end of its queue time). */
@@ -50,11 +58,30 @@ export interface ModelPool {
 
 // If a worker finished its task but its `end` marker has not arrived on the port by then, the stream is broken.
 const END_MARKER_GRACE_MS = 2000;
+// A call past its deadline is asked to stop; a worker that has not stopped this much later is terminated.
+const DEADLINE_STOP_GRACE_MS = 2000;
+// close() waits this long for the workers to close their providers (free a loaded model) before terminating them.
+const PROVIDER_CLOSE_GRACE_MS = 2000;
 
 export function createModelPool(options: ModelPoolOptions): ModelPool {
   const filename = options.workerFile ?? new URL('../../workers/llm.worker.js', import.meta.url);
   const running = options.threads * options.tasksPerWorker;
   const capacity = running + options.maxQueue;
+  // Piscina has no per-worker teardown: workers whose provider holds resources (a llama.cpp model) say so on this
+  // channel, and close() asks them to close it before the threads are terminated.
+  const controlChannel = `chatwire-llm-${randomUUID()}`;
+  const control = new BroadcastChannel(controlChannel);
+  control.unref();
+  const providersOpen = new Set<number>();
+  let onProviderClosed: (() => void) | undefined;
+  control.onmessage = (event) => {
+    const msg = (event as { data: ControlMessage }).data;
+    if (msg.t === 'opened') providersOpen.add(msg.threadId);
+    if (msg.t === 'closed') {
+      providersOpen.delete(msg.threadId);
+      onProviderClosed?.();
+    }
+  };
   const piscina = new Piscina<WorkerTask, string | null>({
     filename: filename instanceof URL ? filename.href : filename,
     minThreads: options.threads,
@@ -63,7 +90,9 @@ export function createModelPool(options: ModelPoolOptions): ModelPool {
     // Admission is ours (reserve()); Piscina's queue only has to hold what we admitted.
     maxQueue: capacity + options.threads,
     idleTimeout: 60_000,
-    workerData: { settings: options.settings },
+    // 'sync' parks an idle worker in Atomics.wait, which stops its event loop: it could not hear the close request.
+    atomics: 'async',
+    workerData: { settings: options.settings, controlChannel },
   });
   // A worker that dies is replaced by Piscina; its tasks are failed through their run() promises.
   piscina.on('error', () => {});
@@ -75,9 +104,18 @@ export function createModelPool(options: ModelPoolOptions): ModelPool {
     const port = channel.port1;
     let finished = false;
     let graceTimer: NodeJS.Timeout | undefined;
+    let deadlineTimer: NodeJS.Timeout | undefined;
+    let stopTimer: NodeJS.Timeout | undefined;
+    let deadlineHit = false;
+    let terminated = false;
+    let cancelRequested = false;
+    // The worker running this call, from its `start` event: the one to terminate if it hangs.
+    let workerThreadId: number | null = null;
     const finish = () => {
       finished = true;
-      if (graceTimer) clearTimeout(graceTimer);
+      clearTimeout(graceTimer);
+      clearTimeout(deadlineTimer);
+      clearTimeout(stopTimer);
       port.close();
       release();
     };
@@ -90,12 +128,17 @@ export function createModelPool(options: ModelPoolOptions): ModelPool {
       if (finished) return;
       switch (event.t) {
         case 'start':
+          workerThreadId = event.threadId;
           handlers.onStart?.();
           break;
         case 'chunk':
           handlers.onChunk(event.text);
           break;
         case 'end':
+          if (deadlineHit && !cancelRequested) {
+            fail('upstream_timeout', `the model call exceeded its ${options.taskTimeoutMs} ms deadline`);
+            break;
+          }
           finish();
           handlers.onEnd(event.result, event.cancelled);
           break;
@@ -105,9 +148,27 @@ export function createModelPool(options: ModelPoolOptions): ModelPool {
       }
     });
     options.hooks?.onModelCall?.();
-    const deadline = AbortSignal.timeout(options.taskTimeoutMs);
+    // At the deadline the worker is first asked to stop, as a cancel does: terminating a thread while a native
+    // provider (llama.cpp) is inside a call can abort the whole process. Only a worker that does not stop in time
+    // (a hung one) is terminated and replaced.
+    // No AbortSignal goes to Piscina: it runs an abortable task alone on its worker (no sharing with the other
+    // streams), and aborting it terminates the worker. The hung worker is terminated here instead, by thread id.
+    deadlineTimer = setTimeout(() => {
+      deadlineHit = true;
+      port.postMessage({ t: 'cancel' });
+      stopTimer = setTimeout(() => {
+        if (finished) return;
+        const thread = piscina.threads.find((w) => w.threadId === workerThreadId);
+        if (!thread) {
+          fail('upstream_timeout', `the model call exceeded its ${options.taskTimeoutMs} ms deadline`);
+          return;
+        }
+        terminated = true;
+        void thread.terminate();
+      }, DEADLINE_STOP_GRACE_MS);
+    }, options.taskTimeoutMs);
     piscina
-      .run({ kind: 'stream', request, port: channel.port2 }, { transferList: [channel.port2], signal: deadline })
+      .run({ kind: 'stream', request, port: channel.port2 }, { transferList: [channel.port2] })
       .then(
         () => {
           if (!finished) {
@@ -118,16 +179,34 @@ export function createModelPool(options: ModelPoolOptions): ModelPool {
         (err: unknown) => {
           if (finished) return;
           options.hooks?.onWorkerFailure?.();
-          if (deadline.aborted) fail('worker_failed', `the model call exceeded its ${options.taskTimeoutMs} ms deadline; the worker was replaced`);
+          if (terminated) fail('worker_failed', `the model call exceeded its ${options.taskTimeoutMs} ms deadline; the worker was replaced`);
           else if (closed) fail('worker_failed', 'the server is shutting down');
           else fail('worker_failed', `the worker running this task died (${err instanceof Error ? err.message.slice(0, 200) : 'unknown'})`);
         },
       );
     return {
       cancel() {
-        if (!finished) port.postMessage({ t: 'cancel' });
+        if (finished) return;
+        cancelRequested = true;
+        port.postMessage({ t: 'cancel' });
       },
     };
+  }
+
+  async function closeProviders(): Promise<void> {
+    const live = new Set(piscina.threads.map((t) => t.threadId));
+    const pending = () => [...providersOpen].filter((id) => live.has(id)).length;
+    if (pending() === 0) return;
+    await new Promise<void>((resolve) => {
+      const timer = setTimeout(resolve, PROVIDER_CLOSE_GRACE_MS);
+      onProviderClosed = () => {
+        if (pending() > 0) return;
+        clearTimeout(timer);
+        resolve();
+      };
+      control.postMessage({ t: 'close' } satisfies ControlMessage);
+    });
+    onProviderClosed = undefined;
   }
 
   return {
@@ -160,12 +239,23 @@ export function createModelPool(options: ModelPoolOptions): ModelPool {
     },
     async check(timeoutMs = 2000) {
       if (closed) throw new Error('the worker pool is closed');
-      const result = await piscina.run({ kind: 'check' }, { signal: AbortSignal.timeout(timeoutMs) });
-      if (result !== 'ok') throw new Error('the worker pool answered unexpectedly');
+      // No AbortSignal: an abortable task would wait for an idle worker instead of sharing a busy one.
+      let timer: NodeJS.Timeout | undefined;
+      const timeout = new Promise<never>((_, reject) => {
+        timer = setTimeout(() => reject(new Error(`no worker answered within ${timeoutMs} ms`)), timeoutMs);
+      });
+      try {
+        const result = await Promise.race([piscina.run({ kind: 'check' }), timeout]);
+        if (result !== 'ok') throw new Error('the worker pool answered unexpectedly');
+      } finally {
+        clearTimeout(timer);
+      }
     },
     async close() {
       if (closed) return;
       closed = true;
+      await closeProviders();
+      control.close();
       await piscina.destroy();
     },
   };

@@ -7,7 +7,7 @@ export type WorkerTask = { kind: 'stream'; request: ModelRequest; port: MessageP
 
 /** What a worker posts on the task's port: chunks, then exactly one `end` or `error`. */
 export type WorkerEvent =
-  | { t: 'start' }
+  | { t: 'start'; threadId: number }
   | { t: 'chunk'; text: string }
   | { t: 'end'; result: ModelResult | null; cancelled: boolean }
   | { t: 'error'; code: ErrorCode; message: string; retryAfterMs?: number | undefined };

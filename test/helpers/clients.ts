@@ -9,7 +9,8 @@ type Msg = ServerMessage & Record<string, unknown>;
 /** A raw /ws client that records every frame and lets a test wait for the next matching one. */
 export class WsClient {
   readonly received: Msg[] = [];
-  private cursor = 0;
+  /** Frames no next() has taken yet, in arrival order. */
+  private unread: Msg[] = [];
   private waiters: (() => void)[] = [];
   closeCode: number | null = null;
   closeReason = '';
@@ -17,7 +18,9 @@ export class WsClient {
 
   private constructor(readonly socket: WebSocket) {
     socket.on('message', (data, isBinary) => {
-      this.received.push(JSON.parse(isBinary ? '{}' : data.toString()) as Msg);
+      const m = JSON.parse(isBinary ? '{}' : data.toString()) as Msg;
+      this.received.push(m);
+      this.unread.push(m);
       this.wake();
     });
     this.closed = new Promise((resolve) => {
@@ -54,14 +57,12 @@ export class WsClient {
     this.socket.send(typeof message === 'string' ? message : JSON.stringify(message));
   }
 
-  /** The next frame (after those already consumed) that matches; frames skipped over stay consumed. */
+  /** Takes the first unread frame that matches, waiting for it; frames that do not match stay unread for later calls. */
   async next(match: (m: Msg) => boolean = () => true, timeoutMs = WAIT_MS): Promise<Msg> {
     const deadline = Date.now() + timeoutMs;
     for (;;) {
-      while (this.cursor < this.received.length) {
-        const m = this.received[this.cursor++] as Msg;
-        if (match(m)) return m;
-      }
+      const i = this.unread.findIndex(match);
+      if (i >= 0) return this.unread.splice(i, 1)[0] as Msg;
       if (this.closeCode !== null) throw new Error(`socket closed (${this.closeCode} ${this.closeReason}) while waiting`);
       const left = deadline - Date.now();
       if (left <= 0) throw new Error(`no matching frame within ${timeoutMs} ms; got ${JSON.stringify(this.received.slice(-5))}`);
