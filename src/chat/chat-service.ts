@@ -1,7 +1,7 @@
 import type { Logger } from 'pino';
 import type { Identity } from '../auth/identity.js';
 import { newTaskId, type ChatStore } from '../db/chat-store.js';
-import type { ModelPool, PoolSlot } from '../llm/pool.js';
+import type { ModelPool, ModelRun, PoolSlot } from '../llm/pool.js';
 import { countTokens, type ModelMessage, type ModelRequest, type ModelResult } from '../llm/provider.js';
 import type { Metrics } from '../metrics/metrics.js';
 import {
@@ -98,7 +98,13 @@ export function createChatService(options: ChatServiceOptions): ChatService {
   }
 
   /** Ends a task once: stores the reply (or the failure), then sends chat.done / chat.error to its subscribers. */
-  function finishTask(task: Task, outcome: FlightOutcome | { kind: 'cancelled' }, reservation: TokenReservation | null, promptTokens: number): void {
+  function finishTask(
+    task: Task,
+    outcome: FlightOutcome | { kind: 'cancelled' },
+    reservation: TokenReservation | null,
+    promptTokens: number,
+    storedReplyId?: string,
+  ): void {
     if (task.ending) return;
     task.ending = true;
     running.delete(task);
@@ -120,18 +126,21 @@ export function createChatService(options: ChatServiceOptions): ChatService {
     reservation?.settle(completionTokens);
     metrics.tokensStreamed.inc(completionTokens);
     metrics.tasks.inc({ outcome: task.cached ? 'cached' : status });
-    const stored = store
-      .finishTask({
-        taskId: task.taskId,
-        conversationId: task.conversationId,
-        status,
-        text: task.text,
-        finishReason: status === 'cancelled' ? 'cancelled' : (result?.finishReason ?? undefined),
-        errorCode: error?.code,
-        promptTokens: usage.promptTokens,
-        completionTokens: usage.completionTokens,
-        cached: task.cached,
-      })
+    const committed =
+      storedReplyId !== undefined && status === 'done'
+        ? Promise.resolve<string | null>(storedReplyId)
+        : store.finishTask({
+            taskId: task.taskId,
+            conversationId: task.conversationId,
+            status,
+            text: task.text,
+            finishReason: status === 'cancelled' ? 'cancelled' : (result?.finishReason ?? undefined),
+            errorCode: error?.code,
+            promptTokens: usage.promptTokens,
+            completionTokens: usage.completionTokens,
+            cached: task.cached,
+          });
+    const stored = committed
       .then(
         (messageId) => {
           if (error !== null || messageId === null) {
@@ -171,12 +180,36 @@ export function createChatService(options: ChatServiceOptions): ChatService {
     pendingFinishes.add(stored);
   }
 
-  function startFlight(key: string | null, request: ModelRequest, slot: PoolSlot, writeCache: boolean): Flight {
+  /**
+   * Registers a flight for `key` at once, before any commit, so that identical
+   * chats arriving in the same tick join it instead of each calling the model.
+   * The model is called by launch(), after the first holder's message is
+   * committed; if every holder lets go before that, the slot goes back unused.
+   * `key` null: not shared (bypass, or not cacheable).
+   */
+  function openFlight(key: string | null, request: ModelRequest, slot: PoolSlot, writeCache: boolean): Flight {
     const flight = new Flight(key, (f) => {
       if (f.key !== null && flights.get(f.key) === f) flights.delete(f.key);
     });
     if (key !== null) flights.set(key, flight);
-    const run = slot.run(request, {
+    let run: ModelRun | null = null;
+    flight.setCancel(() => {
+      if (run) {
+        run.cancel();
+        return;
+      }
+      slot.release();
+      flight.settle({ kind: 'end', result: null, cancelled: true });
+    });
+    launches.set(flight, () => {
+      if (run === null && !flight.ended) run = startRun(flight, request, slot, writeCache);
+    });
+    return flight;
+  }
+
+  function startRun(flight: Flight, request: ModelRequest, slot: PoolSlot, writeCache: boolean): ModelRun {
+    const key = flight.key;
+    return slot.run(request, {
       onStart: () => flight.started(),
       onChunk: (text) => flight.chunk(text),
       onEnd: (result, cancelled) => {
@@ -191,11 +224,9 @@ export function createChatService(options: ChatServiceOptions): ChatService {
       },
       onError: (error) => flight.settle({ kind: 'error', error }),
     });
-    flight.setCancel(() => run.cancel());
-    return flight;
   }
 
-  function listen(task: Task, flight: Flight, reservation: TokenReservation | null, promptTokens: number): void {
+  function listen(task: Task, flight: Flight, reservation: TokenReservation | null, promptTokens: number, storedReplyId?: string): void {
     const listener: FlightListener & { cancel(): void } = {
       onChunk: (text, replayed) => {
         const first = task.firstTokenAt === null;
@@ -205,7 +236,7 @@ export function createChatService(options: ChatServiceOptions): ChatService {
       },
       onOutcome: (outcome) => {
         task.startedAt ??= flight.startedAt ?? performance.now();
-        finishTask(task, outcome, reservation, promptTokens);
+        finishTask(task, outcome, reservation, promptTokens, storedReplyId);
       },
       cancel: () => {
         flight.letGo(listener);
@@ -217,6 +248,7 @@ export function createChatService(options: ChatServiceOptions): ChatService {
   }
 
   const cancels = new WeakMap<Task, () => void>();
+  const launches = new WeakMap<Flight, () => void>();
 
   return {
     async send(caller, body, receivedAt = performance.now()) {
@@ -240,7 +272,7 @@ export function createChatService(options: ChatServiceOptions): ChatService {
       if (key !== null && mode !== 'bypass') (hit ? metrics.cacheHits : metrics.cacheMisses).inc();
       if (hit) {
         plan = { kind: 'cached', chunks: hit.chunks, result: { finishReason: hit.finishReason, usage: hit.usage, usageSource: 'reported' } };
-      } else if (inFlight && !inFlight.ended) {
+      } else if (inFlight?.joinable) {
         plan = { kind: 'join', flight: inFlight };
       } else {
         const slot = pool.reserve();
@@ -269,16 +301,24 @@ export function createChatService(options: ChatServiceOptions): ChatService {
         reservation?.release();
         throw new AppError('rate_limited', `too many chats; retry in ${chat.retryAfterMs} ms`, { retryAfterMs: chat.retryAfterMs });
       }
-      if (plan.kind === 'join') plan.flight.hold();
+      // Held from here (still in the tick the plan was made), so the flight is shared and kept alive through the commit.
+      let flight: Flight | null = null;
+      if (plan.kind === 'join') flight = plan.flight;
+      else if (plan.kind === 'run') flight = openFlight(mode === 'bypass' ? null : key, request, plan.slot, mode !== 'bypass');
+      flight?.hold();
 
       const taskId = newTaskId();
       let began;
       try {
-        began = await store.beginChat({ taskId, userId: caller.userId, conversationId, text: body.text });
+        // A hit's reply is stored in the same commit as the question: one commit, then ack, deltas and done.
+        const knownReply =
+          plan.kind === 'cached'
+            ? { text: plan.chunks.join(''), finishReason: plan.result.finishReason, promptTokens: plan.result.usage.promptTokens, completionTokens: plan.result.usage.completionTokens }
+            : undefined;
+        began = await store.beginChat({ taskId, userId: caller.userId, conversationId, text: body.text, knownReply });
       } catch (err) {
-        releasePlan();
         reservation?.release();
-        if (plan.kind === 'join') plan.flight.letGo();
+        flight?.letGo();
         log.error({ err, userId: caller.userId }, 'storing a chat failed');
         throw new AppError('internal', 'the message could not be stored; it was not sent');
       }
@@ -287,9 +327,8 @@ export function createChatService(options: ChatServiceOptions): ChatService {
       running.add(task);
       metrics.ackLatency.observe((performance.now() - receivedAt) / 1000);
 
-      if (closing) {
-        releasePlan();
-        if (plan.kind === 'join') plan.flight.letGo();
+      if (closing && plan.kind !== 'cached') {
+        flight?.letGo();
         finishTask(task, { kind: 'cancelled' }, reservation, promptTokens);
       } else if (plan.kind === 'cached') {
         // A hit replays the stored chunks with their boundaries, as the miss streamed them.
@@ -298,14 +337,12 @@ export function createChatService(options: ChatServiceOptions): ChatService {
         replay.started();
         for (const chunk of plan.chunks) replay.chunk(chunk);
         replay.settle({ kind: 'end', result: plan.result, cancelled: false });
-        listen(task, replay, null, promptTokens);
-      } else if (plan.kind === 'join') {
-        metrics.singleflightJoins.inc();
-        listen(task, plan.flight, reservation, promptTokens);
-      } else {
-        const flight = startFlight(key, request, plan.slot, key !== null && mode !== 'bypass');
-        flight.hold();
+        listen(task, replay, null, promptTokens, began.replyMessageId);
+      } else if (flight !== null) {
+        if (plan.kind === 'join') metrics.singleflightJoins.inc();
         listen(task, flight, reservation, promptTokens);
+        // The first holder whose message is committed starts the call (a no-op once it runs).
+        launches.get(flight)?.();
       }
       return {
         task,

@@ -35,6 +35,11 @@ export class Flight {
     return this.outcome !== null;
   }
 
+  /** False once it ended or its last holder let go: a call being stopped must not pick up new chats. */
+  get joinable(): boolean {
+    return !this.ended && this.holders > 0;
+  }
+
   /** Keeps the call alive for a chat that will attach after its commit. */
   hold(): void {
     this.holders++;

@@ -8,12 +8,16 @@ export interface BeginChat {
   userId: string;
   conversationId?: string | undefined;
   text: string;
+  /** A reply known before the model runs (a cache hit): stored, and the task finished, in the same commit. */
+  knownReply?: { text: string; finishReason: FinishReason; promptTokens: number; completionTokens: number } | undefined;
 }
 
 export interface BeganChat {
   conversationId: string;
   messageId: string;
   createdAt: number;
+  /** The stored assistant message of a knownReply. */
+  replyMessageId?: string;
 }
 
 export interface FinishTask {
@@ -126,11 +130,18 @@ export function createChatStore(db: Database, hooks: { onCommit?: (seconds: numb
         isNew = true;
       }
       const convId = conversationId;
+      const reply = input.knownReply;
+      const replyId = reply ? randomId('msg_', 12) : undefined;
       return batcher.enqueue(() => {
         if (isNew) insertConversation.run(convId, input.userId, now, now);
         else touchConversation.run(now, convId);
         insertMessage.run(messageId, convId, 'user', input.text, input.taskId, now);
         insertTask.run(input.taskId, convId, input.userId, messageId, now);
+        if (reply && replyId) {
+          insertMessage.run(replyId, convId, 'assistant', reply.text, input.taskId, now);
+          updateTask.run('done', reply.finishReason, null, replyId, reply.promptTokens, reply.completionTokens, 1, now, input.taskId);
+          return { conversationId: convId, messageId, createdAt: now, replyMessageId: replyId };
+        }
         return { conversationId: convId, messageId, createdAt: now };
       });
     },

@@ -85,6 +85,10 @@ export function createDevProvider(options: DevProviderOptions): Provider {
           } catch {
             break;
           }
+        } else {
+          // Even at delay 0 each token is its own turn of the worker's event loop: the reply streams
+          // instead of arriving whole, and a cancel is heard between two tokens.
+          await new Promise<void>((resolve) => setImmediate(resolve));
         }
         yield tokenAt(seed, i);
         produced++;

@@ -1,0 +1,104 @@
+import { errors, jwtVerify } from 'jose';
+import { AppError } from '../protocol/index.js';
+import { OpenUserIdSchema, TokenClaimsSchema } from './claims.js';
+import type { Identity } from './identity.js';
+
+/** The one algorithm accepted: a token naming any other (`none`, HS512, RS256...) is refused before its signature is looked at. */
+export const JWT_ALGORITHM = 'HS256';
+
+// A JWT with our few claims is a few hundred bytes; refusing huge ones keeps
+// an attacker from making us base64-decode and HMAC megabytes per attempt.
+const MAX_TOKEN_CHARS = 8192;
+// RFC 7518 section 3.2: an HS256 key must be at least as long as the hash (256 bits).
+const MIN_SECRET_BYTES = 32;
+
+export interface AuthOptions {
+  /** HS256 secret; absent = open mode. */
+  secret?: string;
+  /** Leeway for `exp` and `nbf`, in seconds (default 5): clocks of issuer and server drift. */
+  clockToleranceSec?: number;
+  /** Wall clock in epoch ms for `exp`/`nbf` checks (default Date.now). */
+  now?: () => number;
+}
+
+export interface IdentifyInput {
+  /** The bearer token, from whichever place the transport found it. */
+  token?: string;
+  /** `?user=` / `auth.user`: trusted only in open mode, ignored with a secret. */
+  user?: string;
+  connectionId: string;
+}
+
+export interface Auth {
+  readonly mode: 'open' | 'jwt';
+  /** True when the secret is shorter than 32 bytes: still used, but main should warn at start. */
+  readonly weakSecret: boolean;
+  /** Resolves who is calling, or throws AppError('unauthorized'). Never logs or echoes the token. */
+  identify(input: IdentifyInput): Promise<Identity>;
+}
+
+export function createAuth(options: AuthOptions = {}): Auth {
+  const clockToleranceSec = options.clockToleranceSec ?? 5;
+  if (!Number.isFinite(clockToleranceSec) || clockToleranceSec < 0) {
+    throw new RangeError(`clockToleranceSec must be a number >= 0, got ${clockToleranceSec}`);
+  }
+  const now = options.now ?? Date.now;
+  const secret = options.secret;
+  if (secret === undefined) return { mode: 'open', weakSecret: false, identify: identifyOpen };
+  if (secret === '') throw new RangeError('the JWT secret must not be empty (leave it unset for open mode)');
+
+  const secretBytes = new TextEncoder().encode(secret);
+  // Imported once: jose would otherwise import the raw secret on every verification.
+  const key = crypto.subtle.importKey('raw', secretBytes, { name: 'HMAC', hash: 'SHA-256' }, false, ['verify']);
+
+  async function identifyJwt(input: IdentifyInput): Promise<Identity> {
+    const token = input.token;
+    if (token === undefined || token === '') throw unauthorized('missing token: send a bearer token');
+    if (token.length > MAX_TOKEN_CHARS) throw unauthorized('token too large');
+    let payload: unknown;
+    try {
+      ({ payload } = await jwtVerify(token, await key, {
+        algorithms: [JWT_ALGORITHM],
+        clockTolerance: clockToleranceSec,
+        currentDate: new Date(now()),
+        requiredClaims: ['sub', 'exp'],
+      }));
+    } catch (err) {
+      throw unauthorized(describeJoseError(err), err);
+    }
+    const claims = TokenClaimsSchema.safeParse(payload);
+    if (!claims.success) {
+      const issue = claims.error.issues[0];
+      const claim = issue?.path.map(String).join('.') || 'claims';
+      throw unauthorized(claim === 'role' ? 'token role must be one of consumer, provider, staff' : `token claim ${claim} is invalid`);
+    }
+    return { userId: claims.data.sub, role: claims.data.role };
+  }
+
+  return { mode: 'jwt', weakSecret: secretBytes.length < MIN_SECRET_BYTES, identify: identifyJwt };
+}
+
+async function identifyOpen(input: IdentifyInput): Promise<Identity> {
+  if (input.user === undefined || input.user === '') return { userId: `anon-${input.connectionId}`, role: 'consumer' };
+  const user = OpenUserIdSchema.safeParse(input.user);
+  if (!user.success) throw unauthorized(`invalid user id: ${user.error.issues[0]?.message ?? 'invalid'} (1..128 characters)`);
+  return { userId: user.data, role: 'consumer' };
+}
+
+function unauthorized(message: string, cause?: unknown): AppError {
+  return new AppError('unauthorized', message, cause === undefined ? {} : { cause });
+}
+
+/** A message a client can act on; jose's own messages are fine but the token itself never appears in them. */
+function describeJoseError(err: unknown): string {
+  if (err instanceof errors.JWTExpired) return 'token expired';
+  if (err instanceof errors.JWTClaimValidationFailed) {
+    if (err.claim === 'nbf') return 'token not yet valid (nbf is in the future)';
+    if (err.reason === 'missing') return `token has no ${err.claim} claim`;
+    return `token claim ${err.claim} is invalid`;
+  }
+  if (err instanceof errors.JOSEAlgNotAllowed) return `token algorithm not allowed: only ${JWT_ALGORITHM} is accepted`;
+  if (err instanceof errors.JWSSignatureVerificationFailed) return 'token signature is invalid';
+  if (err instanceof errors.JWSInvalid || err instanceof errors.JWTInvalid) return 'malformed token';
+  return 'invalid token';
+}

@@ -1,0 +1,5 @@
+export * from './auth.js';
+export * from './claims.js';
+export * from './credentials.js';
+export * from './identity.js';
+export * from './sign.js';

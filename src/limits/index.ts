@@ -1,0 +1,2 @@
+export * from './rate-limits.js';
+export { retryAfterSeconds } from './ratelimit-headers.js';

@@ -1,0 +1,192 @@
+import assert from 'node:assert/strict';
+import { spawnSync } from 'node:child_process';
+import path from 'node:path';
+import { test } from 'node:test';
+import { fileURLToPath } from 'node:url';
+import { base64url, SignJWT, type JWTPayload } from 'jose';
+import { createAuth, parseSubprotocols, signToken, tokenFromAuthorization, type Auth } from '../../src/auth/index.js';
+import { AppError } from '../../src/protocol/index.js';
+
+const SECRET = 'test-secret-that-is-at-least-32-bytes-long';
+const NOW_MS = Date.UTC(2030, 0, 1, 12, 0, 0);
+const NOW_SEC = NOW_MS / 1000;
+const now = () => NOW_MS;
+
+function jwtAuth(options: { clockToleranceSec?: number } = {}): Auth {
+  return createAuth({ secret: SECRET, now, ...options });
+}
+
+/** Signs any claims with any HMAC algorithm and secret: the tokens a careless or hostile issuer would make. */
+function sign(claims: JWTPayload, options: { alg?: string; secret?: string } = {}): Promise<string> {
+  return new SignJWT(claims).setProtectedHeader({ alg: options.alg ?? 'HS256' }).sign(new TextEncoder().encode(options.secret ?? SECRET));
+}
+
+async function assertUnauthorized(promise: Promise<unknown>, message: string | RegExp, token?: string): Promise<void> {
+  await assert.rejects(promise, (err: unknown) => {
+    assert.ok(err instanceof AppError, `expected an AppError, got ${String(err)}`);
+    assert.equal(err.code, 'unauthorized');
+    assert.equal(err.status, 401);
+    if (typeof message === 'string') assert.equal(err.message, message);
+    else assert.match(err.message, message);
+    if (token) assert.ok(!err.message.includes(token), 'the error message must not contain the token');
+    return true;
+  });
+}
+
+test('a valid HS256 token identifies its sub with its role, consumer by default', async () => {
+  const auth = jwtAuth();
+  assert.equal(auth.mode, 'jwt');
+  assert.equal(auth.weakSecret, false);
+  const staff = await sign({ sub: 'alice', role: 'staff', exp: NOW_SEC + 60 });
+  assert.deepEqual(await auth.identify({ token: staff, connectionId: 'c1' }), { userId: 'alice', role: 'staff' });
+  const provider = await sign({ sub: 'p-9', role: 'provider', exp: NOW_SEC + 60 });
+  assert.deepEqual(await auth.identify({ token: provider, connectionId: 'c1' }), { userId: 'p-9', role: 'provider' });
+  const plain = await sign({ sub: 'bob', exp: NOW_SEC + 60 });
+  assert.deepEqual(await auth.identify({ token: plain, connectionId: 'c1' }), { userId: 'bob', role: 'consumer' });
+});
+
+test('with a secret, ?user= is ignored and a missing token is refused', async () => {
+  const auth = jwtAuth();
+  await assertUnauthorized(auth.identify({ user: 'alice', connectionId: 'c1' }), 'missing token: send a bearer token');
+  await assertUnauthorized(auth.identify({ token: '', connectionId: 'c1' }), 'missing token: send a bearer token');
+  const token = await sign({ sub: 'bob', exp: NOW_SEC + 60 });
+  assert.deepEqual(await auth.identify({ token, user: 'alice', connectionId: 'c1' }), { userId: 'bob', role: 'consumer' });
+});
+
+test('an expired token is refused, unless it expired within the clock tolerance', async () => {
+  const auth = jwtAuth({ clockToleranceSec: 5 });
+  const expired = await sign({ sub: 'alice', exp: NOW_SEC - 6 });
+  await assertUnauthorized(auth.identify({ token: expired, connectionId: 'c1' }), 'token expired', expired);
+  const justExpired = await sign({ sub: 'alice', exp: NOW_SEC - 4 });
+  assert.deepEqual(await auth.identify({ token: justExpired, connectionId: 'c1' }), { userId: 'alice', role: 'consumer' });
+  const strict = jwtAuth({ clockToleranceSec: 0 });
+  await assertUnauthorized(strict.identify({ token: justExpired, connectionId: 'c1' }), 'token expired');
+});
+
+test('a token whose nbf is in the future is refused, unless within the clock tolerance', async () => {
+  const auth = jwtAuth();
+  const early = await sign({ sub: 'alice', nbf: NOW_SEC + 60, exp: NOW_SEC + 120 });
+  await assertUnauthorized(auth.identify({ token: early, connectionId: 'c1' }), 'token not yet valid (nbf is in the future)', early);
+  const slightlyEarly = await sign({ sub: 'alice', nbf: NOW_SEC + 4, exp: NOW_SEC + 120 });
+  assert.deepEqual(await auth.identify({ token: slightlyEarly, connectionId: 'c1' }), { userId: 'alice', role: 'consumer' });
+});
+
+test('a token signed with another secret is refused', async () => {
+  const token = await sign({ sub: 'alice', exp: NOW_SEC + 60 }, { secret: 'another-secret-that-is-also-32-bytes-long' });
+  await assertUnauthorized(jwtAuth().identify({ token, connectionId: 'c1' }), 'token signature is invalid', token);
+});
+
+test('an unsigned token (alg none) is refused', async () => {
+  const encode = (value: object) => base64url.encode(JSON.stringify(value));
+  const token = `${encode({ alg: 'none', typ: 'JWT' })}.${encode({ sub: 'alice', role: 'staff', exp: NOW_SEC + 60 })}.`;
+  await assertUnauthorized(jwtAuth().identify({ token, connectionId: 'c1' }), 'token algorithm not allowed: only HS256 is accepted');
+});
+
+test('a token signed with HS512 (even with the right secret) is refused: HS256 only', async () => {
+  const token = await sign({ sub: 'alice', exp: NOW_SEC + 60 }, { alg: 'HS512' });
+  await assertUnauthorized(jwtAuth().identify({ token, connectionId: 'c1' }), 'token algorithm not allowed: only HS256 is accepted', token);
+});
+
+test('a token without sub, or without exp, is refused', async () => {
+  const auth = jwtAuth();
+  const noSub = await sign({ role: 'staff', exp: NOW_SEC + 60 });
+  await assertUnauthorized(auth.identify({ token: noSub, connectionId: 'c1' }), 'token has no sub claim');
+  const noExp = await sign({ sub: 'alice' });
+  await assertUnauthorized(auth.identify({ token: noExp, connectionId: 'c1' }), 'token has no exp claim');
+  const badExp = await sign({ sub: 'alice', exp: 'soon' as unknown as number });
+  await assertUnauthorized(auth.identify({ token: badExp, connectionId: 'c1' }), 'token claim exp is invalid');
+});
+
+test('a sub that is empty, too long, or not a string is refused', async () => {
+  const auth = jwtAuth();
+  for (const sub of ['', 'x'.repeat(129), 'line\nbreak']) {
+    const token = await sign({ sub, exp: NOW_SEC + 60 });
+    await assertUnauthorized(auth.identify({ token, connectionId: 'c1' }), 'token claim sub is invalid');
+  }
+  const numeric = await sign({ sub: 42 as unknown as string, exp: NOW_SEC + 60 });
+  await assertUnauthorized(auth.identify({ token: numeric, connectionId: 'c1' }), 'token claim sub is invalid');
+  const longest = await sign({ sub: 'x'.repeat(128), exp: NOW_SEC + 60 });
+  assert.equal((await auth.identify({ token: longest, connectionId: 'c1' })).userId.length, 128);
+});
+
+test('a role other than consumer, provider or staff is refused', async () => {
+  const token = await sign({ sub: 'alice', role: 'admin', exp: NOW_SEC + 60 });
+  await assertUnauthorized(jwtAuth().identify({ token, connectionId: 'c1' }), 'token role must be one of consumer, provider, staff');
+});
+
+test('garbage and oversized tokens are refused without echoing them', async () => {
+  const auth = jwtAuth();
+  await assertUnauthorized(auth.identify({ token: 'not-a-jwt', connectionId: 'c1' }), 'malformed token', 'not-a-jwt');
+  await assertUnauthorized(auth.identify({ token: 'a.b.c', connectionId: 'c1' }), 'malformed token');
+  await assertUnauthorized(auth.identify({ token: 'x'.repeat(9000), connectionId: 'c1' }), 'token too large');
+});
+
+test('open mode trusts a well-formed ?user= as a consumer, and names anonymous users by connection', async () => {
+  const auth = createAuth({});
+  assert.equal(auth.mode, 'open');
+  assert.deepEqual(await auth.identify({ user: 'alice@example.com', connectionId: 'c1' }), { userId: 'alice@example.com', role: 'consumer' });
+  assert.deepEqual(await auth.identify({ connectionId: 'c7' }), { userId: 'anon-c7', role: 'consumer' });
+  assert.deepEqual(await auth.identify({ user: '', connectionId: 'c8' }), { userId: 'anon-c8', role: 'consumer' });
+  // A token does not raise anyone's role in open mode: there is nothing to check it against.
+  const staff = await sign({ sub: 'mallory', role: 'staff', exp: NOW_SEC + 60 });
+  assert.deepEqual(await auth.identify({ token: staff, user: 'bob', connectionId: 'c9' }), { userId: 'bob', role: 'consumer' });
+});
+
+test('open mode refuses user ids outside 1..128 conservative characters', async () => {
+  const auth = createAuth();
+  for (const user of ['x'.repeat(129), 'al ice', 'a/b', 'name\u0000', '<script>']) {
+    await assertUnauthorized(auth.identify({ user, connectionId: 'c1' }), /^invalid user id: /);
+  }
+  assert.equal((await auth.identify({ user: 'x'.repeat(128), connectionId: 'c1' })).userId.length, 128);
+});
+
+test('an empty secret is a configuration error, and a short one is flagged as weak', () => {
+  assert.throws(() => createAuth({ secret: '' }), /must not be empty/);
+  assert.throws(() => createAuth({ secret: SECRET, clockToleranceSec: -1 }), RangeError);
+  assert.equal(createAuth({ secret: 'short' }).weakSecret, true);
+});
+
+test('signToken issues a token that identify accepts, expiring after its ttl', async () => {
+  const token = await signToken({ secret: SECRET, sub: 'carol', role: 'provider', ttlSec: 60, now });
+  assert.deepEqual(await jwtAuth().identify({ token, connectionId: 'c1' }), { userId: 'carol', role: 'provider' });
+  const later = createAuth({ secret: SECRET, now: () => NOW_MS + 66_000 });
+  await assertUnauthorized(later.identify({ token, connectionId: 'c1' }), 'token expired');
+});
+
+test('the token is read from the WebSocket subprotocol list, and only chatwire.v1 is echoed', () => {
+  assert.deepEqual(parseSubprotocols('chatwire.v1, bearer.aaa.bbb.ccc'), { token: 'aaa.bbb.ccc', protocol: 'chatwire.v1' });
+  assert.deepEqual(parseSubprotocols('bearer.aaa.bbb.ccc,chatwire.v1'), { token: 'aaa.bbb.ccc', protocol: 'chatwire.v1' });
+  assert.deepEqual(parseSubprotocols('bearer.t0k'), { token: 't0k', protocol: undefined });
+  assert.deepEqual(parseSubprotocols('chatwire.v1'), { token: undefined, protocol: 'chatwire.v1' });
+  assert.deepEqual(parseSubprotocols('chatwire.v2, bearer.'), { token: undefined, protocol: undefined });
+  assert.deepEqual(parseSubprotocols(''), { token: undefined, protocol: undefined });
+  assert.deepEqual(parseSubprotocols(undefined), { token: undefined, protocol: undefined });
+});
+
+test('the token is read from an Authorization: Bearer header', () => {
+  assert.equal(tokenFromAuthorization('Bearer aaa.bbb.ccc'), 'aaa.bbb.ccc');
+  assert.equal(tokenFromAuthorization('bearer   aaa.bbb.ccc '), 'aaa.bbb.ccc');
+  assert.equal(tokenFromAuthorization('Basic dXNlcjpwYXNz'), undefined);
+  assert.equal(tokenFromAuthorization('Bearer'), undefined);
+  assert.equal(tokenFromAuthorization('Bearer a b'), undefined);
+  assert.equal(tokenFromAuthorization(undefined), undefined);
+});
+
+test('scripts/token prints a token the server accepts', async () => {
+  const script = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../scripts/token.js');
+  const run = spawnSync(process.execPath, [script, '--sub', 'dave', '--role', 'staff', '--ttl', '600', '--secret', SECRET], {
+    encoding: 'utf8',
+    env: { PATH: process.env.PATH },
+  });
+  assert.equal(run.status, 0, run.stderr);
+  const token = run.stdout.trim();
+  assert.deepEqual(await createAuth({ secret: SECRET }).identify({ token, connectionId: 'c1' }), { userId: 'dave', role: 'staff' });
+
+  const viaEnv = spawnSync(process.execPath, [script, '--sub', 'erin'], { encoding: 'utf8', env: { PATH: process.env.PATH, CHATWIRE_JWT_SECRET: SECRET } });
+  assert.equal(viaEnv.status, 0, viaEnv.stderr);
+  assert.deepEqual(await createAuth({ secret: SECRET }).identify({ token: viaEnv.stdout.trim(), connectionId: 'c1' }), { userId: 'erin', role: 'consumer' });
+
+  const noSecret = spawnSync(process.execPath, [script, '--sub', 'erin'], { encoding: 'utf8', env: { PATH: process.env.PATH } });
+  assert.equal(noSecret.status, 2);
+  assert.match(noSecret.stderr, /no secret: set CHATWIRE_JWT_SECRET or pass --secret/);
+});
