@@ -191,13 +191,17 @@ export const ConversationHistoryReplySchema = z.object({
 export const ConsumerRefSchema = z.object({ consumerId: z.string(), name: z.string() });
 export const ProviderRefSchema = z.object({ providerId: z.string(), name: z.string(), rating: z.number() });
 
-export const RequestItemSchema = z.object({
+const RequestFields = {
   requestId: z.string(),
   consumerId: z.string(),
   title: z.string(),
   category: z.string(),
   status: RequestStatusSchema,
   createdAt: IsoTime,
+};
+
+export const RequestItemSchema = z.object({
+  ...RequestFields,
   consumer: ConsumerRefSchema,
   quoteCount: z.number().int().min(0),
 });
@@ -208,20 +212,19 @@ export const RequestsListReplySchema = z.object({
   nextCursor: z.string().nullable(),
 });
 
-export const RequestBookingSchema = z.object({
+const BookingFields = {
   bookingId: z.string(),
   status: BookingStatusSchema,
   scheduledAt: IsoTime,
   priceCents: z.number().int(),
+};
+
+export const RequestBookingSchema = z.object({
+  ...BookingFields,
   provider: ProviderRefSchema,
 });
 export const ConsumerRequestItemSchema = z.object({
-  requestId: z.string(),
-  consumerId: z.string(),
-  title: z.string(),
-  category: z.string(),
-  status: RequestStatusSchema,
-  createdAt: IsoTime,
+  ...RequestFields,
   bookings: z.array(RequestBookingSchema),
 });
 export const ConsumerRequestsReplySchema = z.object({
@@ -232,10 +235,7 @@ export const ConsumerRequestsReplySchema = z.object({
 });
 
 export const ConsumerBookingItemSchema = z.object({
-  bookingId: z.string(),
-  status: BookingStatusSchema,
-  scheduledAt: IsoTime,
-  priceCents: z.number().int(),
+  ...BookingFields,
   request: z.object({ requestId: z.string(), title: z.string(), category: z.string() }),
   provider: ProviderRefSchema,
 });

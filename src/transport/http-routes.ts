@@ -79,6 +79,18 @@ export function attachHttpRoutes(app: TemplatedApp, deps: TransportDeps): { clos
     });
   }
 
+  /** Identifies the caller and takes one request from its bucket; `onHeaders` gets the RateLimit fields either way. */
+  async function admit(info: RequestInfo, onHeaders: (headers: Record<string, string>) => void): Promise<Identity> {
+    const caller = await identify(info);
+    const limited = deps.httpLimit(caller.userId);
+    onHeaders(deps.rateLimitHeaders(caller.userId));
+    if (!limited.ok) {
+      metrics.rateLimited.inc({ bucket: limited.bucket });
+      throw new AppError('rate_limited', `too many requests; retry in ${limited.retryAfterMs} ms`, { retryAfterMs: limited.retryAfterMs });
+    }
+    return caller;
+  }
+
   function sendError(responder: Responder, info: RequestInfo, err: unknown, extra: Record<string, string> = {}): void {
     const e = toAppError(err);
     if (e.code === 'internal') log.error({ err: e.cause ?? e, url: info.url }, 'http request failed');
@@ -86,26 +98,29 @@ export function attachHttpRoutes(app: TemplatedApp, deps: TransportDeps): { clos
     const { status, body, retryAfterMs } = errorBody(e);
     const headers: Record<string, string> = { ...commonHeaders(info), ...extra, 'content-type': 'application/json', 'cache-control': 'no-store' };
     if (retryAfterMs !== undefined) headers['retry-after'] = String(Math.max(1, Math.ceil(retryAfterMs / 1000)));
+    // RFC 9110 section 15.5.2: a 401 names the scheme that would be accepted.
+    if (status === 401) headers['www-authenticate'] = 'Bearer';
     responder.send(status, headers, body);
   }
 
   /** A /v1 JSON route: identity, rate limit, handler, RateLimit fields, ETag on reads. */
-  function v1(method: 'get' | 'post', pattern: string, params: number, handler: (caller: Identity, info: RequestInfo, responder: Responder) => Promise<Handled | null>): void {
+  function v1(method: 'get' | 'post', pattern: string, params: number, handler: (caller: Identity, info: RequestInfo, body: Promise<Buffer>) => Promise<Handled | null>): void {
     app[method](pattern, (res: HttpResponse, req: HttpRequest) => {
       const responder = new Responder(res);
       const info = captureRequest(req, res, params);
+      // uWS hands body chunks only to an onData registered before this callback returns, and identify() awaits
+      // (HS256 verification): read the body now or it is lost and the request hangs. A refusal before the handler
+      // reads it leaves the promise unobserved, hence the no-op catch.
+      const requestBody = method === 'post' ? readBody(responder, config.maxFrameBytes) : Promise.resolve(Buffer.alloc(0));
+      requestBody.catch(() => {});
       void (async () => {
         let limitHeaders: Record<string, string> = {};
         try {
-          const caller = await identify(info);
-          const limited = deps.httpLimit(caller.userId);
-          limitHeaders = deps.rateLimitHeaders(caller.userId);
-          if (!limited.ok) {
-            metrics.rateLimited.inc({ bucket: limited.bucket });
-            throw new AppError('rate_limited', `too many requests; retry in ${limited.retryAfterMs} ms`, { retryAfterMs: limited.retryAfterMs });
-          }
-          const out = await handler(caller, info, responder);
+          const caller = await admit(info, (h) => (limitHeaders = h));
+          const out = await handler(caller, info, requestBody);
           if (out === null || !responder.open) return;
+          // Read again after the handler: the chat (and model tokens) it just took must show in the fields.
+          limitHeaders = deps.rateLimitHeaders(caller.userId);
           const body = JSON.stringify(out.body);
           const headers: Record<string, string> = { ...commonHeaders(info), ...limitHeaders, 'content-type': 'application/json' };
           if (method === 'get') {
@@ -127,14 +142,14 @@ export function attachHttpRoutes(app: TemplatedApp, deps: TransportDeps): { clos
     });
   }
 
-  v1('post', '/v1/chat', 0, async (caller, info, responder) => {
+  v1('post', '/v1/chat', 0, async (caller, info, body) => {
     const contentType = info.headers.get('content-type') ?? '';
     if (contentType && !/^application\/json\b/i.test(contentType)) throw new AppError('bad_request', 'the body must be application/json');
-    const raw = parseJsonBody(await readBody(responder, config.maxFrameBytes));
+    const raw = parseJsonBody(await body);
     const parsed = ChatSendBodySchema.safeParse(raw);
     if (!parsed.success) throw badRequestFromZod(parsed.error, 'chat');
-    const { id, ...body } = parsed.data;
-    const { ack } = await chat.send(caller, body);
+    const { id, ...message } = parsed.data;
+    const { ack } = await chat.send(caller, message);
     return { status: 202, body: id === undefined ? ack : { id, ...ack } };
   });
 
@@ -171,10 +186,7 @@ export function attachHttpRoutes(app: TemplatedApp, deps: TransportDeps): { clos
     void (async () => {
       let limitHeaders: Record<string, string> = {};
       try {
-        const caller = await identify(info);
-        const limited = deps.httpLimit(caller.userId);
-        limitHeaders = deps.rateLimitHeaders(caller.userId);
-        if (!limited.ok) throw new AppError('rate_limited', `too many requests; retry in ${limited.retryAfterMs} ms`, { retryAfterMs: limited.retryAfterMs });
+        const caller = await admit(info, (h) => (limitHeaders = h));
         const lastEventId = info.headers.get('last-event-id') ?? info.query.get('lastEventId');
         let fromSeq = 0;
         if (lastEventId !== null && lastEventId !== undefined && lastEventId !== '') {
