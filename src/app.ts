@@ -16,6 +16,7 @@ import { createChatStore } from './db/chat-store.js';
 import { Database } from './db/database.js';
 import { createMarketplaceService } from './db/marketplace.js';
 import { migrate } from './db/migrate.js';
+import { probeDataDir } from './db/storage-health.js';
 import { DEV_DEFAULT_MAX_TOKENS } from './llm/dev.js';
 import { createModelPool } from './llm/pool.js';
 import { providerSettingsFrom } from './llm/provider.js';
@@ -76,6 +77,12 @@ export async function createApp(config: Config, options: AppOptions): Promise<Ap
     });
     closers.push(() => cache.close());
 
+    if (config.llm === 'local') {
+      // A missing or broken model file stops the start here, not at the first chat.
+      const { validateLocalModel } = await import('./llm/local-model.js');
+      const model = await validateLocalModel(config.modelPath);
+      log.info({ model: model.name, architecture: model.architecture, bytes: model.fileBytes }, 'local model file checked');
+    }
     const pool = createModelPool({
       settings: providerSettingsFrom(config),
       threads: config.workerThreads,
@@ -168,6 +175,8 @@ export async function createApp(config: Config, options: AppOptions): Promise<Ap
       httpLimit: (userId) => limits.frame(userId),
       readiness: [
         { name: 'sqlite', check: () => void db.raw.prepare('SELECT 1').get() },
+        // SELECT 1 answers on a full or read-only disk; this fails then, so /readyz says 503 before chats fail.
+        { name: 'disk', check: () => probeDataDir(config.dataPath) },
         { name: 'workers', check: () => pool.check() },
         { name: 'cache', check: () => void cache.stats() },
       ],

@@ -48,6 +48,7 @@ export const settings = {
   modelPath: { env: 'CHATWIRE_MODEL_PATH', schema: optionalString, default: '', doc: 'local provider: path of the GGUF model file' },
   localThreads: { env: 'CHATWIRE_LOCAL_THREADS', schema: int(0, 256), default: '1', doc: 'local provider: CPU threads per worker (0 = library default)' },
   localContextSize: { env: 'CHATWIRE_LOCAL_CONTEXT_SIZE', schema: int(128, 131_072), default: '2048', doc: 'local provider: context size in tokens' },
+  localSequences: { env: 'CHATWIRE_LOCAL_SEQUENCES', schema: int(1, 64), default: '4', doc: 'local provider: generations one worker runs at once (more wait their turn)' },
   maxConnectionsPerUser: { env: 'CHATWIRE_MAX_CONNECTIONS_PER_USER', schema: int(1, 100_000), default: '16', doc: 'WebSocket connections one user may hold at once' },
   allowedOrigins: { env: 'CHATWIRE_ALLOWED_ORIGINS', schema: z.string(), default: '*', doc: 'comma-separated origins allowed for WebSocket upgrades and CORS (`*` = any)' },
   jwtSecret: { env: 'CHATWIRE_JWT_SECRET', schema: optionalString, default: '', doc: 'HS256 secret; unset = open mode (`?user=` trusted, a warning at start)' },

@@ -50,6 +50,7 @@ export interface ProviderSettings {
   modelPath: string | undefined;
   localThreads: number;
   localContextSize: number;
+  localSequences: number;
 }
 
 export function providerSettingsFrom(config: ProviderSettings): ProviderSettings {
@@ -66,6 +67,7 @@ export function providerSettingsFrom(config: ProviderSettings): ProviderSettings
     modelPath: config.modelPath,
     localThreads: config.localThreads,
     localContextSize: config.localContextSize,
+    localSequences: config.localSequences,
   };
 }
 
