@@ -62,8 +62,8 @@ const clientExamples: { [K in ClientMessageType]: Extract<ClientMessage, { type:
   'task.get': { type: 'task.get', id: 'q4', taskId: TASK },
   'conversation.history': { type: 'conversation.history', id: 'q5', conversationId: CONV, limit: 20 },
   'requests.list': { type: 'requests.list', id: 'q6', status: 'open', category: 'plumbing', limit: 20 },
-  'consumer.requests': { type: 'consumer.requests', id: 'q7', consumerId: 'c_000001', limit: 10 },
-  'consumer.bookings': { type: 'consumer.bookings', id: 'q8', consumerId: 'c_000001', limit: 10 },
+  'consumer.requests': { type: 'consumer.requests', id: 'q7', consumerId: 'c_0000000001', limit: 10 },
+  'consumer.bookings': { type: 'consumer.bookings', id: 'q8', consumerId: 'c_0000000001', limit: 10 },
   ping: { type: 'ping', id: 'q9' },
 };
 
@@ -147,12 +147,12 @@ const serverExamples: { [K in ServerMessage['type']]: Extract<ServerMessage, { t
     items: [
       {
         requestId: 'r_000101',
-        consumerId: 'c_000001',
+        consumerId: 'c_0000000001',
         title: 'Leaking kitchen tap',
         category: 'plumbing',
         status: 'open',
         createdAt: '2026-01-05T08:00:00.000Z',
-        consumer: { consumerId: 'c_000001', name: 'Alice Martin' },
+        consumer: { consumerId: 'c_0000000001', name: 'Alice Martin' },
         quoteCount: 3,
       },
     ],
@@ -164,7 +164,7 @@ const serverExamples: { [K in ServerMessage['type']]: Extract<ServerMessage, { t
     items: [
       {
         requestId: 'r_000101',
-        consumerId: 'c_000001',
+        consumerId: 'c_0000000001',
         title: 'Leaking kitchen tap',
         category: 'plumbing',
         status: 'booked',

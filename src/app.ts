@@ -13,6 +13,7 @@ import { createChatService } from './chat/chat-service.js';
 import type { ChatCache, ChatLimits } from './chat/ports.js';
 import type { Config } from './config.js';
 import { createChatStore } from './db/chat-store.js';
+import { databaseFile } from './db/data-file.js';
 import { Database } from './db/database.js';
 import { createMarketplaceService } from './db/marketplace.js';
 import { migrate } from './db/migrate.js';
@@ -38,8 +39,8 @@ export interface AppOptions {
   log: Logger;
 }
 
-export const SQLITE_FILE = 'chatwire.sqlite';
 export const CACHE_DIR = 'cache';
+export { DATABASE_FILE_NAME as SQLITE_FILE } from './db/data-file.js';
 
 export async function createApp(config: Config, options: AppOptions): Promise<App> {
   const { log } = options;
@@ -57,7 +58,7 @@ export async function createApp(config: Config, options: AppOptions): Promise<Ap
   };
 
   try {
-    const db = new Database(path.join(config.dataPath, SQLITE_FILE), { onQuery: (op) => metrics.dbQueries.inc({ op }) });
+    const db = new Database(databaseFile(config.dataPath), { onQuery: (op) => metrics.dbQueries.inc({ op }) });
     closers.push(() => db.close());
     const applied = migrate(db);
     if (applied.length > 0) log.info({ migrations: applied }, 'database migrated');
@@ -108,7 +109,7 @@ export async function createApp(config: Config, options: AppOptions): Promise<Ap
     if (auth.mode === 'open') log.warn('open mode: no CHATWIRE_JWT_SECRET, so ?user= is trusted as the user id; set a secret in production');
     else if (auth.weakSecret) log.warn('CHATWIRE_JWT_SECRET is shorter than 32 bytes; use a longer random secret');
 
-    const marketplace = createMarketplaceService({ db });
+    const marketplace = createMarketplaceService({ db, batching: config.dbBatching });
     closers.push(() => marketplace.close());
 
     const chatCache: ChatCache = {

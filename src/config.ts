@@ -38,6 +38,7 @@ export const settings = {
   chatsPerMinute: { env: 'CHATWIRE_CHATS_PER_MINUTE', schema: z.coerce.number().positive().max(1_000_000), default: '60', doc: 'per-user chats per minute' },
   modelTokensPerMinute: { env: 'CHATWIRE_MODEL_TOKENS_PER_MINUTE', schema: z.coerce.number().positive().max(1_000_000_000), default: '20000', doc: 'per-user model tokens per minute (reserved at send, settled at the end)' },
   shutdownTimeoutMs: { env: 'CHATWIRE_SHUTDOWN_TIMEOUT_MS', schema: int(100, 120_000), default: '5000', doc: 'graceful shutdown deadline before the process exits anyway' },
+  dbBatching: { env: 'CHATWIRE_DB_BATCHING', schema: bool, default: 'true', doc: 'merge marketplace lookups that arrive in the same tick from different connections into one query' },
   cacheTtlSec: { env: 'CHATWIRE_CACHE_TTL_SEC', schema: int(1, 365 * 86_400), default: '86400', doc: 'how long a cached reply is served' },
   cacheMaxBytes: { env: 'CHATWIRE_CACHE_MAX_BYTES', schema: int(64 * 1024, 1024 * 1024 * 1024 * 1024), default: String(256 * 1024 * 1024), doc: 'byte bound of the reply cache; least recently used entries are evicted past it' },
   openaiBaseUrl: { env: 'CHATWIRE_OPENAI_BASE_URL', schema: z.url(), default: 'https://api.openai.com/v1', doc: 'openai provider: base URL of any OpenAI-compatible server (Ollama, vLLM, llama.cpp, LM Studio)' },

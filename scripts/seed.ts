@@ -1,0 +1,90 @@
+/**
+ * Fills the data dir with a deterministic marketplace data set (migrating first).
+ * Usage: npm run seed -- [--consumers N] [--providers N] [--requests N] [--seed S] [--data-dir <dir>]
+ * Defaults: 100,000 requests, one consumer per 10 requests, one provider per 50.
+ * The data dir is --data-dir, else CHATWIRE_DATA_DIR (read through loadConfig, default ./data).
+ * Prints progress on stderr and one JSON line with the counts and the time on stdout.
+ */
+import { parseArgs } from 'node:util';
+import { ConfigError, loadConfig, type Config } from '../src/config.js';
+import { databaseFile } from '../src/db/data-file.js';
+import { Database } from '../src/db/database.js';
+import { seedMarketplace, SeedTargetNotEmptyError } from '../src/db/marketplace-seed.js';
+import { migrate, MigrationError } from '../src/db/migrate.js';
+
+const usage = 'usage: npm run seed -- [--consumers N] [--providers N] [--requests N] [--seed S] [--data-dir <dir>]';
+
+function fail(message: string, code = 2): never {
+  process.stderr.write(`${message}\n`);
+  process.exit(code);
+}
+
+let values;
+try {
+  ({ values } = parseArgs({
+    options: {
+      consumers: { type: 'string' },
+      providers: { type: 'string' },
+      requests: { type: 'string', default: '100000' },
+      seed: { type: 'string', default: '1' },
+      'data-dir': { type: 'string' },
+      help: { type: 'boolean', short: 'h' },
+    },
+    strict: true,
+  }));
+} catch (err) {
+  fail(`${(err as Error).message}\n${usage}`);
+}
+if (values.help) {
+  process.stdout.write(`${usage}\n`);
+  process.exit(0);
+}
+
+function count(name: string, raw: string, min: number): number {
+  const n = Number(raw.replaceAll('_', ''));
+  if (!Number.isSafeInteger(n) || n < min) fail(`--${name} must be an integer >= ${min}, got ${raw}\n${usage}`);
+  return n;
+}
+const requests = count('requests', values.requests, 0);
+const consumers = count('consumers', values.consumers ?? String(Math.max(1, Math.ceil(requests / 10))), 1);
+const providers = count('providers', values.providers ?? String(Math.max(1, Math.ceil(requests / 50))), 1);
+const seed = count('seed', values.seed, 0);
+
+const dataDir = values['data-dir'];
+let config: Config;
+try {
+  config = loadConfig(process.env, dataDir === undefined ? {} : { dataDir });
+} catch (err) {
+  if (err instanceof ConfigError) fail(err.message);
+  throw err;
+}
+
+const file = databaseFile(config.dataPath);
+const db = new Database(file);
+try {
+  migrate(db);
+  const started = performance.now();
+  let lastReport = started;
+  const result = seedMarketplace(db, {
+    consumers,
+    providers,
+    requests,
+    seed,
+    onProgress: (done) => {
+      const now = performance.now();
+      if (now - lastReport > 2000 || done === requests) {
+        lastReport = now;
+        process.stderr.write(`seed: ${done.toLocaleString('en-US')} / ${requests.toLocaleString('en-US')} requests, ${((now - started) / 1000).toFixed(1)} s\n`);
+      }
+    },
+  });
+  const ms = Math.round(performance.now() - started);
+  db.raw.pragma('wal_checkpoint(TRUNCATE)');
+  process.stdout.write(`${JSON.stringify({ database: file, seed, ...result, ms, requestsPerSecond: Math.round((requests / Math.max(ms, 1)) * 1000) })}\n`);
+} catch (err) {
+  db.close();
+  if (err instanceof MigrationError) fail(`migration stopped: ${err.message}`, 1);
+  if (err instanceof SeedTargetNotEmptyError) fail(`${file}: ${err.message}`, 1);
+  throw err;
+}
+db.close();

@@ -1,0 +1,198 @@
+import type { z } from 'zod';
+import type { BookingStatusSchema, RequestStatusSchema } from '../protocol/index.js';
+import type { CountedStatement, Database } from './database.js';
+import type { KeysetPosition } from './cursor.js';
+
+/**
+ * Every SQL statement of the marketplace lookups (docs/marketplace.md lists
+ * their plans). Each page query walks one covering index of
+ * 002_marketplace.sql backwards from the cursor. To-one relations (a
+ * request's consumer, a booking's request and provider, a request's quote
+ * count) are joined into the page query: one b-tree descent per row inside
+ * SQLite costs less than a second statement. The one to-many relation (a
+ * request's bookings) is one IN query over the whole page. So no lookup's
+ * query count depends on its page size.
+ *
+ * Rows come back as arrays (tuples below, in SELECT order): building an
+ * object per row was a third of the time of a 100-row page.
+ */
+
+export type RequestStatus = z.infer<typeof RequestStatusSchema>;
+export type BookingStatus = z.infer<typeof BookingStatusSchema>;
+
+/** requests.list row. */
+export type ListedRequestRow = [
+  requestId: number,
+  consumerId: number,
+  title: string,
+  category: string,
+  status: RequestStatus,
+  createdAt: number,
+  consumerName: string,
+  quoteCount: number,
+];
+/** consumer.requests page row (the consumer is the one asked for). */
+export type ConsumerRequestRow = [requestId: number, title: string, category: string, status: RequestStatus, createdAt: number];
+/** consumer.bookings page row, with its request and provider. */
+export type ConsumerBookingRow = [
+  bookingId: number,
+  status: BookingStatus,
+  scheduledAt: number,
+  priceCents: number,
+  requestId: number,
+  title: string,
+  category: string,
+  providerId: number,
+  providerName: string,
+  rating: number,
+];
+/** A booking of one of the requests of a consumer.requests page, with its provider. */
+export type RequestBookingRow = [
+  requestId: number,
+  bookingId: number,
+  status: BookingStatus,
+  scheduledAt: number,
+  priceCents: number,
+  providerId: number,
+  providerName: string,
+  rating: number,
+];
+
+export interface RequestsFilter {
+  status?: RequestStatus | undefined;
+  category?: string | undefined;
+}
+
+/**
+ * How a list of ids reaches SQLite: `params` binds `IN (?, ?, ...)`, with one
+ * statement per power-of-two arity (the tail padded with NULL, which matches
+ * nothing) so at most log2(MAX_IN_LIST) + 1 statements per relation are ever
+ * prepared; `json` binds one JSON array and reads it with json_each.
+ * `npm run bench:db` measures both.
+ */
+export type InListStrategy = 'params' | 'json';
+
+/**
+ * Most ids bound to one relation query; the batch loaders never ask for more.
+ * Also keeps the plans indexed after ANALYZE: SQLite rightly prefers a scan
+ * once an IN list covers about a quarter of a table, which at 256 ids only
+ * happens to tables of a thousand rows or so.
+ */
+export const MAX_IN_LIST = 256;
+
+export interface MarketplaceQueries {
+  /** Rows of requests.list after `after` (null: from the newest), newest first. */
+  requestsPage(filter: RequestsFilter, after: KeysetPosition | null, take: number): ListedRequestRow[];
+  consumerRequestsPage(consumerId: number, after: KeysetPosition | null, take: number): ConsumerRequestRow[];
+  consumerBookingsPage(consumerId: number, after: KeysetPosition | null, take: number): ConsumerBookingRow[];
+  /** Ordered by request descending, then scheduled_at and booking_id descending. */
+  bookingsOfRequests(requestIds: readonly number[]): RequestBookingRow[];
+  /** The ids among these that are consumers. */
+  existingConsumers(consumerIds: readonly number[]): number[];
+}
+
+/** The position before the newest row: every real (sort key, id) pair compares below it. */
+const FROM_NEWEST = Number.MAX_SAFE_INTEGER;
+
+/** requests.list: one statement per filter combination, each answered by its own covering index. */
+export function requestsPageSql(filter: { status: boolean; category: boolean }): string {
+  const where = [filter.category ? 'r.category = ?' : null, filter.status ? 'r.status = ?' : null, '(r.created_at, r.request_id) < (?, ?)']
+    .filter((w) => w !== null)
+    .join(' AND ');
+  return `SELECT r.request_id, r.consumer_id, r.title, r.category, r.status, r.created_at, c.name,
+  (SELECT count(*) FROM quotes q WHERE q.request_id = r.request_id)
+FROM requests r JOIN consumers c ON c.consumer_id = r.consumer_id
+WHERE ${where}
+ORDER BY r.created_at DESC, r.request_id DESC
+LIMIT ?`;
+}
+
+export const consumerRequestsPageSql = `SELECT r.request_id, r.title, r.category, r.status, r.created_at
+FROM requests r
+WHERE r.consumer_id = ? AND (r.created_at, r.request_id) < (?, ?)
+ORDER BY r.created_at DESC, r.request_id DESC
+LIMIT ?`;
+
+export const consumerBookingsPageSql = `SELECT b.booking_id, b.status, b.scheduled_at, b.price_cents, b.request_id, r.title, r.category, b.provider_id, p.name, p.rating
+FROM bookings b
+  JOIN requests r ON r.request_id = b.request_id
+  JOIN providers p ON p.provider_id = b.provider_id
+WHERE b.consumer_id = ? AND (b.scheduled_at, b.booking_id) < (?, ?)
+ORDER BY b.scheduled_at DESC, b.booking_id DESC
+LIMIT ?`;
+
+/** Relation queries; `%IN%` is replaced by the id list of the chosen strategy. */
+export const relationSql = {
+  'bookings.by_request': `SELECT b.request_id, b.booking_id, b.status, b.scheduled_at, b.price_cents, b.provider_id, p.name, p.rating
+FROM bookings b JOIN providers p ON p.provider_id = b.provider_id
+WHERE b.request_id IN %IN%
+ORDER BY b.request_id DESC, b.scheduled_at DESC, b.booking_id DESC`,
+  'consumers.by_id': 'SELECT consumer_id FROM consumers WHERE consumer_id IN %IN%',
+} as const;
+export type RelationOp = keyof typeof relationSql;
+
+function arityFor(n: number): number {
+  let arity = 1;
+  while (arity < n) arity *= 2;
+  return arity;
+}
+
+export function inListSql(op: RelationOp, strategy: InListStrategy, arity: number): string {
+  const list = strategy === 'json' ? '(SELECT value FROM json_each(?))' : `(${new Array<string>(arity).fill('?').join(', ')})`;
+  return relationSql[op].replace('%IN%', list);
+}
+
+export function createMarketplaceQueries(db: Database, options: { inList?: InListStrategy } = {}): MarketplaceQueries {
+  const strategy = options.inList ?? 'params';
+  const asArrays = { rowsAsArrays: true };
+
+  const requestsPages = new Map<string, CountedStatement<ListedRequestRow>>();
+  for (const status of [false, true]) {
+    for (const category of [false, true]) {
+      requestsPages.set(`${status}/${category}`, db.prepare<ListedRequestRow>('requests.page', requestsPageSql({ status, category }), asArrays));
+    }
+  }
+  const consumerRequests = db.prepare<ConsumerRequestRow>('consumer_requests.page', consumerRequestsPageSql, asArrays);
+  const consumerBookings = db.prepare<ConsumerBookingRow>('consumer_bookings.page', consumerBookingsPageSql, asArrays);
+
+  // Prepared lazily: most processes only ever see a few arities.
+  const inStatements = new Map<string, CountedStatement<unknown[]>>();
+  function relation<Row extends unknown[]>(op: RelationOp, ids: readonly number[]): Row[] {
+    if (ids.length === 0) return [];
+    if (ids.length > MAX_IN_LIST) throw new RangeError(`${op}: ${ids.length} ids, at most ${MAX_IN_LIST} per query`);
+    if (strategy === 'json') {
+      let stmt = inStatements.get(op);
+      if (!stmt) inStatements.set(op, (stmt = db.prepare(op, inListSql(op, 'json', 1), asArrays)));
+      return stmt.all(JSON.stringify(ids)) as Row[];
+    }
+    const arity = arityFor(ids.length);
+    const cacheKey = `${op}/${arity}`;
+    let stmt = inStatements.get(cacheKey);
+    if (!stmt) inStatements.set(cacheKey, (stmt = db.prepare(op, inListSql(op, 'params', arity), asArrays)));
+    const params: (number | null)[] = ids.slice();
+    while (params.length < arity) params.push(null);
+    return stmt.all(...params) as Row[];
+  }
+
+  function position(after: KeysetPosition | null): [number, number] {
+    return after ? [after.sortKey, after.id] : [FROM_NEWEST, FROM_NEWEST];
+  }
+
+  return {
+    requestsPage(filter, after, take) {
+      const params: unknown[] = [];
+      if (filter.category !== undefined) params.push(filter.category);
+      if (filter.status !== undefined) params.push(filter.status);
+      const stmt = requestsPages.get(`${filter.status !== undefined}/${filter.category !== undefined}`)!;
+      return stmt.all(...params, ...position(after), take);
+    },
+    consumerRequestsPage(consumerId, after, take) {
+      return consumerRequests.all(consumerId, ...position(after), take);
+    },
+    consumerBookingsPage(consumerId, after, take) {
+      return consumerBookings.all(consumerId, ...position(after), take);
+    },
+    bookingsOfRequests: (ids) => relation<RequestBookingRow>('bookings.by_request', ids),
+    existingConsumers: (ids) => relation<[number]>('consumers.by_id', ids).map((row) => row[0]),
+  };
+}

@@ -1,0 +1,67 @@
+import fs from 'node:fs';
+import path from 'node:path';
+
+/** The probe file /readyz writes in the data dir; never read, removed at once. */
+export const PROBE_FILE = '.chatwire-ready-probe';
+
+// One page: a full file system refuses it even when the last partial page of some file still has room.
+const PROBE = Buffer.alloc(4096, 0x2e);
+
+/**
+ * Readiness of the data dir for writes: creates, writes, fsyncs and removes a
+ * small file in it, as every commit needs to. Throws an Error naming the cause
+ * (ENOSPC: disk full; EROFS/EACCES/EPERM: not writable; EIO) when it cannot.
+ * SQLite can still fail later (the probe is not the commit); what it cannot do
+ * is report ready while the disk refuses every write.
+ */
+export function probeDataDir(dir: string): void {
+  const file = path.join(dir, PROBE_FILE);
+  let fd: number | undefined;
+  try {
+    fd = fs.openSync(file, 'w');
+    fs.writeSync(fd, PROBE);
+    fs.fsyncSync(fd);
+  } catch (err) {
+    throw new Error(`the data dir cannot take writes: ${describeStorageError(err) ?? (err as Error).message}`);
+  } finally {
+    if (fd !== undefined) fs.closeSync(fd);
+    try {
+      fs.rmSync(file, { force: true });
+    } catch {
+      // A dir that refused the write may refuse the unlink too; the next probe overwrites the file.
+    }
+  }
+}
+
+const ERRNO_CAUSES: Record<string, string> = {
+  ENOSPC: 'disk full (ENOSPC)',
+  EDQUOT: 'disk quota exceeded (EDQUOT)',
+  EROFS: 'read-only file system (EROFS)',
+  EACCES: 'permission denied (EACCES)',
+  EPERM: 'operation not permitted (EPERM)',
+  EIO: 'I/O error (EIO)',
+};
+
+// SQLite result codes (better-sqlite3's SqliteError.code) whose cause is the storage, not the statement.
+const SQLITE_CAUSES: [prefix: string, cause: string][] = [
+  ['SQLITE_FULL', 'disk full (SQLITE_FULL)'],
+  ['SQLITE_READONLY', 'database not writable (SQLITE_READONLY)'],
+  ['SQLITE_IOERR', 'I/O error'],
+  ['SQLITE_CANTOPEN', 'database file cannot be opened (SQLITE_CANTOPEN)'],
+  ['SQLITE_BUSY', 'database busy (SQLITE_BUSY)'],
+];
+
+/**
+ * When `err` says the storage cannot take writes now (full, read-only, I/O
+ * error), a short description of why; undefined for any other error (a bug or
+ * a constraint), which must not be reported as a storage problem.
+ */
+export function describeStorageError(err: unknown): string | undefined {
+  const code = (err as { code?: unknown } | null)?.code;
+  if (typeof code !== 'string') return undefined;
+  if (code in ERRNO_CAUSES) return ERRNO_CAUSES[code];
+  for (const [prefix, cause] of SQLITE_CAUSES) {
+    if (code === prefix || code.startsWith(`${prefix}_`)) return cause === 'I/O error' ? `I/O error (${code})` : cause;
+  }
+  return undefined;
+}
