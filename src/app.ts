@@ -158,11 +158,13 @@ export async function createApp(config: Config, options: AppOptions): Promise<Ap
       auth,
       chat,
       marketplace,
-      session: { chat, marketplace, frameLimit: (userId) => limits.frame(userId), metrics, log },
+      session: { chat, marketplace, frameLimit: (userId) => limits.frame(userId), flooded: (userId) => limits.floodClosed(userId), metrics, log },
       connections: {
         opened: (userId) => {
           const d = limits.connectionOpened(userId);
-          return d.ok ? { ok: true } : { ok: false, error: new AppError('rate_limited', d.reason) };
+          if (d.ok) return { ok: true };
+          // 429 rather than 403 or 503: the user is over a quota (docs/rate-limits.md, "Connections").
+          return { ok: false, error: new AppError('rate_limited', d.reason, d.retryAfterMs === undefined ? {} : { retryAfterMs: d.retryAfterMs }) };
         },
         closed: (userId) => limits.connectionClosed(userId),
       },

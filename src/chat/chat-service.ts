@@ -1,6 +1,7 @@
 import type { Logger } from 'pino';
 import type { Identity } from '../auth/identity.js';
 import { newTaskId, type ChatStore } from '../db/chat-store.js';
+import { describeStorageError } from '../db/storage-health.js';
 import type { ModelPool, ModelRun, PoolSlot } from '../llm/pool.js';
 import { countTokens, type ModelMessage, type ModelRequest, type ModelResult } from '../llm/provider.js';
 import type { Metrics } from '../metrics/metrics.js';
@@ -170,7 +171,9 @@ export function createChatService(options: ChatServiceOptions): ChatService {
         (err: unknown) => {
           log.error({ taskId: task.taskId, userId: task.userId, err }, 'storing the reply failed');
           metrics.errors.inc({ code: 'internal' });
-          task.end({ type: 'chat.error', taskId: task.taskId, code: 'internal', message: 'the reply could not be stored', retryable: false }, 'error');
+          const storage = describeStorageError(err);
+          const message = storage === undefined ? 'the reply could not be stored' : `the reply could not be stored (storage unavailable: ${storage}); the question is stored`;
+          task.end({ type: 'chat.error', taskId: task.taskId, code: 'internal', message, retryable: false }, 'error');
         },
       )
       .finally(() => {
@@ -320,6 +323,9 @@ export function createChatService(options: ChatServiceOptions): ChatService {
         reservation?.release();
         flight?.letGo();
         log.error({ err, userId: caller.userId }, 'storing a chat failed');
+        // Full, read-only or failing storage is a state the server recovers from: retryable, and nothing was stored.
+        const storage = describeStorageError(err);
+        if (storage !== undefined) throw new AppError('overloaded', `storage unavailable: ${storage}; the message was not stored, retry later`);
         throw new AppError('internal', 'the message could not be stored; it was not sent');
       }
       const task = new Task(taskId, caller.userId, began.conversationId, receivedAt, began.createdAt, plan.kind === 'cached');
@@ -407,8 +413,13 @@ export function createChatService(options: ChatServiceOptions): ChatService {
           log.warn({ err: toAppError(err).message, taskId: task.taskId }, 'cancelling a task at shutdown failed');
         }
       }
-      store.flush();
-      await Promise.allSettled([...pendingFinishes]);
+      // A chat whose commit is in this flush is acknowledged, then ended `cancelled`, in continuations that run
+      // after it: keep flushing and waiting until no write and no ending is left, or its ack would go out with no end.
+      do {
+        store.flush();
+        await Promise.allSettled([...pendingFinishes]);
+        await new Promise<void>((resolve) => setImmediate(resolve));
+      } while (pendingFinishes.size > 0 || store.pendingWrites > 0);
       clearInterval(sweep);
     },
   };

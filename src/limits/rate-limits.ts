@@ -33,7 +33,7 @@ export type ReserveResult = { ok: true; reservation: Reservation; info: RateLimi
 
 export type ConnectionDecision =
   | { ok: true; open: number; limit: number }
-  | { ok: false; open: number; limit: number; reason: string };
+  | { ok: false; open: number; limit: number; reason: string; retryAfterMs?: number };
 
 export interface RateLimitHeaders {
   'RateLimit-Policy': string;
@@ -58,6 +58,12 @@ export interface RateLimits {
   httpHeaders(userId: string): RateLimitHeaders;
   /** Counts a new connection; refused past maxConnectionsPerUser (then do not call connectionClosed). */
   connectionOpened(userId: string): ConnectionDecision;
+  /**
+   * A connection of this user was closed for flooding (it kept sending after rate_limited): until the user's
+   * frame bucket is full again, connectionOpened refuses its new connections with a retryAfterMs, so that it
+   * cannot come straight back and flood again. Call connectionClosed for that connection as usual.
+   */
+  floodClosed(userId: string): void;
   /** A connection that was counted by connectionOpened has closed. */
   connectionClosed(userId: string): void;
   /** Drops users idle for idleMs whose buckets are full; returns how many. Runs on its own timer too. */
@@ -91,6 +97,9 @@ class UserState {
   tokens: ClockedBucket | null = null;
   connections = 0;
   reservations = 0;
+  // Set by floodClosed, cleared by the first connectionOpened that finds the frame bucket full. A swept user
+  // loses it harmlessly: the sweep only drops users whose buckets are full.
+  flooded = false;
   constructor(public lastSeen: number) {}
 }
 
@@ -215,6 +224,19 @@ export function createRateLimits(options: RateLimitsOptions): RateLimits {
 
   function connectionOpened(userId: string): ConnectionDecision {
     const user = touch(userId);
+    if (user.flooded) {
+      const retryAfterMs = user.messages?.msUntilFull() ?? 0;
+      if (retryAfterMs > 0) {
+        return {
+          ok: false,
+          open: user.connections,
+          limit: maxConnections,
+          reason: `a connection of this user was closed for sending past its rate limit; reconnect in ${retryAfterMs} ms`,
+          retryAfterMs,
+        };
+      }
+      user.flooded = false;
+    }
     if (user.connections >= maxConnections) {
       return {
         ok: false,
@@ -259,6 +281,9 @@ export function createRateLimits(options: RateLimitsOptions): RateLimits {
     peek,
     httpHeaders,
     connectionOpened,
+    floodClosed: (userId) => {
+      touch(userId).flooded = true;
+    },
     connectionClosed,
     sweep,
     size: () => users.size,

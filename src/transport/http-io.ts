@@ -12,11 +12,23 @@ export interface RequestInfo {
   remoteAddress: string;
 }
 
+/**
+ * A malformed escape (`/v1/tasks/%zz`) makes decodeURIComponent throw, and a throw inside a uWS route callback
+ * kills the process: keep such a segment as it is, an id that names nothing (so not_found, or forbidden).
+ */
+function decodePathSegment(segment: string): string {
+  try {
+    return decodeURIComponent(segment);
+  } catch {
+    return segment;
+  }
+}
+
 export function captureRequest(req: HttpRequest, res: HttpResponse, paramCount = 0): RequestInfo {
   const headers = new Map<string, string>();
   req.forEach((k, v) => headers.set(k, v));
   const params: string[] = [];
-  for (let i = 0; i < paramCount; i++) params.push(decodeURIComponent(req.getParameter(i) ?? ''));
+  for (let i = 0; i < paramCount; i++) params.push(decodePathSegment(req.getParameter(i) ?? ''));
   return {
     method: req.getCaseSensitiveMethod ? req.getCaseSensitiveMethod() : req.getMethod().toUpperCase(),
     url: req.getUrl(),

@@ -30,11 +30,41 @@ export interface SessionDeps {
   chat: ChatService;
   marketplace: MarketplaceLookups;
   frameLimit: (userId: string) => LimitDecision;
+  /** A connection of this user is being closed for flooding (the limits then hold its reconnects back). */
+  flooded?: (userId: string) => void;
   metrics: Metrics;
   log: Logger;
 }
 
 export type Reply = (message: ServerMessage) => void;
+
+/** What the transport does with the connection after a frame: go on, or close it (1008) for flooding. */
+export type Verdict = 'handled' | 'flooding';
+
+// A client that honours retryAfterMs is refused about as many frames as it had in flight when the first refusal
+// reached it; one refused more than this within a second is ignoring the replies, and answering every frame it
+// sends would let one user keep the event loop busy (docs/rate-limits.md, "Flooding").
+export const FLOOD_REFUSALS = 256;
+const FLOOD_WINDOW_MS = 1000;
+/** The close code for a flooding connection: RFC 6455 1008, policy violation. */
+export const FLOOD_CLOSE_CODE = 1008;
+
+// A refused upgrade that says when to come back (a flooder's reconnect) is answered then, up to this long after:
+// a client reconnecting in a loop makes a few attempts a second instead of thousands, each of which would cost
+// a TCP handshake and an HTTP exchange (a tarpit). Costs nothing but the pending request meanwhile.
+const REFUSAL_HOLD_MAX_MS = 1000;
+
+/** Waits before an upgrade refusal carrying `retryAfterMs` is sent. */
+export function holdRefusal(retryAfterMs: number): Promise<void> {
+  return new Promise((resolve) => setTimeout(resolve, Math.min(Math.max(0, retryAfterMs), REFUSAL_HOLD_MAX_MS)).unref());
+}
+
+/** The `id` an error reply echoes, read without validating the rest of the frame (the same rule as the schema's). */
+function echoableId(value: unknown): string | undefined {
+  if (typeof value !== 'object' || value === null) return undefined;
+  const id = (value as { id?: unknown }).id;
+  return typeof id === 'string' && id.length > 0 && id.length <= 64 ? id : undefined;
+}
 
 export function errorMessage(err: unknown, id: string | undefined): ErrorMessage {
   const e = toAppError(err);
@@ -53,6 +83,9 @@ export function errorMessage(err: unknown, id: string | undefined): ErrorMessage
 export class Session {
   private readonly subscriptions = new Map<string, Subscription>();
   private closed = false;
+  // Frames refused since refusalsSince (a window of FLOOD_WINDOW_MS).
+  private refusals = 0;
+  private refusalsSince = 0;
 
   constructor(
     private readonly deps: SessionDeps,
@@ -60,23 +93,16 @@ export class Session {
     private readonly sink: Sink,
   ) {}
 
-  /** Handles one decoded frame. `reply` carries the direct reply (the ack callback on socket.io). */
-  handle(value: unknown, reply: Reply): void {
-    const { deps } = this;
-    const limited = deps.frameLimit(this.identity.userId);
+  /**
+   * Handles one decoded frame. `reply` carries the direct reply (the ack callback on socket.io).
+   * Returns 'flooding' when the connection keeps sending past its limit: the transport then closes it.
+   */
+  handle(value: unknown, reply: Reply): Verdict {
+    if (!this.admit(echoableId(value), reply)) return this.verdict();
     const parsed = validateClientMessage(value);
-    if (!limited.ok) {
-      deps.metrics.rateLimited.inc({ bucket: limited.bucket });
-      this.fail(
-        new AppError('rate_limited', `too many messages; retry in ${limited.retryAfterMs} ms`, { retryAfterMs: limited.retryAfterMs }),
-        parsed.ok ? parsed.message.id : parsed.id,
-        reply,
-      );
-      return;
-    }
     if (!parsed.ok) {
       this.fail(parsed.error, parsed.id, reply);
-      return;
+      return 'handled';
     }
     const message = parsed.message;
     try {
@@ -85,6 +111,43 @@ export class Session {
     } catch (err) {
       this.fail(err, message.id, reply);
     }
+    return 'handled';
+  }
+
+  /** A frame that could not be decoded (not JSON, binary, a payload that is not one object): charged like any other, then answered bad_request with `reason`. */
+  reject(reason: string, reply: Reply): Verdict {
+    if (!this.admit(undefined, reply)) return this.verdict();
+    this.fail(new AppError('bad_request', reason), undefined, reply);
+    return 'handled';
+  }
+
+  /** Takes one frame from the user's bucket; an empty bucket answers rate_limited and counts toward flooding. */
+  private admit(id: string | undefined, reply: Reply): boolean {
+    const limited = this.deps.frameLimit(this.identity.userId);
+    if (limited.ok) return true;
+    const now = performance.now();
+    if (now - this.refusalsSince > FLOOD_WINDOW_MS) {
+      this.refusalsSince = now;
+      this.refusals = 0;
+    }
+    this.refusals += 1;
+    this.deps.metrics.rateLimited.inc({ bucket: limited.bucket });
+    this.deps.metrics.errors.inc({ code: 'rate_limited' });
+    // A flood is mostly refused frames, and each must cost as little as possible: the frame is not validated,
+    // and the reply is built directly, not through an AppError (capturing an Error's stack was most of the cost
+    // of a refusal in a profile of a flood).
+    const retryAfterMs = Math.max(0, Math.ceil(limited.retryAfterMs));
+    const refusal: ErrorMessage = { type: 'error', code: 'rate_limited', message: `too many messages; retry in ${retryAfterMs} ms`, retryAfterMs };
+    if (id !== undefined) refusal.id = id;
+    reply(refusal);
+    return false;
+  }
+
+  private verdict(): Verdict {
+    if (this.refusals <= FLOOD_REFUSALS) return 'handled';
+    this.deps.log.warn({ userId: this.identity.userId, refusals: this.refusals }, 'closing a connection that keeps sending past its rate limit');
+    this.deps.flooded?.(this.identity.userId);
+    return 'flooding';
   }
 
   private fail(err: unknown, id: string | undefined, reply: Reply): void {

@@ -4,12 +4,14 @@ import type { Identity } from '../auth/identity.js';
 import type { Sink } from '../chat/task.js';
 import { AppError, PROTOCOL_VERSION, toAppError, type ServerMessage } from '../protocol/index.js';
 import type { TransportDeps } from './deps.js';
-import { errorMessage, Session } from './session.js';
+import { holdRefusal, Session } from './session.js';
 import { newConnectionId } from './ws.js';
 
 interface SocketState {
   connectionId: string;
   identity: Identity;
+  /** Frees the per-user connection slot; idempotent. */
+  release(): void;
 }
 
 // While a socket.io socket is backed up we poll for it to drain: engine.io's uWS transport has no drain event.
@@ -33,6 +35,8 @@ function bufferedBytes(socket: Socket): number {
 export function attachSocketIO(app: TemplatedApp, deps: TransportDeps): SocketIOServer {
   const { config, metrics, log } = deps;
   const softLimit = Math.min(64 * 1024, Math.floor(config.maxBackpressureBytes / 4));
+  const framesOut = metrics.framesOut.labels('socket.io');
+  const framesIn = metrics.framesIn.labels('socket.io');
   const io = new SocketIOServer({
     maxHttpBufferSize: config.maxFrameBytes,
     pingInterval: 25_000,
@@ -59,16 +63,32 @@ export function attachSocketIO(app: TemplatedApp, deps: TransportDeps): SocketIO
     deps.auth
       .identify({ token, user, connectionId })
       .then((identity) => {
+        // The client may have gone while the token was checked: socket.io then drops the socket without a
+        // 'disconnect', so a slot counted now would never be freed.
+        if (socket.conn.readyState !== 'open') throw new AppError('bad_request', 'the client went away');
         const admitted = deps.connections.opened(identity.userId);
         if (!admitted.ok) throw admitted.error;
-        (socket.data as SocketState) = { connectionId, identity };
+        let held = true;
+        const release = () => {
+          if (!held) return;
+          held = false;
+          deps.connections.closed(identity.userId);
+        };
+        // Also covers a close between next() and 'connection' (socket.io checks readyState a tick later).
+        socket.conn.once('close', release);
+        (socket.data as SocketState) = { connectionId, identity, release };
         next();
       })
       .catch((err: unknown) => {
         const e = toAppError(err);
         const refusal = new Error(e.message) as Error & { data: unknown };
-        refusal.data = { code: e.code, message: e.message };
-        next(refusal);
+        if (e.retryAfterMs === undefined) {
+          refusal.data = { code: e.code, message: e.message };
+          next(refusal);
+          return;
+        }
+        refusal.data = { code: e.code, message: e.message, retryAfterMs: Math.ceil(e.retryAfterMs) };
+        void holdRefusal(e.retryAfterMs).then(() => next(refusal));
       });
   });
 
@@ -81,7 +101,7 @@ export function attachSocketIO(app: TemplatedApp, deps: TransportDeps): SocketIO
     const emit = (m: ServerMessage): boolean => {
       if (closed) return false;
       socket.emit(m.type, m);
-      metrics.framesOut.inc({ transport: 'socket.io' });
+      framesOut.inc();
       if (bufferedBytes(socket) > config.maxBackpressureBytes) {
         metrics.slowClientsClosed.inc();
         closed = true;
@@ -112,31 +132,33 @@ export function attachSocketIO(app: TemplatedApp, deps: TransportDeps): SocketIO
     const session = new Session(deps.session, state.identity, sink);
 
     socket.onAny((event: string, ...args: unknown[]) => {
-      metrics.framesIn.inc({ transport: 'socket.io' });
+      framesIn.inc();
       const ack = typeof args.at(-1) === 'function' ? (args.pop() as (m: ServerMessage) => void) : undefined;
       const reply = (m: ServerMessage) => {
         if (closed) return;
-        metrics.framesOut.inc({ transport: 'socket.io' });
+        framesOut.inc();
         if (ack) ack(m);
         else socket.emit(m.type, m);
       };
-      if (args.length > 1) {
-        reply(errorMessage(new AppError('bad_request', 'send one payload object per event'), undefined));
-        return;
-      }
       const payload = args[0] ?? {};
-      if (typeof payload !== 'object' || payload === null || Array.isArray(payload)) {
-        reply(errorMessage(new AppError('bad_request', 'the payload must be a JSON object'), undefined));
-        return;
+      // Malformed events go through the session too: they count against the user's rate like any other.
+      const verdict =
+        args.length > 1
+          ? session.reject('send one payload object per event', reply)
+          : typeof payload !== 'object' || payload === null || Array.isArray(payload)
+            ? session.reject('the payload must be a JSON object', reply)
+            : session.handle({ ...(payload as Record<string, unknown>), type: event }, reply);
+      if (verdict === 'flooding') {
+        closed = true;
+        socket.disconnect(true);
       }
-      session.handle({ ...(payload as Record<string, unknown>), type: event }, reply);
     });
 
     socket.on('disconnect', () => {
       closed = true;
       if (drainTimer) clearInterval(drainTimer);
       metrics.connections.dec({ transport: 'socket.io' });
-      deps.connections.closed(state.identity.userId);
+      state.release();
       session.close();
     });
 

@@ -5,7 +5,7 @@ import type { Identity } from '../auth/identity.js';
 import type { Sink } from '../chat/task.js';
 import { AppError, PROTOCOL_VERSION, toAppError, type ServerMessage } from '../protocol/index.js';
 import { captureRequest, errorBody, STATUS_TEXT } from './http-io.js';
-import { Session, errorMessage } from './session.js';
+import { FLOOD_CLOSE_CODE, holdRefusal, Session, errorMessage, type Verdict } from './session.js';
 import type { TransportDeps } from './deps.js';
 
 interface SocketData {
@@ -23,10 +23,12 @@ export function newConnectionId(): string {
 }
 
 function refuse(res: HttpResponse, err: unknown): void {
-  const { status, body } = errorBody(err);
+  const { status, body, retryAfterMs } = errorBody(err);
   res.cork(() => {
     res.writeStatus(STATUS_TEXT[status] ?? `${status} Error`);
     res.writeHeader('content-type', 'application/json');
+    if (status === 401) res.writeHeader('www-authenticate', 'Bearer');
+    if (retryAfterMs !== undefined) res.writeHeader('retry-after', String(Math.max(1, Math.ceil(retryAfterMs / 1000))));
     res.end(body);
   });
 }
@@ -35,13 +37,17 @@ function refuse(res: HttpResponse, err: unknown): void {
 export function attachWebSocket(app: TemplatedApp, deps: TransportDeps, track: { open(ws: WebSocket<unknown>): void; close(ws: WebSocket<unknown>): void }): void {
   const { config, metrics, log } = deps;
   const softLimit = Math.min(64 * 1024, Math.floor(config.maxBackpressureBytes / 4));
+  // Bound once: a labelled inc() per frame would hash the labels every time.
+  const framesOut = metrics.framesOut.labels('ws');
+  const framesIn = metrics.framesIn.labels('ws');
 
   function send(ws: WebSocket<SocketData>, message: ServerMessage): boolean {
     const data = ws.getUserData();
     if (data.closed) return false;
     const status = ws.send(JSON.stringify(message), false);
-    metrics.framesOut.inc({ transport: 'ws' });
-    if (status === 2 || ws.getBufferedAmount() > config.maxBackpressureBytes) {
+    framesOut.inc();
+    // 1: written through; 0: buffered (check how much); 2: dropped over uWS's own limit.
+    if (status === 2 || (status === 0 && ws.getBufferedAmount() > config.maxBackpressureBytes)) {
       // The reader is not keeping up even with replies: close rather than buffer without bound.
       metrics.slowClientsClosed.inc();
       data.closed = true;
@@ -90,6 +96,10 @@ export function attachWebSocket(app: TemplatedApp, deps: TransportDeps, track: {
           if (aborted) return;
           const e = toAppError(err);
           if (e.code === 'internal') log.error({ err }, 'websocket upgrade failed');
+          if (e.retryAfterMs !== undefined) {
+            await holdRefusal(e.retryAfterMs);
+            if (aborted) return;
+          }
           refuse(res, e);
         }
       })();
@@ -122,7 +132,7 @@ export function attachWebSocket(app: TemplatedApp, deps: TransportDeps, track: {
     message: (ws, message, isBinary) => {
       const data = ws.getUserData();
       if (data.closed || !data.session) return;
-      metrics.framesIn.inc({ transport: 'ws' });
+      framesIn.inc();
       const reply = (m: ServerMessage) => {
         send(ws, m);
       };
@@ -132,19 +142,28 @@ export function attachWebSocket(app: TemplatedApp, deps: TransportDeps, track: {
         ws.end(1009, 'frame too large');
         return;
       }
+      const session = data.session;
+      // Undecodable frames go through the session too: they count against the user's rate like any other.
+      let verdict = 'handled' as Verdict;
       if (isBinary) {
-        reply(errorMessage(new AppError('bad_request', 'frames must be JSON text, not binary'), undefined));
-        return;
+        verdict = session.reject('frames must be JSON text, not binary', reply);
+      } else {
+        // The ArrayBuffer is only valid during this callback: decode it now.
+        let value: unknown;
+        let decoded = true;
+        try {
+          value = JSON.parse(Buffer.from(message).toString('utf8'));
+        } catch {
+          decoded = false;
+        }
+        ws.cork(() => {
+          verdict = decoded ? session.handle(value, reply) : session.reject('frame is not valid JSON', reply);
+        });
       }
-      // The ArrayBuffer is only valid during this callback: decode it now.
-      let value: unknown;
-      try {
-        value = JSON.parse(Buffer.from(message).toString('utf8'));
-      } catch {
-        reply(errorMessage(new AppError('bad_request', 'frame is not valid JSON'), undefined));
-        return;
+      if (verdict === 'flooding') {
+        data.closed = true;
+        ws.end(FLOOD_CLOSE_CODE, 'rate limit ignored: wait retryAfterMs after rate_limited');
       }
-      ws.cork(() => data.session?.handle(value, reply));
     },
 
     drain: (ws) => {

@@ -1,0 +1,634 @@
+/**
+ * The pieces of the load generator (scripts/load.ts) and the soak bench
+ * (scripts/bench-soak.ts): chatwire started as a child process on loopback
+ * with a seeded data dir, clients over /ws and socket.io that chat, cancel,
+ * drop and resume, look up the marketplace, or stop reading; the statistics
+ * they keep; a /metrics sampler; and the open-file limit check.
+ */
+import fs from 'node:fs';
+import type { Socket as NetSocket } from 'node:net';
+import os from 'node:os';
+import path from 'node:path';
+import { io as ioClient, type Socket } from 'socket.io-client';
+import WebSocket from 'ws';
+import { Database } from '../src/db/database.js';
+import { formatId } from '../src/db/marketplace-ids.js';
+import { SEED_CATEGORIES, seedMarketplace } from '../src/db/marketplace-seed.js';
+import { migrate } from '../src/db/migrate.js';
+import { DATABASE_FILE_NAME } from '../src/db/data-file.js';
+import { Ledger } from '../test/helpers/chat-ledger.js';
+import { DIST, startChild, type Child } from './bench-support.js';
+
+// ---------- the server ----------
+
+export interface LoadServer extends Child {
+  dataDir: string;
+  dbFile: string;
+  pid: number;
+  /** SIGTERM, wait for the exit; resolves with the exit code. Keeps the data dir. */
+  terminate(): Promise<number | null>;
+  removeDataDir(): void;
+}
+
+/** Seeds a fresh temp data dir with the marketplace, then starts chatwire on 127.0.0.1:0 with limits that do not shape the load. */
+export async function startLoadServer(options: { seedRequests: number; env: Record<string, string> }): Promise<LoadServer> {
+  const dataDir = fs.mkdtempSync(path.join(os.tmpdir(), 'chatwire-load-'));
+  const dbFile = path.join(dataDir, DATABASE_FILE_NAME);
+  if (options.seedRequests > 0) {
+    const db = new Database(dbFile);
+    try {
+      migrate(db);
+      seedMarketplace(db, { requests: options.seedRequests, consumers: Math.max(1, Math.ceil(options.seedRequests / 10)), providers: Math.max(1, Math.ceil(options.seedRequests / 50)) });
+      db.raw.pragma('wal_checkpoint(TRUNCATE)');
+    } finally {
+      db.close();
+    }
+  }
+  const child = await startChild(path.join(DIST, 'src', 'main.js'), {
+    PORT: '0',
+    HOST: '127.0.0.1',
+    CHATWIRE_DATA_DIR: dataDir,
+    CHATWIRE_MESSAGES_PER_SECOND: '1000000',
+    CHATWIRE_CHATS_PER_MINUTE: '1000000',
+    CHATWIRE_MODEL_TOKENS_PER_MINUTE: '1000000000',
+    CHATWIRE_MAX_CONNECTIONS_PER_USER: '100000',
+    CHATWIRE_MAX_QUEUE: '100000',
+    // info: the start line carries the port.
+    LOG_LEVEL: 'info',
+    ...options.env,
+  });
+  const exited = new Promise<number | null>((resolve) => {
+    if (child.child.exitCode !== null) resolve(child.child.exitCode);
+    else child.child.once('exit', (code) => resolve(code));
+  });
+  return {
+    ...child,
+    dataDir,
+    dbFile,
+    pid: child.child.pid as number,
+    terminate: async () => {
+      if (child.child.exitCode === null && child.child.signalCode === null) child.child.kill('SIGTERM');
+      const timer = setTimeout(() => child.child.kill('SIGKILL'), 30_000);
+      const code = await exited;
+      clearTimeout(timer);
+      return code;
+    },
+    removeDataDir: () => fs.rmSync(dataDir, { recursive: true, force: true }),
+  };
+}
+
+/** The consumer ids of a data dir seeded with `seedRequests` requests (consumers may read only their own records). */
+export function consumerIds(seedRequests: number): string[] {
+  const n = Math.max(1, Math.ceil(seedRequests / 10));
+  return Array.from({ length: Math.min(n, 100_000) }, (_, i) => formatId('consumer', i + 1));
+}
+
+// ---------- statistics ----------
+
+/** Latency samples with their time, so a window (the last second, one minute) can be summarized. */
+export class Samples {
+  readonly at: number[] = [];
+  readonly ms: number[] = [];
+  add(ms: number, at = performance.now()): void {
+    this.at.push(at);
+    this.ms.push(ms);
+  }
+  /** Values recorded in [from, to) (performance.now() times). */
+  between(from: number, to = Infinity): number[] {
+    const out: number[] = [];
+    // Samples are appended in time order: walk back from the end.
+    for (let i = this.at.length - 1; i >= 0; i--) {
+      const t = this.at[i] as number;
+      if (t < from) break;
+      if (t < to) out.push(this.ms[i] as number);
+    }
+    return out;
+  }
+  get count(): number {
+    return this.ms.length;
+  }
+}
+
+export class LoadStats {
+  readonly ack = new Samples();
+  readonly ttft = new Samples();
+  readonly lookup = new Samples();
+  readonly ledger = new Ledger();
+  /** Errors by code: `error` replies to chats and lookups, and chat.error. */
+  readonly errors: Record<string, number> = {};
+  chatsSent = 0;
+  chatsAcked = 0;
+  cachedAcks = 0;
+  chatsDone = 0;
+  chatsCancelled = 0;
+  chatsFailed = 0;
+  deltas = 0;
+  lookupsSent = 0;
+  lookupsDone = 0;
+  cancelsSent = 0;
+  reconnects = 0;
+  resumes = 0;
+  /** Sends and lookups unanswered when their client dropped its connection on purpose (their outcome is unknown to it). */
+  abandoned = 0;
+  /** Connections closed by the server or the network, not by us. */
+  dropped = 0;
+  readonly dropCodes: Record<string, number> = {};
+
+  error(code: string): void {
+    this.errors[code] = (this.errors[code] ?? 0) + 1;
+  }
+}
+
+// ---------- clients ----------
+
+type Frame = {
+  type: string;
+  id?: string;
+  taskId?: string;
+  conversationId?: string;
+  messageId?: string;
+  status?: string;
+  seq?: number;
+  text?: string;
+  code?: string;
+  finishReason?: string;
+  cached?: boolean;
+  nextCursor?: string | null;
+};
+
+interface Conn {
+  send(frame: Record<string, unknown>): void;
+  terminate(): void;
+  /** Stops reading from the socket (a reader that hangs); /ws only. */
+  pause(): void;
+  readonly open: boolean;
+  closed: Promise<number>;
+}
+
+function wsConn(url: string, onFrame: (f: Frame) => void): Promise<Conn> {
+  const socket = new WebSocket(url, { perMessageDeflate: false });
+  let open = false;
+  const closed = new Promise<number>((resolve) => socket.once('close', (code) => resolve(code)));
+  socket.on('message', (data) => onFrame(JSON.parse(data.toString()) as Frame));
+  socket.on('error', () => {});
+  return new Promise((resolve, reject) => {
+    socket.once('open', () => {
+      open = true;
+      void closed.then(() => (open = false));
+      resolve({
+        send: (f) => {
+          if (socket.readyState === WebSocket.OPEN) socket.send(JSON.stringify(f));
+        },
+        terminate: () => socket.terminate(),
+        pause: () => (socket as unknown as { _socket: NetSocket })._socket.pause(),
+        get open() {
+          return open;
+        },
+        closed,
+      });
+    });
+    socket.once('unexpected-response', (_req, res) => reject(new Error(`upgrade refused: ${res.statusCode}`)));
+    socket.once('error', reject);
+  });
+}
+
+function socketIoConn(base: string, user: string, onFrame: (f: Frame) => void): Promise<Conn> {
+  const socket: Socket = ioClient(base, { transports: ['websocket'], auth: { user }, reconnection: false, forceNew: true });
+  let open = false;
+  const closed = new Promise<number>((resolve) => socket.once('disconnect', () => resolve(1006)));
+  socket.onAny((event: string, payload: Frame) => onFrame({ ...payload, type: event }));
+  return new Promise((resolve, reject) => {
+    socket.once('connect', () => {
+      open = true;
+      void closed.then(() => (open = false));
+      resolve({
+        send: (f) => {
+          const { type, ...payload } = f;
+          if (socket.connected) socket.emit(type as string, payload, (reply: Frame) => onFrame(reply));
+        },
+        terminate: () => socket.disconnect(),
+        pause: () => {
+          throw new Error('pause is for /ws clients');
+        },
+        get open() {
+          return open;
+        },
+        closed,
+      });
+    });
+    socket.once('connect_error', reject);
+  });
+}
+
+export type Transport = 'ws' | 'socket.io';
+
+export interface ChatPlan {
+  text: string;
+  cache: 'use' | 'bypass';
+  maxTokens?: number | undefined;
+  /** Continue one of this client's conversations. */
+  continueConversation?: boolean;
+  /** Send chat.cancel right after the ack. */
+  cancel?: boolean;
+  /** After the first delta, drop the connection, reconnect, and resume every task in flight. */
+  dropAndResume?: boolean;
+}
+
+interface PendingChat {
+  sentAt: number;
+  plan: ChatPlan;
+}
+
+interface RunningTask {
+  sentAt: number;
+  next: number;
+  text: string;
+  complete: boolean;
+  plan: ChatPlan;
+  gotFirst: boolean;
+}
+
+/** One user's connection, reconnecting on purpose when a plan says so. */
+export class LoadClient {
+  private conn!: Conn;
+  private n = 0;
+  private readonly pendingChats = new Map<string, PendingChat>();
+  private readonly pendingLookups = new Map<string, { sentAt: number }>();
+  private readonly tasks = new Map<string, RunningTask>();
+  /** chat.resume request ids → their task. */
+  private readonly pendingResumes = new Map<string, string>();
+  private readonly conversations: string[] = [];
+  private reconnecting = false;
+  private closing = false;
+  /** The last requests.list page's filters and next cursor: a cursor is only valid with the filters it came from. */
+  private lastPage: { filters: Record<string, unknown>; cursor: string } | null = null;
+  private readonly lookupFilters = new Map<string, Record<string, unknown>>();
+  /** Set when the server (or the network) closed the connection. */
+  closedByServer: number | null = null;
+
+  private constructor(
+    private readonly base: string,
+    readonly user: string,
+    readonly transport: Transport,
+    private readonly stats: LoadStats,
+    private readonly random: () => number,
+  ) {}
+
+  static async open(base: string, user: string, transport: Transport, stats: LoadStats, random: () => number): Promise<LoadClient> {
+    const c = new LoadClient(base, user, transport, stats, random);
+    await c.connect();
+    return c;
+  }
+
+  private async connect(): Promise<void> {
+    const onFrame = (f: Frame) => this.onFrame(f);
+    this.conn =
+      this.transport === 'ws'
+        ? await wsConn(`${this.base.replace(/^http/, 'ws')}/ws?user=${encodeURIComponent(this.user)}`, onFrame)
+        : await socketIoConn(this.base, this.user, onFrame);
+    const conn = this.conn;
+    void conn.closed.then((code) => {
+      if (this.closing || this.reconnecting || conn !== this.conn) return;
+      this.closedByServer = code;
+      this.stats.dropped++;
+      this.stats.dropCodes[String(code)] = (this.stats.dropCodes[String(code)] ?? 0) + 1;
+      this.abandonAll();
+    });
+  }
+
+  /** Chats sent and not ended yet, acknowledged or not. */
+  get inFlight(): number {
+    return this.pendingChats.size + this.tasks.size;
+  }
+
+  get open(): boolean {
+    return this.conn.open || this.reconnecting;
+  }
+
+  /** Connected and not in the middle of a reconnect: a send now will be answered. */
+  get ready(): boolean {
+    return this.conn.open && !this.reconnecting && !this.closing;
+  }
+
+  chat(plan: ChatPlan): void {
+    const id = `c${this.n++}`;
+    const frame: Record<string, unknown> = { type: 'chat.send', id, text: plan.text, cache: plan.cache };
+    if (plan.maxTokens !== undefined) frame.params = { maxTokens: plan.maxTokens };
+    if (plan.continueConversation && this.conversations.length > 0) frame.conversationId = this.conversations[Math.floor(this.random() * this.conversations.length)];
+    this.pendingChats.set(id, { sentAt: performance.now(), plan });
+    this.stats.chatsSent++;
+    this.conn.send(frame);
+  }
+
+  /** One marketplace lookup: a requests.list page (sometimes the next page), or the caller's own requests or bookings. */
+  lookup(): void {
+    const id = `l${this.n++}`;
+    const r = this.random();
+    let frame: Record<string, unknown>;
+    if (r < 0.6) {
+      let filters: Record<string, unknown> = {};
+      if (this.lastPage !== null && this.random() < 0.3) {
+        filters = this.lastPage.filters;
+        frame = { type: 'requests.list', id, limit: 20, ...filters, cursor: this.lastPage.cursor };
+        this.lastPage = null;
+      } else {
+        const s = this.random();
+        if (s < 0.5) filters.status = 'open';
+        else if (s < 0.6) filters.status = 'booked';
+        if (this.random() < 0.4) filters.category = SEED_CATEGORIES[Math.floor(this.random() * SEED_CATEGORIES.length)];
+        frame = { type: 'requests.list', id, limit: 20, ...filters };
+      }
+      this.lookupFilters.set(id, filters);
+    } else if (r < 0.8) {
+      frame = { type: 'consumer.requests', id, consumerId: this.user, limit: 10 };
+    } else {
+      frame = { type: 'consumer.bookings', id, consumerId: this.user, limit: 10 };
+    }
+    this.pendingLookups.set(id, { sentAt: performance.now() });
+    this.stats.lookupsSent++;
+    this.conn.send(frame);
+  }
+
+  /** Sends a frame as is; its replies are not tracked. */
+  sendRaw(frame: Record<string, unknown>): void {
+    this.conn.send(frame);
+  }
+
+  /** Stops reading (a reader that hangs mid-stream): what the server sends it piles up in the kernel, then in the server. */
+  hang(): void {
+    this.conn.pause();
+  }
+
+  /** The task ids this client has acknowledged and not seen end. */
+  runningTaskIds(): string[] {
+    return [...this.tasks.keys()];
+  }
+
+  async close(): Promise<void> {
+    this.closing = true;
+    this.conn.terminate();
+    await this.conn.closed;
+  }
+
+  private abandonAll(): void {
+    this.stats.abandoned += this.pendingChats.size + this.pendingLookups.size;
+    this.pendingChats.clear();
+    this.pendingLookups.clear();
+    this.pendingResumes.clear();
+    this.lookupFilters.clear();
+    this.tasks.clear();
+  }
+
+  /** Drops the connection now, reconnects and resumes every task in flight (what a flaky network does). */
+  disconnectAndResume(): Promise<void> {
+    return this.dropAndResume();
+  }
+
+  /** Drops the connection as a flaky network would, reconnects, and resumes every task in flight from the next seq. */
+  private async dropAndResume(): Promise<void> {
+    if (this.reconnecting) return;
+    this.reconnecting = true;
+    this.stats.reconnects++;
+    const old = this.conn;
+    old.terminate();
+    await old.closed;
+    // Unacknowledged sends and lookups die with the connection: the client cannot know their outcome.
+    this.stats.abandoned += this.pendingChats.size + this.pendingLookups.size;
+    this.pendingChats.clear();
+    this.pendingLookups.clear();
+    this.lookupFilters.clear();
+    try {
+      await this.connect();
+    } catch {
+      this.reconnecting = false;
+      this.closedByServer = -1;
+      this.stats.dropped++;
+      this.abandonAll();
+      return;
+    }
+    this.reconnecting = false;
+    for (const [taskId, t] of this.tasks) {
+      this.stats.resumes++;
+      const id = `r${this.n++}`;
+      this.pendingResumes.set(id, taskId);
+      this.conn.send({ type: 'chat.resume', id, taskId, fromSeq: t.next });
+    }
+  }
+
+  private onFrame(f: Frame): void {
+    const now = performance.now();
+    const { stats } = this;
+    switch (f.type) {
+      case 'chat.ack': {
+        const p = this.pendingChats.get(f.id as string);
+        if (!p) return;
+        this.pendingChats.delete(f.id as string);
+        const taskId = f.taskId as string;
+        stats.chatsAcked++;
+        if (f.status === 'cached') stats.cachedAcks++;
+        stats.ack.add(now - p.sentAt, now);
+        stats.ledger.ack({ taskId, conversationId: f.conversationId as string, messageId: f.messageId as string, text: p.plan.text });
+        if (!this.conversations.includes(f.conversationId as string)) {
+          this.conversations.push(f.conversationId as string);
+          if (this.conversations.length > 8) this.conversations.shift();
+        }
+        if (!this.tasks.has(taskId)) this.tasks.set(taskId, { sentAt: p.sentAt, next: 0, text: '', complete: true, plan: p.plan, gotFirst: false });
+        if (p.plan.cancel) {
+          stats.cancelsSent++;
+          this.conn.send({ type: 'chat.cancel', taskId });
+        }
+        return;
+      }
+      case 'chat.delta': {
+        const t = this.tasks.get(f.taskId as string);
+        if (!t) return;
+        stats.deltas++;
+        if (f.seq !== t.next) {
+          stats.ledger.seqGaps++;
+          t.complete = false;
+        }
+        t.next = (f.seq as number) + 1;
+        t.text += f.text as string;
+        if (!t.gotFirst) {
+          t.gotFirst = true;
+          stats.ttft.add(now - t.sentAt, now);
+          if (t.plan.dropAndResume) void this.dropAndResume();
+        }
+        return;
+      }
+      case 'chat.done':
+      case 'chat.error': {
+        const taskId = f.taskId as string;
+        const t = this.tasks.get(taskId);
+        if (!t) {
+          if (stats.ledger.ended.has(taskId)) stats.ledger.duplicateEnds++;
+          return;
+        }
+        this.tasks.delete(taskId);
+        stats.ledger.end(taskId, { type: f.type, messageId: f.messageId, finishReason: f.finishReason, code: f.code, cached: f.cached, text: t.text, complete: t.complete });
+        if (f.type === 'chat.done') {
+          stats.chatsDone++;
+          if (f.finishReason === 'cancelled') stats.chatsCancelled++;
+        } else {
+          stats.chatsFailed++;
+          stats.error(f.code as string);
+        }
+        return;
+      }
+      case 'requests.list':
+      case 'consumer.requests':
+      case 'consumer.bookings': {
+        const p = this.pendingLookups.get(f.id as string);
+        if (!p) return;
+        this.pendingLookups.delete(f.id as string);
+        stats.lookupsDone++;
+        stats.lookup.add(now - p.sentAt, now);
+        const filters = this.lookupFilters.get(f.id as string);
+        this.lookupFilters.delete(f.id as string);
+        if (filters !== undefined && typeof f.nextCursor === 'string') this.lastPage = { filters, cursor: f.nextCursor };
+        return;
+      }
+      case 'error': {
+        stats.error(f.code as string);
+        const id = f.id;
+        if (id === undefined) return;
+        if (this.pendingChats.delete(id)) stats.ledger.refuse(f.code as string);
+        else if (this.pendingLookups.delete(id)) this.lookupFilters.delete(id);
+        else {
+          // A resume refused (the task left retention): nothing more will come for it.
+          const taskId = this.pendingResumes.get(id);
+          this.pendingResumes.delete(id);
+          if (taskId !== undefined) this.tasks.delete(taskId);
+        }
+        return;
+      }
+      case 'ok':
+        if (f.id !== undefined) this.pendingResumes.delete(f.id);
+        return;
+    }
+  }
+}
+
+/** Opens `count` clients, `concurrency` handshakes at a time; reports progress. */
+export async function openClients(
+  count: number,
+  make: (i: number) => Promise<LoadClient>,
+  options: { concurrency?: number; onProgress?: (opened: number) => void } = {},
+): Promise<LoadClient[]> {
+  const out: LoadClient[] = new Array(count);
+  const concurrency = options.concurrency ?? 200;
+  let next = 0;
+  let opened = 0;
+  await Promise.all(
+    Array.from({ length: Math.min(concurrency, count) }, async () => {
+      while (next < count) {
+        const i = next++;
+        out[i] = await make(i);
+        opened++;
+        if (opened % 500 === 0) options.onProgress?.(opened);
+      }
+    }),
+  );
+  return out;
+}
+
+// ---------- server metrics ----------
+
+export interface ServerSample {
+  /** performance.now() of the scrape. */
+  at: number;
+  rssBytes: number;
+  heapUsedBytes: number;
+  /** Event-loop delay since the previous scrape (prom-client resets its histogram on every collect). */
+  eldP99Ms: number;
+  eldMaxMs: number;
+  connections: number;
+  slowClientsClosed: number;
+  workerFailures: number;
+  /** From /proc/<pid>/status when the server's pid is known (Linux): anonymous memory (JS heaps, malloc: SQLite's page cache, socket buffers) and file-backed pages (LMDB's map, code). */
+  rssAnonBytes?: number;
+  rssFileBytes?: number;
+}
+
+function procStatus(pid: number): { rssAnonBytes: number; rssFileBytes: number } | undefined {
+  try {
+    const text = fs.readFileSync(`/proc/${pid}/status`, 'utf8');
+    const kb = (name: string) => Number(new RegExp(`^${name}:\\s+(\\d+) kB`, 'm').exec(text)?.[1] ?? NaN) * 1024;
+    return { rssAnonBytes: kb('RssAnon'), rssFileBytes: kb('RssFile') + kb('RssShmem') };
+  } catch {
+    return undefined;
+  }
+}
+
+function metricValue(text: string, name: string): number {
+  let sum = 0;
+  let found = false;
+  for (const line of text.split('\n')) {
+    if (line.startsWith(`${name} `) || line.startsWith(`${name}{`)) {
+      sum += Number(line.slice(line.lastIndexOf(' ') + 1));
+      found = true;
+    }
+  }
+  return found ? sum : NaN;
+}
+
+export async function scrapeServer(port: number, pid?: number): Promise<ServerSample> {
+  const text = await (await fetch(`http://127.0.0.1:${port}/metrics`)).text();
+  return {
+    ...(pid === undefined ? {} : procStatus(pid)),
+    at: performance.now(),
+    rssBytes: metricValue(text, 'chatwire_process_process_resident_memory_bytes'),
+    heapUsedBytes: metricValue(text, 'chatwire_process_nodejs_heap_size_used_bytes'),
+    eldP99Ms: metricValue(text, 'chatwire_process_nodejs_eventloop_lag_p99_seconds') * 1000,
+    eldMaxMs: metricValue(text, 'chatwire_process_nodejs_eventloop_lag_max_seconds') * 1000,
+    connections: metricValue(text, 'chatwire_connections'),
+    slowClientsClosed: metricValue(text, 'chatwire_slow_clients_closed_total'),
+    workerFailures: metricValue(text, 'chatwire_worker_failures_total'),
+  };
+}
+
+/** Scrapes /metrics every `everyMs` into `samples`, until stop(). */
+export function sampleServer(port: number, everyMs: number, pid?: number): { samples: ServerSample[]; latest(): ServerSample | undefined; stop(): Promise<void> } {
+  const samples: ServerSample[] = [];
+  let stopped = false;
+  let inFlight: Promise<void> = Promise.resolve();
+  const tick = () => {
+    inFlight = scrapeServer(port, pid).then(
+      (s) => void samples.push(s),
+      () => {},
+    );
+  };
+  tick();
+  const timer = setInterval(() => {
+    if (!stopped) tick();
+  }, everyMs);
+  return {
+    samples,
+    latest: () => samples.at(-1),
+    stop: async () => {
+      stopped = true;
+      clearInterval(timer);
+      await inFlight;
+    },
+  };
+}
+
+// ---------- the process itself ----------
+
+/** The soft and hard open-file limits of this process (Linux /proc), or null where unknown. */
+export function openFileLimits(): { soft: number; hard: number } | null {
+  try {
+    const line = fs
+      .readFileSync('/proc/self/limits', 'utf8')
+      .split('\n')
+      .find((l) => l.startsWith('Max open files'));
+    const m = line && /Max open files\s+(\d+|unlimited)\s+(\d+|unlimited)/.exec(line);
+    if (!m) return null;
+    const n = (s: string) => (s === 'unlimited' ? Infinity : Number(s));
+    return { soft: n(m[1] as string), hard: n(m[2] as string) };
+  } catch {
+    return null;
+  }
+}
+
+export const MiB = 2 ** 20;
