@@ -13,7 +13,7 @@ export interface ModelPoolOptions {
   maxQueue: number;
   /** Hard deadline of one model call; past it the worker is terminated and replaced. */
   taskTimeoutMs: number;
-  /** Compiled worker file; defaults to dist/workers/llm.worker.js next to this build. */
+  /** Compiled worker entry; defaults to dist/workers/llm-entry.cjs (which imports llm.worker.js) next to this build. */
   workerFile?: string | URL;
   hooks?: {
     onModelCall?: () => void;
@@ -64,7 +64,7 @@ const DEADLINE_STOP_GRACE_MS = 2000;
 const PROVIDER_CLOSE_GRACE_MS = 2000;
 
 export function createModelPool(options: ModelPoolOptions): ModelPool {
-  const filename = options.workerFile ?? new URL('../../workers/llm.worker.js', import.meta.url);
+  const filename = options.workerFile ?? new URL('../../workers/llm-entry.cjs', import.meta.url);
   const running = options.threads * options.tasksPerWorker;
   const capacity = running + options.maxQueue;
   // Piscina has no per-worker teardown: workers whose provider holds resources (a llama.cpp model) say so on this
