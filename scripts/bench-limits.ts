@@ -196,16 +196,30 @@ async function pingPong(server: Child, sockets: WebSocket[], window: number, sec
 // ---------- 3. the abuser, in its own process ----------
 
 /**
- * Child role: floods from one user on `connections` sockets until told to stop. A socket the server closes is
- * opened again at once, as an attacker would; refused upgrades are retried at once too.
+ * Child role: one abusive user. Started once and idle until told to flood (its own start-up must not land in
+ * a measured phase); on 'start' it floods from `connections` sockets, opening again at once any socket the
+ * server closes and retrying at once any refused upgrade, as an attacker would; on 'stop' it reports.
  */
 async function runAbuser(port: number, connections: number): Promise<void> {
+  let current: { stop(): Promise<AbuseStats> } | null = null;
+  process.on('message', (cmd) => {
+    if (cmd === 'start') current = flood(port, connections);
+    else if (cmd === 'stop' && current) {
+      const running = current;
+      current = null;
+      void running.stop().then((stats) => process.send?.(stats));
+    } else if (cmd === 'exit') process.disconnect?.();
+  });
+  process.send?.('ready');
+}
+
+function flood(port: number, connections: number): { stop(): Promise<AbuseStats> } {
   const stats: AbuseStats = { sent: 0, passed: 0, refused: 0, closedByServer: 0, refusedUpgrades: 0 };
   let stopping = false;
   const open = new Set<WebSocket>();
 
   /** Floods one socket until it closes. */
-  const flood = (ws: WebSocket) =>
+  const floodSocket = (ws: WebSocket) =>
     new Promise<void>((resolve) => {
       open.add(ws);
       ws.on('message', (data: Buffer) => {
@@ -239,21 +253,23 @@ async function runAbuser(port: number, connections: number): Promise<void> {
       try {
         [ws] = (await openSockets(port, ['abuser'])) as [WebSocket];
       } catch {
-        stats.refusedUpgrades++;
+        if (!stopping) stats.refusedUpgrades++;
         await new Promise((r) => setImmediate(r));
         continue;
       }
       if (stopping) ws.close();
-      else await flood(ws);
+      else await floodSocket(ws);
     }
   };
   const slots = Array.from({ length: connections }, () => slot());
-  await new Promise<void>((resolve) => process.once('message', () => resolve()));
-  stopping = true;
-  await closeSockets([...open]);
-  await Promise.all(slots);
-  process.send?.(stats);
-  process.disconnect?.();
+  return {
+    async stop() {
+      stopping = true;
+      await closeSockets([...open]);
+      await Promise.all(slots);
+      return stats;
+    },
+  };
 }
 
 interface AbuseStats {
@@ -264,7 +280,13 @@ interface AbuseStats {
   refusedUpgrades: number;
 }
 
-function startAbuser(port: number, connections: number): { stop(): Promise<AbuseStats> } {
+interface Abuser {
+  start(): void;
+  stop(): Promise<AbuseStats>;
+  exit(): Promise<void>;
+}
+
+async function startAbuser(port: number, connections: number): Promise<Abuser> {
   const child = fork(process.argv[1] as string, ['--role', 'abuser', '--port', String(port), '--abuser-connections', String(connections)], { stdio: 'inherit' });
   try {
     // A remote attacker costs the server its network and frame handling, not a share of the server's own CPU.
@@ -272,12 +294,28 @@ function startAbuser(port: number, connections: number): { stop(): Promise<Abuse
   } catch {
     // Not permitted here: the abuser then competes at normal priority, a harsher test.
   }
+  const next = () =>
+    new Promise<unknown>((resolve, reject) => {
+      const onExit = (code: number | null) => reject(new Error(`abuser exited with ${code}`));
+      child.once('exit', onExit);
+      child.once('message', (m) => {
+        child.off('exit', onExit);
+        resolve(m);
+      });
+    });
+  await next(); // ready
   return {
-    stop: () =>
-      new Promise((resolve, reject) => {
-        child.once('message', (stats) => resolve(stats as AbuseStats));
-        child.once('exit', (code) => code !== 0 && reject(new Error(`abuser exited with ${code}`)));
-        child.send('stop');
+    start: () => child.send('start'),
+    stop: () => {
+      const stats = next();
+      child.send('stop');
+      return stats as Promise<AbuseStats>;
+    },
+    exit: () =>
+      new Promise<void>((resolve) => {
+        if (child.exitCode !== null) return resolve();
+        child.once('exit', () => resolve());
+        child.send('exit');
       }),
   };
 }
@@ -390,16 +428,23 @@ async function throughput(off: Child, on: Child, connections: number, window: nu
 /** Section 3, on the "on" server: realistic limits are what protects the others. Phases alternate: alone, abused, `pairs` times. */
 async function abuse(on: Child, users: number, seconds: number, pairs: number, abuserConnections: number) {
   const phases: { abuser: boolean; ackMs: number[]; chats: number; errors: Record<string, number>; serverCpu: number | null; abuse?: AbuseStats }[] = [];
-  for (const abuser of Array.from({ length: pairs * 2 }, (_, i) => i % 2 === 1)) {
-    const flood = abuser ? startAbuser(on.port, abuserConnections) : null;
-    if (flood) await sleep(500); // the flood is at full speed before the users start
-    const cpuStart = cpuMs(on.child.pid);
-    const start = performance.now();
-    const res = await chatters(on.port, users, seconds, `p${phases.length}`);
-    const cpuEnd = cpuMs(on.child.pid);
-    const serverCpu = cpuStart === null || cpuEnd === null ? null : (cpuEnd - cpuStart) / (performance.now() - start);
-    const stats = flood ? await flood.stop() : undefined;
-    phases.push({ abuser, ...res, serverCpu, ...(stats ? { abuse: stats } : {}) });
+  const abuser = await startAbuser(on.port, abuserConnections);
+  try {
+    for (const withAbuser of Array.from({ length: pairs * 2 }, (_, i) => i % 2 === 1)) {
+      if (withAbuser) {
+        abuser.start();
+        await sleep(500); // the flood is at full speed before the users start
+      }
+      const cpuStart = cpuMs(on.child.pid);
+      const start = performance.now();
+      const res = await chatters(on.port, users, seconds, `p${phases.length}`);
+      const cpuEnd = cpuMs(on.child.pid);
+      const serverCpu = cpuStart === null || cpuEnd === null ? null : (cpuEnd - cpuStart) / (performance.now() - start);
+      const stats = withAbuser ? await abuser.stop() : undefined;
+      phases.push({ abuser: withAbuser, ...res, serverCpu, ...(stats ? { abuse: stats } : {}) });
+    }
+  } finally {
+    await abuser.exit();
   }
   const of = (withAbuser: boolean) => phases.filter((p) => p.abuser === withAbuser);
   const latency = (withAbuser: boolean) => summarize(of(withAbuser).flatMap((p) => p.ackMs));

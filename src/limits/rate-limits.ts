@@ -59,9 +59,11 @@ export interface RateLimits {
   /** Counts a new connection; refused past maxConnectionsPerUser (then do not call connectionClosed). */
   connectionOpened(userId: string): ConnectionDecision;
   /**
-   * A connection of this user was closed for flooding (it kept sending after rate_limited): until the user's
-   * frame bucket is full again, connectionOpened refuses its new connections with a retryAfterMs, so that it
-   * cannot come straight back and flood again. Call connectionClosed for that connection as usual.
+   * A connection of this user was closed for flooding (it kept sending after rate_limited): connectionOpened
+   * refuses its new connections, with a retryAfterMs, for FLOOD_PENALTY_MS doubled with every further flood
+   * (at most FLOOD_PENALTY_MAX_MS; forgotten after FLOOD_FORGET_MS without one) and at least until its frame
+   * bucket is full again, so that it cannot come straight back and flood again. Call connectionClosed for that
+   * connection as usual.
    */
   floodClosed(userId: string): void;
   /** A connection that was counted by connectionOpened has closed. */
@@ -88,6 +90,11 @@ export interface RateLimitsOptions {
 
 const DEFAULT_IDLE_MS = 2 * 60_000;
 const DEFAULT_SWEEP_INTERVAL_MS = 30_000;
+/** After a connection is closed for flooding: the first wait before the user may connect again, doubled per flood. */
+export const FLOOD_PENALTY_MS = 1000;
+export const FLOOD_PENALTY_MAX_MS = 60_000;
+/** Floods are forgotten after this long without one. */
+export const FLOOD_FORGET_MS = 10 * 60_000;
 
 class UserState {
   // Created on first use: most users only ever send frames, and a missing
@@ -97,9 +104,11 @@ class UserState {
   tokens: ClockedBucket | null = null;
   connections = 0;
   reservations = 0;
-  // Set by floodClosed, cleared by the first connectionOpened that finds the frame bucket full. A swept user
-  // loses it harmlessly: the sweep only drops users whose buckets are full.
-  flooded = false;
+  // Connections closed for flooding (recently), the end of the last one's penalty, and whether connectionOpened
+  // still has to hold new connections back. The sweep keeps a user whose penalty is still running.
+  floods = 0;
+  floodedUntil = 0;
+  floodPending = false;
   constructor(public lastSeen: number) {}
 }
 
@@ -224,8 +233,8 @@ export function createRateLimits(options: RateLimitsOptions): RateLimits {
 
   function connectionOpened(userId: string): ConnectionDecision {
     const user = touch(userId);
-    if (user.flooded) {
-      const retryAfterMs = user.messages?.msUntilFull() ?? 0;
+    if (user.floodPending) {
+      const retryAfterMs = Math.max(Math.ceil(user.floodedUntil - now()), user.messages?.msUntilFull() ?? 0);
       if (retryAfterMs > 0) {
         return {
           ok: false,
@@ -235,7 +244,7 @@ export function createRateLimits(options: RateLimitsOptions): RateLimits {
           retryAfterMs,
         };
       }
-      user.flooded = false;
+      user.floodPending = false;
     }
     if (user.connections >= maxConnections) {
       return {
@@ -263,7 +272,7 @@ export function createRateLimits(options: RateLimitsOptions): RateLimits {
     const t = now();
     let dropped = 0;
     for (const [userId, user] of users) {
-      if (t - user.lastSeen < idleMs || user.connections > 0 || user.reservations > 0) continue;
+      if (t - user.lastSeen < idleMs || user.connections > 0 || user.reservations > 0 || user.floodedUntil > t) continue;
       if (!isFull(user.messages) || !isFull(user.chats) || !isFull(user.tokens)) continue;
       users.delete(userId);
       dropped += 1;
@@ -281,8 +290,15 @@ export function createRateLimits(options: RateLimitsOptions): RateLimits {
     peek,
     httpHeaders,
     connectionOpened,
-    floodClosed: (userId) => {
-      touch(userId).flooded = true;
+    floodClosed(userId) {
+      const user = touch(userId);
+      const t = now();
+      // Strikes are forgotten after a quiet spell; otherwise every flood doubles the wait, so a client that
+      // floods on every reconnect soon gets one chance a minute.
+      if (t - user.floodedUntil > FLOOD_FORGET_MS) user.floods = 0;
+      user.floods += 1;
+      user.floodPending = true;
+      user.floodedUntil = t + Math.min(FLOOD_PENALTY_MAX_MS, FLOOD_PENALTY_MS * 2 ** Math.min(user.floods - 1, 16));
     },
     connectionClosed,
     sweep,

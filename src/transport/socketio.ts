@@ -132,6 +132,8 @@ export function attachSocketIO(app: TemplatedApp, deps: TransportDeps): SocketIO
     const session = new Session(deps.session, state.identity, sink);
 
     socket.onAny((event: string, ...args: unknown[]) => {
+      // Events already decoded when the socket was closed for flooding must not count as more floods.
+      if (closed) return;
       framesIn.inc();
       const ack = typeof args.at(-1) === 'function' ? (args.pop() as (m: ServerMessage) => void) : undefined;
       const reply = (m: ServerMessage) => {

@@ -258,7 +258,17 @@ describe('frames per second under a burst, and floods', () => {
     await sleep(1000);
     const again = await WsClient.connect(server.ws, { user: 'flooder' });
     assert.equal((await again.nextOfType('hello')).userId, 'flooder');
-    await Promise.all([calm.close(), again.close()]);
+
+    // Flooding again doubles the wait.
+    for (let i = 0; i < 1000; i++) again.send('not json');
+    assert.equal(await again.closed, 1008);
+    const second = await refusedUpgrade(`${server.ws}?user=flooder`);
+    assert.equal(second.status, 429);
+    const wait2 = (JSON.parse(second.body) as ErrorBody).error.retryAfterMs as number;
+    // 2 s from the close (counted when the upgrade arrived; the refusal is then held up to 1 s before it is sent).
+    assert.ok(wait2 > 1500 && wait2 <= 2000, String(wait2));
+    assert.equal(second.headers['retry-after'], '2');
+    await calm.close();
   });
 
   test('a socket.io socket that keeps emitting after rate_limited is disconnected', async () => {
