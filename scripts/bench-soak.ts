@@ -17,6 +17,8 @@
  * Prints a table per minute, a summary and one JSON line; exits 1 if anything
  * acknowledged was lost.
  */
+import fs from 'node:fs';
+import path from 'node:path';
 import { createRandom } from '../src/db/marketplace-seed.js';
 import { verifyLedger } from '../test/helpers/chat-ledger.js';
 import { parseArgs, printTable, sleep, summarize } from './bench-support.js';
@@ -119,21 +121,21 @@ const scheduler = setInterval(() => {
 const FAULTS = ['exit', 'throw', 'hang'] as const;
 let faultsSent = 0;
 const faultTimer = setInterval(() => {
-  if (!running || !faulter.ready) return;
+  if (!running || !faulter.ready || CRASH_EVERY_MS <= 0) return;
   const kind = FAULTS[faultsSent % FAULTS.length] as string;
   faultsSent++;
   faulter.chat({ text: `/fault ${kind}`, cache: 'bypass' });
-}, CRASH_EVERY_MS);
+}, Math.max(1000, CRASH_EVERY_MS));
 let disconnects = 0;
 const disconnectTimer = setInterval(() => {
-  if (!running) return;
+  if (!running || DISCONNECT_EVERY_MS <= 0) return;
   for (const c of active) {
     if (c.ready && random() < DISCONNECT_SHARE) {
       disconnects++;
       void c.disconnectAndResume();
     }
   }
-}, DISCONNECT_EVERY_MS);
+}, Math.max(1000, DISCONNECT_EVERY_MS));
 
 // ---------- per-minute figures ----------
 interface Minute {
@@ -198,6 +200,9 @@ const unfinished = [...active, faulter].reduce((n, c) => n + c.inFlight, 0);
 await sampler.stop();
 await Promise.all([...idle, ...active, faulter].map((c) => c.close().catch(() => {})));
 const exitCode = await server.terminate();
+// What SQLite's page cache (cache_size 64 MiB) can hold of the database grows with it: part of the RSS after warm-up.
+const sqliteMiB = ['', '-wal'].reduce((n, suffix) => n + (fs.existsSync(server.dbFile + suffix) ? fs.statSync(server.dbFile + suffix).size : 0), 0) / MiB;
+const cacheMiB = fs.existsSync(path.join(server.dataDir, 'cache', 'data.mdb')) ? fs.statSync(path.join(server.dataDir, 'cache', 'data.mdb')).size / MiB : NaN;
 const v = verifyLedger(server.dbFile, stats.ledger);
 server.removeDataDir();
 
@@ -257,6 +262,11 @@ printTable('bench:soak — summary', ['figure', 'value'], [
       ? `${(after[0]!.rssAnonBytes! / MiB).toFixed(0)} -> ${(after.at(-1)!.rssAnonBytes! / MiB).toFixed(0)} / ${(after[0]!.rssFileBytes! / MiB).toFixed(0)} -> ${(after.at(-1)!.rssFileBytes! / MiB).toFixed(0)}`
       : '-',
   ],
+  [
+    'V8 heap committed / external MiB after warm-up: first -> last',
+    after.length ? `${(after[0]!.heapTotalBytes / MiB).toFixed(0)} -> ${(after.at(-1)!.heapTotalBytes / MiB).toFixed(0)} / ${(after[0]!.externalBytes / MiB).toFixed(0)} -> ${(after.at(-1)!.externalBytes / MiB).toFixed(0)}` : '-',
+  ],
+  ['SQLite database (+ WAL) / LMDB reply cache file MiB at the end', `${sqliteMiB.toFixed(0)} / ${cacheMiB.toFixed(0)}`],
   ['ack p99 ms after warm-up: worst minute', afterMinutes.length ? Math.max(...afterMinutes.map((m) => m.ack.p99)).toFixed(1) : '-'],
   ['acknowledged chats checked in SQLite / lost', `${v.acked} / ${lost}`],
   ['announced replies checked / lost', `${v.replies} / ${v.lostReplies.length}`],
@@ -285,7 +295,16 @@ console.log(
       eldP99Ms: +m.eldP99Ms.toFixed(1),
       errors: m.errors,
     })),
-    memory: { samples: sampler.samples.map((s) => ({ t: +((s.at - started) / 1000).toFixed(0), rssMiB: +(s.rssBytes / MiB).toFixed(1), heapMiB: +(s.heapUsedBytes / MiB).toFixed(1) })), rssSlopeMiBPerMin: +rssSlope.toFixed(3), heapSlopeMiBPerMin: +heapSlope.toFixed(3) },
+    memory: {
+      samples: sampler.samples.map((s) => ({
+        t: +((s.at - started) / 1000).toFixed(0),
+        rssMiB: +(s.rssBytes / MiB).toFixed(1),
+        anonMiB: s.rssAnonBytes === undefined ? null : +(s.rssAnonBytes / MiB).toFixed(1),
+        fileMiB: s.rssFileBytes === undefined ? null : +(s.rssFileBytes / MiB).toFixed(1),
+        heapMiB: +(s.heapUsedBytes / MiB).toFixed(1),
+        heapTotalMiB: +(s.heapTotalBytes / MiB).toFixed(1),
+        externalMiB: +(s.externalBytes / MiB).toFixed(1),
+      })), rssSlopeMiBPerMin: +rssSlope.toFixed(3), heapSlopeMiBPerMin: +heapSlope.toFixed(3) },
     faultsInjected: faultsSent,
     workerFailures: sampler.samples.at(-1)?.workerFailures ?? null,
     disconnects,
@@ -300,6 +319,8 @@ console.log(
     lostReplies: v.lostReplies.length,
     integrity: v.integrity,
     serverExitCode: exitCode,
+    sqliteMiB: +sqliteMiB.toFixed(1),
+    cacheFileMiB: +cacheMiB.toFixed(1),
   }),
 );
 process.exit(lost > 0 ? 1 : 0);

@@ -539,6 +539,9 @@ export interface ServerSample {
   at: number;
   rssBytes: number;
   heapUsedBytes: number;
+  /** V8 heap committed (used plus free space V8 keeps), and memory of Buffers and other external objects: main thread only. */
+  heapTotalBytes: number;
+  externalBytes: number;
   /** Event-loop delay since the previous scrape (prom-client resets its histogram on every collect). */
   eldP99Ms: number;
   eldMaxMs: number;
@@ -579,6 +582,8 @@ export async function scrapeServer(port: number, pid?: number): Promise<ServerSa
     at: performance.now(),
     rssBytes: metricValue(text, 'chatwire_process_process_resident_memory_bytes'),
     heapUsedBytes: metricValue(text, 'chatwire_process_nodejs_heap_size_used_bytes'),
+    heapTotalBytes: metricValue(text, 'chatwire_process_nodejs_heap_size_total_bytes'),
+    externalBytes: metricValue(text, 'chatwire_process_nodejs_external_memory_bytes'),
     eldP99Ms: metricValue(text, 'chatwire_process_nodejs_eventloop_lag_p99_seconds') * 1000,
     eldMaxMs: metricValue(text, 'chatwire_process_nodejs_eventloop_lag_max_seconds') * 1000,
     connections: metricValue(text, 'chatwire_connections'),

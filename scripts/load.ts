@@ -193,6 +193,7 @@ let running = true;
 let dead: LoadClient[] = [];
 let deadOpened: ServerSample | undefined;
 let deadHung: ServerSample | undefined;
+let deadSettledAt: number | undefined;
 
 function pickClient(start: number): { client: LoadClient; next: number } | null {
   for (let k = 0; k < active.length; k++) {
@@ -260,6 +261,8 @@ const measureFrom = started + WARMUP * 1000;
 const measureTo = measureFrom + DURATION * 1000;
 let snapshotAtWarmup: { sent: number; acked: number; done: number; deltas: number; lookups: number; skipped: number } | null = null;
 let lastProgress = { at: started, sent: 0, lookups: 0 };
+// This process's own event-loop delay per second: when it is high, the client-side latencies include it.
+const generatorLagP99s: number[] = [];
 
 const progressTimer = setInterval(() => {
   const now = performance.now();
@@ -276,6 +279,7 @@ const progressTimer = setInterval(() => {
       `ack p99 ${fmtMs(acks.p99)} | ttft p99 ${fmtMs(ttft.p99)} | in flight ${inFlight} | skipped ${skipped} | errors ${errors} | dropped ${stats.dropped} | ` +
       `server ${s ? `${(s.rssBytes / MiB).toFixed(0)} MiB, eld p99 ${s.eldP99Ms.toFixed(1)} ms` : '?'} | gen eld p99 ${(generatorLag.percentile(99) / 1e6).toFixed(1)} ms`,
   );
+  if (now >= measureFrom && now <= measureTo) generatorLagP99s.push(generatorLag.percentile(99) / 1e6);
   generatorLag.reset();
   lastProgress = { at: now, sent: stats.chatsSent, lookups: stats.lookupsDone };
 }, 1000);
@@ -309,7 +313,9 @@ async function prepareReplays(): Promise<string[]> {
 async function startDeadReaders(replays: string[]): Promise<void> {
   if (DEAD === 0) return;
   const before = await scrapeServer(port);
-  dead = await openClients(DEAD, () => LoadClient.open(base, DEAD_USER, 'ws', stats, random));
+  // Their own statistics: their connect burst and chats are not the load being measured.
+  const deadStats = new LoadStats();
+  dead = await openClients(DEAD, () => LoadClient.open(base, DEAD_USER, 'ws', deadStats, random));
   await Promise.all(
     dead.map(async (c) => {
       for (const taskId of replays) c.sendRaw({ type: 'chat.resume', taskId, fromSeq: 0 });
@@ -321,6 +327,7 @@ async function startDeadReaders(replays: string[]): Promise<void> {
   deadOpened = before;
   await sleep(5000);
   deadHung = await scrapeServer(port);
+  deadSettledAt = performance.now();
   log(`\nload: ${DEAD} readers stopped mid-stream; server RSS ${(before.rssBytes / MiB).toFixed(1)} -> ${(deadHung.rssBytes / MiB).toFixed(1)} MiB`);
 }
 
@@ -400,10 +407,18 @@ printTable(
     ['server RSS per connection (all, before any chat)', kib(perConnection)],
     ['server RSS per stopped reader', kib(perDead)],
     [
+      'ack ms p50 / p99 once the stopped readers had stopped (+5 s to the end)',
+      deadSettledAt === undefined ? '-' : ((a) => `${a.p50.toFixed(2)} / ${a.p99.toFixed(2)} (n=${a.n})`)(summarize(stats.ack.between(deadSettledAt, measureTo))),
+    ],
+    [
       'server RSS MiB with stopped readers: before / +5 s / end of run',
       deadOpened && deadHung ? `${(deadOpened.rssBytes / MiB).toFixed(0)} / ${(deadHung.rssBytes / MiB).toFixed(0)} / ${(endSample.rssBytes / MiB).toFixed(0)}` : '-',
     ],
     ['server event-loop delay ms: median of 1 s p99s / worst p99 / max', `${(eldP99s[Math.floor(eldP99s.length / 2)] ?? NaN).toFixed(1)} / ${(eldP99s.at(-1) ?? NaN).toFixed(1)} / ${eldMax.toFixed(1)}`],
+    [
+      'load generator event-loop delay ms: median / worst of 1 s p99s (client-side latencies include it)',
+      ((l) => `${(l[Math.floor(l.length / 2)] ?? NaN).toFixed(1)} / ${(l.at(-1) ?? NaN).toFixed(1)}`)([...generatorLagP99s].sort((a, b) => a - b)),
+    ],
     ['acknowledged chats checked in SQLite / lost', verification === null ? 'not checked (external server)' : `${verification.acked} / ${lost}`],
     ['server exit on SIGTERM', exitCode === null ? '-' : String(exitCode)],
   ],
@@ -448,7 +463,9 @@ console.log(
     bytesPerIdleConnection: { ws: Math.round(perIdleWs), socketio: Math.round(perIdleSio) },
     bytesPerConnection: Math.round(perConnection),
     bytesPerStoppedReader: Math.round(perDead),
+    ackMsAfterStoppedReadersSettled: deadSettledAt === undefined ? null : summarize(stats.ack.between(deadSettledAt, measureTo)),
     stoppedReadersRssMiB: deadOpened && deadHung ? { before: +(deadOpened.rssBytes / MiB).toFixed(1), after5s: +(deadHung.rssBytes / MiB).toFixed(1), end: +(endSample.rssBytes / MiB).toFixed(1) } : null,
+    generatorEventLoopDelayMs: ((l) => ({ medianP99: l[Math.floor(l.length / 2)] ?? null, worstP99: l.at(-1) ?? null }))([...generatorLagP99s].sort((a, b) => a - b)),
     eventLoopDelayMs: { medianP99: eldP99s[Math.floor(eldP99s.length / 2)] ?? null, worstP99: eldP99s.at(-1) ?? null, max: eldMax },
     verified: verification === null ? null : { acked: verification.acked, replies: verification.replies, lost, integrity: verification.integrity, corruptConversations: verification.corruptConversations.length },
     serverExitCode: exitCode,

@@ -95,6 +95,7 @@ test('a full disk makes /readyz 503 and chats fail with a retryable storage erro
   const notReady = await readiness(server);
   assert.equal(notReady.status, 503);
   assert.match(notReady.body.failures?.disk ?? '', /disk full \(ENOSPC\)/);
+  t.diagnostic(`readiness: ${notReady.body.failures?.disk}`);
 
   // SQLite may still fit a few commits in pages it already owns; keep asking until the disk says no.
   const big = 'x'.repeat(15_000);
@@ -167,6 +168,7 @@ test('a data dir that stops being writable makes /readyz 503 and chats fail with
   assert.equal(notReady.status, 503);
   assert.match(notReady.body.failures?.disk ?? '', /the data dir cannot take writes: operation not permitted \(EPERM\)/);
   const refused = await chat(c, ledger, 'while the disk is read-only', conversationId);
+  t.diagnostic(`readiness: ${notReady.body.failures?.disk}; chat: ${refused.reply.code} ${refused.reply.message}`);
   assert.equal(refused.reply.type, 'error');
   assert.equal(refused.reply.code, 'overloaded');
   assert.match(refused.reply.message as string, /^storage unavailable: (I\/O error \(SQLITE_IOERR\w*\)|database not writable \(SQLITE_READONLY\)); the message was not stored, retry later$/);

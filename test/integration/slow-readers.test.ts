@@ -165,3 +165,30 @@ test('stopped readers that keep asking are closed by the backpressure limit (101
   assert.match(metrics, /^chatwire_connections\{transport="ws"\} 10$/m);
   await Promise.all(active.map((c) => c.close()));
 });
+
+test('a reader that stops reading altogether is closed by the idle timeout, since it answers no ping; the server forgets it', async (t) => {
+  const server = await startServer({ ...LIMITS, devTokenDelayMs: 20, idleTimeoutSec: 8 });
+  t.after(() => server.close());
+  const stopped = await WsClient.connect(server.ws, { user: 'stopped' });
+  const ack = await stopped.request({ type: 'chat.send', text: 'a reply nobody reads', params: { maxTokens: 1000 }, cache: 'bypass' });
+  await stopped.nextOfType('chat.delta', (m) => m.taskId === ack.taskId);
+  tcp(stopped).pause();
+  // A client that reads and chats now and then stays: answering pings is what counts, not sending.
+  const reader = await WsClient.connect(server.ws, { user: 'reader' });
+  while ((await metric(server.http, 'chatwire_connections{transport="ws"}')) > 1) {
+    const next = await reader.request({ type: 'chat.send', text: `still here ${Date.now()}`, cache: 'bypass' });
+    assert.equal((await reader.collect(next.taskId as string)).end.type, 'chat.done');
+    await sleep(500);
+  }
+  tcp(stopped).resume();
+  await stopped.closed;
+  assert.equal(reader.closeCode, null);
+  // The task it left goes on and stays resumable from a new connection.
+  const back = await WsClient.connect(server.ws, { user: 'stopped' });
+  assert.equal((await back.request({ type: 'chat.resume', taskId: ack.taskId, fromSeq: 0 })).type, 'ok');
+  const { deltas, end } = await back.collect(ack.taskId as string);
+  assert.equal(end.type, 'chat.done');
+  assert.equal(deltas[0]?.seq, 0);
+  t.diagnostic(`the stopped reader saw close code ${stopped.closeCode}`);
+  await Promise.all([reader.close(), back.close()]);
+});
