@@ -1,3 +1,4 @@
+import type { IncomingHttpHeaders } from 'node:http';
 import { io as ioClient, type Socket } from 'socket.io-client';
 import WebSocket from 'ws';
 import type { ServerMessage } from '../../src/protocol/index.js';
@@ -142,4 +143,33 @@ export async function readSse(res: Response): Promise<{ event: string; id?: stri
     if (data.length > 0) events.push(id === undefined ? { event, data: JSON.parse(data.join('\n')) as Msg } : { event, id, data: JSON.parse(data.join('\n')) as Msg });
   }
   return events;
+}
+
+export interface Refusal {
+  status: number;
+  body: string;
+  headers: IncomingHttpHeaders;
+}
+
+/** Tries a /ws upgrade and resolves with the HTTP response that refused it; rejects if a socket opened. */
+export function refusedUpgrade(url: string, protocols: string[] = [], headers: Record<string, string> = {}): Promise<Refusal> {
+  const socket = new WebSocket(url, protocols, { headers });
+  return new Promise((resolve, reject) => {
+    socket.once('open', () => {
+      socket.terminate();
+      reject(new Error('the upgrade was accepted'));
+    });
+    socket.once('unexpected-response', (req, res) => {
+      let body = '';
+      res.setEncoding('utf8');
+      res.on('data', (chunk: string) => {
+        body += chunk;
+      });
+      res.on('end', () => {
+        req.destroy();
+        resolve({ status: res.statusCode ?? 0, body, headers: res.headers });
+      });
+    });
+    socket.once('error', reject);
+  });
 }

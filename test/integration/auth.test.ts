@@ -13,7 +13,7 @@ import { Database } from '../../src/db/database.js';
 import { formatId } from '../../src/db/marketplace-ids.js';
 import { seedMarketplace } from '../../src/db/marketplace-seed.js';
 import { migrate } from '../../src/db/migrate.js';
-import { connectSocketIO, emitWithAck, readSse, WsClient } from '../helpers/clients.js';
+import { connectSocketIO, emitWithAck, readSse, WsClient, refusedUpgrade } from '../helpers/clients.js';
 import { startServer, tempDataDir, type TestServer } from '../helpers/server.js';
 
 const SECRET = 'auth-integration-secret-0123456789-abcdefgh';
@@ -49,35 +49,6 @@ async function badTokens(): Promise<{ name: string; token: string | undefined }[
       token: await new SignJWT({ role: 'admin' }).setProtectedHeader({ alg: 'HS256' }).setSubject('alice').setExpirationTime(nowSec() + 3600).sign(new TextEncoder().encode(SECRET)),
     },
   ];
-}
-
-interface Refusal {
-  status: number;
-  body: string;
-  headers: IncomingHttpHeaders;
-}
-
-/** Tries a /ws upgrade and resolves with the HTTP response that refused it; rejects if a socket opened. */
-function refusedUpgrade(url: string, protocols: string[] = [], headers: Record<string, string> = {}): Promise<Refusal> {
-  const socket = new WebSocket(url, protocols, { headers });
-  return new Promise((resolve, reject) => {
-    socket.once('open', () => {
-      socket.terminate();
-      reject(new Error('the upgrade was accepted'));
-    });
-    socket.once('unexpected-response', (req, res) => {
-      let body = '';
-      res.setEncoding('utf8');
-      res.on('data', (chunk: string) => {
-        body += chunk;
-      });
-      res.on('end', () => {
-        req.destroy();
-        resolve({ status: res.statusCode ?? 0, body, headers: res.headers });
-      });
-    });
-    socket.once('error', reject);
-  });
 }
 
 /** Tries a socket.io handshake and resolves with its connect_error (and every event received, which must be none). */

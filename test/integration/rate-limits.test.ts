@@ -1,5 +1,4 @@
 import assert from 'node:assert/strict';
-import type { IncomingHttpHeaders } from 'node:http';
 import net from 'node:net';
 import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -10,7 +9,7 @@ import { SQLITE_FILE } from '../../src/app.js';
 import { signToken } from '../../src/auth/index.js';
 import { Database } from '../../src/db/database.js';
 import { FLOOD_REFUSALS } from '../../src/transport/session.js';
-import { connectSocketIO, emitWithAck, readSse, WsClient } from '../helpers/clients.js';
+import { connectSocketIO, emitWithAck, readSse, WsClient, refusedUpgrade } from '../helpers/clients.js';
 import { startServer, type TestServer } from '../helpers/server.js';
 
 type ErrorBody = { error: { code: string; message: string; retryAfterMs?: number } };
@@ -61,34 +60,6 @@ function onSocketIO(s: { once(event: string, fn: (m: Msg) => void): unknown; rec
         else listen();
       });
     listen();
-  });
-}
-
-interface Refusal {
-  status: number;
-  body: string;
-  headers: IncomingHttpHeaders;
-}
-
-function refusedUpgrade(url: string, headers: Record<string, string> = {}): Promise<Refusal> {
-  const socket = new WebSocket(url, [], { headers });
-  return new Promise((resolve, reject) => {
-    socket.once('open', () => {
-      socket.terminate();
-      reject(new Error('the upgrade was accepted'));
-    });
-    socket.once('unexpected-response', (req, res) => {
-      let body = '';
-      res.setEncoding('utf8');
-      res.on('data', (chunk: string) => {
-        body += chunk;
-      });
-      res.on('end', () => {
-        req.destroy();
-        resolve({ status: res.statusCode ?? 0, body, headers: res.headers });
-      });
-    });
-    socket.once('error', reject);
   });
 }
 
@@ -521,7 +492,7 @@ describe('connections per user and the origin policy', () => {
   });
 
   test('an upgrade from an origin not in allowedOrigins is refused with 403; allowed and origin-less ones open', async () => {
-    const refused = await refusedUpgrade(`${server.ws}?token=${many}`, { origin: 'https://evil.example' });
+    const refused = await refusedUpgrade(`${server.ws}?token=${many}`, [], { origin: 'https://evil.example' });
     assert.equal(refused.status, 403);
     assert.equal((JSON.parse(refused.body) as ErrorBody).error.code, 'forbidden');
     const viaSio = await refusedSocketIO(server.http, { token: many }, { origin: 'https://evil.example' });
