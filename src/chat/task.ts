@@ -22,7 +22,7 @@ export class Subscription {
 
   constructor(
     readonly task: Task,
-    private readonly sink: Sink,
+    readonly sink: Sink,
     fromSeq: number,
     private readonly onDelta?: () => void,
   ) {
@@ -40,7 +40,9 @@ export class Subscription {
     else this.pumpNow();
   }
 
-  private pumpNow(): void {
+  /** pump() without corking: the caller has corked the sink already. */
+  pumpNow(): void {
+    if (this.finished) return;
     const { deltas, taskId } = this.task;
     while (this.cursor < deltas.length) {
       if (this.sink.congested()) return;
@@ -72,14 +74,53 @@ export class Subscription {
 const MAX_COALESCED_CHARS = 4096;
 
 /**
+ * Live deltas are sent once per turn of the event loop, not one write per
+ * model chunk: the chunks of every task that arrive in one poll phase (the
+ * worker ports deliver many at once under load) go out in the check phase
+ * right after it, every subscription of one peer inside one cork, so a peer
+ * gets one write (one syscall) per turn however many frames it carries. Each
+ * chunk a ready peer will be sent is still its own frame (see pushDelta); the
+ * delay is at most one loop turn.
+ */
+const dirtyTasks = new Set<Task>();
+let flushScheduled = false;
+
+function pumpLater(task: Task): void {
+  dirtyTasks.add(task);
+  if (flushScheduled) return;
+  flushScheduled = true;
+  setImmediate(flushDirtyTasks);
+}
+
+function flushDirtyTasks(): void {
+  flushScheduled = false;
+  const bySink = new Map<Sink, Subscription[]>();
+  for (const task of dirtyTasks) {
+    for (const sub of task.subscribers) {
+      const subs = bySink.get(sub.sink);
+      if (subs) subs.push(sub);
+      else bySink.set(sub.sink, [sub]);
+    }
+  }
+  dirtyTasks.clear();
+  for (const [sink, subs] of bySink) {
+    const pumpAll = () => {
+      for (const sub of subs) sub.pumpNow();
+    };
+    if (sink.cork) sink.cork(pumpAll);
+    else pumpAll();
+  }
+}
+
+/**
  * One chat.send: its own id, its own contiguous seq, its subscribers, and the
  * one terminal message (chat.done or chat.error) it ends with.
  *
- * Coalescing: a delta is sealed (immutable) once any peer has been sent it.
- * Until then new text is appended to it, so while every subscriber is backed
- * up (or none is connected) the tokens pile into one delta instead of one
- * frame each, and seq stays the same for everyone: no gap, nothing rewritten
- * that a client has seen.
+ * Coalescing: a delta is sealed (immutable) once any peer has been sent it,
+ * or is due to be sent it at the end of this turn. Until then new text is
+ * appended to it, so while every subscriber is backed up (or none is
+ * connected) the tokens pile into one delta instead of one frame each, and seq
+ * stays the same for everyone: no gap, nothing rewritten that a client has seen.
  */
 export class Task {
   readonly deltas: string[] = [];
@@ -116,9 +157,18 @@ export class Task {
       if (!coalesce) this.sealed = this.deltas.length;
     }
     this.text += text;
-    for (const sub of this.subscribers) sub.pump();
+    if (this.subscribers.size === 0) return;
+    // A peer that is not backed up gets this chunk as a frame of its own at the end of the turn.
+    for (const sub of this.subscribers) {
+      if (!sub.sink.congested()) {
+        this.sealed = this.deltas.length;
+        break;
+      }
+    }
+    pumpLater(this);
   }
 
+  /** Ends the task: every subscriber is sent what it has not seen, then the terminal message, now. */
   end(terminal: TaskTerminal, status: Extract<TaskStatus, 'done' | 'error' | 'cancelled'>): void {
     if (this.terminal !== null) return;
     this.terminal = terminal;

@@ -17,10 +17,36 @@ interface SocketState {
 // While a socket.io socket is backed up we poll for it to drain: engine.io's uWS transport has no drain event.
 const DRAIN_POLL_MS = 25;
 
+interface UwsSocketLike {
+  getBufferedAmount?: () => number;
+  cork?: (fn: () => void) => void;
+}
+
+/** The uWS socket under a socket.io connection on the websocket transport; undefined on polling or once closed. */
+function uwsSocketOf(socket: Socket): UwsSocketLike | undefined {
+  const transport = socket.conn.transport as unknown as { name: string; socket?: UwsSocketLike };
+  return transport.name === 'websocket' && socket.conn.readyState === 'open' ? transport.socket : undefined;
+}
+
+/** Runs `fn` with the connection's frames written in one syscall where its transport allows. */
+function corked(socket: Socket, fn: () => void): void {
+  const ws = uwsSocketOf(socket);
+  if (typeof ws?.cork !== 'function') return fn();
+  let ran = false;
+  try {
+    ws.cork(() => {
+      ran = true;
+      fn();
+    });
+  } catch (err) {
+    // A socket closed under us throws on entry: then write uncorked (engine.io drops it).
+    if (ran) throw err;
+    fn();
+  }
+}
+
 function bufferedBytes(socket: Socket): number {
-  const transport = socket.conn.transport as unknown as { name: string; socket?: { getBufferedAmount?: () => number } };
-  const ws = transport.name === 'websocket' ? transport.socket : undefined;
-  const wsBuffered = ws?.getBufferedAmount?.() ?? 0;
+  const wsBuffered = uwsSocketOf(socket)?.getBufferedAmount?.() ?? 0;
   // Packets engine.io holds itself (polling, or a websocket mid-send), counted at a nominal size.
   const queued = (socket.conn as unknown as { writeBuffer?: unknown[] }).writeBuffer?.length ?? 0;
   return wsBuffered + queued * 256;
@@ -127,6 +153,10 @@ export function attachSocketIO(app: TemplatedApp, deps: TransportDeps): SocketIO
         if (bufferedBytes(socket) <= softLimit) return false;
         watchDrain();
         return true;
+      },
+      cork: (fn) => {
+        if (closed) fn();
+        else corked(socket, fn);
       },
     };
     const session = new Session(deps.session, state.identity, sink);
