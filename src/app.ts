@@ -14,6 +14,7 @@ import type { ChatCache, ChatLimits } from './chat/ports.js';
 import type { Config } from './config.js';
 import { createChatStore } from './db/chat-store.js';
 import { databaseFile } from './db/data-file.js';
+import { startCheckpointer } from './db/checkpointer.js';
 import { Database } from './db/database.js';
 import { createMarketplaceService } from './db/marketplace.js';
 import { migrate } from './db/migrate.js';
@@ -62,6 +63,8 @@ export async function createApp(config: Config, options: AppOptions): Promise<Ap
     closers.push(() => db.close());
     const applied = migrate(db);
     if (applied.length > 0) log.info({ migrations: applied }, 'database migrated');
+    const checkpointer = startCheckpointer(db, { log: (level, msg, fields) => log[level](fields ?? {}, msg) });
+    closers.push(() => checkpointer.close());
     const store = createChatStore(db, { onCommit: (seconds) => metrics.dbCommitSeconds.observe(seconds) });
     const recovered = store.recoverUnfinished();
     if (recovered > 0) log.warn({ tasks: recovered }, 'tasks left unfinished by the previous process were marked failed');

@@ -1,5 +1,5 @@
-import crypto from 'node:crypto';
 import { AppError, type FinishReason, type HistoryMessage, type TaskStatus } from '../protocol/index.js';
+import { randomBase64url } from '../random-id.js';
 import type { Database } from './database.js';
 import { createWriteBatcher } from './write-batcher.js';
 
@@ -65,7 +65,7 @@ export interface ChatStore {
 }
 
 function randomId(prefix: string, bytes: number): string {
-  return prefix + crypto.randomBytes(bytes).toString('base64url');
+  return prefix + randomBase64url(bytes);
 }
 
 /** 128 random bits: task ids are unguessable. */
@@ -87,6 +87,12 @@ export function createChatStore(db: Database, hooks: { onCommit?: (seconds: numb
   const insertTask = db.prepare(
     'chat.insert_task',
     "INSERT INTO tasks (task_id, conversation_id, user_id, user_message_id, status, created_at) VALUES (?, ?, ?, ?, 'queued', ?)",
+  );
+  // A cache hit's task is stored already finished: one row written once, never in the unfinished index.
+  const insertAnsweredTask = db.prepare(
+    'chat.insert_answered_task',
+    `INSERT INTO tasks (task_id, conversation_id, user_id, user_message_id, status, finish_reason, reply_message_id, prompt_tokens,
+       completion_tokens, cached, created_at, finished_at) VALUES (?, ?, ?, ?, 'done', ?, ?, ?, ?, 1, ?, ?)`,
   );
   const updateTask = db.prepare(
     'chat.finish_task',
@@ -136,12 +142,12 @@ export function createChatStore(db: Database, hooks: { onCommit?: (seconds: numb
         if (isNew) insertConversation.run(convId, input.userId, now, now);
         else touchConversation.run(now, convId);
         insertMessage.run(messageId, convId, 'user', input.text, input.taskId, now);
-        insertTask.run(input.taskId, convId, input.userId, messageId, now);
         if (reply && replyId) {
+          insertAnsweredTask.run(input.taskId, convId, input.userId, messageId, reply.finishReason, replyId, reply.promptTokens, reply.completionTokens, now, now);
           insertMessage.run(replyId, convId, 'assistant', reply.text, input.taskId, now);
-          updateTask.run('done', reply.finishReason, null, replyId, reply.promptTokens, reply.completionTokens, 1, now, input.taskId);
           return { conversationId: convId, messageId, createdAt: now, replyMessageId: replyId };
         }
+        insertTask.run(input.taskId, convId, input.userId, messageId, now);
         return { conversationId: convId, messageId, createdAt: now };
       });
     },

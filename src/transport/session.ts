@@ -178,9 +178,14 @@ export class Session {
         const { type: _type, id, ...body } = message;
         const receivedAt = performance.now();
         return chat.send(caller, body, receivedAt).then(({ ack, task }) => {
-          reply(this.withId({ type: 'chat.ack', ...ack }, id));
-          if (this.closed) return;
-          this.track(task.taskId, chat.subscribe(caller, task.taskId, 0, this.sink));
+          // The ack and whatever the task already has (all of a cache hit) leave in one write.
+          const ackAndStream = () => {
+            reply(this.withId({ type: 'chat.ack', ...ack }, id));
+            if (this.closed) return;
+            this.track(task.taskId, chat.subscribe(caller, task.taskId, 0, this.sink));
+          };
+          if (this.sink.cork && !this.closed) this.sink.cork(ackAndStream);
+          else ackAndStream();
         });
       }
       case 'chat.cancel':

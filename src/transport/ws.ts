@@ -1,9 +1,9 @@
-import crypto from 'node:crypto';
 import uWS, { type HttpRequest, type HttpResponse, type TemplatedApp, type WebSocket, type us_socket_context_t } from 'uWebSockets.js';
 import { parseSubprotocols } from '../auth/credentials.js';
 import type { Identity } from '../auth/identity.js';
 import type { Sink } from '../chat/task.js';
 import { AppError, PROTOCOL_VERSION, toAppError, type ServerMessage } from '../protocol/index.js';
+import { randomBase64url } from '../random-id.js';
 import { captureRequest, errorBody, STATUS_TEXT } from './http-io.js';
 import { FLOOD_CLOSE_CODE, holdRefusal, Session, errorMessage, type Verdict } from './session.js';
 import type { TransportDeps } from './deps.js';
@@ -19,7 +19,7 @@ interface SocketData {
 const PAYLOAD_HEADROOM = 4;
 
 export function newConnectionId(): string {
-  return crypto.randomBytes(9).toString('base64url');
+  return randomBase64url(9);
 }
 
 function refuse(res: HttpResponse, err: unknown): void {
