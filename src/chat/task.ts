@@ -43,12 +43,13 @@ export class Subscription {
   /** pump() without corking: the caller has corked the sink already. */
   pumpNow(): void {
     if (this.finished) return;
-    const { deltas, taskId } = this.task;
-    while (this.cursor < deltas.length) {
+    const task = this.task;
+    const taskId = task.taskId;
+    while (this.cursor < task.deltaCount) {
       if (this.sink.congested()) return;
       const seq = this.cursor;
-      this.task.seal(seq);
-      if (!this.sink.deliver({ type: 'chat.delta', taskId, seq, text: deltas[seq] as string })) {
+      task.seal(seq);
+      if (!this.sink.deliver({ type: 'chat.delta', taskId, seq, text: task.deltaAt(seq) })) {
         this.close();
         return;
       }
@@ -123,7 +124,10 @@ function flushDirtyTasks(): void {
  * stays the same for everyone: no gap, nothing rewritten that a client has seen.
  */
 export class Task {
-  readonly deltas: string[] = [];
+  /** The deltas while the task runs; null once it has ended and they were compacted into `ends`. */
+  private live: string[] | null = [];
+  /** After the end: where each delta ends in `text`. */
+  private ends: Uint32Array | null = null;
   private sealed = 0;
   readonly subscribers = new Set<Subscription>();
   status: TaskStatus = 'queued';
@@ -149,19 +153,21 @@ export class Task {
     if (this.ending || text.length === 0) return;
     if (this.firstTokenAt === null) this.firstTokenAt = performance.now();
     if (this.status === 'queued') this.status = 'running';
-    const last = this.deltas.length - 1;
-    if (coalesce && last >= this.sealed && (this.deltas[last] as string).length + text.length <= MAX_COALESCED_CHARS) {
-      this.deltas[last] += text;
+    const deltas = this.live;
+    if (deltas === null) return;
+    const last = deltas.length - 1;
+    if (coalesce && last >= this.sealed && (deltas[last] as string).length + text.length <= MAX_COALESCED_CHARS) {
+      deltas[last] += text;
     } else {
-      this.deltas.push(text);
-      if (!coalesce) this.sealed = this.deltas.length;
+      deltas.push(text);
+      if (!coalesce) this.sealed = deltas.length;
     }
     this.text += text;
     if (this.subscribers.size === 0) return;
     // A peer that is not backed up gets this chunk as a frame of its own at the end of the turn.
     for (const sub of this.subscribers) {
       if (!sub.sink.congested()) {
-        this.sealed = this.deltas.length;
+        this.sealed = deltas.length;
         break;
       }
     }
@@ -175,6 +181,35 @@ export class Task {
     this.status = status;
     this.endedAt = Date.now();
     for (const sub of this.subscribers) sub.pump();
+    this.compact();
+  }
+
+  get deltaCount(): number {
+    return this.live !== null ? this.live.length : (this.ends as Uint32Array).length;
+  }
+
+  deltaAt(seq: number): string {
+    if (this.live !== null) return this.live[seq] as string;
+    const ends = this.ends as Uint32Array;
+    return this.text.slice(seq === 0 ? 0 : ends[seq - 1], ends[seq]);
+  }
+
+  /**
+   * An ended task is kept for the retention window (resume, task.get) with
+   * its text as one flat string and the delta boundaries as offsets into it,
+   * not one string per delta: about a third of the memory per retained task.
+   */
+  private compact(): void {
+    const deltas = this.live;
+    if (deltas === null) return;
+    const ends = new Uint32Array(deltas.length);
+    let at = 0;
+    for (let i = 0; i < deltas.length; i++) ends[i] = at += (deltas[i] as string).length;
+    // Converting a string to a number flattens it in place: the text stops being a rope of every appended chunk.
+    void Number(this.text);
+    this.ends = ends;
+    this.live = null;
+    this.sealed = ends.length;
   }
 
   /** Adds a subscriber; nothing is sent until its first pump(), so the caller can reply first. */
@@ -191,12 +226,12 @@ export class Task {
 
   /** A snapshot for task.get; what it reports is sealed, so resuming from its seq misses nothing. */
   info(): TaskInfo {
-    this.sealed = this.deltas.length;
+    this.sealed = this.deltaCount;
     return {
       taskId: this.taskId,
       conversationId: this.conversationId,
       status: this.status,
-      seq: this.deltas.length,
+      seq: this.deltaCount,
       text: this.text,
       createdAt: new Date(this.createdAt).toISOString(),
     };

@@ -29,6 +29,17 @@ function newTask(id = 't1'): Task {
   return new Task(id, 'u1', 'c1', performance.now(), Date.now(), false);
 }
 
+const doneOf = (taskId: string) =>
+  ({
+    type: 'chat.done',
+    taskId,
+    messageId: 'm1',
+    finishReason: 'stop',
+    usage: { promptTokens: 1, completionTokens: 1 },
+    cached: false,
+    timings: { queueMs: 0, firstTokenMs: 0, totalMs: 0 },
+  }) as const;
+
 const deltaTexts = (frames: ServerMessage[]) => frames.filter((m) => m.type === 'chat.delta').map((m) => (m as { text: string }).text);
 
 test('chunks that arrive in one turn reach a ready peer as one frame each, in one corked write, after the turn', async () => {
@@ -103,18 +114,7 @@ test('end sends what is pending and the terminal message at once, in order, exac
   const p = peer();
   task.subscribe(p.sink, 0).pump();
   task.pushDelta('last');
-  task.end(
-    {
-      type: 'chat.done',
-      taskId: 't1',
-      messageId: 'm1',
-      finishReason: 'stop',
-      usage: { promptTokens: 1, completionTokens: 1 },
-      cached: false,
-      timings: { queueMs: 0, firstTokenMs: 0, totalMs: 0 },
-    },
-    'done',
-  );
+  task.end(doneOf('t1'), 'done');
   assert.deepEqual(
     p.frames().map((m) => m.type),
     ['chat.delta', 'chat.done'],
@@ -122,4 +122,27 @@ test('end sends what is pending and the terminal message at once, in order, exac
   await nextTurn();
   assert.equal(p.frames().length, 2, 'the turn flush sends nothing again');
   assert.equal(task.subscribers.size, 0);
+});
+
+test('an ended task replays from any seq exactly the deltas a live subscriber was sent', async () => {
+  const task = newTask();
+  task.pushDelta('piled ');
+  task.pushDelta('up ');
+  await nextTurn();
+  const live = peer();
+  task.subscribe(live.sink, 0).pump();
+  for (const word of ['one', ' two', ' three', ' ünïcødé 🚀', ' end']) task.pushDelta(word);
+  await nextTurn();
+  task.pushDelta('!', false);
+  task.end(doneOf('t1'), 'done');
+  const sent = deltaTexts(live.frames());
+  assert.deepEqual(sent, ['piled up ', 'one', ' two', ' three', ' ünïcødé 🚀', ' end', '!']);
+  assert.equal(task.info().seq, sent.length);
+  assert.equal(task.info().text, sent.join(''));
+  for (let from = 0; from <= sent.length; from++) {
+    const later = peer();
+    task.subscribe(later.sink, from).pump();
+    assert.deepEqual(deltaTexts(later.frames()), sent.slice(from), `resume from ${from}`);
+    assert.equal(later.frames().at(-1)?.type, 'chat.done');
+  }
 });
