@@ -1,6 +1,6 @@
 /**
  * What the response cache and single-flight buy, measured through a real
- * chatwire server (createApp, dev provider) over /ws, side by side in one run.
+ * chatwire server (its own process, dev provider) over /ws, side by side in one run.
  *
  *   npm run bench:cache -- [--questions 1500] [--requests 1200] [--zipf 0.8] [--seed 1]
  *                          [--hit-samples 400] [--miss-samples 24] [--throughput-clients 32] [--throughput-seconds 3]
@@ -27,20 +27,19 @@
  * 4. Single-flight: `flight-groups` times, `flight-size` sockets send the same
  *    new question at once; the model calls are counted per group.
  *
- * Client and server share this process (as in bench-upstream), so client
- * costs are in every figure alike. Prints a table, then one JSON line.
+ * The server runs in its own process (dist/src/main.js), the clients in
+ * this one, so each side has its own event loop and heap, as in a
+ * deployment. Prints a table, then one JSON line.
  */
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { performance } from 'node:perf_hooks';
 import { parseArgs } from 'node:util';
-import { pino } from 'pino';
 import WebSocket from 'ws';
-import { createApp, type App } from '../src/app.js';
 import { cacheKey, rawCacheKey } from '../src/cache/cache-key.js';
-import { loadConfig } from '../src/config.js';
 import { createRandom } from '../src/db/marketplace-seed.js';
+import { DIST, scrape, startChild, type Child } from './bench-support.js';
 
 const { values: args } = parseArgs({
   options: {
@@ -159,19 +158,20 @@ function countedHitRate(texts: string[], key: typeof cacheKey): { hits: number; 
 
 // ---------------------------------------------------------------- server and client
 
-async function startApp(dataDir: string, devTokenDelayMs: number): Promise<App> {
-  const config = loadConfig({}, {
-    port: 0,
-    host: '127.0.0.1',
-    dataDir,
-    devTokenDelayMs,
-    logLevel: 'silent',
-    chatsPerMinute: 1_000_000,
-    messagesPerSecond: 1_000_000,
-    modelTokensPerMinute: 1_000_000_000,
-    maxConnectionsPerUser: 1000,
+/** chatwire in its own process (as a deployment runs it: clients are never in the server's process) on `dataDir`. */
+function startServer(dataDir: string, devTokenDelayMs: number): Promise<Child> {
+  return startChild(path.join(DIST, 'src', 'main.js'), {
+    PORT: '0',
+    HOST: '127.0.0.1',
+    CHATWIRE_DATA_DIR: dataDir,
+    CHATWIRE_DEV_TOKEN_DELAY_MS: String(devTokenDelayMs),
+    CHATWIRE_CHATS_PER_MINUTE: '1000000',
+    CHATWIRE_MESSAGES_PER_SECOND: '1000000',
+    CHATWIRE_MODEL_TOKENS_PER_MINUTE: '1000000000',
+    CHATWIRE_MAX_CONNECTIONS_PER_USER: '1000',
+    // info: the start line carries the port.
+    LOG_LEVEL: 'info',
   });
-  return createApp(config, { log: pino({ level: 'silent' }) });
 }
 
 type Msg = Record<string, unknown> & { type: string };
@@ -270,16 +270,22 @@ class BenchClient {
   }
 }
 
-async function counter(app: App, name: 'modelCalls' | 'cacheHits' | 'cacheMisses' | 'singleflightJoins'): Promise<number> {
-  return (await app.metrics[name].get()).values[0]?.value ?? 0;
+const COUNTERS = {
+  modelCalls: 'chatwire_model_calls_total',
+  cacheHits: 'chatwire_cache_hits_total',
+  singleflightJoins: 'chatwire_singleflight_joins_total',
+} as const;
+
+async function counter(server: Child, name: keyof typeof COUNTERS): Promise<number> {
+  const value = await scrape(server.port, COUNTERS[name]);
+  return Number.isNaN(value) ? 0 : value;
 }
 
-/** Mean time of one SQLite group commit since the server started (a hit waits for two: its ack's and its done's). */
-async function meanCommitMs(app: App): Promise<number> {
-  const values = (await app.metrics.dbCommitSeconds.get()).values;
-  const sum = values.find((v) => v.metricName?.endsWith('_sum'))?.value ?? 0;
-  const count = values.find((v) => v.metricName?.endsWith('_count'))?.value ?? 0;
-  return count === 0 ? 0 : Math.round((sum / count) * 1e6) / 1000;
+/** Mean time of one SQLite group commit since the server started (a hit's question and reply share one). */
+async function meanCommitMs(server: Child): Promise<number> {
+  const sum = await scrape(server.port, 'chatwire_db_commit_seconds_sum');
+  const count = await scrape(server.port, 'chatwire_db_commit_seconds_count');
+  return !(count > 0) ? 0 : Math.round((sum / count) * 1e6) / 1000;
 }
 
 function percentile(sorted: number[], q: number): number {
@@ -298,8 +304,8 @@ const connectAll = (url: string, n: number, prefix: string) => Promise.all(Array
 // ---------------------------------------------------------------- phases
 
 async function hitRatePhase(dataDir: string, texts: string[]) {
-  const app = await startApp(dataDir, 0);
-  const url = `ws://127.0.0.1:${app.port}/ws`;
+  const server = await startServer(dataDir, 0);
+  const url = `ws://127.0.0.1:${server.port}/ws`;
   const clients = await connectAll(url, 4, 'replay');
   let served = 0;
   let bad = 0;
@@ -310,15 +316,15 @@ async function hitRatePhase(dataDir: string, texts: string[]) {
       if (r.status === 'cached') served++;
       if (r.end.type !== 'chat.done' || !r.seqOk) bad++;
     }
-    return { hits: served, rate: served / texts.length, bad, metricHits: await counter(app, 'cacheHits'), modelCalls: await counter(app, 'modelCalls') };
+    return { hits: served, rate: served / texts.length, bad, metricHits: await counter(server, 'cacheHits'), modelCalls: await counter(server, 'modelCalls') };
   } finally {
     await Promise.all(clients.map((c) => c.close()));
-    await app.close();
+    await server.stop();
   }
 }
 
-async function latencyPhase(app: App, popular: string[]) {
-  const url = `ws://127.0.0.1:${app.port}/ws`;
+async function latencyPhase(server: Child, popular: string[]) {
+  const url = `ws://127.0.0.1:${server.port}/ws`;
   const clients = await connectAll(url, 4, 'latency');
   const pings: number[] = [];
   const hits: number[] = [];
@@ -350,11 +356,11 @@ async function latencyPhase(app: App, popular: string[]) {
   } finally {
     await Promise.all(clients.map((c) => c.close()));
   }
-  return { ping: summary(pings), hit: summary(hits), hitAck: summary(hitAcks), miss: summary(misses), unexpected: notCached, commitMs: await meanCommitMs(app) };
+  return { ping: summary(pings), hit: summary(hits), hitAck: summary(hitAcks), miss: summary(misses), unexpected: notCached, commitMs: await meanCommitMs(server) };
 }
 
-async function throughputPhase(app: App, popular: string[]) {
-  const url = `ws://127.0.0.1:${app.port}/ws`;
+async function throughputPhase(server: Child, popular: string[]) {
+  const url = `ws://127.0.0.1:${server.port}/ws`;
   const clients = await connectAll(url, throughputClients, 'load');
   let served = 0;
   let other = 0;
@@ -377,21 +383,21 @@ async function throughputPhase(app: App, popular: string[]) {
   return { clients: throughputClients, seconds: Math.round(seconds * 100) / 100, hits: served, other, hitsPerSecond: Math.round(served / seconds) };
 }
 
-async function singleFlightPhase(app: App) {
-  const url = `ws://127.0.0.1:${app.port}/ws`;
+async function singleFlightPhase(server: Child) {
+  const url = `ws://127.0.0.1:${server.port}/ws`;
   const clients = await connectAll(url, flightSize, 'flight');
   const groups: { requests: number; modelCalls: number; joins: number; identical: boolean }[] = [];
   try {
     for (let g = 0; g < flightGroups; g++) {
       const text = `Everyone asks this at once: group ${g}, run ${Date.now()}`;
-      const calls0 = await counter(app, 'modelCalls');
-      const joins0 = await counter(app, 'singleflightJoins');
+      const calls0 = await counter(server, 'modelCalls');
+      const joins0 = await counter(server, 'singleflightJoins');
       const results = await Promise.all(clients.map((c) => c.chat(text)));
       const first = results[0] as ChatResult;
       groups.push({
         requests: results.length,
-        modelCalls: (await counter(app, 'modelCalls')) - calls0,
-        joins: (await counter(app, 'singleflightJoins')) - joins0,
+        modelCalls: (await counter(server, 'modelCalls')) - calls0,
+        joins: (await counter(server, 'singleflightJoins')) - joins0,
         identical: results.every((r) => r.text === first.text && r.seqOk && r.end.type === 'chat.done'),
       });
     }
@@ -416,13 +422,13 @@ let flight: Awaited<ReturnType<typeof singleFlightPhase>>;
 try {
   measured = await hitRatePhase(dataDir, texts);
   // Same data dir, default model speed: the replay above filled the cache, and it survives the restart.
-  const app = await startApp(dataDir, 15);
+  const server = await startServer(dataDir, 15);
   try {
-    latency = await latencyPhase(app, popular);
-    throughput = await throughputPhase(app, popular);
-    flight = await singleFlightPhase(app);
+    latency = await latencyPhase(server, popular);
+    throughput = await throughputPhase(server, popular);
+    flight = await singleFlightPhase(server);
   } finally {
-    await app.close();
+    await server.stop();
   }
 } finally {
   fs.rmSync(dataDir, { recursive: true, force: true });
