@@ -109,6 +109,8 @@ export function createChatService(options: ChatServiceOptions): ChatService {
     if (task.ending) return;
     task.ending = true;
     running.delete(task);
+    // Its cancel closure holds the flight (every chunk, the request and its context): a retained task must not.
+    cancels.delete(task);
     const endedAt = performance.now();
     let status: 'done' | 'cancelled' | 'error';
     let result: ModelResult | null = null;
