@@ -69,21 +69,29 @@ const round1 = (n: number) => Math.round(n * 10) / 10;
 const round2 = (n: number) => Math.round(n * 100) / 100;
 const nowUs = () => Number(process.hrtime.bigint() / 1000n);
 const STAMP = /w(\d+)@(\d+)/g;
+// The first tokens of a reply arrive while the other chats of the round are still being set up.
+const START_TOKENS = 5;
 
 interface Side {
   firstTokenMs: number[];
   totalMs: number[];
-  /** Per token: upstream write to client receipt, ms. */
+  /** Per token: upstream write to client receipt, ms; the first START_TOKENS of each reply and the rest apart. */
   tokenMs: number[];
+  startTokenMs: number[];
+  restTokenMs: number[];
+  /** chat.send to chat.ack (chatwire only). */
+  ackMs: number[];
   tokens: number;
   /** Wall time of each round: first request sent to last reply finished. */
   wallMs: number[];
   errors: number;
+  /** CPU time (ms) over the measured rounds of this path: the upstream's process, the clients' (this one), chatwire's. */
+  cpuMs: { upstream: number; clients: number; chatwire: number };
   /** Replies whose tokens were not exactly w0..w(n-1) in order. */
   corrupted: number;
 }
 
-const newSide = (): Side => ({ firstTokenMs: [], totalMs: [], tokenMs: [], tokens: 0, wallMs: [], errors: 0, corrupted: 0 });
+const newSide = (): Side => ({ firstTokenMs: [], totalMs: [], tokenMs: [], startTokenMs: [], restTokenMs: [], ackMs: [], tokens: 0, wallMs: [], errors: 0, cpuMs: { upstream: 0, clients: 0, chatwire: 0 }, corrupted: 0 });
 
 /** One reply as a client sees it: the same bookkeeping for both paths. */
 class Reply {
@@ -91,6 +99,7 @@ class Reply {
   private next = 0;
   private bad = false;
   private readonly latencies: number[] = [];
+  private readonly startLatencies: number[] = [];
 
   constructor(private readonly t0: number) {}
 
@@ -100,15 +109,18 @@ class Reply {
     if (Number.isNaN(this.first)) this.first = performance.now() - this.t0;
     for (const m of text.matchAll(STAMP)) {
       if (Number(m[1]) !== this.next) this.bad = true;
+      const latency = (receivedUs - Number(m[2])) / 1000;
+      (this.next < START_TOKENS ? this.startLatencies : this.latencies).push(latency);
       this.next++;
-      this.latencies.push((receivedUs - Number(m[2])) / 1000);
     }
   }
 
   finish(side: Side): void {
     side.firstTokenMs.push(this.first);
     side.totalMs.push(performance.now() - this.t0);
-    for (const l of this.latencies) side.tokenMs.push(l);
+    side.startTokenMs.push(...this.startLatencies);
+    side.restTokenMs.push(...this.latencies);
+    side.tokenMs.push(...this.startLatencies, ...this.latencies);
     side.tokens += this.next;
     if (this.bad || this.next !== tokens) side.corrupted++;
   }
@@ -202,11 +214,14 @@ async function serverRound(sockets: WebSocket[], side: Side, label: string): Pro
     sockets.map(
       (socket, i) =>
         new Promise<void>((resolve) => {
-          const reply = new Reply(performance.now());
+          const sent = performance.now();
+          const reply = new Reply(sent);
           const onMessage = (data: WebSocket.RawData) => {
             const msg = JSON.parse(data.toString()) as Frame;
             if (msg.type === 'chat.delta') {
               reply.text(msg.text as string);
+            } else if (msg.type === 'chat.ack') {
+              side.ackMs.push(performance.now() - sent);
             } else if (msg.type === 'chat.done') {
               reply.finish(side);
               end();
@@ -251,27 +266,33 @@ async function benchUpstream() {
   const config = loadConfig({ CHATWIRE_WORKER_THREADS: workers });
   const direct = newSide();
   const through = newSide();
-  let serverCpuMs = 0;
   const sockets = await Promise.all(Array.from({ length: chats }, (_, i) => openSocket(`ws://127.0.0.1:${server.port}/ws?user=bench-${i}`)));
+  const cpuNow = () => {
+    const own = process.cpuUsage();
+    return { upstream: cpuMs(upstream.child.pid as number), clients: (own.user + own.system) / 1000, chatwire: cpuMs(server.child.pid as number) };
+  };
+  const measured = async (side: Side, run: () => Promise<void>) => {
+    const before = cpuNow();
+    await run();
+    const after = cpuNow();
+    for (const k of ['upstream', 'clients', 'chatwire'] as const) side.cpuMs[k] += after[k] - before[k];
+  };
+  const directMeasured = (side: Side, label: string) => measured(side, () => directRound(upstream.port, side, label));
+  const serverMeasured = (side: Side, label: string) => measured(side, () => serverRound(sockets, side, label));
   try {
-    const serverMeasured = async (side: Side, label: string) => {
-      const cpu0 = cpuMs(server.child.pid as number);
-      await serverRound(sockets, side, label);
-      if (side === through) serverCpuMs += cpuMs(server.child.pid as number) - cpu0;
-    };
     // Warm up both paths (JIT, worker threads, keep-alive connections on both sides) outside the measurement.
     for (let w = 0; w < 2; w++) {
-      await directRound(upstream.port, newSide(), `warm${w}`);
+      await directMeasured(newSide(), `warm${w}`);
       await serverMeasured(newSide(), `warm${w}`);
     }
     for (let r = 0; r < rounds; r++) {
       // direct, chatwire, chatwire, direct, ...: a drift in the machine's load falls on both sides alike.
       if (r % 2 === 0) {
-        await directRound(upstream.port, direct, String(r));
+        await directMeasured(direct, String(r));
         await serverMeasured(through, String(r));
       } else {
         await serverMeasured(through, String(r));
-        await directRound(upstream.port, direct, String(r));
+        await directMeasured(direct, String(r));
       }
     }
   } finally {
@@ -280,21 +301,28 @@ async function benchUpstream() {
     await server.stop();
     await upstream.stop();
   }
+  const pick = (values: number[]) => {
+    const s = summarize(values);
+    return { p50: round2(s.p50), p99: round2(s.p99) };
+  };
   const summary = (side: Side) => {
     const wall = side.wallMs.reduce((a, b) => a + b, 0);
-    const pick = (values: number[]) => {
-      const s = summarize(values);
-      return { p50: round2(s.p50), p99: round2(s.p99) };
-    };
     return {
       firstTokenMs: pick(side.firstTokenMs),
       tokenLatencyMs: pick(side.tokenMs),
+      startTokenLatencyMs: pick(side.startTokenMs),
+      restTokenLatencyMs: pick(side.restTokenMs),
       totalMs: pick(side.totalMs),
       tokensPerSecond: Math.round((side.tokens / wall) * 1000),
       chats: side.totalMs.length,
       tokens: side.tokens,
       errors: side.errors,
       corrupted: side.corrupted,
+      cpuUsPerToken: {
+        upstream: round1((side.cpuMs.upstream * 1000) / side.tokens),
+        clients: round1((side.cpuMs.clients * 1000) / side.tokens),
+        chatwire: round1((side.cpuMs.chatwire * 1000) / side.tokens),
+      },
     };
   };
   const d = summary(direct);
@@ -303,10 +331,12 @@ async function benchUpstream() {
   return {
     setup: { chats, tokensPerReply: tokens, intervalMs, rounds, workerThreads: config.workerThreads, tasksPerWorker: config.tasksPerWorker },
     direct: d,
-    throughChatwire: { ...s, serverCpuUsPerToken: round1((serverCpuMs * 1000) / through.tokens) },
+    throughChatwire: { ...s, ackMs: pick(through.ackMs) },
     added: {
       firstTokenMs: minus(s.firstTokenMs, d.firstTokenMs),
       tokenLatencyMs: minus(s.tokenLatencyMs, d.tokenLatencyMs),
+      startTokenLatencyMs: minus(s.startTokenLatencyMs, d.startTokenLatencyMs),
+      restTokenLatencyMs: minus(s.restTokenLatencyMs, d.restTokenLatencyMs),
       totalMs: minus(s.totalMs, d.totalMs),
     },
   };
@@ -394,26 +424,42 @@ console.log(`cores: ${os.availableParallelism()}, load average: ${os.loadavg().m
 if (part === 'upstream' || part === 'all') {
   const u = await benchUpstream();
   out.upstream = u;
-  const row = (name: string, x: { firstTokenMs: { p50: number; p99: number }; tokenLatencyMs: { p50: number; p99: number }; totalMs: { p50: number; p99: number } }) => [
-    name,
-    x.firstTokenMs.p50,
-    x.firstTokenMs.p99,
-    x.tokenLatencyMs.p50,
-    x.tokenLatencyMs.p99,
-    x.totalMs.p50,
-    x.totalMs.p99,
-  ];
+  type Pair = { p50: number; p99: number };
+  type Latencies = { firstTokenMs: Pair; tokenLatencyMs: Pair; startTokenLatencyMs: Pair; restTokenLatencyMs: Pair; totalMs: Pair };
+  const row = (name: string, x: Latencies) =>
+    [name, ...[x.firstTokenMs, x.tokenLatencyMs, x.startTokenLatencyMs, x.restTokenLatencyMs, x.totalMs].flatMap((v) => [v.p50, v.p99])];
   printTable(
     `upstream: ${u.setup.chats} concurrent chats, ${u.setup.tokensPerReply} tokens each at ${u.setup.intervalMs} ms, ${u.setup.rounds} rounds per path; ` +
-      `chatwire with ${u.setup.workerThreads} workers x ${u.setup.tasksPerWorker} tasks (ms)`,
-    ['path', 'first token p50', 'p99', 'token latency p50', 'p99', 'total p50', 'p99', 'tokens/s', 'errors/corrupted'],
+      `chatwire with ${u.setup.workerThreads} workers x ${u.setup.tasksPerWorker} tasks. Milliseconds, p50 / p99; added = through chatwire minus direct`,
+    ['path', 'first token', 'p99', 'token latency', 'p99', `tokens 0-${START_TOKENS - 1}`, 'p99', `tokens ${START_TOKENS}+`, 'p99', 'total', 'p99'],
+    [row('direct to upstream', u.direct), row('through chatwire /ws', u.throughChatwire), row('added by chatwire', u.added)],
+  );
+  printTable('throughput', ['path', 'tokens/s', 'chats', 'errors', 'corrupted replies', 'chat.ack p50', 'p99'], [
+    ['direct to upstream', u.direct.tokensPerSecond, String(u.direct.chats), String(u.direct.errors), String(u.direct.corrupted), '-', '-'],
     [
-      [...row('direct to upstream', u.direct), u.direct.tokensPerSecond, `${u.direct.errors}/${u.direct.corrupted}`],
-      [...row('through chatwire /ws', u.throughChatwire), u.throughChatwire.tokensPerSecond, `${u.throughChatwire.errors}/${u.throughChatwire.corrupted}`],
-      [...row('added by chatwire', u.added), '', ''],
+      'through chatwire /ws',
+      u.throughChatwire.tokensPerSecond,
+      String(u.throughChatwire.chats),
+      String(u.throughChatwire.errors),
+      String(u.throughChatwire.corrupted),
+      u.throughChatwire.ackMs.p50,
+      u.throughChatwire.ackMs.p99,
+    ],
+  ]);
+  printTable(
+    'CPU time per token over the measured rounds (µs; user + system, per process)',
+    ['path', 'fake upstream', 'clients', 'chatwire', 'all'],
+    [
+      ['direct to upstream', u.direct.cpuUsPerToken.upstream, u.direct.cpuUsPerToken.clients, '-', u.direct.cpuUsPerToken.upstream + u.direct.cpuUsPerToken.clients],
+      [
+        'through chatwire /ws',
+        u.throughChatwire.cpuUsPerToken.upstream,
+        u.throughChatwire.cpuUsPerToken.clients,
+        u.throughChatwire.cpuUsPerToken.chatwire,
+        u.throughChatwire.cpuUsPerToken.upstream + u.throughChatwire.cpuUsPerToken.clients + u.throughChatwire.cpuUsPerToken.chatwire,
+      ],
     ],
   );
-  console.log(`chatwire process CPU: ${u.throughChatwire.serverCpuUsPerToken} µs per token streamed`);
 }
 if (part === 'local' || part === 'all') {
   const l = await benchLocal();
