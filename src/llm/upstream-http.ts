@@ -142,7 +142,11 @@ export class SseReader {
       this.parse();
       this.notify();
     });
-    body.once('end', () => this.finish(undefined));
+    body.once('end', () => {
+      // A CR that ends the body ends its line: there is no LF to wait for.
+      this.parse(true);
+      this.finish(undefined);
+    });
     body.once('error', (err) => this.finish(err));
     // A connection that closes before the body's end, without an error of its own.
     body.once('close', () => this.finish(body.complete ? undefined : new Error('the response body was cut off')));
@@ -190,7 +194,7 @@ export class SseReader {
     wake?.();
   }
 
-  private parse(): void {
+  private parse(atEnd = false): void {
     const buffer = this.buffer;
     let start = 0;
     // Most servers end lines with LF alone: one search for CR per arrival, then only LFs.
@@ -202,7 +206,7 @@ export class SseReader {
       const end = cr < 0 || (lf >= 0 && lf < cr) ? lf : cr;
       if (end < 0) break;
       // A CR at the end of what arrived may be the first half of a CRLF: wait for the next byte.
-      if (end === cr && end + 1 === buffer.length) break;
+      if (end === cr && end + 1 === buffer.length && !atEnd) break;
       this.line(buffer.slice(start, end));
       start = end + (end === cr && buffer.charCodeAt(end + 1) === 10 ? 2 : 1);
     }
