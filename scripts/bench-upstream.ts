@@ -434,6 +434,14 @@ if (part === 'upstream' || part === 'all') {
     ['path', 'first token', 'p99', 'token latency', 'p99', `tokens 0-${START_TOKENS - 1}`, 'p99', `tokens ${START_TOKENS}+`, 'p99', 'total', 'p99'],
     [row('direct to upstream', u.direct), row('through chatwire /ws', u.throughChatwire), row('added by chatwire', u.added)],
   );
+  console.log(
+    [
+      'first token: the request sent (POST / chat.send) to the first token in the client\'s hands. token latency: the upstream writing',
+      `a token to the client holding it (the token's stamp against the client's clock), every token; tokens 0-${START_TOKENS - 1}: the first ${START_TOKENS} of each`,
+      'reply (they arrive while the round\'s other chats are being set up), the rest apart. total: the request sent to [DONE] / chat.done.',
+      'added: through chatwire minus direct, percentile by percentile (p50 - p50, p99 - p99), over the same alternating rounds.',
+    ].join('\n'),
+  );
   printTable('throughput', ['path', 'tokens/s', 'chats', 'errors', 'corrupted replies', 'chat.ack p50', 'p99'], [
     ['direct to upstream', u.direct.tokensPerSecond, String(u.direct.chats), String(u.direct.errors), String(u.direct.corrupted), '-', '-'],
     [
