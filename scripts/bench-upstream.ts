@@ -1,34 +1,48 @@
 /**
  * What chatwire's model path costs, measured side by side in one run.
  *
- * upstream: a fake OpenAI-compatible upstream (test/fixtures/fake-openai.ts)
- *   streams every reply at a fixed pace. N concurrent chats read it directly
- *   with the openai SDK, and N concurrent chats go through a real chatwire
- *   server (createApp, CHATWIRE_LLM=openai) over /ws. The difference is what
- *   chatwire adds to the time to first token and to the total time.
+ * upstream: a fake OpenAI-compatible upstream in its own process
+ *   (scripts/bench-upstream-server.ts) streams every reply at a fixed pace, each
+ *   token stamped with the moment it was written. chatwire runs in its own
+ *   process (CHATWIRE_LLM=openai, pointed at that upstream). The clients, here,
+ *   run rounds of N concurrent chats in turn: directly against the upstream
+ *   (keep-alive HTTP, the SSE events parsed to tokens) and through chatwire over
+ *   /ws (one socket each, the frames parsed to tokens). Both clients do the same
+ *   work per token (one JSON.parse per event or frame, the stamps read out of
+ *   the text), so the difference between the two paths is what chatwire adds.
+ *   Rounds alternate (direct, chatwire, chatwire, direct, ...) so that a change
+ *   in the machine's load falls on both.
  * local: the local provider on a generated GGUF model (random weights), run
  *   through the worker pool with 1 and 2 workers and 1, 2 or the library's
  *   default threads per worker: tokens per second.
  *
- *   npm run bench:upstream -- [--part upstream|local|all] [--chats 100] [--tokens 50] [--interval-ms 10] [--rounds 2]
+ *   npm run bench:upstream -- [--part upstream|local|all] [--chats 100] [--tokens 50] [--interval-ms 10] [--rounds 6]
+ *                             [--workers <CHATWIRE_WORKER_THREADS, default: cores>]
  *                             [--local-embd 256] [--local-layers 4] [--local-streams 4] [--local-tokens 64] [--local-seconds 8]
  *
- * Prints a table and, last, one JSON line with every figure.
+ * Figures (p50 and p99 over every chat, or every token, of every measured round):
+ * - first token: the client sending its request (POST / chat.send) to the client holding the first token;
+ * - token latency: the upstream writing a token to the client holding it (the token's stamp against the
+ *   client's clock: process.hrtime, one monotonic clock for the whole machine);
+ * - total: the request sent to the reply finished ([DONE] / chat.done);
+ * - added: through chatwire minus direct, percentile by percentile (p50 minus p50, p99 minus p99);
+ * - tokens/s: tokens received over the wall time of the rounds (first request to last reply);
+ * - chatwire CPU: the server process's user + system CPU time over its rounds, per token.
+ *
+ * Prints tables and, last, one JSON line with every figure.
  */
 import fs from 'node:fs';
+import http from 'node:http';
 import os from 'node:os';
 import path from 'node:path';
 import { performance } from 'node:perf_hooks';
 import { parseArgs } from 'node:util';
-import OpenAI from 'openai';
-import { pino } from 'pino';
 import WebSocket from 'ws';
-import { createApp } from '../src/app.js';
 import { loadConfig } from '../src/config.js';
 import { writeTinyLlamaGguf } from '../src/llm/gguf-tiny-llama.js';
 import { createModelPool } from '../src/llm/pool.js';
 import { providerSettingsFrom, type ModelRequest } from '../src/llm/provider.js';
-import { numberedTokens, startFakeOpenAI, streamReply, type FakeOpenAI } from '../test/fixtures/fake-openai.js';
+import { DIST, printTable, startChatwire, startChild, summarize } from './bench-support.js';
 
 const { values: args } = parseArgs({
   options: {
@@ -36,7 +50,8 @@ const { values: args } = parseArgs({
     chats: { type: 'string', default: '100' },
     tokens: { type: 'string', default: '50' },
     'interval-ms': { type: 'string', default: '10' },
-    rounds: { type: 'string', default: '2' },
+    rounds: { type: 'string', default: '6' },
+    workers: { type: 'string' },
     'local-embd': { type: 'string', default: '256' },
     'local-layers': { type: 'string', default: '4' },
     'local-streams': { type: 'string', default: '4' },
@@ -50,59 +65,135 @@ const tokens = Number(args.tokens);
 const intervalMs = Number(args['interval-ms']);
 const rounds = Number(args.rounds);
 
-interface Sample {
-  firstTokenMs: number;
-  totalMs: number;
-  tokens: number;
-}
+const round1 = (n: number) => Math.round(n * 10) / 10;
+const round2 = (n: number) => Math.round(n * 100) / 100;
+const nowUs = () => Number(process.hrtime.bigint() / 1000n);
+const STAMP = /w(\d+)@(\d+)/g;
+// The first tokens of a reply arrive while the other chats of the round are still being set up.
+const START_TOKENS = 5;
 
 interface Side {
-  samples: Sample[];
+  firstTokenMs: number[];
+  totalMs: number[];
+  /** Per token: upstream write to client receipt, ms; the first START_TOKENS of each reply and the rest apart. */
+  tokenMs: number[];
+  startTokenMs: number[];
+  restTokenMs: number[];
+  /** chat.send to chat.ack (chatwire only). */
+  ackMs: number[];
+  tokens: number;
   /** Wall time of each round: first request sent to last reply finished. */
   wallMs: number[];
   errors: number;
+  /** CPU time (ms) over the measured rounds of this path: the upstream's process, the clients' (this one), chatwire's. */
+  cpuMs: { upstream: number; clients: number; chatwire: number };
+  /** Replies whose tokens were not exactly w0..w(n-1) in order. */
+  corrupted: number;
 }
 
-function percentile(sorted: number[], p: number): number {
-  if (sorted.length === 0) return NaN;
-  return sorted[Math.min(sorted.length - 1, Math.ceil((p / 100) * sorted.length) - 1)] as number;
+const newSide = (): Side => ({ firstTokenMs: [], totalMs: [], tokenMs: [], startTokenMs: [], restTokenMs: [], ackMs: [], tokens: 0, wallMs: [], errors: 0, cpuMs: { upstream: 0, clients: 0, chatwire: 0 }, corrupted: 0 });
+
+/** One reply as a client sees it: the same bookkeeping for both paths. */
+class Reply {
+  private first = NaN;
+  private next = 0;
+  private bad = false;
+  private readonly latencies: number[] = [];
+  private readonly startLatencies: number[] = [];
+
+  constructor(private readonly t0: number) {}
+
+  /** The text of one SSE event or one /ws frame: reads the token stamps out of it. */
+  text(text: string): void {
+    const receivedUs = nowUs();
+    if (Number.isNaN(this.first)) this.first = performance.now() - this.t0;
+    for (const m of text.matchAll(STAMP)) {
+      if (Number(m[1]) !== this.next) this.bad = true;
+      const latency = (receivedUs - Number(m[2])) / 1000;
+      (this.next < START_TOKENS ? this.startLatencies : this.latencies).push(latency);
+      this.next++;
+    }
+  }
+
+  finish(side: Side): void {
+    side.firstTokenMs.push(this.first);
+    side.totalMs.push(performance.now() - this.t0);
+    side.startTokenMs.push(...this.startLatencies);
+    side.restTokenMs.push(...this.latencies);
+    side.tokenMs.push(...this.startLatencies, ...this.latencies);
+    side.tokens += this.next;
+    if (this.bad || this.next !== tokens) side.corrupted++;
+  }
 }
 
-function stats(values: number[]): { p50: number; p99: number } {
-  const sorted = [...values].sort((a, b) => a - b);
-  return { p50: round1(percentile(sorted, 50)), p99: round1(percentile(sorted, 99)) };
+const directAgent = new http.Agent({ keepAlive: true, maxSockets: Infinity });
+
+/** The request chatwire's openai provider sends for the same chat. */
+function completionBody(content: string): string {
+  return JSON.stringify({
+    model: 'fake-1',
+    messages: [{ role: 'user', content }],
+    stream: true,
+    stream_options: { include_usage: true },
+    max_tokens: tokens,
+  });
 }
 
-const round1 = (n: number) => Math.round(n * 10) / 10;
-
-/** N chats read the fake upstream directly with the openai SDK, all at once. */
-async function directRound(fake: FakeOpenAI, side: Side): Promise<void> {
-  const client = new OpenAI({ baseURL: fake.baseUrl, apiKey: 'bench', maxRetries: 0 });
-  const start = performance.now();
-  await Promise.all(
-    Array.from({ length: chats }, async (_, i) => {
-      const t0 = performance.now();
-      let first = NaN;
-      let n = 0;
-      try {
-        const stream = await client.chat.completions.create({
-          model: 'fake-1',
-          messages: [{ role: 'user', content: `direct chat ${i} ${Math.random()}` }],
-          max_tokens: tokens,
-          stream: true,
-        });
-        for await (const chunk of stream) {
-          const content = chunk.choices[0]?.delta?.content;
-          if (!content) continue;
-          if (n === 0) first = performance.now() - t0;
-          n++;
+/** One chat read directly from the upstream: SSE events split and parsed to tokens. */
+function directChat(upstreamPort: number, content: string, side: Side): Promise<void> {
+  return new Promise((resolve) => {
+    const body = completionBody(content);
+    const reply = new Reply(performance.now());
+    const failed = () => {
+      side.errors++;
+      resolve();
+    };
+    const req = http.request(
+      {
+        agent: directAgent,
+        host: '127.0.0.1',
+        port: upstreamPort,
+        path: '/v1/chat/completions',
+        method: 'POST',
+        headers: { 'content-type': 'application/json', 'content-length': Buffer.byteLength(body), authorization: 'Bearer bench' },
+      },
+      (res) => {
+        if (res.statusCode !== 200) {
+          res.resume();
+          return failed();
         }
-        side.samples.push({ firstTokenMs: first, totalMs: performance.now() - t0, tokens: n });
-      } catch {
-        side.errors++;
-      }
-    }),
-  );
+        res.setEncoding('utf8');
+        let buffer = '';
+        let done = false;
+        res.on('data', (chunk: string) => {
+          buffer += chunk;
+          let end;
+          while ((end = buffer.indexOf('\n\n')) >= 0) {
+            const event = buffer.slice(0, end);
+            buffer = buffer.slice(end + 2);
+            if (!event.startsWith('data: ')) continue;
+            const data = event.slice(6);
+            if (data === '[DONE]') {
+              done = true;
+              reply.finish(side);
+              continue;
+            }
+            const content = (JSON.parse(data) as { choices: Array<{ delta?: { content?: string } }> }).choices[0]?.delta?.content;
+            if (content) reply.text(content);
+          }
+        });
+        res.on('end', () => (done ? resolve() : failed()));
+        res.on('error', failed);
+      },
+    );
+    req.on('error', failed);
+    req.end(body);
+  });
+}
+
+async function directRound(upstreamPort: number, side: Side, label: string): Promise<void> {
+  const start = performance.now();
+  await Promise.all(Array.from({ length: chats }, (_, i) => directChat(upstreamPort, `direct chat ${label} ${i}`, side)));
   side.wallMs.push(performance.now() - start);
 }
 
@@ -114,104 +205,139 @@ function openSocket(url: string): Promise<WebSocket> {
   });
 }
 
-/** N chats through chatwire over /ws, one connection (and user) each, sent at once after all are connected. */
-async function serverRound(wsUrl: string, side: Side, roundIndex: number): Promise<void> {
-  const sockets = await Promise.all(Array.from({ length: chats }, (_, i) => openSocket(`${wsUrl}?user=bench-${roundIndex}-${i}`)));
+type Frame = { type: string; id?: string; text?: string };
+
+/** N chats through chatwire over /ws, one open connection (and user) each, sent at once. */
+async function serverRound(sockets: WebSocket[], side: Side, label: string): Promise<void> {
   const start = performance.now();
   await Promise.all(
     sockets.map(
       (socket, i) =>
         new Promise<void>((resolve) => {
-          let t0 = 0;
-          let first = NaN;
-          let n = 0;
-          socket.on('message', (data) => {
-            const msg = JSON.parse(data.toString()) as { type: string; text?: string; usage?: { completionTokens: number } };
+          const sent = performance.now();
+          const reply = new Reply(sent);
+          const onMessage = (data: WebSocket.RawData) => {
+            const msg = JSON.parse(data.toString()) as Frame;
             if (msg.type === 'chat.delta') {
-              if (Number.isNaN(first)) first = performance.now() - t0;
-              n++;
+              reply.text(msg.text as string);
+            } else if (msg.type === 'chat.ack') {
+              side.ackMs.push(performance.now() - sent);
             } else if (msg.type === 'chat.done') {
-              side.samples.push({ firstTokenMs: first, totalMs: performance.now() - t0, tokens: msg.usage?.completionTokens ?? n });
-              resolve();
+              reply.finish(side);
+              end();
             } else if (msg.type === 'chat.error' || msg.type === 'error') {
               side.errors++;
-              resolve();
+              end();
             }
-          });
-          t0 = performance.now();
-          socket.send(
-            JSON.stringify({ type: 'chat.send', id: `c${i}`, text: `server chat ${roundIndex} ${i} ${Math.random()}`, params: { maxTokens: tokens }, cache: 'bypass' }),
-          );
+          };
+          const end = () => {
+            socket.off('message', onMessage);
+            resolve();
+          };
+          socket.on('message', onMessage);
+          socket.send(JSON.stringify({ type: 'chat.send', id: `c${i}`, text: `server chat ${label} ${i}`, params: { maxTokens: tokens }, cache: 'bypass' }));
         }),
     ),
   );
   side.wallMs.push(performance.now() - start);
-  await Promise.all(
-    sockets.map(
-      (s) =>
-        new Promise<void>((resolve) => {
-          s.once('close', () => resolve());
-          s.close();
-        }),
-    ),
-  );
+}
+
+/** User + system CPU time of a process, ms (Linux /proc; NaN elsewhere). */
+function cpuMs(pid: number): number {
+  try {
+    const fields = fs.readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1]?.split(' ') ?? [];
+    // utime and stime are fields 14 and 15 of stat, 12 and 13 after the command name, in clock ticks (100 Hz on Linux).
+    return ((Number(fields[11]) + Number(fields[12])) * 1000) / 100;
+  } catch {
+    return NaN;
+  }
 }
 
 async function benchUpstream() {
-  const fake = await startFakeOpenAI({
-    handler: (ex) => streamReply(ex, { tokens: numberedTokens(tokens), intervalMs, usage: { promptTokens: 10, completionTokens: tokens } }),
+  const upstream = await startChild(path.join(DIST, 'scripts', 'bench-upstream-server.js'), { BENCH_INTERVAL_MS: String(intervalMs) });
+  const workers = args.workers ?? String(os.availableParallelism());
+  const server = await startChatwire({
+    CHATWIRE_LLM: 'openai',
+    CHATWIRE_MODEL: 'fake-1',
+    CHATWIRE_OPENAI_BASE_URL: `http://127.0.0.1:${upstream.port}/v1`,
+    CHATWIRE_UPSTREAM_MAX_RETRIES: '0',
+    CHATWIRE_WORKER_THREADS: workers,
   });
-  const dataDir = fs.mkdtempSync(path.join(os.tmpdir(), 'chatwire-bench-upstream-'));
-  const config = loadConfig({}, {
-    port: 0,
-    host: '127.0.0.1',
-    dataDir,
-    llm: 'openai',
-    model: 'fake-1',
-    openaiBaseUrl: fake.baseUrl,
-    upstreamMaxRetries: 0,
-    logLevel: 'silent',
-    chatsPerMinute: 1_000_000,
-    modelTokensPerMinute: 1_000_000_000,
-    messagesPerSecond: 1_000_000,
-  });
-  const app = await createApp(config, { log: pino({ level: 'silent' }) });
-  const wsUrl = `ws://127.0.0.1:${app.port}/ws`;
-  const direct: Side = { samples: [], wallMs: [], errors: 0 };
-  const server: Side = { samples: [], wallMs: [], errors: 0 };
+  const config = loadConfig({ CHATWIRE_WORKER_THREADS: workers });
+  const direct = newSide();
+  const through = newSide();
+  const sockets = await Promise.all(Array.from({ length: chats }, (_, i) => openSocket(`ws://127.0.0.1:${server.port}/ws?user=bench-${i}`)));
+  const cpuNow = () => {
+    const own = process.cpuUsage();
+    return { upstream: cpuMs(upstream.child.pid as number), clients: (own.user + own.system) / 1000, chatwire: cpuMs(server.child.pid as number) };
+  };
+  const measured = async (side: Side, run: () => Promise<void>) => {
+    const before = cpuNow();
+    await run();
+    const after = cpuNow();
+    for (const k of ['upstream', 'clients', 'chatwire'] as const) side.cpuMs[k] += after[k] - before[k];
+  };
+  const directMeasured = (side: Side, label: string) => measured(side, () => directRound(upstream.port, side, label));
+  const serverMeasured = (side: Side, label: string) => measured(side, () => serverRound(sockets, side, label));
   try {
-    // Warm up both paths (JIT, worker threads, connection pools) outside the measurement.
-    await directRound(fake, { samples: [], wallMs: [], errors: 0 });
-    await serverRound(wsUrl, { samples: [], wallMs: [], errors: 0 }, -1);
+    // Warm up both paths (JIT, worker threads, keep-alive connections on both sides) outside the measurement.
+    for (let w = 0; w < 2; w++) {
+      await directMeasured(newSide(), `warm${w}`);
+      await serverMeasured(newSide(), `warm${w}`);
+    }
     for (let r = 0; r < rounds; r++) {
-      await directRound(fake, direct);
-      await serverRound(wsUrl, server, r);
+      // direct, chatwire, chatwire, direct, ...: a drift in the machine's load falls on both sides alike.
+      if (r % 2 === 0) {
+        await directMeasured(direct, String(r));
+        await serverMeasured(through, String(r));
+      } else {
+        await serverMeasured(through, String(r));
+        await directMeasured(direct, String(r));
+      }
     }
   } finally {
-    await app.close();
-    await fake.close();
-    fs.rmSync(dataDir, { recursive: true, force: true });
+    for (const s of sockets) s.close();
+    directAgent.destroy();
+    await server.stop();
+    await upstream.stop();
   }
+  const pick = (values: number[]) => {
+    const s = summarize(values);
+    return { p50: round2(s.p50), p99: round2(s.p99) };
+  };
   const summary = (side: Side) => {
-    const totalTokens = side.samples.reduce((s, x) => s + x.tokens, 0);
     const wall = side.wallMs.reduce((a, b) => a + b, 0);
     return {
-      firstTokenMs: stats(side.samples.map((s) => s.firstTokenMs)),
-      totalMs: stats(side.samples.map((s) => s.totalMs)),
-      tokensPerSecond: Math.round((totalTokens / wall) * 1000),
-      chats: side.samples.length,
+      firstTokenMs: pick(side.firstTokenMs),
+      tokenLatencyMs: pick(side.tokenMs),
+      startTokenLatencyMs: pick(side.startTokenMs),
+      restTokenLatencyMs: pick(side.restTokenMs),
+      totalMs: pick(side.totalMs),
+      tokensPerSecond: Math.round((side.tokens / wall) * 1000),
+      chats: side.totalMs.length,
+      tokens: side.tokens,
       errors: side.errors,
+      corrupted: side.corrupted,
+      cpuUsPerToken: {
+        upstream: round1((side.cpuMs.upstream * 1000) / side.tokens),
+        clients: round1((side.cpuMs.clients * 1000) / side.tokens),
+        chatwire: round1((side.cpuMs.chatwire * 1000) / side.tokens),
+      },
     };
   };
   const d = summary(direct);
-  const s = summary(server);
+  const s = summary(through);
+  const minus = (a: { p50: number; p99: number }, b: { p50: number; p99: number }) => ({ p50: round2(a.p50 - b.p50), p99: round2(a.p99 - b.p99) });
   return {
-    setup: { chats, tokensPerReply: tokens, intervalMs, rounds, workerThreads: config.workerThreads },
+    setup: { chats, tokensPerReply: tokens, intervalMs, rounds, workerThreads: config.workerThreads, tasksPerWorker: config.tasksPerWorker },
     direct: d,
-    throughChatwire: s,
+    throughChatwire: { ...s, ackMs: pick(through.ackMs) },
     added: {
-      firstTokenMs: { p50: round1(s.firstTokenMs.p50 - d.firstTokenMs.p50), p99: round1(s.firstTokenMs.p99 - d.firstTokenMs.p99) },
-      totalMs: { p50: round1(s.totalMs.p50 - d.totalMs.p50), p99: round1(s.totalMs.p99 - d.totalMs.p99) },
+      firstTokenMs: minus(s.firstTokenMs, d.firstTokenMs),
+      tokenLatencyMs: minus(s.tokenLatencyMs, d.tokenLatencyMs),
+      startTokenLatencyMs: minus(s.startTokenLatencyMs, d.startTokenLatencyMs),
+      restTokenLatencyMs: minus(s.restTokenLatencyMs, d.restTokenLatencyMs),
+      totalMs: minus(s.totalMs, d.totalMs),
     },
   };
 }
@@ -298,13 +424,50 @@ console.log(`cores: ${os.availableParallelism()}, load average: ${os.loadavg().m
 if (part === 'upstream' || part === 'all') {
   const u = await benchUpstream();
   out.upstream = u;
-  console.log(`\nupstream: ${u.setup.chats} concurrent chats, ${u.setup.tokensPerReply} tokens each at ${u.setup.intervalMs} ms, ${u.setup.rounds} rounds`);
-  console.log('| path | first token p50 | p99 | total p50 | p99 | tokens/s | errors |');
-  console.log('| --- | --- | --- | --- | --- | --- | --- |');
-  for (const [name, s] of [['direct to upstream', u.direct], ['through chatwire /ws', u.throughChatwire]] as const) {
-    console.log(`| ${name} | ${s.firstTokenMs.p50} | ${s.firstTokenMs.p99} | ${s.totalMs.p50} | ${s.totalMs.p99} | ${s.tokensPerSecond} | ${s.errors} |`);
-  }
-  console.log(`| chatwire adds | ${u.added.firstTokenMs.p50} | ${u.added.firstTokenMs.p99} | ${u.added.totalMs.p50} | ${u.added.totalMs.p99} | | |`);
+  type Pair = { p50: number; p99: number };
+  type Latencies = { firstTokenMs: Pair; tokenLatencyMs: Pair; startTokenLatencyMs: Pair; restTokenLatencyMs: Pair; totalMs: Pair };
+  const row = (name: string, x: Latencies) =>
+    [name, ...[x.firstTokenMs, x.tokenLatencyMs, x.startTokenLatencyMs, x.restTokenLatencyMs, x.totalMs].flatMap((v) => [v.p50, v.p99])];
+  printTable(
+    `upstream: ${u.setup.chats} concurrent chats, ${u.setup.tokensPerReply} tokens each at ${u.setup.intervalMs} ms, ${u.setup.rounds} rounds per path; ` +
+      `chatwire with ${u.setup.workerThreads} workers x ${u.setup.tasksPerWorker} tasks. Milliseconds, p50 / p99; added = through chatwire minus direct`,
+    ['path', 'first token', 'p99', 'token latency', 'p99', `tokens 0-${START_TOKENS - 1}`, 'p99', `tokens ${START_TOKENS}+`, 'p99', 'total', 'p99'],
+    [row('direct to upstream', u.direct), row('through chatwire /ws', u.throughChatwire), row('added by chatwire', u.added)],
+  );
+  console.log(
+    [
+      'first token: the request sent (POST / chat.send) to the first token in the client\'s hands. token latency: the upstream writing',
+      `a token to the client holding it (the token's stamp against the client's clock), every token; tokens 0-${START_TOKENS - 1}: the first ${START_TOKENS} of each`,
+      'reply (they arrive while the round\'s other chats are being set up), the rest apart. total: the request sent to [DONE] / chat.done.',
+      'added: through chatwire minus direct, percentile by percentile (p50 - p50, p99 - p99), over the same alternating rounds.',
+    ].join('\n'),
+  );
+  printTable('throughput', ['path', 'tokens/s', 'chats', 'errors', 'corrupted replies', 'chat.ack p50', 'p99'], [
+    ['direct to upstream', u.direct.tokensPerSecond, String(u.direct.chats), String(u.direct.errors), String(u.direct.corrupted), '-', '-'],
+    [
+      'through chatwire /ws',
+      u.throughChatwire.tokensPerSecond,
+      String(u.throughChatwire.chats),
+      String(u.throughChatwire.errors),
+      String(u.throughChatwire.corrupted),
+      u.throughChatwire.ackMs.p50,
+      u.throughChatwire.ackMs.p99,
+    ],
+  ]);
+  printTable(
+    'CPU time per token over the measured rounds (µs; user + system, per process)',
+    ['path', 'fake upstream', 'clients', 'chatwire', 'all'],
+    [
+      ['direct to upstream', u.direct.cpuUsPerToken.upstream, u.direct.cpuUsPerToken.clients, '-', u.direct.cpuUsPerToken.upstream + u.direct.cpuUsPerToken.clients],
+      [
+        'through chatwire /ws',
+        u.throughChatwire.cpuUsPerToken.upstream,
+        u.throughChatwire.cpuUsPerToken.clients,
+        u.throughChatwire.cpuUsPerToken.chatwire,
+        u.throughChatwire.cpuUsPerToken.upstream + u.throughChatwire.cpuUsPerToken.clients + u.throughChatwire.cpuUsPerToken.chatwire,
+      ],
+    ],
+  );
 }
 if (part === 'local' || part === 'all') {
   const l = await benchLocal();

@@ -3,6 +3,7 @@ import OpenAI, { APIConnectionError, APIConnectionTimeoutError, APIError, APIUse
 import type { ChatCompletionChunk, ChatCompletionCreateParamsStreaming } from 'openai/resources/chat/completions';
 import { AppError } from '../protocol/index.js';
 import { countTokens, type ModelRequest, type ModelResult, type Provider } from './provider.js';
+import { createUpstreamHttp, SseReader } from './upstream-http.js';
 
 export interface OpenAIProviderOptions {
   /** Base URL of any OpenAI-compatible server, e.g. https://api.openai.com/v1 or http://127.0.0.1:11434/v1. */
@@ -86,6 +87,7 @@ function httpFailure(err: APIError & { status: number }): Failure {
  * upstream request. See docs/providers.md for the exact rules.
  */
 export function createOpenAIProvider(options: OpenAIProviderOptions): Provider {
+  const upstream = createUpstreamHttp();
   const client = new OpenAI({
     baseURL: options.baseUrl,
     apiKey: options.apiKey ?? PLACEHOLDER_API_KEY,
@@ -93,6 +95,8 @@ export function createOpenAIProvider(options: OpenAIProviderOptions): Provider {
     timeout: SDK_TIMEOUT_MS,
     // Failures are reported as AppErrors by us; the SDK would also print malformed chunks to the console.
     logLevel: 'off',
+    // Keep-alive connections and a body read without WHATWG streams: see upstream-http.ts.
+    fetch: upstream.fetch,
   });
   const retryBaseDelayMs = options.retryBaseDelayMs ?? DEFAULT_RETRY_BASE_DELAY_MS;
   const checkTimeoutMs = options.checkTimeoutMs ?? DEFAULT_CHECK_TIMEOUT_MS;
@@ -165,15 +169,39 @@ export function createOpenAIProvider(options: OpenAIProviderOptions): Provider {
         let settled = false;
         let failure: Failure | undefined;
         try {
-          const stream = await client.chat.completions.create(bodyOf(request), {
-            signal: attempt.signal,
-            maxRetries: 0,
-            timeout: SDK_TIMEOUT_MS,
-          });
+          // The SDK builds, authenticates and sends the request and maps HTTP failures; the SSE body is read here.
+          const response = await client.chat.completions
+            .create(bodyOf(request), { signal: attempt.signal, maxRetries: 0, timeout: SDK_TIMEOUT_MS })
+            .asResponse();
+          const body = upstream.bodyOf(response);
+          if (!body) throw new AppError('internal', 'the upstream response has no readable body');
           phase = 'stream';
+          const events = new SseReader(body);
+          // Cancel and our timers end the reading at once; the loop then ends quietly, as the SDK's stream did.
+          attempt.signal.addEventListener('abort', () => events.close(), { once: true });
+          if (attempt.signal.aborted) events.close();
           let finishReason: string | undefined;
           let usage: ChatCompletionChunk['usage'];
-          for await (const chunk of stream) {
+          let sawDone = false;
+          for (;;) {
+            const event = events.read();
+            if (event === undefined) {
+              if (events.done) break;
+              await events.wait();
+              continue;
+            }
+            if (attempt.signal.aborted) break;
+            // The SDK's rules: nothing after [DONE] counts; `thread.*` events are the Assistants API's, not chat chunks.
+            if (sawDone) continue;
+            if (event.data.startsWith('[DONE]')) {
+              sawDone = true;
+              continue;
+            }
+            if (event.event !== null && event.event.startsWith('thread.')) continue;
+            const chunk = JSON.parse(event.data) as (ChatCompletionChunk & { error?: unknown }) | null;
+            if (typeof chunk !== 'object' || chunk === null) throw new SyntaxError('an SSE event that is not a JSON object');
+            // An `error` object sent as an event: the APIError without a status that the SDK's stream throws.
+            if (chunk.error) throw new APIError(undefined, chunk.error as object, undefined, response.headers);
             if (text.length > 0) timer.refresh();
             if (chunk.usage) usage = chunk.usage;
             const choice = chunk.choices?.find((c) => c.index === 0) ?? chunk.choices?.[0];
@@ -193,7 +221,7 @@ export function createOpenAIProvider(options: OpenAIProviderOptions): Provider {
             timer.refresh();
           }
           settled = true;
-          // The SDK ends the iteration quietly when its request is aborted: by cancel, or by one of our timers (handled below).
+          // The reading ends quietly when the request is aborted: by cancel, or by one of our timers (handled below).
           if (timedOut === undefined) {
             if (signal.aborted) return counted('stop');
             if (finishReason === undefined) {

@@ -1,9 +1,9 @@
 import { randomUUID } from 'node:crypto';
-import { BroadcastChannel, MessageChannel } from 'node:worker_threads';
+import { BroadcastChannel, type MessagePort } from 'node:worker_threads';
 import { Piscina } from 'piscina';
 import { AppError, type ErrorCode } from '../protocol/index.js';
 import type { ModelRequest, ModelResult, ProviderSettings } from './provider.js';
-import type { WorkerEvent, WorkerTask } from './worker-protocol.js';
+import type { PoolCommand, WorkerEvent, WorkerHello, WorkerTask } from './worker-protocol.js';
 
 export interface ModelPoolOptions {
   settings: ProviderSettings;
@@ -92,16 +92,31 @@ export function createModelPool(options: ModelPoolOptions): ModelPool {
     idleTimeout: 60_000,
     // 'sync' parks an idle worker in Atomics.wait, which stops its event loop: it could not hear the close request.
     atomics: 'async',
+    // The pool's own numbers are enough (stats()); Piscina's histograms would cost every task a record.
+    recordTiming: false,
     workerData: { settings: options.settings, controlChannel },
   });
   // A worker that dies is replaced by Piscina; its tasks are failed through their run() promises.
   piscina.on('error', () => {});
   let inFlight = 0;
   let closed = false;
+  let nextCallId = 0;
+  /** The calls started and not finished, by id: where a worker's events go. */
+  const calls = new Map<number, (event: WorkerEvent) => void>();
+  /** Each live worker's event port, by thread id. */
+  const workerPorts = new Map<number, MessagePort>();
+  piscina.on('message', (msg: WorkerHello) => {
+    if (msg?.t !== 'events') return;
+    const { threadId, port } = msg;
+    workerPorts.set(threadId, port);
+    port.on('message', (event: WorkerEvent) => calls.get(event.id)?.(event));
+    port.once('close', () => {
+      if (workerPorts.get(threadId) === port) workerPorts.delete(threadId);
+    });
+  });
 
   function startRun(request: ModelRequest, handlers: ModelRunHandlers, release: () => void): ModelRun {
-    const channel = new MessageChannel();
-    const port = channel.port1;
+    const id = nextCallId++;
     let finished = false;
     let graceTimer: NodeJS.Timeout | undefined;
     let deadlineTimer: NodeJS.Timeout | undefined;
@@ -109,14 +124,18 @@ export function createModelPool(options: ModelPoolOptions): ModelPool {
     let deadlineHit = false;
     let terminated = false;
     let cancelRequested = false;
-    // The worker running this call, from its `start` event: the one to terminate if it hangs.
+    // The worker running this call, from its `start` event: the one to ask to stop, or to terminate if it hangs.
     let workerThreadId: number | null = null;
+    // A stop asked for before the worker started the call is sent with its `start`.
+    const askToStop = () => {
+      if (workerThreadId !== null) workerPorts.get(workerThreadId)?.postMessage({ t: 'cancel', id } satisfies PoolCommand);
+    };
     const finish = () => {
       finished = true;
       clearTimeout(graceTimer);
       clearTimeout(deadlineTimer);
       clearTimeout(stopTimer);
-      port.close();
+      calls.delete(id);
       release();
     };
     const fail = (code: ErrorCode, message: string, retryAfterMs?: number) => {
@@ -124,11 +143,11 @@ export function createModelPool(options: ModelPoolOptions): ModelPool {
       finish();
       handlers.onError(new AppError(code, message, retryAfterMs === undefined ? {} : { retryAfterMs }));
     };
-    port.on('message', (event: WorkerEvent) => {
-      if (finished) return;
+    calls.set(id, (event) => {
       switch (event.t) {
         case 'start':
           workerThreadId = event.threadId;
+          if (cancelRequested || deadlineHit) askToStop();
           handlers.onStart?.();
           break;
         case 'chunk':
@@ -155,7 +174,7 @@ export function createModelPool(options: ModelPoolOptions): ModelPool {
     // streams), and aborting it terminates the worker. The hung worker is terminated here instead, by thread id.
     deadlineTimer = setTimeout(() => {
       deadlineHit = true;
-      port.postMessage({ t: 'cancel' });
+      askToStop();
       stopTimer = setTimeout(() => {
         if (finished) return;
         const thread = piscina.threads.find((w) => w.threadId === workerThreadId);
@@ -167,28 +186,26 @@ export function createModelPool(options: ModelPoolOptions): ModelPool {
         void thread.terminate();
       }, DEADLINE_STOP_GRACE_MS);
     }, options.taskTimeoutMs);
-    piscina
-      .run({ kind: 'stream', request, port: channel.port2 }, { transferList: [channel.port2] })
-      .then(
-        () => {
-          if (!finished) {
-            graceTimer = setTimeout(() => fail('worker_failed', 'the model stream ended without its end marker'), END_MARKER_GRACE_MS);
-            graceTimer.unref();
-          }
-        },
-        (err: unknown) => {
-          if (finished) return;
-          options.hooks?.onWorkerFailure?.();
-          if (terminated) fail('worker_failed', `the model call exceeded its ${options.taskTimeoutMs} ms deadline; the worker was replaced`);
-          else if (closed) fail('worker_failed', 'the server is shutting down');
-          else fail('worker_failed', `the worker running this task died (${err instanceof Error ? err.message.slice(0, 200) : 'unknown'})`);
-        },
-      );
+    piscina.run({ kind: 'stream', id, request }).then(
+      () => {
+        if (!finished) {
+          graceTimer = setTimeout(() => fail('worker_failed', 'the model stream ended without its end marker'), END_MARKER_GRACE_MS);
+          graceTimer.unref();
+        }
+      },
+      (err: unknown) => {
+        if (finished) return;
+        options.hooks?.onWorkerFailure?.();
+        if (terminated) fail('worker_failed', `the model call exceeded its ${options.taskTimeoutMs} ms deadline; the worker was replaced`);
+        else if (closed) fail('worker_failed', 'the server is shutting down');
+        else fail('worker_failed', `the worker running this task died (${err instanceof Error ? err.message.slice(0, 200) : 'unknown'})`);
+      },
+    );
     return {
       cancel() {
         if (finished) return;
         cancelRequested = true;
-        port.postMessage({ t: 'cancel' });
+        askToStop();
       },
     };
   }
