@@ -11,12 +11,19 @@
  *   work per token (one JSON.parse per event or frame, the stamps read out of
  *   the text), so the difference between the two paths is what chatwire adds.
  *   Rounds alternate (direct, chatwire, chatwire, direct, ...) so that a change
- *   in the machine's load falls on both.
+ *   in the machine's load falls on both. Two arrival patterns, each its own rounds:
+ *   - burst: all N chats of a round sent at the same moment (the worst case: the
+ *     N requests queue behind each other for the CPU on every hop);
+ *   - steady: N users in a closed loop, each sending its next chat when its
+ *     reply ends, their first chats spread over one reply's length, so about N
+ *     replies stream at any time and chats arrive spread out, as from real users:
+ *     what one chat costs when the server is not handed N at once.
  * local: the local provider on a generated GGUF model (random weights), run
  *   through the worker pool with 1 and 2 workers and 1, 2 or the library's
  *   default threads per worker: tokens per second.
  *
  *   npm run bench:upstream -- [--part upstream|local|all] [--chats 100] [--tokens 50] [--interval-ms 10] [--rounds 6]
+ *                             [--steady-replies 3] (replies per user in a steady round)
  *                             [--workers <CHATWIRE_WORKER_THREADS, default: cores>]
  *                             [--local-embd 256] [--local-layers 4] [--local-streams 4] [--local-tokens 64] [--local-seconds 8]
  *
@@ -24,7 +31,8 @@
  * - first token: the client sending its request (POST / chat.send) to the client holding the first token;
  * - token latency: the upstream writing a token to the client holding it (the token's stamp against the
  *   client's clock: process.hrtime, one monotonic clock for the whole machine);
- * - total: the request sent to the reply finished ([DONE] / chat.done);
+ * - end: the upstream writing the reply's last token to the reply finished in the client's hands ([DONE] / chat.done);
+ * - total: the request sent to the reply finished ([DONE] / chat.done); it also holds the upstream's own pacing;
  * - added: through chatwire minus direct, percentile by percentile (p50 minus p50, p99 minus p99);
  * - tokens/s: tokens received over the wall time of the rounds (first request to last reply);
  * - chatwire CPU: the server process's user + system CPU time over its rounds, per token.
@@ -37,6 +45,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { performance } from 'node:perf_hooks';
 import { parseArgs } from 'node:util';
+import { setTimeout as sleep } from 'node:timers/promises';
 import WebSocket from 'ws';
 import { loadConfig } from '../src/config.js';
 import { writeTinyLlamaGguf } from '../src/llm/gguf-tiny-llama.js';
@@ -51,6 +60,7 @@ const { values: args } = parseArgs({
     tokens: { type: 'string', default: '50' },
     'interval-ms': { type: 'string', default: '10' },
     rounds: { type: 'string', default: '6' },
+    'steady-replies': { type: 'string', default: '3' },
     workers: { type: 'string' },
     'local-embd': { type: 'string', default: '256' },
     'local-layers': { type: 'string', default: '4' },
@@ -64,6 +74,7 @@ const chats = Number(args.chats);
 const tokens = Number(args.tokens);
 const intervalMs = Number(args['interval-ms']);
 const rounds = Number(args.rounds);
+const steadyReplies = Number(args['steady-replies']);
 
 const round1 = (n: number) => Math.round(n * 10) / 10;
 const round2 = (n: number) => Math.round(n * 100) / 100;
@@ -79,6 +90,8 @@ interface Side {
   tokenMs: number[];
   startTokenMs: number[];
   restTokenMs: number[];
+  /** The upstream writing a reply's last token to the reply being complete in the client's hands ([DONE] / chat.done). */
+  endMs: number[];
   /** chat.send to chat.ack (chatwire only). */
   ackMs: number[];
   tokens: number;
@@ -91,7 +104,7 @@ interface Side {
   corrupted: number;
 }
 
-const newSide = (): Side => ({ firstTokenMs: [], totalMs: [], tokenMs: [], startTokenMs: [], restTokenMs: [], ackMs: [], tokens: 0, wallMs: [], errors: 0, cpuMs: { upstream: 0, clients: 0, chatwire: 0 }, corrupted: 0 });
+const newSide = (): Side => ({ firstTokenMs: [], totalMs: [], tokenMs: [], startTokenMs: [], restTokenMs: [], endMs: [], ackMs: [], tokens: 0, wallMs: [], errors: 0, cpuMs: { upstream: 0, clients: 0, chatwire: 0 }, corrupted: 0 });
 
 /** One reply as a client sees it: the same bookkeeping for both paths. */
 class Reply {
@@ -100,6 +113,7 @@ class Reply {
   private bad = false;
   private readonly latencies: number[] = [];
   private readonly startLatencies: number[] = [];
+  private lastStampUs = NaN;
 
   constructor(private readonly t0: number) {}
 
@@ -109,7 +123,8 @@ class Reply {
     if (Number.isNaN(this.first)) this.first = performance.now() - this.t0;
     for (const m of text.matchAll(STAMP)) {
       if (Number(m[1]) !== this.next) this.bad = true;
-      const latency = (receivedUs - Number(m[2])) / 1000;
+      this.lastStampUs = Number(m[2]);
+      const latency = (receivedUs - this.lastStampUs) / 1000;
       (this.next < START_TOKENS ? this.startLatencies : this.latencies).push(latency);
       this.next++;
     }
@@ -118,6 +133,7 @@ class Reply {
   finish(side: Side): void {
     side.firstTokenMs.push(this.first);
     side.totalMs.push(performance.now() - this.t0);
+    side.endMs.push((nowUs() - this.lastStampUs) / 1000);
     side.startTokenMs.push(...this.startLatencies);
     side.restTokenMs.push(...this.latencies);
     side.tokenMs.push(...this.startLatencies, ...this.latencies);
@@ -191,9 +207,20 @@ function directChat(upstreamPort: number, content: string, side: Side): Promise<
   });
 }
 
-async function directRound(upstreamPort: number, side: Side, label: string): Promise<void> {
+type ChatFn = (user: number, label: string, side: Side) => Promise<void>;
+type Arrivals = 'burst' | 'steady';
+
+/** One round of N users: all at once (burst), or a closed loop with the first chats spread over one reply (steady). */
+async function round(arrivals: Arrivals, chat: ChatFn, side: Side, label: string): Promise<void> {
   const start = performance.now();
-  await Promise.all(Array.from({ length: chats }, (_, i) => directChat(upstreamPort, `direct chat ${label} ${i}`, side)));
+  const spreadMs = tokens * intervalMs;
+  await Promise.all(
+    Array.from({ length: chats }, async (_, user) => {
+      if (arrivals === 'burst') return chat(user, label, side);
+      await sleep((user * spreadMs) / chats);
+      for (let k = 0; k < steadyReplies; k++) await chat(user, `${label}.${k}`, side);
+    }),
+  );
   side.wallMs.push(performance.now() - start);
 }
 
@@ -207,39 +234,32 @@ function openSocket(url: string): Promise<WebSocket> {
 
 type Frame = { type: string; id?: string; text?: string };
 
-/** N chats through chatwire over /ws, one open connection (and user) each, sent at once. */
-async function serverRound(sockets: WebSocket[], side: Side, label: string): Promise<void> {
-  const start = performance.now();
-  await Promise.all(
-    sockets.map(
-      (socket, i) =>
-        new Promise<void>((resolve) => {
-          const sent = performance.now();
-          const reply = new Reply(sent);
-          const onMessage = (data: WebSocket.RawData) => {
-            const msg = JSON.parse(data.toString()) as Frame;
-            if (msg.type === 'chat.delta') {
-              reply.text(msg.text as string);
-            } else if (msg.type === 'chat.ack') {
-              side.ackMs.push(performance.now() - sent);
-            } else if (msg.type === 'chat.done') {
-              reply.finish(side);
-              end();
-            } else if (msg.type === 'chat.error' || msg.type === 'error') {
-              side.errors++;
-              end();
-            }
-          };
-          const end = () => {
-            socket.off('message', onMessage);
-            resolve();
-          };
-          socket.on('message', onMessage);
-          socket.send(JSON.stringify({ type: 'chat.send', id: `c${i}`, text: `server chat ${label} ${i}`, params: { maxTokens: tokens }, cache: 'bypass' }));
-        }),
-    ),
-  );
-  side.wallMs.push(performance.now() - start);
+/** One chat through chatwire over /ws, on the user's own open connection. */
+function serverChat(socket: WebSocket, user: number, label: string, side: Side): Promise<void> {
+  return new Promise<void>((resolve) => {
+    const sent = performance.now();
+    const reply = new Reply(sent);
+    const onMessage = (data: WebSocket.RawData) => {
+      const msg = JSON.parse(data.toString()) as Frame;
+      if (msg.type === 'chat.delta') {
+        reply.text(msg.text as string);
+      } else if (msg.type === 'chat.ack') {
+        side.ackMs.push(performance.now() - sent);
+      } else if (msg.type === 'chat.done') {
+        reply.finish(side);
+        end();
+      } else if (msg.type === 'chat.error' || msg.type === 'error') {
+        side.errors++;
+        end();
+      }
+    };
+    const end = () => {
+      socket.off('message', onMessage);
+      resolve();
+    };
+    socket.on('message', onMessage);
+    socket.send(JSON.stringify({ type: 'chat.send', id: `c${user}`, text: `server chat ${label} ${user}`, params: { maxTokens: tokens }, cache: 'bypass' }));
+  });
 }
 
 /** User + system CPU time of a process, ms (Linux /proc; NaN elsewhere). */
@@ -264,35 +284,39 @@ async function benchUpstream() {
     CHATWIRE_WORKER_THREADS: workers,
   });
   const config = loadConfig({ CHATWIRE_WORKER_THREADS: workers });
-  const direct = newSide();
-  const through = newSide();
+  const patterns: Arrivals[] = ['burst', 'steady'];
+  const sides = Object.fromEntries(patterns.map((a) => [a, { direct: newSide(), through: newSide() }])) as Record<Arrivals, { direct: Side; through: Side }>;
   const sockets = await Promise.all(Array.from({ length: chats }, (_, i) => openSocket(`ws://127.0.0.1:${server.port}/ws?user=bench-${i}`)));
+  const directChatFn: ChatFn = (user, label, side) => directChat(upstream.port, `direct chat ${label} ${user}`, side);
+  const serverChatFn: ChatFn = (user, label, side) => serverChat(sockets[user] as WebSocket, user, label, side);
   const cpuNow = () => {
     const own = process.cpuUsage();
     return { upstream: cpuMs(upstream.child.pid as number), clients: (own.user + own.system) / 1000, chatwire: cpuMs(server.child.pid as number) };
   };
-  const measured = async (side: Side, run: () => Promise<void>) => {
+  const measured = async (arrivals: Arrivals, chat: ChatFn, side: Side, label: string) => {
     const before = cpuNow();
-    await run();
+    await round(arrivals, chat, side, label);
     const after = cpuNow();
     for (const k of ['upstream', 'clients', 'chatwire'] as const) side.cpuMs[k] += after[k] - before[k];
   };
-  const directMeasured = (side: Side, label: string) => measured(side, () => directRound(upstream.port, side, label));
-  const serverMeasured = (side: Side, label: string) => measured(side, () => serverRound(sockets, side, label));
   try {
     // Warm up both paths (JIT, worker threads, keep-alive connections on both sides) outside the measurement.
     for (let w = 0; w < 2; w++) {
-      await directMeasured(newSide(), `warm${w}`);
-      await serverMeasured(newSide(), `warm${w}`);
+      await measured('burst', directChatFn, newSide(), `warm${w}`);
+      await measured('burst', serverChatFn, newSide(), `warm${w}`);
     }
-    for (let r = 0; r < rounds; r++) {
-      // direct, chatwire, chatwire, direct, ...: a drift in the machine's load falls on both sides alike.
-      if (r % 2 === 0) {
-        await directMeasured(direct, String(r));
-        await serverMeasured(through, String(r));
-      } else {
-        await serverMeasured(through, String(r));
-        await directMeasured(direct, String(r));
+    for (const arrivals of patterns) {
+      const { direct, through } = sides[arrivals];
+      for (let r = 0; r < rounds; r++) {
+        const label = `${arrivals}${r}`;
+        // direct, chatwire, chatwire, direct, ...: a drift in the machine's load falls on both sides alike.
+        if (r % 2 === 0) {
+          await measured(arrivals, directChatFn, direct, label);
+          await measured(arrivals, serverChatFn, through, label);
+        } else {
+          await measured(arrivals, serverChatFn, through, label);
+          await measured(arrivals, directChatFn, direct, label);
+        }
       }
     }
   } finally {
@@ -312,6 +336,7 @@ async function benchUpstream() {
       tokenLatencyMs: pick(side.tokenMs),
       startTokenLatencyMs: pick(side.startTokenMs),
       restTokenLatencyMs: pick(side.restTokenMs),
+      endMs: pick(side.endMs),
       totalMs: pick(side.totalMs),
       tokensPerSecond: Math.round((side.tokens / wall) * 1000),
       chats: side.totalMs.length,
@@ -325,20 +350,27 @@ async function benchUpstream() {
       },
     };
   };
-  const d = summary(direct);
-  const s = summary(through);
-  const minus = (a: { p50: number; p99: number }, b: { p50: number; p99: number }) => ({ p50: round2(a.p50 - b.p50), p99: round2(a.p99 - b.p99) });
+  const compare = ({ direct, through }: { direct: Side; through: Side }) => {
+    const d = summary(direct);
+    const s = summary(through);
+    const minus = (a: { p50: number; p99: number }, b: { p50: number; p99: number }) => ({ p50: round2(a.p50 - b.p50), p99: round2(a.p99 - b.p99) });
+    return {
+      direct: d,
+      throughChatwire: { ...s, ackMs: pick(through.ackMs) },
+      added: {
+        firstTokenMs: minus(s.firstTokenMs, d.firstTokenMs),
+        tokenLatencyMs: minus(s.tokenLatencyMs, d.tokenLatencyMs),
+        startTokenLatencyMs: minus(s.startTokenLatencyMs, d.startTokenLatencyMs),
+        restTokenLatencyMs: minus(s.restTokenLatencyMs, d.restTokenLatencyMs),
+        endMs: minus(s.endMs, d.endMs),
+        totalMs: minus(s.totalMs, d.totalMs),
+      },
+    };
+  };
   return {
-    setup: { chats, tokensPerReply: tokens, intervalMs, rounds, workerThreads: config.workerThreads, tasksPerWorker: config.tasksPerWorker },
-    direct: d,
-    throughChatwire: { ...s, ackMs: pick(through.ackMs) },
-    added: {
-      firstTokenMs: minus(s.firstTokenMs, d.firstTokenMs),
-      tokenLatencyMs: minus(s.tokenLatencyMs, d.tokenLatencyMs),
-      startTokenLatencyMs: minus(s.startTokenLatencyMs, d.startTokenLatencyMs),
-      restTokenLatencyMs: minus(s.restTokenLatencyMs, d.restTokenLatencyMs),
-      totalMs: minus(s.totalMs, d.totalMs),
-    },
+    setup: { chats, tokensPerReply: tokens, intervalMs, rounds, steadyRepliesPerUser: steadyReplies, workerThreads: config.workerThreads, tasksPerWorker: config.tasksPerWorker },
+    burst: compare(sides.burst),
+    steady: compare(sides.steady),
   };
 }
 
@@ -425,48 +457,54 @@ if (part === 'upstream' || part === 'all') {
   const u = await benchUpstream();
   out.upstream = u;
   type Pair = { p50: number; p99: number };
-  type Latencies = { firstTokenMs: Pair; tokenLatencyMs: Pair; startTokenLatencyMs: Pair; restTokenLatencyMs: Pair; totalMs: Pair };
+  type Latencies = { firstTokenMs: Pair; tokenLatencyMs: Pair; startTokenLatencyMs: Pair; restTokenLatencyMs: Pair; endMs: Pair; totalMs: Pair };
   const row = (name: string, x: Latencies) =>
-    [name, ...[x.firstTokenMs, x.tokenLatencyMs, x.startTokenLatencyMs, x.restTokenLatencyMs, x.totalMs].flatMap((v) => [v.p50, v.p99])];
-  printTable(
-    `upstream: ${u.setup.chats} concurrent chats, ${u.setup.tokensPerReply} tokens each at ${u.setup.intervalMs} ms, ${u.setup.rounds} rounds per path; ` +
-      `chatwire with ${u.setup.workerThreads} workers x ${u.setup.tasksPerWorker} tasks. Milliseconds, p50 / p99; added = through chatwire minus direct`,
-    ['path', 'first token', 'p99', 'token latency', 'p99', `tokens 0-${START_TOKENS - 1}`, 'p99', `tokens ${START_TOKENS}+`, 'p99', 'total', 'p99'],
-    [row('direct to upstream', u.direct), row('through chatwire /ws', u.throughChatwire), row('added by chatwire', u.added)],
+    [name, ...[x.firstTokenMs, x.tokenLatencyMs, x.startTokenLatencyMs, x.restTokenLatencyMs, x.endMs, x.totalMs].flatMap((v) => [v.p50, v.p99])];
+  const described = {
+    burst: `burst: ${u.setup.chats} chats sent at the same moment, ${u.setup.rounds} rounds per path`,
+    steady: `steady: ${u.setup.chats} users in a closed loop (${u.setup.steadyRepliesPerUser} replies each, first chats spread over one reply), ${u.setup.rounds} rounds per path`,
+  };
+  console.log(
+    `upstream: ${u.setup.tokensPerReply} tokens per reply at ${u.setup.intervalMs} ms; chatwire with ${u.setup.workerThreads} workers x ${u.setup.tasksPerWorker} tasks. ` +
+      'Milliseconds, p50 / p99; added = through chatwire minus direct',
   );
+  for (const arrivals of ['burst', 'steady'] as const) {
+    const c = u[arrivals];
+    printTable(
+      described[arrivals],
+      ['path', 'first token', 'p99', 'token latency', 'p99', `tokens 0-${START_TOKENS - 1}`, 'p99', `tokens ${START_TOKENS}+`, 'p99', 'end', 'p99', 'total', 'p99'],
+      [row('direct to upstream', c.direct), row('through chatwire /ws', c.throughChatwire), row('added by chatwire', c.added)],
+    );
+  }
   console.log(
     [
       'first token: the request sent (POST / chat.send) to the first token in the client\'s hands. token latency: the upstream writing',
       `a token to the client holding it (the token's stamp against the client's clock), every token; tokens 0-${START_TOKENS - 1}: the first ${START_TOKENS} of each`,
-      'reply (they arrive while the round\'s other chats are being set up), the rest apart. total: the request sent to [DONE] / chat.done.',
+      'reply (in a burst they arrive while the round\'s other chats are being set up), the rest apart. end: the upstream writing the last token to the',
+      'reply complete in the client\'s hands ([DONE] / chat.done: through chatwire, after the reply is stored). total: the request sent to [DONE] /',
+      'chat.done; it also holds the upstream\'s own pacing, which drifts with its load (50 timers of 10 ms per reply), so a difference in total',
+      'is first token + per-token + end differences plus that drift.',
       'added: through chatwire minus direct, percentile by percentile (p50 - p50, p99 - p99), over the same alternating rounds.',
     ].join('\n'),
   );
-  printTable('throughput', ['path', 'tokens/s', 'chats', 'errors', 'corrupted replies', 'chat.ack p50', 'p99'], [
-    ['direct to upstream', u.direct.tokensPerSecond, String(u.direct.chats), String(u.direct.errors), String(u.direct.corrupted), '-', '-'],
-    [
-      'through chatwire /ws',
-      u.throughChatwire.tokensPerSecond,
-      String(u.throughChatwire.chats),
-      String(u.throughChatwire.errors),
-      String(u.throughChatwire.corrupted),
-      u.throughChatwire.ackMs.p50,
-      u.throughChatwire.ackMs.p99,
-    ],
+  const paths = (['burst', 'steady'] as const).flatMap((arrivals) => [
+    { name: `${arrivals}, direct to upstream`, x: u[arrivals].direct, ack: null },
+    { name: `${arrivals}, through chatwire /ws`, x: u[arrivals].throughChatwire, ack: u[arrivals].throughChatwire.ackMs },
   ]);
+  printTable(
+    'throughput',
+    ['path', 'tokens/s', 'chats', 'errors', 'corrupted replies', 'chat.ack p50', 'p99'],
+    paths.map(({ name, x, ack }) => [name, x.tokensPerSecond, String(x.chats), String(x.errors), String(x.corrupted), ack?.p50 ?? '-', ack?.p99 ?? '-']),
+  );
   printTable(
     'CPU time per token over the measured rounds (µs; user + system, per process)',
     ['path', 'fake upstream', 'clients', 'chatwire', 'all'],
-    [
-      ['direct to upstream', u.direct.cpuUsPerToken.upstream, u.direct.cpuUsPerToken.clients, '-', u.direct.cpuUsPerToken.upstream + u.direct.cpuUsPerToken.clients],
-      [
-        'through chatwire /ws',
-        u.throughChatwire.cpuUsPerToken.upstream,
-        u.throughChatwire.cpuUsPerToken.clients,
-        u.throughChatwire.cpuUsPerToken.chatwire,
-        u.throughChatwire.cpuUsPerToken.upstream + u.throughChatwire.cpuUsPerToken.clients + u.throughChatwire.cpuUsPerToken.chatwire,
-      ],
-    ],
+    paths.map(({ name, x, ack }) => {
+      const cpu = x.cpuUsPerToken;
+      return ack === null
+        ? [name, cpu.upstream, cpu.clients, '-', round1(cpu.upstream + cpu.clients)]
+        : [name, cpu.upstream, cpu.clients, cpu.chatwire, round1(cpu.upstream + cpu.clients + cpu.chatwire)];
+    }),
   );
 }
 if (part === 'local' || part === 'all') {

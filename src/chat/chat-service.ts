@@ -42,7 +42,7 @@ export interface SendResult {
 }
 
 export interface ChatService {
-  /** Validated, limited and committed; resolves with the ack. The model runs after, never before, the commit. */
+  /** Validated, limited and committed; resolves with the ack. The model call starts at once, alongside the commit; the ack never waits for it. */
   send(caller: Identity, body: Omit<ChatSendBody, 'id'>, receivedAt?: number): Promise<SendResult>;
   cancel(caller: Identity, taskId: string): void;
   /** Streams a task to `sink` from `fromSeq`: replays, then live, then its chat.done or chat.error. Call pump() to start. */
@@ -186,29 +186,21 @@ export function createChatService(options: ChatServiceOptions): ChatService {
   }
 
   /**
-   * Registers a flight for `key` at once, before any commit, so that identical
-   * chats arriving in the same tick join it instead of each calling the model.
-   * The model is called by launch(), after the first holder's message is
-   * committed; if every holder lets go before that, the slot goes back unused.
-   * `key` null: not shared (bypass, or not cacheable).
+   * Opens a flight for `key` and starts its model call at once, in the tick the
+   * chat arrived: handing the call to a worker and the upstream's first bytes
+   * overlap the group commit of the question instead of waiting for it. The chat
+   * is acknowledged only after its commit, as ever; if the commit fails the chat
+   * lets go of the flight, and a call nobody else holds is cancelled. Identical
+   * chats arriving while it runs join it. `key` null: not shared (bypass, or not
+   * cacheable).
    */
   function openFlight(key: string | null, request: ModelRequest, slot: PoolSlot, writeCache: boolean): Flight {
     const flight = new Flight(key, (f) => {
       if (f.key !== null && flights.get(f.key) === f) flights.delete(f.key);
     });
     if (key !== null) flights.set(key, flight);
-    let run: ModelRun | null = null;
-    flight.setCancel(() => {
-      if (run) {
-        run.cancel();
-        return;
-      }
-      slot.release();
-      flight.settle({ kind: 'end', result: null, cancelled: true });
-    });
-    launches.set(flight, () => {
-      if (run === null && !flight.ended) run = startRun(flight, request, slot, writeCache);
-    });
+    const run = startRun(flight, request, slot, writeCache);
+    flight.setCancel(() => run.cancel());
     return flight;
   }
 
@@ -253,7 +245,6 @@ export function createChatService(options: ChatServiceOptions): ChatService {
   }
 
   const cancels = new WeakMap<Task, () => void>();
-  const launches = new WeakMap<Flight, () => void>();
 
   return {
     async send(caller, body, receivedAt = performance.now()) {
@@ -349,8 +340,6 @@ export function createChatService(options: ChatServiceOptions): ChatService {
       } else if (flight !== null) {
         if (plan.kind === 'join') metrics.singleflightJoins.inc();
         listen(task, flight, reservation, promptTokens);
-        // The first holder whose message is committed starts the call (a no-op once it runs).
-        launches.get(flight)?.();
       }
       return {
         task,
