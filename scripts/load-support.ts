@@ -563,11 +563,13 @@ function procStatus(pid: number): { rssAnonBytes: number; rssFileBytes: number }
   }
 }
 
+/** The sum of a metric's samples over every label set, or of the one sample `name{labels}` when the labels are given. */
 function metricValue(text: string, name: string): number {
   let sum = 0;
   let found = false;
+  const exact = name.endsWith('}');
   for (const line of text.split('\n')) {
-    if (line.startsWith(`${name} `) || line.startsWith(`${name}{`)) {
+    if (line.startsWith(`${name} `) || (!exact && line.startsWith(`${name}{`))) {
       sum += Number(line.slice(line.lastIndexOf(' ') + 1));
       found = true;
     }
@@ -584,8 +586,8 @@ export async function scrapeServer(port: number, pid?: number): Promise<ServerSa
     heapUsedBytes: metricValue(text, 'chatwire_process_nodejs_heap_size_used_bytes'),
     heapTotalBytes: metricValue(text, 'chatwire_process_nodejs_heap_size_total_bytes'),
     externalBytes: metricValue(text, 'chatwire_process_nodejs_external_memory_bytes'),
-    eldP99Ms: metricValue(text, 'chatwire_process_nodejs_eventloop_lag_p99_seconds') * 1000,
-    eldMaxMs: metricValue(text, 'chatwire_process_nodejs_eventloop_lag_max_seconds') * 1000,
+    eldP99Ms: metricValue(text, 'chatwire_event_loop_delay_seconds{quantile="0.99"}') * 1000,
+    eldMaxMs: metricValue(text, 'chatwire_event_loop_delay_seconds{quantile="1"}') * 1000,
     connections: metricValue(text, 'chatwire_connections'),
     slowClientsClosed: metricValue(text, 'chatwire_slow_clients_closed_total'),
     workerFailures: metricValue(text, 'chatwire_worker_failures_total'),

@@ -1,0 +1,28 @@
+import assert from 'node:assert/strict';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { test } from 'node:test';
+import { createMetrics } from '../../src/metrics/metrics.js';
+
+function sample(text: string, series: string): number {
+  const line = text.split('\n').find((l) => l.startsWith(`${series} `));
+  assert.ok(line, `${series} is exported`);
+  return Number(line.slice(series.length + 1));
+}
+
+test('chatwire_event_loop_delay_seconds reports how long the loop was blocked, without the sampling period', async () => {
+  const metrics = createMetrics();
+  await sleep(100);
+  await metrics.registry.metrics(); // starts a fresh window
+  await sleep(50);
+  // Block the loop for 80 ms: a timer due in that time runs at least ~70 ms late.
+  const until = performance.now() + 80;
+  while (performance.now() < until);
+  await sleep(50);
+  const text = await metrics.registry.metrics();
+  const max = sample(text, 'chatwire_event_loop_delay_seconds{quantile="1"}');
+  assert.ok(max >= 0.06, `max ${max} s covers the 80 ms block`);
+  assert.ok(max < 1, `max ${max} s is in seconds`);
+  const median = sample(text, 'chatwire_event_loop_delay_seconds{quantile="0.5"}');
+  // The raw histogram's median on a mostly idle loop is the 10 ms period itself; this one is not.
+  assert.ok(median < sample(text, 'chatwire_process_nodejs_eventloop_lag_p50_seconds'), `median ${median} s is below the raw figure`);
+});
