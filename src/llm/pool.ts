@@ -109,7 +109,13 @@ export function createModelPool(options: ModelPoolOptions): ModelPool {
     if (msg?.t !== 'events') return;
     const { threadId, port } = msg;
     workerPorts.set(threadId, port);
-    port.on('message', (event: WorkerEvent) => calls.get(event.id)?.(event));
+    port.on('message', (event: WorkerEvent) => {
+      const call = calls.get(event.id);
+      if (call) call(event);
+      // A call that ended here while still queued (its deadline passed, or it failed) is started by a worker
+      // later: stop it at once rather than let it run for nobody.
+      else if (event.t === 'start') port.postMessage({ t: 'cancel', id: event.id } satisfies PoolCommand);
+    });
     port.once('close', () => {
       if (workerPorts.get(threadId) === port) workerPorts.delete(threadId);
     });
