@@ -66,6 +66,7 @@ export async function createApp(config: Config, options: AppOptions): Promise<Ap
     const checkpointer = startCheckpointer(db, { log: (level, msg, fields) => log[level](fields ?? {}, msg) });
     closers.push(() => checkpointer.close());
     const store = createChatStore(db, { onCommit: (seconds) => metrics.dbCommitSeconds.observe(seconds) });
+    closers.push(() => store.close());
     const recovered = store.recoverUnfinished();
     if (recovered > 0) log.warn({ tasks: recovered }, 'tasks left unfinished by the previous process were marked failed');
 

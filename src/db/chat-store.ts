@@ -62,7 +62,16 @@ export interface ChatStore {
   recoverUnfinished(): number;
   flush(): void;
   readonly pendingWrites: number;
+  /** Task ends that could not be written yet (storage failing) and are being retried. */
+  readonly unrecordedEnds: number;
+  /** Stops retrying unwritten task ends (the next start's recoverUnfinished() marks those tasks failed). */
+  close(): void;
 }
+
+/** Unwritten task ends kept for retry at most; past it the oldest is left to the next start's recovery. */
+const MAX_UNRECORDED_ENDS = 100_000;
+const RECORD_RETRY_FIRST_MS = 1000;
+const RECORD_RETRY_MAX_MS = 30_000;
 
 function randomId(prefix: string, bytes: number): string {
   return prefix + randomBase64url(bytes);
@@ -77,6 +86,36 @@ const iso = (ms: number) => new Date(ms).toISOString();
 
 export function createChatStore(db: Database, hooks: { onCommit?: (seconds: number, size: number) => void } = {}): ChatStore {
   const batcher = createWriteBatcher(db, hooks.onCommit);
+  // A task whose end could not be written (full or failing storage) would stay `queued` in SQLite until the next
+  // start. It is marked failed (what its client was told) as soon as storage takes writes again.
+  const unrecorded = new Map<string, number>();
+  let retryTimer: NodeJS.Timeout | undefined;
+  let retryDelayMs = RECORD_RETRY_FIRST_MS;
+  let closed = false;
+  const retryUnrecorded = () => {
+    retryTimer = undefined;
+    if (closed || unrecorded.size === 0) return;
+    try {
+      db.transaction(() => {
+        for (const [taskId, at] of unrecorded) failTask.run(at, taskId);
+      });
+      unrecorded.clear();
+      retryDelayMs = RECORD_RETRY_FIRST_MS;
+    } catch {
+      retryDelayMs = Math.min(RECORD_RETRY_MAX_MS, retryDelayMs * 2);
+      scheduleRetry();
+    }
+  };
+  const scheduleRetry = () => {
+    if (retryTimer !== undefined || closed) return;
+    retryTimer = setTimeout(retryUnrecorded, retryDelayMs);
+    retryTimer.unref();
+  };
+  const rememberUnrecorded = (taskId: string, at: number) => {
+    if (unrecorded.size >= MAX_UNRECORDED_ENDS) unrecorded.delete(unrecorded.keys().next().value as string);
+    unrecorded.set(taskId, at);
+    scheduleRetry();
+  };
   const insertConversation = db.prepare('chat.insert_conversation', 'INSERT INTO conversations (conversation_id, user_id, created_at, updated_at) VALUES (?, ?, ?, ?)');
   const touchConversation = db.prepare('chat.touch_conversation', 'UPDATE conversations SET updated_at = ? WHERE conversation_id = ?');
   const selectOwner = db.prepare<{ user_id: string }>('chat.conversation_owner', 'SELECT user_id FROM conversations WHERE conversation_id = ?');
@@ -120,6 +159,10 @@ export function createChatStore(db: Database, hooks: { onCommit?: (seconds: numb
     `SELECT t.task_id, t.conversation_id, t.user_id, t.status, t.created_at, m.text
        FROM tasks t LEFT JOIN messages m ON m.message_id = t.reply_message_id WHERE t.task_id = ?`,
   );
+  const failTask = db.prepare(
+    'chat.fail_task',
+    "UPDATE tasks SET status = 'error', error_code = 'internal', finished_at = ? WHERE task_id = ? AND status IN ('queued', 'running')",
+  );
   const failUnfinished = db.prepare(
     'chat.recover_unfinished',
     "UPDATE tasks SET status = 'error', error_code = 'internal', finished_at = ? WHERE status IN ('queued', 'running')",
@@ -155,7 +198,7 @@ export function createChatStore(db: Database, hooks: { onCommit?: (seconds: numb
     finishTask(input) {
       const now = Date.now();
       const replyId = input.status === 'error' ? null : randomId('msg_', 12);
-      return batcher.enqueue(() => {
+      const written = batcher.enqueue(() => {
         if (replyId !== null) {
           insertMessage.run(replyId, input.conversationId, 'assistant', input.text, input.taskId, now);
           touchConversation.run(now, input.conversationId);
@@ -173,6 +216,8 @@ export function createChatStore(db: Database, hooks: { onCommit?: (seconds: numb
         );
         return replyId;
       });
+      written.catch(() => rememberUnrecorded(input.taskId, now));
+      return written;
     },
 
     conversationOwner(conversationId) {
@@ -222,6 +267,13 @@ export function createChatStore(db: Database, hooks: { onCommit?: (seconds: numb
     flush: () => batcher.flush(),
     get pendingWrites() {
       return batcher.pending;
+    },
+    get unrecordedEnds() {
+      return unrecorded.size;
+    },
+    close() {
+      closed = true;
+      clearTimeout(retryTimer);
     },
   };
 }
