@@ -14,7 +14,9 @@ import type { KeysetPosition } from './cursor.js';
  * query count depends on its page size.
  *
  * Rows come back as arrays (tuples below, in SELECT order): building an
- * object per row was a third of the time of a 100-row page.
+ * object per row was a third of the time of a 100-row page. The listing's
+ * rows come as one JSON array each (Database.prepare's rowsAsJson), which
+ * materializes its six to eight values faster still.
  */
 
 export type RequestStatus = z.infer<typeof RequestStatusSchema>;
@@ -104,8 +106,8 @@ export function requestsPageSql(filter: { status: boolean; category: boolean }):
     .filter((w) => w !== null)
     .join(' AND ');
   const open = [filter.category ? null : 'r.category', filter.status ? null : 'r.status'].filter((c) => c !== null);
-  return `SELECT r.request_id, r.consumer_id, r.title, r.created_at, c.name,
-  (SELECT count(*) FROM quotes q WHERE q.request_id = r.request_id)${open.map((c) => `, ${c}`).join('')}
+  return `SELECT json_array(r.request_id, r.consumer_id, r.title, r.created_at, c.name,
+  (SELECT count(*) FROM quotes q WHERE q.request_id = r.request_id)${open.map((c) => `, ${c}`).join('')})
 FROM requests r JOIN consumers c ON c.consumer_id = r.consumer_id
 WHERE ${where}
 ORDER BY r.created_at DESC, r.request_id DESC
@@ -154,7 +156,7 @@ export function createMarketplaceQueries(db: Database, options: { inList?: InLis
   const requestsPages = new Map<string, CountedStatement<ListedRequestRow>>();
   for (const status of [false, true]) {
     for (const category of [false, true]) {
-      requestsPages.set(`${status}/${category}`, db.prepare<ListedRequestRow>('requests.page', requestsPageSql({ status, category }), asArrays));
+      requestsPages.set(`${status}/${category}`, db.prepare<ListedRequestRow>('requests.page', requestsPageSql({ status, category }), { rowsAsJson: true }));
     }
   }
   const consumerRequests = db.prepare<ConsumerRequestRow>('consumer_requests.page', consumerRequestsPageSql, asArrays);
