@@ -14,22 +14,28 @@ import type { KeysetPosition } from './cursor.js';
  * query count depends on its page size.
  *
  * Rows come back as arrays (tuples below, in SELECT order): building an
- * object per row was a third of the time of a 100-row page.
+ * object per row was a third of the time of a 100-row page. The listing's
+ * rows come as one JSON array each (Database.prepare's rowsAsJson), which
+ * materializes its six to eight values faster still.
  */
 
 export type RequestStatus = z.infer<typeof RequestStatusSchema>;
 export type BookingStatus = z.infer<typeof BookingStatusSchema>;
 
-/** requests.list row. */
+/**
+ * requests.list row. A column the filter fixes is not read back (the filter
+ * holds its value): `open` is category then status, each only when the filter
+ * leaves it open. Every value read costs about as much as the index walk it
+ * comes from, so two thirds of the listing's pages read six columns, not eight.
+ */
 export type ListedRequestRow = [
   requestId: number,
   consumerId: number,
   title: string,
-  category: string,
-  status: RequestStatus,
   createdAt: number,
   consumerName: string,
   quoteCount: number,
+  ...open: string[],
 ];
 /** consumer.requests page row (the consumer is the one asked for). */
 export type ConsumerRequestRow = [requestId: number, title: string, category: string, status: RequestStatus, createdAt: number];
@@ -99,8 +105,9 @@ export function requestsPageSql(filter: { status: boolean; category: boolean }):
   const where = [filter.category ? 'r.category = ?' : null, filter.status ? 'r.status = ?' : null, '(r.created_at, r.request_id) < (?, ?)']
     .filter((w) => w !== null)
     .join(' AND ');
-  return `SELECT r.request_id, r.consumer_id, r.title, r.category, r.status, r.created_at, c.name,
-  (SELECT count(*) FROM quotes q WHERE q.request_id = r.request_id)
+  const open = [filter.category ? null : 'r.category', filter.status ? null : 'r.status'].filter((c) => c !== null);
+  return `SELECT json_array(r.request_id, r.consumer_id, r.title, r.created_at, c.name,
+  (SELECT count(*) FROM quotes q WHERE q.request_id = r.request_id)${open.map((c) => `, ${c}`).join('')})
 FROM requests r JOIN consumers c ON c.consumer_id = r.consumer_id
 WHERE ${where}
 ORDER BY r.created_at DESC, r.request_id DESC
@@ -149,7 +156,7 @@ export function createMarketplaceQueries(db: Database, options: { inList?: InLis
   const requestsPages = new Map<string, CountedStatement<ListedRequestRow>>();
   for (const status of [false, true]) {
     for (const category of [false, true]) {
-      requestsPages.set(`${status}/${category}`, db.prepare<ListedRequestRow>('requests.page', requestsPageSql({ status, category }), asArrays));
+      requestsPages.set(`${status}/${category}`, db.prepare<ListedRequestRow>('requests.page', requestsPageSql({ status, category }), { rowsAsJson: true }));
     }
   }
   const consumerRequests = db.prepare<ConsumerRequestRow>('consumer_requests.page', consumerRequestsPageSql, asArrays);

@@ -162,19 +162,22 @@ export function createMarketplaceService(options: MarketplaceServiceOptions): Ma
       const scope = JSON.stringify([query.status ?? null, query.category ?? null]);
       const after = query.cursor === undefined ? null : decodeCursor(query.cursor, 'requests.list', scope);
       const rows = await requestsPages.load({ scope: { status: query.status, category: query.category }, after, take: limit + 1 });
-      const page = pageOf(rows, limit, (last) => encodeCursor('requests.list', scope, { sortKey: last[5], id: last[0] }));
+      const page = pageOf(rows, limit, (last) => encodeCursor('requests.list', scope, { sortKey: last[3], id: last[0] }));
+      // What the filter fixes was not read back (ListedRequestRow).
+      const { category, status } = query;
+      const statusAt = category === undefined ? 7 : 6;
       return {
-        items: page.rows.map(([requestId, consumerKey, title, category, status, createdAt, consumerName, quoteCount]) => {
-          const consumerId = formatId('consumer', consumerKey);
+        items: page.rows.map((row) => {
+          const consumerId = formatId('consumer', row[1]);
           return {
-            requestId: formatId('request', requestId),
+            requestId: formatId('request', row[0]),
             consumerId,
-            title,
-            category,
-            status,
-            createdAt: isoTime(createdAt),
-            consumer: { consumerId, name: consumerName },
-            quoteCount,
+            title: row[2],
+            category: category ?? (row[6] as string),
+            status: status ?? (row[statusAt] as RequestItem['status']),
+            createdAt: isoTime(row[3]),
+            consumer: { consumerId, name: row[4] },
+            quoteCount: row[5],
           };
         }),
         nextCursor: page.nextCursor,

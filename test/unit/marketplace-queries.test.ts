@@ -1,7 +1,7 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import type { Identity } from '../../src/auth/identity.js';
-import { Database, type CountedStatement } from '../../src/db/database.js';
+import { Database, type CountedStatement, type StatementOptions } from '../../src/db/database.js';
 import { createMarketplaceService, type MarketplaceService } from '../../src/db/marketplace.js';
 import type { InListStrategy } from '../../src/db/marketplace-queries.js';
 import { FIXTURE, openFixture, readTables, referenceConsumerBookings, referenceConsumerRequests, referenceRequestsList, wireId } from './marketplace-fixture.js';
@@ -12,7 +12,7 @@ const FILTERS = [{}, { status: 'open' }, { category: 'plumbing' }, { category: '
 /** Remembers every statement prepared through it: the plans test explains exactly the SQL the service runs. */
 class RecordingDatabase extends Database {
   readonly prepared = new Map<string, string>();
-  override prepare<Row = unknown>(op: string, sql: string, options?: { rowsAsArrays?: boolean }): CountedStatement<Row> {
+  override prepare<Row = unknown>(op: string, sql: string, options?: StatementOptions): CountedStatement<Row> {
     this.prepared.set(sql, op);
     return super.prepare<Row>(op, sql, options);
   }

@@ -174,6 +174,21 @@ test('requests.list is open to every role', async (t) => {
   for (const page of pages) assert.deepEqual(page, pages[0]);
 });
 
+test('requests.list carries any text exactly: quotes, backslashes, control characters, non-ASCII (its rows travel as JSON)', async (t) => {
+  const { service, fixture } = withService(t);
+  const titles = ['say "hi" \\ back\\slash', 'tab\there\nnewline\u0000nul\u001f', 'café ✓ 日本 😀', '</script>\u2028\u2029'];
+  const newest = fixture.db.raw.prepare('SELECT max(created_at) FROM requests').pluck().get() as number;
+  const insert = fixture.db.raw.prepare("INSERT INTO requests (consumer_id, title, category, status, created_at) VALUES (1, ?, ?, 'open', ?)");
+  titles.forEach((title, i) => insert.run(title, `cat "${i}" é`, newest + 1000 + i));
+  const page = await service.requestsList(staff, { limit: titles.length });
+  assert.deepEqual(
+    page.items.map((item) => [item.title, item.category]),
+    titles.map((title, i) => [title, `cat "${i}" é`]).reverse(),
+  );
+  const filtered = await service.requestsList(staff, { category: 'cat "2" é', status: 'open' });
+  assert.deepEqual(filtered.items.map((item) => item.title), [titles[2]]);
+});
+
 // ---------- cursors ----------
 
 /** The cursor format of src/db/cursor.ts, rebuilt here to make well-formed cursors with wrong contents. */
