@@ -191,6 +191,7 @@ export async function createApp(config: Config, options: AppOptions): Promise<Ap
         const s = pool.stats();
         metrics.queueDepth.set(s.queued);
         metrics.modelCallsInFlight.set(s.inFlight);
+        metrics.rateLimitUsers.set(limits.size());
       },
     };
 

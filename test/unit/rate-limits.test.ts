@@ -369,3 +369,49 @@ test('200,000 distinct users: tracked count and heap fall back after the sweep',
     assert.ok(heapAfter - heapBefore < 8 * 1024 * 1024, `heap grew by ${heapAfter - heapBefore} bytes after the sweep`);
   });
 });
+
+let lastReason = '';
+/** The wait of a refused connection (failing the test if it was admitted or refused without one). */
+function refusedFor(decision: ReturnType<RateLimits['connectionOpened']>): number {
+  assert.equal(decision.ok, false, 'the connection is refused');
+  if (decision.ok) return NaN;
+  lastReason = decision.reason;
+  assert.equal(typeof decision.retryAfterMs, 'number', 'with a retryAfterMs');
+  return decision.retryAfterMs as number;
+}
+
+test('a connection closed for flooding holds the user back 1 s, doubling per flood up to 60 s, forgotten after 10 quiet minutes', () => {
+  withLimits({}, (limits, clock) => {
+    const waits: number[] = [];
+    for (let flood = 0; flood < 9; flood++) {
+      assert.equal(limits.connectionOpened('flooder').ok, true);
+      limits.floodClosed('flooder');
+      limits.connectionClosed('flooder');
+      const wait = refusedFor(limits.connectionOpened('flooder'));
+      waits.push(wait);
+      assert.match(lastReason, new RegExp(`closed for sending past its rate limit; reconnect in ${wait} ms`));
+      // One ms early is still refused; on time the user is back.
+      clock.advance(wait - 1);
+      assert.equal(limits.connectionOpened('flooder').ok, false);
+      clock.advance(1);
+      assert.equal(limits.connectionOpened('flooder').ok, true);
+      limits.connectionClosed('flooder');
+    }
+    assert.deepEqual(waits, [1000, 2000, 4000, 8000, 16_000, 32_000, 60_000, 60_000, 60_000]);
+    // Other users were never held back.
+    assert.equal(limits.connectionOpened('bystander').ok, true);
+    // Ten quiet minutes after the last penalty ended, the strikes are forgotten.
+    clock.advance(10 * 60_000 + 1);
+    limits.floodClosed('flooder');
+    assert.equal(refusedFor(limits.connectionOpened('flooder')), 1000);
+  });
+});
+
+test('the flood penalty lasts at least until the frame bucket is full again', () => {
+  withLimits({ messagesPerSecond: 0.5 }, (limits) => {
+    // A bucket of one frame refilled at one every 2 s: emptied, it is full again only after 2000 ms.
+    assert.equal(limits.frame('slow').ok, true);
+    limits.floodClosed('slow');
+    assert.equal(refusedFor(limits.connectionOpened('slow')), 2000);
+  });
+});
