@@ -72,13 +72,14 @@ interface PageKey<Scope> {
 }
 const pageKeyOf = (key: PageKey<unknown>): string => JSON.stringify([key.scope, key.after?.sortKey, key.after?.id, key.take]);
 
-/** What tells the two consumer lookups apart: their cursor kind, page loader, row sort key, and the relations of each row. */
-interface ConsumerLookup<Row extends [number, ...unknown[]], Related> {
+/** What tells the two consumer lookups apart: their cursor kind, page loader, row sort key, the relations of each row, and the items they make. */
+interface ConsumerLookup<Row extends [number, ...unknown[]], Related, Item> {
   kind: 'consumer.requests' | 'consumer.bookings';
   pages: BatchLoader<PageKey<number>, Row[]>;
   sortKeyOf: (row: Row) => number;
   /** Loaded for the page's rows by their first column, in one batched query; none when absent. */
   related?: BatchLoader<number, Related>;
+  toItems: (rows: Row[], consumerKey: number, related: Related[]) => Item[];
 }
 
 function asError(err: unknown): Error {
@@ -164,21 +165,47 @@ export function createMarketplaceService(options: MarketplaceServiceOptions): Ma
     return { rows: page, nextCursor: cursorAfter(page[limit - 1] as Row) };
   }
 
-  const consumerRequestsLookup: ConsumerLookup<ConsumerRequestRow, RequestBookingRow[]> = {
+  const consumerRequestsLookup: ConsumerLookup<ConsumerRequestRow, RequestBookingRow[], ConsumerRequestItem> = {
     kind: 'consumer.requests',
     pages: consumerRequestPages,
     sortKeyOf: (row) => row[4],
     related: bookingsOfRequest,
+    toItems: (rows, consumerKey, bookings) => {
+      const consumerId = formatId('consumer', consumerKey);
+      return rows.map(([requestId, title, category, status, createdAt], i) => ({
+        requestId: formatId('request', requestId),
+        consumerId,
+        title,
+        category,
+        status,
+        createdAt: isoTime(createdAt),
+        bookings: (bookings[i] as RequestBookingRow[]).map(([, bookingId, bookingStatus, scheduledAt, priceCents, providerId, name, rating]) => ({
+          bookingId: formatId('booking', bookingId),
+          status: bookingStatus,
+          scheduledAt: isoTime(scheduledAt),
+          priceCents,
+          provider: { providerId: formatId('provider', providerId), name, rating },
+        })),
+      }));
+    },
   };
-  const consumerBookingsLookup: ConsumerLookup<ConsumerBookingRow, never> = { kind: 'consumer.bookings', pages: consumerBookingPages, sortKeyOf: (row) => row[2] };
+  const consumerBookingsLookup: ConsumerLookup<ConsumerBookingRow, never, ConsumerBookingItem> = {
+    kind: 'consumer.bookings',
+    pages: consumerBookingPages,
+    sortKeyOf: (row) => row[2],
+    toItems: (rows) =>
+      rows.map(([bookingId, status, scheduledAt, priceCents, requestId, title, category, providerId, name, rating]) => ({
+        bookingId: formatId('booking', bookingId),
+        status,
+        scheduledAt: isoTime(scheduledAt),
+        priceCents,
+        request: { requestId: formatId('request', requestId), title, category },
+        provider: { providerId: formatId('provider', providerId), name, rating },
+      })),
+  };
 
   /** One page of a consumer's records: authorization, the cursor, the page query, the existence check an empty page needs, the rows' relations. */
-  async function consumerPage<Row extends [number, ...unknown[]], Related, Item>(
-    caller: Identity,
-    q: ConsumerPageQuery,
-    lookup: ConsumerLookup<Row, Related>,
-    toItems: (rows: Row[], consumerKey: number, related: Related[]) => Item[],
-  ): Promise<Page<Item>> {
+  async function consumerPage<Row extends [number, ...unknown[]], Related, Item>(caller: Identity, q: ConsumerPageQuery, lookup: ConsumerLookup<Row, Related, Item>): Promise<Page<Item>> {
     const query = parseQuery(ConsumerPageQuerySchema, q);
     const consumerKey = authorizedConsumer(caller, query.consumerId);
     const limit = query.limit ?? DEFAULT_PAGE_LIMIT;
@@ -187,7 +214,7 @@ export function createMarketplaceService(options: MarketplaceServiceOptions): Ma
     await ensureConsumerExists(consumerKey, rows.length);
     const page = pageOf(rows, limit, (last) => encodeCursor(lookup.kind, query.consumerId, { sortKey: lookup.sortKeyOf(last), id: last[0] }));
     const related = lookup.related !== undefined && page.rows.length > 0 ? await lookup.related.loadMany(page.rows.map((r) => r[0])) : [];
-    return { items: toItems(page.rows, consumerKey, related), nextCursor: page.nextCursor };
+    return { items: lookup.toItems(page.rows, consumerKey, related), nextCursor: page.nextCursor };
   }
 
   return {
@@ -219,37 +246,8 @@ export function createMarketplaceService(options: MarketplaceServiceOptions): Ma
       };
     },
 
-    consumerRequests: (caller, q) =>
-      consumerPage(caller, q, consumerRequestsLookup, (rows, consumerKey, bookings) => {
-        const consumerId = formatId('consumer', consumerKey);
-        return rows.map(([requestId, title, category, status, createdAt], i) => ({
-          requestId: formatId('request', requestId),
-          consumerId,
-          title,
-          category,
-          status,
-          createdAt: isoTime(createdAt),
-          bookings: (bookings[i] as RequestBookingRow[]).map(([, bookingId, bookingStatus, scheduledAt, priceCents, providerId, name, rating]) => ({
-            bookingId: formatId('booking', bookingId),
-            status: bookingStatus,
-            scheduledAt: isoTime(scheduledAt),
-            priceCents,
-            provider: { providerId: formatId('provider', providerId), name, rating },
-          })),
-        }));
-      }),
-
-    consumerBookings: (caller, q) =>
-      consumerPage(caller, q, consumerBookingsLookup, (rows) =>
-        rows.map(([bookingId, status, scheduledAt, priceCents, requestId, title, category, providerId, name, rating]) => ({
-          bookingId: formatId('booking', bookingId),
-          status,
-          scheduledAt: isoTime(scheduledAt),
-          priceCents,
-          request: { requestId: formatId('request', requestId), title, category },
-          provider: { providerId: formatId('provider', providerId), name, rating },
-        })),
-      ),
+    consumerRequests: (caller, q) => consumerPage(caller, q, consumerRequestsLookup),
+    consumerBookings: (caller, q) => consumerPage(caller, q, consumerBookingsLookup),
 
     close() {
       for (const loader of loaders) loader.close();
