@@ -11,9 +11,8 @@
  * Targets: ack p99 <= 2x ping p99; /ws deltas/s >= 50% of echo msgs/s; socket.io >= 70% of /ws.
  */
 import path from 'node:path';
-import { io as ioClient, type Socket } from 'socket.io-client';
-import WebSocket from 'ws';
-import { DIST, parseArgs, printTable, scrape, sleep, startChatwire, startChild, summarize } from './bench-support.js';
+import { DIST, parseArgs, printTable, scrape, settle, sleep, startChatwire, startChild, summarize } from './bench-support.js';
+import { openClients, socketIoConn, wsConn, type Conn, type Transport } from './load-support.js';
 
 const args = parseArgs({ connections: '100,1000', seconds: '8', warmup: '2', 'ping-interval-ms': '100', window: '32' });
 const CONNECTIONS = args.connections!.split(',').map(Number);
@@ -23,7 +22,7 @@ const PING_EVERY_MS = Number(args['ping-interval-ms']);
 const ECHO_WINDOW = Number(args.window);
 
 interface ChatRun {
-  transport: 'ws' | 'socket.io';
+  transport: Transport;
   connections: number;
   chats: number;
   deltas: number;
@@ -127,46 +126,18 @@ class ChatLoop {
   }
 }
 
-async function connectWs(port: number, i: number): Promise<{ ws: WebSocket; loop: ChatLoop; closed: () => boolean }> {
-  const ws = new WebSocket(`ws://127.0.0.1:${port}/ws?user=bench-${i}`);
-  let isClosed = false;
-  const loop = new ChatLoop(i, (m) => ws.readyState === WebSocket.OPEN && ws.send(JSON.stringify(m)));
-  ws.on('message', (data) => loop.onFrame(JSON.parse(data.toString()) as Frame));
-  ws.on('close', () => (isClosed = true));
-  await new Promise<void>((resolve, reject) => {
-    ws.once('open', () => resolve());
-    ws.once('error', reject);
-  });
-  return { ws, loop, closed: () => isClosed };
+async function connect(transport: Transport, port: number, i: number): Promise<{ conn: Conn; loop: ChatLoop }> {
+  let conn: Conn | undefined;
+  const loop = new ChatLoop(i, (m) => conn?.send(m));
+  const onFrame = (f: Frame) => loop.onFrame(f);
+  conn = transport === 'ws' ? await wsConn(`ws://127.0.0.1:${port}/ws?user=bench-${i}`, onFrame) : await socketIoConn(`http://127.0.0.1:${port}`, `bench-${i}`, onFrame);
+  return { conn, loop };
 }
 
-async function connectSio(port: number, i: number): Promise<{ socket: Socket; loop: ChatLoop; closed: () => boolean }> {
-  const socket = ioClient(`http://127.0.0.1:${port}`, { transports: ['websocket'], auth: { user: `bench-${i}` }, reconnection: false, forceNew: true });
-  let isClosed = false;
-  // Replies go through the ack callback, server-initiated frames arrive as events named by their type.
-  const loop: ChatLoop = new ChatLoop(i, (m) => {
-    const { type, ...payload } = m;
-    socket.emit(type as string, payload, (reply: Frame) => loop.onFrame(reply));
-  });
-  socket.onAny((event: string, payload: Frame) => loop.onFrame({ ...payload, type: event }));
-  socket.on('disconnect', () => (isClosed = true));
-  await new Promise<void>((resolve, reject) => {
-    socket.once('connect', () => resolve());
-    socket.once('connect_error', reject);
-  });
-  return { socket, loop, closed: () => isClosed };
-}
-
-async function inBatches<T>(count: number, make: (i: number) => Promise<T>): Promise<T[]> {
-  const out: T[] = [];
-  for (let i = 0; i < count; i += 100) out.push(...(await Promise.all(Array.from({ length: Math.min(100, count - i) }, (_, k) => make(i + k)))));
-  return out;
-}
-
-async function runChat(transport: 'ws' | 'socket.io', connections: number): Promise<ChatRun> {
+async function runChat(transport: Transport, connections: number): Promise<ChatRun> {
   const server = await startChatwire();
   try {
-    const clients = transport === 'ws' ? await inBatches(connections, (i) => connectWs(server.port, i)) : await inBatches(connections, (i) => connectSio(server.port, i));
+    const clients = await openClients(connections, (i) => connect(transport, server.port, i), { concurrency: 100 });
     for (const c of clients) c.loop.start();
     await sleep(WARMUP * 1000);
     for (const c of clients) c.loop.measuring = true;
@@ -179,9 +150,8 @@ async function runChat(transport: 'ws' | 'socket.io', connections: number): Prom
     }
     const rssMiB = (await scrape(server.port, 'chatwire_process_process_resident_memory_bytes')) / 2 ** 20;
     // Let every chat in flight finish so integrity is checked on complete streams.
-    const deadline = Date.now() + 30_000;
-    while (clients.some((c) => c.loop.inFlight > 0) && Date.now() < deadline) await sleep(100);
     const loops = clients.map((c) => c.loop);
+    await settle(loops, 30_000);
     const errors: Record<string, number> = {};
     for (const l of loops) for (const [k, v] of Object.entries(l.errors)) errors[k] = (errors[k] ?? 0) + v;
     const run: ChatRun = {
@@ -195,14 +165,11 @@ async function runChat(transport: 'ws' | 'socket.io', connections: number): Prom
       ping: summarize(loops.flatMap((l) => l.pings)),
       lostDeltas: loops.reduce((n, l) => n + l.lost, 0),
       unfinished: loops.reduce((n, l) => n + Math.max(0, l.inFlight), 0),
-      dropped: clients.filter((c) => c.closed()).length,
+      dropped: clients.filter((c) => !c.conn.open).length,
       errors,
       rssMiB,
     };
-    for (const c of clients) {
-      if ('ws' in c) c.ws.close();
-      else c.socket.close();
-    }
+    for (const c of clients) c.conn.terminate();
     return run;
   } finally {
     await server.stop();
@@ -216,24 +183,23 @@ async function runEcho(connections: number): Promise<{ connections: number; perS
     let count = 0;
     const rtts: number[] = [];
     // A delta-sized JSON frame, kept `window` at a time in flight per connection (one chat's worth of tokens).
-    const payload = (t: number) => JSON.stringify({ type: 'chat.delta', taskId: 'task_0123456789abcdefghijkl', seq: 17, text: ' provider', t });
-    const sockets = await inBatches(connections, async () => {
-      const ws = new WebSocket(`ws://127.0.0.1:${echo.port}/`);
-      await new Promise<void>((resolve, reject) => {
-        ws.once('open', () => resolve());
-        ws.once('error', reject);
-      });
-      ws.on('message', (data) => {
-        const m = JSON.parse(data.toString()) as { t: number };
-        if (measuring) {
-          count++;
-          if (count % 16 === 0) rtts.push(performance.now() - m.t);
-        }
-        if (ws.readyState === WebSocket.OPEN) ws.send(payload(performance.now()));
-      });
-      return ws;
-    });
-    for (const ws of sockets) for (let k = 0; k < ECHO_WINDOW; k++) ws.send(payload(performance.now()));
+    const frame = (t: number) => ({ type: 'chat.delta', taskId: 'task_0123456789abcdefghijkl', seq: 17, text: ' provider', t });
+    const sockets = await openClients(
+      connections,
+      async () => {
+        let conn: Conn | undefined;
+        conn = await wsConn<{ t: number }>(`ws://127.0.0.1:${echo.port}/`, (m) => {
+          if (measuring) {
+            count++;
+            if (count % 16 === 0) rtts.push(performance.now() - m.t);
+          }
+          conn?.send(frame(performance.now()));
+        });
+        return conn;
+      },
+      { concurrency: 100 },
+    );
+    for (const conn of sockets) for (let k = 0; k < ECHO_WINDOW; k++) conn.send(frame(performance.now()));
     await sleep(WARMUP * 1000);
     measuring = true;
     const t0 = performance.now();
@@ -241,7 +207,7 @@ async function runEcho(connections: number): Promise<{ connections: number; perS
     measuring = false;
     const seconds = (performance.now() - t0) / 1000;
     const rss = Number(/VmRSS:\s+(\d+)/.exec(await import('node:fs').then((fs) => fs.readFileSync(`/proc/${echo.child.pid}/status`, 'utf8')))?.[1] ?? NaN) / 1024;
-    for (const ws of sockets) ws.terminate();
+    for (const conn of sockets) conn.terminate();
     return { connections, perSecond: count / seconds, rtt: summarize(rtts), rssMiB: rss };
   } finally {
     await echo.stop();

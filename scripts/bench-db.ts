@@ -15,17 +15,17 @@
 import assert from 'node:assert/strict';
 import os from 'node:os';
 import path from 'node:path';
-import { parseArgs } from 'node:util';
 import type { Identity } from '../src/auth/identity.js';
 import { decodeCursor, encodeCursor, type KeysetPosition } from '../src/db/cursor.js';
 import WebSocket from 'ws';
 import { databaseFile } from '../src/db/data-file.js';
-import { Database } from '../src/db/database.js';
+import { Database, type CountedStatement } from '../src/db/database.js';
 import { createMarketplaceService, DEFAULT_PAGE_LIMIT } from '../src/db/marketplace.js';
 import { formatId, isoTime, parseId } from '../src/db/marketplace-ids.js';
 import { seedMarketplace } from '../src/db/marketplace-seed.js';
 import { migrate } from '../src/db/migrate.js';
 import { DIST, sleep, startChild, summarize } from './bench-support.js';
+import { fail, parseCommandLine } from './command-line.js';
 import {
   AppError,
   type ConsumerBookingItem,
@@ -37,34 +37,17 @@ import {
 } from '../src/protocol/index.js';
 
 const usage = 'usage: npm run bench:db -- [--requests N] [--data-dir <dir>] [--calls N] [--rounds N] [--ws-clients N (0 skips)] [--ws-seconds N]';
-let values;
-try {
-  ({ values } = parseArgs({
-    options: {
-      requests: { type: 'string', default: '1000000' },
-      'data-dir': { type: 'string' },
-      calls: { type: 'string', default: '2000' },
-      rounds: { type: 'string', default: '5' },
-      'ws-clients': { type: 'string', default: '1000' },
-      'ws-seconds': { type: 'string', default: '8' },
-      help: { type: 'boolean', short: 'h' },
-    },
-    strict: true,
-  }));
-} catch (err) {
-  process.stderr.write(`${(err as Error).message}\n${usage}\n`);
-  process.exit(2);
-}
-if (values.help) {
-  process.stdout.write(`${usage}\n`);
-  process.exit(0);
-}
+const values = parseCommandLine(usage, {
+  requests: { type: 'string', default: '1000000' },
+  'data-dir': { type: 'string' },
+  calls: { type: 'string', default: '2000' },
+  rounds: { type: 'string', default: '5' },
+  'ws-clients': { type: 'string', default: '1000' },
+  'ws-seconds': { type: 'string', default: '8' },
+});
 const positive = (name: string, raw: string): number => {
   const n = Number(raw.replaceAll('_', ''));
-  if (!Number.isSafeInteger(n) || n < 1) {
-    process.stderr.write(`--${name} must be a positive integer\n${usage}\n`);
-    process.exit(2);
-  }
+  if (!Number.isSafeInteger(n) || n < 1) fail(`--${name} must be a positive integer\n${usage}`);
   return n;
 };
 const requestCount = positive('requests', values.requests);
@@ -150,6 +133,25 @@ function createNaiveService(database: Database) {
     if (key === null || !consumerById.get(key)) throw new AppError('not_found', 'no such consumer');
     return key;
   };
+  /** The first `limit` of `limit + 1` rows, and the cursor after them if the extra row came back. */
+  const paged = <Row>(rows: Row[], limit: number, cursorAfter: (last: Row) => string) => {
+    const page = rows.slice(0, limit);
+    const last = page.at(-1);
+    return { page, nextCursor: rows.length > limit && last ? cursorAfter(last) : null };
+  };
+  /** One page of a consumer's rows, after the caller's check. */
+  const consumerPage = <Row>(
+    caller: Identity,
+    q: ConsumerPageQuery,
+    kind: 'consumer.requests' | 'consumer.bookings',
+    stmt: CountedStatement<Row>,
+    position: (last: Row) => KeysetPosition,
+  ) => {
+    const consumerId = consumerKey(caller, q.consumerId);
+    const limit = q.limit ?? DEFAULT_PAGE_LIMIT;
+    const after = q.cursor ? decodeCursor(q.cursor, kind, q.consumerId) : null;
+    return paged(stmt.all(consumerId, ...from(after), limit + 1), limit, (last) => encodeCursor(kind, q.consumerId, position(last)));
+  };
 
   return {
     async requestsList(_caller: Identity, q: RequestsListQuery): Promise<Page<RequestItem>> {
@@ -157,9 +159,9 @@ function createNaiveService(database: Database) {
       const scope = JSON.stringify([q.status ?? null, q.category ?? null]);
       const after = q.cursor ? decodeCursor(q.cursor, 'requests.list', scope) : null;
       const params = [...(q.category !== undefined ? [q.category] : []), ...(q.status !== undefined ? [q.status] : [])];
-      const rows = requestPage(q.status !== undefined, q.category !== undefined).all(...params, ...from(after), limit + 1);
-      const page = rows.slice(0, limit);
-      const last = page.at(-1);
+      const { page, nextCursor } = paged(requestPage(q.status !== undefined, q.category !== undefined).all(...params, ...from(after), limit + 1), limit, (last) =>
+        encodeCursor('requests.list', scope, { sortKey: last.created_at, id: last.request_id }),
+      );
       return {
         items: page.map((r) => {
           const c = consumerById.get(r.consumer_id)!;
@@ -174,16 +176,11 @@ function createNaiveService(database: Database) {
             quoteCount: quoteCount.get(r.request_id)!.n,
           };
         }),
-        nextCursor: rows.length > limit && last ? encodeCursor('requests.list', scope, { sortKey: last.created_at, id: last.request_id }) : null,
+        nextCursor,
       };
     },
     async consumerRequests(caller: Identity, q: ConsumerPageQuery): Promise<Page<ConsumerRequestItem>> {
-      const consumerId = consumerKey(caller, q.consumerId);
-      const limit = q.limit ?? DEFAULT_PAGE_LIMIT;
-      const after = q.cursor ? decodeCursor(q.cursor, 'consumer.requests', q.consumerId) : null;
-      const rows = consumerRequestsPage.all(consumerId, ...from(after), limit + 1);
-      const page = rows.slice(0, limit);
-      const last = page.at(-1);
+      const { page, nextCursor } = consumerPage(caller, q, 'consumer.requests', consumerRequestsPage, (last) => ({ sortKey: last.created_at, id: last.request_id }));
       return {
         items: page.map((r) => ({
           requestId: formatId('request', r.request_id),
@@ -200,16 +197,11 @@ function createNaiveService(database: Database) {
             provider: provider(b.provider_id),
           })),
         })),
-        nextCursor: rows.length > limit && last ? encodeCursor('consumer.requests', q.consumerId, { sortKey: last.created_at, id: last.request_id }) : null,
+        nextCursor,
       };
     },
     async consumerBookings(caller: Identity, q: ConsumerPageQuery): Promise<Page<ConsumerBookingItem>> {
-      const consumerId = consumerKey(caller, q.consumerId);
-      const limit = q.limit ?? DEFAULT_PAGE_LIMIT;
-      const after = q.cursor ? decodeCursor(q.cursor, 'consumer.bookings', q.consumerId) : null;
-      const rows = consumerBookingsPage.all(consumerId, ...from(after), limit + 1);
-      const page = rows.slice(0, limit);
-      const last = page.at(-1);
+      const { page, nextCursor } = consumerPage(caller, q, 'consumer.bookings', consumerBookingsPage, (last) => ({ sortKey: last.scheduled_at, id: last.booking_id }));
       return {
         items: page.map((b) => {
           const r = requestById.get(b.request_id)!;
@@ -222,7 +214,7 @@ function createNaiveService(database: Database) {
             provider: provider(b.provider_id),
           };
         }),
-        nextCursor: rows.length > limit && last ? encodeCursor('consumer.bookings', q.consumerId, { sortKey: last.scheduled_at, id: last.booking_id }) : null,
+        nextCursor,
       };
     },
     close() {},

@@ -21,8 +21,8 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { createRandom } from '../src/db/marketplace-seed.js';
 import { verifyLedger } from '../test/helpers/chat-ledger.js';
-import { parseArgs, printTable, sleep, summarize } from './bench-support.js';
-import { LoadClient, LoadStats, MiB, consumerIds, openClients, sampleServer, startLoadServer, type ServerSample } from './load-support.js';
+import { parseArgs, printTable, settle, sleep, summarize } from './bench-support.js';
+import { LoadClient, LoadStats, MiB, consumerIds, openClients, openLoop, roundRobin, sampleServer, startLoadServer, type ServerSample } from './load-support.js';
 
 const args = parseArgs({
   minutes: '10',
@@ -66,11 +66,6 @@ const server = await startLoadServer({
     CHATWIRE_TASK_RETENTION_MS: String(RETENTION_MS),
   },
 });
-// Whatever ends this process (an error included) ends the server it started and removes its data dir.
-process.on('exit', () => {
-  if (server.child.exitCode === null && server.child.signalCode === null) server.child.kill('SIGKILL');
-  server.removeDataDir();
-});
 const base = `http://127.0.0.1:${server.port}`;
 const stats = new LoadStats();
 const sampler = sampleServer(server.port, SAMPLE_MS, server.pid);
@@ -82,40 +77,24 @@ const active = await openClients(ACTIVE, (i) => LoadClient.open(base, consumers[
 const faulter = await LoadClient.open(base, 'soak-faults', 'ws', stats, random);
 
 // ---------- steady load ----------
-let chatDebt = 0;
-let lookupDebt = 0;
-let rr = 0;
 let skipped = 0;
 let running = true;
-let last = performance.now();
-const nextReady = (): LoadClient | null => {
-  for (let k = 0; k < active.length; k++) {
-    const c = active[(rr + k) % active.length] as LoadClient;
-    if (c.ready && c.inFlight < 16) {
-      rr = (rr + k + 1) % active.length;
-      return c;
-    }
-  }
-  return null;
-};
-const scheduler = setInterval(() => {
-  if (!running) return;
-  const now = performance.now();
-  const dt = (now - last) / 1000;
-  last = now;
-  chatDebt += CHATS_PER_SECOND * dt;
-  lookupDebt += LOOKUPS_PER_SECOND * dt;
-  for (; chatDebt >= 1; chatDebt--) {
-    const c = nextReady();
-    if (!c) {
-      skipped++;
-      continue;
-    }
-    if (random() < 0.2) c.chat({ text: `popular question number ${Math.floor(random() * 20)}`, cache: 'use', cancel: random() < 0.05 });
-    else c.chat({ text: `${c.user} asks about job ${stats.chatsSent} (${random().toString(36).slice(2, 10)})`, cache: 'use', continueConversation: random() < 0.3, cancel: random() < 0.05 });
-  }
-  for (; lookupDebt >= 1; lookupDebt--) nextReady()?.lookup();
-}, 10);
+const nextReady = roundRobin(active, (c) => c.ready && c.inFlight < 16);
+const stopLoad = openLoop(
+  { chatsPerSecond: CHATS_PER_SECOND, lookupsPerSecond: LOOKUPS_PER_SECOND },
+  {
+    chat: () => {
+      const c = nextReady();
+      if (!c) {
+        skipped++;
+        return;
+      }
+      if (random() < 0.2) c.chat({ text: `popular question number ${Math.floor(random() * 20)}`, cache: 'use', cancel: random() < 0.05 });
+      else c.chat({ text: `${c.user} asks about job ${stats.chatsSent} (${random().toString(36).slice(2, 10)})`, cache: 'use', continueConversation: random() < 0.3, cancel: random() < 0.05 });
+    },
+    lookup: () => nextReady()?.lookup(),
+  },
+);
 
 // ---------- faults ----------
 const FAULTS = ['exit', 'throw', 'hang'] as const;
@@ -189,14 +168,12 @@ for (let m = 1; m <= MINUTES; m++) {
   );
 }
 running = false;
-clearInterval(scheduler);
+stopLoad();
 clearInterval(faultTimer);
 clearInterval(disconnectTimer);
 
 // ---------- settle, stop, verify ----------
-const settleUntil = performance.now() + 60_000;
-while ([...active, faulter].some((c) => c.inFlight > 0) && performance.now() < settleUntil) await sleep(100);
-const unfinished = [...active, faulter].reduce((n, c) => n + c.inFlight, 0);
+const unfinished = await settle([...active, faulter], 60_000);
 await sampler.stop();
 await Promise.all([...idle, ...active, faulter].map((c) => c.close().catch(() => {})));
 const exitCode = await server.terminate();

@@ -45,22 +45,27 @@ export function startChild(script: string, env: Record<string, string>, name = p
   });
 }
 
-/** chatwire with the dev provider on a fresh temp data dir, limits raised so they do not shape the load. */
-export async function startChatwire(env: Record<string, string> = {}): Promise<Child & { dataDir: string }> {
-  const dataDir = fs.mkdtempSync(path.join(os.tmpdir(), 'chatwire-bench-'));
-  const server = await startChild(path.join(DIST, 'src', 'main.js'), {
+/** chatwire (main.js) on 127.0.0.1:0 in `dataDir`, limits raised so they do not shape the load; `env` adds to or overrides its settings. */
+export function startChatwireIn(dataDir: string, env: Record<string, string>): Promise<Child> {
+  return startChild(path.join(DIST, 'src', 'main.js'), {
     PORT: '0',
     HOST: '127.0.0.1',
     CHATWIRE_DATA_DIR: dataDir,
-    CHATWIRE_DEV_TOKEN_DELAY_MS: '0',
     CHATWIRE_MESSAGES_PER_SECOND: '1000000',
     CHATWIRE_CHATS_PER_MINUTE: '1000000',
     CHATWIRE_MODEL_TOKENS_PER_MINUTE: '1000000000',
     CHATWIRE_MAX_CONNECTIONS_PER_USER: '100000',
     CHATWIRE_MAX_QUEUE: '100000',
+    // info: the start line carries the port.
     LOG_LEVEL: 'info',
     ...env,
   });
+}
+
+/** chatwire with the dev provider on a fresh temp data dir, limits raised so they do not shape the load. */
+export async function startChatwire(env: Record<string, string> = {}): Promise<Child & { dataDir: string }> {
+  const dataDir = fs.mkdtempSync(path.join(os.tmpdir(), 'chatwire-bench-'));
+  const server = await startChatwireIn(dataDir, { CHATWIRE_DEV_TOKEN_DELAY_MS: '0', ...env });
   return {
     ...server,
     dataDir,
@@ -124,3 +129,10 @@ export function parseArgs(defaults: Record<string, string>): Record<string, stri
 }
 
 export const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
+/** Waits until no client has a chat in flight, or `ms` has passed; resolves with the chats still in flight. */
+export async function settle(clients: readonly { readonly inFlight: number }[], ms: number): Promise<number> {
+  const until = performance.now() + ms;
+  while (clients.some((c) => c.inFlight > 0) && performance.now() < until) await sleep(100);
+  return clients.reduce((n, c) => n + c.inFlight, 0);
+}

@@ -2,8 +2,10 @@
  * The pieces of the load generator (scripts/load.ts) and the soak bench
  * (scripts/bench-soak.ts): chatwire started as a child process on loopback
  * with a seeded data dir, clients over /ws and socket.io that chat, cancel,
- * drop and resume, look up the marketplace, or stop reading; the statistics
- * they keep; a /metrics sampler; and the open-file limit check.
+ * drop and resume, look up the marketplace, or stop reading; the open-loop
+ * schedule that drives them; the statistics they keep; a /metrics sampler;
+ * and the open-file limit check. scripts/bench-chat.ts shares the
+ * connections (`wsConn`, `socketIoConn`) and `openClients`.
  */
 import fs from 'node:fs';
 import type { Socket as NetSocket } from 'node:net';
@@ -17,7 +19,7 @@ import { SEED_CATEGORIES, seedMarketplace } from '../src/db/marketplace-seed.js'
 import { migrate } from '../src/db/migrate.js';
 import { DATABASE_FILE_NAME } from '../src/db/data-file.js';
 import { Ledger } from '../test/helpers/chat-ledger.js';
-import { DIST, startChild, type Child } from './bench-support.js';
+import { startChatwireIn, type Child } from './bench-support.js';
 
 // ---------- the server ----------
 
@@ -30,7 +32,10 @@ export interface LoadServer extends Child {
   removeDataDir(): void;
 }
 
-/** Seeds a fresh temp data dir with the marketplace, then starts chatwire on 127.0.0.1:0 with limits that do not shape the load. */
+/**
+ * Seeds a fresh temp data dir with the marketplace, then starts chatwire on 127.0.0.1:0 with limits that do not shape the load.
+ * The server and its data dir do not outlive this process.
+ */
 export async function startLoadServer(options: { seedRequests: number; env: Record<string, string> }): Promise<LoadServer> {
   const dataDir = fs.mkdtempSync(path.join(os.tmpdir(), 'chatwire-load-'));
   const dbFile = path.join(dataDir, DATABASE_FILE_NAME);
@@ -44,18 +49,12 @@ export async function startLoadServer(options: { seedRequests: number; env: Reco
       db.close();
     }
   }
-  const child = await startChild(path.join(DIST, 'src', 'main.js'), {
-    PORT: '0',
-    HOST: '127.0.0.1',
-    CHATWIRE_DATA_DIR: dataDir,
-    CHATWIRE_MESSAGES_PER_SECOND: '1000000',
-    CHATWIRE_CHATS_PER_MINUTE: '1000000',
-    CHATWIRE_MODEL_TOKENS_PER_MINUTE: '1000000000',
-    CHATWIRE_MAX_CONNECTIONS_PER_USER: '100000',
-    CHATWIRE_MAX_QUEUE: '100000',
-    // info: the start line carries the port.
-    LOG_LEVEL: 'info',
-    ...options.env,
+  const child = await startChatwireIn(dataDir, options.env);
+  const removeDataDir = () => fs.rmSync(dataDir, { recursive: true, force: true });
+  // Whatever ends this process (an error included) ends the server it started and removes its data dir.
+  process.on('exit', () => {
+    if (child.child.exitCode === null && child.child.signalCode === null) child.child.kill('SIGKILL');
+    removeDataDir();
   });
   const exited = new Promise<number | null>((resolve) => {
     if (child.child.exitCode !== null) resolve(child.child.exitCode);
@@ -73,7 +72,7 @@ export async function startLoadServer(options: { seedRequests: number; env: Reco
       clearTimeout(timer);
       return code;
     },
-    removeDataDir: () => fs.rmSync(dataDir, { recursive: true, force: true }),
+    removeDataDir,
   };
 }
 
@@ -156,7 +155,9 @@ type Frame = {
   nextCursor?: string | null;
 };
 
-interface Conn {
+/** One connection over /ws or socket.io, the same to its user: frames out, frames in (socket.io replies and events alike). */
+export interface Conn {
+  /** Sends while the connection is open; a frame sent after it closed is dropped. */
   send(frame: Record<string, unknown>): void;
   terminate(): void;
   /** Stops reading from the socket (a reader that hangs); /ws only. */
@@ -165,11 +166,11 @@ interface Conn {
   closed: Promise<number>;
 }
 
-function wsConn(url: string, onFrame: (f: Frame) => void): Promise<Conn> {
+export function wsConn<F>(url: string, onFrame: (f: F) => void): Promise<Conn> {
   const socket = new WebSocket(url, { perMessageDeflate: false });
   let open = false;
   const closed = new Promise<number>((resolve) => socket.once('close', (code) => resolve(code)));
-  socket.on('message', (data) => onFrame(JSON.parse(data.toString()) as Frame));
+  socket.on('message', (data) => onFrame(JSON.parse(data.toString()) as F));
   socket.on('error', () => {});
   return new Promise((resolve, reject) => {
     socket.once('open', () => {
@@ -192,11 +193,12 @@ function wsConn(url: string, onFrame: (f: Frame) => void): Promise<Conn> {
   });
 }
 
-function socketIoConn(base: string, user: string, onFrame: (f: Frame) => void): Promise<Conn> {
+export function socketIoConn<F extends { type: string }>(base: string, user: string, onFrame: (f: F) => void): Promise<Conn> {
   const socket: Socket = ioClient(base, { transports: ['websocket'], auth: { user }, reconnection: false, forceNew: true });
   let open = false;
   const closed = new Promise<number>((resolve) => socket.once('disconnect', () => resolve(1006)));
-  socket.onAny((event: string, payload: Frame) => onFrame({ ...payload, type: event }));
+  // Replies go through the ack callback, server-initiated frames arrive as events named by their type.
+  socket.onAny((event: string, payload: F) => onFrame({ ...payload, type: event }));
   return new Promise((resolve, reject) => {
     socket.once('connect', () => {
       open = true;
@@ -204,7 +206,7 @@ function socketIoConn(base: string, user: string, onFrame: (f: Frame) => void): 
       resolve({
         send: (f) => {
           const { type, ...payload } = f;
-          if (socket.connected) socket.emit(type as string, payload, (reply: Frame) => onFrame(reply));
+          if (socket.connected) socket.emit(type as string, payload, (reply: F) => onFrame(reply));
         },
         terminate: () => socket.disconnect(),
         pause: () => {
@@ -510,12 +512,12 @@ export class LoadClient {
 }
 
 /** Opens `count` clients, `concurrency` handshakes at a time; reports progress. */
-export async function openClients(
+export async function openClients<T>(
   count: number,
-  make: (i: number) => Promise<LoadClient>,
+  make: (i: number) => Promise<T>,
   options: { concurrency?: number; onProgress?: (opened: number) => void } = {},
-): Promise<LoadClient[]> {
-  const out: LoadClient[] = new Array(count);
+): Promise<T[]> {
+  const out: T[] = new Array(count);
   const concurrency = options.concurrency ?? 200;
   let next = 0;
   let opened = 0;
@@ -530,6 +532,44 @@ export async function openClients(
     }),
   );
   return out;
+}
+
+// ---------- the schedule ----------
+
+/** Picks clients in turn: the first one after the last picked that `fits`, or null when none does. */
+export function roundRobin<T>(clients: readonly T[], fits: (c: T) => boolean): () => T | null {
+  let next = 0;
+  return () => {
+    for (let k = 0; k < clients.length; k++) {
+      const i = (next + k) % clients.length;
+      const c = clients[i] as T;
+      if (fits(c)) {
+        next = (i + 1) % clients.length;
+        return c;
+      }
+    }
+    return null;
+  };
+}
+
+/**
+ * Open loop: every `tickMs`, issues the chats and lookups owed at the offered rates since the previous tick
+ * (the schedule does not wait for replies). Returns stop().
+ */
+export function openLoop(rates: { chatsPerSecond: number; lookupsPerSecond: number }, issue: { chat(): void; lookup(): void }, tickMs = 10): () => void {
+  let chatDebt = 0;
+  let lookupDebt = 0;
+  let last = performance.now();
+  const timer = setInterval(() => {
+    const now = performance.now();
+    const dt = (now - last) / 1000;
+    last = now;
+    chatDebt += rates.chatsPerSecond * dt;
+    lookupDebt += rates.lookupsPerSecond * dt;
+    for (; chatDebt >= 1; chatDebt--) issue.chat();
+    for (; lookupDebt >= 1; lookupDebt--) issue.lookup();
+  }, tickMs);
+  return () => clearInterval(timer);
 }
 
 // ---------- server metrics ----------

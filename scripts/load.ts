@@ -32,7 +32,7 @@
 import { monitorEventLoopDelay } from 'node:perf_hooks';
 import { createRandom } from '../src/db/marketplace-seed.js';
 import { verifyLedger, type Verification } from '../test/helpers/chat-ledger.js';
-import { parseArgs, printTable, sleep, summarize } from './bench-support.js';
+import { parseArgs, printTable, settle, sleep, summarize } from './bench-support.js';
 import {
   LoadClient,
   LoadStats,
@@ -40,6 +40,8 @@ import {
   consumerIds,
   openClients,
   openFileLimits,
+  openLoop,
+  roundRobin,
   sampleServer,
   scrapeServer,
   startLoadServer,
@@ -134,12 +136,6 @@ if (EXTERNAL_PORT === null) {
     },
   });
   port = server.port;
-  // Whatever ends this process (an error included) ends the server it started and removes its data dir.
-  const started = server;
-  process.on('exit', () => {
-    if (started.child.exitCode === null && started.child.signalCode === null) started.child.kill('SIGKILL');
-    started.removeDataDir();
-  });
 } else {
   port = EXTERNAL_PORT;
 }
@@ -184,34 +180,21 @@ log(
 );
 
 // ---------- load ----------
-let chatDebt = 0;
-let lookupDebt = 0;
-let rr = 0;
-let lr = 0;
 let skipped = 0;
-let running = true;
 let dead: LoadClient[] = [];
 let deadOpened: ServerSample | undefined;
 let deadHung: ServerSample | undefined;
 let deadSettledAt: number | undefined;
 
-function pickClient(start: number): { client: LoadClient; next: number } | null {
-  for (let k = 0; k < active.length; k++) {
-    const i = (start + k) % active.length;
-    const c = active[i] as LoadClient;
-    if (c.ready && c.inFlight < MAX_IN_FLIGHT) return { client: c, next: i + 1 };
-  }
-  return null;
-}
+const chatClient = roundRobin(active, (c) => c.ready && c.inFlight < MAX_IN_FLIGHT);
+const lookupClient = roundRobin(active, (c) => c.ready);
 
 function issueChat(): void {
-  const picked = pickClient(rr);
-  if (!picked) {
+  const c = chatClient();
+  if (!c) {
     skipped++;
     return;
   }
-  rr = picked.next;
-  const c = picked.client;
   const r = random();
   if (r < CACHE_HITS) {
     c.chat({ text: `popular question number ${Math.floor(random() * 20)}: who can fix a leaking tap tomorrow?`, cache: 'use', cancel: random() < CANCEL, dropAndResume: random() < RECONNECT });
@@ -226,35 +209,7 @@ function issueChat(): void {
   }
 }
 
-function issueLookup(): void {
-  for (let k = 0; k < active.length; k++) {
-    const c = active[(lr + k) % active.length] as LoadClient;
-    if (c.ready) {
-      lr = (lr + k + 1) % active.length;
-      c.lookup();
-      return;
-    }
-  }
-}
-
-const TICK_MS = 10;
-let last = performance.now();
-const scheduler = setInterval(() => {
-  if (!running) return;
-  const now = performance.now();
-  const dt = (now - last) / 1000;
-  last = now;
-  chatDebt += CHATS_PER_SECOND * dt;
-  lookupDebt += LOOKUPS_PER_SECOND * dt;
-  while (chatDebt >= 1) {
-    chatDebt--;
-    issueChat();
-  }
-  while (lookupDebt >= 1) {
-    lookupDebt--;
-    issueLookup();
-  }
-}, TICK_MS);
+const stopLoad = openLoop({ chatsPerSecond: CHATS_PER_SECOND, lookupsPerSecond: LOOKUPS_PER_SECOND }, { chat: issueChat, lookup: () => lookupClient()?.lookup() });
 
 const started = performance.now();
 const measureFrom = started + WARMUP * 1000;
@@ -335,8 +290,7 @@ await sleep(WARMUP * 1000);
 snapshotAtWarmup = { sent: stats.chatsSent, acked: stats.chatsAcked, done: stats.chatsDone, deltas: stats.deltas, lookups: stats.lookupsDone, skipped };
 const deadReaders = startDeadReaders(await replaysReady);
 await sleep(Math.max(0, measureTo - performance.now()));
-running = false;
-clearInterval(scheduler);
+stopLoad();
 const atEnd = { sent: stats.chatsSent, acked: stats.chatsAcked, done: stats.chatsDone, deltas: stats.deltas, lookups: stats.lookupsDone, skipped };
 await deadReaders;
 const endSample = await scrapeServer(port);
@@ -345,9 +299,7 @@ if (tty) process.stderr.write('\n');
 
 // ---------- settle, stop, verify ----------
 for (const c of dead) await c.close().catch(() => {});
-const settleUntil = performance.now() + SETTLE_SECONDS * 1000;
-while (active.some((c) => c.inFlight > 0) && performance.now() < settleUntil) await sleep(100);
-const unfinished = active.reduce((n, c) => n + c.inFlight, 0);
+const unfinished = await settle(active, SETTLE_SECONDS * 1000);
 const slowClosed = (await scrapeServer(port)).slowClientsClosed;
 await sampler.stop();
 const dropped = stats.dropped;

@@ -4,46 +4,17 @@
  * The data dir is --data-dir, else CHATWIRE_DATA_DIR (read through loadConfig, default ./data).
  */
 import fs from 'node:fs';
-import { parseArgs } from 'node:util';
-import { ConfigError, loadConfig, type Config } from '../src/config.js';
-import { databaseFile } from '../src/db/data-file.js';
 import { Database } from '../src/db/database.js';
 import { defaultMigrationsDir, migrate, MigrationError, migrationStatus, readMigrations } from '../src/db/migrate.js';
+import { databaseFileOf, fail, parseCommandLine } from './command-line.js';
 
 const usage = 'usage: npm run migrate [-- --status] [--data-dir <dir>]';
 
-function fail(message: string, code: number): never {
-  process.stderr.write(`${message}\n`);
-  process.exit(code);
-}
-
-let values;
-try {
-  ({ values } = parseArgs({
-    options: {
-      status: { type: 'boolean', default: false },
-      'data-dir': { type: 'string' },
-      help: { type: 'boolean', short: 'h' },
-    },
-    strict: true,
-  }));
-} catch (err) {
-  fail(`${(err as Error).message}\n${usage}`, 2);
-}
-if (values.help) {
-  process.stdout.write(`${usage}\n`);
-  process.exit(0);
-}
-
-const dataDir = values['data-dir'];
-let config: Config;
-try {
-  config = loadConfig(process.env, dataDir === undefined ? {} : { dataDir });
-} catch (err) {
-  if (err instanceof ConfigError) fail(err.message, 2);
-  throw err;
-}
-const file = databaseFile(config.dataPath);
+const values = parseCommandLine(usage, {
+  status: { type: 'boolean', default: false },
+  'data-dir': { type: 'string' },
+});
+const file = databaseFileOf(values['data-dir']);
 if (values.status && !fs.existsSync(file)) {
   // Looking must not create the database.
   const files = readMigrations(defaultMigrationsDir());

@@ -5,40 +5,20 @@
  * The data dir is --data-dir, else CHATWIRE_DATA_DIR (read through loadConfig, default ./data).
  * Prints progress on stderr and one JSON line with the counts and the time on stdout.
  */
-import { parseArgs } from 'node:util';
-import { ConfigError, loadConfig, type Config } from '../src/config.js';
-import { databaseFile } from '../src/db/data-file.js';
 import { Database } from '../src/db/database.js';
 import { seedMarketplace, SeedTargetNotEmptyError } from '../src/db/marketplace-seed.js';
 import { migrate, MigrationError } from '../src/db/migrate.js';
+import { databaseFileOf, fail, parseCommandLine } from './command-line.js';
 
 const usage = 'usage: npm run seed -- [--consumers N] [--providers N] [--requests N] [--seed S] [--data-dir <dir>]';
 
-function fail(message: string, code = 2): never {
-  process.stderr.write(`${message}\n`);
-  process.exit(code);
-}
-
-let values;
-try {
-  ({ values } = parseArgs({
-    options: {
-      consumers: { type: 'string' },
-      providers: { type: 'string' },
-      requests: { type: 'string', default: '100000' },
-      seed: { type: 'string', default: '1' },
-      'data-dir': { type: 'string' },
-      help: { type: 'boolean', short: 'h' },
-    },
-    strict: true,
-  }));
-} catch (err) {
-  fail(`${(err as Error).message}\n${usage}`);
-}
-if (values.help) {
-  process.stdout.write(`${usage}\n`);
-  process.exit(0);
-}
+const values = parseCommandLine(usage, {
+  consumers: { type: 'string' },
+  providers: { type: 'string' },
+  requests: { type: 'string', default: '100000' },
+  seed: { type: 'string', default: '1' },
+  'data-dir': { type: 'string' },
+});
 
 function count(name: string, raw: string, min: number): number {
   const n = Number(raw.replaceAll('_', ''));
@@ -50,16 +30,7 @@ const consumers = count('consumers', values.consumers ?? String(Math.max(1, Math
 const providers = count('providers', values.providers ?? String(Math.max(1, Math.ceil(requests / 50))), 1);
 const seed = count('seed', values.seed, 0);
 
-const dataDir = values['data-dir'];
-let config: Config;
-try {
-  config = loadConfig(process.env, dataDir === undefined ? {} : { dataDir });
-} catch (err) {
-  if (err instanceof ConfigError) fail(err.message);
-  throw err;
-}
-
-const file = databaseFile(config.dataPath);
+const file = databaseFileOf(values['data-dir']);
 const db = new Database(file);
 try {
   migrate(db);

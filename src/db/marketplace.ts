@@ -72,6 +72,16 @@ interface PageKey<Scope> {
 }
 const pageKeyOf = (key: PageKey<unknown>): string => JSON.stringify([key.scope, key.after?.sortKey, key.after?.id, key.take]);
 
+/** What tells the two consumer lookups apart: their cursor kind, page loader, row sort key, the relations of each row, and the items they make. */
+interface ConsumerLookup<Row extends [number, ...unknown[]], Related, Item> {
+  kind: 'consumer.requests' | 'consumer.bookings';
+  pages: BatchLoader<PageKey<number>, Row[]>;
+  sortKeyOf: (row: Row) => number;
+  /** Loaded for the page's rows by their first column, in one batched query; none when absent. */
+  related?: BatchLoader<number, Related>;
+  toItems: (rows: Row[], consumerKey: number, related: Related[]) => Item[];
+}
+
 function asError(err: unknown): Error {
   return err instanceof Error ? err : new Error(String(err));
 }
@@ -155,6 +165,58 @@ export function createMarketplaceService(options: MarketplaceServiceOptions): Ma
     return { rows: page, nextCursor: cursorAfter(page[limit - 1] as Row) };
   }
 
+  const consumerRequestsLookup: ConsumerLookup<ConsumerRequestRow, RequestBookingRow[], ConsumerRequestItem> = {
+    kind: 'consumer.requests',
+    pages: consumerRequestPages,
+    sortKeyOf: (row) => row[4],
+    related: bookingsOfRequest,
+    toItems: (rows, consumerKey, bookings) => {
+      const consumerId = formatId('consumer', consumerKey);
+      return rows.map(([requestId, title, category, status, createdAt], i) => ({
+        requestId: formatId('request', requestId),
+        consumerId,
+        title,
+        category,
+        status,
+        createdAt: isoTime(createdAt),
+        bookings: (bookings[i] as RequestBookingRow[]).map(([, bookingId, bookingStatus, scheduledAt, priceCents, providerId, name, rating]) => ({
+          bookingId: formatId('booking', bookingId),
+          status: bookingStatus,
+          scheduledAt: isoTime(scheduledAt),
+          priceCents,
+          provider: { providerId: formatId('provider', providerId), name, rating },
+        })),
+      }));
+    },
+  };
+  const consumerBookingsLookup: ConsumerLookup<ConsumerBookingRow, never, ConsumerBookingItem> = {
+    kind: 'consumer.bookings',
+    pages: consumerBookingPages,
+    sortKeyOf: (row) => row[2],
+    toItems: (rows) =>
+      rows.map(([bookingId, status, scheduledAt, priceCents, requestId, title, category, providerId, name, rating]) => ({
+        bookingId: formatId('booking', bookingId),
+        status,
+        scheduledAt: isoTime(scheduledAt),
+        priceCents,
+        request: { requestId: formatId('request', requestId), title, category },
+        provider: { providerId: formatId('provider', providerId), name, rating },
+      })),
+  };
+
+  /** One page of a consumer's records: authorization, the cursor, the page query, the existence check an empty page needs, the rows' relations. */
+  async function consumerPage<Row extends [number, ...unknown[]], Related, Item>(caller: Identity, q: ConsumerPageQuery, lookup: ConsumerLookup<Row, Related, Item>): Promise<Page<Item>> {
+    const query = parseQuery(ConsumerPageQuerySchema, q);
+    const consumerKey = authorizedConsumer(caller, query.consumerId);
+    const limit = query.limit ?? DEFAULT_PAGE_LIMIT;
+    const after = query.cursor === undefined ? null : decodeCursor(query.cursor, lookup.kind, query.consumerId);
+    const rows = await lookup.pages.load({ scope: consumerKey, after, take: limit + 1 });
+    await ensureConsumerExists(consumerKey, rows.length);
+    const page = pageOf(rows, limit, (last) => encodeCursor(lookup.kind, query.consumerId, { sortKey: lookup.sortKeyOf(last), id: last[0] }));
+    const related = lookup.related !== undefined && page.rows.length > 0 ? await lookup.related.loadMany(page.rows.map((r) => r[0])) : [];
+    return { items: lookup.toItems(page.rows, consumerKey, related), nextCursor: page.nextCursor };
+  }
+
   return {
     async requestsList(_caller, q) {
       const query = parseQuery(RequestsListQuerySchema, q);
@@ -184,56 +246,8 @@ export function createMarketplaceService(options: MarketplaceServiceOptions): Ma
       };
     },
 
-    async consumerRequests(caller, q) {
-      const query = parseQuery(ConsumerPageQuerySchema, q);
-      const consumerKey = authorizedConsumer(caller, query.consumerId);
-      const limit = query.limit ?? DEFAULT_PAGE_LIMIT;
-      const after = query.cursor === undefined ? null : decodeCursor(query.cursor, 'consumer.requests', query.consumerId);
-      const rows = await consumerRequestPages.load({ scope: consumerKey, after, take: limit + 1 });
-      await ensureConsumerExists(consumerKey, rows.length);
-      const page = pageOf(rows, limit, (last) => encodeCursor('consumer.requests', query.consumerId, { sortKey: last[4], id: last[0] }));
-      const bookings = page.rows.length > 0 ? await bookingsOfRequest.loadMany(page.rows.map((r) => r[0])) : [];
-      const consumerId = formatId('consumer', consumerKey);
-      return {
-        items: page.rows.map(([requestId, title, category, status, createdAt], i) => ({
-          requestId: formatId('request', requestId),
-          consumerId,
-          title,
-          category,
-          status,
-          createdAt: isoTime(createdAt),
-          bookings: (bookings[i] as RequestBookingRow[]).map(([, bookingId, bookingStatus, scheduledAt, priceCents, providerId, name, rating]) => ({
-            bookingId: formatId('booking', bookingId),
-            status: bookingStatus,
-            scheduledAt: isoTime(scheduledAt),
-            priceCents,
-            provider: { providerId: formatId('provider', providerId), name, rating },
-          })),
-        })),
-        nextCursor: page.nextCursor,
-      };
-    },
-
-    async consumerBookings(caller, q) {
-      const query = parseQuery(ConsumerPageQuerySchema, q);
-      const consumerKey = authorizedConsumer(caller, query.consumerId);
-      const limit = query.limit ?? DEFAULT_PAGE_LIMIT;
-      const after = query.cursor === undefined ? null : decodeCursor(query.cursor, 'consumer.bookings', query.consumerId);
-      const rows = await consumerBookingPages.load({ scope: consumerKey, after, take: limit + 1 });
-      await ensureConsumerExists(consumerKey, rows.length);
-      const page = pageOf(rows, limit, (last) => encodeCursor('consumer.bookings', query.consumerId, { sortKey: last[2], id: last[0] }));
-      return {
-        items: page.rows.map(([bookingId, status, scheduledAt, priceCents, requestId, title, category, providerId, name, rating]) => ({
-          bookingId: formatId('booking', bookingId),
-          status,
-          scheduledAt: isoTime(scheduledAt),
-          priceCents,
-          request: { requestId: formatId('request', requestId), title, category },
-          provider: { providerId: formatId('provider', providerId), name, rating },
-        })),
-        nextCursor: page.nextCursor,
-      };
-    },
+    consumerRequests: (caller, q) => consumerPage(caller, q, consumerRequestsLookup),
+    consumerBookings: (caller, q) => consumerPage(caller, q, consumerBookingsLookup),
 
     close() {
       for (const loader of loaders) loader.close();

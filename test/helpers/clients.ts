@@ -173,3 +173,20 @@ export function refusedUpgrade(url: string, protocols: string[] = [], headers: R
     socket.once('error', reject);
   });
 }
+
+/** Tries a socket.io handshake and resolves with its connect_error (and every event received, which must be none). */
+export function refusedSocketIO(base: string, auth: Record<string, unknown>, extraHeaders: Record<string, string> = {}): Promise<{ error: Error & { data?: unknown }; events: string[] }> {
+  const socket = ioClient(base, { transports: ['websocket'], auth, extraHeaders, reconnection: false, forceNew: true });
+  const events: string[] = [];
+  socket.onAny((event: string) => events.push(event));
+  return new Promise((resolve, reject) => {
+    socket.once('connect', () => {
+      socket.close();
+      reject(new Error('the handshake was accepted'));
+    });
+    socket.once('connect_error', (error: Error & { data?: unknown }) => {
+      socket.close();
+      resolve({ error, events });
+    });
+  });
+}

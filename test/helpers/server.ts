@@ -58,3 +58,11 @@ export async function startServer(overrides: Overrides = {}, dataDir = tempDataD
 }
 
 export type SettingName = keyof typeof settings;
+
+/** One counter or gauge without labels, read from the server's /metrics; throws when the server does not export it. */
+export async function metric(server: TestServer, name: string): Promise<number> {
+  const text = await (await fetch(`${server.http}/metrics`)).text();
+  const m = new RegExp(`^${name} (\\S+)$`, 'm').exec(text);
+  if (!m) throw new Error(`no metric ${name} in /metrics`);
+  return Number(m[1]);
+}

@@ -4,7 +4,6 @@ import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { SignJWT } from 'jose';
 import { pino } from 'pino';
-import { io as ioClient } from 'socket.io-client';
 import WebSocket from 'ws';
 import { createApp, SQLITE_FILE } from '../../src/app.js';
 import { signToken } from '../../src/auth/index.js';
@@ -13,7 +12,7 @@ import { Database } from '../../src/db/database.js';
 import { formatId } from '../../src/db/marketplace-ids.js';
 import { seedMarketplace } from '../../src/db/marketplace-seed.js';
 import { migrate } from '../../src/db/migrate.js';
-import { connectSocketIO, emitWithAck, readSse, WsClient, refusedUpgrade } from '../helpers/clients.js';
+import { connectSocketIO, emitWithAck, readSse, WsClient, refusedSocketIO, refusedUpgrade } from '../helpers/clients.js';
 import { startServer, tempDataDir, type TestServer } from '../helpers/server.js';
 
 const SECRET = 'auth-integration-secret-0123456789-abcdefgh';
@@ -49,23 +48,6 @@ async function badTokens(): Promise<{ name: string; token: string | undefined }[
       token: await new SignJWT({ role: 'admin' }).setProtectedHeader({ alg: 'HS256' }).setSubject('alice').setExpirationTime(nowSec() + 3600).sign(new TextEncoder().encode(SECRET)),
     },
   ];
-}
-
-/** Tries a socket.io handshake and resolves with its connect_error (and every event received, which must be none). */
-function refusedSocketIO(base: string, auth: Record<string, unknown>): Promise<{ error: Error & { data?: unknown }; events: string[] }> {
-  const socket = ioClient(base, { transports: ['websocket'], auth, reconnection: false, forceNew: true });
-  const events: string[] = [];
-  socket.onAny((event: string) => events.push(event));
-  return new Promise((resolve, reject) => {
-    socket.once('connect', () => {
-      socket.close();
-      reject(new Error('the handshake was accepted'));
-    });
-    socket.once('connect_error', (error: Error & { data?: unknown }) => {
-      socket.close();
-      resolve({ error, events });
-    });
-  });
 }
 
 /** Frames sent over /ws so far, from /metrics: every opened socket gets a hello. */

@@ -1,44 +1,10 @@
 import assert from 'node:assert/strict';
-import { spawn, type ChildProcess } from 'node:child_process';
+import { spawn } from 'node:child_process';
 import fs from 'node:fs';
-import path from 'node:path';
-import { fileURLToPath } from 'node:url';
 import { test } from 'node:test';
 import { WsClient } from '../helpers/clients.js';
+import { MAIN, startProcess } from '../helpers/process.js';
 import { tempDataDir } from '../helpers/server.js';
-
-const MAIN = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..', 'src', 'main.js');
-
-interface Running {
-  child: ChildProcess;
-  port: number;
-  output: () => string;
-  exited: Promise<{ code: number | null; signal: NodeJS.Signals | null }>;
-}
-
-/** Starts `node dist/src/main.js` as a user would, on port 0, and reads the port from its start log line. */
-function startProcess(env: Record<string, string>): Promise<Running> {
-  const child = spawn(process.execPath, [MAIN], {
-    env: { ...process.env, PORT: '0', HOST: '127.0.0.1', CHATWIRE_WORKER_THREADS: '1', ...env },
-    stdio: ['ignore', 'pipe', 'pipe'],
-  });
-  let out = '';
-  const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((resolve) => child.once('exit', (code, signal) => resolve({ code, signal })));
-  return new Promise((resolve, reject) => {
-    const onData = (chunk: Buffer) => {
-      out += chunk.toString();
-      const m = /"port":(\d+)/.exec(out);
-      if (m) {
-        child.stdout?.off('data', onData);
-        child.stdout?.on('data', (c: Buffer) => (out += c.toString()));
-        resolve({ child, port: Number(m[1]), output: () => out, exited });
-      }
-    };
-    child.stdout?.on('data', onData);
-    child.stderr?.on('data', (c: Buffer) => (out += c.toString()));
-    void exited.then(({ code }) => reject(new Error(`exited with ${code} before listening: ${out}`)));
-  });
-}
 
 test('a bad setting stops the start with a message naming the variable', async () => {
   const child = spawn(process.execPath, [MAIN], { env: { ...process.env, PORT: 'eighty' }, stdio: ['ignore', 'pipe', 'pipe'] });
@@ -52,7 +18,7 @@ test('a bad setting stops the start with a message naming the variable', async (
 test('SIGTERM mid-stream cancels the running task, stores its partial text, and exits 0', async () => {
   const dataDir = tempDataDir();
   try {
-    const first = await startProcess({ CHATWIRE_DATA_DIR: dataDir, CHATWIRE_DEV_TOKEN_DELAY_MS: '20', LOG_LEVEL: 'info' });
+    const first = await startProcess({ CHATWIRE_WORKER_THREADS: '1', CHATWIRE_DATA_DIR: dataDir, CHATWIRE_DEV_TOKEN_DELAY_MS: '20' });
     assert.match(first.output(), /open mode/);
     const c = await WsClient.connect(`ws://127.0.0.1:${first.port}/ws`, { user: 'ops' });
     const ack = await c.request({ type: 'chat.send', text: 'a long job', params: { maxTokens: 1000 } });
@@ -67,7 +33,7 @@ test('SIGTERM mid-stream cancels the running task, stores its partial text, and 
     assert.deepEqual(exit, { code: 0, signal: null });
     assert.match(first.output(), /"msg":"stopped"/);
 
-    const second = await startProcess({ CHATWIRE_DATA_DIR: dataDir, LOG_LEVEL: 'info' });
+    const second = await startProcess({ CHATWIRE_WORKER_THREADS: '1', CHATWIRE_DATA_DIR: dataDir });
     const d = await WsClient.connect(`ws://127.0.0.1:${second.port}/ws`, { user: 'ops' });
     const history = await d.request({ type: 'conversation.history', conversationId: ack.conversationId });
     assert.deepEqual(

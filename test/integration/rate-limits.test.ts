@@ -3,13 +3,12 @@ import net from 'node:net';
 import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { after, before, describe, test } from 'node:test';
-import { io as ioClient } from 'socket.io-client';
 import WebSocket from 'ws';
 import { SQLITE_FILE } from '../../src/app.js';
 import { signToken } from '../../src/auth/index.js';
 import { Database } from '../../src/db/database.js';
 import { FLOOD_REFUSALS } from '../../src/transport/session.js';
-import { connectSocketIO, emitWithAck, readSse, WsClient, refusedUpgrade } from '../helpers/clients.js';
+import { connectSocketIO, emitWithAck, readSse, WsClient, refusedSocketIO, refusedUpgrade } from '../helpers/clients.js';
 import { startServer, type TestServer } from '../helpers/server.js';
 
 type ErrorBody = { error: { code: string; message: string; retryAfterMs?: number } };
@@ -60,22 +59,6 @@ function onSocketIO(s: { once(event: string, fn: (m: Msg) => void): unknown; rec
         else listen();
       });
     listen();
-  });
-}
-
-function refusedSocketIO(base: string, auth: Record<string, unknown>, extraHeaders: Record<string, string> = {}): Promise<{ error: Error & { data?: unknown }; events: string[] }> {
-  const socket = ioClient(base, { transports: ['websocket'], auth, extraHeaders, reconnection: false, forceNew: true });
-  const events: string[] = [];
-  socket.onAny((event: string) => events.push(event));
-  return new Promise((resolve, reject) => {
-    socket.once('connect', () => {
-      socket.close();
-      reject(new Error('the handshake was accepted'));
-    });
-    socket.once('connect_error', (error: Error & { data?: unknown }) => {
-      socket.close();
-      resolve({ error, events });
-    });
   });
 }
 

@@ -2,17 +2,9 @@ import assert from 'node:assert/strict';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { test } from 'node:test';
 import { WsClient } from '../helpers/clients.js';
-import { startServer, type TestServer } from '../helpers/server.js';
+import { metric, startServer } from '../helpers/server.js';
 
 type Msg = Awaited<ReturnType<WsClient['next']>>;
-
-/** One counter or gauge without labels, read from the server's /metrics. */
-async function metric(server: TestServer, name: string): Promise<number> {
-  const text = await (await fetch(`${server.http}/metrics`)).text();
-  const m = new RegExp(`^${name} (\\S+)$`, 'm').exec(text);
-  if (!m) throw new Error(`no metric ${name} in /metrics`);
-  return Number(m[1]);
-}
 
 function assertContiguous(deltas: Msg[], from = 0): void {
   assert.deepEqual(

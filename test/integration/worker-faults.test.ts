@@ -9,7 +9,7 @@ import assert from 'node:assert/strict';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { test } from 'node:test';
 import { WsClient } from '../helpers/clients.js';
-import { startServer, type TestServer } from '../helpers/server.js';
+import { metric, startServer } from '../helpers/server.js';
 
 type Msg = Awaited<ReturnType<WsClient['next']>>;
 
@@ -23,12 +23,6 @@ async function send(c: WsClient, text: string, maxTokens?: number): Promise<Msg>
 
 function terminals(c: WsClient, taskId: unknown): Msg[] {
   return c.received.filter((m) => (m.type === 'chat.done' || m.type === 'chat.error') && m.taskId === taskId);
-}
-
-async function metric(server: TestServer, name: string): Promise<number> {
-  const text = await (await fetch(`${server.http}/metrics`)).text();
-  const line = text.split('\n').find((l) => l.startsWith(`${name} `));
-  return line === undefined ? NaN : Number(line.split(' ')[1]);
 }
 
 async function storedStatus(c: WsClient, taskId: unknown): Promise<string> {

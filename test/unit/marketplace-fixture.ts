@@ -128,17 +128,31 @@ function providerRef(tables: Tables, providerId: number) {
   return { providerId: wireId('p', p.provider_id), name: p.name, rating: p.rating };
 }
 
+/** What every request item carries, in whichever lookup. */
+const requestFields = (r: Tables['requests'][number]) => ({
+  requestId: wireId('r', r.request_id),
+  consumerId: wireId('c', r.consumer_id),
+  title: r.title,
+  category: r.category,
+  status: r.status,
+  createdAt: iso(r.created_at),
+});
+
+/** What every booking item carries, in whichever lookup. */
+const bookingFields = (tables: Tables, b: Tables['bookings'][number]) => ({
+  bookingId: wireId('b', b.booking_id),
+  status: b.status,
+  scheduledAt: iso(b.scheduled_at),
+  priceCents: b.price_cents,
+  provider: providerRef(tables, b.provider_id),
+});
+
 export function referenceRequestsList(tables: Tables, filter: { status?: string; category?: string }): RequestItem[] {
   return tables.requests
     .filter((r) => (filter.status === undefined || r.status === filter.status) && (filter.category === undefined || r.category === filter.category))
     .sort(newestRequestFirst)
     .map((r) => ({
-      requestId: wireId('r', r.request_id),
-      consumerId: wireId('c', r.consumer_id),
-      title: r.title,
-      category: r.category,
-      status: r.status,
-      createdAt: iso(r.created_at),
+      ...requestFields(r),
       consumer: { consumerId: wireId('c', r.consumer_id), name: tables.consumers.find((c) => c.consumer_id === r.consumer_id)!.name },
       quoteCount: tables.quotes.filter((q) => q.request_id === r.request_id).length,
     }));
@@ -149,22 +163,11 @@ export function referenceConsumerRequests(tables: Tables, consumerId: number): C
     .filter((r) => r.consumer_id === consumerId)
     .sort(newestRequestFirst)
     .map((r) => ({
-      requestId: wireId('r', r.request_id),
-      consumerId: wireId('c', r.consumer_id),
-      title: r.title,
-      category: r.category,
-      status: r.status,
-      createdAt: iso(r.created_at),
+      ...requestFields(r),
       bookings: tables.bookings
         .filter((b) => b.request_id === r.request_id)
         .sort(newestBookingFirst)
-        .map((b) => ({
-          bookingId: wireId('b', b.booking_id),
-          status: b.status,
-          scheduledAt: iso(b.scheduled_at),
-          priceCents: b.price_cents,
-          provider: providerRef(tables, b.provider_id),
-        })),
+        .map((b) => bookingFields(tables, b)),
     }));
 }
 
@@ -174,14 +177,7 @@ export function referenceConsumerBookings(tables: Tables, consumerId: number): C
     .sort(newestBookingFirst)
     .map((b) => {
       const r = tables.requests.find((x) => x.request_id === b.request_id)!;
-      return {
-        bookingId: wireId('b', b.booking_id),
-        status: b.status,
-        scheduledAt: iso(b.scheduled_at),
-        priceCents: b.price_cents,
-        request: { requestId: wireId('r', r.request_id), title: r.title, category: r.category },
-        provider: providerRef(tables, b.provider_id),
-      };
+      return { ...bookingFields(tables, b), request: { requestId: wireId('r', r.request_id), title: r.title, category: r.category } };
     });
 }
 
