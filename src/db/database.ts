@@ -57,7 +57,7 @@ export class Database {
    *
    * `rowsAsJson`: the statement selects one column, a `json_array(...)` per
    * row, and `all` returns those arrays parsed in one JSON.parse of the whole
-   * result. better-sqlite3 (under Node 20) sets every value of a raw row
+   * result (`get`, the one row parsed). better-sqlite3 (under Node 20) sets every value of a raw row
    * through a separate V8 call; one string per row and one parse per page
    * cost less once a row has six or more values (see `requests.page`).
    * Only for columns that JSON carries exactly: integers, text, and no reals.
@@ -71,10 +71,16 @@ export class Database {
     return {
       op,
       source: sql,
-      get: (...params: unknown[]) => {
-        onQuery(op);
-        return stmt.get(...params) as Row | undefined;
-      },
+      get: options.rowsAsJson
+        ? (...params: unknown[]) => {
+            onQuery(op);
+            const row = stmt.get(...params) as string | undefined;
+            return row === undefined ? undefined : (JSON.parse(row) as Row);
+          }
+        : (...params: unknown[]) => {
+            onQuery(op);
+            return stmt.get(...params) as Row | undefined;
+          },
       all: options.rowsAsJson
         ? (...params: unknown[]) => {
             onQuery(op);
