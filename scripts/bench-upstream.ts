@@ -45,13 +45,12 @@ import os from 'node:os';
 import path from 'node:path';
 import { performance } from 'node:perf_hooks';
 import { parseArgs } from 'node:util';
-import { setTimeout as sleep } from 'node:timers/promises';
 import WebSocket from 'ws';
 import { loadConfig } from '../src/config.js';
 import { writeTinyLlamaGguf } from '../src/llm/gguf-tiny-llama.js';
 import { createModelPool } from '../src/llm/pool.js';
 import { providerSettingsFrom, type ModelRequest } from '../src/llm/provider.js';
-import { DIST, printTable, startChatwire, startChild, summarize } from './bench-support.js';
+import { DIST, printTable, sleep, startChatwire, startChild, summarize } from './bench-support.js';
 
 const { values: args } = parseArgs({
   options: {
