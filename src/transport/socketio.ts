@@ -182,7 +182,7 @@ export function attachSocketIO(app: TemplatedApp, deps: TransportDeps): SocketIO
         if (closed) return;
         framesOut.inc();
         if (ack) ack(m);
-        else socket.emit(m.type, m);
+        else writeEvent(socket, m.type, m);
       };
       const payload = args[0] ?? {};
       // Malformed events go through the session too: they count against the user's rate like any other.
