@@ -1,5 +1,5 @@
 import { AppError, type FinishReason, type HistoryMessage, type TaskStatus } from '../protocol/index.js';
-import { randomBase64url } from '../random-id.js';
+import { timeOrderedId } from '../random-id.js';
 import type { Database } from './database.js';
 import { createWriteBatcher } from './write-batcher.js';
 
@@ -73,13 +73,12 @@ const MAX_UNRECORDED_ENDS = 100_000;
 const RECORD_RETRY_FIRST_MS = 1000;
 const RECORD_RETRY_MAX_MS = 30_000;
 
-function randomId(prefix: string, bytes: number): string {
-  return prefix + randomBase64url(bytes);
-}
+// Ids are time-ordered (see timeOrderedId): every one of them is a key of a stored B-tree.
+const newId = timeOrderedId;
 
-/** 128 random bits: task ids are unguessable. */
+/** The time, then 128 random bits: task ids are unguessable. */
 export function newTaskId(): string {
-  return randomId('task_', 16);
+  return newId('task_', 16);
 }
 
 const iso = (ms: number) => new Date(ms).toISOString();
@@ -171,16 +170,16 @@ export function createChatStore(db: Database, hooks: { onCommit?: (seconds: numb
   return {
     beginChat(input) {
       const now = Date.now();
-      const messageId = randomId('msg_', 12);
+      const messageId = newId('msg_', 12);
       let conversationId = input.conversationId;
       let isNew = false;
       if (conversationId === undefined) {
-        conversationId = randomId('conv_', 12);
+        conversationId = newId('conv_', 12);
         isNew = true;
       }
       const convId = conversationId;
       const reply = input.knownReply;
-      const replyId = reply ? randomId('msg_', 12) : undefined;
+      const replyId = reply ? newId('msg_', 12) : undefined;
       return batcher.enqueue(() => {
         if (isNew) insertConversation.run(convId, input.userId, now, now);
         else touchConversation.run(now, convId);
@@ -197,7 +196,7 @@ export function createChatStore(db: Database, hooks: { onCommit?: (seconds: numb
 
     finishTask(input) {
       const now = Date.now();
-      const replyId = input.status === 'error' ? null : randomId('msg_', 12);
+      const replyId = input.status === 'error' ? null : newId('msg_', 12);
       const written = batcher.enqueue(() => {
         if (replyId !== null) {
           insertMessage.run(replyId, input.conversationId, 'assistant', input.text, input.taskId, now);

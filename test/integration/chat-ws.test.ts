@@ -42,7 +42,7 @@ describe('chat over raw /ws', () => {
     assert.equal(first.type, 'chat.ack');
     assert.equal(first.id, 'q1');
     assert.equal(first.status, 'queued');
-    assert.match(first.taskId as string, /^task_[A-Za-z0-9_-]{22}$/);
+    assert.match(first.taskId as string, /^task_[0-9a-z]{9}[A-Za-z0-9_-]{22}$/);
     assert.deepEqual(Object.keys(first.rateLimit as object).sort(), ['limit', 'remaining', 'resetMs']);
     const { deltas, text, end } = await c.collect(first.taskId as string);
     assert.deepEqual(
