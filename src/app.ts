@@ -59,7 +59,7 @@ export async function createApp(config: Config, options: AppOptions): Promise<Ap
   };
 
   try {
-    const db = new Database(databaseFile(config.dataPath), { onQuery: (op) => metrics.dbQueries.inc({ op }) });
+    const db = new Database(databaseFile(config.dataPath), { onQuery: (op) => metrics.dbQueries.tally(op).inc() });
     closers.push(() => db.close());
     const applied = migrate(db);
     if (applied.length > 0) log.info({ migrations: applied }, 'database migrated');

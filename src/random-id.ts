@@ -33,5 +33,12 @@ export function randomBase64url(bytes: number): string {
  * record carrying such an id states anyway.
  */
 export function timeOrderedId(prefix: string, bytes: number): string {
-  return prefix + Date.now().toString(36).padStart(9, '0') + randomBase64url(bytes);
+  const now = Date.now();
+  if (now !== lastMs) {
+    lastMs = now;
+    lastTime = now.toString(36).padStart(9, '0');
+  }
+  return prefix + lastTime + randomBase64url(bytes);
 }
+let lastMs = -1;
+let lastTime = '';

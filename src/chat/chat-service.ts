@@ -58,6 +58,8 @@ const round = (ms: number) => Math.max(0, Math.round(ms * 100) / 100);
 
 export function createChatService(options: ChatServiceOptions): ChatService {
   const { store, pool, cache, limits, metrics, log } = options;
+  const deltasSent = metrics.deltasSent.tally();
+  const countDelta = () => deltasSent.inc();
   const tasks = new Map<string, Task>();
   const running = new Set<Task>();
   const flights = new Map<string, Flight>();
@@ -361,7 +363,7 @@ export function createChatService(options: ChatServiceOptions): ChatService {
 
     subscribe(caller, taskId, fromSeq, sink) {
       const task = visibleTask(caller, taskId);
-      return task.subscribe(sink, fromSeq, () => metrics.deltasSent.inc());
+      return task.subscribe(sink, fromSeq, countDelta);
     },
 
     task(caller, taskId) {

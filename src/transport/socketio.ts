@@ -73,8 +73,8 @@ function bufferedBytes(socket: Socket): number {
 export function attachSocketIO(app: TemplatedApp, deps: TransportDeps): SocketIOServer {
   const { config, metrics, log } = deps;
   const softLimit = Math.min(64 * 1024, Math.floor(config.maxBackpressureBytes / 4));
-  const framesOut = metrics.framesOut.labels('socket.io');
-  const framesIn = metrics.framesIn.labels('socket.io');
+  const framesOut = metrics.framesOut.tally('socket.io');
+  const framesIn = metrics.framesIn.tally('socket.io');
   const io = new SocketIOServer({
     maxHttpBufferSize: config.maxFrameBytes,
     pingInterval: 25_000,

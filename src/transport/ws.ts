@@ -38,8 +38,8 @@ export function attachWebSocket(app: TemplatedApp, deps: TransportDeps, track: {
   const { config, metrics, log } = deps;
   const softLimit = Math.min(64 * 1024, Math.floor(config.maxBackpressureBytes / 4));
   // Bound once: a labelled inc() per frame would hash the labels every time.
-  const framesOut = metrics.framesOut.labels('ws');
-  const framesIn = metrics.framesIn.labels('ws');
+  const framesOut = metrics.framesOut.tally('ws');
+  const framesIn = metrics.framesIn.tally('ws');
 
   function send(ws: WebSocket<SocketData>, message: ServerMessage): boolean {
     const data = ws.getUserData();

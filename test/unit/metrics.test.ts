@@ -26,3 +26,32 @@ test('chatwire_event_loop_delay_seconds reports how long the loop was blocked, w
   // The raw histogram's median on a mostly idle loop is the 10 ms period itself; this one is not.
   assert.ok(median < sample(text, 'chatwire_process_nodejs_eventloop_lag_p50_seconds'), `median ${median} s is below the raw figure`);
 });
+
+test('tallied counters: counts added on the hot path are exported once, per label value, on every read', async () => {
+  const metrics = createMetrics();
+  const ws = metrics.framesOut.tally('ws');
+  const sio = metrics.framesOut.tally('socket.io');
+  assert.equal(metrics.framesOut.tally('ws'), ws, 'one tally per label value');
+  const deltas = metrics.deltasSent.tally();
+  for (let i = 0; i < 5; i++) ws.inc();
+  sio.inc();
+  deltas.inc();
+  deltas.inc();
+  let text = await metrics.registry.metrics();
+  assert.equal(sample(text, 'chatwire_frames_out_total{transport="ws"}'), 5);
+  assert.equal(sample(text, 'chatwire_frames_out_total{transport="socket.io"}'), 1);
+  assert.equal(sample(text, 'chatwire_deltas_sent_total'), 2);
+  // A second read adds only what came since the first.
+  ws.inc();
+  text = await metrics.registry.metrics();
+  assert.equal(sample(text, 'chatwire_frames_out_total{transport="ws"}'), 6);
+  assert.equal(sample(text, 'chatwire_frames_out_total{transport="socket.io"}'), 1);
+  assert.equal(sample(text, 'chatwire_deltas_sent_total'), 2);
+  // The counter's own get() sees the tallies too.
+  metrics.dbQueries.tally('chat.insert_message').inc();
+  const got = await metrics.dbQueries.get();
+  assert.deepEqual(
+    got.values.map((v) => [v.labels.op, v.value]),
+    [['chat.insert_message', 1]],
+  );
+});
