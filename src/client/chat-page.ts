@@ -1,4 +1,3 @@
-/// <reference lib="dom" />
 /**
  * The chat page served at GET / (markup and styles in public/index.html),
  * built only on the client library: the browser loads this compiled module

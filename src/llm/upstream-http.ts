@@ -71,11 +71,14 @@ export function createUpstreamHttp(): UpstreamHttp {
   return { fetch, bodyOf: (response) => bodies.get(response) };
 }
 
-function plainHeaders(init: HeadersInit | undefined): Record<string, string> {
+/** What fetch's `headers` option takes (Node's global Headers accepts the same). */
+type HeadersInit = ConstructorParameters<typeof Headers>[0];
+
+function plainHeaders(init: HeadersInit): Record<string, string> {
   const out: Record<string, string> = {};
   if (init instanceof Headers) init.forEach((value, name) => (out[name] = value));
   else if (Array.isArray(init)) for (const [name, value] of init) out[(name as string).toLowerCase()] = value as string;
-  else if (init) for (const [name, value] of Object.entries(init)) out[name.toLowerCase()] = value;
+  else if (init) for (const [name, value] of Object.entries(init)) out[name.toLowerCase()] = typeof value === 'string' ? value : value.join(', ');
   return out;
 }
 
