@@ -35,7 +35,7 @@ export function parseId(kind: IdKind, id: string): number | null {
 const TWO_DIGITS = Array.from({ length: 100 }, (_, i) => String(i).padStart(2, '0'));
 const THREE_DIGITS = Array.from({ length: 1000 }, (_, i) => String(i).padStart(3, '0'));
 /** 10000-01-01T00:00:00Z: from here on toISOString switches to six-digit years. */
-const YEAR_10000_MS = 253_402_300_800_000;
+export const YEAR_10000_MS = 253_402_300_800_000;
 const DAY_MS = 86_400_000;
 
 /** 'YYYY-MM-DDT' of a day since the epoch (0 to 2,932,896): Howard Hinnant's civil_from_days. */

@@ -2,6 +2,7 @@ import type { z } from 'zod';
 import type { BookingStatusSchema, RequestStatusSchema } from '../protocol/index.js';
 import type { CountedStatement, Database } from './database.js';
 import type { KeysetPosition } from './cursor.js';
+import { idPrefixes, isoTime, YEAR_10000_MS, type IdKind } from './marketplace-ids.js';
 
 /**
  * Every SQL statement of the marketplace lookups (docs/marketplace.md lists
@@ -13,56 +14,24 @@ import type { KeysetPosition } from './cursor.js';
  * request's bookings) is one IN query over the whole page. So no lookup's
  * query count depends on its page size.
  *
- * Rows come back as arrays (tuples below, in SELECT order): building an
- * object per row was a third of the time of a 100-row page. The listing's
- * rows come as one JSON array each (Database.prepare's rowsAsJson), which
- * materializes its six to eight values faster still.
+ * Every row comes back as the JSON text of its wire item, built by SQLite
+ * (json_object, ids by printf, times by datetime): what a lookup produces is
+ * the frame the client gets, and one string per row costs far less than
+ * handing SQLite's values to V8 one by one, building objects from them, and
+ * serializing those again (docs/marketplace.md, "Serialized in SQLite").
  */
 
 export type RequestStatus = z.infer<typeof RequestStatusSchema>;
 export type BookingStatus = z.infer<typeof BookingStatusSchema>;
 
-/**
- * requests.list row. A column the filter fixes is not read back (the filter
- * holds its value): `open` is category then status, each only when the filter
- * leaves it open. Every value read costs about as much as the index walk it
- * comes from, so two thirds of the listing's pages read six columns, not eight.
- */
-export type ListedRequestRow = [
-  requestId: number,
-  consumerId: number,
-  title: string,
-  createdAt: number,
-  consumerName: string,
-  quoteCount: number,
-  ...open: string[],
-];
-/** consumer.requests page row (the consumer is the one asked for). */
-export type ConsumerRequestRow = [requestId: number, title: string, category: string, status: RequestStatus, createdAt: number];
-/** consumer.bookings page row, with its request and provider. */
-export type ConsumerBookingRow = [
-  bookingId: number,
-  status: BookingStatus,
-  scheduledAt: number,
-  priceCents: number,
-  requestId: number,
-  title: string,
-  category: string,
-  providerId: number,
-  providerName: string,
-  rating: number,
-];
-/** A booking of one of the requests of a consumer.requests page, with its provider. */
-export type RequestBookingRow = [
-  requestId: number,
-  bookingId: number,
-  status: BookingStatus,
-  scheduledAt: number,
-  priceCents: number,
-  providerId: number,
-  providerName: string,
-  rating: number,
-];
+/** requests.list row: the JSON text of one RequestItem. */
+export type ListedRequestRow = string;
+/** consumer.requests page row: the request's key, and the JSON text of its ConsumerRequestItem without `bookings` (the item's last member, spliced in after the relation query). */
+export type ConsumerRequestRow = [requestId: number, itemJson: string];
+/** consumer.bookings page row: the JSON text of one ConsumerBookingItem, with its request and provider. */
+export type ConsumerBookingRow = string;
+/** A booking of one of the requests of a consumer.requests page: the request's key, and the JSON text of the booking with its provider. */
+export type RequestBookingRow = [requestId: number, bookingJson: string];
 
 export interface RequestsFilter {
   status?: RequestStatus | undefined;
@@ -100,27 +69,48 @@ export interface MarketplaceQueries {
 /** The position before the newest row: every real (sort key, id) pair compares below it. */
 const FROM_NEWEST = Number.MAX_SAFE_INTEGER;
 
+/** The SQL function the time expression falls back to outside years 1970-9999 (registered by createMarketplaceQueries). */
+const ISO_TIME_FUNCTION = 'chatwire_iso_time';
+
+/**
+ * A stored time (epoch ms) as the wire writes it, exactly isoTime's text:
+ * datetime's 'subsec' form with a T and a Z. Years from 10000 on are written
+ * by isoTime itself (SQLite's dates end at 9999); no stored time is that late,
+ * so that branch costs nothing.
+ */
+const isoTimeSql = (ms: string): string =>
+  `CASE WHEN ${ms} < ${YEAR_10000_MS} THEN replace(datetime(${ms} / 1000.0, 'unixepoch', 'subsec'), ' ', 'T') || 'Z' ELSE ${ISO_TIME_FUNCTION}(${ms}) END`;
+
+/** A key as formatId writes it ('r_0000000042'); the schema caps every id at ten digits. */
+const wireIdSql = (kind: IdKind, key: string): string => `printf('${idPrefixes[kind]}_%010d', ${key})`;
+
+const providerJsonSql = `json_object('providerId', ${wireIdSql('provider', 'b.provider_id')}, 'name', p.name, 'rating', p.rating)`;
+
 /** requests.list: one statement per filter combination, each answered by its own covering index. */
 export function requestsPageSql(filter: { status: boolean; category: boolean }): string {
   const where = [filter.category ? 'r.category = ?' : null, filter.status ? 'r.status = ?' : null, '(r.created_at, r.request_id) < (?, ?)']
     .filter((w) => w !== null)
     .join(' AND ');
-  const open = [filter.category ? null : 'r.category', filter.status ? null : 'r.status'].filter((c) => c !== null);
-  return `SELECT json_array(r.request_id, r.consumer_id, r.title, r.created_at, c.name,
-  (SELECT count(*) FROM quotes q WHERE q.request_id = r.request_id)${open.map((c) => `, ${c}`).join('')})
+  return `SELECT json_object('requestId', ${wireIdSql('request', 'r.request_id')}, 'consumerId', ${wireIdSql('consumer', 'r.consumer_id')},
+  'title', r.title, 'category', r.category, 'status', r.status, 'createdAt', ${isoTimeSql('r.created_at')},
+  'consumer', json_object('consumerId', ${wireIdSql('consumer', 'r.consumer_id')}, 'name', c.name),
+  'quoteCount', (SELECT count(*) FROM quotes q WHERE q.request_id = r.request_id))
 FROM requests r JOIN consumers c ON c.consumer_id = r.consumer_id
 WHERE ${where}
 ORDER BY r.created_at DESC, r.request_id DESC
 LIMIT ?`;
 }
 
-export const consumerRequestsPageSql = `SELECT r.request_id, r.title, r.category, r.status, r.created_at
+export const consumerRequestsPageSql = `SELECT r.request_id, json_object('requestId', ${wireIdSql('request', 'r.request_id')}, 'consumerId', ${wireIdSql('consumer', 'r.consumer_id')},
+  'title', r.title, 'category', r.category, 'status', r.status, 'createdAt', ${isoTimeSql('r.created_at')})
 FROM requests r
 WHERE r.consumer_id = ? AND (r.created_at, r.request_id) < (?, ?)
 ORDER BY r.created_at DESC, r.request_id DESC
 LIMIT ?`;
 
-export const consumerBookingsPageSql = `SELECT b.booking_id, b.status, b.scheduled_at, b.price_cents, b.request_id, r.title, r.category, b.provider_id, p.name, p.rating
+export const consumerBookingsPageSql = `SELECT json_object('bookingId', ${wireIdSql('booking', 'b.booking_id')}, 'status', b.status, 'scheduledAt', ${isoTimeSql('b.scheduled_at')}, 'priceCents', b.price_cents,
+  'request', json_object('requestId', ${wireIdSql('request', 'b.request_id')}, 'title', r.title, 'category', r.category),
+  'provider', ${providerJsonSql})
 FROM bookings b
   JOIN requests r ON r.request_id = b.request_id
   JOIN providers p ON p.provider_id = b.provider_id
@@ -130,7 +120,8 @@ LIMIT ?`;
 
 /** Relation queries; `%IN%` is replaced by the id list of the chosen strategy. */
 export const relationSql = {
-  'bookings.by_request': `SELECT b.request_id, b.booking_id, b.status, b.scheduled_at, b.price_cents, b.provider_id, p.name, p.rating
+  'bookings.by_request': `SELECT b.request_id, json_object('bookingId', ${wireIdSql('booking', 'b.booking_id')}, 'status', b.status, 'scheduledAt', ${isoTimeSql('b.scheduled_at')},
+  'priceCents', b.price_cents, 'provider', ${providerJsonSql})
 FROM bookings b JOIN providers p ON p.provider_id = b.provider_id
 WHERE b.request_id IN %IN%
 ORDER BY b.request_id DESC, b.scheduled_at DESC, b.booking_id DESC`,
@@ -152,15 +143,17 @@ export function inListSql(op: RelationOp, strategy: InListStrategy, arity: numbe
 export function createMarketplaceQueries(db: Database, options: { inList?: InListStrategy } = {}): MarketplaceQueries {
   const strategy = options.inList ?? 'params';
   const asArrays = { rowsAsArrays: true };
+  const asStrings = { pluck: true };
+  db.raw.function(ISO_TIME_FUNCTION, { deterministic: true }, (ms) => isoTime(Number(ms)));
 
   const requestsPages = new Map<string, CountedStatement<ListedRequestRow>>();
   for (const status of [false, true]) {
     for (const category of [false, true]) {
-      requestsPages.set(`${status}/${category}`, db.prepare<ListedRequestRow>('requests.page', requestsPageSql({ status, category }), { rowsAsJson: true }));
+      requestsPages.set(`${status}/${category}`, db.prepare<ListedRequestRow>('requests.page', requestsPageSql({ status, category }), asStrings));
     }
   }
   const consumerRequests = db.prepare<ConsumerRequestRow>('consumer_requests.page', consumerRequestsPageSql, asArrays);
-  const consumerBookings = db.prepare<ConsumerBookingRow>('consumer_bookings.page', consumerBookingsPageSql, asArrays);
+  const consumerBookings = db.prepare<ConsumerBookingRow>('consumer_bookings.page', consumerBookingsPageSql, asStrings);
 
   // Prepared lazily: most processes only ever see a few arities.
   const inStatements = new Map<string, CountedStatement<unknown[]>>();
