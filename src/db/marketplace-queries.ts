@@ -14,8 +14,8 @@ import { idPrefixes, isoTime, YEAR_10000_MS, type IdKind } from './marketplace-i
  * request's bookings) is one IN query over the whole page. So no lookup's
  * query count depends on its page size.
  *
- * Every row comes back as the JSON text of its wire item, built by SQLite
- * (json_object, ids by printf, times by datetime): what a lookup produces is
+ * Every row comes back as the JSON text of its wire item, built by SQLite in
+ * one printf per row (objectJson below): what a lookup produces is
  * the frame the client gets, and one string per row costs far less than
  * handing SQLite's values to V8 one by one, building objects from them, and
  * serializing those again (docs/marketplace.md, "Serialized in SQLite").
@@ -69,7 +69,7 @@ export interface MarketplaceQueries {
 /** The position before the newest row: every real (sort key, id) pair compares below it. */
 const FROM_NEWEST = Number.MAX_SAFE_INTEGER;
 
-/** The SQL function the time expression falls back to outside years 1970-9999 (registered by createMarketplaceQueries). */
+/** The SQL function the time expression falls back to from year 10000 on (registered by createMarketplaceQueries). */
 const ISO_TIME_FUNCTION = 'chatwire_iso_time';
 
 /**
