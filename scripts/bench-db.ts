@@ -3,6 +3,13 @@
  * implementation (one query per row per relation, the way an ORM-naive
  * service does it), measured side by side in one run.
  *
+ * Every implementation is measured to the same end point: the reply frame a
+ * transport sends (its JSON text). The N+1 baseline builds the page's objects
+ * and JSON.stringify's the frame, as a service written naturally does; the
+ * service's items come out of SQLite as JSON text already and are spliced into
+ * the frame (serializePage, as the transports do). Before timing, every
+ * implementation's frames are checked to parse to the same value.
+ *
  * Usage: npm run bench:db -- [--requests N] [--data-dir <dir>] [--calls N] [--rounds N]
  *   --requests   size of the data set (default 1,000,000; consumers N/10, providers N/50)
  *   --data-dir   use this data dir (seeded with --requests if it holds no marketplace rows);
@@ -20,7 +27,7 @@ import { decodeCursor, encodeCursor, type KeysetPosition } from '../src/db/curso
 import WebSocket from 'ws';
 import { databaseFile } from '../src/db/data-file.js';
 import { Database, type CountedStatement } from '../src/db/database.js';
-import { createMarketplaceService, DEFAULT_PAGE_LIMIT } from '../src/db/marketplace.js';
+import { createMarketplaceService, DEFAULT_PAGE_LIMIT, type MarketplaceService } from '../src/db/marketplace.js';
 import { formatId, isoTime, parseId } from '../src/db/marketplace-ids.js';
 import { seedMarketplace } from '../src/db/marketplace-seed.js';
 import { migrate } from '../src/db/migrate.js';
@@ -34,6 +41,7 @@ import {
   type Page,
   type RequestItem,
   type RequestsListQuery,
+  serializePage,
 } from '../src/protocol/index.js';
 
 const usage = 'usage: npm run bench:db -- [--requests N] [--data-dir <dir>] [--calls N] [--rounds N] [--ws-clients N (0 skips)] [--ws-seconds N]';
@@ -217,15 +225,38 @@ function createNaiveService(database: Database) {
         nextCursor,
       };
     },
-    close() {},
   };
 }
 
 // ---------- workload ----------
 
 const staff: Identity = { userId: 'bench', role: 'staff' };
-type Lookups = ReturnType<typeof createNaiveService>;
 type LookupName = 'requests.list' | 'consumer.requests' | 'consumer.bookings';
+
+/** The three lookups, each to the JSON text of its reply frame. */
+interface FrameLookups {
+  requestsList(q: RequestsListQuery): Promise<string>;
+  consumerRequests(q: ConsumerPageQuery): Promise<string>;
+  consumerBookings(q: ConsumerPageQuery): Promise<string>;
+}
+
+/** The N+1 baseline's frames: its page objects, then JSON.stringify. */
+function naiveFrames(naive: ReturnType<typeof createNaiveService>): FrameLookups {
+  return {
+    requestsList: async (q) => JSON.stringify({ type: 'requests.list', ...(await naive.requestsList(staff, q)) }),
+    consumerRequests: async (q) => JSON.stringify({ type: 'consumer.requests', ...(await naive.consumerRequests(staff, q)) }),
+    consumerBookings: async (q) => JSON.stringify({ type: 'consumer.bookings', ...(await naive.consumerBookings(staff, q)) }),
+  };
+}
+
+/** The service's frames, as the transports build them: its items JSON spliced into the frame. */
+function serviceFrames(service: MarketplaceService): FrameLookups {
+  return {
+    requestsList: async (q) => serializePage(await service.requestsListJson(staff, q), 'requests.list'),
+    consumerRequests: async (q) => serializePage(await service.consumerRequestsJson(staff, q), 'consumer.requests'),
+    consumerBookings: async (q) => serializePage(await service.consumerBookingsJson(staff, q), 'consumer.bookings'),
+  };
+}
 
 // Consumers with at least 100 rows, so that page size 100 means 100 items.
 const heavyConsumers = (table: 'requests' | 'bookings') =>
@@ -260,7 +291,7 @@ function consumerQueries(consumers: string[], limit: number): ConsumerPageQuery[
 interface Case {
   lookup: LookupName;
   limit: number;
-  run: (s: Lookups, i: number) => Promise<Page<unknown>>;
+  run: (s: FrameLookups, i: number) => Promise<string>;
 }
 const cases: Case[] = [];
 for (const limit of [20, 100]) {
@@ -268,24 +299,26 @@ for (const limit of [20, 100]) {
   const cr = consumerQueries(requestConsumers, limit);
   const cb = consumerQueries(bookingConsumers, limit);
   cases.push(
-    { lookup: 'requests.list', limit, run: (s, i) => s.requestsList(staff, list[i % list.length]!) },
-    { lookup: 'consumer.requests', limit, run: (s, i) => s.consumerRequests(staff, cr[i % cr.length]!) },
-    { lookup: 'consumer.bookings', limit, run: (s, i) => s.consumerBookings(staff, cb[i % cb.length]!) },
+    { lookup: 'requests.list', limit, run: (s, i) => s.requestsList(list[i % list.length]!) },
+    { lookup: 'consumer.requests', limit, run: (s, i) => s.consumerRequests(cr[i % cr.length]!) },
+    { lookup: 'consumer.bookings', limit, run: (s, i) => s.consumerBookings(cb[i % cb.length]!) },
   );
 }
 
-const implementations: { name: string; service: Lookups }[] = [
-  { name: 'n+1', service: createNaiveService(db) },
-  { name: 'batched', service: realService },
-  { name: 'batched json-ids', service: createMarketplaceService({ db, inList: 'json' }) },
-  { name: 'unbatched', service: createMarketplaceService({ db, batching: false }) },
+const services = [realService, createMarketplaceService({ db, inList: 'json' }), createMarketplaceService({ db, batching: false })] as const;
+const implementations: { name: string; service: FrameLookups }[] = [
+  { name: 'n+1', service: naiveFrames(createNaiveService(db)) },
+  { name: 'batched', service: serviceFrames(services[0]) },
+  { name: 'batched json-ids', service: serviceFrames(services[1]) },
+  { name: 'unbatched', service: serviceFrames(services[2]) },
 ];
 
-// The baseline must return exactly what the service returns, or the comparison means nothing.
+// The baseline must return exactly what the service returns, or the comparison means nothing:
+// every frame parses to the same value (the text may differ, e.g. SQLite writes a rating of 5 as 5.0).
 for (const c of cases) {
   for (let i = 0; i < 8; i++) {
-    const expected = await c.run(realService, i);
-    for (const impl of implementations) assert.deepEqual(await c.run(impl.service, i), expected, `${impl.name} ${c.lookup} ${c.limit}`);
+    const expected: unknown = JSON.parse(await c.run(implementations[0]!.service, i));
+    for (const impl of implementations) assert.deepEqual(JSON.parse(await c.run(impl.service, i)), expected, `${impl.name} ${c.lookup} ${c.limit}`);
   }
 }
 
@@ -382,7 +415,7 @@ process.stdout.write(`${line(header)}\n${widths.map((w) => '-'.repeat(w)).join('
 process.stdout.write(
   `targets at page size 100: batched >= 5x n+1 (median latency): ${targets.batchedAtLeast5xFasterAt100 ? 'met' : 'MISSED'}; batched p99 < 2 ms: ${targets.batchedP99Under2msAt100 ? 'met' : 'MISSED'}\n`,
 );
-for (const impl of implementations) impl.service.close();
+for (const service of services) service.close();
 db.close();
 
 // ---------- over WebSocket: 1000 concurrent clients, cross-connection batcher on and off ----------

@@ -12,7 +12,7 @@ export interface OpenDatabaseOptions {
 
 export interface StatementOptions {
   rowsAsArrays?: boolean;
-  rowsAsJson?: boolean;
+  pluck?: boolean;
 }
 
 /** A prepared statement that reports every execution to `onQuery`. */
@@ -52,44 +52,28 @@ export class Database {
 
   /**
    * `rowsAsArrays`: rows come back as arrays in column order (better-sqlite3's
-   * raw mode), which skips building an object per row: about a third less
-   * time on a 100-row marketplace page.
+   * raw mode), which skips building an object per row.
    *
-   * `rowsAsJson`: the statement selects one column, a `json_array(...)` per
-   * row, and `all` returns those arrays parsed in one JSON.parse of the whole
-   * result (`get`, the one row parsed). better-sqlite3 (under Node 20) sets every value of a raw row
-   * through a separate V8 call; one string per row and one parse per page
-   * cost less once a row has six or more values (see `requests.page`).
-   * Only for columns that JSON carries exactly: integers, text, and no reals.
+   * `pluck`: the statement selects one column and rows come back as its
+   * value (the marketplace pages: one JSON text per row).
    */
   prepare<Row = unknown>(op: string, sql: string, options: StatementOptions = {}): CountedStatement<Row> {
     const stmt = this.raw.prepare(sql);
     if (options.rowsAsArrays) stmt.raw(true);
-    if (options.rowsAsJson) stmt.pluck(true);
+    if (options.pluck) stmt.pluck(true);
     const onQuery = this.onQuery;
     const reader = stmt.reader;
     return {
       op,
       source: sql,
-      get: options.rowsAsJson
-        ? (...params: unknown[]) => {
-            onQuery(op);
-            const row = stmt.get(...params) as string | undefined;
-            return row === undefined ? undefined : (JSON.parse(row) as Row);
-          }
-        : (...params: unknown[]) => {
-            onQuery(op);
-            return stmt.get(...params) as Row | undefined;
-          },
-      all: options.rowsAsJson
-        ? (...params: unknown[]) => {
-            onQuery(op);
-            return JSON.parse(`[${(stmt.all(...params) as string[]).join(',')}]`) as Row[];
-          }
-        : (...params: unknown[]) => {
-            onQuery(op);
-            return stmt.all(...params) as Row[];
-          },
+      get: (...params: unknown[]) => {
+        onQuery(op);
+        return stmt.get(...params) as Row | undefined;
+      },
+      all: (...params: unknown[]) => {
+        onQuery(op);
+        return stmt.all(...params) as Row[];
+      },
       run: (...params: unknown[]) => {
         if (reader) throw new Error(`statement ${op} returns rows; use get or all`);
         onQuery(op);

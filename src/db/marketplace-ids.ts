@@ -17,7 +17,11 @@ const patterns = Object.fromEntries(
 const heads = Object.fromEntries(Object.entries(idPrefixes).map(([kind, prefix]) => [kind, `${prefix}_`])) as Record<IdKind, string>;
 const ZEROS = '0'.repeat(ID_DIGITS);
 
-/** Called several times per row of every page: a slice of a constant pads in a fifth of the time padStart takes. */
+/**
+ * The wire form of a key, and the definition the SQL statements match
+ * (idJson in marketplace-queries.ts; a test holds them equal). A slice of a
+ * constant pads in a fifth of the time padStart takes.
+ */
 export function formatId(kind: IdKind, key: number): string {
   if (!Number.isSafeInteger(key) || key < 1 || key > MAX_ID) throw new RangeError(`${kind} id out of range: ${key}`);
   const digits = String(key);
@@ -35,7 +39,7 @@ export function parseId(kind: IdKind, id: string): number | null {
 const TWO_DIGITS = Array.from({ length: 100 }, (_, i) => String(i).padStart(2, '0'));
 const THREE_DIGITS = Array.from({ length: 1000 }, (_, i) => String(i).padStart(3, '0'));
 /** 10000-01-01T00:00:00Z: from here on toISOString switches to six-digit years. */
-const YEAR_10000_MS = 253_402_300_800_000;
+export const YEAR_10000_MS = 253_402_300_800_000;
 const DAY_MS = 86_400_000;
 
 /** 'YYYY-MM-DDT' of a day since the epoch (0 to 2,932,896): Howard Hinnant's civil_from_days. */
@@ -59,11 +63,13 @@ const DAY_HEADS_KEPT = 4096;
 
 /**
  * Stored times are epoch milliseconds; the wire carries ISO-8601 UTC, exactly
- * as Date#toISOString writes it. Done by hand because a 100-item page formats
- * up to 200 times and toISOString was a seventh of a lookup's time; the date
- * part is computed once per day (kept for the last few thousand days), the
- * time of day from table lookups. Outside years 1970-9999 it defers to
- * toISOString.
+ * as Date#toISOString writes it. The lookups' SQL writes the same text
+ * (timeJson in marketplace-queries.ts, held equal by a test) and calls this
+ * for what SQLite's dates cannot write. Done by hand for callers that format
+ * many times in JavaScript (toISOString was a seventh of a 100-item page's
+ * time when pages were built here): the date part is computed once per day
+ * (kept for the last few thousand days), the time of day from table lookups.
+ * Outside years 1970-9999 it defers to toISOString.
  */
 export function isoTime(ms: number): string {
   if (!(Number.isSafeInteger(ms) && ms >= 0 && ms < YEAR_10000_MS)) return new Date(ms).toISOString();

@@ -2,6 +2,7 @@ import type { z } from 'zod';
 import type { BookingStatusSchema, RequestStatusSchema } from '../protocol/index.js';
 import type { CountedStatement, Database } from './database.js';
 import type { KeysetPosition } from './cursor.js';
+import { idPrefixes, isoTime, YEAR_10000_MS, type IdKind } from './marketplace-ids.js';
 
 /**
  * Every SQL statement of the marketplace lookups (docs/marketplace.md lists
@@ -13,56 +14,24 @@ import type { KeysetPosition } from './cursor.js';
  * request's bookings) is one IN query over the whole page. So no lookup's
  * query count depends on its page size.
  *
- * Rows come back as arrays (tuples below, in SELECT order): building an
- * object per row was a third of the time of a 100-row page. The listing's
- * rows come as one JSON array each (Database.prepare's rowsAsJson), which
- * materializes its six to eight values faster still.
+ * Every row comes back as the JSON text of its wire item, built by SQLite in
+ * one printf per row (objectJson below): what a lookup produces is
+ * the frame the client gets, and one string per row costs far less than
+ * handing SQLite's values to V8 one by one, building objects from them, and
+ * serializing those again (docs/marketplace.md, "Serialized in SQLite").
  */
 
 export type RequestStatus = z.infer<typeof RequestStatusSchema>;
 export type BookingStatus = z.infer<typeof BookingStatusSchema>;
 
-/**
- * requests.list row. A column the filter fixes is not read back (the filter
- * holds its value): `open` is category then status, each only when the filter
- * leaves it open. Every value read costs about as much as the index walk it
- * comes from, so two thirds of the listing's pages read six columns, not eight.
- */
-export type ListedRequestRow = [
-  requestId: number,
-  consumerId: number,
-  title: string,
-  createdAt: number,
-  consumerName: string,
-  quoteCount: number,
-  ...open: string[],
-];
-/** consumer.requests page row (the consumer is the one asked for). */
-export type ConsumerRequestRow = [requestId: number, title: string, category: string, status: RequestStatus, createdAt: number];
-/** consumer.bookings page row, with its request and provider. */
-export type ConsumerBookingRow = [
-  bookingId: number,
-  status: BookingStatus,
-  scheduledAt: number,
-  priceCents: number,
-  requestId: number,
-  title: string,
-  category: string,
-  providerId: number,
-  providerName: string,
-  rating: number,
-];
-/** A booking of one of the requests of a consumer.requests page, with its provider. */
-export type RequestBookingRow = [
-  requestId: number,
-  bookingId: number,
-  status: BookingStatus,
-  scheduledAt: number,
-  priceCents: number,
-  providerId: number,
-  providerName: string,
-  rating: number,
-];
+/** requests.list row: the JSON text of one RequestItem. */
+export type ListedRequestRow = string;
+/** consumer.requests page row: the request's key, and the JSON text of its ConsumerRequestItem without `bookings` (the item's last member, spliced in after the relation query). */
+export type ConsumerRequestRow = [requestId: number, itemJson: string];
+/** consumer.bookings page row: the JSON text of one ConsumerBookingItem, with its request and provider. */
+export type ConsumerBookingRow = string;
+/** A booking of one of the requests of a consumer.requests page: the request's key, and the JSON text of the booking with its provider. */
+export type RequestBookingRow = [requestId: number, bookingJson: string];
 
 export interface RequestsFilter {
   status?: RequestStatus | undefined;
@@ -100,27 +69,85 @@ export interface MarketplaceQueries {
 /** The position before the newest row: every real (sort key, id) pair compares below it. */
 const FROM_NEWEST = Number.MAX_SAFE_INTEGER;
 
+/** The SQL function the time expression falls back to from year 10000 on (registered by createMarketplaceQueries). */
+const ISO_TIME_FUNCTION = 'chatwire_iso_time';
+
+/**
+ * A stored time (epoch ms) as the wire writes it, exactly isoTime's text:
+ * datetime's 'subsec' form with a T and a Z. Years from 10000 on are written
+ * by isoTime itself (SQLite's dates end at 9999); no stored time is that late,
+ * so that branch costs nothing.
+ */
+const isoTimeSql = (ms: string): string =>
+  `CASE WHEN ${ms} < ${YEAR_10000_MS} THEN replace(datetime(${ms} / 1000.0, 'unixepoch', 'subsec'), ' ', 'T') || 'Z' ELSE ${ISO_TIME_FUNCTION}(${ms}) END`;
+
+/**
+ * A value's JSON text as SQL writes it: a printf format and its arguments.
+ * An item is one printf per row (objectJson), which measured faster than
+ * json_object with a printf per id.
+ */
+export interface JsonSql {
+  format: string;
+  args: string[];
+}
+/** A key as formatId writes it ('r_0000000042'); the schema caps every id at ten digits. */
+export const idJson = (kind: IdKind, key: string): JsonSql => ({ format: `"${idPrefixes[kind]}_%010d"`, args: [key] });
+/** TEXT, or a REAL: json_quote writes a JSON string, or a number that parses back to the same double. */
+const quotedJson = (value: string): JsonSql => ({ format: '%s', args: [`json_quote(${value})`] });
+const intJson = (value: string): JsonSql => ({ format: '%d', args: [value] });
+export const timeJson = (ms: string): JsonSql => ({ format: '"%s"', args: [isoTimeSql(ms)] });
+/** An object with these members in this order (member names are plain identifiers: nothing to escape). */
+function objectJson(members: Record<string, JsonSql>): JsonSql {
+  const entries = Object.entries(members);
+  return { format: `{${entries.map(([name, value]) => `"${name}":${value.format}`).join(',')}}`, args: entries.flatMap(([, value]) => value.args) };
+}
+export const printfSql = (json: JsonSql): string => `printf('${json.format}', ${json.args.join(', ')})`;
+
+const requestMembers = {
+  requestId: idJson('request', 'r.request_id'),
+  consumerId: idJson('consumer', 'r.consumer_id'),
+  title: quotedJson('r.title'),
+  category: quotedJson('r.category'),
+  status: quotedJson('r.status'),
+  createdAt: timeJson('r.created_at'),
+};
+const bookingMembers = {
+  bookingId: idJson('booking', 'b.booking_id'),
+  status: quotedJson('b.status'),
+  scheduledAt: timeJson('b.scheduled_at'),
+  priceCents: intJson('b.price_cents'),
+};
+const providerJson = objectJson({ providerId: idJson('provider', 'b.provider_id'), name: quotedJson('p.name'), rating: quotedJson('p.rating') });
+
 /** requests.list: one statement per filter combination, each answered by its own covering index. */
 export function requestsPageSql(filter: { status: boolean; category: boolean }): string {
   const where = [filter.category ? 'r.category = ?' : null, filter.status ? 'r.status = ?' : null, '(r.created_at, r.request_id) < (?, ?)']
     .filter((w) => w !== null)
     .join(' AND ');
-  const open = [filter.category ? null : 'r.category', filter.status ? null : 'r.status'].filter((c) => c !== null);
-  return `SELECT json_array(r.request_id, r.consumer_id, r.title, r.created_at, c.name,
-  (SELECT count(*) FROM quotes q WHERE q.request_id = r.request_id)${open.map((c) => `, ${c}`).join('')})
+  const item = objectJson({
+    ...requestMembers,
+    consumer: objectJson({ consumerId: idJson('consumer', 'r.consumer_id'), name: quotedJson('c.name') }),
+    quoteCount: intJson('(SELECT count(*) FROM quotes q WHERE q.request_id = r.request_id)'),
+  });
+  return `SELECT ${printfSql(item)}
 FROM requests r JOIN consumers c ON c.consumer_id = r.consumer_id
 WHERE ${where}
 ORDER BY r.created_at DESC, r.request_id DESC
 LIMIT ?`;
 }
 
-export const consumerRequestsPageSql = `SELECT r.request_id, r.title, r.category, r.status, r.created_at
+export const consumerRequestsPageSql = `SELECT r.request_id, ${printfSql(objectJson(requestMembers))}
 FROM requests r
 WHERE r.consumer_id = ? AND (r.created_at, r.request_id) < (?, ?)
 ORDER BY r.created_at DESC, r.request_id DESC
 LIMIT ?`;
 
-export const consumerBookingsPageSql = `SELECT b.booking_id, b.status, b.scheduled_at, b.price_cents, b.request_id, r.title, r.category, b.provider_id, p.name, p.rating
+const consumerBookingJson = objectJson({
+  ...bookingMembers,
+  request: objectJson({ requestId: idJson('request', 'b.request_id'), title: quotedJson('r.title'), category: quotedJson('r.category') }),
+  provider: providerJson,
+});
+export const consumerBookingsPageSql = `SELECT ${printfSql(consumerBookingJson)}
 FROM bookings b
   JOIN requests r ON r.request_id = b.request_id
   JOIN providers p ON p.provider_id = b.provider_id
@@ -130,7 +157,7 @@ LIMIT ?`;
 
 /** Relation queries; `%IN%` is replaced by the id list of the chosen strategy. */
 export const relationSql = {
-  'bookings.by_request': `SELECT b.request_id, b.booking_id, b.status, b.scheduled_at, b.price_cents, b.provider_id, p.name, p.rating
+  'bookings.by_request': `SELECT b.request_id, ${printfSql(objectJson({ ...bookingMembers, provider: providerJson }))}
 FROM bookings b JOIN providers p ON p.provider_id = b.provider_id
 WHERE b.request_id IN %IN%
 ORDER BY b.request_id DESC, b.scheduled_at DESC, b.booking_id DESC`,
@@ -152,15 +179,17 @@ export function inListSql(op: RelationOp, strategy: InListStrategy, arity: numbe
 export function createMarketplaceQueries(db: Database, options: { inList?: InListStrategy } = {}): MarketplaceQueries {
   const strategy = options.inList ?? 'params';
   const asArrays = { rowsAsArrays: true };
+  const asStrings = { pluck: true };
+  db.raw.function(ISO_TIME_FUNCTION, { deterministic: true }, (ms) => isoTime(Number(ms)));
 
   const requestsPages = new Map<string, CountedStatement<ListedRequestRow>>();
   for (const status of [false, true]) {
     for (const category of [false, true]) {
-      requestsPages.set(`${status}/${category}`, db.prepare<ListedRequestRow>('requests.page', requestsPageSql({ status, category }), { rowsAsJson: true }));
+      requestsPages.set(`${status}/${category}`, db.prepare<ListedRequestRow>('requests.page', requestsPageSql({ status, category }), asStrings));
     }
   }
   const consumerRequests = db.prepare<ConsumerRequestRow>('consumer_requests.page', consumerRequestsPageSql, asArrays);
-  const consumerBookings = db.prepare<ConsumerBookingRow>('consumer_bookings.page', consumerBookingsPageSql, asArrays);
+  const consumerBookings = db.prepare<ConsumerBookingRow>('consumer_bookings.page', consumerBookingsPageSql, asStrings);
 
   // Prepared lazily: most processes only ever see a few arities.
   const inStatements = new Map<string, CountedStatement<unknown[]>>();

@@ -5,17 +5,19 @@ import {
   badRequestFromZod,
   ConsumerPageFields,
   RequestsListFields,
+  parsePage,
   type ConsumerBookingItem,
   type ConsumerPageQuery,
   type ConsumerRequestItem,
   type Page,
   type RequestItem,
   type RequestsListQuery,
+  type SerializedPage,
 } from '../protocol/index.js';
 import { createBatchLoader, type BatchLoader } from './batch-loader.js';
 import { decodeCursor, encodeCursor, type KeysetPosition } from './cursor.js';
 import type { Database } from './database.js';
-import { formatId, isoTime, parseId } from './marketplace-ids.js';
+import { parseId, type IdKind } from './marketplace-ids.js';
 import {
   createMarketplaceQueries,
   MAX_IN_LIST,
@@ -23,7 +25,6 @@ import {
   type ConsumerRequestRow,
   type InListStrategy,
   type ListedRequestRow,
-  type RequestBookingRow,
   type RequestsFilter,
 } from './marketplace-queries.js';
 
@@ -43,12 +44,24 @@ export interface MarketplaceServiceOptions {
   inList?: InListStrategy;
 }
 
-export interface MarketplaceService {
+/**
+ * The lookups as the transports send them: each page's items are the JSON
+ * text SQLite built (src/db/marketplace-queries.ts), spliced into the reply
+ * frame or HTTP body as they are.
+ */
+export interface MarketplaceJsonLookups {
   /** The open marketplace listing: any caller may read it. */
-  requestsList(caller: Identity, q: RequestsListQuery): Promise<Page<RequestItem>>;
+  requestsListJson(caller: Identity, q: RequestsListQuery): Promise<SerializedPage>;
   /** One consumer's requests with their bookings: the consumer itself or staff. */
-  consumerRequests(caller: Identity, q: ConsumerPageQuery): Promise<Page<ConsumerRequestItem>>;
+  consumerRequestsJson(caller: Identity, q: ConsumerPageQuery): Promise<SerializedPage>;
   /** One consumer's bookings with their request and provider: the consumer itself or staff. */
+  consumerBookingsJson(caller: Identity, q: ConsumerPageQuery): Promise<SerializedPage>;
+}
+
+export interface MarketplaceService extends MarketplaceJsonLookups {
+  /** The same lookups with the items parsed, for in-process callers. */
+  requestsList(caller: Identity, q: RequestsListQuery): Promise<Page<RequestItem>>;
+  consumerRequests(caller: Identity, q: ConsumerPageQuery): Promise<Page<ConsumerRequestItem>>;
   consumerBookings(caller: Identity, q: ConsumerPageQuery): Promise<Page<ConsumerBookingItem>>;
   close(): void;
 }
@@ -72,15 +85,28 @@ interface PageKey<Scope> {
 }
 const pageKeyOf = (key: PageKey<unknown>): string => JSON.stringify([key.scope, key.after?.sortKey, key.after?.id, key.take]);
 
-/** What tells the two consumer lookups apart: their cursor kind, page loader, row sort key, the relations of each row, and the items they make. */
-interface ConsumerLookup<Row extends [number, ...unknown[]], Related, Item> {
+/** What tells the two consumer lookups apart: their cursor kind, page loader, the position of a row, and the items JSON a page of rows makes (loading the rows' relations, batched). */
+interface ConsumerLookup<Row> {
   kind: 'consumer.requests' | 'consumer.bookings';
   pages: BatchLoader<PageKey<number>, Row[]>;
-  sortKeyOf: (row: Row) => number;
-  /** Loaded for the page's rows by their first column, in one batched query; none when absent. */
-  related?: BatchLoader<number, Related>;
-  toItems: (rows: Row[], consumerKey: number, related: Related[]) => Item[];
+  positionOf: (row: Row) => KeysetPosition;
+  itemsJson: (rows: Row[]) => string | Promise<string>;
 }
+
+/**
+ * The keyset position of an item, read back from its JSON text: its key from
+ * the id member, its sort key from the time member (Date.parse gives back
+ * exactly the milliseconds isoTime wrote). One parse per page, of its last item.
+ */
+function positionOfItem(itemJson: string, kind: IdKind, idMember: string, timeMember: string): KeysetPosition {
+  const item = JSON.parse(itemJson) as Record<string, string>;
+  const id = parseId(kind, item[idMember] as string);
+  const sortKey = Date.parse(item[timeMember] as string);
+  if (id === null || !Number.isSafeInteger(sortKey)) throw new Error(`${kind} item without a keyset position: ${itemJson}`);
+  return { sortKey, id };
+}
+
+const arrayJson = (elements: readonly string[]): string => `[${elements.join(',')}]`;
 
 function asError(err: unknown): Error {
   return err instanceof Error ? err : new Error(String(err));
@@ -110,18 +136,18 @@ export function createMarketplaceService(options: MarketplaceServiceOptions): Ma
   const consumerRequestPages = pageLoader<number, ConsumerRequestRow>((k) => queries.consumerRequestsPage(k.scope, k.after, k.take));
   const consumerBookingPages = pageLoader<number, ConsumerBookingRow>((k) => queries.consumerBookingsPage(k.scope, k.after, k.take));
 
-  /** The bookings of every request asked for in the turn, in one IN query. */
-  const bookingsOfRequest = createBatchLoader<number, RequestBookingRow[]>({
+  /** The bookings of every request asked for in the turn, in one IN query: per request, the JSON text of its bookings array. */
+  const bookingsOfRequest = createBatchLoader<number, string>({
     batching,
     maxBatchSize: MAX_IN_LIST,
     batch: (requestIds) => {
-      const byRequest = new Map<number, RequestBookingRow[]>();
-      for (const row of queries.bookingsOfRequests(requestIds)) {
-        const group = byRequest.get(row[0]);
-        if (group) group.push(row);
-        else byRequest.set(row[0], [row]);
+      const byRequest = new Map<number, string[]>();
+      for (const [requestId, bookingJson] of queries.bookingsOfRequests(requestIds)) {
+        const group = byRequest.get(requestId);
+        if (group) group.push(bookingJson);
+        else byRequest.set(requestId, [bookingJson]);
       }
-      return requestIds.map((id) => byRequest.get(id) ?? []);
+      return requestIds.map((id) => arrayJson(byRequest.get(id) ?? []));
     },
   });
   const consumerExists = createBatchLoader<number, boolean>({
@@ -165,89 +191,54 @@ export function createMarketplaceService(options: MarketplaceServiceOptions): Ma
     return { rows: page, nextCursor: cursorAfter(page[limit - 1] as Row) };
   }
 
-  const consumerRequestsLookup: ConsumerLookup<ConsumerRequestRow, RequestBookingRow[], ConsumerRequestItem> = {
+  const consumerRequestsLookup: ConsumerLookup<ConsumerRequestRow> = {
     kind: 'consumer.requests',
     pages: consumerRequestPages,
-    sortKeyOf: (row) => row[4],
-    related: bookingsOfRequest,
-    toItems: (rows, consumerKey, bookings) => {
-      const consumerId = formatId('consumer', consumerKey);
-      return rows.map(([requestId, title, category, status, createdAt], i) => ({
-        requestId: formatId('request', requestId),
-        consumerId,
-        title,
-        category,
-        status,
-        createdAt: isoTime(createdAt),
-        bookings: (bookings[i] as RequestBookingRow[]).map(([, bookingId, bookingStatus, scheduledAt, priceCents, providerId, name, rating]) => ({
-          bookingId: formatId('booking', bookingId),
-          status: bookingStatus,
-          scheduledAt: isoTime(scheduledAt),
-          priceCents,
-          provider: { providerId: formatId('provider', providerId), name, rating },
-        })),
-      }));
+    positionOf: (row) => positionOfItem(row[1], 'request', 'requestId', 'createdAt'),
+    // `bookings` is the item's last member: it goes in before the closing brace of the row's JSON object.
+    itemsJson: async (rows) => {
+      const bookings = await bookingsOfRequest.loadMany(rows.map((row) => row[0]));
+      return arrayJson(rows.map(([, itemJson], i) => `${itemJson.slice(0, -1)},"bookings":${bookings[i] as string}}`));
     },
   };
-  const consumerBookingsLookup: ConsumerLookup<ConsumerBookingRow, never, ConsumerBookingItem> = {
+  const consumerBookingsLookup: ConsumerLookup<ConsumerBookingRow> = {
     kind: 'consumer.bookings',
     pages: consumerBookingPages,
-    sortKeyOf: (row) => row[2],
-    toItems: (rows) =>
-      rows.map(([bookingId, status, scheduledAt, priceCents, requestId, title, category, providerId, name, rating]) => ({
-        bookingId: formatId('booking', bookingId),
-        status,
-        scheduledAt: isoTime(scheduledAt),
-        priceCents,
-        request: { requestId: formatId('request', requestId), title, category },
-        provider: { providerId: formatId('provider', providerId), name, rating },
-      })),
+    positionOf: (row) => positionOfItem(row, 'booking', 'bookingId', 'scheduledAt'),
+    itemsJson: arrayJson,
   };
 
   /** One page of a consumer's records: authorization, the cursor, the page query, the existence check an empty page needs, the rows' relations. */
-  async function consumerPage<Row extends [number, ...unknown[]], Related, Item>(caller: Identity, q: ConsumerPageQuery, lookup: ConsumerLookup<Row, Related, Item>): Promise<Page<Item>> {
+  async function consumerPage<Row>(caller: Identity, q: ConsumerPageQuery, lookup: ConsumerLookup<Row>): Promise<SerializedPage> {
     const query = parseQuery(ConsumerPageQuerySchema, q);
     const consumerKey = authorizedConsumer(caller, query.consumerId);
     const limit = query.limit ?? DEFAULT_PAGE_LIMIT;
     const after = query.cursor === undefined ? null : decodeCursor(query.cursor, lookup.kind, query.consumerId);
     const rows = await lookup.pages.load({ scope: consumerKey, after, take: limit + 1 });
     await ensureConsumerExists(consumerKey, rows.length);
-    const page = pageOf(rows, limit, (last) => encodeCursor(lookup.kind, query.consumerId, { sortKey: lookup.sortKeyOf(last), id: last[0] }));
-    const related = lookup.related !== undefined && page.rows.length > 0 ? await lookup.related.loadMany(page.rows.map((r) => r[0])) : [];
-    return { items: lookup.toItems(page.rows, consumerKey, related), nextCursor: page.nextCursor };
+    const page = pageOf(rows, limit, (last) => encodeCursor(lookup.kind, query.consumerId, lookup.positionOf(last)));
+    return { itemsJson: page.rows.length === 0 ? '[]' : await lookup.itemsJson(page.rows), nextCursor: page.nextCursor };
   }
 
-  return {
-    async requestsList(_caller, q) {
-      const query = parseQuery(RequestsListQuerySchema, q);
-      const limit = query.limit ?? DEFAULT_PAGE_LIMIT;
-      const scope = JSON.stringify([query.status ?? null, query.category ?? null]);
-      const after = query.cursor === undefined ? null : decodeCursor(query.cursor, 'requests.list', scope);
-      const rows = await requestsPages.load({ scope: { status: query.status, category: query.category }, after, take: limit + 1 });
-      const page = pageOf(rows, limit, (last) => encodeCursor('requests.list', scope, { sortKey: last[3], id: last[0] }));
-      // What the filter fixes was not read back (ListedRequestRow).
-      const { category, status } = query;
-      const statusAt = category === undefined ? 7 : 6;
-      return {
-        items: page.rows.map((row) => {
-          const consumerId = formatId('consumer', row[1]);
-          return {
-            requestId: formatId('request', row[0]),
-            consumerId,
-            title: row[2],
-            category: category ?? (row[6] as string),
-            status: status ?? (row[statusAt] as RequestItem['status']),
-            createdAt: isoTime(row[3]),
-            consumer: { consumerId, name: row[4] },
-            quoteCount: row[5],
-          };
-        }),
-        nextCursor: page.nextCursor,
-      };
-    },
+  async function requestsListJson(_caller: Identity, q: RequestsListQuery): Promise<SerializedPage> {
+    const query = parseQuery(RequestsListQuerySchema, q);
+    const limit = query.limit ?? DEFAULT_PAGE_LIMIT;
+    const scope = JSON.stringify([query.status ?? null, query.category ?? null]);
+    const after = query.cursor === undefined ? null : decodeCursor(query.cursor, 'requests.list', scope);
+    const rows = await requestsPages.load({ scope: { status: query.status, category: query.category }, after, take: limit + 1 });
+    const page = pageOf(rows, limit, (last) => encodeCursor('requests.list', scope, positionOfItem(last, 'request', 'requestId', 'createdAt')));
+    return { itemsJson: arrayJson(page.rows), nextCursor: page.nextCursor };
+  }
+  const consumerRequestsJson = (caller: Identity, q: ConsumerPageQuery) => consumerPage(caller, q, consumerRequestsLookup);
+  const consumerBookingsJson = (caller: Identity, q: ConsumerPageQuery) => consumerPage(caller, q, consumerBookingsLookup);
 
-    consumerRequests: (caller, q) => consumerPage(caller, q, consumerRequestsLookup),
-    consumerBookings: (caller, q) => consumerPage(caller, q, consumerBookingsLookup),
+  return {
+    requestsListJson,
+    consumerRequestsJson,
+    consumerBookingsJson,
+    requestsList: async (caller, q) => parsePage<RequestItem>(await requestsListJson(caller, q)),
+    consumerRequests: async (caller, q) => parsePage<ConsumerRequestItem>(await consumerRequestsJson(caller, q)),
+    consumerBookings: async (caller, q) => parsePage<ConsumerBookingItem>(await consumerBookingsJson(caller, q)),
 
     close() {
       for (const loader of loaders) loader.close();

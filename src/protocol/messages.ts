@@ -314,3 +314,53 @@ export type ConsumerRequestItem = z.infer<typeof ConsumerRequestItemSchema>;
 export type ConsumerBookingItem = z.infer<typeof ConsumerBookingItemSchema>;
 export type ErrorMessage = z.infer<typeof ErrorMessageSchema>;
 export type Page<T> = { items: T[]; nextCursor: string | null };
+
+/**
+ * A value whose JSON text is already built (a marketplace page, serialized by
+ * SQLite): the transports write `json` where they would write
+ * JSON.stringify(value).
+ */
+export class JsonText {
+  constructor(readonly json: string) {}
+}
+
+/** A server message as JsonText; `type` names it for the transports that need the name apart (socket.io's event name). */
+export class SerializedMessage extends JsonText {
+  constructor(
+    readonly type: ServerMessage['type'],
+    json: string,
+  ) {
+    super(json);
+  }
+}
+
+/** What a transport sends: a message, or one already serialized. */
+export type OutgoingMessage = ServerMessage | SerializedMessage;
+
+/** The JSON text of a value that may already be JsonText. */
+export function toJson(value: unknown): string {
+  return value instanceof JsonText ? value.json : JSON.stringify(value);
+}
+
+/** A page whose items are the JSON text of the items array. */
+export interface SerializedPage {
+  itemsJson: string;
+  nextCursor: string | null;
+}
+
+/**
+ * The JSON text of a page: `{"items":...,"nextCursor":...}` (an HTTP body),
+ * or with `type` first and `id` last, the reply frame (the member order of
+ * JSON.stringify({ type, ...page, id })).
+ */
+export function serializePage(page: SerializedPage, type?: ServerMessage['type'], id?: string): string {
+  let json = type === undefined ? '{' : `{"type":${JSON.stringify(type)},`;
+  json += `"items":${page.itemsJson},"nextCursor":${JSON.stringify(page.nextCursor)}`;
+  if (id !== undefined) json += `,"id":${JSON.stringify(id)}`;
+  return `${json}}`;
+}
+
+/** A serialized page as objects (in-process callers and tests). */
+export function parsePage<T>(page: SerializedPage): Page<T> {
+  return { items: JSON.parse(page.itemsJson) as T[], nextCursor: page.nextCursor };
+}

@@ -10,7 +10,10 @@ import {
   ConsumerPageFields,
   HistoryQueryFields,
   RequestsListFields,
+  JsonText,
+  serializePage,
   toAppError,
+  toJson,
   type ServerMessage,
 } from '../protocol/index.js';
 import type { TransportDeps } from './deps.js';
@@ -47,6 +50,7 @@ function parseQuery<T>(schema: z.ZodType<T>, query: URLSearchParams, drop: strin
 
 interface Handled {
   status: number;
+  /** Sent as JSON.stringify(body), or as it is when it is JsonText. */
   body: unknown;
   cacheControl?: string;
 }
@@ -121,7 +125,7 @@ export function attachHttpRoutes(app: TemplatedApp, deps: TransportDeps): { clos
           if (out === null || !responder.open) return;
           // Read again after the handler: the chat (and model tokens) it just took must show in the fields.
           limitHeaders = deps.rateLimitHeaders(caller.userId);
-          const body = JSON.stringify(out.body);
+          const body = toJson(out.body);
           const headers: Record<string, string> = { ...commonHeaders(info), ...limitHeaders, 'content-type': 'application/json' };
           if (method === 'get') {
             const etag = strongEtag(body);
@@ -166,17 +170,17 @@ export function attachHttpRoutes(app: TemplatedApp, deps: TransportDeps): { clos
 
   v1('get', '/v1/requests', 0, async (caller, info) => {
     const q = parseQuery(RequestsQuerySchema, info.query);
-    return { status: 200, body: await marketplace.requestsList(caller, q), cacheControl: FRESHNESS.listing };
+    return { status: 200, body: new JsonText(serializePage(await marketplace.requestsListJson(caller, q))), cacheControl: FRESHNESS.listing };
   });
 
   v1('get', '/v1/consumers/:consumerId/requests', 1, async (caller, info) => {
     const q = parseQuery(ConsumerPageQuerySchema, info.query);
-    return { status: 200, body: await marketplace.consumerRequests(caller, { consumerId: info.params[0] as string, ...q }), cacheControl: FRESHNESS.listing };
+    return { status: 200, body: new JsonText(serializePage(await marketplace.consumerRequestsJson(caller, { consumerId: info.params[0] as string, ...q }))), cacheControl: FRESHNESS.listing };
   });
 
   v1('get', '/v1/consumers/:consumerId/bookings', 1, async (caller, info) => {
     const q = parseQuery(ConsumerPageQuerySchema, info.query);
-    return { status: 200, body: await marketplace.consumerBookings(caller, { consumerId: info.params[0] as string, ...q }), cacheControl: FRESHNESS.listing };
+    return { status: 200, body: new JsonText(serializePage(await marketplace.consumerBookingsJson(caller, { consumerId: info.params[0] as string, ...q }))), cacheControl: FRESHNESS.listing };
   });
 
   // Server-Sent Events: `id:` is the seq, Last-Event-ID resumes after it, the stream ends after done or error.

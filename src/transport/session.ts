@@ -9,21 +9,20 @@ import {
   toAppError,
   validateClientMessage,
   type ClientMessage,
-  type ConsumerBookingItem,
+  serializePage,
+  SerializedMessage,
   type ConsumerPageQuery,
-  type ConsumerRequestItem,
   type ErrorMessage,
-  type Page,
-  type RequestItem,
+  type OutgoingMessage,
   type RequestsListQuery,
-  type ServerMessage,
+  type SerializedPage,
 } from '../protocol/index.js';
 
-/** The marketplace lookups, as the db layer serves them. */
+/** The marketplace lookups, as the db layer serves them: pages whose items are JSON text already (MarketplaceJsonLookups). */
 export interface MarketplaceLookups {
-  requestsList(caller: Identity, query: RequestsListQuery): Promise<Page<RequestItem>>;
-  consumerRequests(caller: Identity, query: ConsumerPageQuery): Promise<Page<ConsumerRequestItem>>;
-  consumerBookings(caller: Identity, query: ConsumerPageQuery): Promise<Page<ConsumerBookingItem>>;
+  requestsListJson(caller: Identity, query: RequestsListQuery): Promise<SerializedPage>;
+  consumerRequestsJson(caller: Identity, query: ConsumerPageQuery): Promise<SerializedPage>;
+  consumerBookingsJson(caller: Identity, query: ConsumerPageQuery): Promise<SerializedPage>;
 }
 
 export interface SessionDeps {
@@ -36,7 +35,7 @@ export interface SessionDeps {
   log: Logger;
 }
 
-export type Reply = (message: ServerMessage) => void;
+export type Reply = (message: OutgoingMessage) => void;
 
 /** What the transport does with the connection after a frame: go on, or close it (1008) for flooding. */
 export type Verdict = 'handled' | 'flooding';
@@ -73,6 +72,11 @@ export function errorMessage(err: unknown, id: string | undefined): ErrorMessage
   if (e.retryAfterMs !== undefined) msg.retryAfterMs = Math.max(0, Math.ceil(e.retryAfterMs));
   if (e.details !== undefined) msg.details = e.details;
   return msg;
+}
+
+/** A marketplace page's reply frame, serialized around the items JSON the lookup built. */
+function pageReply(type: 'requests.list' | 'consumer.requests' | 'consumer.bookings', page: SerializedPage, id: string | undefined): SerializedMessage {
+  return new SerializedMessage(type, serializePage(page, type, id));
 }
 
 /**
@@ -207,16 +211,16 @@ export class Session {
         return;
       }
       case 'requests.list': {
-        const { type: _t, id, ...query } = message;
-        return marketplace.requestsList(caller, query).then((page) => reply(this.withId({ type: 'requests.list', ...page }, id)));
+        const { type, id, ...query } = message;
+        return marketplace.requestsListJson(caller, query).then((page) => reply(pageReply(type, page, id)));
       }
       case 'consumer.requests': {
-        const { type: _t, id, ...query } = message;
-        return marketplace.consumerRequests(caller, query).then((page) => reply(this.withId({ type: 'consumer.requests', ...page }, id)));
+        const { type, id, ...query } = message;
+        return marketplace.consumerRequestsJson(caller, query).then((page) => reply(pageReply(type, page, id)));
       }
       case 'consumer.bookings': {
-        const { type: _t, id, ...query } = message;
-        return marketplace.consumerBookings(caller, query).then((page) => reply(this.withId({ type: 'consumer.bookings', ...page }, id)));
+        const { type, id, ...query } = message;
+        return marketplace.consumerBookingsJson(caller, query).then((page) => reply(pageReply(type, page, id)));
       }
       case 'ping':
         reply(this.withId({ type: 'pong' }, message.id));

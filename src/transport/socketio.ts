@@ -2,7 +2,7 @@ import type { TemplatedApp } from 'uWebSockets.js';
 import { Server as SocketIOServer, type Socket } from 'socket.io';
 import type { Identity } from '../auth/identity.js';
 import type { Sink } from '../chat/task.js';
-import { AppError, PROTOCOL_VERSION, toAppError, type ServerMessage } from '../protocol/index.js';
+import { AppError, JsonText, PROTOCOL_VERSION, toAppError, toJson, type OutgoingMessage, type ServerMessage } from '../protocol/index.js';
 import type { TransportDeps } from './deps.js';
 import { holdRefusal, Session } from './session.js';
 import { newConnectionId } from './ws.js';
@@ -54,7 +54,7 @@ function corked(socket: Socket, fn: () => void): void {
  */
 function writeEvent(socket: Socket, type: string, payload: unknown): void {
   if (socket.conn.readyState !== 'open') return;
-  socket.conn.write(`2${JSON.stringify([type, payload])}`);
+  socket.conn.write(`2[${JSON.stringify(type)},${toJson(payload)}]`);
 }
 
 function bufferedBytes(socket: Socket): number {
@@ -178,10 +178,11 @@ export function attachSocketIO(app: TemplatedApp, deps: TransportDeps): SocketIO
       if (closed) return;
       framesIn.inc();
       const ack = typeof args.at(-1) === 'function' ? (args.pop() as (m: ServerMessage) => void) : undefined;
-      const reply = (m: ServerMessage) => {
+      const reply = (m: OutgoingMessage) => {
         if (closed) return;
         framesOut.inc();
-        if (ack) ack(m);
+        // socket.io encodes an ack's arguments itself: a serialized page is parsed back for it.
+        if (ack) ack(m instanceof JsonText ? (JSON.parse(m.json) as ServerMessage) : m);
         else writeEvent(socket, m.type, m);
       };
       const payload = args[0] ?? {};

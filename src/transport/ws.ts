@@ -2,7 +2,7 @@ import uWS, { type HttpRequest, type HttpResponse, type TemplatedApp, type WebSo
 import { parseSubprotocols } from '../auth/credentials.js';
 import type { Identity } from '../auth/identity.js';
 import type { Sink } from '../chat/task.js';
-import { AppError, PROTOCOL_VERSION, toAppError, type ServerMessage } from '../protocol/index.js';
+import { AppError, PROTOCOL_VERSION, toAppError, toJson, type OutgoingMessage } from '../protocol/index.js';
 import { randomBase64url } from '../random-id.js';
 import { captureRequest, errorBody, STATUS_TEXT } from './http-io.js';
 import { FLOOD_CLOSE_CODE, holdRefusal, Session, errorMessage, type Verdict } from './session.js';
@@ -41,10 +41,10 @@ export function attachWebSocket(app: TemplatedApp, deps: TransportDeps, track: {
   const framesOut = metrics.framesOut.tally('ws');
   const framesIn = metrics.framesIn.tally('ws');
 
-  function send(ws: WebSocket<SocketData>, message: ServerMessage): boolean {
+  function send(ws: WebSocket<SocketData>, message: OutgoingMessage): boolean {
     const data = ws.getUserData();
     if (data.closed) return false;
-    const status = ws.send(JSON.stringify(message), false);
+    const status = ws.send(toJson(message), false);
     framesOut.inc();
     // 1: written through; 0: buffered (check how much); 2: dropped over uWS's own limit.
     if (status === 2 || (status === 0 && ws.getBufferedAmount() > config.maxBackpressureBytes)) {
@@ -133,7 +133,7 @@ export function attachWebSocket(app: TemplatedApp, deps: TransportDeps, track: {
       const data = ws.getUserData();
       if (data.closed || !data.session) return;
       framesIn.inc();
-      const reply = (m: ServerMessage) => {
+      const reply = (m: OutgoingMessage) => {
         send(ws, m);
       };
       if (message.byteLength > config.maxFrameBytes) {

@@ -5,7 +5,7 @@ import path from 'node:path';
 import { test } from 'node:test';
 import { Database } from '../../src/db/database.js';
 
-test('rowsAsJson statements parse their rows on get as on all, and count every execution', (t) => {
+test('pluck statements return their one column on get as on all, and count every execution', (t) => {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'chatwire-db-'));
   const ops: string[] = [];
   const db = new Database(path.join(dir, 'test.sqlite'), { onQuery: (op) => ops.push(op) });
@@ -15,12 +15,13 @@ test('rowsAsJson statements parse their rows on get as on all, and count every e
   });
   db.raw.exec(`CREATE TABLE t (id INTEGER PRIMARY KEY, name TEXT NOT NULL) STRICT;
     INSERT INTO t (id, name) VALUES (1, 'a "quoted" \\ name'), (2, 'zwei ü');`);
-  const rows = db.prepare<[number, string]>('t.rows', 'SELECT json_array(id, name) FROM t WHERE id >= ? ORDER BY id', { rowsAsJson: true });
-  assert.deepEqual(rows.all(1), [
+  const rows = db.prepare<string>('t.rows', 'SELECT json_array(id, name) FROM t WHERE id >= ? ORDER BY id', { pluck: true });
+  assert.deepEqual(rows.all(1), ['[1,"a \\"quoted\\" \\\\ name"]', '[2,"zwei ü"]']);
+  assert.deepEqual(rows.all(1).map((row) => JSON.parse(row) as unknown), [
     [1, 'a "quoted" \\ name'],
     [2, 'zwei ü'],
   ]);
-  assert.deepEqual(rows.get(2), [2, 'zwei ü']);
+  assert.equal(rows.get(2), '[2,"zwei ü"]');
   assert.equal(rows.get(3), undefined);
-  assert.deepEqual(ops, ['t.rows', 't.rows', 't.rows']);
+  assert.deepEqual(ops, ['t.rows', 't.rows', 't.rows', 't.rows']);
 });

@@ -1,7 +1,10 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import fc from 'fast-check';
+import { Database } from '../../src/db/database.js';
 import { formatId, isoTime, parseId } from '../../src/db/marketplace-ids.js';
+import { createMarketplaceQueries, idJson, printfSql, timeJson } from '../../src/db/marketplace-queries.js';
+import { migrate } from '../../src/db/migrate.js';
 
 test('isoTime writes exactly what Date#toISOString writes', () => {
   for (const ms of [0, 1, 999, 86_399_999, 86_400_000, 951_782_400_000, 1_748_736_000_000, 4_107_542_400_000, 253_402_300_799_999]) {
@@ -35,5 +38,26 @@ test('parseId accepts only the canonical id of its kind', () => {
   assert.equal(parseId('consumer', 'c_0000000042'), 42);
   for (const bad of ['c_42', 'c_00000000042', 'p_0000000042', 'c_0000000000', 'C_0000000042', ' c_0000000042', 'c_000000004x', '']) {
     assert.equal(parseId('consumer', bad), null, bad);
+  }
+});
+
+test('the times and ids the SQL statements write are exactly isoTime and formatId', () => {
+  const db = new Database(':memory:');
+  try {
+    migrate(db);
+    createMarketplaceQueries(db);
+    const time = db.raw.prepare(`SELECT ${printfSql(timeJson('t.ms'))} FROM (SELECT ? AS ms) t`).pluck();
+    const id = db.raw.prepare(`SELECT ${printfSql(idJson('request', 't.key'))} FROM (SELECT ? AS key) t`).pluck();
+    // The last two are past year 9999, where SQLite's dates end: written by isoTime through chatwire_iso_time.
+    for (const ms of [0, 1, 999, 86_399_999, 951_782_400_000, 1_748_725_857_123, 253_402_300_799_999, 253_402_300_800_000, 8_640_000_000_000_000]) {
+      assert.equal(time.get(ms), JSON.stringify(isoTime(ms)), String(ms));
+    }
+    fc.assert(
+      fc.property(fc.integer({ min: 0, max: 253_402_300_799_999 }), (ms) => time.get(ms) === JSON.stringify(isoTime(ms))),
+      { numRuns: 20_000 },
+    );
+    for (const key of [1, 42, 123_456_789, 9_999_999_999]) assert.equal(id.get(key), JSON.stringify(formatId('request', key)));
+  } finally {
+    db.close();
   }
 });
