@@ -8,8 +8,8 @@
 import { BroadcastChannel, MessageChannel, parentPort, threadId, workerData } from 'node:worker_threads';
 import type { ControlMessage } from '../src/llm/pool.js';
 import { createProvider } from '../src/llm/providers.js';
-import type { ModelRequest, Provider, ProviderSettings } from '../src/llm/provider.js';
-import type { PoolCommand, WorkerEvent, WorkerHello, WorkerTask } from '../src/llm/worker-protocol.js';
+import type { ModelRequest, ModelResult, Provider, ProviderSettings } from '../src/llm/provider.js';
+import type { PoolCommand, WorkerBatch, WorkerEvent, WorkerHello, WorkerTask } from '../src/llm/worker-protocol.js';
 import { isAppError } from '../src/protocol/index.js';
 
 const { settings, controlChannel } = workerData as { settings: ProviderSettings; controlChannel?: string };
@@ -73,46 +73,56 @@ function startNext(): void {
   if (startQueue.length > 0) setImmediate(startNext);
 }
 
+// What the calls post, batched (see WorkerBatch): the chunks of one turn of the event loop leave together when the
+// turn ends. A chunk waits only for the rest of the turn's reads, which are where the others come from.
+let batch: WorkerBatch = [];
+let batchNo = 0;
+let batchScheduled = false;
+function postBatch(): void {
+  batchScheduled = false;
+  if (batch.length === 0) return;
+  const out = batch;
+  batch = [];
+  batchNo++;
+  events.port1.postMessage(out);
+}
+function postSoon(): void {
+  if (batchScheduled) return;
+  batchScheduled = true;
+  setImmediate(postBatch);
+}
+function post(event: WorkerEvent): void {
+  batch.push(event);
+  // Events leave at once: `start` tells the pool which thread to terminate should the call hang it, and `end`
+  // goes ahead of the task's own completion on Piscina's port (see the pool's end marker).
+  postBatch();
+}
+
 async function streamModel(id: number, request: ModelRequest): Promise<void> {
   const controller = new AbortController();
   running.set(id, controller);
-  const post = (event: WorkerEvent) => events.port1.postMessage(event);
-  // A chunk goes out at once, unless one already went out in this turn of the event loop: the chunks that follow
-  // it in the same turn (a network read holding several deltas, a burst) go out together at the turn's end.
-  let pending = '';
-  let postedThisTurn = false;
-  const flush = () => {
-    postedThisTurn = false;
-    if (pending.length === 0) return;
-    post({ id, t: 'chunk', text: pending });
-    pending = '';
-  };
+  // Where this call's text sits in the batch, if it has some there: its chunks of one turn travel as one.
+  let at = -1;
+  let atBatch = -1;
   const chunk = (text: string) => {
-    if (postedThisTurn) {
-      pending += text;
+    if (text.length === 0) return;
+    if (atBatch === batchNo) {
+      batch[at] += text;
       return;
     }
-    postedThisTurn = true;
-    post({ id, t: 'chunk', text });
-    setImmediate(flush);
+    at = batch.length + 1;
+    atBatch = batchNo;
+    batch.push(id, text);
+    postSoon();
   };
   try {
     const model = await getProvider();
     await startTurn();
     post({ id, t: 'start', threadId });
-    const iterator = model.stream(request, controller.signal);
-    for (;;) {
-      const step = await iterator.next();
-      if (step.done) {
-        flush();
-        post({ id, t: 'end', result: step.value, cancelled: controller.signal.aborted });
-        return;
-      }
-      if (step.value.length === 0) continue;
-      chunk(step.value);
-    }
+    const signal = controller.signal;
+    const result = model.streamTo ? await model.streamTo(request, signal, chunk) : await drain(model.stream(request, signal), chunk);
+    post({ id, t: 'end', result, cancelled: signal.aborted });
   } catch (err) {
-    flush();
     if (controller.signal.aborted && (isAbortError(err) || !isAppError(err))) {
       post({ id, t: 'end', result: null, cancelled: true });
     } else if (isAppError(err)) {
@@ -122,6 +132,14 @@ async function streamModel(id: number, request: ModelRequest): Promise<void> {
     }
   } finally {
     running.delete(id);
+  }
+}
+
+async function drain(stream: AsyncGenerator<string, ModelResult, void>, onChunk: (text: string) => void): Promise<ModelResult> {
+  for (;;) {
+    const step = await stream.next();
+    if (step.done) return step.value;
+    onChunk(step.value);
   }
 }
 

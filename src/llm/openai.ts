@@ -2,7 +2,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import OpenAI, { APIConnectionError, APIConnectionTimeoutError, APIError, APIUserAbortError } from 'openai';
 import type { ChatCompletionChunk, ChatCompletionCreateParamsStreaming } from 'openai/resources/chat/completions';
 import { AppError } from '../protocol/index.js';
-import { countTokens, type ModelRequest, type ModelResult, type Provider } from './provider.js';
+import { chunksOf, countTokens, type ModelRequest, type ModelResult, type Provider } from './provider.js';
 import { createUpstreamHttp, SseReader } from './upstream-http.js';
 
 export interface OpenAIProviderOptions {
@@ -48,6 +48,13 @@ export function retryAfterMsOf(headers: Headers | undefined, now = Date.now()): 
   if (/^\d+(\.\d+)?$/.test(value)) return Math.ceil(Number(value) * 1000);
   const date = Date.parse(value);
   return Number.isNaN(date) ? undefined : Math.max(0, date - now);
+}
+
+/** The choice with index 0 (the one chatwire asks for), else the first: without a closure per chunk. */
+function firstChoice(choices: ChatCompletionChunk['choices'] | undefined): ChatCompletionChunk['choices'][number] | undefined {
+  if (!choices) return undefined;
+  for (let i = 0; i < choices.length; i++) if ((choices[i] as ChatCompletionChunk['choices'][number]).index === 0) return choices[i];
+  return choices[0];
 }
 
 function connectionCode(err: APIConnectionError): string {
@@ -140,144 +147,144 @@ export function createOpenAIProvider(options: OpenAIProviderOptions): Provider {
     return { error: new AppError('upstream_error', `the upstream request failed (${err instanceof Error ? err.name : 'unknown'})`), retryable: false };
   }
 
+  async function streamTo(request: ModelRequest, signal: AbortSignal, onChunk: (text: string) => void): Promise<ModelResult> {
+    const deadline = Date.now() + options.firstTokenTimeoutMs;
+    let text = '';
+    const counted = (finishReason: ModelResult['finishReason']): ModelResult => ({
+      finishReason,
+      usage: {
+        promptTokens: request.messages.reduce((sum, m) => sum + countTokens(m.content), 0),
+        completionTokens: countTokens(text),
+      },
+      usageSource: 'counted',
+    });
+
+    for (let retries = 0; ; ) {
+      const attempt = new AbortController();
+      const onAbort = () => attempt.abort();
+      signal.addEventListener('abort', onAbort, { once: true });
+      if (signal.aborted) attempt.abort();
+      let timedOut: 'first' | 'idle' | undefined;
+      let timer = setTimeout(() => {
+        timedOut = 'first';
+        attempt.abort();
+      }, Math.max(0, deadline - Date.now()));
+      let phase: 'request' | 'stream' = 'request';
+      let settled = false;
+      let failure: Failure | undefined;
+      try {
+        // The SDK builds, authenticates and sends the request and maps HTTP failures; the SSE body is read here.
+        const response = await client.chat.completions
+          .create(bodyOf(request), { signal: attempt.signal, maxRetries: 0, timeout: SDK_TIMEOUT_MS })
+          .asResponse();
+        const body = upstream.bodyOf(response);
+        if (!body) throw new AppError('internal', 'the upstream response has no readable body');
+        phase = 'stream';
+        const events = new SseReader(body);
+        // Cancel and our timers end the reading at once; the loop then ends quietly, as the SDK's stream did.
+        attempt.signal.addEventListener('abort', () => events.close(), { once: true });
+        if (attempt.signal.aborted) events.close();
+        let finishReason: string | undefined;
+        let usage: ChatCompletionChunk['usage'];
+        let sawDone = false;
+        for (;;) {
+          const event = events.read();
+          if (event === undefined) {
+            if (events.done) break;
+            await events.wait();
+            continue;
+          }
+          if (attempt.signal.aborted) break;
+          // The SDK's rules: nothing after [DONE] counts; `thread.*` events are the Assistants API's, not chat chunks.
+          if (sawDone) continue;
+          if (event.data.startsWith('[DONE]')) {
+            sawDone = true;
+            continue;
+          }
+          if (event.event !== null && event.event.startsWith('thread.')) continue;
+          const chunk = JSON.parse(event.data) as (ChatCompletionChunk & { error?: unknown }) | null;
+          if (typeof chunk !== 'object' || chunk === null) throw new SyntaxError('an SSE event that is not a JSON object');
+          // An `error` object sent as an event: the APIError without a status that the SDK's stream throws.
+          if (chunk.error) throw new APIError(undefined, chunk.error as object, undefined, response.headers);
+          if (text.length > 0) timer.refresh();
+          if (chunk.usage) usage = chunk.usage;
+          const choice = firstChoice(chunk.choices);
+          if (choice?.finish_reason) finishReason = choice.finish_reason;
+          const content = choice?.delta?.content;
+          if (typeof content !== 'string' || content.length === 0) continue;
+          if (text.length === 0) {
+            clearTimeout(timer);
+            timer = setTimeout(() => {
+              timedOut = 'idle';
+              attempt.abort();
+            }, options.idleTimeoutMs);
+          }
+          text += content;
+          onChunk(content);
+        }
+        settled = true;
+        // The reading ends quietly when the request is aborted: by cancel, or by one of our timers (handled below).
+        if (timedOut === undefined) {
+          if (signal.aborted) return counted('stop');
+          if (finishReason === undefined) {
+            // The body ended cleanly but before any finish_reason (and so before [DONE]): the reply is cut off.
+            failure = { error: new AppError('upstream_error', 'the upstream stream ended before the reply was finished'), retryable: true };
+          } else {
+            const finish: ModelResult['finishReason'] = finishReason === 'length' ? 'length' : 'stop';
+            if (usage && typeof usage.prompt_tokens === 'number' && typeof usage.completion_tokens === 'number') {
+              return {
+                finishReason: finish,
+                usage: { promptTokens: usage.prompt_tokens, completionTokens: usage.completion_tokens },
+                usageSource: 'reported',
+              };
+            }
+            return counted(finish);
+          }
+        }
+      } catch (err) {
+        failure = classify(err, phase);
+      } finally {
+        clearTimeout(timer);
+        signal.removeEventListener('abort', onAbort);
+        // Left on a failure (a malformed chunk, an error event): close the upstream request.
+        if (!settled) attempt.abort();
+      }
+
+      if (timedOut === 'first') {
+        throw new AppError('upstream_timeout', `the upstream sent no token within ${options.firstTokenTimeoutMs} ms`);
+      }
+      if (timedOut === 'idle') {
+        throw new AppError('upstream_timeout', `the upstream stream stalled for ${options.idleTimeoutMs} ms`);
+      }
+      if (signal.aborted) return counted('stop');
+      if (failure === undefined) throw new AppError('internal', 'the upstream attempt ended without a result');
+      // These compatibility switches are made once per provider and are not retries.
+      if (failure.wantsMaxCompletionTokens && maxTokensParam === 'max_tokens' && request.maxTokens !== undefined) {
+        maxTokensParam = 'max_completion_tokens';
+        continue;
+      }
+      if (failure.refusesStreamOptions && includeUsage) {
+        includeUsage = false;
+        continue;
+      }
+      if (text.length > 0 || !failure.retryable || retries >= options.maxRetries) throw failure.error;
+      const backoff = Math.min(MAX_RETRY_DELAY_MS, retryBaseDelayMs * 2 ** retries) * (0.5 + Math.random() / 2);
+      const wait = Math.max(backoff, failure.error.retryAfterMs ?? 0);
+      // A retry that could not produce a token before the first-token deadline is not worth waiting for.
+      if (Date.now() + wait >= deadline) throw failure.error;
+      try {
+        await sleep(wait, undefined, { signal });
+      } catch {
+        return counted('stop');
+      }
+      retries++;
+    }
+  }
+
   return {
     name: 'openai',
-
-    async *stream(request: ModelRequest, signal: AbortSignal): AsyncGenerator<string, ModelResult, void> {
-      const deadline = Date.now() + options.firstTokenTimeoutMs;
-      let text = '';
-      const counted = (finishReason: ModelResult['finishReason']): ModelResult => ({
-        finishReason,
-        usage: {
-          promptTokens: request.messages.reduce((sum, m) => sum + countTokens(m.content), 0),
-          completionTokens: countTokens(text),
-        },
-        usageSource: 'counted',
-      });
-
-      for (let retries = 0; ; ) {
-        const attempt = new AbortController();
-        const onAbort = () => attempt.abort();
-        signal.addEventListener('abort', onAbort, { once: true });
-        if (signal.aborted) attempt.abort();
-        let timedOut: 'first' | 'idle' | undefined;
-        let timer = setTimeout(() => {
-          timedOut = 'first';
-          attempt.abort();
-        }, Math.max(0, deadline - Date.now()));
-        let phase: 'request' | 'stream' = 'request';
-        let settled = false;
-        let failure: Failure | undefined;
-        try {
-          // The SDK builds, authenticates and sends the request and maps HTTP failures; the SSE body is read here.
-          const response = await client.chat.completions
-            .create(bodyOf(request), { signal: attempt.signal, maxRetries: 0, timeout: SDK_TIMEOUT_MS })
-            .asResponse();
-          const body = upstream.bodyOf(response);
-          if (!body) throw new AppError('internal', 'the upstream response has no readable body');
-          phase = 'stream';
-          const events = new SseReader(body);
-          // Cancel and our timers end the reading at once; the loop then ends quietly, as the SDK's stream did.
-          attempt.signal.addEventListener('abort', () => events.close(), { once: true });
-          if (attempt.signal.aborted) events.close();
-          let finishReason: string | undefined;
-          let usage: ChatCompletionChunk['usage'];
-          let sawDone = false;
-          for (;;) {
-            const event = events.read();
-            if (event === undefined) {
-              if (events.done) break;
-              await events.wait();
-              continue;
-            }
-            if (attempt.signal.aborted) break;
-            // The SDK's rules: nothing after [DONE] counts; `thread.*` events are the Assistants API's, not chat chunks.
-            if (sawDone) continue;
-            if (event.data.startsWith('[DONE]')) {
-              sawDone = true;
-              continue;
-            }
-            if (event.event !== null && event.event.startsWith('thread.')) continue;
-            const chunk = JSON.parse(event.data) as (ChatCompletionChunk & { error?: unknown }) | null;
-            if (typeof chunk !== 'object' || chunk === null) throw new SyntaxError('an SSE event that is not a JSON object');
-            // An `error` object sent as an event: the APIError without a status that the SDK's stream throws.
-            if (chunk.error) throw new APIError(undefined, chunk.error as object, undefined, response.headers);
-            if (text.length > 0) timer.refresh();
-            if (chunk.usage) usage = chunk.usage;
-            const choice = chunk.choices?.find((c) => c.index === 0) ?? chunk.choices?.[0];
-            if (choice?.finish_reason) finishReason = choice.finish_reason;
-            const content = choice?.delta?.content;
-            if (typeof content !== 'string' || content.length === 0) continue;
-            if (text.length === 0) {
-              clearTimeout(timer);
-              timer = setTimeout(() => {
-                timedOut = 'idle';
-                attempt.abort();
-              }, options.idleTimeoutMs);
-            }
-            text += content;
-            yield content;
-            // Time spent downstream is not upstream silence.
-            timer.refresh();
-          }
-          settled = true;
-          // The reading ends quietly when the request is aborted: by cancel, or by one of our timers (handled below).
-          if (timedOut === undefined) {
-            if (signal.aborted) return counted('stop');
-            if (finishReason === undefined) {
-              // The body ended cleanly but before any finish_reason (and so before [DONE]): the reply is cut off.
-              failure = { error: new AppError('upstream_error', 'the upstream stream ended before the reply was finished'), retryable: true };
-            } else {
-              const finish: ModelResult['finishReason'] = finishReason === 'length' ? 'length' : 'stop';
-              if (usage && typeof usage.prompt_tokens === 'number' && typeof usage.completion_tokens === 'number') {
-                return {
-                  finishReason: finish,
-                  usage: { promptTokens: usage.prompt_tokens, completionTokens: usage.completion_tokens },
-                  usageSource: 'reported',
-                };
-              }
-              return counted(finish);
-            }
-          }
-        } catch (err) {
-          failure = classify(err, phase);
-        } finally {
-          clearTimeout(timer);
-          signal.removeEventListener('abort', onAbort);
-          // Reached early when the consumer stops iterating: close the upstream request.
-          if (!settled) attempt.abort();
-        }
-
-        if (timedOut === 'first') {
-          throw new AppError('upstream_timeout', `the upstream sent no token within ${options.firstTokenTimeoutMs} ms`);
-        }
-        if (timedOut === 'idle') {
-          throw new AppError('upstream_timeout', `the upstream stream stalled for ${options.idleTimeoutMs} ms`);
-        }
-        if (signal.aborted) return counted('stop');
-        if (failure === undefined) throw new AppError('internal', 'the upstream attempt ended without a result');
-        // These compatibility switches are made once per provider and are not retries.
-        if (failure.wantsMaxCompletionTokens && maxTokensParam === 'max_tokens' && request.maxTokens !== undefined) {
-          maxTokensParam = 'max_completion_tokens';
-          continue;
-        }
-        if (failure.refusesStreamOptions && includeUsage) {
-          includeUsage = false;
-          continue;
-        }
-        if (text.length > 0 || !failure.retryable || retries >= options.maxRetries) throw failure.error;
-        const backoff = Math.min(MAX_RETRY_DELAY_MS, retryBaseDelayMs * 2 ** retries) * (0.5 + Math.random() / 2);
-        const wait = Math.max(backoff, failure.error.retryAfterMs ?? 0);
-        // A retry that could not produce a token before the first-token deadline is not worth waiting for.
-        if (Date.now() + wait >= deadline) throw failure.error;
-        try {
-          await sleep(wait, undefined, { signal });
-        } catch {
-          return counted('stop');
-        }
-        retries++;
-      }
-    },
+    streamTo,
+    stream: (request, signal) => chunksOf((stop, onChunk) => streamTo(request, stop, onChunk), signal),
 
     async check() {
       try {

@@ -3,7 +3,7 @@ import { BroadcastChannel, type MessagePort } from 'node:worker_threads';
 import { Piscina } from 'piscina';
 import { AppError, type ErrorCode } from '../protocol/index.js';
 import type { ModelRequest, ModelResult, ProviderSettings } from './provider.js';
-import type { PoolCommand, WorkerEvent, WorkerHello, WorkerTask } from './worker-protocol.js';
+import type { PoolCommand, WorkerBatch, WorkerEvent, WorkerHello, WorkerTask } from './worker-protocol.js';
 
 export interface ModelPoolOptions {
   settings: ProviderSettings;
@@ -101,20 +101,29 @@ export function createModelPool(options: ModelPoolOptions): ModelPool {
   let inFlight = 0;
   let closed = false;
   let nextCallId = 0;
-  /** The calls started and not finished, by id: where a worker's events go. */
-  const calls = new Map<number, (event: WorkerEvent) => void>();
+  /** The calls started and not finished, by id: where a worker's events and chunks go. */
+  const calls = new Map<number, { event(event: WorkerEvent): void; chunk(text: string): void }>();
   /** Each live worker's event port, by thread id. */
   const workerPorts = new Map<number, MessagePort>();
   piscina.on('message', (msg: WorkerHello) => {
     if (msg?.t !== 'events') return;
     const { threadId, port } = msg;
     workerPorts.set(threadId, port);
-    port.on('message', (event: WorkerEvent) => {
-      const call = calls.get(event.id);
-      if (call) call(event);
-      // A call that ended here while still queued (its deadline passed, or it failed) is started by a worker
-      // later: stop it at once rather than let it run for nobody.
-      else if (event.t === 'start') port.postMessage({ t: 'cancel', id: event.id } satisfies PoolCommand);
+    port.on('message', (batch: WorkerBatch) => {
+      for (let i = 0; i < batch.length; i++) {
+        const entry = batch[i] as number | string | WorkerEvent;
+        if (typeof entry === 'number') {
+          // A chunk of a call that ended here already (its deadline) is dropped, as its end will be.
+          calls.get(entry)?.chunk(batch[++i] as string);
+          continue;
+        }
+        const event = entry as WorkerEvent;
+        const call = calls.get(event.id);
+        if (call) call.event(event);
+        // A call that ended here while still queued (its deadline passed, or it failed) is started by a worker
+        // later: stop it at once rather than let it run for nobody.
+        else if (event.t === 'start') port.postMessage({ t: 'cancel', id: event.id } satisfies PoolCommand);
+      }
     });
     port.once('close', () => {
       if (workerPorts.get(threadId) === port) workerPorts.delete(threadId);
@@ -149,28 +158,28 @@ export function createModelPool(options: ModelPoolOptions): ModelPool {
       finish();
       handlers.onError(new AppError(code, message, retryAfterMs === undefined ? {} : { retryAfterMs }));
     };
-    calls.set(id, (event) => {
-      switch (event.t) {
-        case 'start':
-          workerThreadId = event.threadId;
-          if (cancelRequested || deadlineHit) askToStop();
-          handlers.onStart?.();
-          break;
-        case 'chunk':
-          handlers.onChunk(event.text);
-          break;
-        case 'end':
-          if (deadlineHit && !cancelRequested) {
-            fail('upstream_timeout', `the model call exceeded its ${options.taskTimeoutMs} ms deadline`);
+    calls.set(id, {
+      chunk: (text) => handlers.onChunk(text),
+      event: (event) => {
+        switch (event.t) {
+          case 'start':
+            workerThreadId = event.threadId;
+            if (cancelRequested || deadlineHit) askToStop();
+            handlers.onStart?.();
             break;
-          }
-          finish();
-          handlers.onEnd(event.result, event.cancelled);
-          break;
-        case 'error':
-          fail(event.code, event.message, event.retryAfterMs);
-          break;
-      }
+          case 'end':
+            if (deadlineHit && !cancelRequested) {
+              fail('upstream_timeout', `the model call exceeded its ${options.taskTimeoutMs} ms deadline`);
+              break;
+            }
+            finish();
+            handlers.onEnd(event.result, event.cancelled);
+            break;
+          case 'error':
+            fail(event.code, event.message, event.retryAfterMs);
+            break;
+        }
+      },
     });
     options.hooks?.onModelCall?.();
     // At the deadline the worker is first asked to stop, as a cancel does: terminating a thread while a native

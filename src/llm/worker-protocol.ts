@@ -16,13 +16,20 @@ export interface WorkerHello {
   port: MessagePort;
 }
 
-/** What a worker posts on its event port for call `id`, in order: `start`, chunks, then exactly one `end` or `error`. */
+/** What a worker tells the pool about call `id`, in order: `start`, chunks (see WorkerBatch), then exactly one `end` or `error`. */
 export type WorkerEvent = { id: number } & (
   | { t: 'start'; threadId: number }
-  | { t: 'chunk'; text: string }
   | { t: 'end'; result: ModelResult | null; cancelled: boolean }
   | { t: 'error'; code: ErrorCode; message: string; retryAfterMs?: number | undefined }
 );
+
+/**
+ * What a worker posts on its event port: the chunks and events of all its calls, in order. A chunk is two entries,
+ * the call id then the text; an event is one. The chunks of a turn of the worker's event loop leave together when
+ * it ends (an event at once, with the chunks before it): one message per turn, not one per chunk, because under
+ * load a worker reads several streams' chunks in one turn, and each message wakes the main thread.
+ */
+export type WorkerBatch = Array<number | string | WorkerEvent>;
 
 /** What the pool posts on a worker's event port. */
 export type PoolCommand = { t: 'cancel'; id: number };
