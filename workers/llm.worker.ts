@@ -60,17 +60,29 @@ function isAbortError(err: unknown): boolean {
 // New calls start one per turn of the event loop. Piscina hands over every task that arrived at once, and setting
 // up a call (building and sending an HTTP request) is the costliest thing a worker does: started back to back, a
 // burst of 50 calls would hold up the reads of every running stream, and of each other's answers, until the last
-// was sent. Between two starts the worker now reads what arrived.
+// was sent. Between two starts the worker now reads what arrived. The first call of a turn starts at once, without
+// waiting for a turn of its own (a steady stream of chats, one at a time, never waits); the others wait their turn.
+let turnTaken = false;
 const startQueue: Array<() => void> = [];
-function startTurn(): Promise<void> {
-  return new Promise((resolve) => {
-    startQueue.push(resolve);
-    if (startQueue.length === 1) setImmediate(startNext);
-  });
+function takeTurn(): void {
+  turnTaken = true;
+  setImmediate(endTurn);
 }
-function startNext(): void {
-  startQueue.shift()?.();
-  if (startQueue.length > 0) setImmediate(startNext);
+function endTurn(): void {
+  turnTaken = false;
+  const next = startQueue.shift();
+  if (next) {
+    takeTurn();
+    next();
+  }
+}
+/** Resolves (or returns undefined, when the call may start now) when this call's turn to start has come. */
+function startTurn(): Promise<void> | undefined {
+  if (!turnTaken) {
+    takeTurn();
+    return undefined;
+  }
+  return new Promise((resolve) => startQueue.push(resolve));
 }
 
 // What the calls post, batched (see WorkerBatch): the chunks of one turn of the event loop leave together when the
@@ -117,7 +129,8 @@ async function streamModel(id: number, request: ModelRequest): Promise<void> {
   };
   try {
     const model = await getProvider();
-    await startTurn();
+    const turn = startTurn();
+    if (turn) await turn;
     post({ id, t: 'start', threadId });
     const signal = controller.signal;
     const result = model.streamTo ? await model.streamTo(request, signal, chunk) : await drain(model.stream(request, signal), chunk);
