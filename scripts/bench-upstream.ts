@@ -35,7 +35,9 @@
  * - total: the request sent to the reply finished ([DONE] / chat.done); it also holds the upstream's own pacing;
  * - added: through chatwire minus direct, percentile by percentile (p50 minus p50, p99 minus p99);
  * - tokens/s: tokens received over the wall time of the rounds (first request to last reply);
- * - chatwire CPU: the server process's user + system CPU time over its rounds, per token.
+ * - chatwire CPU: the server process's user + system CPU time over its rounds, per token;
+ * - hops: round trips of a socket and of a thread message, pinged alongside every round (scripts/bench-hops.ts):
+ *   the floor under what any extra hop adds on this machine at that moment.
  *
  * Prints tables and, last, one JSON line with every figure.
  */
@@ -50,6 +52,7 @@ import { loadConfig } from '../src/config.js';
 import { writeTinyLlamaGguf } from '../src/llm/gguf-tiny-llama.js';
 import { createModelPool } from '../src/llm/pool.js';
 import { providerSettingsFrom, type ModelRequest } from '../src/llm/provider.js';
+import { startHopProbe } from './bench-hops.js';
 import { DIST, printTable, sleep, startChatwire, startChild, summarize } from './bench-support.js';
 
 const { values: args } = parseArgs({
@@ -101,9 +104,12 @@ interface Side {
   cpuMs: { upstream: number; clients: number; chatwire: number };
   /** Replies whose tokens were not exactly w0..w(n-1) in order. */
   corrupted: number;
+  /** Round trips of the hop probe (scripts/bench-hops.ts) during this path's rounds, ms. */
+  socketRttMs: number[];
+  threadRttMs: number[];
 }
 
-const newSide = (): Side => ({ firstTokenMs: [], totalMs: [], tokenMs: [], startTokenMs: [], restTokenMs: [], endMs: [], ackMs: [], tokens: 0, wallMs: [], errors: 0, cpuMs: { upstream: 0, clients: 0, chatwire: 0 }, corrupted: 0 });
+const newSide = (): Side => ({ firstTokenMs: [], totalMs: [], tokenMs: [], startTokenMs: [], restTokenMs: [], endMs: [], ackMs: [], tokens: 0, wallMs: [], errors: 0, cpuMs: { upstream: 0, clients: 0, chatwire: 0 }, corrupted: 0, socketRttMs: [], threadRttMs: [] });
 
 /** One reply as a client sees it: the same bookkeeping for both paths. */
 class Reply {
@@ -283,6 +289,8 @@ async function benchUpstream() {
     CHATWIRE_WORKER_THREADS: workers,
   });
   const config = loadConfig({ CHATWIRE_WORKER_THREADS: workers });
+  const hopEcho = await startChild(path.join(DIST, 'scripts', 'bench-hops.js'), { BENCH_HOPS_ROLE: 'echo' });
+  const hops = await startHopProbe(hopEcho.port, intervalMs);
   const patterns: Arrivals[] = ['burst', 'steady'];
   const sides = Object.fromEntries(patterns.map((a) => [a, { direct: newSide(), through: newSide() }])) as Record<Arrivals, { direct: Side; through: Side }>;
   const sockets = await Promise.all(Array.from({ length: chats }, (_, i) => openSocket(`ws://127.0.0.1:${server.port}/ws?user=bench-${i}`)));
@@ -293,10 +301,14 @@ async function benchUpstream() {
     return { upstream: cpuMs(upstream.child.pid as number), clients: (own.user + own.system) / 1000, chatwire: cpuMs(server.child.pid as number) };
   };
   const measured = async (arrivals: Arrivals, chat: ChatFn, side: Side, label: string) => {
+    await hops.take();
     const before = cpuNow();
     await round(arrivals, chat, side, label);
     const after = cpuNow();
     for (const k of ['upstream', 'clients', 'chatwire'] as const) side.cpuMs[k] += after[k] - before[k];
+    const hopped = await hops.take();
+    side.socketRttMs.push(...hopped.socketRttMs);
+    side.threadRttMs.push(...hopped.threadRttMs);
   };
   try {
     // Warm up both paths (JIT, worker threads, keep-alive connections on both sides) outside the measurement.
@@ -321,8 +333,10 @@ async function benchUpstream() {
   } finally {
     for (const s of sockets) s.close();
     directAgent.destroy();
+    await hops.stop();
     await server.stop();
     await upstream.stop();
+    await hopEcho.stop();
   }
   const pick = (values: number[]) => {
     const s = summarize(values);
@@ -347,6 +361,7 @@ async function benchUpstream() {
         clients: round1((side.cpuMs.clients * 1000) / side.tokens),
         chatwire: round1((side.cpuMs.chatwire * 1000) / side.tokens),
       },
+      hops: { socketRttMs: pick(side.socketRttMs), threadRttMs: pick(side.threadRttMs) },
     };
   };
   const compare = ({ direct, through }: { direct: Side; through: Side }) => {
@@ -364,6 +379,8 @@ async function benchUpstream() {
         endMs: minus(s.endMs, d.endMs),
         totalMs: minus(s.totalMs, d.totalMs),
       },
+      // A first token through chatwire crosses two socket hops and two thread hops more than the direct path.
+      hopFloorP50Ms: round2(s.hops.socketRttMs.p50 + s.hops.threadRttMs.p50),
     };
   };
   return {
@@ -504,6 +521,18 @@ if (part === 'upstream' || part === 'all') {
         ? [name, cpu.upstream, cpu.clients, '-', round1(cpu.upstream + cpu.clients)]
         : [name, cpu.upstream, cpu.clients, cpu.chatwire, round1(cpu.upstream + cpu.clients + cpu.chatwire)];
     }),
+  );
+  printTable(
+    `one hop and back, pinged every ${u.setup.intervalMs} ms during the rounds (ms): socket = loopback TCP to an echo process, thread = MessagePort to a worker thread`,
+    ['path', 'socket round trip', 'p99', 'thread round trip', 'p99'],
+    paths.map(({ name, x }) => [name, x.hops.socketRttMs.p50, x.hops.socketRttMs.p99, x.hops.threadRttMs.p50, x.hops.threadRttMs.p99]),
+  );
+  console.log(
+    [
+      'Through chatwire a first token crosses two socket hops and two thread hops more than the direct path (client -> main thread -> worker',
+      '-> upstream against client -> upstream; upstream -> worker -> main thread -> client against upstream -> client): one socket round trip',
+      `plus one thread round trip, p50 during the rounds through chatwire, is the floor under "added" before any of its work: burst ${u.burst.hopFloorP50Ms}, steady ${u.steady.hopFloorP50Ms} ms.`,
+    ].join('\n'),
   );
 }
 if (part === 'local' || part === 'all') {
