@@ -86,24 +86,18 @@ async function runProbe(echoPort: number, intervalMs: number): Promise<void> {
       stopped = true;
     }
   });
-  const socketPing = () =>
+  /** One round trip: `send` goes out, `listen` hears the reply; the time lands in samples[kind]. */
+  const ping = (kind: keyof HopSamples, listen: (done: () => void) => void, send: () => void) =>
     new Promise<void>((resolve) => {
       const sent = performance.now();
-      socket.once('data', () => {
-        samples.socketRttMs.push(performance.now() - sent);
+      listen(() => {
+        samples[kind].push(performance.now() - sent);
         resolve();
       });
-      socket.write('x');
+      send();
     });
-  const threadPing = () =>
-    new Promise<void>((resolve) => {
-      const sent = performance.now();
-      echo.once('message', () => {
-        samples.threadRttMs.push(performance.now() - sent);
-        resolve();
-      });
-      echo.postMessage(0);
-    });
+  const socketPing = () => ping('socketRttMs', (done) => socket.once('data', done), () => socket.write('x'));
+  const threadPing = () => ping('threadRttMs', (done) => echo.once('message', done), () => echo.postMessage(0));
   port.postMessage('ready');
   // The two pings take turns, half an interval apart: neither waits on the other's wake-ups.
   while (!stopped) {
