@@ -20,11 +20,14 @@ export interface OpenAIProviderOptions {
   retryBaseDelayMs?: number;
   /** check()'s deadline for GET {base}/models; default 1500 ms, under the pool's 2 s readiness check. */
   checkTimeoutMs?: number;
+  /** After `[DONE]`, how long the rest of the body may take to end before its connection is closed; default 2000 ms. */
+  drainAfterDoneMs?: number;
 }
 
 const DEFAULT_RETRY_BASE_DELAY_MS = 250;
 const MAX_RETRY_DELAY_MS = 8000;
 const DEFAULT_CHECK_TIMEOUT_MS = 1500;
+const DEFAULT_DRAIN_AFTER_DONE_MS = 2000;
 // The SDK's own timeout would only cover the wait for response headers; ours (first token, idle) always fire first.
 const SDK_TIMEOUT_MS = 3_600_000;
 const PLACEHOLDER_API_KEY = 'chatwire-no-key';
@@ -107,6 +110,7 @@ export function createOpenAIProvider(options: OpenAIProviderOptions): Provider {
   });
   const retryBaseDelayMs = options.retryBaseDelayMs ?? DEFAULT_RETRY_BASE_DELAY_MS;
   const checkTimeoutMs = options.checkTimeoutMs ?? DEFAULT_CHECK_TIMEOUT_MS;
+  const drainAfterDoneMs = options.drainAfterDoneMs ?? DEFAULT_DRAIN_AFTER_DONE_MS;
   // Starts with max_tokens, which every compatible server knows; switches for good once the server asks for the other.
   let maxTokensParam: 'max_tokens' | 'max_completion_tokens' = 'max_tokens';
   // Asks for the usage chunk until a server refuses the option; its usage is counted from then on.
@@ -195,12 +199,14 @@ export function createOpenAIProvider(options: OpenAIProviderOptions): Provider {
             continue;
           }
           if (attempt.signal.aborted) break;
-          // The SDK's rules: nothing after [DONE] counts; `thread.*` events are the Assistants API's, not chat chunks.
-          if (sawDone) continue;
+          // [DONE] ends the reply there and then: nothing after it counts (the SDK's rule too), and a server or proxy
+          // that holds the response open after it must not turn a finished reply into an idle timeout.
           if (event.data.startsWith('[DONE]')) {
             sawDone = true;
-            continue;
+            events.release(drainAfterDoneMs);
+            break;
           }
+          // `thread.*` events are the Assistants API's, not chat chunks.
           if (event.event !== null && event.event.startsWith('thread.')) continue;
           const chunk = JSON.parse(event.data) as (ChatCompletionChunk & { error?: unknown }) | null;
           if (typeof chunk !== 'object' || chunk === null) throw new SyntaxError('an SSE event that is not a JSON object');
@@ -226,8 +232,8 @@ export function createOpenAIProvider(options: OpenAIProviderOptions): Provider {
         // The reading ends quietly when the request is aborted: by cancel, or by one of our timers (handled below).
         if (timedOut === undefined) {
           if (signal.aborted) return counted('stop');
-          if (finishReason === undefined) {
-            // The body ended cleanly but before any finish_reason (and so before [DONE]): the reply is cut off.
+          if (finishReason === undefined && !sawDone) {
+            // The body ended cleanly but before any finish_reason and before [DONE]: the reply is cut off.
             failure = { error: new AppError('upstream_error', 'the upstream stream ended before the reply was finished'), retryable: true };
           } else {
             const finish: ModelResult['finishReason'] = finishReason === 'length' ? 'length' : 'stop';

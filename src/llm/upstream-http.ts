@@ -135,17 +135,20 @@ export class SseReader {
   private data: string[] = [];
   private event: string | null = null;
   private finished = false;
+  private released = false;
   private failure: unknown = undefined;
   private wake: (() => void) | null = null;
 
   constructor(private readonly body: http.IncomingMessage) {
     body.setEncoding('utf8');
     body.on('data', (text: string) => {
+      if (this.released) return;
       this.buffer += text;
       this.parse();
       this.notify();
     });
     body.once('end', () => {
+      if (this.released) return;
       // A CR that ends the body ends its line: there is no LF to wait for.
       this.parse(true);
       this.finish(undefined);
@@ -182,6 +185,22 @@ export class SseReader {
   close(): void {
     this.body.destroy();
     this.finish(undefined);
+  }
+
+  /**
+   * Stops reading, for a stream that has said all it will (`[DONE]`): the events not read yet and whatever else
+   * arrives are dropped, and the body is left to end on its own, so that its keep-alive connection can serve the
+   * next request. A body that has not ended within `graceMs` has its connection closed.
+   */
+  release(graceMs: number): void {
+    this.released = true;
+    this.events.length = 0;
+    this.head = 0;
+    this.finish(undefined);
+    if (this.body.complete || this.body.destroyed) return;
+    const timer = setTimeout(() => this.body.destroy(), graceMs);
+    timer.unref();
+    this.body.once('close', () => clearTimeout(timer));
   }
 
   private finish(err: unknown): void {

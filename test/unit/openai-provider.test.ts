@@ -1,5 +1,6 @@
 import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
+import { setTimeout as sleep } from 'node:timers/promises';
 import { loadConfig } from '../../src/config.js';
 import { createModelPool, type ModelPool } from '../../src/llm/pool.js';
 import { createOpenAIProvider, retryAfterMsOf, type OpenAIProviderOptions } from '../../src/llm/openai.js';
@@ -286,6 +287,65 @@ describe('openai provider against a fake upstream', () => {
     const out = await collect(openai(fake.baseUrl));
     assert.deepEqual(out.chunks, ['Cut']);
     assertAppError(out.error, 'upstream_error', 'the upstream stream ended before the reply was finished');
+  });
+
+  test('[DONE] ends the reply though the upstream holds the response open after it; that connection is then closed', async () => {
+    reset();
+    fake.setHandler(async (ex) => {
+      ex.sse.role();
+      ex.sse.content('hello');
+      ex.sse.finish('stop');
+      ex.sse.usage(4, 1);
+      ex.sse.raw('data: [DONE]\n\n');
+      // Held open, with a keep-alive comment and a late chunk that must not count.
+      ex.sse.raw(': ping\n\n');
+      ex.sse.content(' late');
+      await ex.clientClosed;
+    });
+    const closed = fake.nextClientAbort();
+    // Before, such a reply waited for the body's end and became an idle timeout.
+    const out = await collect(openai(fake.baseUrl, { idleTimeoutMs: 400, drainAfterDoneMs: 100 }));
+    assert.equal(out.error, undefined);
+    assert.deepEqual(out.chunks, ['hello']);
+    assert.deepEqual(out.result, { finishReason: 'stop', usage: { promptTokens: 4, completionTokens: 1 }, usageSource: 'reported' });
+    await closed;
+  });
+
+  test('a body that ends soon after [DONE] is drained, and its connection serves the next call', async () => {
+    reset();
+    fake.setHandler(async (ex) => {
+      ex.sse.content(`reply ${ex.index}`);
+      ex.sse.finish('stop');
+      ex.sse.raw('data: [DONE]\n\n');
+      await sleep(30);
+      ex.res.end();
+    });
+    const provider = openai(fake.baseUrl, { drainAfterDoneMs: 2000 });
+    const before = fake.connections;
+    const aborted = fake.abortedByClient;
+    const first = await collect(provider);
+    assert.deepEqual(first.chunks, ['reply 0']);
+    // The first body ends 30 ms after [DONE]; the next call starts once the connection is free again.
+    await sleep(100);
+    const second = await collect(provider);
+    assert.deepEqual(second.chunks, ['reply 1']);
+    assert.equal(first.error ?? second.error, undefined);
+    assert.equal(fake.connections - before, 1);
+    assert.equal(fake.abortedByClient, aborted);
+  });
+
+  test('[DONE] without a finish_reason ends the reply as stop, its usage counted', async () => {
+    reset();
+    fake.setHandler((ex) => {
+      ex.sse.role();
+      ex.sse.content('Hi');
+      ex.sse.done();
+    });
+    const out = await collect(openai(fake.baseUrl));
+    assert.equal(out.error, undefined);
+    assert.deepEqual(out.chunks, ['Hi']);
+    assert.equal(out.result?.finishReason, 'stop');
+    assert.equal(out.result?.usageSource, 'counted');
   });
 
   test('malformed SSE data is upstream_error', async () => {
