@@ -1,9 +1,12 @@
 import assert from 'node:assert/strict';
 import crypto from 'node:crypto';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
 import { test } from 'node:test';
 import { Database } from '../../src/db/database.js';
 import { createRandom, seedMarketplace, SEED_CATEGORIES, SeedTargetNotEmptyError } from '../../src/db/marketplace-seed.js';
-import { migrate } from '../../src/db/migrate.js';
+import { defaultMigrationsDir, migrate } from '../../src/db/migrate.js';
 import { BookingStatusSchema, RequestStatusSchema } from '../../src/protocol/index.js';
 
 function migrated(t: { after(fn: () => void): void }): Database {
@@ -81,6 +84,33 @@ test("a booking's consumer is always its request's consumer", (t) => {
   fails(db, 'UPDATE bookings SET consumer_id = 2 WHERE booking_id = 1', /bookings\.consumer_id must be the consumer of the booked request/);
   fails(db, 'UPDATE requests SET consumer_id = 2 WHERE request_id = 1', /requests\.consumer_id cannot change/);
   db.raw.exec("UPDATE bookings SET status = 'confirmed' WHERE booking_id = 1");
+});
+
+test('stored times stop at the last millisecond a date can hold, and a database already past it stops at the migration', (t) => {
+  const db = base(t);
+  const LAST = 8_640_000_000_000_000;
+  db.raw.prepare('UPDATE requests SET created_at = ? WHERE request_id = 1').run(LAST);
+  fails(db, `UPDATE requests SET created_at = ${LAST + 1024} WHERE request_id = 1`, /requests\.created_at must be at most 8640000000000000/);
+  fails(db, `INSERT INTO requests (request_id, consumer_id, title, category, status, created_at) VALUES (2, 1, 'x', 'plumbing', 'open', ${LAST + 1024})`, /requests\.created_at must be at most/);
+  db.raw.prepare("INSERT INTO bookings (booking_id, request_id, consumer_id, provider_id, status, scheduled_at, price_cents) VALUES (1, 1, 1, 1, 'pending', ?, 100)").run(LAST);
+  fails(db, `UPDATE bookings SET scheduled_at = ${LAST + 1024} WHERE booking_id = 1`, /bookings\.scheduled_at must be at most 8640000000000000/);
+  fails(db, `INSERT INTO bookings (booking_id, request_id, consumer_id, provider_id, status, scheduled_at, price_cents) VALUES (2, 1, 1, 1, 'pending', ${LAST + 1024}, 100)`, /bookings\.scheduled_at must be at most/);
+
+  // A database migrated to 002 only, holding a later time (as an import could leave it).
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'chatwire-migrations-'));
+  t.after(() => fs.rmSync(dir, { recursive: true, force: true }));
+  for (const file of fs.readdirSync(defaultMigrationsDir())) {
+    if (/^00[12]_/.test(file)) fs.copyFileSync(path.join(defaultMigrationsDir(), file), path.join(dir, file));
+  }
+  const old = new Database(':memory:');
+  t.after(() => old.close());
+  migrate(old, dir);
+  old.raw.exec(`INSERT INTO consumers (consumer_id, name) VALUES (1, 'Ada Adams');
+    INSERT INTO requests (request_id, consumer_id, title, category, status, created_at) VALUES (1, 1, 'Fix tap', 'plumbing', 'open', ${LAST + 1024})`);
+  assert.throws(() => migrate(old), /requests\.created_at must be at most 8640000000000000/);
+  assert.deepEqual(old.raw.prepare('SELECT name FROM schema_migrations ORDER BY version').pluck().all(), ['001_chat.sql', '002_marketplace.sql']);
+  old.raw.exec('UPDATE requests SET created_at = 1700000000000');
+  assert.deepEqual(migrate(old), ['003_marketplace_time_bound.sql']);
 });
 
 function contentHash(db: Database): string {
