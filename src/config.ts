@@ -53,6 +53,7 @@ export const settings = {
   maxConnectionsPerUser: { env: 'CHATWIRE_MAX_CONNECTIONS_PER_USER', schema: int(1, 100_000), default: '16', doc: 'WebSocket connections one user may hold at once' },
   allowedOrigins: { env: 'CHATWIRE_ALLOWED_ORIGINS', schema: z.string(), default: '*', doc: 'comma-separated origins allowed for WebSocket upgrades and CORS (`*` = any)' },
   jwtSecret: { env: 'CHATWIRE_JWT_SECRET', schema: optionalString, default: '', doc: 'HS256 secret; unset = open mode (`?user=` trusted, a warning at start)' },
+  jwtRequireExp: { env: 'CHATWIRE_JWT_REQUIRE_EXP', schema: bool, default: 'false', doc: 'refuse tokens without `exp` (the protocol requires only `sub`; an `exp` present is always checked)' },
   logLevel: { env: 'LOG_LEVEL', schema: z.enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']), default: 'info', doc: 'pino log level' },
 } as const;
 

@@ -19,6 +19,12 @@ export interface AuthOptions {
   clockToleranceSec?: number;
   /** Wall clock in epoch ms for `exp`/`nbf` checks (default Date.now). */
   now?: () => number;
+  /**
+   * Refuse tokens without `exp` (default false). The protocol requires only `sub`; `exp`, when present, is
+   * always checked. A deployment whose issuer always sets `exp` can turn this on so that a token minted
+   * without one by mistake never lives forever.
+   */
+  requireExp?: boolean;
 }
 
 export interface IdentifyInput {
@@ -43,6 +49,7 @@ export function createAuth(options: AuthOptions = {}): Auth {
     throw new RangeError(`clockToleranceSec must be a number >= 0, got ${clockToleranceSec}`);
   }
   const now = options.now ?? Date.now;
+  const requiredClaims = options.requireExp === true ? ['sub', 'exp'] : ['sub'];
   const secret = options.secret;
   if (secret === undefined) return { mode: 'open', weakSecret: false, identify: identifyOpen };
   if (secret === '') throw new RangeError('the JWT secret must not be empty (leave it unset for open mode)');
@@ -61,7 +68,7 @@ export function createAuth(options: AuthOptions = {}): Auth {
         algorithms: [JWT_ALGORITHM],
         clockTolerance: clockToleranceSec,
         currentDate: new Date(now()),
-        requiredClaims: ['sub', 'exp'],
+        requiredClaims,
       }));
     } catch (err) {
       throw unauthorized(describeJoseError(err), err);

@@ -7,7 +7,7 @@ export interface SignTokenOptions {
   secret: string;
   sub: string;
   role?: Role;
-  /** Lifetime in seconds (default 3600). Every token expires: createAuth refuses one without `exp`. */
+  /** Lifetime in seconds (default 3600). Tokens it issues always carry `exp`. */
   ttlSec?: number;
   /** Wall clock in epoch ms (default Date.now). */
   now?: () => number;

@@ -40,10 +40,6 @@ async function badTokens(): Promise<{ name: string; token: string | undefined }[
       token: await new SignJWT({ role: 'staff' }).setProtectedHeader({ alg: 'HS512' }).setSubject('alice').setExpirationTime(nowSec() + 3600).sign(new TextEncoder().encode(SECRET)),
     },
     {
-      name: 'no exp',
-      token: await new SignJWT({ role: 'consumer' }).setProtectedHeader({ alg: 'HS256' }).setSubject('alice').setIssuedAt().sign(new TextEncoder().encode(SECRET)),
-    },
-    {
       name: 'unknown role',
       token: await new SignJWT({ role: 'admin' }).setProtectedHeader({ alg: 'HS256' }).setSubject('alice').setExpirationTime(nowSec() + 3600).sign(new TextEncoder().encode(SECRET)),
     },
@@ -149,6 +145,24 @@ describe('with CHATWIRE_JWT_SECRET set, every transport needs an HS256 token', (
       events.map((e) => e.event),
       ['delta', 'delta', 'delta', 'done'],
     );
+  });
+
+  test('a token without exp is accepted (the protocol requires only sub); CHATWIRE_JWT_REQUIRE_EXP refuses it', async () => {
+    const noExp = await new SignJWT({ role: 'consumer' }).setProtectedHeader({ alg: 'HS256' }).setSubject('alice').setIssuedAt().sign(new TextEncoder().encode(SECRET));
+    const c = await WsClient.connect(server.ws, { token: noExp });
+    assert.equal((await c.nextOfType('hello')).userId, 'alice');
+    await c.close();
+    assert.equal((await fetch(`${server.http}/v1/requests?limit=1`, { headers: bearer(noExp) })).status, 200);
+
+    const strict = await startServer({ jwtSecret: SECRET, jwtRequireExp: true });
+    try {
+      const res = await fetch(`${strict.http}/v1/requests?limit=1`, { headers: bearer(noExp) });
+      assert.equal(res.status, 401);
+      assert.deepEqual(((await res.json()) as ErrorBody).error, { code: 'unauthorized', message: 'token has no exp claim' });
+      assert.equal((await fetch(`${strict.http}/v1/requests?limit=1`, { headers: bearer(alice) })).status, 200);
+    } finally {
+      await strict.close();
+    }
   });
 
   test('a missing, bad, expired, alg-none, wrong-secret or tampered token refuses the /ws upgrade with 401 before any socket opens', async () => {

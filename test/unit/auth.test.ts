@@ -87,12 +87,15 @@ test('a token signed with HS512 (even with the right secret) is refused: HS256 o
   await assertUnauthorized(jwtAuth().identify({ token, connectionId: 'c1' }), 'token algorithm not allowed: only HS256 is accepted', token);
 });
 
-test('a token without sub, or without exp, is refused', async () => {
+test('a token without sub is refused; one without exp is accepted unless requireExp is set', async () => {
   const auth = jwtAuth();
   const noSub = await sign({ role: 'staff', exp: NOW_SEC + 60 });
   await assertUnauthorized(auth.identify({ token: noSub, connectionId: 'c1' }), 'token has no sub claim');
   const noExp = await sign({ sub: 'alice' });
-  await assertUnauthorized(auth.identify({ token: noExp, connectionId: 'c1' }), 'token has no exp claim');
+  assert.deepEqual(await auth.identify({ token: noExp, connectionId: 'c1' }), { userId: 'alice', role: 'consumer' });
+  const strict = createAuth({ secret: SECRET, now, requireExp: true });
+  await assertUnauthorized(strict.identify({ token: noExp, connectionId: 'c1' }), 'token has no exp claim');
+  assert.deepEqual(await strict.identify({ token: await sign({ sub: 'alice', exp: NOW_SEC + 60 }), connectionId: 'c1' }), { userId: 'alice', role: 'consumer' });
   const badExp = await sign({ sub: 'alice', exp: 'soon' as unknown as number });
   await assertUnauthorized(auth.identify({ token: badExp, connectionId: 'c1' }), 'token claim exp is invalid');
 });
