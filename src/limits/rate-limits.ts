@@ -22,7 +22,8 @@ export interface Reservation {
    * past it is taken as debt that later reservations wait out. Only the first
    * settle or release counts. A usage that is not a finite number >= 0 is
    * charged as the whole reservation (no refund): a broken usage report must
-   * not hand out free tokens.
+   * not hand out free tokens. One above the chat's maxTokens is charged as
+   * maxTokens: it must not put the user in debt for days either.
    */
   settle(usedTokens: number): void;
   /** For a chat that never ran (overloaded, store failed): everything goes back. Same as settle(0). */
@@ -207,7 +208,9 @@ export function createRateLimits(options: RateLimitsOptions): RateLimits {
     };
     const reservation: Reservation = {
       reserved: amount,
-      settle: (usedTokens) => finish(Number.isFinite(usedTokens) && usedTokens >= 0 ? usedTokens : amount),
+      // A reply never holds more than the maxTokens it asked for: a larger count (a bogus upstream usage report)
+      // would put the user in debt for days; it is charged as the whole maxTokens instead.
+      settle: (usedTokens) => finish(Number.isFinite(usedTokens) && usedTokens >= 0 ? Math.min(usedTokens, maxTokens) : amount),
       release: () => finish(0),
     };
     return { ok: true, reservation, info: decision.info };

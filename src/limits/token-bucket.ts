@@ -27,6 +27,9 @@ export function refillMs(p: BucketPolicy, units: number): number {
 // token. Relative for large buckets (a billion tokens has ulps of ~1e-7).
 const snapTolerance = (units: number) => Math.max(1e-9, Math.abs(units) * 1e-12);
 
+// The wait estimates are a ms or two off at most; leastWait corrects them in at most this many steps each way.
+const LEAST_WAIT_STEPS = 16;
+
 /**
  * The `limiter` package's TokenBucket with two changes: time comes from an
  * injected clock (the library reads performance.now() itself, which tests
@@ -107,12 +110,18 @@ export class ClockedBucket extends TokenBucket {
     return this.leastWait(Math.ceil(((target - this.content) * this.interval) / this.tokensPerInterval), target);
   }
 
-  /** Corrects an estimate to the least whole ms after which one drip reaches `target` (division by a rounded rate can be 1 ms off either way). */
+  /**
+   * Corrects an estimate to the least whole ms after which one drip reaches `target` (division by a rounded
+   * rate can be 1 ms off either way). The correction takes a few steps at most: past 2^53 ms a step of 1 no
+   * longer changes the number, so an unbounded walk would never end (a debt that large is refused at settle,
+   * but a wait must never hang the event loop).
+   */
   private leastWait(estimateMs: number, target: number): number {
     const reaches = (ms: number) => this.content + (ms * this.tokensPerInterval) / this.interval >= target - snapTolerance(target);
     let wait = Math.max(0, estimateMs);
-    while (wait > 0 && reaches(wait - 1)) wait -= 1;
-    while (!reaches(wait)) wait += 1;
+    if (!Number.isSafeInteger(wait)) return Number.isFinite(wait) ? Math.ceil(wait) : Number.MAX_SAFE_INTEGER;
+    for (let step = 0; step < LEAST_WAIT_STEPS && wait > 0 && reaches(wait - 1); step++) wait -= 1;
+    for (let step = 0; step < LEAST_WAIT_STEPS && !reaches(wait); step++) wait += 1;
     return wait;
   }
 }

@@ -54,6 +54,11 @@ export function retryAfterMsOf(headers: Headers | undefined, now = Date.now()): 
 }
 
 /** The choice with index 0 (the one chatwire asks for), else the first: without a closure per chunk. */
+/** A usage count as the protocol carries it (and SQLite stores it): a whole number >= 0. */
+function isTokenCount(value: unknown): value is number {
+  return Number.isSafeInteger(value) && (value as number) >= 0;
+}
+
 function firstChoice(choices: ChatCompletionChunk['choices'] | undefined): ChatCompletionChunk['choices'][number] | undefined {
   if (!choices) return undefined;
   for (let i = 0; i < choices.length; i++) if ((choices[i] as ChatCompletionChunk['choices'][number]).index === 0) return choices[i];
@@ -237,7 +242,7 @@ export function createOpenAIProvider(options: OpenAIProviderOptions): Provider {
             failure = { error: new AppError('upstream_error', 'the upstream stream ended before the reply was finished'), retryable: true };
           } else {
             const finish: ModelResult['finishReason'] = finishReason === 'length' ? 'length' : 'stop';
-            if (usage && typeof usage.prompt_tokens === 'number' && typeof usage.completion_tokens === 'number') {
+            if (usage && isTokenCount(usage.prompt_tokens) && isTokenCount(usage.completion_tokens)) {
               return {
                 finishReason: finish,
                 usage: { promptTokens: usage.prompt_tokens, completionTokens: usage.completion_tokens },

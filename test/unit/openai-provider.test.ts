@@ -111,6 +111,23 @@ describe('openai provider against a fake upstream', () => {
     });
   });
 
+  test('counts the usage itself when the reported counts are not whole numbers >= 0', async () => {
+    for (const usage of [
+      { promptTokens: -1, completionTokens: 5 },
+      { promptTokens: 3, completionTokens: 2.5 },
+      { promptTokens: 3, completionTokens: 1e17 },
+    ]) {
+      reset();
+      fake.setHandler((ex) => streamReply(ex, { tokens: ['Fence', ' repair', ' is', ' booked', '.'], usage }));
+      const out = await collect(openai(fake.baseUrl));
+      assert.deepEqual(
+        out.result,
+        { finishReason: 'stop', usage: { promptTokens: promptCount, completionTokens: countTokens('Fence repair is booked.') }, usageSource: 'counted' },
+        JSON.stringify(usage),
+      );
+    }
+  });
+
   test('maps finish_reason length to length, and sends no max_tokens or temperature the request did not set', async () => {
     reset();
     fake.setHandler((ex) => streamReply(ex, { tokens: ['a', 'b'], finishReason: 'length', usage: { promptTokens: 3, completionTokens: 2 } }));

@@ -11,6 +11,7 @@ import {
   type RateLimitsOptions,
   type ReserveResult,
 } from '../../src/limits/index.js';
+import { ClockedBucket, policy } from '../../src/limits/token-bucket.js';
 
 /** A clock the test moves by hand: every figure below is exact because no real time passes. */
 function manualClock(start = 1_000) {
@@ -195,6 +196,24 @@ test('usage past the reservation is charged as debt, so a stream cannot overrun 
     assert.equal(limits.sweep(), 1);
     assert.equal(limits.size(), 0);
   });
+});
+
+test("usage above the chat's maxTokens is charged as maxTokens: a bogus report cannot shut a user out for days", () => {
+  withLimits({ modelTokensPerMinute: 1000 }, (limits) => {
+    const r = limits.reserveModelTokens('alice', 100);
+    assert.ok(r.ok);
+    r.reservation.settle(1e16);
+    assert.deepEqual(limits.peek('alice', 'tokens'), { limit: 1000, remaining: 900, resetMs: 6_000 });
+  });
+});
+
+test('a wait past 2^53 ms is answered at once instead of walked a millisecond at a time', { timeout: 10_000 }, () => {
+  const clock = manualClock();
+  const bucket = new ClockedBucket(policy(20_000, 60_000), clock.now);
+  bucket.adjust(-1e20);
+  for (const wait of [bucket.msUntilAvailable(1), bucket.msUntilNextUnit(), bucket.msUntilFull()]) {
+    assert.ok(wait > Number.MAX_SAFE_INTEGER && Number.isFinite(wait), String(wait));
+  }
 });
 
 test('connections past maxConnectionsPerUser are refused with a reason; closing frees a slot', () => {
