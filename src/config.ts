@@ -26,7 +26,7 @@ export const settings = {
   devFaults: { env: 'CHATWIRE_DEV_FAULTS', schema: bool, default: 'false', doc: 'dev provider: honour `/fault exit|throw|hang` messages (fault-injection tests only)' },
   workerThreads: { env: 'CHATWIRE_WORKER_THREADS', schema: int(1, 256), default: String(Math.max(1, os.availableParallelism())), doc: 'model worker threads (default: number of cores)' },
   tasksPerWorker: { env: 'CHATWIRE_TASKS_PER_WORKER', schema: int(1, 10_000), default: '64', doc: 'concurrent model tasks per worker (streaming providers are I/O-bound)' },
-  maxQueue: { env: 'CHATWIRE_MAX_QUEUE', schema: int(0, 1_000_000), default: '1024', doc: 'chats waiting for a worker before new ones get `overloaded`' },
+  maxQueue: { env: 'CHATWIRE_MAX_QUEUE', schema: int(0, 1_000_000), default: '1024', doc: 'chats waiting for a worker before new ones get `overloaded`; a chat cancelled or past its deadline while it waits frees its place at once' },
   defaultMaxTokens: { env: 'CHATWIRE_DEFAULT_MAX_TOKENS', schema: int(1, 32_768), default: '1024', doc: 'openai/local: maxTokens of a chat that sets none (caps its token reservation); dev replies are 32 tokens' },
   taskTimeoutMs: { env: 'CHATWIRE_TASK_TIMEOUT_MS', schema: int(1000, 3_600_000), default: '300000', doc: 'hard deadline of one model call; a worker past it is replaced' },
   taskRetentionMs: { env: 'CHATWIRE_TASK_RETENTION_MS', schema: int(300_000, 86_400_000), default: '600000', doc: 'how long a finished task stays resumable in memory (at least 5 minutes)' },

@@ -9,7 +9,7 @@ export interface ModelPoolOptions {
   settings: ProviderSettings;
   threads: number;
   tasksPerWorker: number;
-  /** Model calls allowed to wait for a worker slot; past it, reserve() refuses. */
+  /** Model calls allowed to wait for a worker slot; past it, reserve() refuses (see queueLimit for the calls that ended while waiting). */
   maxQueue: number;
   /** Hard deadline of one model call; past it the worker is terminated and replaced. */
   taskTimeoutMs: number;
@@ -38,7 +38,10 @@ export interface ModelRunHandlers {
 }
 
 export interface ModelRun {
-  /** Asks the worker to stop generating; onEnd follows with cancelled = true. */
+  /**
+   * Asks the worker to stop generating; onEnd follows with cancelled = true. A call no worker has started yet ends
+   * at once (onEnd(null, true) before cancel returns) and gives its place in the pool back.
+   */
   cancel(): void;
 }
 
@@ -67,6 +70,14 @@ export function createModelPool(options: ModelPoolOptions): ModelPool {
   const filename = options.workerFile ?? new URL('../../workers/llm-entry.cjs', import.meta.url);
   const running = options.threads * options.tasksPerWorker;
   const capacity = running + options.maxQueue;
+  // A call that ends before a worker starts it (cancelled, or past its deadline while queued) gives its place back at
+  // once, but Piscina cannot drop a queued task without an AbortSignal (see startRun): its task stays in Piscina's
+  // queue until a worker picks it up and is told to stop. Such tasks are counted (`retired`) until their `start` or
+  // their end, and reserve() keeps the calls it admits plus these under queueLimit: a call cancelled or timed out in
+  // the queue never holds a place a new chat could have, yet Piscina's queue is bounded and never refuses a task
+  // reserve() admitted (that would reach the client as worker_failed). Up to `capacity` of them may wait on top of
+  // the live calls; past that, chats get `overloaded` until the workers have drained them.
+  const queueLimit = 2 * capacity;
   // Piscina has no per-worker teardown: workers whose provider holds resources (a llama.cpp model) say so on this
   // channel, and close() asks them to close it before the threads are terminated.
   const controlChannel = `chatwire-llm-${randomUUID()}`;
@@ -87,8 +98,9 @@ export function createModelPool(options: ModelPoolOptions): ModelPool {
     minThreads: options.threads,
     maxThreads: options.threads,
     concurrentTasksPerWorker: options.tasksPerWorker,
-    // Admission is ours (reserve()); Piscina's queue only has to hold what we admitted.
-    maxQueue: capacity + options.threads,
+    // Admission is ours (reserve()). Piscina's queue holds at most the queueLimit stream tasks reserve() allows, plus
+    // one health check (check() never has two waiting); it refuses a task only once it holds maxQueue.
+    maxQueue: queueLimit + 1,
     idleTimeout: 60_000,
     // 'sync' parks an idle worker in Atomics.wait, which stops its event loop: it could not hear the close request.
     atomics: 'async',
@@ -103,6 +115,13 @@ export function createModelPool(options: ModelPoolOptions): ModelPool {
   let nextCallId = 0;
   /** The calls started and not finished, by id: where a worker's events and chunks go. */
   const calls = new Map<number, { event(event: WorkerEvent): void; chunk(text: string): void }>();
+  /**
+   * The calls that ended before a worker started them and whose Piscina task is still queued, by id: told when a
+   * worker starts the task after all (with that worker's thread id).
+   */
+  const retired = new Map<number, (threadId: number) => void>();
+  /** The health check waiting for a worker, if any: the checks asked for meanwhile wait for its answer. */
+  let pendingCheck: Promise<string | null> | null = null;
   /** Each live worker's event port, by thread id. */
   const workerPorts = new Map<number, MessagePort>();
   piscina.on('message', (msg: WorkerHello) => {
@@ -120,9 +139,12 @@ export function createModelPool(options: ModelPoolOptions): ModelPool {
         const event = entry as WorkerEvent;
         const call = calls.get(event.id);
         if (call) call.event(event);
-        // A call that ended here while still queued (its deadline passed, or it failed) is started by a worker
-        // later: stop it at once rather than let it run for nobody.
-        else if (event.t === 'start') port.postMessage({ t: 'cancel', id: event.id } satisfies PoolCommand);
+        // A call that ended here while still queued (cancelled, or past its deadline) is started by a worker later:
+        // stop it at once rather than let it run for nobody. Its chunks and end are dropped here, as above.
+        else if (event.t === 'start') {
+          port.postMessage({ t: 'cancel', id: event.id } satisfies PoolCommand);
+          retired.get(event.id)?.(event.threadId);
+        }
       }
     });
     port.once('close', () => {
@@ -132,10 +154,14 @@ export function createModelPool(options: ModelPoolOptions): ModelPool {
 
   function startRun(request: ModelRequest, handlers: ModelRunHandlers, release: () => void): ModelRun {
     const id = nextCallId++;
+    const deadlineAt = performance.now() + options.taskTimeoutMs;
     let finished = false;
+    // Piscina's task for this call ended (it resolved or rejected): no worker runs it, and it is out of Piscina's queue.
+    let settled = false;
     let graceTimer: NodeJS.Timeout | undefined;
     let deadlineTimer: NodeJS.Timeout | undefined;
     let stopTimer: NodeJS.Timeout | undefined;
+    let retiredStopTimer: NodeJS.Timeout | undefined;
     let deadlineHit = false;
     let terminated = false;
     let cancelRequested = false;
@@ -145,13 +171,31 @@ export function createModelPool(options: ModelPoolOptions): ModelPool {
     const askToStop = () => {
       if (workerThreadId !== null) workerPorts.get(workerThreadId)?.postMessage({ t: 'cancel', id } satisfies PoolCommand);
     };
+    // A worker that starts this call after it ended here is told to stop at once (see the port handler). A worker
+    // that does not stop it is hung, as at a deadline: it is terminated once the call's deadline and the stop grace
+    // have passed, so a stopped call never holds a worker for good.
+    const onRetiredStart = (threadId: number) => {
+      retired.delete(id);
+      retiredStopTimer = setTimeout(
+        () => {
+          if (!settled) void piscina.threads.find((w) => w.threadId === threadId)?.terminate();
+        },
+        Math.max(0, deadlineAt - performance.now()) + DEADLINE_STOP_GRACE_MS,
+      );
+    };
     const finish = () => {
       finished = true;
       clearTimeout(graceTimer);
       clearTimeout(deadlineTimer);
       clearTimeout(stopTimer);
       calls.delete(id);
+      if (workerThreadId === null && !settled) retired.set(id, onRetiredStart);
       release();
+    };
+    const onSettled = () => {
+      settled = true;
+      retired.delete(id);
+      clearTimeout(retiredStopTimer);
     };
     const fail = (code: ErrorCode, message: string, retryAfterMs?: number) => {
       if (finished) return;
@@ -203,12 +247,14 @@ export function createModelPool(options: ModelPoolOptions): ModelPool {
     }, options.taskTimeoutMs);
     piscina.run({ kind: 'stream', id, request }).then(
       () => {
+        onSettled();
         if (!finished) {
           graceTimer = setTimeout(() => fail('worker_failed', 'the model stream ended without its end marker'), END_MARKER_GRACE_MS);
           graceTimer.unref();
         }
       },
       (err: unknown) => {
+        onSettled();
         if (finished) return;
         options.hooks?.onWorkerFailure?.();
         if (terminated) fail('worker_failed', `the model call exceeded its ${options.taskTimeoutMs} ms deadline; the worker was replaced`);
@@ -219,6 +265,13 @@ export function createModelPool(options: ModelPoolOptions): ModelPool {
     return {
       cancel() {
         if (finished) return;
+        if (workerThreadId === null) {
+          // No worker has started it: it ends now and its place goes to the next chat. A worker that picks its task
+          // up later is told to stop at once, and what it sends for it is dropped.
+          finish();
+          handlers.onEnd(null, true);
+          return;
+        }
         cancelRequested = true;
         askToStop();
       },
@@ -243,7 +296,7 @@ export function createModelPool(options: ModelPoolOptions): ModelPool {
 
   return {
     reserve(): PoolSlot | null {
-      if (closed || inFlight >= capacity) return null;
+      if (closed || inFlight >= capacity || inFlight + retired.size >= queueLimit) return null;
       inFlight++;
       let state: 'reserved' | 'running' | 'released' = 'reserved';
       const release = () => {
@@ -261,10 +314,12 @@ export function createModelPool(options: ModelPoolOptions): ModelPool {
       };
     },
     stats() {
+      // Piscina's queue also holds the tasks of calls that ended while queued: they wait for no one.
+      const queued = Math.max(0, piscina.queueSize - retired.size);
       return {
         threads: piscina.threads.length,
-        running: Math.max(0, inFlight - piscina.queueSize),
-        queued: piscina.queueSize,
+        running: Math.max(0, inFlight - queued),
+        queued,
         inFlight,
         capacity,
       };
@@ -276,8 +331,13 @@ export function createModelPool(options: ModelPoolOptions): ModelPool {
       const timeout = new Promise<never>((_, reject) => {
         timer = setTimeout(() => reject(new Error(`no worker answered within ${timeoutMs} ms`)), timeoutMs);
       });
+      // One check waits in Piscina's queue at a time (its maxQueue counts on it): a probe that comes while one waits
+      // takes that one's answer, which is as fresh, since no worker has answered yet.
+      pendingCheck ??= piscina.run({ kind: 'check' }).finally(() => {
+        pendingCheck = null;
+      });
       try {
-        const result = await Promise.race([piscina.run({ kind: 'check' }), timeout]);
+        const result = await Promise.race([pendingCheck, timeout]);
         if (result !== 'ok') throw new Error('the worker pool answered unexpectedly');
       } finally {
         clearTimeout(timer);
