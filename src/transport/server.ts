@@ -24,6 +24,11 @@ export function assertNativeUws(): void {
   }
 }
 
+/** listen(host, port, options, cb): in the native module, missing from its types (which give options only without a host). */
+type ListenWithOptions = (host: string, port: number, options: number, cb: (socket: us_listen_socket | false) => void) => void;
+/** uWS.LIBUS_LISTEN_EXCLUSIVE_PORT (the types declare it only inside a const enum the module does not export). */
+const LIBUS_LISTEN_EXCLUSIVE_PORT = 1;
+
 /** One uWS app serving /ws, socket.io and HTTP on one port. */
 export async function startHttpServer(deps: TransportDeps, host: string, port: number): Promise<HttpServer> {
   assertNativeUws();
@@ -34,7 +39,9 @@ export async function startHttpServer(deps: TransportDeps, host: string, port: n
   const http = attachHttpRoutes(app, deps);
 
   const listenSocket = await new Promise<us_listen_socket>((resolve, reject) => {
-    app.listen(host, port, (socket) => {
+    // Exclusive: uWS otherwise listens with SO_REUSEPORT, and a second process on the same port (an old build,
+    // another data dir, open mode) would silently take a share of the connections instead of failing here.
+    (app as unknown as { listen: ListenWithOptions }).listen(host, port, LIBUS_LISTEN_EXCLUSIVE_PORT, (socket) => {
       if (socket) resolve(socket);
       else reject(new Error(`could not listen on ${host}:${port} (in use or not permitted)`));
     });

@@ -1,6 +1,7 @@
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import fs from 'node:fs';
+import net from 'node:net';
 import { test } from 'node:test';
 import { WsClient } from '../helpers/clients.js';
 import { MAIN, startProcess } from '../helpers/process.js';
@@ -13,6 +14,38 @@ test('a bad setting stops the start with a message naming the variable', async (
   const code = await new Promise<number | null>((resolve) => child.once('exit', resolve));
   assert.equal(code, 2);
   assert.match(err, /PORT="eighty"/);
+});
+
+/** A port free right now (the OS picks it; it is released before the caller binds it). */
+function freePort(): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const probe = net.createServer();
+    probe.once('error', reject);
+    probe.listen(0, '127.0.0.1', () => {
+      const { port } = probe.address() as net.AddressInfo;
+      probe.close(() => resolve(port));
+    });
+  });
+}
+
+test('a second server on a port already taken stops at start instead of sharing it', async () => {
+  const dirs = [tempDataDir(), tempDataDir()];
+  // A fixed port: the kernel would not let a second socket share one that was picked with port 0 anyway.
+  const port = await freePort();
+  const first = await startProcess({ CHATWIRE_DATA_DIR: dirs[0]!, PORT: String(port) });
+  try {
+    const second = startProcess({ CHATWIRE_DATA_DIR: dirs[1]!, PORT: String(first.port) });
+    await assert.rejects(second, (err: Error) => {
+      assert.match(err.message, /^chatwire exited \(1\) before listening/);
+      assert.match(err.message, new RegExp(`could not listen on 127\\.0\\.0\\.1:${first.port} \\(in use or not permitted\\)`));
+      return true;
+    });
+    // The first one still answers every request on its port.
+    for (let i = 0; i < 5; i++) assert.equal((await fetch(`${first.http}/healthz`)).status, 200);
+  } finally {
+    await first.stop();
+    for (const dir of dirs) fs.rmSync(dir, { recursive: true, force: true });
+  }
 });
 
 test('SIGTERM mid-stream cancels the running task, stores its partial text, and exits 0', async () => {
