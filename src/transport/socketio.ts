@@ -4,8 +4,8 @@ import type { Identity } from '../auth/identity.js';
 import type { Sink } from '../chat/task.js';
 import { AppError, JsonText, PROTOCOL_VERSION, toAppError, toJson, type OutgoingMessage, type ServerMessage } from '../protocol/index.js';
 import type { TransportDeps } from './deps.js';
-import { holdRefusal, Session } from './session.js';
-import { newConnectionId } from './ws.js';
+import { errorMessage, holdRefusal, Session } from './session.js';
+import { frameReadCeiling, newConnectionId } from './ws.js';
 
 interface SocketState {
   connectionId: string;
@@ -20,6 +20,16 @@ const DRAIN_POLL_MS = 25;
 interface UwsSocketLike {
   getBufferedAmount?: () => number;
   cork?: (fn: () => void) => void;
+  end?: (code: number, reason: string) => void;
+}
+
+/** What chatwire uses of an engine.io connection (engine.io's own types do not expose its transport's socket). */
+interface EngineConnection {
+  readyState: string;
+  transport: { name: string; socket?: UwsSocketLike };
+  on(event: 'packet', listener: (packet: { type: string; data?: unknown }) => void): void;
+  write(data: string): void;
+  close(): void;
 }
 
 /** The uWS socket under a socket.io connection on the websocket transport; undefined on polling or once closed. */
@@ -76,7 +86,9 @@ export function attachSocketIO(app: TemplatedApp, deps: TransportDeps): SocketIO
   const framesOut = metrics.framesOut.tally('socket.io');
   const framesIn = metrics.framesIn.tally('socket.io');
   const io = new SocketIOServer({
-    maxHttpBufferSize: config.maxFrameBytes,
+    // Read frames and polling bodies past our limit whole (up to the ceiling /ws has): refuseOversized answers
+    // them with payload_too_large and 1009, as /ws does, where engine.io's own limit would drop the connection.
+    maxHttpBufferSize: frameReadCeiling(config.maxFrameBytes),
     pingInterval: 25_000,
     pingTimeout: 20_000,
     serveClient: false,
@@ -91,6 +103,37 @@ export function attachSocketIO(app: TemplatedApp, deps: TransportDeps): SocketIO
     },
   });
   io.attachApp(app);
+
+  // A message over the frame limit, seen before socket.io decodes it: refused as /ws refuses one.
+  io.engine.on('connection', (conn: EngineConnection) => {
+    conn.on('packet', (packet: { type: string; data?: unknown }) => {
+      if (packet.type !== 'message') return;
+      const bytes = typeof packet.data === 'string' ? Buffer.byteLength(packet.data) : ((packet.data as { byteLength?: number } | undefined)?.byteLength ?? 0);
+      if (bytes <= config.maxFrameBytes) return;
+      // engine.io does nothing with a noop packet: socket.io never sees this message.
+      packet.type = 'noop';
+      framesIn.inc();
+      refuseOversized(conn, bytes);
+    });
+  });
+
+  function refuseOversized(conn: EngineConnection, bytes: number): void {
+    if (conn.readyState !== 'open') return;
+    const error = errorMessage(new AppError('payload_too_large', `frame of ${bytes} bytes is over the ${config.maxFrameBytes}-byte limit`), undefined);
+    conn.write(`2["error",${toJson(error)}]`);
+    framesOut.inc();
+    const ws = conn.transport.name === 'websocket' ? conn.transport.socket : undefined;
+    if (ws?.end) {
+      // Written synchronously above (the transport was writable) or not at all: the close follows the error.
+      try {
+        ws.end(1009, 'frame too large');
+        return;
+      } catch {
+        // Closed under us: engine.io closes the connection below.
+      }
+    }
+    conn.close();
+  }
 
   io.use((socket, next) => {
     const auth = (socket.handshake.auth ?? {}) as Record<string, unknown>;
@@ -120,13 +163,20 @@ export function attachSocketIO(app: TemplatedApp, deps: TransportDeps): SocketIO
       .catch((err: unknown) => {
         const e = toAppError(err);
         const refusal = new Error(e.message) as Error & { data: unknown };
+        // socket.io sends the connect_error but keeps the engine.io connection open (until its connectTimeout,
+        // 45 s): a refused client must not hold a half-open socket, so it is closed once the refusal is out
+        // (socket.io writes it a tick after next(); close() still flushes anything queued).
+        const refuse = () => {
+          next(refusal);
+          setImmediate(() => socket.conn.close());
+        };
         if (e.retryAfterMs === undefined) {
           refusal.data = { code: e.code, message: e.message };
-          next(refusal);
+          refuse();
           return;
         }
         refusal.data = { code: e.code, message: e.message, retryAfterMs: Math.ceil(e.retryAfterMs) };
-        void holdRefusal(e.retryAfterMs).then(() => next(refusal));
+        void holdRefusal(e.retryAfterMs).then(refuse);
       });
   });
 

@@ -15,8 +15,15 @@ interface SocketData {
   closed: boolean;
 }
 
-// A frame above our limit but below this still arrives whole, so we can answer 1009 instead of uWS's abrupt drop.
-const PAYLOAD_HEADROOM = 4;
+/**
+ * The largest frame uWS reads whole for us (its maxPayloadLength), so that a frame over our limit gets
+ * payload_too_large and close 1009 instead of uWS's abrupt drop (1006) of anything past its own limit: 16 MiB
+ * (the largest CHATWIRE_MAX_FRAME_BYTES allowed), or four times the limit if that is more. uWS holds a frame's
+ * bytes only as they arrive, so a sender pays in bandwidth for the memory it makes us hold.
+ */
+export function frameReadCeiling(maxFrameBytes: number): number {
+  return Math.max(4 * maxFrameBytes, 16 * 1024 * 1024);
+}
 
 export function newConnectionId(): string {
   return randomBase64url(9);
@@ -58,7 +65,7 @@ export function attachWebSocket(app: TemplatedApp, deps: TransportDeps, track: {
   }
 
   app.ws<SocketData>('/ws', {
-    maxPayloadLength: config.maxFrameBytes * PAYLOAD_HEADROOM,
+    maxPayloadLength: frameReadCeiling(config.maxFrameBytes),
     maxBackpressure: config.maxBackpressureBytes * 2,
     closeOnBackpressureLimit: 0,
     idleTimeout: config.idleTimeoutSec,

@@ -190,3 +190,63 @@ export function refusedSocketIO(base: string, auth: Record<string, unknown>, ext
     });
   });
 }
+
+/**
+ * A socket.io client spoken by hand over engine.io's websocket transport (protocol 4, socket.io protocol 5), for what
+ * socket.io-client hides: the close code, and whether the server closes the connection itself. Answers pings.
+ */
+export class RawSocketIO {
+  readonly packets: string[] = [];
+  /** The close code, once the connection has closed. */
+  readonly closed: Promise<number>;
+  private waiters: (() => void)[] = [];
+
+  private constructor(readonly socket: WebSocket) {
+    socket.on('message', (data) => {
+      const packet = data.toString();
+      if (packet === '2') socket.send('3');
+      this.packets.push(packet);
+      for (const wake of this.waiters.splice(0)) wake();
+    });
+    this.closed = new Promise((resolve) => socket.once('close', (code) => resolve(code)));
+  }
+
+  /** Opens the engine.io connection and sends socket.io's CONNECT with `auth`. */
+  static async connect(base: string, auth: Record<string, unknown> = {}): Promise<RawSocketIO> {
+    const socket = new WebSocket(`${base.replace(/^http/, 'ws')}/socket.io/?EIO=4&transport=websocket`);
+    // Listening from the start: the open packet can arrive in the same read as the upgrade's answer.
+    const client = new RawSocketIO(socket);
+    await new Promise((resolve, reject) => {
+      socket.once('open', resolve);
+      socket.once('error', reject);
+    });
+    await client.next((p) => p.startsWith('0'));
+    socket.send(`40${JSON.stringify(auth)}`);
+    return client;
+  }
+
+  /** The first packet (received so far or later) that matches; rejects if the connection closes first. */
+  async next(match: (packet: string) => boolean): Promise<string> {
+    let closed = false;
+    void this.closed.then(() => {
+      closed = true;
+      for (const wake of this.waiters.splice(0)) wake();
+    });
+    for (;;) {
+      const found = this.packets.find(match);
+      if (found !== undefined) return found;
+      if (closed) throw new Error(`closed before a matching packet; got ${JSON.stringify(this.packets.map((p) => p.slice(0, 120)))}`);
+      await new Promise<void>((resolve) => this.waiters.push(resolve));
+    }
+  }
+
+  /** Emits an event on the main namespace. */
+  emit(event: string, payload: unknown): void {
+    this.socket.send(`42${JSON.stringify([event, payload])}`);
+  }
+
+  /** The payloads of the events named `event` received so far. */
+  events(event: string): Record<string, unknown>[] {
+    return this.packets.filter((p) => p.startsWith('42')).map((p) => JSON.parse(p.slice(2)) as [string, Record<string, unknown>]).filter(([name]) => name === event).map(([, payload]) => payload);
+  }
+}

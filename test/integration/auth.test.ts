@@ -1,6 +1,7 @@
 import assert from 'node:assert/strict';
 import type { IncomingHttpHeaders } from 'node:http';
 import path from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
 import { after, before, describe, test } from 'node:test';
 import { SignJWT } from 'jose';
 import { pino } from 'pino';
@@ -12,7 +13,7 @@ import { Database } from '../../src/db/database.js';
 import { formatId } from '../../src/db/marketplace-ids.js';
 import { seedMarketplace } from '../../src/db/marketplace-seed.js';
 import { migrate } from '../../src/db/migrate.js';
-import { connectSocketIO, emitWithAck, readSse, WsClient, refusedSocketIO, refusedUpgrade } from '../helpers/clients.js';
+import { connectSocketIO, emitWithAck, RawSocketIO, readSse, WsClient, refusedSocketIO, refusedUpgrade } from '../helpers/clients.js';
 import { startServer, tempDataDir, type TestServer } from '../helpers/server.js';
 
 const SECRET = 'auth-integration-secret-0123456789-abcdefgh';
@@ -193,6 +194,18 @@ describe('with CHATWIRE_JWT_SECRET set, every transport needs an HS256 token', (
         name,
       );
       assert.equal(typeof (error.data as { message: string }).message, 'string', name);
+    }
+  });
+
+  test('a refused socket.io handshake closes the connection: no half-open socket is left', async () => {
+    for (const { name, token } of (await badTokens()).slice(0, 3)) {
+      const raw = await RawSocketIO.connect(server.http, token === undefined ? {} : { token });
+      const refusal = await raw.next((p) => p.startsWith('44'));
+      assert.equal((JSON.parse(refusal.slice(2)) as { data: { code: string } }).data.code, 'unauthorized', name);
+      // Closed by the server well before socket.io's own connectTimeout (45 s) would have.
+      const closedSoon = await Promise.race([raw.closed.then(() => true), sleep(10_000).then(() => false)]);
+      assert.ok(closedSoon, `${name}: the refused connection is still open`);
+      assert.deepEqual(raw.events('hello'), [], name);
     }
   });
 

@@ -1,6 +1,6 @@
 import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
-import { connectSocketIO, emitWithAck, WsClient } from '../helpers/clients.js';
+import { connectSocketIO, emitWithAck, RawSocketIO, WsClient } from '../helpers/clients.js';
 import { startServer, type TestServer } from '../helpers/server.js';
 
 const BAD_FRAMES: { name: string; frame: string; code: string; path?: string }[] = [
@@ -71,15 +71,44 @@ describe('bad input', () => {
   });
 
   test('a frame over the limit gets payload_too_large and the socket closes with 1009', async () => {
-    const c = await WsClient.connect(server.ws, { user: 'big' });
-    await c.nextOfType('hello');
-    c.send({ type: 'chat.send', text: 'x'.repeat(5000) });
-    const reply = await c.nextOfType('error');
-    assert.equal(reply.code, 'payload_too_large');
-    assert.equal(await c.closed, 1009);
+    for (const size of [5000, 1_000_000]) {
+      const c = await WsClient.connect(server.ws, { user: 'big' });
+      await c.nextOfType('hello');
+      c.send({ type: 'chat.send', text: 'x'.repeat(size) });
+      const reply = await c.nextOfType('error');
+      assert.equal(reply.code, 'payload_too_large');
+      assert.equal(await c.closed, 1009);
+    }
     const other = await WsClient.connect(server.ws, { user: 'big' });
     assert.equal((await other.request({ type: 'ping' })).type, 'pong');
     await other.close();
+  });
+
+  test('over socket.io a message over the limit gets payload_too_large and the websocket closes with 1009, as on /ws', async () => {
+    for (const size of [5000, 4096 * 4 + 100, 200_000]) {
+      const raw = await RawSocketIO.connect(server.http, { user: 'sio-big' });
+      await raw.next((p) => p.startsWith('42["hello"'));
+      raw.emit('chat.send', { id: 'big', text: 'x'.repeat(size) });
+      assert.equal(await raw.closed, 1009, String(size));
+      const errors = raw.events('error');
+      assert.deepEqual(errors.map((e) => [e.type, e.code]), [['error', 'payload_too_large']], String(size));
+      assert.match(String(errors[0]!.message), /^frame of \d+ bytes is over the 4096-byte limit$/);
+      // Refused before socket.io decoded it: no ack, no chat.
+      assert.equal(raw.packets.filter((p) => p.startsWith('43') || p.includes('chat.ack')).length, 0, String(size));
+    }
+    // socket.io-client sees the error event, then the disconnect; a new connection of the same user works.
+    const s = await connectSocketIO(server.http, { user: 'sio-big' });
+    const disconnected = new Promise<string>((resolve) => s.once('disconnect', resolve));
+    s.emit('chat.send', { text: 'y'.repeat(5000) });
+    assert.equal(await disconnected, 'transport close');
+    assert.deepEqual(s.received.filter((m) => m.type === 'error').map((m) => m.code), ['payload_too_large']);
+    s.close();
+    const again = await connectSocketIO(server.http, { user: 'sio-big' });
+    try {
+      assert.equal((await emitWithAck(again, 'ping', {})).type, 'pong');
+    } finally {
+      again.close();
+    }
   });
 
   test('over socket.io bad payloads get the documented error through the ack', async () => {
