@@ -59,7 +59,7 @@ export function holdRefusal(retryAfterMs: number): Promise<void> {
 }
 
 /** The `id` an error reply echoes, read without validating the rest of the frame (the same rule as the schema's). */
-function echoableId(value: unknown): string | undefined {
+export function echoableId(value: unknown): string | undefined {
   if (typeof value !== 'object' || value === null) return undefined;
   const id = (value as { id?: unknown }).id;
   return typeof id === 'string' && id.length > 0 && id.length <= 64 ? id : undefined;
@@ -118,10 +118,13 @@ export class Session {
     return 'handled';
   }
 
-  /** A frame that could not be decoded (not JSON, binary, a payload that is not one object): charged like any other, then answered bad_request with `reason`. */
-  reject(reason: string, reply: Reply): Verdict {
-    if (!this.admit(undefined, reply)) return this.verdict();
-    this.fail(new AppError('bad_request', reason), undefined, reply);
+  /**
+   * A frame that could not be decoded (not JSON, binary, a payload that is not one object): charged like any other,
+   * then answered bad_request with `reason`, echoing `id` when the frame had a usable one.
+   */
+  reject(reason: string, reply: Reply, id?: string): Verdict {
+    if (!this.admit(id, reply)) return this.verdict();
+    this.fail(new AppError('bad_request', reason), id, reply);
     return 'handled';
   }
 

@@ -4,7 +4,7 @@ import type { Identity } from '../auth/identity.js';
 import type { Sink } from '../chat/task.js';
 import { AppError, JsonText, PROTOCOL_VERSION, toAppError, toJson, type OutgoingMessage, type ServerMessage } from '../protocol/index.js';
 import type { TransportDeps } from './deps.js';
-import { errorMessage, holdRefusal, Session } from './session.js';
+import { echoableId, errorMessage, holdRefusal, Session } from './session.js';
 import { frameReadCeiling, newConnectionId } from './ws.js';
 
 interface SocketState {
@@ -239,7 +239,7 @@ export function attachSocketIO(app: TemplatedApp, deps: TransportDeps): SocketIO
       // Malformed events go through the session too: they count against the user's rate like any other.
       const verdict =
         args.length > 1
-          ? session.reject('send one payload object per event', reply)
+          ? session.reject('send one payload object per event', reply, echoableId(payload))
           : typeof payload !== 'object' || payload === null || Array.isArray(payload)
             ? session.reject('the payload must be a JSON object', reply)
             : session.handle({ ...(payload as Record<string, unknown>), type: event }, reply);

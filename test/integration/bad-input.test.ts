@@ -127,6 +127,9 @@ describe('bad input', () => {
         assert.equal(reply.type, 'error', event);
         assert.equal(reply.code, code, `${event} ${JSON.stringify(payload)}`);
       }
+      // Two payloads: refused, with the first one's id echoed.
+      const two = (await s.timeout(5000).emitWithAck('ping', { id: 'two' }, 2)) as { type: string; code: string; id?: string };
+      assert.deepEqual([two.type, two.code, two.id], ['error', 'bad_request', 'two']);
       const pong = await emitWithAck(s, 'ping', {});
       assert.equal(pong.type, 'pong');
     } finally {
