@@ -108,7 +108,10 @@ export function attachSocketIO(app: TemplatedApp, deps: TransportDeps): SocketIO
   io.engine.on('connection', (conn: EngineConnection) => {
     conn.on('packet', (packet: { type: string; data?: unknown }) => {
       if (packet.type !== 'message') return;
-      const bytes = typeof packet.data === 'string' ? Buffer.byteLength(packet.data) : ((packet.data as { byteLength?: number } | undefined)?.byteLength ?? 0);
+      const data = packet.data;
+      // A string of n UTF-16 units is at most 3n bytes: most messages need no byte count at all.
+      if (typeof data === 'string' && data.length * 3 <= config.maxFrameBytes) return;
+      const bytes = typeof data === 'string' ? Buffer.byteLength(data) : ((data as { byteLength?: number } | undefined)?.byteLength ?? 0);
       if (bytes <= config.maxFrameBytes) return;
       // engine.io does nothing with a noop packet: socket.io never sees this message.
       packet.type = 'noop';
