@@ -23,7 +23,8 @@ export const TaskStatusSchema = z.enum(['queued', 'running', 'done', 'error', 'c
 export const FinishReasonSchema = z.enum(['stop', 'length', 'cancelled']);
 export const RoleSchema = z.enum(['consumer', 'provider', 'staff']);
 
-const Limit = z.coerce.number().int().min(1).max(100);
+/** A page size. A JSON number on the sockets, never coerced: `true` or `"3"` fail the schema (HTTP parses its query strings itself). */
+export const LimitSchema = z.number().int().min(1).max(100);
 const Cursor = z.string().min(1).max(256);
 
 // ---------- client to server ----------
@@ -52,7 +53,7 @@ export const TaskGetSchema = z.strictObject({ type: z.literal('task.get'), id: I
 export const HistoryQueryFields = {
   conversationId: OpaqueId,
   before: OpaqueId.optional(),
-  limit: Limit.optional(),
+  limit: LimitSchema.optional(),
 };
 export const ConversationHistorySchema = z.strictObject({
   type: z.literal('conversation.history'),
@@ -63,14 +64,14 @@ export const ConversationHistorySchema = z.strictObject({
 export const RequestsListFields = {
   status: RequestStatusSchema.optional(),
   category: z.string().min(1).max(64).optional(),
-  limit: Limit.optional(),
+  limit: LimitSchema.optional(),
   cursor: Cursor.optional(),
 };
 export const RequestsListSchema = z.strictObject({ type: z.literal('requests.list'), id: Id.optional(), ...RequestsListFields });
 
 export const ConsumerPageFields = {
   consumerId: OpaqueId,
-  limit: Limit.optional(),
+  limit: LimitSchema.optional(),
   cursor: Cursor.optional(),
 };
 export const ConsumerRequestsSchema = z.strictObject({

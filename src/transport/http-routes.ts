@@ -11,6 +11,7 @@ import {
   HistoryQueryFields,
   RequestsListFields,
   JsonText,
+  LimitSchema,
   serializePage,
   toAppError,
   toJson,
@@ -20,9 +21,18 @@ import type { TransportDeps } from './deps.js';
 import { captureRequest, errorBody, etagMatches, parseJsonBody, readBody, Responder, strongEtag, type RequestInfo } from './http-io.js';
 import { renderStaticRoute, staticAssets } from './static.js';
 
-const HistoryQuerySchema = z.strictObject({ before: HistoryQueryFields.before, limit: HistoryQueryFields.limit });
-const RequestsQuerySchema = z.strictObject(RequestsListFields);
-const ConsumerPageQuerySchema = z.strictObject({ limit: ConsumerPageFields.limit, cursor: ConsumerPageFields.cursor });
+/**
+ * An integer in a query string: decimal digits only, then the field's own schema. Number() alone would take '',
+ * ' 3', '1e2', '0x10' and '3.0' too, and z.coerce takes anything Number() takes.
+ */
+function queryInteger<T extends z.ZodType<number, number>>(field: T) {
+  return z.string().regex(/^[0-9]+$/, 'expected an integer in decimal digits').transform(Number).pipe(field);
+}
+
+const QueryLimit = queryInteger(LimitSchema).optional();
+const HistoryQuerySchema = z.strictObject({ before: HistoryQueryFields.before, limit: QueryLimit });
+const RequestsQuerySchema = z.strictObject({ ...RequestsListFields, limit: QueryLimit });
+const ConsumerPageQuerySchema = z.strictObject({ limit: QueryLimit, cursor: ConsumerPageFields.cursor });
 
 /** How fresh each kind of read may be kept by a client or a private cache. */
 const FRESHNESS = {

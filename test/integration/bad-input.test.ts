@@ -60,6 +60,35 @@ describe('bad input', () => {
     await c.close();
   });
 
+  test('a limit that is not a JSON integer 1..100 is refused on /ws and socket.io, never coerced', async () => {
+    const c = await WsClient.connect(server.ws, { user: 'fuzzy' });
+    const s = await connectSocketIO(server.http, { user: 'fuzzy' });
+    try {
+      const messages: Record<string, unknown>[] = [];
+      for (const limit of [true, false, '3', '', null, [3], 1.5, 0, 101]) {
+        messages.push({ type: 'requests.list', limit });
+        messages.push({ type: 'conversation.history', conversationId: 'conv_x', limit });
+        messages.push({ type: 'consumer.requests', consumerId: 'fuzzy', limit });
+        messages.push({ type: 'consumer.bookings', consumerId: 'fuzzy', limit });
+      }
+      for (const m of messages) {
+        const name = JSON.stringify(m);
+        const overWs = await c.request(m);
+        assert.deepEqual([overWs.type, overWs.code], ['error', 'bad_request'], `/ws ${name}`);
+        assert.deepEqual((overWs.details as { path: string }[]).map((d) => d.path), ['limit'], `/ws ${name}`);
+        const { type, ...payload } = m;
+        const overSio = await emitWithAck(s, type as string, payload);
+        assert.deepEqual([overSio.type, overSio.code], ['error', 'bad_request'], `socket.io ${name}`);
+      }
+      // A JSON integer in range still works.
+      assert.equal((await c.request({ type: 'requests.list', limit: 3 })).type, 'requests.list');
+      assert.equal((await emitWithAck(s, 'requests.list', { limit: 100 })).type, 'requests.list');
+    } finally {
+      await c.close();
+      s.close();
+    }
+  });
+
   test('a binary frame is refused as bad_request', async () => {
     const c = await WsClient.connect(server.ws, { user: 'fuzzy' });
     await c.nextOfType('hello');
@@ -156,5 +185,23 @@ describe('bad input', () => {
     assert.equal(badQuery.status, 400);
     const noRoute = await fetch(`${server.http}/v2/nothing`);
     assert.equal(noRoute.status, 404);
+  });
+
+  test('over HTTP a limit in the query must be decimal digits for an integer 1..100', async () => {
+    const routes = ['/v1/requests', '/v1/conversations/conv_x/messages', '/v1/consumers/http-fuzzy/requests', '/v1/consumers/http-fuzzy/bookings'];
+    for (const route of routes) {
+      for (const limit of ['', 'abc', '1e2', '0x10', '3.0', ' 3', '+3', '-1', '0', '101', 'true', 'Infinity', '9'.repeat(400)]) {
+        const res = await fetch(`${server.http}${route}?user=http-fuzzy&limit=${encodeURIComponent(limit)}`);
+        assert.equal(res.status, 400, `${route} limit=${JSON.stringify(limit)}`);
+        const error = ((await res.json()) as { error: { code: string; details: { path: string }[] } }).error;
+        assert.equal(error.code, 'bad_request');
+        assert.deepEqual(error.details.map((d) => d.path), ['limit']);
+      }
+    }
+    for (const limit of ['1', '100', '007']) {
+      const res = await fetch(`${server.http}/v1/requests?user=http-fuzzy&limit=${limit}`);
+      assert.equal(res.status, 200, `limit=${limit}`);
+      await res.arrayBuffer();
+    }
   });
 });
