@@ -451,11 +451,12 @@ function responseComponents(): Json {
   for (const [status, codes] of [...byStatus].sort((a, b) => a[0] - b[0])) {
     const examples: Json = {};
     for (const code of codes) examples[code] = { summary: errorCatalogue[code].when, value: httpErrorBody(code) };
+    // Only /v1 routes use these, and every /v1 response carries the RateLimit fields, errors and 401s included.
     const response: Json = {
       description: codes.map((c) => `\`${c}\``).join(', '),
+      headers: status === 429 ? { 'Retry-After': { $ref: '#/components/headers/Retry-After' }, ...rateLimitHeaders() } : rateLimitHeaders(),
       content: { 'application/json': { schema: ref('ErrorBody'), examples } },
     };
-    if (status === 429) response.headers = { 'Retry-After': { $ref: '#/components/headers/Retry-After' }, ...rateLimitHeaders() };
     out[`Error${status}`] = response;
   }
   return out;

@@ -55,8 +55,11 @@ export interface RateLimits {
   reserveModelTokens(userId: string, maxTokens: number): ReserveResult;
   /** The state of one bucket without charging it. */
   peek(userId: string, bucket: BucketName): RateLimitInfo;
-  /** `RateLimit-Policy` and `RateLimit` for an HTTP response to this user (charges nothing). */
-  httpHeaders(userId: string): RateLimitHeaders;
+  /**
+   * `RateLimit-Policy` and `RateLimit` for an HTTP response to this user (charges nothing). `null`: a caller that
+   * could not be identified (a 401); it holds no bucket, so it gets what a user the server never charged holds.
+   */
+  httpHeaders(userId: string | null): RateLimitHeaders;
   /** Counts a new connection; refused past maxConnectionsPerUser (then do not call connectionClosed). */
   connectionOpened(userId: string): ConnectionDecision;
   /**
@@ -221,8 +224,8 @@ export function createRateLimits(options: RateLimitsOptions): RateLimits {
     return bucket ? infoOf(bucket) : fullInfo(name);
   }
 
-  function httpHeaders(userId: string): RateLimitHeaders {
-    const user = users.get(userId);
+  function httpHeaders(userId: string | null): RateLimitHeaders {
+    const user = userId === null ? undefined : users.get(userId);
     const limits = (Object.keys(policies) as BucketName[]).map((name): LimitField => {
       const bucket = user?.[name];
       const p = policies[name];

@@ -33,8 +33,8 @@ export interface TransportDeps {
   };
   /** Throws AppError('forbidden') for an origin that is not allowed. */
   checkOrigin(origin: string | undefined): void;
-  /** IETF RateLimit-Policy / RateLimit fields for a user's HTTP responses. */
-  rateLimitHeaders(userId: string): Record<string, string>;
+  /** IETF RateLimit-Policy / RateLimit fields for a user's HTTP responses; `null` for a caller not identified. */
+  rateLimitHeaders(userId: string | null): Record<string, string>;
   /** Takes one HTTP request from the user's request bucket. */
   httpLimit(userId: string): { ok: true } | { ok: false; retryAfterMs: number; bucket: string };
   readiness: ReadinessCheck[];

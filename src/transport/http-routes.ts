@@ -6,6 +6,7 @@ import type { Sink, Subscription } from '../chat/task.js';
 import {
   AppError,
   badRequestFromZod,
+  isAppError,
   ChatSendBodySchema,
   ConsumerPageFields,
   HistoryQueryFields,
@@ -58,6 +59,18 @@ function parseQuery<T>(schema: z.ZodType<T>, query: URLSearchParams, drop: strin
   return parsed.data;
 }
 
+/** Every response to one of these paths carries the RateLimit fields (PROTOCOL.md, HTTP). */
+function isV1Path(url: string): boolean {
+  return url === '/v1' || url.startsWith('/v1/');
+}
+
+/** Whether a uWS route pattern matches a path: `:name` matches one non-empty segment, as uWS matches it. */
+function patternMatches(pattern: string, url: string): boolean {
+  const want = pattern.split('/');
+  const got = url.split('/');
+  return want.length === got.length && want.every((seg, i) => (seg.startsWith(':') ? got[i] !== '' : seg === got[i]));
+}
+
 interface Handled {
   status: number;
   /** Sent as JSON.stringify(body), or as it is when it is JsonText. */
@@ -68,6 +81,11 @@ interface Handled {
 export function attachHttpRoutes(app: TemplatedApp, deps: TransportDeps): { closeStreams(): void } {
   const { config, metrics, log, chat, marketplace } = deps;
   const streams = new Set<{ end(): void }>();
+  /** The /v1 routes with the method each answers, for the 405 of a known path asked with another method. */
+  const v1Routes: { method: string; pattern: string }[] = [];
+  // The fields of a caller that could not be identified: no bucket of its own, so the limits a user starts with.
+  // They depend only on the configured policies, so they are the same for the whole life of the process.
+  const unidentifiedLimitHeaders = deps.rateLimitHeaders(null);
   let nextAnon = 0;
   const corsOrigin = (origin: string | undefined): string | undefined => {
     if (!origin) return undefined;
@@ -105,20 +123,25 @@ export function attachHttpRoutes(app: TemplatedApp, deps: TransportDeps): { clos
     return caller;
   }
 
-  function sendError(responder: Responder, info: RequestInfo, err: unknown, extra: Record<string, string> = {}): void {
+  /** `status` overrides the code's own HTTP status: only the 405 does, whose condition the code table has no row for. */
+  function sendError(responder: Responder, info: RequestInfo, err: unknown, extra: Record<string, string> = {}, status?: number): void {
     const e = toAppError(err);
     if (e.code === 'internal') log.error({ err: e.cause ?? e, url: info.url }, 'http request failed');
     metrics.errors.inc({ code: e.code });
-    const { status, body, retryAfterMs } = errorBody(e);
+    const { status: codeStatus, body, retryAfterMs } = errorBody(e);
+    status ??= codeStatus;
     const headers: Record<string, string> = { ...commonHeaders(info), ...extra, 'content-type': 'application/json', 'cache-control': 'no-store' };
     if (retryAfterMs !== undefined) headers['retry-after'] = String(Math.max(1, Math.ceil(retryAfterMs / 1000)));
     // RFC 9110 section 15.5.2: a 401 names the scheme that would be accepted.
     if (status === 401) headers['www-authenticate'] = 'Bearer';
-    responder.send(status, headers, body);
+    // RFC 9110 section 9.3.2: no content in an answer to HEAD (uWS would write it, and a client reading the
+    // connection on would take it for the start of the next response).
+    responder.send(status, headers, info.method === 'HEAD' ? '' : body);
   }
 
   /** A /v1 JSON route: identity, rate limit, handler, RateLimit fields, ETag on reads. */
   function v1(method: 'get' | 'post', pattern: string, params: number, handler: (caller: Identity, info: RequestInfo, body: Promise<Buffer>) => Promise<Handled | null>): void {
+    v1Routes.push({ method: method.toUpperCase(), pattern });
     app[method](pattern, (res: HttpResponse, req: HttpRequest) => {
       const responder = new Responder(res);
       const info = captureRequest(req, res, params);
@@ -128,7 +151,7 @@ export function attachHttpRoutes(app: TemplatedApp, deps: TransportDeps): { clos
       const requestBody = method === 'post' ? readBody(responder, config.maxFrameBytes) : Promise.resolve(Buffer.alloc(0));
       requestBody.catch(() => {});
       void (async () => {
-        let limitHeaders: Record<string, string> = {};
+        let limitHeaders = unidentifiedLimitHeaders;
         try {
           const caller = await admit(info, (h) => (limitHeaders = h));
           const out = await handler(caller, info, requestBody);
@@ -194,11 +217,12 @@ export function attachHttpRoutes(app: TemplatedApp, deps: TransportDeps): { clos
   });
 
   // Server-Sent Events: `id:` is the seq, Last-Event-ID resumes after it, the stream ends after done or error.
+  v1Routes.push({ method: 'GET', pattern: '/v1/tasks/:taskId/stream' });
   app.get('/v1/tasks/:taskId/stream', (res, req) => {
     const responder = new Responder(res);
     const info = captureRequest(req, res, 1);
     void (async () => {
-      let limitHeaders: Record<string, string> = {};
+      let limitHeaders = unidentifiedLimitHeaders;
       try {
         const caller = await admit(info, (h) => (limitHeaders = h));
         const lastEventId = info.headers.get('last-event-id') ?? info.query.get('lastEventId');
@@ -281,12 +305,28 @@ export function attachHttpRoutes(app: TemplatedApp, deps: TransportDeps): { clos
   app.options('/*', (res, req) => {
     const responder = new Responder(res);
     const info = captureRequest(req, res);
-    responder.send(204, {
+    const headers = {
       ...commonHeaders(info),
       'access-control-allow-methods': 'GET, POST, OPTIONS',
       'access-control-allow-headers': 'authorization, content-type, last-event-id, if-none-match',
       'access-control-max-age': '600',
-    });
+    };
+    if (!isV1Path(info.url)) {
+      responder.send(204, headers);
+      return;
+    }
+    // A preflight is the browser's, sent on its own before the page's request (which is charged): it charges
+    // nothing, and a bad token does not fail it. Browsers send it without credentials, so it is usually an
+    // unidentified caller; one that names its user (?user=, ?token=) gets that user's state.
+    void (async () => {
+      let limitHeaders = unidentifiedLimitHeaders;
+      try {
+        limitHeaders = deps.rateLimitHeaders((await identify(info)).userId);
+      } catch (err) {
+        if (!(isAppError(err) && err.code === 'unauthorized')) log.error({ err, url: info.url }, 'identifying a preflight failed');
+      }
+      responder.send(204, { ...headers, ...limitHeaders });
+    })();
   });
 
   app.get('/healthz', (res) => {
@@ -334,7 +374,26 @@ export function attachHttpRoutes(app: TemplatedApp, deps: TransportDeps): { clos
   app.any('/*', (res, req) => {
     const responder = new Responder(res);
     const info = captureRequest(req, res);
-    sendError(responder, info, new AppError('not_found', `no route ${info.method} ${info.url}`));
+    if (!isV1Path(info.url)) {
+      sendError(responder, info, new AppError('not_found', `no route ${info.method} ${info.url}`));
+      return;
+    }
+    // Under /v1 a miss is a /v1 call like any other: the caller is identified and charged one frame first (a
+    // client probing wrong paths spends its quota as it would on right ones), and the answer carries the fields.
+    void (async () => {
+      let limitHeaders = unidentifiedLimitHeaders;
+      try {
+        await admit(info, (h) => (limitHeaders = h));
+        const allowed = [...new Set(v1Routes.filter((r) => patternMatches(r.pattern, info.url)).map((r) => r.method))];
+        if (allowed.length === 0) throw new AppError('not_found', `no route ${info.method} ${info.url}`);
+        // RFC 9110 section 15.5.6: 405 with Allow. OPTIONS is in it because every path answers a preflight.
+        const allow = [...allowed, 'OPTIONS'].join(', ');
+        const err = new AppError('bad_request', `${info.method} is not allowed on ${info.url}; allowed: ${allow}`);
+        sendError(responder, info, err, { ...limitHeaders, allow }, 405);
+      } catch (err) {
+        sendError(responder, info, err, limitHeaders);
+      }
+    })();
   });
 
   return {

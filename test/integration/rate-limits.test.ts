@@ -148,6 +148,43 @@ describe('frames: one bucket per user, shared by every connection and transport'
     assert.equal(await metric(server, 'chatwire_model_calls_total'), callsBefore + 2, 'one model call per allowed chat, none for the refused ones');
     await c.close();
   });
+
+  test('a /v1 path that no route serves, or a known one asked with another method, is charged like any other call', async () => {
+    const miss = await fetch(`${server.http}/v1/nosuch?user=prober`);
+    assert.equal(miss.status, 404);
+    assert.deepEqual(await miss.json(), { error: { code: 'not_found', message: 'no route GET /v1/nosuch' } });
+    assert.deepEqual(rateLimitOf(miss).messages, { r: 0, t: 20 }, 'it took the one frame of the burst');
+    const wrongMethod = await fetch(`${server.http}/v1/tasks/task_x?user=prober`, { method: 'DELETE' });
+    assert.equal(wrongMethod.status, 429, 'the bucket is empty: refused before the route is looked at');
+    assert.equal(wrongMethod.headers.get('retry-after'), '20');
+    assert.equal(((await wrongMethod.json()) as ErrorBody).error.code, 'rate_limited');
+    assert.deepEqual(rateLimitOf(wrongMethod).messages, { r: 0, t: 20 });
+
+    const other = await fetch(`${server.http}/v1/chat?user=prober2`);
+    assert.equal(other.status, 405);
+    assert.deepEqual(rateLimitOf(other).messages, { r: 0, t: 20 });
+    assert.equal((await fetch(`${server.http}/v1/requests?user=prober2`)).status, 429);
+  });
+
+  test('a CORS preflight under /v1 carries the fields of its caller and charges nothing', async () => {
+    const preflight = () =>
+      fetch(`${server.http}/v1/requests?user=preflighter`, {
+        method: 'OPTIONS',
+        headers: { origin: 'https://app.example', 'access-control-request-method': 'GET' },
+      });
+    for (let i = 0; i < 3; i++) {
+      const res = await preflight();
+      assert.equal(res.status, 204);
+      assert.equal(res.headers.get('ratelimit-policy'), '"messages";q=1;w=20, "chats";q=60;w=60, "tokens";q=20000;w=60;chatwire-unit="model-tokens"');
+      assert.deepEqual(rateLimitOf(res).messages, { r: 1, t: 20 }, `preflight ${i + 1} left the one frame`);
+    }
+    assert.equal((await fetch(`${server.http}/v1/requests?user=preflighter`)).status, 200, 'the preflights took nothing');
+    assert.deepEqual(rateLimitOf(await preflight()).messages, { r: 0, t: 20 }, "then it shows the user's empty bucket");
+    // Other paths are not /v1: their preflight carries no fields.
+    const elsewhere = await fetch(`${server.http}/socket.io/?user=preflighter`, { method: 'OPTIONS', headers: { origin: 'https://app.example' } });
+    assert.equal(elsewhere.status, 204);
+    assert.equal(elsewhere.headers.get('ratelimit'), null);
+  });
 });
 
 describe('frames per second under a burst, and floods', () => {
@@ -390,6 +427,56 @@ describe('RateLimit-Policy and RateLimit on every /v1 response', () => {
     assert.equal(cors.headers.get('access-control-allow-origin'), '*');
     assert.match(cors.headers.get('access-control-expose-headers') ?? '', /RateLimit, RateLimit-Policy, Retry-After/);
   });
+
+  test('a /v1 path no route serves gets 404, a known route asked with another method 405 with Allow, both with the fields', async () => {
+    const user = 'prober';
+    const cases: [string, string, string, number, string | null][] = [
+      ['GET', '/v1/nosuch', '', 404, null],
+      ['GET', '/v1', '', 404, null],
+      ['GET', '/v1/tasks/', '', 404, null],
+      ['DELETE', '/v1/tasks/task_x', '', 405, 'GET, OPTIONS'],
+      ['PUT', '/v1/tasks/task_x/stream', '{}', 405, 'GET, OPTIONS'],
+      ['GET', '/v1/chat', '', 405, 'POST, OPTIONS'],
+      ['POST', '/v1/requests', '{"limit":1}', 405, 'GET, OPTIONS'],
+      ['PATCH', '/v1/conversations/conv_x/messages', '{}', 405, 'GET, OPTIONS'],
+      ['DELETE', '/v1/consumers/c_1/bookings', '', 405, 'GET, OPTIONS'],
+    ];
+    const policy = '"messages";q=50;w=1, "chats";q=10;w=60, "tokens";q=5000;w=60;chatwire-unit="model-tokens"';
+    for (const [method, path, body, status, allow] of cases) {
+      const name = `${method} ${path}`;
+      const res = await fetch(`${server.http}${path}?user=${user}`, { method, ...(body ? { body, headers: json } : {}) });
+      assert.equal(res.status, status, name);
+      assert.equal(res.headers.get('allow'), allow, name);
+      assert.equal(res.headers.get('ratelimit-policy'), policy, name);
+      assert.deepEqual(Object.keys(rateLimitOf(res)), ['messages', 'chats', 'tokens'], name);
+      assert.equal(res.headers.get('content-type'), 'application/json', name);
+      const error = ((await res.json()) as ErrorBody).error;
+      assert.deepEqual(Object.keys(error), ['code', 'message'], name);
+      assert.equal(error.code, status === 404 ? 'not_found' : 'bad_request', name);
+      if (status === 405) assert.equal(error.message, `${method} is not allowed on ${path}; allowed: ${allow}`);
+    }
+    // Outside /v1 nothing changes: a plain 404 without the fields.
+    const elsewhere = await fetch(`${server.http}/v2/nothing?user=${user}`);
+    assert.equal(elsewhere.status, 404);
+    assert.equal(elsewhere.headers.get('ratelimit'), null);
+  });
+
+  test('HEAD on a /v1 route is a 405 without content, so the next response on the connection is read right', async () => {
+    const raw = await new Promise<string>((resolve, reject) => {
+      const sock = net.connect(server.port, '127.0.0.1', () => {
+        sock.write('HEAD /v1/requests?user=header HTTP/1.1\r\nHost: x\r\n\r\nGET /v1/requests?user=header&limit=1 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n');
+      });
+      let text = '';
+      sock.on('data', (d) => (text += d.toString('latin1')));
+      sock.on('end', () => resolve(text));
+      sock.on('error', reject);
+    });
+    const [head, rest] = raw.split('\r\n\r\n', 2) as [string, string];
+    assert.match(head, /^HTTP\/1\.1 405 /);
+    assert.match(head, /\r\nallow: GET, OPTIONS\r\n/i);
+    assert.match(head, /\r\nratelimit: "messages";r=\d+;t=\d+/i);
+    assert.match(rest, /^HTTP\/1\.1 200 OK\r\n/, 'the HEAD answer had no content');
+  });
 });
 
 describe('connections per user and the origin policy', () => {
@@ -516,5 +603,38 @@ describe('connections per user and the origin policy', () => {
     assert.match(ok.headers.get('access-control-allow-headers') ?? '', /\bcontent-type\b/);
     const evil = await preflight('https://evil.example');
     assert.equal(evil.headers.get('access-control-allow-origin'), null);
+  });
+
+  test('a 401 carries the policy and the fields of a caller not identified: every bucket full, nothing charged', async () => {
+    const policy = '"messages";q=50;w=1, "chats";q=60;w=60, "tokens";q=20000;w=60;chatwire-unit="model-tokens"';
+    const fresh = '"messages";r=50;t=1, "chats";r=60;t=1, "tokens";r=20000;t=1';
+    const bad = { authorization: 'Bearer not-a-token' };
+    const cases: [string, Promise<Response>][] = [
+      ['no token', fetch(`${server.http}/v1/requests`)],
+      ['bad token', fetch(`${server.http}/v1/requests`, { headers: bad })],
+      ['bad ?token=', fetch(`${server.http}/v1/tasks/task_x?token=nope`)],
+      ['stream', fetch(`${server.http}/v1/tasks/task_x/stream`, { headers: bad })],
+      ['chat', fetch(`${server.http}/v1/chat`, { method: 'POST', headers: json, body: '{"text":"hi"}' })],
+      ['no route', fetch(`${server.http}/v1/nosuch`)],
+      ['wrong method', fetch(`${server.http}/v1/tasks/task_x`, { method: 'DELETE', headers: bad })],
+    ];
+    for (const [name, pending] of cases) {
+      const res = await pending;
+      assert.equal(res.status, 401, name);
+      assert.equal(res.headers.get('www-authenticate'), 'Bearer', name);
+      assert.equal(res.headers.get('ratelimit-policy'), policy, name);
+      assert.equal(res.headers.get('ratelimit'), fresh, name);
+      assert.equal(((await res.json()) as ErrorBody).error.code, 'unauthorized', name);
+    }
+    // An identified caller's miss is its own: a 404 charged to its bucket.
+    const token = await signToken({ secret: SECRET, sub: 'lost' });
+    const miss = await fetch(`${server.http}/v1/nosuch`, { headers: { authorization: `Bearer ${token}` } });
+    assert.equal(miss.status, 404);
+    assert.equal(rateLimitOf(miss).messages?.r, 49);
+    // A preflight with a bad token is still answered (a browser would otherwise report a CORS failure), as unidentified.
+    const preflight = await fetch(`${server.http}/v1/chat?token=nope`, { method: 'OPTIONS', headers: { origin: 'https://app.example', 'access-control-request-method': 'POST' } });
+    assert.equal(preflight.status, 204);
+    assert.equal(preflight.headers.get('ratelimit-policy'), policy);
+    assert.equal(preflight.headers.get('ratelimit'), fresh);
   });
 });

@@ -335,6 +335,12 @@ test('HTTP responses carry the IETF RateLimit-Policy and RateLimit fields', () =
     assert.equal(headers.RateLimit, '"messages";r=49;t=1, "chats";r=0;t=20, "tokens";r=20000;t=1');
     // The draft: Retry-After must not point before the end of the effective window t.
     assert.equal(retryAfterSeconds(refused.retryAfterMs), 20);
+    // A caller that could not be identified holds no bucket: the fields of a user never charged, whoever is tracked.
+    assert.deepEqual(limits.httpHeaders(null), {
+      'RateLimit-Policy': policy,
+      RateLimit: '"messages";r=50;t=1, "chats";r=3;t=20, "tokens";r=20000;t=1',
+    });
+    assert.equal(limits.size(), 1, 'and tracks nothing');
   });
 });
 
