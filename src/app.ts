@@ -154,7 +154,7 @@ export async function createApp(config: Config, options: AppOptions): Promise<Ap
       taskRetentionMs: config.taskRetentionMs,
     });
 
-    const allowed = config.allowedOrigins === '*' ? null : new Set(config.allowedOrigins.split(',').map((o) => o.trim()).filter(Boolean));
+    const allowed = config.allowedOrigins === '*' ? null : new Set(config.allowedOrigins);
     const deps: TransportDeps = {
       config,
       metrics,

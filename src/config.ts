@@ -2,26 +2,86 @@ import os from 'node:os';
 import path from 'node:path';
 import { z } from 'zod';
 
+const bool = z
+  .enum(['true', 'false', '1', '0', 'yes', 'no', 'on', 'off'])
+  .transform((v) => v === 'true' || v === '1' || v === 'yes' || v === 'on');
+
+// Plain decimal only: Number() would read '' and ' ' as 0, '0x1F90' as 8080 and '8e3' as 8000.
+const int = (min: number, max: number) => {
+  const expected = `expected a whole number from ${min} to ${max}`;
+  return z
+    .string()
+    .trim()
+    .regex(min < 0 ? /^-?\d+$/ : /^\d+$/, expected)
+    .transform(Number)
+    .pipe(z.number().min(min, expected).max(max, expected));
+};
+const positive = (max: number) => {
+  const expected = `expected a number above 0 and at most ${max} (decimals like 0.5 allowed)`;
+  return z
+    .string()
+    .trim()
+    .regex(/^(\d+\.?\d*|\.\d+)$/, expected)
+    .transform(Number)
+    .pipe(z.number().positive(expected).max(max, expected));
+};
+/** A required text setting: blank (empty or whitespace only) is never meant, e.g. CHATWIRE_DATA_DIR=" " would make a directory named " ". */
+const nonBlank = (what: string) => z.string().refine((v) => v.trim() !== '', `expected ${what}, not a blank value`);
+/**
+ * A setting that may be left unset. `blank` says what a value set to '' means: 'unset' where an empty value
+ * is a usual way to say "none" and nothing is weakened by it; 'error' where it most likely comes from a
+ * missing template variable and reading it as unset would be unsafe. A value of whitespace only is always an error.
+ */
+const optionalText = (env: string, blank: 'unset' | 'error', unsetMeans: string) =>
+  z
+    .string()
+    .optional()
+    .superRefine((v, ctx) => {
+      if (v === undefined || v.trim() !== '' || (v === '' && blank === 'unset')) return;
+      const how = blank === 'unset' ? `leave ${env} empty or unset` : `unset ${env}`;
+      ctx.addIssue({ code: 'custom', message: `set but ${v === '' ? 'empty' : 'only whitespace'}: give a value, or ${how} for ${unsetMeans}` });
+    })
+    .transform((v) => (v === '' ? undefined : v));
+const httpUrl = z.url({ protocol: /^https?$/, error: 'expected an http:// or https:// URL' });
+
+// An origin as a browser sends it in the Origin header: scheme://host[:port], nothing after.
+const ORIGIN = /^([a-z][a-z0-9+.-]*):\/\/([a-z0-9_.-]+|\[[0-9a-f:.]+\])(?::(\d{1,5}))?$/i;
+const DEFAULT_PORTS: Record<string, string> = { http: '80', https: '443' };
+/** `*`, or a list of origins normalised the way browsers serialise them (lower case, default port dropped), so that a match is an exact string compare. */
+const origins = z.string().transform((value, ctx): '*' | readonly string[] => {
+  const entries = value.split(',').map((e) => e.trim());
+  if (entries.length === 1 && entries[0] === '*') return '*';
+  const fail = (message: string) => {
+    ctx.addIssue({ code: 'custom', message });
+    return z.NEVER;
+  };
+  if (value.trim() === '') return fail('expected `*` (any origin) or a comma-separated list of origins like https://app.example; empty would refuse every browser');
+  if (entries.includes('*')) return fail('`*` allows any origin and cannot be combined with a list of origins');
+  const out: string[] = [];
+  for (const entry of entries) {
+    if (entry === '') return fail('has an empty entry: remove the stray comma');
+    const m = ORIGIN.exec(entry);
+    if (m === null) return fail(`${JSON.stringify(entry)} is not an origin: expected scheme://host[:port] with no path, like https://app.example`);
+    const scheme = m[1]!.toLowerCase();
+    const port = m[3] === undefined ? undefined : Number(m[3]);
+    if (port !== undefined && (port < 1 || port > 65535)) return fail(`${JSON.stringify(entry)} has a port outside 1..65535`);
+    const keepPort = port !== undefined && String(port) !== DEFAULT_PORTS[scheme];
+    out.push(`${scheme}://${m[2]!.toLowerCase()}${keepPort ? `:${port}` : ''}`);
+  }
+  return Object.freeze([...new Set(out)]);
+});
+
 /**
  * Every setting chatwire reads, with its environment variable, default and
  * meaning. This table is the one source for config parsing and for the
  * README's configuration table (test/unit/config.test.ts keeps them in step).
  */
-const bool = z
-  .enum(['true', 'false', '1', '0', 'yes', 'no', 'on', 'off'])
-  .transform((v) => v === 'true' || v === '1' || v === 'yes' || v === 'on');
-const int = (min: number, max: number) => z.coerce.number().int().min(min).max(max);
-const optionalString = z
-  .string()
-  .optional()
-  .transform((v) => (v === undefined || v === '' ? undefined : v));
-
 export const settings = {
   port: { env: 'PORT', schema: int(0, 65535), default: '8080', doc: 'HTTP and WebSocket port (0 picks a free one)' },
-  host: { env: 'HOST', schema: z.string().min(1), default: '0.0.0.0', doc: 'address to listen on' },
-  dataDir: { env: 'CHATWIRE_DATA_DIR', schema: z.string().min(1), default: './data', doc: 'where SQLite and LMDB keep their files' },
+  host: { env: 'HOST', schema: nonBlank('an address'), default: '0.0.0.0', doc: 'address to listen on' },
+  dataDir: { env: 'CHATWIRE_DATA_DIR', schema: nonBlank('a directory path'), default: './data', doc: 'where SQLite and LMDB keep their files' },
   llm: { env: 'CHATWIRE_LLM', schema: z.enum(['dev', 'openai', 'local']), default: 'dev', doc: 'model provider: dev, openai or local' },
-  model: { env: 'CHATWIRE_MODEL', schema: z.string().min(1).max(128), default: 'dev-1', doc: 'default model name sent to the provider' },
+  model: { env: 'CHATWIRE_MODEL', schema: nonBlank('a model name').pipe(z.string().max(128)), default: 'dev-1', doc: 'default model name sent to the provider' },
   devTokenDelayMs: { env: 'CHATWIRE_DEV_TOKEN_DELAY_MS', schema: int(0, 60_000), default: '15', doc: 'dev provider: delay before each token (0 allowed)' },
   devFaults: { env: 'CHATWIRE_DEV_FAULTS', schema: bool, default: 'false', doc: 'dev provider: honour `/fault exit|throw|hang` messages (fault-injection tests only)' },
   workerThreads: { env: 'CHATWIRE_WORKER_THREADS', schema: int(1, 256), default: String(Math.max(1, os.availableParallelism())), doc: 'model worker threads (default: number of cores)' },
@@ -34,25 +94,25 @@ export const settings = {
   maxFrameBytes: { env: 'CHATWIRE_MAX_FRAME_BYTES', schema: int(1024, 16 * 1024 * 1024), default: '65536', doc: 'largest WebSocket frame or HTTP body accepted; over it: 413 / close 1009' },
   maxBackpressureBytes: { env: 'CHATWIRE_MAX_BACKPRESSURE_BYTES', schema: int(16 * 1024, 256 * 1024 * 1024), default: '1048576', doc: 'bytes buffered for a slow reader before its socket is closed' },
   idleTimeoutSec: { env: 'CHATWIRE_IDLE_TIMEOUT_SEC', schema: int(8, 960), default: '120', doc: 'a WebSocket silent this long (pings answered count) is closed' },
-  messagesPerSecond: { env: 'CHATWIRE_MESSAGES_PER_SECOND', schema: z.coerce.number().positive().max(1_000_000), default: '50', doc: 'per-user frames per second (burst of the same size)' },
-  chatsPerMinute: { env: 'CHATWIRE_CHATS_PER_MINUTE', schema: z.coerce.number().positive().max(1_000_000), default: '60', doc: 'per-user chats per minute' },
-  modelTokensPerMinute: { env: 'CHATWIRE_MODEL_TOKENS_PER_MINUTE', schema: z.coerce.number().positive().max(1_000_000_000), default: '20000', doc: 'per-user model tokens per minute (reserved at send, settled at the end)' },
+  messagesPerSecond: { env: 'CHATWIRE_MESSAGES_PER_SECOND', schema: positive(1_000_000), default: '50', doc: 'per-user frames per second (burst of the same size)' },
+  chatsPerMinute: { env: 'CHATWIRE_CHATS_PER_MINUTE', schema: positive(1_000_000), default: '60', doc: 'per-user chats per minute' },
+  modelTokensPerMinute: { env: 'CHATWIRE_MODEL_TOKENS_PER_MINUTE', schema: positive(1_000_000_000), default: '20000', doc: 'per-user model tokens per minute (reserved at send, settled at the end)' },
   shutdownTimeoutMs: { env: 'CHATWIRE_SHUTDOWN_TIMEOUT_MS', schema: int(100, 120_000), default: '5000', doc: 'graceful shutdown deadline before the process exits anyway' },
   dbBatching: { env: 'CHATWIRE_DB_BATCHING', schema: bool, default: 'true', doc: 'merge marketplace lookups that arrive in the same tick from different connections into one query' },
   cacheTtlSec: { env: 'CHATWIRE_CACHE_TTL_SEC', schema: int(1, 365 * 86_400), default: '86400', doc: 'how long a cached reply is served' },
   cacheMaxBytes: { env: 'CHATWIRE_CACHE_MAX_BYTES', schema: int(64 * 1024, 1024 * 1024 * 1024 * 1024), default: String(256 * 1024 * 1024), doc: 'byte bound of the reply cache; least recently used entries are evicted past it' },
-  openaiBaseUrl: { env: 'CHATWIRE_OPENAI_BASE_URL', schema: z.url(), default: 'https://api.openai.com/v1', doc: 'openai provider: base URL of any OpenAI-compatible server (Ollama, vLLM, llama.cpp, LM Studio)' },
-  openaiApiKey: { env: 'CHATWIRE_OPENAI_API_KEY', schema: optionalString, default: '', doc: 'openai provider: API key (optional for local servers)' },
+  openaiBaseUrl: { env: 'CHATWIRE_OPENAI_BASE_URL', schema: httpUrl, default: 'https://api.openai.com/v1', doc: 'openai provider: http(s) base URL of any OpenAI-compatible server (Ollama, vLLM, llama.cpp, LM Studio)' },
+  openaiApiKey: { env: 'CHATWIRE_OPENAI_API_KEY', schema: optionalText('CHATWIRE_OPENAI_API_KEY', 'unset', 'no key'), default: undefined, doc: 'openai provider: API key; unset or empty = none (local servers); whitespace only is an error' },
   upstreamFirstTokenTimeoutMs: { env: 'CHATWIRE_UPSTREAM_FIRST_TOKEN_TIMEOUT_MS', schema: int(100, 600_000), default: '30000', doc: 'openai provider: longest wait for the first token' },
   upstreamIdleTimeoutMs: { env: 'CHATWIRE_UPSTREAM_IDLE_TIMEOUT_MS', schema: int(100, 600_000), default: '15000', doc: 'openai provider: longest silence between two chunks' },
   upstreamMaxRetries: { env: 'CHATWIRE_UPSTREAM_MAX_RETRIES', schema: int(0, 10), default: '2', doc: 'openai provider: retries (with backoff) before the first token' },
-  modelPath: { env: 'CHATWIRE_MODEL_PATH', schema: optionalString, default: '', doc: 'local provider: path of the GGUF model file' },
+  modelPath: { env: 'CHATWIRE_MODEL_PATH', schema: optionalText('CHATWIRE_MODEL_PATH', 'unset', 'none'), default: undefined, doc: 'local provider: path of the GGUF model file; unset or empty = none; whitespace only is an error' },
   localThreads: { env: 'CHATWIRE_LOCAL_THREADS', schema: int(0, 256), default: '1', doc: 'local provider: CPU threads per worker (0 = library default)' },
   localContextSize: { env: 'CHATWIRE_LOCAL_CONTEXT_SIZE', schema: int(128, 131_072), default: '2048', doc: 'local provider: context size in tokens' },
   localSequences: { env: 'CHATWIRE_LOCAL_SEQUENCES', schema: int(1, 64), default: '4', doc: 'local provider: generations one worker runs at once (more wait their turn)' },
   maxConnectionsPerUser: { env: 'CHATWIRE_MAX_CONNECTIONS_PER_USER', schema: int(1, 100_000), default: '16', doc: 'WebSocket connections one user may hold at once' },
-  allowedOrigins: { env: 'CHATWIRE_ALLOWED_ORIGINS', schema: z.string(), default: '*', doc: 'comma-separated origins allowed for WebSocket upgrades and CORS (`*` = any)' },
-  jwtSecret: { env: 'CHATWIRE_JWT_SECRET', schema: optionalString, default: '', doc: 'HS256 secret; unset = open mode (`?user=` trusted, a warning at start)' },
+  allowedOrigins: { env: 'CHATWIRE_ALLOWED_ORIGINS', schema: origins, default: '*', doc: 'origins allowed for WebSocket upgrades and CORS: `*` (any), or a comma-separated list of `scheme://host[:port]`; empty, or `*` in a list, is an error' },
+  jwtSecret: { env: 'CHATWIRE_JWT_SECRET', schema: optionalText('CHATWIRE_JWT_SECRET', 'error', 'open mode'), default: undefined, doc: 'HS256 secret; unset = open mode (`?user=` trusted, a warning at start); set but empty or whitespace only is an error, never open mode' },
   jwtRequireExp: { env: 'CHATWIRE_JWT_REQUIRE_EXP', schema: bool, default: 'false', doc: 'refuse tokens without `exp` (the protocol requires only `sub`; an `exp` present is always checked)' },
   logLevel: { env: 'LOG_LEVEL', schema: z.enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']), default: 'info', doc: 'pino log level' },
 } as const;
@@ -80,7 +140,7 @@ export function loadConfig(
   const problems: string[] = [];
   for (const [key, setting] of Object.entries(settings) as [keyof Settings, Settings[keyof Settings]][]) {
     const override = overrides[key];
-    const raw = override !== undefined ? String(override) : (env[setting.env] ?? setting.default);
+    const raw = override === undefined ? (env[setting.env] ?? setting.default) : Array.isArray(override) ? override.join(',') : String(override);
     const parsed = (setting.schema as z.ZodType).safeParse(raw);
     if (!parsed.success) {
       problems.push(`${setting.env}=${JSON.stringify(raw)}: ${parsed.error.issues[0]?.message ?? 'invalid'}`);

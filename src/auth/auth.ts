@@ -52,7 +52,7 @@ export function createAuth(options: AuthOptions = {}): Auth {
   const requiredClaims = options.requireExp === true ? ['sub', 'exp'] : ['sub'];
   const secret = options.secret;
   if (secret === undefined) return { mode: 'open', weakSecret: false, identify: identifyOpen };
-  if (secret === '') throw new RangeError('the JWT secret must not be empty (leave it unset for open mode)');
+  if (secret.trim() === '') throw new RangeError('the JWT secret must not be empty or whitespace only (leave it unset for open mode)');
 
   const secretBytes = new TextEncoder().encode(secret);
   // Imported once: jose would otherwise import the raw secret on every verification.

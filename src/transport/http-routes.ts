@@ -90,7 +90,7 @@ export function attachHttpRoutes(app: TemplatedApp, deps: TransportDeps): { clos
   const corsOrigin = (origin: string | undefined): string | undefined => {
     if (!origin) return undefined;
     if (config.allowedOrigins === '*') return '*';
-    return config.allowedOrigins.split(',').map((o) => o.trim()).includes(origin) ? origin : undefined;
+    return config.allowedOrigins.includes(origin) ? origin : undefined;
   };
   const commonHeaders = (info: RequestInfo): Record<string, string> => {
     const h: Record<string, string> = { 'x-content-type-options': 'nosniff' };

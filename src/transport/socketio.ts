@@ -92,7 +92,7 @@ export function attachSocketIO(app: TemplatedApp, deps: TransportDeps): SocketIO
     pingInterval: 25_000,
     pingTimeout: 20_000,
     serveClient: false,
-    cors: { origin: config.allowedOrigins === '*' ? true : config.allowedOrigins.split(',').map((o) => o.trim()), credentials: true },
+    cors: { origin: config.allowedOrigins === '*' ? true : [...config.allowedOrigins], credentials: true },
     allowRequest: (req, callback) => {
       try {
         deps.checkOrigin(req.headers.origin);

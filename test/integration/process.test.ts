@@ -48,6 +48,46 @@ test('a second server on a port already taken stops at start instead of sharing 
   }
 });
 
+/** Runs main.js with `env` added and resolves with its exit code and stderr; a process still running after 15 s (it started) is killed and reported as such. */
+async function startFailure(env: Record<string, string>): Promise<{ code: number | null; stderr: string }> {
+  const dataDir = tempDataDir();
+  const child = spawn(process.execPath, [MAIN], {
+    env: { ...process.env, HOST: '127.0.0.1', PORT: '0', CHATWIRE_DATA_DIR: dataDir, CHATWIRE_WORKER_THREADS: '1', ...env },
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
+  let stderr = '';
+  child.stderr.on('data', (c: Buffer) => (stderr += c.toString()));
+  const started = setTimeout(() => child.kill('SIGKILL'), 15_000);
+  try {
+    const code = await new Promise<number | null>((resolve) => child.once('exit', resolve));
+    return { code, stderr };
+  } finally {
+    clearTimeout(started);
+    fs.rmSync(dataDir, { recursive: true, force: true });
+  }
+}
+
+test('CHATWIRE_JWT_SECRET set but empty stops the start (exit 2) instead of running without authentication', async () => {
+  for (const secret of ['', '   ']) {
+    const { code, stderr } = await startFailure({ CHATWIRE_JWT_SECRET: secret });
+    assert.equal(code, 2, `CHATWIRE_JWT_SECRET=${JSON.stringify(secret)} should stop the start; stderr: ${stderr}`);
+    assert.match(stderr, new RegExp(`CHATWIRE_JWT_SECRET=${JSON.stringify(secret)}: set but .*unset CHATWIRE_JWT_SECRET for open mode`));
+  }
+});
+
+test('an empty number, data dir or origin list stops the start (exit 2) instead of meaning 0 or nothing', async () => {
+  for (const [name, value] of [
+    ['PORT', ''],
+    ['CHATWIRE_MAX_QUEUE', ' '],
+    ['CHATWIRE_DATA_DIR', ' '],
+    ['CHATWIRE_ALLOWED_ORIGINS', ''],
+  ] as const) {
+    const { code, stderr } = await startFailure({ [name]: value });
+    assert.equal(code, 2, `${name}=${JSON.stringify(value)} should stop the start; stderr: ${stderr}`);
+    assert.match(stderr, new RegExp(`^chatwire: invalid configuration: ${name}=${JSON.stringify(value)}: `));
+  }
+});
+
 test('SIGTERM mid-stream cancels the running task, stores its partial text, and exits 0', async () => {
   const dataDir = tempDataDir();
   try {

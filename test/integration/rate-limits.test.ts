@@ -638,3 +638,23 @@ describe('connections per user and the origin policy', () => {
     assert.equal(preflight.headers.get('ratelimit'), fresh);
   });
 });
+
+test('an allowed origin written with capitals or its default port matches the Origin browsers send, on /ws, socket.io and HTTP', async () => {
+  const server = await startServer({ allowedOrigins: 'https://App.Example:443, http://localhost:5173' });
+  try {
+    const ws = await WsClient.connect(server.ws, { user: 'ann', headers: { origin: 'https://app.example' } });
+    assert.equal((await ws.nextOfType('hello')).userId, 'ann');
+    await ws.close();
+    const refused = await refusedUpgrade(`${server.ws}?user=ann`, [], { origin: 'http://localhost:5174' });
+    assert.equal(refused.status, 403);
+    assert.deepEqual((await refusedSocketIO(server.http, { user: 'ann' }, { origin: 'https://evil.example' })).events, []);
+
+    const res = await fetch(`${server.http}/v1/requests?limit=1&user=ann`, { headers: { origin: 'https://app.example' } });
+    assert.equal(res.status, 200);
+    assert.equal(res.headers.get('access-control-allow-origin'), 'https://app.example');
+    const local = await fetch(`${server.http}/v1/requests?limit=1&user=ann`, { headers: { origin: 'http://localhost:5173' } });
+    assert.equal(local.headers.get('access-control-allow-origin'), 'http://localhost:5173');
+  } finally {
+    await server.close();
+  }
+});

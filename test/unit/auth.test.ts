@@ -145,6 +145,7 @@ test('open mode refuses user ids outside 1..128 conservative characters', async 
 
 test('an empty secret is a configuration error, and a short one is flagged as weak', () => {
   assert.throws(() => createAuth({ secret: '' }), /must not be empty/);
+  assert.throws(() => createAuth({ secret: ' \t' }), /must not be empty or whitespace only/);
   assert.throws(() => createAuth({ secret: SECRET, clockToleranceSec: -1 }), RangeError);
   assert.equal(createAuth({ secret: 'short' }).weakSecret, true);
 });
@@ -192,4 +193,8 @@ test('scripts/token prints a token the server accepts', async () => {
   const noSecret = spawnSync(process.execPath, [script, '--sub', 'erin'], { encoding: 'utf8', env: { PATH: process.env.PATH } });
   assert.equal(noSecret.status, 2);
   assert.match(noSecret.stderr, /no secret: set CHATWIRE_JWT_SECRET or pass --secret/);
+  // Set but empty is a mistake (a template variable that was missing), not "no secret".
+  const emptySecret = spawnSync(process.execPath, [script, '--sub', 'erin'], { encoding: 'utf8', env: { PATH: process.env.PATH, CHATWIRE_JWT_SECRET: '' } });
+  assert.equal(emptySecret.status, 2);
+  assert.match(emptySecret.stderr, /CHATWIRE_JWT_SECRET="": set but empty: give a value, or unset CHATWIRE_JWT_SECRET for open mode/);
 });
