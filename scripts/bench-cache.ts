@@ -149,7 +149,7 @@ function countedHitRate(texts: string[], key: typeof cacheKey): { hits: number; 
   let hits = 0;
   for (const text of texts) {
     // The same input the server keys a dev chat by (ChatCache.keyOf in src/app.ts): no temperature, no maxTokens.
-    const k = key({ provider: 'dev', model: MODEL, messages: [{ role: 'user', content: text }] });
+    const k = key({ provider: 'dev', backend: '', model: MODEL, messages: [{ role: 'user', content: text }] });
     if (seen.has(k)) hits++;
     else seen.add(k);
   }

@@ -19,6 +19,7 @@ import { Database } from './db/database.js';
 import { createMarketplaceService } from './db/marketplace.js';
 import { migrate } from './db/migrate.js';
 import { probeDataDir } from './db/storage-health.js';
+import { backendFingerprint } from './llm/backend.js';
 import { DEV_DEFAULT_MAX_TOKENS } from './llm/dev.js';
 import { createModelPool } from './llm/pool.js';
 import { providerSettingsFrom } from './llm/provider.js';
@@ -82,12 +83,16 @@ export async function createApp(config: Config, options: AppOptions): Promise<Ap
     });
     closers.push(() => cache.close());
 
+    let localModel: { identity: string } | undefined;
     if (config.llm === 'local') {
       // A missing or broken model file stops the start here, not at the first chat.
       const { validateLocalModel } = await import('./llm/local-model.js');
       const model = await validateLocalModel(config.modelPath);
-      log.info({ model: model.name, architecture: model.architecture, bytes: model.fileBytes }, 'local model file checked');
+      log.info({ model: model.name, architecture: model.architecture, bytes: model.fileBytes, identity: model.identity }, 'local model file checked');
+      localModel = model;
     }
+    // In every cache key: a reply is never served for another upstream or model file than the one that wrote it.
+    const backend = backendFingerprint(config, localModel);
     const pool = createModelPool({
       settings: providerSettingsFrom(config),
       threads: config.workerThreads,
@@ -119,7 +124,7 @@ export async function createApp(config: Config, options: AppOptions): Promise<Ap
     const chatCache: ChatCache = {
       keyOf: (request) =>
         isCacheable({ provider: config.llm, temperature: request.temperature })
-          ? cacheKey({ provider: config.llm, model: request.model, temperature: request.temperature, maxTokens: request.maxTokens, messages: request.messages })
+          ? cacheKey({ provider: config.llm, backend, model: request.model, temperature: request.temperature, maxTokens: request.maxTokens, messages: request.messages })
           : null,
       get: (key) => cache.get(key),
       put: (key, reply) => {

@@ -3,6 +3,8 @@ import { createHash } from 'node:crypto';
 /** Everything about a model call that decides its output (the cache mode is not part of it). */
 export interface CacheKeyInput {
   provider: string;
+  /** What besides the request decides the reply: the upstream or the model file (backendFingerprint in src/llm/backend.ts). */
+  backend: string;
   model: string;
   temperature?: number | undefined;
   maxTokens?: number | undefined;
@@ -21,17 +23,18 @@ export function normalizeText(s: string): string {
 }
 
 /**
- * The cache key of a request: sha256 (hex) of its provider, model, output
- * params, system prompt and normalized messages (roles kept, order kept).
+ * The cache key of a request: sha256 (hex) of its provider, backend
+ * fingerprint, model, output params, system prompt and normalized messages
+ * (roles kept, order kept).
  * See docs/cache.md for the rule.
  */
 export function cacheKey(input: CacheKeyInput): string {
-  return digest('chatwire-cache-v1', input, normalizeText);
+  return digest('chatwire-cache-v2', input, normalizeText);
 }
 
 /** The same key over the exact text, without normalization: the benchmark's baseline. */
 export function rawCacheKey(input: CacheKeyInput): string {
-  return digest('chatwire-cache-raw-v1', input, (s) => s);
+  return digest('chatwire-cache-raw-v2', input, (s) => s);
 }
 
 /**
@@ -54,6 +57,7 @@ function digest(version: string, input: CacheKeyInput, text: (s: string) => stri
   const canonical = JSON.stringify([
     version,
     input.provider,
+    input.backend,
     input.model,
     input.temperature ?? null,
     input.maxTokens ?? null,

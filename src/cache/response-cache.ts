@@ -110,6 +110,8 @@ export function openResponseCache(options: ResponseCacheOptions): ResponseCache 
   /** Replies whose write is not committed yet: LMDB reads see only committed data. */
   const pending = new Map<string, CachedReply>();
   const dirty = new Set<string>();
+  /** Keys that a batch not yet settled removes from the store, with how many such batches. */
+  const removing = new Map<string, number>();
   let totalBytes = 0;
   let hits = 0;
   let misses = 0;
@@ -124,7 +126,10 @@ export function openResponseCache(options: ResponseCacheOptions): ResponseCache 
   function track(p: Promise<unknown>): void {
     const tracked = p.then(
       () => {},
-      (err: unknown) => log('error', 'response cache write failed', { err }),
+      (err: unknown) => {
+        claimCommitError(root, err);
+        log('error', 'response cache write failed', { err });
+      },
     );
     background.add(tracked);
     void tracked.finally(() => background.delete(tracked));
@@ -142,12 +147,88 @@ export function openResponseCache(options: ResponseCacheOptions): ResponseCache 
   }
 
   function removeOnDisk(keys: string[]): Promise<boolean> {
-    return root.batch(() => {
-      for (const key of keys) {
-        void entries.remove(key);
-        void meta.remove(key);
+    return writing(
+      keys,
+      root.batch(() => {
+        for (const key of keys) {
+          inBatch(entries.remove(key));
+          inBatch(meta.remove(key));
+        }
+      }),
+      keys,
+    );
+  }
+
+  /**
+   * Follows a batch that removes `removed` and replaces or removes `touched`. Until it settles the removed keys
+   * are counted in `removing`. If it fails, LMDB aborted its whole transaction: the store still holds what the
+   * batch would have removed or replaced, so those entries are indexed again (see reindex).
+   */
+  function writing<T>(removed: readonly string[], batch: Promise<T>, touched: readonly string[]): Promise<T> {
+    for (const key of removed) removing.set(key, (removing.get(key) ?? 0) + 1);
+    const settled = () => {
+      for (const key of removed) {
+        const n = (removing.get(key) ?? 1) - 1;
+        if (n > 0) removing.set(key, n);
+        else removing.delete(key);
       }
-    });
+    };
+    return batch.then(
+      (result) => {
+        settled();
+        return result;
+      },
+      (err: unknown) => {
+        settled();
+        claimCommitError(root, err);
+        reindex(touched);
+        throw err;
+      },
+    );
+  }
+
+  /**
+   * Indexes again the entries of `keys` that the store holds and the index lacks, after a write that was to
+   * remove or replace them failed: the index and byte count then match the store, and the entries are served
+   * again. A key indexed since (a later put) or with another removal on its way is left to that write. They go
+   * back at the least recently used end, where eviction took them from; the total may pass the bound until
+   * the next put evicts (the store holds that much: the removal failed).
+   */
+  function reindex(keys: readonly string[]): void {
+    if (closed) return;
+    const back: [string, IndexEntry][] = [];
+    for (const key of new Set(keys)) {
+      if (index.has(key) || removing.has(key)) continue;
+      const entry = storedIndexEntry(key);
+      if (entry) back.push([key, entry]);
+    }
+    if (back.length === 0) return;
+    back.sort((a, b) => a[1].accessedAt - b[1].accessedAt);
+    const rest = [...index];
+    index.clear();
+    for (const [key, entry] of back) {
+      index.set(key, entry);
+      totalBytes += entry.bytes;
+    }
+    for (const [key, entry] of rest) index.set(key, entry);
+    log('warn', 'response cache: a write failed; its entries are still in the store and indexed again', { count: back.length });
+    bytesChanged();
+  }
+
+  /** The index entry of `key` as the store has it committed, or undefined when it holds no readable entry. */
+  function storedIndexEntry(key: string): IndexEntry | undefined {
+    try {
+      const raw = entries.getBinary(key);
+      if (raw === undefined) return undefined;
+      const recorded = meta.getBinary(key);
+      const entry = recorded === undefined ? undefined : decodeMeta(recorded);
+      if (entry) return entry;
+      const stored = decode(raw);
+      return stored && { storedAt: stored.storedAt, accessedAt: stored.storedAt, bytes: keyBytes(key) + raw.length };
+    } catch {
+      // Unreadable now: the scan at the next open deals with it.
+      return undefined;
+    }
   }
 
   function isExpired(entry: IndexEntry, at: number): boolean {
@@ -179,7 +260,7 @@ export function openResponseCache(options: ResponseCacheOptions): ResponseCache 
       root.batch(() => {
         for (const key of keys) {
           const entry = index.get(key);
-          if (entry) void meta.put(key, encodeMeta(entry));
+          if (entry) inBatch(meta.put(key, encodeMeta(entry)));
         }
       }),
     );
@@ -229,12 +310,12 @@ export function openResponseCache(options: ResponseCacheOptions): ResponseCache 
     if (scan.staleMeta.length > 0 || scan.unreadable.length > 0 || scan.repaired.length > 0) {
       track(
         root.batch(() => {
-          for (const key of scan.staleMeta) void meta.remove(key);
+          for (const key of scan.staleMeta) inBatch(meta.remove(key));
           for (const key of scan.unreadable) {
-            void entries.remove(key);
-            void meta.remove(key);
+            inBatch(entries.remove(key));
+            inBatch(meta.remove(key));
           }
-          for (const [key, entry] of scan.repaired) void meta.put(key, encodeMeta(entry));
+          for (const [key, entry] of scan.repaired) inBatch(meta.put(key, encodeMeta(entry)));
         }),
       );
     }
@@ -305,6 +386,9 @@ export function openResponseCache(options: ResponseCacheOptions): ResponseCache 
       const bytes = keyBytes(key) + value.length;
       if (bytes > maxBytes) {
         log('warn', 'response cache: reply larger than the whole cache, not stored', { key, bytes, maxBytes });
+        // The reply it was to replace (a refresh) is out of date: it goes too.
+        if (forget(key)) bytesChanged();
+        await removeOnDisk([key]);
         return;
       }
       forget(key);
@@ -315,22 +399,28 @@ export function openResponseCache(options: ResponseCacheOptions): ResponseCache 
       totalBytes += bytes;
       pending.set(key, valid);
       bytesChanged();
-      try {
-        await root.batch(() => {
-          for (const gone of evicted) {
-            void entries.remove(gone);
-            void meta.remove(gone);
-          }
-          void entries.put(key, value);
-          void meta.put(key, encodeMeta(entry));
-        });
-      } catch (err) {
-        // Not on disk: drop it from the index too (unless a later put replaced it).
-        if (index.get(key) === entry) {
-          forget(key);
-          bytesChanged();
+      const batch = root.batch(() => {
+        for (const gone of evicted) {
+          inBatch(entries.remove(gone));
+          inBatch(meta.remove(gone));
         }
-        throw err;
+        inBatch(entries.put(key, value));
+        inBatch(meta.put(key, encodeMeta(entry)));
+      });
+      try {
+        await writing(
+          evicted,
+          batch.catch((err: unknown) => {
+            // Not on disk: drop it from the index too (unless a later put replaced it), before the reply it
+            // replaced and the evicted entries, all still in the store, are indexed again.
+            if (index.get(key) === entry) {
+              forget(key);
+              bytesChanged();
+            }
+            throw err;
+          }),
+          [key, ...evicted],
+        );
       } finally {
         if (pending.get(key) === valid) pending.delete(key);
       }
@@ -449,6 +539,27 @@ function tryOpen(dir: string): { store: LmdbStore; scan: StoreScan } | string {
     void store?.root.close();
     return (err as Error).message;
   }
+}
+
+/**
+ * A write inside root.batch(): lmdb-js gives it a promise of its own, rejected like the batch's when the
+ * transaction fails. The batch's promise is the one that reports it; unhandled, this one would end the process.
+ */
+function inBatch(write: Promise<unknown>): void {
+  write.catch(() => {});
+}
+
+/**
+ * lmdb-js rejects every write of a failed transaction with `Commit failed`, and also two promises that nobody
+ * else awaits: `commitError` (the cause: ENOSPC, EFBIG, ...) and the transaction's own commit promise, which
+ * `root.committed` forwards to while it is current. Unhandled, either would end the process. The failure is
+ * the caller's to report; this only marks them as seen. Called where the failure is handled, in the same
+ * turn as the rejection, before Node looks for unhandled ones.
+ */
+function claimCommitError(root: LmdbStore['root'], err: unknown): void {
+  const cause = (err as { commitError?: unknown } | null)?.commitError;
+  if (cause instanceof Promise) cause.catch(() => {});
+  root.committed.then(undefined, () => {});
 }
 
 function decode(raw: Buffer): z.infer<typeof StoredEntrySchema> | undefined {

@@ -212,7 +212,8 @@ export function createChatService(options: ChatServiceOptions): ChatService {
       onStart: () => flight.started(),
       onChunk: (text) => flight.chunk(text),
       onEnd: (result, cancelled) => {
-        if (writeCache && key !== null && !cancelled && result !== null) {
+        // An uncacheable reply (see ModelResult) leaves the cache as it was, as a failed or cancelled one does.
+        if (writeCache && key !== null && !cancelled && result !== null && result.uncacheable === undefined) {
           try {
             cache.put(key, { chunks: flight.chunks, finishReason: result.finishReason, usage: result.usage });
           } catch (err) {

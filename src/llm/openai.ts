@@ -242,14 +242,18 @@ export function createOpenAIProvider(options: OpenAIProviderOptions): Provider {
             failure = { error: new AppError('upstream_error', 'the upstream stream ended before the reply was finished'), retryable: true };
           } else {
             const finish: ModelResult['finishReason'] = finishReason === 'length' ? 'length' : 'stop';
+            // The protocol has no word for content_filter, tool_calls or a server's own reasons: they go out as
+            // `stop`, but are not cached (a filtered or tool-call reply must not be replayed for the whole TTL).
+            const extra = finishReason === undefined || finishReason === 'stop' || finishReason === 'length' ? {} : { uncacheable: `finish_reason ${finishReason}` };
             if (usage && isTokenCount(usage.prompt_tokens) && isTokenCount(usage.completion_tokens)) {
               return {
                 finishReason: finish,
                 usage: { promptTokens: usage.prompt_tokens, completionTokens: usage.completion_tokens },
                 usageSource: 'reported',
+                ...extra,
               };
             }
-            return counted(finish);
+            return { ...counted(finish), ...extra };
           }
         }
       } catch (err) {

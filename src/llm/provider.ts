@@ -20,6 +20,11 @@ export interface ModelResult {
   usage: Usage;
   /** `reported` when the upstream sent usage, `counted` when chatwire counted it. */
   usageSource: 'reported' | 'counted';
+  /**
+   * Set when the reply is delivered but must not be cached: why, e.g. `finish_reason content_filter` (the
+   * upstream ended it for a reason the protocol shows as `stop`, and which a later call may not repeat).
+   */
+  uncacheable?: string;
 }
 
 /**

@@ -1,9 +1,13 @@
 import assert from 'node:assert/strict';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { test } from 'node:test';
+import { writeTinyLlamaGguf } from '../../src/llm/gguf-tiny-llama.js';
 import { numberedTokens, startFakeOpenAI, streamReply } from '../fixtures/fake-openai.js';
 import { readSse, WsClient } from '../helpers/clients.js';
-import { metric, startServer, type TestServer } from '../helpers/server.js';
+import { metric, startServer, tempDataDir, type TestServer } from '../helpers/server.js';
 
 type Msg = Awaited<ReturnType<WsClient['next']>>;
 
@@ -347,4 +351,120 @@ test('a restart on the same data dir keeps the cache: the first chat after it is
     chatwire_cache_misses_total: 0,
   });
   await d.close();
+});
+
+test("a restart against another OpenAI-compatible upstream does not serve the first upstream's replies", async (t) => {
+  const upstreamA = await startFakeOpenAI({ handler: (ex) => streamReply(ex, { tokens: ['answer', ' from', ' upstream', ' A'] }) });
+  t.after(() => upstreamA.close());
+  const upstreamB = await startFakeOpenAI({ handler: (ex) => streamReply(ex, { tokens: ['answer', ' from', ' upstream', ' B'] }) });
+  t.after(() => upstreamB.close());
+  const settings = { llm: 'openai', model: 'fake-1', upstreamMaxRetries: 0 } as const;
+  const body = { text: 'Who answers this?', params: { temperature: 0, maxTokens: 4 } };
+
+  const dataDir = tempDataDir();
+  const servers: TestServer[] = [];
+  t.after(async () => {
+    for (const s of servers) await s.stop();
+    fs.rmSync(dataDir, { recursive: true, force: true });
+  });
+  const start = async (openaiBaseUrl: string) => {
+    const server = await startServer({ ...settings, openaiBaseUrl }, dataDir);
+    servers.push(server);
+    return server;
+  };
+
+  const first = await start(upstreamA.baseUrl);
+  const c = await WsClient.connect(first.ws, { user: 'jon' });
+  assert.equal((await chat(c, body)).text, 'answer from upstream A');
+  await c.close();
+  await first.stop();
+
+  const second = await start(upstreamB.baseUrl);
+  const d = await WsClient.connect(second.ws, { user: 'jon' });
+  const other = await chat(d, body);
+  assert.equal(other.ack.status, 'queued');
+  assert.equal(other.end.cached, false);
+  assert.equal(other.text, 'answer from upstream B');
+  assert.equal(upstreamB.requests.length, 1);
+  await d.close();
+  await second.stop();
+
+  // The same upstream spelled with a trailing slash is the same upstream: its entry is still there.
+  const third = await start(`${upstreamA.baseUrl}/`);
+  const e = await WsClient.connect(third.ws, { user: 'jon' });
+  const again = await chat(e, body);
+  assert.equal(again.ack.status, 'cached');
+  assert.equal(again.text, 'answer from upstream A');
+  assert.equal(upstreamA.requests.length, 1);
+  await e.close();
+});
+
+test("a restart on another local model file does not serve the first model's replies", async (t) => {
+  const models = fs.mkdtempSync(path.join(os.tmpdir(), 'chatwire-models-'));
+  t.after(() => fs.rmSync(models, { recursive: true, force: true }));
+  const modelA = writeTinyLlamaGguf(path.join(models, 'a.gguf'), { seed: 1 });
+  const modelB = writeTinyLlamaGguf(path.join(models, 'b.gguf'), { seed: 2 });
+  // CHATWIRE_MODEL stays `dev-1` for both, as it does when left unset: only the file differs.
+  const body = { text: 'Can someone fix my fence tomorrow?', params: { temperature: 0, maxTokens: 8 } };
+
+  const dataDir = tempDataDir();
+  const servers: TestServer[] = [];
+  t.after(async () => {
+    for (const s of servers) await s.stop();
+    fs.rmSync(dataDir, { recursive: true, force: true });
+  });
+  const start = async (modelPath: string) => {
+    const server = await startServer({ llm: 'local', modelPath }, dataDir);
+    servers.push(server);
+    return server;
+  };
+
+  const first = await start(modelA.path);
+  const c = await WsClient.connect(first.ws, { user: 'kim' });
+  const fromA = await chat(c, body);
+  assert.equal(fromA.ack.status, 'queued');
+  assert.equal((await chat(c, body)).ack.status, 'cached');
+  await c.close();
+  await first.stop();
+
+  const second = await start(modelB.path);
+  const d = await WsClient.connect(second.ws, { user: 'kim' });
+  const fromB = await chat(d, body);
+  assert.equal(fromB.ack.status, 'queued');
+  assert.equal(fromB.end.cached, false);
+  assert.equal(await metric(second, 'chatwire_model_calls_total'), 1);
+  assert.notEqual(fromB.text, fromA.text);
+  await d.close();
+});
+
+test('a reply the upstream ended with content_filter or tool_calls is delivered as stop but never cached', async (t) => {
+  const fake = await startFakeOpenAI();
+  t.after(() => fake.close());
+  const server = await startServer({ llm: 'openai', openaiBaseUrl: fake.baseUrl, model: 'fake-1', upstreamMaxRetries: 0 });
+  t.after(() => server.close());
+  const c = await WsClient.connect(server.ws, { user: 'lou' });
+
+  for (const finishReason of ['content_filter', 'tool_calls'] as const) {
+    fake.setHandler((ex) => streamReply(ex, { tokens: ['I cannot', ' help'], finishReason, usage: { promptTokens: 5, completionTokens: 2 } }));
+    const body = { text: `A question the upstream ends with ${finishReason}`, params: { temperature: 0, maxTokens: 4 } };
+    const before = fake.requests.length;
+    for (let i = 0; i < 2; i++) {
+      const r = await chat(c, body);
+      assert.equal(r.ack.status, 'queued', `${finishReason}, chat ${i + 1}`);
+      assert.equal(r.text, 'I cannot help');
+      assert.equal(r.end.finishReason, 'stop');
+      assert.equal(r.end.cached, false);
+    }
+    assert.equal(fake.requests.length, before + 2);
+  }
+  assert.equal(await metric(server, 'chatwire_cache_bytes'), 0);
+
+  // Once the upstream ends the same request with stop, it is cached as usual.
+  fake.setHandler((ex) => streamReply(ex, { tokens: ['Yes'], usage: { promptTokens: 5, completionTokens: 1 } }));
+  const body = { text: 'A question the upstream ends with content_filter', params: { temperature: 0, maxTokens: 4 } };
+  assert.equal((await chat(c, body)).ack.status, 'queued');
+  const hit = await chat(c, body);
+  assert.equal(hit.ack.status, 'cached');
+  assert.equal(hit.text, 'Yes');
+  await c.close();
 });

@@ -2,16 +2,18 @@ import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import fc from 'fast-check';
 import { cacheKey, isCacheable, normalizeText, rawCacheKey, type CacheKeyInput } from '../../src/cache/cache-key.js';
+import { backendFingerprint, upstreamIdentity } from '../../src/llm/backend.js';
 
 function request(content: string, extra: Partial<CacheKeyInput> = {}): CacheKeyInput {
-  return { provider: 'dev', model: 'dev-1', temperature: 0, maxTokens: 32, messages: [{ role: 'user', content }], ...extra };
+  return { provider: 'dev', backend: '', model: 'dev-1', temperature: 0, maxTokens: 32, messages: [{ role: 'user', content }], ...extra };
 }
 
 const keyOf = (content: string, extra: Partial<CacheKeyInput> = {}) => cacheKey(request(content, extra));
 
 test('the key is the sha256 hex of a fixed rule (changing the rule must be deliberate: it empties every cache)', () => {
   const key = cacheKey({
-    provider: 'dev',
+    provider: 'openai',
+    backend: 'http://127.0.0.1:11434/v1',
     model: 'dev-1',
     temperature: 0,
     maxTokens: 32,
@@ -22,7 +24,7 @@ test('the key is the sha256 hex of a fixed rule (changing the rule must be delib
       { role: 'user', content: 'How much is a plumber?' },
     ],
   });
-  assert.equal(key, '2ef55426edbaf4129c872451a2911a354872cfb016dac93f34608ccfdd27ee3f');
+  assert.equal(key, '3a79a6506f45a19b147b6ba08d07cb21227de9459e4f24546e9ec8eb51c1c6d9');
   assert.match(rawCacheKey(request('x')), /^[0-9a-f]{64}$/);
 });
 
@@ -69,6 +71,7 @@ test('every param that changes output changes the key', () => {
   const base = keyOf('hello');
   const variants = [
     keyOf('hello', { provider: 'openai' }),
+    keyOf('hello', { backend: 'http://127.0.0.1:8080/v1' }),
     keyOf('hello', { model: 'dev-2' }),
     keyOf('hello', { temperature: 0.5 }),
     keyOf('hello', { temperature: undefined }),
@@ -76,6 +79,22 @@ test('every param that changes output changes the key', () => {
     keyOf('hello', { maxTokens: undefined }),
   ];
   assert.equal(new Set([base, ...variants]).size, variants.length + 1);
+});
+
+test('the backend fingerprint names the upstream or the model file, never a secret', () => {
+  const settings = { openaiBaseUrl: 'https://api.openai.com/v1', localContextSize: 2048 };
+  assert.equal(backendFingerprint({ ...settings, llm: 'dev' }), '');
+  assert.equal(backendFingerprint({ ...settings, llm: 'openai' }), 'https://api.openai.com/v1');
+  assert.equal(backendFingerprint({ ...settings, llm: 'local' }, { identity: 'gguf-abc-10-20' }), 'gguf-abc-10-20 context=2048');
+  assert.throws(() => backendFingerprint({ ...settings, llm: 'local' }));
+  // The same upstream however it is spelled; user name, password and fragment dropped.
+  for (const spelled of ['HTTPS://API.OpenAI.com:443/v1/', 'https://user:sk-secret@api.openai.com/v1#x']) {
+    assert.equal(upstreamIdentity(spelled), 'https://api.openai.com/v1');
+  }
+  // Another scheme, host, port or path is another upstream.
+  const others = ['http://api.openai.com/v1', 'https://example.com/v1', 'https://api.openai.com:8443/v1', 'https://api.openai.com/v2', 'https://api.openai.com/v1?api-version=2'];
+  assert.equal(new Set(others.map(upstreamIdentity)).size, others.length);
+  assert.ok(!others.map(upstreamIdentity).includes('https://api.openai.com/v1'));
 });
 
 test('a different history gives a different key', () => {

@@ -62,13 +62,34 @@ describe('GGUF fixture and model validation', () => {
   test('the generated model is a valid GGUF llama model', async () => {
     assert.equal(fs.statSync(model.path).size, model.bytes);
     const info = await validateLocalModel(model.path);
-    assert.deepEqual(info, {
+    const { identity, ...rest } = info;
+    assert.deepEqual(rest, {
       path: model.path,
       architecture: 'llama',
       name: 'chatwire tiny llama (random weights, seed 1)',
       fileBytes: model.bytes,
       trainContextSize: 4096,
     });
+    assert.match(identity, new RegExp(`^gguf-[0-9a-f]{64}-${model.bytes}-\\d+$`));
+  });
+
+  test('the model identity follows the file: another model or a rewrite changes it, a move does not', async () => {
+    const at = new Date('2026-01-02T03:04:05Z');
+    const a = writeTinyLlamaGguf(path.join(dir, 'id-a.gguf'));
+    const b = writeTinyLlamaGguf(path.join(dir, 'id-b.gguf'), { seed: 2 });
+    for (const file of [a.path, b.path]) fs.utimesSync(file, at, at);
+    const first = (await validateLocalModel(a.path)).identity;
+    assert.equal((await validateLocalModel(a.path)).identity, first);
+    // Another model, same size and time: its header differs (the generated ones name their seed).
+    assert.equal(b.bytes, a.bytes);
+    assert.notEqual((await validateLocalModel(b.path)).identity, first);
+    // Moved (rename keeps the time): the same identity.
+    const moved = path.join(dir, 'id-moved.gguf');
+    fs.renameSync(a.path, moved);
+    assert.equal((await validateLocalModel(moved)).identity, first);
+    // Rewritten in place with the same bytes but at another time: a new identity (a changed file is not trusted).
+    fs.utimesSync(moved, at, new Date('2026-01-02T03:04:06Z'));
+    assert.notEqual((await validateLocalModel(moved)).identity, first);
   });
 
   test('the GGUF header reads back as written', () => {

@@ -128,6 +128,23 @@ describe('openai provider against a fake upstream', () => {
     }
   });
 
+  test('a finish_reason other than stop or length ends the reply as stop, marked not to be cached', async () => {
+    for (const finishReason of ['content_filter', 'tool_calls'] as const) {
+      reset();
+      fake.setHandler((ex) => streamReply(ex, { tokens: ['no'], finishReason, usage: { promptTokens: 3, completionTokens: 1 } }));
+      const reported = await collect(openai(fake.baseUrl));
+      assert.deepEqual(reported.result, {
+        finishReason: 'stop',
+        usage: { promptTokens: 3, completionTokens: 1 },
+        usageSource: 'reported',
+        uncacheable: `finish_reason ${finishReason}`,
+      });
+      reset();
+      fake.setHandler((ex) => streamReply(ex, { tokens: ['no'], finishReason, usage: false }));
+      assert.equal((await collect(openai(fake.baseUrl))).result?.uncacheable, `finish_reason ${finishReason}`);
+    }
+  });
+
   test('maps finish_reason length to length, and sends no max_tokens or temperature the request did not set', async () => {
     reset();
     fake.setHandler((ex) => streamReply(ex, { tokens: ['a', 'b'], finishReason: 'length', usage: { promptTokens: 3, completionTokens: 2 } }));

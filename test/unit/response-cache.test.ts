@@ -206,6 +206,24 @@ test('a reply larger than the whole bound is not stored', async () => {
   }
 });
 
+test('a reply larger than the whole bound removes the older reply of its key, in memory and on disk', async () => {
+  const dir = tempDir();
+  const { log, lines } = collectLog();
+  const { cache } = openWithClock(dir, { maxBytes: 400, log });
+  await cache.put('other', reply('kept'));
+  const otherBytes = cache.stats().bytes;
+  await cache.put('k', reply('stale'));
+  // A refresh whose new reply cannot be stored: the stale one must not be served for the rest of its TTL.
+  await cache.put('k', reply('x'.repeat(1000)));
+  assert.equal(cache.get('k'), undefined);
+  assert.deepEqual(cache.get('other'), reply('kept'));
+  assert.equal(cache.stats().entries, 1);
+  assert.equal(cache.stats().bytes, otherBytes);
+  assert.deepEqual(lines.map((l) => l.level), ['warn']);
+  await cache.close();
+  assert.deepEqual(await keysOnDisk(dir), { entries: ['other'], meta: ['other'] });
+});
+
 test('putting a key again replaces its reply and its bytes', async () => {
   const dir = tempDir();
   const { cache } = openWithClock(dir);
@@ -430,5 +448,75 @@ test('after a crash that left damaged pages the store is rebuilt instead of cras
     assert.equal(fs.existsSync(path.join(dir, 'cache.corrupt', 'data.mdb')), true);
   } finally {
     await cache.close();
+  }
+});
+
+/**
+ * Runs `code` (an ES module body, with `openResponseCache`, `dir` and `reply(text)` in scope) in a child process
+ * whose files may not grow past `maxFileBytes` (RLIMIT_FSIZE, set by prlimit): LMDB's writes past it fail with
+ * EFBIG, as they would on a full disk. Returns what the child printed last, as JSON.
+ */
+function runWithFileLimit(dir: string, maxFileBytes: number, code: string): unknown {
+  const moduleUrl = new URL('../../src/cache/response-cache.js', import.meta.url).href;
+  const script = `
+    const { openResponseCache } = await import(${JSON.stringify(moduleUrl)});
+    const dir = ${JSON.stringify(path.join(dir, 'cache'))};
+    const reply = (text) => ({ chunks: [text], finishReason: 'stop', usage: { promptTokens: 1, completionTokens: 1 }, model: 'dev-1', createdAt: 1 });
+    ${code}
+  `;
+  const child = spawnSync('prlimit', [`--fsize=${maxFileBytes}`, process.execPath, '--input-type=module', '-e', script], { encoding: 'utf8' });
+  assert.equal(child.status, 0, `${child.stderr}${child.error?.message ?? ''}`);
+  return JSON.parse(child.stdout.trim().split('\n').at(-1) as string);
+}
+
+test('a put whose write fails keeps the entries it would have evicted: index, byte count and store agree', async (t) => {
+  if (spawnSync('prlimit', ['--version']).status !== 0) {
+    t.skip('needs prlimit (util-linux) to limit the file size');
+    return;
+  }
+  const dir = tempDir();
+  const options = { path: path.join(dir, 'cache'), ttlMs: 1e12, maxBytes: 64 * 1024 };
+  const keys = Array.from({ length: 10 }, (_, i) => `k${i}`);
+  const first = openResponseCache(options);
+  for (const key of keys) await first.put(key, { ...reply('x'.repeat(5000)), chunks: [`${key} ${'x'.repeat(5000)}`] });
+  const full = first.stats();
+  await first.close();
+  const fileBytes = fs.statSync(path.join(dir, 'cache', 'data.mdb')).size;
+
+  // The new reply needs most of the bound: the put evicts the oldest entries, and its write needs pages past the
+  // end of the file, which it may not grow. LMDB aborts the whole transaction, evictions included.
+  const seen = runWithFileLimit(
+    dir,
+    fileBytes,
+    `
+    const cache = openResponseCache({ path: dir, ttlMs: 1e12, maxBytes: ${options.maxBytes} });
+    const before = cache.stats();
+    let error = null;
+    try {
+      await cache.put('big', reply('y'.repeat(40 * 1024)));
+    } catch (err) {
+      error = err.message;
+    }
+    const after = cache.stats();
+    const served = ${JSON.stringify(keys)}.filter((key) => cache.get(key)?.chunks[0].startsWith(key + ' '));
+    const big = cache.get('big') !== undefined;
+    await cache.close().catch(() => {});
+    console.log(JSON.stringify({ error, before: [before.entries, before.bytes], after: [after.entries, after.bytes], served, big }));
+  `,
+  );
+  assert.deepEqual(seen, {
+    error: 'Commit failed (see commitError for details)',
+    before: [full.entries, full.bytes],
+    after: [full.entries, full.bytes],
+    served: keys,
+    big: false,
+  });
+
+  const again = openResponseCache(options);
+  try {
+    assert.deepEqual([again.stats().entries, again.stats().bytes], [full.entries, full.bytes]);
+    assert.equal(again.get('big'), undefined);
+  } finally {
+    await again.close();
   }
 });
