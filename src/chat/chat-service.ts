@@ -228,6 +228,10 @@ export function createChatService(options: ChatServiceOptions): ChatService {
 
   function listen(task: Task, flight: Flight, reservation: TokenReservation | null, promptTokens: number, storedReplyId?: string): void {
     const listener: FlightListener & { cancel(): void } = {
+      onStart: () => {
+        task.startedAt ??= flight.startedAt ?? performance.now();
+        task.markRunning();
+      },
       onChunk: (text, replayed) => {
         const first = task.firstTokenAt === null;
         task.startedAt ??= flight.startedAt ?? performance.now();

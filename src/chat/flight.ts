@@ -6,6 +6,8 @@ export type FlightOutcome =
   | { kind: 'error'; error: AppError };
 
 export interface FlightListener {
+  /** A worker has started the call (told at once to a listener that attaches after). */
+  onStart(): void;
   /** `replayed` is true for chunks the flight had before this listener attached. */
   onChunk(text: string, replayed: boolean): void;
   onOutcome(outcome: FlightOutcome): void;
@@ -54,6 +56,7 @@ export class Flight {
 
   /** Attaches a listener (that already holds): replays what the flight has, then streams live. */
   attach(listener: FlightListener): void {
+    if (this.startedAt !== null) listener.onStart();
     for (const chunk of this.chunks) listener.onChunk(chunk, true);
     if (this.outcome) {
       listener.onOutcome(this.outcome);
@@ -67,7 +70,9 @@ export class Flight {
   }
 
   started(): void {
-    this.startedAt ??= performance.now();
+    if (this.startedAt !== null || this.ended) return;
+    this.startedAt = performance.now();
+    for (const l of this.listeners) l.onStart();
   }
 
   chunk(text: string): void {

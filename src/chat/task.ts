@@ -148,6 +148,11 @@ export class Task {
     readonly cached: boolean,
   ) {}
 
+  /** A worker has started the model call: `task.get` says running from now on, before the first token. */
+  markRunning(): void {
+    if (this.status === 'queued' && !this.ending) this.status = 'running';
+  }
+
   /** Adds model text; `coalesce` false keeps it a delta of its own (a replay keeps its chunk boundaries). */
   pushDelta(text: string, coalesce = true): void {
     if (this.ending || text.length === 0) return;

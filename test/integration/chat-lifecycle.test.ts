@@ -179,3 +179,31 @@ test('restarting on the same data dir keeps the history', async (t) => {
   assert.equal((task.task as { text: string }).text, text);
   await d.close();
 });
+
+test('task.get says queued while a chat waits for a worker and running once a worker has started it, before its first token', async (t) => {
+  // One worker that runs one call at a time, and a first token a minute away: nothing here races the tokens.
+  const server = await startServer({ devTokenDelayMs: 60_000, workerThreads: 1, tasksPerWorker: 1 });
+  t.after(() => server.close());
+  const c = await WsClient.connect(server.ws, { user: 'status' });
+  const first = await c.request({ type: 'chat.send', text: 'first in line', cache: 'bypass' });
+  const second = await c.request({ type: 'chat.send', text: 'second in line', cache: 'bypass' });
+  const status = async (taskId: unknown) => (await c.request({ type: 'task.get', taskId })).task as { status: string; seq: number; text: string };
+
+  // The worker's start reaches the main thread a moment after the ack.
+  const deadline = Date.now() + 20_000;
+  let running = await status(first.taskId);
+  while (running.status === 'queued' && Date.now() < deadline) {
+    await new Promise((resolve) => setTimeout(resolve, 10));
+    running = await status(first.taskId);
+  }
+  assert.deepEqual(running, { ...running, status: 'running', seq: 0, text: '' });
+  assert.equal((await status(second.taskId)).status, 'queued');
+
+  // Cancelled while waiting: it never ran.
+  await c.request({ type: 'chat.cancel', taskId: second.taskId });
+  assert.equal((await c.collect(second.taskId as string)).end.finishReason, 'cancelled');
+  assert.equal((await status(second.taskId)).status, 'cancelled');
+  await c.request({ type: 'chat.cancel', taskId: first.taskId });
+  assert.equal((await c.collect(first.taskId as string)).end.finishReason, 'cancelled');
+  await c.close();
+});
