@@ -87,7 +87,7 @@ export function attachSocketIO(app: TemplatedApp, deps: TransportDeps): SocketIO
   const framesIn = metrics.framesIn.tally('socket.io');
   const io = new SocketIOServer({
     // Read frames and polling bodies past our limit whole (up to the ceiling /ws has): refuseOversized answers
-    // them with payload_too_large and 1009, as /ws does, where engine.io's own limit would drop the connection.
+    // them with payload_too_large and 1009, as /ws does, where engine.io's own limit at our limit would drop them.
     maxHttpBufferSize: frameReadCeiling(config.maxFrameBytes),
     pingInterval: 25_000,
     pingTimeout: 20_000,

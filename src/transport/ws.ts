@@ -16,13 +16,13 @@ interface SocketData {
 }
 
 /**
- * The largest frame uWS reads whole for us (its maxPayloadLength), so that a frame over our limit gets
- * payload_too_large and close 1009 instead of uWS's abrupt drop (1006) of anything past its own limit: 16 MiB
- * (the largest CHATWIRE_MAX_FRAME_BYTES allowed), or four times the limit if that is more. uWS holds a frame's
- * bytes only as they arrive, so a sender pays in bandwidth for the memory it makes us hold.
+ * The largest frame uWS reads whole for us (its maxPayloadLength): four times our limit, so that a frame over the
+ * limit but under this gets payload_too_large and close 1009 instead of uWS's abrupt drop (1006) of anything past
+ * its own limit. Not more: uWS holds a frame's bytes as they arrive, and an engine.io connection exists before any
+ * credentials are checked, so this is memory anyone can make a connection hold.
  */
 export function frameReadCeiling(maxFrameBytes: number): number {
-  return Math.max(4 * maxFrameBytes, 16 * 1024 * 1024);
+  return 4 * maxFrameBytes;
 }
 
 export function newConnectionId(): string {
