@@ -665,7 +665,7 @@ export function buildOpenApi(version: string): Json {
       schemas: componentSchemas(),
       responses: responseComponents(),
       headers: {
-        RateLimit: { description: 'IETF draft RateLimit field: per bucket (`messages`, `chats`, `tokens`) the units available now `r`, and `t`: the seconds within which no more than `r` can be used (until the next unit drips in; on a 429, `Retry-After`)', schema: { type: 'string' }, example: '"messages";r=49;t=1, "chats";r=59;t=1, "tokens";r=20000;t=1' },
+        RateLimit: { description: 'IETF draft RateLimit field: per bucket (`messages`, `chats`, `tokens`) the units available now `r`, and `t`: the seconds within which no more than `r` can be used (until the next unit drips in; on a 429 from `messages` or `chats`, `Retry-After`; a chat needs `r` of `tokens` at least its maxTokens)', schema: { type: 'string' }, example: '"messages";r=49;t=1, "chats";r=59;t=1, "tokens";r=20000;t=1' },
         'RateLimit-Policy': {
           description: 'IETF draft RateLimit-Policy field: per bucket the quota `q` and window `w` in seconds',
           schema: { type: 'string' },

@@ -53,12 +53,12 @@ export function retryAfterMsOf(headers: Headers | undefined, now = Date.now()): 
   return Number.isNaN(date) ? undefined : Math.max(0, date - now);
 }
 
-/** The choice with index 0 (the one chatwire asks for), else the first: without a closure per chunk. */
 /** A usage count as the protocol carries it (and SQLite stores it): a whole number >= 0. */
 function isTokenCount(value: unknown): value is number {
   return Number.isSafeInteger(value) && (value as number) >= 0;
 }
 
+/** The choice with index 0 (the one chatwire asks for), else the first: without a closure per chunk. */
 function firstChoice(choices: ChatCompletionChunk['choices'] | undefined): ChatCompletionChunk['choices'][number] | undefined {
   if (!choices) return undefined;
   for (let i = 0; i < choices.length; i++) if ((choices[i] as ChatCompletionChunk['choices'][number]).index === 0) return choices[i];
