@@ -28,6 +28,7 @@ import { createMetrics, type Metrics } from './metrics/metrics.js';
 import { AppError } from './protocol/index.js';
 import type { TransportDeps } from './transport/deps.js';
 import { startHttpServer, type HttpServer } from './transport/server.js';
+import { lockDataDir } from './db/data-dir-lock.js';
 
 export interface App {
   readonly port: number;
@@ -47,8 +48,10 @@ export { DATABASE_FILE_NAME as SQLITE_FILE } from './db/data-file.js';
 export async function createApp(config: Config, options: AppOptions): Promise<App> {
   const { log } = options;
   fs.mkdirSync(config.dataPath, { recursive: true });
+  // First: a second server on this dir stops here, before it touches the first one's database or cache.
+  const dataDirLock = lockDataDir(config.dataPath);
   const metrics = createMetrics();
-  const closers: (() => Promise<void> | void)[] = [];
+  const closers: (() => Promise<void> | void)[] = [() => dataDirLock.release()];
   const closeAll = async () => {
     for (const close of closers.reverse()) {
       try {

@@ -2,6 +2,7 @@ import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import net from 'node:net';
+import path from 'node:path';
 import { test } from 'node:test';
 import { WsClient } from '../helpers/clients.js';
 import { MAIN, startProcess } from '../helpers/process.js';
@@ -85,6 +86,43 @@ test('an empty number, data dir or origin list stops the start (exit 2) instead 
     const { code, stderr } = await startFailure({ [name]: value });
     assert.equal(code, 2, `${name}=${JSON.stringify(value)} should stop the start; stderr: ${stderr}`);
     assert.match(stderr, new RegExp(`^chatwire: invalid configuration: ${name}=${JSON.stringify(value)}: `));
+  }
+});
+
+test('a second server on a data dir in use stops before touching it; a lock left by a dead process is taken over', async () => {
+  const dataDir = tempDataDir();
+  try {
+    const first = await startProcess({ CHATWIRE_DATA_DIR: dataDir, CHATWIRE_DEV_TOKEN_DELAY_MS: '200' });
+    try {
+      const c = await WsClient.connect(first.ws, { user: 'owner' });
+      await c.nextOfType('hello');
+      const ack = await c.request({ type: 'chat.send', text: 'keep running', params: { maxTokens: 20 } });
+      await c.nextOfType('chat.delta');
+      const second = startProcess({ CHATWIRE_DATA_DIR: dataDir });
+      await assert.rejects(second, (err: Error) => {
+        assert.match(err.message, /^chatwire exited \(1\) before listening/);
+        assert.match(err.message, new RegExp(`data dir .* is in use by another chatwire process \\(pid ${first.child.pid}`));
+        return true;
+      });
+      // The first one's running task was not marked failed by the second's start: it finishes.
+      const { end } = await c.collect(ack.taskId as string);
+      assert.equal(end.type, 'chat.done');
+      assert.equal(end.finishReason, 'length');
+      await c.close();
+    } finally {
+      await first.stop();
+    }
+    assert.equal(fs.existsSync(path.join(dataDir, 'chatwire.pid')), false, 'a clean stop removes the lock');
+
+    // A lock whose process is gone (as after SIGKILL) does not stop the next start.
+    const gone = spawn(process.execPath, ['-e', '']);
+    await new Promise((resolve) => gone.once('exit', resolve));
+    fs.writeFileSync(path.join(dataDir, 'chatwire.pid'), `${gone.pid}\n`);
+    const next = await startProcess({ CHATWIRE_DATA_DIR: dataDir });
+    assert.equal(fs.readFileSync(path.join(dataDir, 'chatwire.pid'), 'utf8'), `${next.child.pid}\n`);
+    assert.equal((await next.stop()).code, 0);
+  } finally {
+    fs.rmSync(dataDir, { recursive: true, force: true });
   }
 });
 
