@@ -117,7 +117,7 @@ export async function createApp(config: Config, options: AppOptions): Promise<Ap
     });
     closers.push(() => limits.close());
 
-    const auth = createAuth(config.jwtSecret === undefined ? {} : { secret: config.jwtSecret, requireExp: config.jwtRequireExp });
+    const auth = createAuth(config.jwtSecret === undefined ? {} : { secret: config.jwtSecret, requireExp: config.jwtRequireExp, audience: config.jwtAudience, issuer: config.jwtIssuer });
     if (auth.mode === 'open') log.warn('open mode: no CHATWIRE_JWT_SECRET, so ?user= is trusted as the user id; set a secret in production');
     else if (auth.weakSecret) log.warn('CHATWIRE_JWT_SECRET is shorter than 32 bytes; use a longer random secret');
 

@@ -114,6 +114,8 @@ export const settings = {
   allowedOrigins: { env: 'CHATWIRE_ALLOWED_ORIGINS', schema: origins, default: '*', doc: 'origins allowed for WebSocket upgrades and CORS: `*` (any), or a comma-separated list of `scheme://host[:port]`; empty, or `*` in a list, is an error' },
   jwtSecret: { env: 'CHATWIRE_JWT_SECRET', schema: optionalText('CHATWIRE_JWT_SECRET', 'error', 'open mode'), default: undefined, doc: 'HS256 secret; unset = open mode (`?user=` trusted, a warning at start); set but empty or whitespace only is an error, never open mode' },
   jwtRequireExp: { env: 'CHATWIRE_JWT_REQUIRE_EXP', schema: bool, default: 'false', doc: 'refuse tokens without `exp` (the protocol requires only `sub`; an `exp` present is always checked)' },
+  jwtAudience: { env: 'CHATWIRE_JWT_AUDIENCE', schema: optionalText('CHATWIRE_JWT_AUDIENCE', 'error', 'no audience check'), default: undefined, doc: 'when set, a token must carry this `aud` (unset = `aud` not checked)' },
+  jwtIssuer: { env: 'CHATWIRE_JWT_ISSUER', schema: optionalText('CHATWIRE_JWT_ISSUER', 'error', 'no issuer check'), default: undefined, doc: 'when set, a token must carry this `iss` (unset = `iss` not checked)' },
   logLevel: { env: 'LOG_LEVEL', schema: z.enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']), default: 'info', doc: 'pino log level' },
 } as const;
 

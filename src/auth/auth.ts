@@ -25,6 +25,10 @@ export interface AuthOptions {
    * without one by mistake never lives forever.
    */
   requireExp?: boolean;
+  /** When set, a token's `aud` must name it (a string, or an array holding it): tokens minted for another service that shares the secret are refused. */
+  audience?: string;
+  /** When set, a token's `iss` must equal it. */
+  issuer?: string;
 }
 
 export interface IdentifyInput {
@@ -69,6 +73,8 @@ export function createAuth(options: AuthOptions = {}): Auth {
         clockTolerance: clockToleranceSec,
         currentDate: new Date(now()),
         requiredClaims,
+        ...(options.audience === undefined ? {} : { audience: options.audience }),
+        ...(options.issuer === undefined ? {} : { issuer: options.issuer }),
       }));
     } catch (err) {
       throw unauthorized(describeJoseError(err), err);
@@ -102,6 +108,8 @@ function describeJoseError(err: unknown): string {
   if (err instanceof errors.JWTClaimValidationFailed) {
     if (err.claim === 'nbf') return 'token not yet valid (nbf is in the future)';
     if (err.reason === 'missing') return `token has no ${err.claim} claim`;
+    if (err.claim === 'aud') return 'token audience (aud) is not this service';
+    if (err.claim === 'iss') return 'token issuer (iss) is not the one this service trusts';
     return `token claim ${err.claim} is invalid`;
   }
   if (err instanceof errors.JOSEAlgNotAllowed) return `token algorithm not allowed: only ${JWT_ALGORITHM} is accepted`;

@@ -164,6 +164,21 @@ describe('with CHATWIRE_JWT_SECRET set, every transport needs an HS256 token', (
     } finally {
       await strict.close();
     }
+
+    // CHATWIRE_JWT_AUDIENCE / CHATWIRE_JWT_ISSUER: a token minted for another service sharing the secret is refused.
+    const scoped = await startServer({ jwtSecret: SECRET, jwtAudience: 'chatwire', jwtIssuer: 'https://id.example' });
+    try {
+      const mint = (aud: string) =>
+        new SignJWT({}).setProtectedHeader({ alg: 'HS256' }).setSubject('alice').setAudience(aud).setIssuer('https://id.example').setExpirationTime(nowSec() + 3600).sign(new TextEncoder().encode(SECRET));
+      assert.equal((await fetch(`${scoped.http}/v1/requests?limit=1`, { headers: bearer(await mint('chatwire')) })).status, 200);
+      const res = await fetch(`${scoped.http}/v1/requests?limit=1`, { headers: bearer(await mint('billing')) });
+      assert.equal(res.status, 401);
+      assert.equal(((await res.json()) as ErrorBody).error.message, 'token audience (aud) is not this service');
+      const refusal = await refusedUpgrade(`${scoped.ws}?token=${await mint('billing')}`);
+      assert.equal(refusal.status, 401);
+    } finally {
+      await scoped.close();
+    }
   });
 
   test('a missing, bad, expired, alg-none, wrong-secret or tampered token refuses the /ws upgrade with 401 before any socket opens', async () => {

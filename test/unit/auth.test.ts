@@ -100,6 +100,23 @@ test('a token without sub is refused; one without exp is accepted unless require
   await assertUnauthorized(auth.identify({ token: badExp, connectionId: 'c1' }), 'token claim exp is invalid');
 });
 
+test('with an audience and an issuer set, a token must carry both; without them aud and iss are not checked', async () => {
+  const strict = createAuth({ secret: SECRET, now, audience: 'chatwire', issuer: 'https://id.example' });
+  const exp = NOW_SEC + 60;
+  const good = await sign({ sub: 'alice', exp, aud: 'chatwire', iss: 'https://id.example' });
+  assert.deepEqual(await strict.identify({ token: good, connectionId: 'c1' }), { userId: 'alice', role: 'consumer' });
+  const inList = await sign({ sub: 'alice', exp, aud: ['billing', 'chatwire'], iss: 'https://id.example' });
+  assert.equal((await strict.identify({ token: inList, connectionId: 'c1' })).userId, 'alice');
+  const otherAud = await sign({ sub: 'alice', exp, aud: 'billing', iss: 'https://id.example' });
+  await assertUnauthorized(strict.identify({ token: otherAud, connectionId: 'c1' }), 'token audience (aud) is not this service');
+  const otherIss = await sign({ sub: 'alice', exp, aud: 'chatwire', iss: 'https://evil.example' });
+  await assertUnauthorized(strict.identify({ token: otherIss, connectionId: 'c1' }), 'token issuer (iss) is not the one this service trusts');
+  const neither = await sign({ sub: 'alice', exp });
+  await assert.rejects(strict.identify({ token: neither, connectionId: 'c1' }), (err: AppError) => err.code === 'unauthorized');
+  // The default: a token for another service that shares the secret is accepted (documented).
+  assert.equal((await jwtAuth().identify({ token: otherAud, connectionId: 'c1' })).userId, 'alice');
+});
+
 test('a sub that is empty, too long, or not a string is refused', async () => {
   const auth = jwtAuth();
   for (const sub of ['', 'x'.repeat(129), 'line\nbreak']) {
