@@ -41,18 +41,21 @@ const role = RoleSchema.safeParse(values.role);
 if (!role.success) fail(`--role must be one of ${RoleSchema.options.join(', ')}`);
 const ttlSec = Number(values.ttl);
 if (!Number.isInteger(ttlSec) || ttlSec < 1) fail('--ttl must be a whole number of seconds >= 1');
-function configuredSecret(): string | undefined {
+function configured(): { jwtSecret?: string; jwtAudience?: string; jwtIssuer?: string } {
   try {
-    return loadConfig().jwtSecret;
+    return loadConfig();
   } catch (err) {
     fail((err as Error).message);
   }
 }
-const secret = values.secret ?? configuredSecret();
+const config = configured();
+const secret = values.secret ?? config.jwtSecret;
 if (secret === undefined) fail('no secret: set CHATWIRE_JWT_SECRET or pass --secret');
 
 try {
-  process.stdout.write(`${await signToken({ secret, sub: sub.data, role: role.data, ttlSec })}\n`);
+  // The audience and issuer the server checks, when it checks them (CHATWIRE_JWT_AUDIENCE / CHATWIRE_JWT_ISSUER).
+  const token = await signToken({ secret, sub: sub.data, role: role.data, ttlSec, audience: config.jwtAudience, issuer: config.jwtIssuer });
+  process.stdout.write(`${token}\n`);
 } catch (err) {
   fail(`cannot sign: ${(err as Error).message}`);
 }

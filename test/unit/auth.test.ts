@@ -207,6 +207,13 @@ test('scripts/token prints a token the server accepts', async () => {
   assert.equal(viaEnv.status, 0, viaEnv.stderr);
   assert.deepEqual(await createAuth({ secret: SECRET }).identify({ token: viaEnv.stdout.trim(), connectionId: 'c1' }), { userId: 'erin', role: 'consumer' });
 
+  // A server that checks aud and iss accepts the token too: the script signs with the configured ones.
+  const scopedEnv = { PATH: process.env.PATH, CHATWIRE_JWT_SECRET: SECRET, CHATWIRE_JWT_AUDIENCE: 'chatwire', CHATWIRE_JWT_ISSUER: 'https://id.example' };
+  const scoped = spawnSync(process.execPath, [script, '--sub', 'erin'], { encoding: 'utf8', env: scopedEnv });
+  assert.equal(scoped.status, 0, scoped.stderr);
+  const scopedAuth = createAuth({ secret: SECRET, audience: 'chatwire', issuer: 'https://id.example' });
+  assert.deepEqual(await scopedAuth.identify({ token: scoped.stdout.trim(), connectionId: 'c1' }), { userId: 'erin', role: 'consumer' });
+
   const noSecret = spawnSync(process.execPath, [script, '--sub', 'erin'], { encoding: 'utf8', env: { PATH: process.env.PATH } });
   assert.equal(noSecret.status, 2);
   assert.match(noSecret.stderr, /no secret: set CHATWIRE_JWT_SECRET or pass --secret/);
