@@ -48,9 +48,9 @@ export { DATABASE_FILE_NAME as SQLITE_FILE } from './db/data-file.js';
 export async function createApp(config: Config, options: AppOptions): Promise<App> {
   const { log } = options;
   fs.mkdirSync(config.dataPath, { recursive: true });
+  const metrics = createMetrics();
   // First: a second server on this dir stops here, before it touches the first one's database or cache.
   const dataDirLock = lockDataDir(config.dataPath);
-  const metrics = createMetrics();
   const closers: (() => Promise<void> | void)[] = [() => dataDirLock.release()];
   const closeAll = async () => {
     for (const close of closers.reverse()) {
