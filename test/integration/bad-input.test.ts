@@ -101,6 +101,11 @@ describe('bad input', () => {
 
   test('a frame over the limit gets payload_too_large and the socket closes with 1009', async () => {
     // Up to four times the limit (4096 here) a frame is read whole and refused; past that uWS drops it (1006).
+    const far = await WsClient.connect(server.ws, { user: 'big' });
+    await far.nextOfType('hello');
+    far.send({ type: 'chat.send', text: 'x'.repeat(17_000) });
+    assert.equal(await far.closed, 1006, 'past four times the limit the frame is not read: nothing is held for it');
+    assert.deepEqual(far.received.filter((m) => m.type !== 'hello'), []);
     for (const size of [5000, 16_000]) {
       const c = await WsClient.connect(server.ws, { user: 'big' });
       await c.nextOfType('hello');
@@ -115,6 +120,11 @@ describe('bad input', () => {
   });
 
   test('over socket.io a message over the limit gets payload_too_large and the websocket closes with 1009, as on /ws', async () => {
+    // Past four times the limit engine.io's socket does not read it either (the connection is dropped, 1006).
+    const far = await RawSocketIO.connect(server.http, { user: 'sio-big' });
+    await far.next((p) => p.startsWith('42["hello"'));
+    far.emit('chat.send', { text: 'x'.repeat(17_000) });
+    assert.equal(await far.closed, 1006);
     for (const size of [5000, 16_000]) {
       const raw = await RawSocketIO.connect(server.http, { user: 'sio-big' });
       await raw.next((p) => p.startsWith('42["hello"'));
