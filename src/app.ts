@@ -119,6 +119,12 @@ export async function createApp(config: Config, options: AppOptions): Promise<Ap
 
     const auth = createAuth(config.jwtSecret === undefined ? {} : { secret: config.jwtSecret, requireExp: config.jwtRequireExp, audience: config.jwtAudience, issuer: config.jwtIssuer });
     if (auth.mode === 'open') log.warn('open mode: no CHATWIRE_JWT_SECRET, so ?user= is trusted as the user id; set a secret in production');
+    const unusedJwtSettings = [
+      config.jwtRequireExp ? 'CHATWIRE_JWT_REQUIRE_EXP' : null,
+      config.jwtAudience !== undefined ? 'CHATWIRE_JWT_AUDIENCE' : null,
+      config.jwtIssuer !== undefined ? 'CHATWIRE_JWT_ISSUER' : null,
+    ].filter((name) => name !== null);
+    if (auth.mode === 'open' && unusedJwtSettings.length > 0) log.warn({ settings: unusedJwtSettings }, 'these token settings do nothing without CHATWIRE_JWT_SECRET');
     else if (auth.weakSecret) log.warn('CHATWIRE_JWT_SECRET is shorter than 32 bytes; use a longer random secret');
 
     const marketplace = createMarketplaceService({ db, batching: config.dbBatching });

@@ -410,8 +410,17 @@ describe('open mode (no CHATWIRE_JWT_SECRET)', () => {
     try {
       const warnings = open.lines.filter((l) => l.level === 40).map((l) => l.msg as string);
       assert.equal(warnings.filter((m) => /open mode/.test(m)).length, 1, JSON.stringify(warnings));
+      assert.equal(warnings.filter((m) => /token settings/.test(m)).length, 0, JSON.stringify(warnings));
     } finally {
       await open.close();
+    }
+    // Token settings without a secret would silently do nothing: said at start.
+    const openScoped = await startWithLog({ jwtAudience: 'chatwire', jwtRequireExp: true });
+    try {
+      const warning = openScoped.lines.find((l) => l.level === 40 && /token settings do nothing/.test(l.msg as string));
+      assert.deepEqual(warning?.settings, ['CHATWIRE_JWT_REQUIRE_EXP', 'CHATWIRE_JWT_AUDIENCE']);
+    } finally {
+      await openScoped.close();
     }
     const secured = await startWithLog({ jwtSecret: SECRET });
     try {
