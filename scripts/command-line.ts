@@ -3,8 +3,10 @@
  * parsed strictly with a usage line, and the data dir resolved the way the
  * server resolves it.
  */
+import fs from 'node:fs';
 import { parseArgs, type ParseArgsConfig } from 'node:util';
 import { ConfigError, loadConfig } from '../src/config.js';
+import { lockDataDir, type DataDirLock } from '../src/db/data-dir-lock.js';
 import { databaseFile } from '../src/db/data-file.js';
 
 /** Writes `message` on stderr and exits with `code` (2: the command line or the settings are wrong). */
@@ -38,5 +40,15 @@ export function databaseFileOf(dataDir: string | undefined): string {
   } catch (err) {
     if (err instanceof ConfigError) fail(err.message);
     throw err;
+  }
+}
+
+/** Takes the data dir's lock (src/db/data-dir-lock.ts), or stops with its message: exit 1. */
+export function lockOrFail(dataPath: string): DataDirLock {
+  try {
+    fs.mkdirSync(dataPath, { recursive: true });
+    return lockDataDir(dataPath);
+  } catch (err) {
+    fail((err as Error).message, 1);
   }
 }

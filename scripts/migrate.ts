@@ -4,9 +4,10 @@
  * The data dir is --data-dir, else CHATWIRE_DATA_DIR (read through loadConfig, default ./data).
  */
 import fs from 'node:fs';
+import path from 'node:path';
 import { Database } from '../src/db/database.js';
 import { defaultMigrationsDir, migrate, MigrationError, migrationStatus, readMigrations } from '../src/db/migrate.js';
-import { databaseFileOf, fail, parseCommandLine } from './command-line.js';
+import { databaseFileOf, fail, lockOrFail, parseCommandLine } from './command-line.js';
 
 const usage = 'usage: npm run migrate [-- --status] [--data-dir <dir>]';
 
@@ -23,6 +24,8 @@ if (values.status && !fs.existsSync(file)) {
   process.stdout.write(`0 applied, ${files.length} pending\n`);
   process.exit(0);
 }
+// Applying takes the data dir's lock: never under a running server, which would not see the schema change.
+const lock = values.status ? null : lockOrFail(path.dirname(file));
 const db = new Database(file);
 try {
   if (values.status) {
@@ -49,7 +52,9 @@ try {
   }
 } catch (err) {
   db.close();
+  lock?.release();
   if (err instanceof MigrationError) fail(`migration stopped: ${err.message}`, 1);
   throw err;
 }
 db.close();
+lock?.release();

@@ -5,10 +5,11 @@
  * The data dir is --data-dir, else CHATWIRE_DATA_DIR (read through loadConfig, default ./data).
  * Prints progress on stderr and one JSON line with the counts and the time on stdout.
  */
+import path from 'node:path';
 import { Database } from '../src/db/database.js';
 import { seedMarketplace, SeedTargetNotEmptyError } from '../src/db/marketplace-seed.js';
 import { migrate, MigrationError } from '../src/db/migrate.js';
-import { databaseFileOf, fail, parseCommandLine } from './command-line.js';
+import { databaseFileOf, fail, lockOrFail, parseCommandLine } from './command-line.js';
 
 const usage = 'usage: npm run seed -- [--consumers N] [--providers N] [--requests N] [--seed S] [--data-dir <dir>]';
 
@@ -31,6 +32,9 @@ const providers = count('providers', values.providers ?? String(Math.max(1, Math
 const seed = count('seed', values.seed, 0);
 
 const file = databaseFileOf(values['data-dir']);
+// The seed's one transaction holds SQLite's write lock for its whole run: never under a running server.
+const lock = lockOrFail(path.dirname(file));
+process.on('exit', () => lock.release());
 const db = new Database(file);
 try {
   migrate(db);

@@ -25,8 +25,13 @@ export interface DataDirLock {
  */
 export function lockDataDir(dataPath: string): DataDirLock {
   const file = path.join(dataPath, LOCK_FILE_NAME);
-  // timeout 0: a lock held by another process is an answer now, not something to wait for.
-  const db = new BetterSqlite3(file, { timeout: 0 });
+  let db: BetterSqlite3.Database;
+  try {
+    // timeout 0: a lock held by another process is an answer now, not something to wait for.
+    db = new BetterSqlite3(file, { timeout: 0 });
+  } catch (err) {
+    throw new Error(`cannot take the lock on ${file}: ${(err as Error).message} (is the data dir writable?)`, { cause: err });
+  }
   try {
     db.pragma('locking_mode = EXCLUSIVE');
     db.exec('BEGIN EXCLUSIVE');
@@ -38,15 +43,22 @@ export function lockDataDir(dataPath: string): DataDirLock {
   } catch (err) {
     db.close();
     if ((err as { code?: string }).code === 'SQLITE_BUSY') {
+      // SQLite reports a file system that refuses POSIX locks (some network mounts) as busy too.
       throw new DataDirInUseError(
-        `the data dir ${dataPath} is in use by another chatwire process (it holds the lock on ${file}); stop it first, or give this one its own CHATWIRE_DATA_DIR`,
+        `the data dir ${dataPath} is in use by another chatwire process (it holds the lock on ${file}); stop it first, or give this one its own CHATWIRE_DATA_DIR (if no chatwire runs there, the file system does not support POSIX locks: use a local one)`,
       );
     }
-    throw err;
+    throw new Error(`cannot take the lock on ${file}: ${(err as Error).message} (is the data dir writable?)`, { cause: err });
   }
+  // Held here as well as by the caller: better-sqlite3 closes a connection that is garbage-collected, and with it
+  // the lock.
+  held.add(db);
   return {
     release() {
+      held.delete(db);
       if (db.open) db.close();
     },
   };
 }
+
+const held = new Set<BetterSqlite3.Database>();

@@ -7,11 +7,13 @@ import path from 'node:path';
 import { test } from 'node:test';
 import { fileURLToPath } from 'node:url';
 import { promisify } from 'node:util';
+import { lockDataDir } from '../../src/db/data-dir-lock.js';
 import { Database } from '../../src/db/database.js';
 import { defaultMigrationsDir, migrate, MigrationError, migrationStatus } from '../../src/db/migrate.js';
 
 const run = promisify(execFile);
 const migrateScript = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../scripts/migrate.js');
+const seedScript = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../scripts/seed.js');
 
 function tempDir(t: { after(fn: () => void): void }): string {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'chatwire-migrate-'));
@@ -121,6 +123,18 @@ test('npm run migrate -- --status lists pending migrations; plain migrate applie
 
   const again = await run(process.execPath, [migrateScript], { env });
   assert.equal(again.stdout, `database ${path.join(dataDir, 'chatwire.sqlite')} is up to date\n`);
+
+  // While a server holds the data dir, applying (and seeding) stops at once; looking still works.
+  const lock = lockDataDir(dataDir);
+  t.after(() => lock.release());
+  const held = await run(process.execPath, [migrateScript], { env }).catch((err: { code: number; stderr: string }) => err);
+  assert.equal((held as { code: number }).code, 1);
+  assert.match((held as { stderr: string }).stderr, /^the data dir .* is in use by another chatwire process/);
+  const seeding = await run(process.execPath, [seedScript, '--requests', '10'], { env }).catch((err: { code: number; stderr: string }) => err);
+  assert.equal((seeding as { code: number }).code, 1);
+  assert.match((seeding as { stderr: string }).stderr, /^the data dir .* is in use by another chatwire process/);
+  const looked = await run(process.execPath, [migrateScript, '--status'], { env });
+  assert.match(looked.stdout, new RegExp(`^${files.length} applied, 0 pending$`, 'm'));
 });
 
 test('npm run migrate stops with exit code 1 and a clear message when an applied migration no longer matches its file', async (t) => {
