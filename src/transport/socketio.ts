@@ -4,8 +4,8 @@ import type { Identity } from '../auth/identity.js';
 import type { Sink } from '../chat/task.js';
 import { AppError, JsonText, PROTOCOL_VERSION, toAppError, toJson, type OutgoingMessage, type ServerMessage } from '../protocol/index.js';
 import type { TransportDeps } from './deps.js';
-import { echoableId, errorMessage, holdRefusal, Session } from './session.js';
-import { frameReadCeiling, newConnectionId } from './ws.js';
+import { echoableId, holdRefusal, Session } from './session.js';
+import { frameReadCeiling, frameTooLarge, newConnectionId } from './ws.js';
 
 interface SocketState {
   connectionId: string;
@@ -122,8 +122,7 @@ export function attachSocketIO(app: TemplatedApp, deps: TransportDeps): SocketIO
 
   function refuseOversized(conn: EngineConnection, bytes: number): void {
     if (conn.readyState !== 'open') return;
-    const error = errorMessage(new AppError('payload_too_large', `frame of ${bytes} bytes is over the ${config.maxFrameBytes}-byte limit`), undefined);
-    conn.write(`2["error",${toJson(error)}]`);
+    conn.write(`2["error",${toJson(frameTooLarge(bytes, config.maxFrameBytes))}]`);
     framesOut.inc();
     const ws = conn.transport.name === 'websocket' ? conn.transport.socket : undefined;
     if (ws?.end) {

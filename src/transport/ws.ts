@@ -2,7 +2,7 @@ import uWS, { type HttpRequest, type HttpResponse, type TemplatedApp, type WebSo
 import { parseSubprotocols } from '../auth/credentials.js';
 import type { Identity } from '../auth/identity.js';
 import type { Sink } from '../chat/task.js';
-import { AppError, PROTOCOL_VERSION, toAppError, toJson, type OutgoingMessage } from '../protocol/index.js';
+import { AppError, PROTOCOL_VERSION, toAppError, toJson, type ErrorMessage, type OutgoingMessage } from '../protocol/index.js';
 import { randomBase64url } from '../random-id.js';
 import { captureRequest, errorBody, STATUS_TEXT } from './http-io.js';
 import { FLOOD_CLOSE_CODE, holdRefusal, Session, errorMessage, type Verdict } from './session.js';
@@ -23,6 +23,11 @@ interface SocketData {
  */
 export function frameReadCeiling(maxFrameBytes: number): number {
   return 4 * maxFrameBytes;
+}
+
+/** The error reply to a frame over the limit (the socket is closed with 1009 after it): /ws and socket.io alike. */
+export function frameTooLarge(bytes: number, maxFrameBytes: number): ErrorMessage {
+  return errorMessage(new AppError('payload_too_large', `frame of ${bytes} bytes is over the ${maxFrameBytes}-byte limit`), undefined);
 }
 
 export function newConnectionId(): string {
@@ -144,7 +149,7 @@ export function attachWebSocket(app: TemplatedApp, deps: TransportDeps, track: {
         send(ws, m);
       };
       if (message.byteLength > config.maxFrameBytes) {
-        send(ws, errorMessage(new AppError('payload_too_large', `frame of ${message.byteLength} bytes is over the ${config.maxFrameBytes}-byte limit`), undefined));
+        send(ws, frameTooLarge(message.byteLength, config.maxFrameBytes));
         data.closed = true;
         ws.end(1009, 'frame too large');
         return;
