@@ -3,7 +3,6 @@
  * parsed strictly with a usage line, and the data dir resolved the way the
  * server resolves it.
  */
-import fs from 'node:fs';
 import { parseArgs, type ParseArgsConfig } from 'node:util';
 import { ConfigError, loadConfig } from '../src/config.js';
 import { lockDataDir, type DataDirLock } from '../src/db/data-dir-lock.js';
@@ -46,7 +45,6 @@ export function databaseFileOf(dataDir: string | undefined): string {
 /** Takes the data dir's lock (src/db/data-dir-lock.ts), or stops with its message: exit 1. */
 export function lockOrFail(dataPath: string): DataDirLock {
   try {
-    fs.mkdirSync(dataPath, { recursive: true });
     return lockDataDir(dataPath);
   } catch (err) {
     fail((err as Error).message, 1);

@@ -3,7 +3,6 @@
  * model pool, the chat service, limits, auth and the transport. Tests and
  * benchmarks start a real server with createApp(config) on port 0.
  */
-import fs from 'node:fs';
 import path from 'node:path';
 import type { Logger } from 'pino';
 import { createAuth } from './auth/auth.js';
@@ -47,9 +46,9 @@ export { DATABASE_FILE_NAME as SQLITE_FILE } from './db/data-file.js';
 
 export async function createApp(config: Config, options: AppOptions): Promise<App> {
   const { log } = options;
-  fs.mkdirSync(config.dataPath, { recursive: true });
   const metrics = createMetrics();
-  // First: a second server on this dir stops here, before it touches the first one's database or cache.
+  // First (it also creates the dir): a second server on this dir stops here, before it touches the first one's
+  // database or cache.
   const dataDirLock = lockDataDir(config.dataPath);
   const closers: (() => Promise<void> | void)[] = [() => dataDirLock.release()];
   const closeAll = async () => {
@@ -118,14 +117,15 @@ export async function createApp(config: Config, options: AppOptions): Promise<Ap
     closers.push(() => limits.close());
 
     const auth = createAuth(config.jwtSecret === undefined ? {} : { secret: config.jwtSecret, requireExp: config.jwtRequireExp, audience: config.jwtAudience, issuer: config.jwtIssuer });
-    if (auth.mode === 'open') log.warn('open mode: no CHATWIRE_JWT_SECRET, so ?user= is trusted as the user id; set a secret in production');
-    const unusedJwtSettings = [
-      config.jwtRequireExp ? 'CHATWIRE_JWT_REQUIRE_EXP' : null,
-      config.jwtAudience !== undefined ? 'CHATWIRE_JWT_AUDIENCE' : null,
-      config.jwtIssuer !== undefined ? 'CHATWIRE_JWT_ISSUER' : null,
-    ].filter((name) => name !== null);
-    if (auth.mode === 'open' && unusedJwtSettings.length > 0) log.warn({ settings: unusedJwtSettings }, 'these token settings do nothing without CHATWIRE_JWT_SECRET');
-    else if (auth.weakSecret) log.warn('CHATWIRE_JWT_SECRET is shorter than 32 bytes; use a longer random secret');
+    if (auth.mode === 'open') {
+      log.warn('open mode: no CHATWIRE_JWT_SECRET, so ?user= is trusted as the user id; set a secret in production');
+      const unused = [
+        config.jwtRequireExp ? 'CHATWIRE_JWT_REQUIRE_EXP' : null,
+        config.jwtAudience !== undefined ? 'CHATWIRE_JWT_AUDIENCE' : null,
+        config.jwtIssuer !== undefined ? 'CHATWIRE_JWT_ISSUER' : null,
+      ].filter((name) => name !== null);
+      if (unused.length > 0) log.warn({ settings: unused }, 'these token settings do nothing without CHATWIRE_JWT_SECRET');
+    } else if (auth.weakSecret) log.warn('CHATWIRE_JWT_SECRET is shorter than 32 bytes; use a longer random secret');
 
     const marketplace = createMarketplaceService({ db, batching: config.dbBatching });
     closers.push(() => marketplace.close());

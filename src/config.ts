@@ -6,13 +6,14 @@ const bool = z
   .enum(['true', 'false', '1', '0', 'yes', 'no', 'on', 'off'])
   .transform((v) => v === 'true' || v === '1' || v === 'yes' || v === 'on');
 
-// Plain decimal only: Number() would read '' and ' ' as 0, '0x1F90' as 8080 and '8e3' as 8000.
+// Plain decimal only: Number() would read '' and ' ' as 0, '0x1F90' as 8080 and '8e3' as 8000. No sign: no
+// setting has a negative minimum.
 const int = (min: number, max: number) => {
   const expected = `expected a whole number from ${min} to ${max}`;
   return z
     .string()
     .trim()
-    .regex(min < 0 ? /^-?\d+$/ : /^\d+$/, expected)
+    .regex(/^\d+$/, expected)
     .transform(Number)
     .pipe(z.number().min(min, expected).max(max, expected));
 };

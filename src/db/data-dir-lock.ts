@@ -1,3 +1,4 @@
+import fs from 'node:fs';
 import path from 'node:path';
 import BetterSqlite3 from 'better-sqlite3';
 
@@ -22,15 +23,18 @@ export interface DataDirLock {
  * lock stays until the connection closes or the process dies (SIGKILL, a crash, a power cut: nothing is left
  * behind to be judged stale). The kernel checks it for every process on the host, whatever its pid namespace
  * (two containers on one volume), and SQLite refuses a second connection within the same process too.
+ * Creates the dir if it does not exist yet.
  */
 export function lockDataDir(dataPath: string): DataDirLock {
   const file = path.join(dataPath, LOCK_FILE_NAME);
+  const cannot = (err: unknown) => new Error(`cannot take the lock on ${file}: ${(err as Error).message} (is the data dir writable?)`, { cause: err });
   let db: BetterSqlite3.Database;
   try {
+    fs.mkdirSync(dataPath, { recursive: true });
     // timeout 0: a lock held by another process is an answer now, not something to wait for.
     db = new BetterSqlite3(file, { timeout: 0 });
   } catch (err) {
-    throw new Error(`cannot take the lock on ${file}: ${(err as Error).message} (is the data dir writable?)`, { cause: err });
+    throw cannot(err);
   }
   try {
     db.pragma('locking_mode = EXCLUSIVE');
@@ -48,7 +52,7 @@ export function lockDataDir(dataPath: string): DataDirLock {
         `the data dir ${dataPath} is in use by another chatwire process (it holds the lock on ${file}); stop it first, or give this one its own CHATWIRE_DATA_DIR (if no chatwire runs there, the file system does not support POSIX locks: use a local one)`,
       );
     }
-    throw new Error(`cannot take the lock on ${file}: ${(err as Error).message} (is the data dir writable?)`, { cause: err });
+    throw cannot(err);
   }
   // Held here as well as by the caller: better-sqlite3 closes a connection that is garbage-collected, and with it
   // the lock.
