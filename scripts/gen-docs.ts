@@ -224,7 +224,17 @@ const errorExamples: Record<ErrorCode, ErrorExample> = {
     ws: 'error',
   },
   rate_limited: { trigger: 'a `chat.send` past `CHATWIRE_CHATS_PER_MINUTE`', message: 'too many chats; retry in 950 ms', retryAfterMs: 950, ws: 'error' },
+  idempotency_conflict: {
+    trigger: 'a `chat.send` whose `clientMessageId` this user already sent with another text or conversation',
+    message: 'clientMessageId m-1 was already used for a different message',
+    ws: 'error',
+  },
   overloaded: { trigger: 'a `chat.send` while the model queue is full; nothing was stored', message: 'the model queue is full; retry shortly', ws: 'error' },
+  node_lost: {
+    trigger: 'cluster mode: the node running the task died and its lease lapsed; the task is marked `error`',
+    message: 'the node running this task stopped answering',
+    ws: 'chat.error',
+  },
   upstream_error: { trigger: 'the OpenAI-compatible upstream answered HTTP 500 before the first token', message: 'the upstream answered HTTP 500', ws: 'chat.error' },
   upstream_timeout: { trigger: 'the upstream sent no token within the first-token timeout', message: 'the upstream sent no token within 30000 ms', ws: 'chat.error' },
   worker_failed: { trigger: 'the worker thread running the task crashed; the pool replaces it', message: 'the worker running this task died (out of memory)', ws: 'chat.error' },
