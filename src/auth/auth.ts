@@ -37,6 +37,8 @@ export interface IdentifyInput {
   /** `?user=` / `auth.user`: trusted only in open mode, ignored with a secret. */
   user?: string;
   connectionId: string;
+  /** The client's address (the peer, or what a trusted proxy says in X-Forwarded-For). */
+  address?: string;
 }
 
 export interface Auth {

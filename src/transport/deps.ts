@@ -9,7 +9,7 @@ import type { MarketplaceLookups, SessionDeps } from './session.js';
 export interface Authenticator {
   readonly mode: 'open' | 'jwt';
   /** Resolves the caller; rejects with AppError('unauthorized') for a missing, bad or expired token. */
-  identify(input: { token?: string | undefined; user?: string | undefined; connectionId: string }): Promise<Identity>;
+  identify(input: { token?: string | undefined; user?: string | undefined; connectionId: string; address: string }): Promise<Identity>;
 }
 
 export interface ReadinessCheck {

@@ -9,6 +9,7 @@ export interface RequestInfo {
   query: URLSearchParams;
   headers: Map<string, string>;
   params: string[];
+  /** The TCP peer's address; see clientAddress() for the client behind a trusted proxy. */
   remoteAddress: string;
 }
 

@@ -18,6 +18,7 @@ import {
   toJson,
   type ServerMessage,
 } from '../protocol/index.js';
+import { clientAddress } from './client-address.js';
 import type { TransportDeps } from './deps.js';
 import { captureRequest, errorBody, etagMatches, parseJsonBody, readBody, Responder, strongEtag, type RequestInfo } from './http-io.js';
 import { renderStaticRoute, staticAssets } from './static.js';
@@ -108,6 +109,7 @@ export function attachHttpRoutes(app: TemplatedApp, deps: TransportDeps): { clos
       token: tokenFromAuthorization(info.headers.get('authorization')) ?? info.query.get('token') ?? undefined,
       user: info.query.get('user') ?? undefined,
       connectionId: `http${++nextAnon}`,
+      address: clientAddress(info.remoteAddress, info.headers.get('x-forwarded-for'), deps.config.trustProxy),
     });
   }
 

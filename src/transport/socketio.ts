@@ -3,6 +3,7 @@ import { Server as SocketIOServer, type Socket } from 'socket.io';
 import type { Identity } from '../auth/identity.js';
 import type { Sink } from '../chat/task.js';
 import { AppError, JsonText, PROTOCOL_VERSION, toAppError, toJson, type OutgoingMessage, type ServerMessage } from '../protocol/index.js';
+import { clientAddress } from './client-address.js';
 import type { TransportDeps } from './deps.js';
 import { echoableId, holdRefusal, Session } from './session.js';
 import { frameReadCeiling, frameTooLarge, newConnectionId } from './ws.js';
@@ -33,6 +34,11 @@ interface EngineConnection {
 }
 
 /** The uWS socket under a socket.io connection on the websocket transport; undefined on polling or once closed. */
+/** A header as socket.io hands it over: a string, a list of them, or absent. */
+function headerText(value: string | string[] | undefined): string | undefined {
+  return Array.isArray(value) ? value.join(',') : value;
+}
+
 function uwsSocketOf(socket: Socket): UwsSocketLike | undefined {
   const transport = socket.conn.transport as unknown as { name: string; socket?: UwsSocketLike };
   return transport.name === 'websocket' && socket.conn.readyState === 'open' ? transport.socket : undefined;
@@ -144,7 +150,7 @@ export function attachSocketIO(app: TemplatedApp, deps: TransportDeps): SocketIO
     const token = typeof auth.token === 'string' ? auth.token : typeof query.token === 'string' ? query.token : undefined;
     const user = typeof auth.user === 'string' ? auth.user : typeof query.user === 'string' ? query.user : undefined;
     deps.auth
-      .identify({ token, user, connectionId })
+      .identify({ token, user, connectionId, address: clientAddress(socket.handshake.address, headerText(socket.handshake.headers['x-forwarded-for']), config.trustProxy) })
       .then((identity) => {
         // The client may have gone while the token was checked: socket.io then drops the socket without a
         // 'disconnect', so a slot counted now would never be freed.

@@ -6,6 +6,7 @@ import { AppError, PROTOCOL_VERSION, toAppError, toJson, type ErrorMessage, type
 import { randomBase64url } from '../random-id.js';
 import { captureRequest, errorBody, STATUS_TEXT } from './http-io.js';
 import { FLOOD_CLOSE_CODE, holdRefusal, Session, errorMessage, type Verdict } from './session.js';
+import { clientAddress } from './client-address.js';
 import type { TransportDeps } from './deps.js';
 
 interface SocketData {
@@ -95,6 +96,7 @@ export function attachWebSocket(app: TemplatedApp, deps: TransportDeps, track: {
             token: info.query.get('token') ?? protocols.token,
             user: info.query.get('user') ?? undefined,
             connectionId,
+            address: clientAddress(info.remoteAddress, info.headers.get('x-forwarded-for'), config.trustProxy),
           });
           const admitted = deps.connections.opened(identity.userId);
           if (!admitted.ok) throw admitted.error;
