@@ -148,7 +148,7 @@ async function runChat(transport: Transport, connections: number): Promise<ChatR
       c.loop.measuring = false;
       c.loop.stop();
     }
-    const rssMiB = (await scrape(server.port, 'chatwire_process_process_resident_memory_bytes')) / 2 ** 20;
+    const rssMiB = (await scrape(server.port, 'process_resident_memory_bytes')) / 2 ** 20;
     // Let every chat in flight finish so integrity is checked on complete streams.
     const loops = clients.map((c) => c.loop);
     await settle(loops, 30_000);

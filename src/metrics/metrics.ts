@@ -14,7 +14,8 @@ const LATENCY_BUCKETS_S = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
  */
 export function createMetrics() {
   const registry = new Registry();
-  collectDefaultMetrics({ register: registry, prefix: 'chatwire_process_' });
+  // No prefix: the process and Node.js series keep prom-client's standard names, which existing dashboards and alerts query.
+  collectDefaultMetrics({ register: registry });
   const m = {
     registry,
     connections: new Gauge({ name: 'chatwire_connections', help: 'Open WebSocket connections', labelNames: ['transport'], registers: [registry] }),
@@ -108,7 +109,7 @@ function talliedCounter<L extends string = never>(config: { name: string; help: 
 /**
  * `chatwire_event_loop_delay_seconds{quantile="0.5"|"0.99"|"1"}`: how late the
  * event loop ran a timer, over the time since the previous scrape (each scrape
- * starts a new window). Unlike `chatwire_process_nodejs_eventloop_lag_*`, which
+ * starts a new window). Unlike prom-client's `nodejs_eventloop_lag_*`, which
  * report the raw histogram, an idle loop reads 0 here, not the 10 ms period.
  */
 function eventLoopDelayGauge(registry: Registry): Gauge<'quantile'> {

@@ -24,7 +24,21 @@ test('chatwire_event_loop_delay_seconds reports how long the loop was blocked, w
   assert.ok(max < 1, `max ${max} s is in seconds`);
   const median = sample(text, 'chatwire_event_loop_delay_seconds{quantile="0.5"}');
   // The raw histogram's median on a mostly idle loop is the 10 ms period itself; this one is not.
-  assert.ok(median < sample(text, 'chatwire_process_nodejs_eventloop_lag_p50_seconds'), `median ${median} s is below the raw figure`);
+  assert.ok(median < sample(text, 'nodejs_eventloop_lag_p50_seconds'), `median ${median} s is below the raw figure`);
+});
+
+test("process and Node.js metrics carry prom-client's standard names, chatwire's own the chatwire_ prefix", async () => {
+  const metrics = createMetrics();
+  const text = await metrics.registry.metrics();
+  // The names dashboards and alerts for any Node.js service query.
+  assert.ok(sample(text, 'process_resident_memory_bytes') > 0);
+  assert.ok(sample(text, 'nodejs_heap_size_used_bytes') > 0);
+  assert.ok(sample(text, 'process_cpu_seconds_total') >= 0);
+  const names = (await metrics.registry.getMetricsAsJSON()).map((m) => m.name);
+  const others = names.filter((name) => !/^(process|nodejs)_/.test(name));
+  assert.ok(others.length > 0);
+  for (const name of others) assert.match(name, /^chatwire_/);
+  assert.ok(names.includes('chatwire_event_loop_delay_seconds'));
 });
 
 test('tallied counters: counts added on the hot path are exported once, per label value, on every read', async () => {
