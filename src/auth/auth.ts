@@ -29,6 +29,11 @@ export interface AuthOptions {
   audience?: string;
   /** When set, a token's `iss` must equal it. */
   issuer?: string;
+  /**
+   * When set, the longest lifetime a token may have, in seconds: `exp` minus `iat` (minus now when `iat` is absent
+   * or in the future). A token without `exp` lives forever and is refused. Unset: any lifetime.
+   */
+  maxTtlSec?: number;
 }
 
 export interface IdentifyInput {
@@ -55,7 +60,12 @@ export function createAuth(options: AuthOptions = {}): Auth {
     throw new RangeError(`clockToleranceSec must be a number >= 0, got ${clockToleranceSec}`);
   }
   const now = options.now ?? Date.now;
-  const requiredClaims = options.requireExp === true ? ['sub', 'exp'] : ['sub'];
+  const maxTtlSec = options.maxTtlSec;
+  if (maxTtlSec !== undefined && !(Number.isFinite(maxTtlSec) && maxTtlSec > 0)) {
+    throw new RangeError(`maxTtlSec must be a number > 0, got ${maxTtlSec}`);
+  }
+  // A lifetime bound means nothing for a token that never expires.
+  const requiredClaims = options.requireExp === true || maxTtlSec !== undefined ? ['sub', 'exp'] : ['sub'];
   const secret = options.secret;
   if (secret === undefined) return { mode: 'open', weakSecret: false, identify: identifyOpen };
   if (secret.trim() === '') throw new RangeError('the JWT secret must not be empty or whitespace only (leave it unset for open mode)');
@@ -79,8 +89,9 @@ export function createAuth(options: AuthOptions = {}): Auth {
         ...(options.issuer === undefined ? {} : { issuer: options.issuer }),
       }));
     } catch (err) {
-      throw unauthorized(describeJoseError(err), err);
+      throw unauthorized(describeJoseError(err, maxTtlSec), err);
     }
+    if (maxTtlSec !== undefined) checkLifetime(payload as { exp: number; iat?: unknown }, maxTtlSec, now() / 1000, clockToleranceSec);
     const claims = TokenClaimsSchema.safeParse(payload);
     if (!claims.success) {
       const issue = claims.error.issues[0];
@@ -100,15 +111,30 @@ async function identifyOpen(input: IdentifyInput): Promise<Identity> {
   return { userId: user.data, role: 'consumer' };
 }
 
+/**
+ * Refuses a token that lives longer than `maxTtlSec`. Its lifetime counts from `iat`, or from now when `iat` is
+ * absent or in the future: a token minted with a far-future `iat` must not pass with a far-future `exp`. The clock
+ * tolerance covers an issuer whose clock runs a little ahead.
+ */
+function checkLifetime(payload: { exp: number; iat?: unknown }, maxTtlSec: number, nowSec: number, toleranceSec: number): void {
+  const issuedAt = typeof payload.iat === 'number' && payload.iat < nowSec ? payload.iat : nowSec;
+  const lifetimeSec = payload.exp - issuedAt;
+  // Not `lifetime > max`: a NaN (exp of 1e309 parses to Infinity, Infinity - Infinity is NaN) must fail too.
+  if (!(lifetimeSec <= maxTtlSec + toleranceSec)) {
+    throw unauthorized(`token lifetime too long: exp is more than ${maxTtlSec} s after ${issuedAt === nowSec ? 'now' : 'iat'}; this server accepts tokens valid for at most ${maxTtlSec} s`);
+  }
+}
+
 function unauthorized(message: string, cause?: unknown): AppError {
   return new AppError('unauthorized', message, cause === undefined ? {} : { cause });
 }
 
 /** A message a client can act on; jose's own messages are fine but the token itself never appears in them. */
-function describeJoseError(err: unknown): string {
+function describeJoseError(err: unknown, maxTtlSec: number | undefined): string {
   if (err instanceof errors.JWTExpired) return 'token expired';
   if (err instanceof errors.JWTClaimValidationFailed) {
     if (err.claim === 'nbf') return 'token not yet valid (nbf is in the future)';
+    if (err.reason === 'missing' && err.claim === 'exp' && maxTtlSec !== undefined) return `token has no exp claim: this server accepts tokens valid for at most ${maxTtlSec} s`;
     if (err.reason === 'missing') return `token has no ${err.claim} claim`;
     if (err.claim === 'aud') return 'token audience (aud) is not this service';
     if (err.claim === 'iss') return 'token issuer (iss) is not the one this service trusts';

@@ -1,5 +1,6 @@
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
+import { createHmac } from 'node:crypto';
 import path from 'node:path';
 import { test } from 'node:test';
 import { fileURLToPath } from 'node:url';
@@ -98,6 +99,41 @@ test('a token without sub is refused; one without exp is accepted unless require
   assert.deepEqual(await strict.identify({ token: await sign({ sub: 'alice', exp: NOW_SEC + 60 }), connectionId: 'c1' }), { userId: 'alice', role: 'consumer' });
   const badExp = await sign({ sub: 'alice', exp: 'soon' as unknown as number });
   await assertUnauthorized(auth.identify({ token: badExp, connectionId: 'c1' }), 'token claim exp is invalid');
+});
+
+/** Signs a claims text as it is, e.g. with a number JSON.stringify cannot write (1e309 reads back as Infinity). */
+function signRaw(claimsJson: string): string {
+  const header = base64url.encode(JSON.stringify({ alg: 'HS256', typ: 'JWT' }));
+  const body = base64url.encode(claimsJson);
+  const mac = createHmac('sha256', SECRET).update(`${header}.${body}`).digest();
+  return `${header}.${body}.${base64url.encode(mac)}`;
+}
+
+test('with maxTtlSec set, a token valid for longer than it is refused; unset, any lifetime is accepted', async () => {
+  const bounded = createAuth({ secret: SECRET, now, maxTtlSec: 3600 });
+  const tooLong = /^token lifetime too long: exp is more than 3600 s after (iat|now); this server accepts tokens valid for at most 3600 s$/;
+  const forever = await sign({ sub: 'alice', exp: 1e300 });
+  await assertUnauthorized(bounded.identify({ token: forever, connectionId: 'c1' }), 'token lifetime too long: exp is more than 3600 s after now; this server accepts tokens valid for at most 3600 s', forever);
+  await assertUnauthorized(bounded.identify({ token: await sign({ sub: 'alice', iat: NOW_SEC, exp: 1e300 }), connectionId: 'c1' }), tooLong);
+  // exp - iat: an hour and a minute is too long even when most of it has passed.
+  await assertUnauthorized(bounded.identify({ token: await sign({ sub: 'alice', iat: NOW_SEC - 3000, exp: NOW_SEC + 660 }), connectionId: 'c1' }), tooLong);
+  // An iat in the future does not shorten the lifetime: it counts from now.
+  await assertUnauthorized(bounded.identify({ token: await sign({ sub: 'alice', iat: 1e300 - 60, exp: 1e300 }), connectionId: 'c1' }), tooLong);
+  // exp 1e309 reads as Infinity: refused, not compared as NaN.
+  await assertUnauthorized(bounded.identify({ token: signRaw(`{"sub":"alice","exp":1e309}`), connectionId: 'c1' }), tooLong);
+  await assertUnauthorized(bounded.identify({ token: signRaw(`{"sub":"alice","iat":1e309,"exp":1e309}`), connectionId: 'c1' }), tooLong);
+  // A token that never expires outlives any bound.
+  await assertUnauthorized(bounded.identify({ token: await sign({ sub: 'alice' }), connectionId: 'c1' }), 'token has no exp claim: this server accepts tokens valid for at most 3600 s');
+
+  const hour = { userId: 'alice', role: 'consumer' };
+  assert.deepEqual(await bounded.identify({ token: await sign({ sub: 'alice', iat: NOW_SEC, exp: NOW_SEC + 3600 }), connectionId: 'c1' }), hour);
+  assert.deepEqual(await bounded.identify({ token: await sign({ sub: 'alice', exp: NOW_SEC + 3600 }), connectionId: 'c1' }), hour);
+  assert.deepEqual(await bounded.identify({ token: await sign({ sub: 'alice', iat: NOW_SEC - 3000, exp: NOW_SEC + 600 }), connectionId: 'c1' }), hour);
+  // An issuer whose clock runs a little ahead: iat 3 s in the future is within the 5 s tolerance.
+  assert.deepEqual(await bounded.identify({ token: await sign({ sub: 'alice', iat: NOW_SEC + 3, exp: NOW_SEC + 3603 }), connectionId: 'c1' }), hour);
+
+  assert.deepEqual(await jwtAuth().identify({ token: forever, connectionId: 'c1' }), hour);
+  assert.throws(() => createAuth({ secret: SECRET, maxTtlSec: 0 }), RangeError);
 });
 
 test('with an audience and an issuer set, a token must carry both; without them aud and iss are not checked', async () => {
