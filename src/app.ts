@@ -113,12 +113,13 @@ export async function createApp(config: Config, options: AppOptions): Promise<Ap
       chatsPerMinute: config.chatsPerMinute,
       modelTokensPerMinute: config.modelTokensPerMinute,
       maxConnectionsPerUser: config.maxConnectionsPerUser,
+      maxAnonymousUsers: config.maxAnonymousUsers,
     });
     closers.push(() => limits.close());
 
     const auth = createAuth(
       config.jwtSecret === undefined
-        ? {}
+        ? { admitAnonymous: (userId) => limits.admitAnonymous(userId) }
         : { secret: config.jwtSecret, requireExp: config.jwtRequireExp, audience: config.jwtAudience, issuer: config.jwtIssuer, maxTtlSec: config.jwtMaxTtlSec },
     );
     if (auth.mode === 'open') {

@@ -1,5 +1,7 @@
+import { randomBytes } from 'node:crypto';
 import { errors, jwtVerify } from 'jose';
 import { AppError } from '../protocol/index.js';
+import { anonymousUserId } from './anonymous.js';
 import { OpenUserIdSchema, TokenClaimsSchema } from './claims.js';
 import type { Identity } from './identity.js';
 
@@ -34,6 +36,16 @@ export interface AuthOptions {
    * or in the future). A token without `exp` lives forever and is refused. Unset: any lifetime.
    */
   maxTtlSec?: number;
+  /**
+   * Open mode: the HMAC key that turns a client address into its anonymous user id (default: 32 random bytes, new
+   * with each process, so anonymous ids, and with them anonymous conversations, last as long as the process).
+   */
+  anonymousKey?: Uint8Array;
+  /**
+   * Open mode: asked before an anonymous caller is let in; false refuses it with `overloaded` (503). The rate
+   * limiter answers it, so that the anonymous users it keeps buckets for stay within a bound.
+   */
+  admitAnonymous?: (userId: string) => boolean;
 }
 
 export interface IdentifyInput {
@@ -42,7 +54,10 @@ export interface IdentifyInput {
   /** `?user=` / `auth.user`: trusted only in open mode, ignored with a secret. */
   user?: string;
   connectionId: string;
-  /** The client's address (the peer, or what a trusted proxy says in X-Forwarded-For). */
+  /**
+   * The client's address (the peer, or what a trusted proxy says in X-Forwarded-For). In open mode the callers
+   * without a user id from one address (one IPv6 /64) are one anonymous user; callers with no address given share one.
+   */
   address?: string;
 }
 
@@ -67,7 +82,11 @@ export function createAuth(options: AuthOptions = {}): Auth {
   // A lifetime bound means nothing for a token that never expires.
   const requiredClaims = options.requireExp === true || maxTtlSec !== undefined ? ['sub', 'exp'] : ['sub'];
   const secret = options.secret;
-  if (secret === undefined) return { mode: 'open', weakSecret: false, identify: identifyOpen };
+  if (secret === undefined) {
+    const anonymousKey = options.anonymousKey ?? randomBytes(32);
+    const admit = options.admitAnonymous ?? (() => true);
+    return { mode: 'open', weakSecret: false, identify: async (input) => identifyOpen(input, anonymousKey, admit) };
+  }
   if (secret.trim() === '') throw new RangeError('the JWT secret must not be empty or whitespace only (leave it unset for open mode)');
 
   const secretBytes = new TextEncoder().encode(secret);
@@ -104,8 +123,13 @@ export function createAuth(options: AuthOptions = {}): Auth {
   return { mode: 'jwt', weakSecret: secretBytes.length < MIN_SECRET_BYTES, identify: identifyJwt };
 }
 
-async function identifyOpen(input: IdentifyInput): Promise<Identity> {
-  if (input.user === undefined || input.user === '') return { userId: `anon-${input.connectionId}`, role: 'consumer' };
+function identifyOpen(input: IdentifyInput, anonymousKey: Uint8Array, admit: (userId: string) => boolean): Identity {
+  if (input.user === undefined || input.user === '') {
+    // One user per address, not per connection: a new connection must not come with fresh buckets.
+    const userId = anonymousUserId(anonymousKey, input.address ?? '');
+    if (!admit(userId)) throw new AppError('overloaded', 'too many anonymous users right now; retry later');
+    return { userId, role: 'consumer' };
+  }
   const user = OpenUserIdSchema.safeParse(input.user);
   if (!user.success) throw unauthorized(`invalid user id: ${user.error.issues[0]?.message ?? 'invalid'} (1..128 characters)`);
   return { userId: user.data, role: 'consumer' };
