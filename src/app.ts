@@ -100,10 +100,12 @@ export async function createApp(config: Config, options: AppOptions): Promise<Ap
       threads: config.workerThreads,
       tasksPerWorker: config.tasksPerWorker,
       maxQueue: config.maxQueue,
+      maxQueuedPerOwner: config.maxQueuedPerUser,
       taskTimeoutMs: config.taskTimeoutMs,
       hooks: {
         onModelCall: () => metrics.modelCalls.inc(),
         onWorkerFailure: () => metrics.workerFailures.inc(),
+        onOwnerQueueFull: () => metrics.rateLimited.inc({ bucket: 'queued' }),
       },
     });
     closers.push(() => pool.close());
