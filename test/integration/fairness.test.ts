@@ -5,10 +5,14 @@
  * gets every chat acknowledged and answered, and none `overloaded`.
  */
 import assert from 'node:assert/strict';
+import fs from 'node:fs';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { test } from 'node:test';
+import { pino } from 'pino';
+import { createApp } from '../../src/app.js';
+import { loadConfig } from '../../src/config.js';
 import { connectSocketIO, emitWithAck, refusedSocketIO, refusedUpgrade, WsClient } from '../helpers/clients.js';
-import { startServer, type TestServer } from '../helpers/server.js';
+import { startServer, tempDataDir, type TestServer } from '../helpers/server.js';
 
 type Msg = Awaited<ReturnType<WsClient['next']>>;
 
@@ -71,6 +75,27 @@ test('behind a trusted proxy each forwarded address is its own anonymous user, u
   const named = await WsClient.connect(server.ws, { user: 'alice', headers: from('198.51.100.5') });
   assert.equal((await named.nextOfType('hello')).userId, 'alice');
   for (const c of [...open, sameNet, named]) await c.close();
+});
+
+test('a CORS preflight from an anonymous address past the bound is answered, and logs no error', async (t) => {
+  const lines: Record<string, unknown>[] = [];
+  const dataDir = tempDataDir();
+  const config = loadConfig({}, { port: 0, host: '127.0.0.1', dataDir, workerThreads: 1, logLevel: 'info', trustProxy: '127.0.0.1', maxAnonymousUsers: 1 });
+  const app = await createApp(config, { log: pino({ level: 'info' }, { write: (line: string) => void lines.push(JSON.parse(line) as Record<string, unknown>) }) });
+  t.after(async () => {
+    await app.close();
+    fs.rmSync(dataDir, { recursive: true, force: true });
+  });
+  const base = `http://127.0.0.1:${app.port}`;
+  const preflight = (address: string) =>
+    fetch(`${base}/v1/requests`, { method: 'OPTIONS', headers: { origin: 'https://app.example', 'access-control-request-method': 'GET', 'x-forwarded-for': address } });
+  assert.equal((await preflight('198.51.100.1')).status, 204);
+  for (let i = 2; i <= 20; i++) assert.equal((await preflight(`198.51.100.${i}`)).status, 204);
+  assert.equal((await fetch(`${base}/v1/requests?limit=1`, { headers: { 'x-forwarded-for': '198.51.100.2' } })).status, 503);
+  assert.deepEqual(
+    lines.filter((l) => (l.level as number) >= 50).map((l) => l.msg),
+    [],
+  );
 });
 
 test('without a trusted proxy X-Forwarded-For is ignored: the peer address is the anonymous user', async (t) => {
