@@ -419,8 +419,8 @@ async function benchLocal() {
       // provider still reports the tokens it made).
       const runOnce = (i: number, n: number, limitMs = Infinity) =>
         new Promise<number>((resolve, reject) => {
-          const slot = pool.reserve();
-          if (!slot) return reject(new Error('pool refused'));
+          // A refusal (the pool full) throws here, which rejects this promise.
+          const slot = pool.reserve('bench');
           const request: ModelRequest = { model: 'bench', messages: [{ role: 'user', content: `Quote ${i} for painting a fence tomorrow?` }], maxTokens: n, temperature: 0.8 };
           let timer: NodeJS.Timeout | undefined;
           const handle = slot.run(request, {

@@ -100,10 +100,12 @@ export async function createApp(config: Config, options: AppOptions): Promise<Ap
       threads: config.workerThreads,
       tasksPerWorker: config.tasksPerWorker,
       maxQueue: config.maxQueue,
+      maxQueuedPerOwner: config.maxQueuedPerUser,
       taskTimeoutMs: config.taskTimeoutMs,
       hooks: {
         onModelCall: () => metrics.modelCalls.inc(),
         onWorkerFailure: () => metrics.workerFailures.inc(),
+        onOwnerQueueFull: () => metrics.rateLimited.inc({ bucket: 'queued' }),
       },
     });
     closers.push(() => pool.close());
@@ -113,16 +115,22 @@ export async function createApp(config: Config, options: AppOptions): Promise<Ap
       chatsPerMinute: config.chatsPerMinute,
       modelTokensPerMinute: config.modelTokensPerMinute,
       maxConnectionsPerUser: config.maxConnectionsPerUser,
+      maxAnonymousUsers: config.maxAnonymousUsers,
     });
     closers.push(() => limits.close());
 
-    const auth = createAuth(config.jwtSecret === undefined ? {} : { secret: config.jwtSecret, requireExp: config.jwtRequireExp, audience: config.jwtAudience, issuer: config.jwtIssuer });
+    const auth = createAuth(
+      config.jwtSecret === undefined
+        ? { admitAnonymous: (userId) => limits.admitAnonymous(userId) }
+        : { secret: config.jwtSecret, requireExp: config.jwtRequireExp, audience: config.jwtAudience, issuer: config.jwtIssuer, maxTtlSec: config.jwtMaxTtlSec },
+    );
     if (auth.mode === 'open') {
       log.warn('open mode: no CHATWIRE_JWT_SECRET, so ?user= is trusted as the user id; set a secret in production');
       const unused = [
         config.jwtRequireExp ? 'CHATWIRE_JWT_REQUIRE_EXP' : null,
         config.jwtAudience !== undefined ? 'CHATWIRE_JWT_AUDIENCE' : null,
         config.jwtIssuer !== undefined ? 'CHATWIRE_JWT_ISSUER' : null,
+        config.jwtMaxTtlSec !== undefined ? 'CHATWIRE_JWT_MAX_TTL_SEC' : null,
       ].filter((name) => name !== null);
       if (unused.length > 0) log.warn({ settings: unused }, 'these token settings do nothing without CHATWIRE_JWT_SECRET');
     } else if (auth.weakSecret) log.warn('CHATWIRE_JWT_SECRET is shorter than 32 bytes; use a longer random secret');

@@ -3,3 +3,4 @@ export * from './claims.js';
 export * from './credentials.js';
 export * from './identity.js';
 export * from './sign.js';
+export * from './anonymous.js';

@@ -278,9 +278,8 @@ export function createChatService(options: ChatServiceOptions): ChatService {
       } else if (inFlight?.joinable) {
         plan = { kind: 'join', flight: inFlight };
       } else {
-        const slot = pool.reserve();
-        if (!slot) throw new AppError('overloaded', 'the model queue is full; retry shortly');
-        plan = { kind: 'run', slot };
+        // Refused (nothing held yet): rate_limited when this user's share of the queue is full, else overloaded.
+        plan = { kind: 'run', slot: pool.reserve(caller.userId) };
       }
       const releasePlan = () => {
         if (plan.kind === 'run') plan.slot.release();

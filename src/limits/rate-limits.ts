@@ -72,6 +72,12 @@ export interface RateLimits {
   floodClosed(userId: string): void;
   /** A connection that was counted by connectionOpened has closed. */
   connectionClosed(userId: string): void;
+  /**
+   * Lets an anonymous user in: true if it is tracked already or there is room (it is tracked from then on, until the
+   * sweep drops it), false once maxAnonymousUsers anonymous users are tracked. Only users let in here count as
+   * anonymous.
+   */
+  admitAnonymous(userId: string): boolean;
   /** Drops users idle for idleMs whose buckets are full; returns how many. Runs on its own timer too. */
   sweep(): number;
   /** Users tracked now. */
@@ -84,6 +90,8 @@ export interface RateLimitsOptions {
   chatsPerMinute: number;
   modelTokensPerMinute: number;
   maxConnectionsPerUser: number;
+  /** Anonymous users (see admitAnonymous) tracked at once; default: no bound. */
+  maxAnonymousUsers?: number;
   /** A user untouched this long (and with full buckets, no connection, no open reservation) is dropped. */
   idleMs?: number;
   /** How often the sweep runs. Default: every 30 s (or idleMs if shorter). */
@@ -113,6 +121,8 @@ class UserState {
   floods = 0;
   floodedUntil = 0;
   floodPending = false;
+  /** Let in by admitAnonymous: counted against maxAnonymousUsers while it is tracked. */
+  anonymous = false;
   constructor(public lastSeen: number) {}
 }
 
@@ -158,7 +168,11 @@ export function createRateLimits(options: RateLimitsOptions): RateLimits {
     }),
   );
 
+  const maxAnonymous = options.maxAnonymousUsers ?? Infinity;
+  if (!(maxAnonymous >= 1)) throw new RangeError(`maxAnonymousUsers must be >= 1, got ${maxAnonymous}`);
+
   const users = new Map<string, UserState>();
+  let anonymousUsers = 0;
 
   function touch(userId: string): UserState {
     const t = now();
@@ -281,6 +295,7 @@ export function createRateLimits(options: RateLimitsOptions): RateLimits {
       if (t - user.lastSeen < idleMs || user.connections > 0 || user.reservations > 0 || user.floodedUntil > t) continue;
       if (!isFull(user.messages) || !isFull(user.chats) || !isFull(user.tokens)) continue;
       users.delete(userId);
+      if (user.anonymous) anonymousUsers -= 1;
       dropped += 1;
     }
     return dropped;
@@ -307,11 +322,22 @@ export function createRateLimits(options: RateLimitsOptions): RateLimits {
       user.floodedUntil = t + Math.min(FLOOD_PENALTY_MAX_MS, FLOOD_PENALTY_MS * 2 ** Math.min(user.floods - 1, 16));
     },
     connectionClosed,
+    admitAnonymous(userId) {
+      if (users.has(userId)) {
+        touch(userId);
+        return true;
+      }
+      if (anonymousUsers >= maxAnonymous) return false;
+      touch(userId).anonymous = true;
+      anonymousUsers += 1;
+      return true;
+    },
     sweep,
     size: () => users.size,
     close() {
       clearInterval(timer);
       users.clear();
+      anonymousUsers = 0;
     },
   };
 }

@@ -2,6 +2,7 @@ import { randomUUID } from 'node:crypto';
 import { BroadcastChannel, type MessagePort } from 'node:worker_threads';
 import { Piscina } from 'piscina';
 import { AppError, type ErrorCode } from '../protocol/index.js';
+import { FairQueue } from './fair-queue.js';
 import type { ModelRequest, ModelResult, ProviderSettings } from './provider.js';
 import type { PoolCommand, WorkerBatch, WorkerEvent, WorkerHello, WorkerTask } from './worker-protocol.js';
 
@@ -9,8 +10,13 @@ export interface ModelPoolOptions {
   settings: ProviderSettings;
   threads: number;
   tasksPerWorker: number;
-  /** Model calls allowed to wait for a worker slot; past it, reserve() refuses (see queueLimit for the calls that ended while waiting). */
+  /** Model calls allowed to wait for a worker slot; past it, reserve() refuses with `overloaded`. */
   maxQueue: number;
+  /**
+   * Calls of one owner (a user) allowed to wait for a worker slot; past it, reserve() refuses that owner with
+   * `rate_limited` (default: no bound beyond maxQueue). Waiting owners are served round-robin either way.
+   */
+  maxQueuedPerOwner?: number;
   /** Hard deadline of one model call; past it the worker is terminated and replaced. */
   taskTimeoutMs: number;
   /** Compiled worker entry; defaults to dist/workers/llm-entry.cjs (which imports llm.worker.js) next to this build. */
@@ -18,6 +24,8 @@ export interface ModelPoolOptions {
   hooks?: {
     onModelCall?: () => void;
     onWorkerFailure?: () => void;
+    /** reserve() refused an owner whose share of the queue is full. */
+    onOwnerQueueFull?: () => void;
   };
 }
 
@@ -52,7 +60,11 @@ export interface PoolSlot {
 }
 
 export interface ModelPool {
-  reserve(): PoolSlot | null;
+  /**
+   * A place for a call of `owner` (the user it is for). Throws AppError `rate_limited` (with retryAfterMs) when the
+   * owner already has maxQueuedPerOwner calls waiting, `overloaded` when the pool is full or closed.
+   */
+  reserve(owner: string): PoolSlot;
   stats(): { threads: number; running: number; queued: number; inFlight: number; capacity: number };
   /** Resolves when a worker answers and the provider says it is ready; rejects with the reason. */
   check(timeoutMs?: number): Promise<void>;
@@ -65,19 +77,21 @@ const END_MARKER_GRACE_MS = 2000;
 const DEADLINE_STOP_GRACE_MS = 2000;
 // close() waits this long for the workers to close their providers (free a loaded model) before terminating them.
 const PROVIDER_CLOSE_GRACE_MS = 2000;
+// What a call is taken to hold a worker slot for until one has been timed: only used to estimate a retry.
+const INITIAL_SERVICE_MS = 1000;
+// Weight of the newest call in the moving average of service times.
+const SERVICE_MS_WEIGHT = 0.2;
 
 export function createModelPool(options: ModelPoolOptions): ModelPool {
   const filename = options.workerFile ?? new URL('../../workers/llm-entry.cjs', import.meta.url);
-  const running = options.threads * options.tasksPerWorker;
-  const capacity = running + options.maxQueue;
-  // A call that ends before a worker starts it (cancelled, or past its deadline while queued) gives its place back at
-  // once, but Piscina cannot drop a queued task without an AbortSignal (see startRun): its task stays in Piscina's
-  // queue until a worker picks it up and is told to stop. Such tasks are counted (`retired`) until their `start` or
-  // their end, and reserve() keeps the calls it admits plus these under queueLimit: a call cancelled or timed out in
-  // the queue never holds a place a new chat could have, yet Piscina's queue is bounded and never refuses a task
-  // reserve() admitted (that would reach the client as worker_failed). Up to `capacity` of them may wait on top of
-  // the live calls; past that, chats get `overloaded` until the workers have drained them.
-  const queueLimit = 2 * capacity;
+  // Calls running at once: each worker runs tasksPerWorker streams. The pool keeps its own queue in front of Piscina
+  // (FIFO, so one user's hundred calls would run before another's one): a call goes to Piscina only when one of
+  // these slots is free, picked round-robin over the users waiting (FairQueue). A call that ends while it waits
+  // (cancelled, past its deadline) just leaves that queue and never reaches a worker.
+  const slots = options.threads * options.tasksPerWorker;
+  const capacity = slots + options.maxQueue;
+  const maxQueuedPerOwner = options.maxQueuedPerOwner ?? Infinity;
+  if (!(maxQueuedPerOwner >= 1)) throw new RangeError(`maxQueuedPerOwner must be >= 1, got ${maxQueuedPerOwner}`);
   // Piscina has no per-worker teardown: workers whose provider holds resources (a llama.cpp model) say so on this
   // channel, and close() asks them to close it before the threads are terminated.
   const controlChannel = `chatwire-llm-${randomUUID()}`;
@@ -98,9 +112,10 @@ export function createModelPool(options: ModelPoolOptions): ModelPool {
     minThreads: options.threads,
     maxThreads: options.threads,
     concurrentTasksPerWorker: options.tasksPerWorker,
-    // Admission is ours (reserve()). Piscina's queue holds at most the queueLimit stream tasks reserve() allows, plus
-    // one health check (check() never has two waiting); it refuses a task only once it holds maxQueue.
-    maxQueue: queueLimit + 1,
+    // Admission and queueing are ours: Piscina gets a stream task only for a free slot (see dispatch), so its queue
+    // holds at most `slots` of them (while a worker starts or is replaced) plus one health check (check() never has
+    // two waiting). It refuses a task only once it holds maxQueue, which it never does.
+    maxQueue: slots + 1,
     idleTimeout: 60_000,
     // 'sync' parks an idle worker in Atomics.wait, which stops its event loop: it could not hear the close request.
     atomics: 'async',
@@ -110,7 +125,15 @@ export function createModelPool(options: ModelPoolOptions): ModelPool {
   });
   // A worker that dies is replaced by Piscina; its tasks are failed through their run() promises.
   piscina.on('error', () => {});
+  /** Calls admitted by reserve() and not yet released: what capacity bounds. */
   let inFlight = 0;
+  /** Stream tasks handed to Piscina whose promise has not settled: each holds one of the slots. */
+  let active = 0;
+  /** Calls waiting for a slot, by owner; and the places reserve() gave that run() has not queued yet. */
+  const waiting = new FairQueue<{ submit(): void; abandon(): void }>();
+  const reservedBy = new Map<string, number>();
+  /** Moving average of how long a call holds its slot: for the retryAfterMs of an owner whose share is full. */
+  let serviceMs = INITIAL_SERVICE_MS;
   let closed = false;
   let nextCallId = 0;
   /** The calls started and not finished, by id: where a worker's events and chunks go. */
@@ -152,10 +175,18 @@ export function createModelPool(options: ModelPoolOptions): ModelPool {
     });
   });
 
-  function startRun(request: ModelRequest, handlers: ModelRunHandlers, release: () => void): ModelRun {
+  /** Hands waiting calls to Piscina while slots are free, round-robin over their owners. */
+  function dispatch(): void {
+    while (!closed && active < slots && waiting.size > 0) waiting.shift()?.submit();
+  }
+
+  function startRun(owner: string, request: ModelRequest, handlers: ModelRunHandlers, release: () => void): ModelRun {
     const id = nextCallId++;
     const deadlineAt = performance.now() + options.taskTimeoutMs;
     let finished = false;
+    // In the pool's queue, waiting for a slot: no Piscina task exists for it yet.
+    let queued: { submit(): void; abandon(): void } | null = null;
+    let submitted = false;
     // Piscina's task for this call ended (it resolved or rejected): no worker runs it, and it is out of Piscina's queue.
     let settled = false;
     let graceTimer: NodeJS.Timeout | undefined;
@@ -189,13 +220,20 @@ export function createModelPool(options: ModelPoolOptions): ModelPool {
       clearTimeout(deadlineTimer);
       clearTimeout(stopTimer);
       calls.delete(id);
-      if (workerThreadId === null && !settled) retired.set(id, onRetiredStart);
+      if (queued !== null) waiting.remove(owner, queued);
+      queued = null;
+      if (submitted && workerThreadId === null && !settled) retired.set(id, onRetiredStart);
       release();
     };
+    // When it was handed to Piscina: how long it held its slot feeds serviceMs.
+    let submittedAt = 0;
     const onSettled = () => {
       settled = true;
       retired.delete(id);
       clearTimeout(retiredStopTimer);
+      active--;
+      serviceMs += (performance.now() - submittedAt - serviceMs) * SERVICE_MS_WEIGHT;
+      dispatch();
     };
     const fail = (code: ErrorCode, message: string, retryAfterMs?: number) => {
       if (finished) return;
@@ -232,6 +270,11 @@ export function createModelPool(options: ModelPoolOptions): ModelPool {
     // No AbortSignal goes to Piscina: it runs an abortable task alone on its worker (no sharing with the other
     // streams), and aborting it terminates the worker. The hung worker is terminated here instead, by thread id.
     deadlineTimer = setTimeout(() => {
+      // Still waiting for a slot: it leaves the queue and never reaches a worker.
+      if (queued !== null) {
+        fail('upstream_timeout', `the model call exceeded its ${options.taskTimeoutMs} ms deadline waiting for a worker`);
+        return;
+      }
       deadlineHit = true;
       askToStop();
       stopTimer = setTimeout(() => {
@@ -245,29 +288,39 @@ export function createModelPool(options: ModelPoolOptions): ModelPool {
         void thread.terminate();
       }, DEADLINE_STOP_GRACE_MS);
     }, options.taskTimeoutMs);
-    piscina.run({ kind: 'stream', id, request }).then(
-      () => {
-        onSettled();
-        if (!finished) {
-          graceTimer = setTimeout(() => fail('worker_failed', 'the model stream ended without its end marker'), END_MARKER_GRACE_MS);
-          graceTimer.unref();
-        }
-      },
-      (err: unknown) => {
-        onSettled();
-        if (finished) return;
-        options.hooks?.onWorkerFailure?.();
-        if (terminated) fail('worker_failed', `the model call exceeded its ${options.taskTimeoutMs} ms deadline; the worker was replaced`);
-        else if (closed) fail('worker_failed', 'the server is shutting down');
-        else fail('worker_failed', `the worker running this task died (${err instanceof Error ? err.message.slice(0, 200) : 'unknown'})`);
-      },
-    );
+    const submit = () => {
+      queued = null;
+      submitted = true;
+      active++;
+      submittedAt = performance.now();
+      piscina.run({ kind: 'stream', id, request }).then(
+        () => {
+          onSettled();
+          if (!finished) {
+            graceTimer = setTimeout(() => fail('worker_failed', 'the model stream ended without its end marker'), END_MARKER_GRACE_MS);
+            graceTimer.unref();
+          }
+        },
+        (err: unknown) => {
+          onSettled();
+          if (finished) return;
+          options.hooks?.onWorkerFailure?.();
+          if (terminated) fail('worker_failed', `the model call exceeded its ${options.taskTimeoutMs} ms deadline; the worker was replaced`);
+          else if (closed) fail('worker_failed', 'the server is shutting down');
+          else fail('worker_failed', `the worker running this task died (${err instanceof Error ? err.message.slice(0, 200) : 'unknown'})`);
+        },
+      );
+    };
+    queued = { submit, abandon: () => fail('worker_failed', 'the server is shutting down') };
+    waiting.push(owner, queued);
+    dispatch();
     return {
       cancel() {
         if (finished) return;
         if (workerThreadId === null) {
-          // No worker has started it: it ends now and its place goes to the next chat. A worker that picks its task
-          // up later is told to stop at once, and what it sends for it is dropped.
+          // No worker has started it: it ends now and its place goes to the next chat. Still waiting, it leaves the
+          // queue; handed to Piscina already, the worker that picks it up is told to stop at once, and what it sends
+          // for it is dropped.
           finish();
           handlers.onEnd(null, true);
           return;
@@ -295,12 +348,28 @@ export function createModelPool(options: ModelPoolOptions): ModelPool {
   }
 
   return {
-    reserve(): PoolSlot | null {
-      if (closed || inFlight >= capacity || inFlight + retired.size >= queueLimit) return null;
+    reserve(owner) {
+      const queuedOfOwner = waiting.count(owner) + (reservedBy.get(owner) ?? 0);
+      if (queuedOfOwner >= maxQueuedPerOwner) {
+        options.hooks?.onOwnerQueueFull?.();
+        // Its oldest waiting call is served within one turn of the ring: one call of each owner waiting, at the
+        // rate the slots free up.
+        const retryAfterMs = Math.min(options.taskTimeoutMs, Math.max(1, Math.ceil((waiting.owners * serviceMs) / slots)));
+        throw new AppError('rate_limited', `${queuedOfOwner} of your chats are waiting for a worker (at most ${maxQueuedPerOwner}); retry in ${retryAfterMs} ms`, { retryAfterMs });
+      }
+      if (closed || inFlight >= capacity) throw new AppError('overloaded', 'the model queue is full; retry shortly');
       inFlight++;
+      reservedBy.set(owner, (reservedBy.get(owner) ?? 0) + 1);
       let state: 'reserved' | 'running' | 'released' = 'reserved';
+      // A place reserve() gave counts as waiting for its owner until run() queues it or it is released unused.
+      const unreserve = () => {
+        const n = (reservedBy.get(owner) ?? 1) - 1;
+        if (n > 0) reservedBy.set(owner, n);
+        else reservedBy.delete(owner);
+      };
       const release = () => {
         if (state === 'released') return;
+        if (state === 'reserved') unreserve();
         state = 'released';
         inFlight--;
       };
@@ -308,14 +377,16 @@ export function createModelPool(options: ModelPoolOptions): ModelPool {
         run: (request, handlers) => {
           if (state !== 'reserved') throw new Error(`pool slot is ${state}`);
           state = 'running';
-          return startRun(request, handlers, release);
+          unreserve();
+          return startRun(owner, request, handlers, release);
         },
         release,
       };
     },
     stats() {
-      // Piscina's queue also holds the tasks of calls that ended while queued: they wait for no one.
-      const queued = Math.max(0, piscina.queueSize - retired.size);
+      // Waiting are the calls in the pool's queue, and any Piscina holds while a worker starts; Piscina's queue may
+      // also hold the tasks of calls that ended before a worker started them: they wait for no one.
+      const queued = waiting.size + Math.max(0, piscina.queueSize - retired.size);
       return {
         threads: piscina.threads.length,
         running: Math.max(0, inFlight - queued),
@@ -346,6 +417,7 @@ export function createModelPool(options: ModelPoolOptions): ModelPool {
     async close() {
       if (closed) return;
       closed = true;
+      for (const call of waiting.drain()) call.abandon();
       await closeProviders();
       control.close();
       await piscina.destroy();

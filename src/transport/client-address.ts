@@ -1,10 +1,15 @@
-import { isIP } from 'node:net';
+import { isIP, SocketAddress } from 'node:net';
 
-/** `::ffff:127.0.0.1` and `127.0.0.1` are one client: compare and key IPv4 peers in their plain form. */
+/**
+ * `::ffff:127.0.0.1` and `127.0.0.1` are one client: compare and key IPv4 peers in their plain form. IPv6 addresses
+ * in their canonical one: uWS writes a peer in full (`0000:0000:0000:0000:0000:ffff:7f00:0001` when listening on
+ * `::`), which would never equal a proxy listed as `127.0.0.1` or `::1`.
+ */
 function plain(address: string): string {
   const trimmed = address.trim();
-  const mapped = /^::ffff:(\d+\.\d+\.\d+\.\d+)$/i.exec(trimmed);
-  return mapped ? (mapped[1] as string) : trimmed.toLowerCase();
+  const canonical = isIP(trimmed) === 6 ? new SocketAddress({ address: trimmed, family: 'ipv6' }).address : trimmed.toLowerCase();
+  const mapped = /^::ffff:(\d+\.\d+\.\d+\.\d+)$/.exec(canonical);
+  return mapped ? (mapped[1] as string) : canonical;
 }
 
 /**

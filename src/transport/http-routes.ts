@@ -325,7 +325,8 @@ export function attachHttpRoutes(app: TemplatedApp, deps: TransportDeps): { clos
       try {
         limitHeaders = deps.rateLimitHeaders((await identify(info)).userId);
       } catch (err) {
-        if (!(isAppError(err) && err.code === 'unauthorized')) log.error({ err, url: info.url }, 'identifying a preflight failed');
+        // A bad token, or an anonymous caller past the bound on anonymous users, is a refusal, not a failure.
+        if (!(isAppError(err) && (err.code === 'unauthorized' || err.code === 'overloaded'))) log.error({ err, url: info.url }, 'identifying a preflight failed');
       }
       responder.send(204, { ...headers, ...limitHeaders });
     })();

@@ -181,6 +181,27 @@ describe('with CHATWIRE_JWT_SECRET set, every transport needs an HS256 token', (
     }
   });
 
+  test('CHATWIRE_JWT_MAX_TTL_SEC refuses a token valid for longer (exp 1e300) on HTTP and the /ws upgrade, and accepts one within it', async () => {
+    const mint = (exp: number) => new SignJWT({}).setProtectedHeader({ alg: 'HS256' }).setSubject('alice').setIssuedAt().setExpirationTime(exp).sign(new TextEncoder().encode(SECRET));
+    const forever = await new SignJWT({ exp: 1e300 }).setProtectedHeader({ alg: 'HS256' }).setSubject('alice').sign(new TextEncoder().encode(SECRET));
+    // Without the setting the lifetime is not bounded (as before).
+    assert.equal((await fetch(`${server.http}/v1/requests?limit=1`, { headers: bearer(forever) })).status, 200);
+    const bounded = await startServer({ jwtSecret: SECRET, jwtMaxTtlSec: 3600 });
+    try {
+      const res = await fetch(`${bounded.http}/v1/requests?limit=1`, { headers: bearer(forever) });
+      assert.equal(res.status, 401);
+      assert.deepEqual(((await res.json()) as ErrorBody).error, {
+        code: 'unauthorized',
+        message: 'token lifetime too long: exp is more than 3600 s after now; this server accepts tokens valid for at most 3600 s',
+      });
+      assert.equal((await refusedUpgrade(`${bounded.ws}?token=${forever}`)).status, 401);
+      assert.equal((await fetch(`${bounded.http}/v1/requests?limit=1`, { headers: bearer(await mint(nowSec() + 86_400)) })).status, 401);
+      assert.equal((await fetch(`${bounded.http}/v1/requests?limit=1`, { headers: bearer(await mint(nowSec() + 3000)) })).status, 200);
+    } finally {
+      await bounded.close();
+    }
+  });
+
   test('a missing, bad, expired, alg-none, wrong-secret or tampered token refuses the /ws upgrade with 401 before any socket opens', async () => {
     const framesOutBefore = await wsFramesOut(server);
     for (const { name, token } of await badTokens()) {

@@ -22,11 +22,19 @@ describe('chat over raw /ws', () => {
     await c.close();
   });
 
-  test('without ?user the caller is anon-<connectionId>', async () => {
+  test('without ?user the caller is the anonymous user of its address: every connection from it is the same user', async () => {
     const c = await WsClient.connect(server.ws);
-    const hello = await c.next();
-    assert.equal(hello.userId, `anon-${hello.connectionId as string}`);
+    const d = await WsClient.connect(server.ws);
+    const [hello, other] = [await c.nextOfType('hello'), await d.nextOfType('hello')];
+    assert.match(hello.userId as string, /^anon-[0-9a-f]{16}$/);
+    assert.notEqual(hello.connectionId, other.connectionId);
+    assert.equal(other.userId, hello.userId);
+    // The same user: a task started on one connection is readable on the other.
+    const ack = await c.request({ type: 'chat.send', text: 'anonymous question' });
+    assert.equal(ack.type, 'chat.ack', JSON.stringify(ack));
+    assert.equal((await d.request({ type: 'task.get', taskId: ack.taskId })).type, 'task');
     await c.close();
+    await d.close();
   });
 
   test('the chatwire.v1 subprotocol is echoed when offered', async () => {

@@ -1,10 +1,11 @@
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
+import { createHmac } from 'node:crypto';
 import path from 'node:path';
 import { test } from 'node:test';
 import { fileURLToPath } from 'node:url';
 import { base64url, SignJWT, type JWTPayload } from 'jose';
-import { createAuth, parseSubprotocols, signToken, tokenFromAuthorization, type Auth } from '../../src/auth/index.js';
+import { anonymousAddressKey, anonymousUserId, createAuth, parseSubprotocols, signToken, tokenFromAuthorization, type Auth } from '../../src/auth/index.js';
 import { AppError } from '../../src/protocol/index.js';
 
 const SECRET = 'test-secret-that-is-at-least-32-bytes-long';
@@ -100,6 +101,41 @@ test('a token without sub is refused; one without exp is accepted unless require
   await assertUnauthorized(auth.identify({ token: badExp, connectionId: 'c1' }), 'token claim exp is invalid');
 });
 
+/** Signs a claims text as it is, e.g. with a number JSON.stringify cannot write (1e309 reads back as Infinity). */
+function signRaw(claimsJson: string): string {
+  const header = base64url.encode(JSON.stringify({ alg: 'HS256', typ: 'JWT' }));
+  const body = base64url.encode(claimsJson);
+  const mac = createHmac('sha256', SECRET).update(`${header}.${body}`).digest();
+  return `${header}.${body}.${base64url.encode(mac)}`;
+}
+
+test('with maxTtlSec set, a token valid for longer than it is refused; unset, any lifetime is accepted', async () => {
+  const bounded = createAuth({ secret: SECRET, now, maxTtlSec: 3600 });
+  const tooLong = /^token lifetime too long: exp is more than 3600 s after (iat|now); this server accepts tokens valid for at most 3600 s$/;
+  const forever = await sign({ sub: 'alice', exp: 1e300 });
+  await assertUnauthorized(bounded.identify({ token: forever, connectionId: 'c1' }), 'token lifetime too long: exp is more than 3600 s after now; this server accepts tokens valid for at most 3600 s', forever);
+  await assertUnauthorized(bounded.identify({ token: await sign({ sub: 'alice', iat: NOW_SEC, exp: 1e300 }), connectionId: 'c1' }), tooLong);
+  // exp - iat: an hour and a minute is too long even when most of it has passed.
+  await assertUnauthorized(bounded.identify({ token: await sign({ sub: 'alice', iat: NOW_SEC - 3000, exp: NOW_SEC + 660 }), connectionId: 'c1' }), tooLong);
+  // An iat in the future does not shorten the lifetime: it counts from now.
+  await assertUnauthorized(bounded.identify({ token: await sign({ sub: 'alice', iat: 1e300 - 60, exp: 1e300 }), connectionId: 'c1' }), tooLong);
+  // exp 1e309 reads as Infinity: refused, not compared as NaN.
+  await assertUnauthorized(bounded.identify({ token: signRaw(`{"sub":"alice","exp":1e309}`), connectionId: 'c1' }), tooLong);
+  await assertUnauthorized(bounded.identify({ token: signRaw(`{"sub":"alice","iat":1e309,"exp":1e309}`), connectionId: 'c1' }), tooLong);
+  // A token that never expires outlives any bound.
+  await assertUnauthorized(bounded.identify({ token: await sign({ sub: 'alice' }), connectionId: 'c1' }), 'token has no exp claim: this server accepts tokens valid for at most 3600 s');
+
+  const hour = { userId: 'alice', role: 'consumer' };
+  assert.deepEqual(await bounded.identify({ token: await sign({ sub: 'alice', iat: NOW_SEC, exp: NOW_SEC + 3600 }), connectionId: 'c1' }), hour);
+  assert.deepEqual(await bounded.identify({ token: await sign({ sub: 'alice', exp: NOW_SEC + 3600 }), connectionId: 'c1' }), hour);
+  assert.deepEqual(await bounded.identify({ token: await sign({ sub: 'alice', iat: NOW_SEC - 3000, exp: NOW_SEC + 600 }), connectionId: 'c1' }), hour);
+  // An issuer whose clock runs a little ahead: iat 3 s in the future is within the 5 s tolerance.
+  assert.deepEqual(await bounded.identify({ token: await sign({ sub: 'alice', iat: NOW_SEC + 3, exp: NOW_SEC + 3603 }), connectionId: 'c1' }), hour);
+
+  assert.deepEqual(await jwtAuth().identify({ token: forever, connectionId: 'c1' }), hour);
+  assert.throws(() => createAuth({ secret: SECRET, maxTtlSec: 0 }), RangeError);
+});
+
 test('with an audience and an issuer set, a token must carry both; without them aud and iss are not checked', async () => {
   const strict = createAuth({ secret: SECRET, now, audience: 'chatwire', issuer: 'https://id.example' });
   const exp = NOW_SEC + 60;
@@ -141,15 +177,66 @@ test('garbage and oversized tokens are refused without echoing them', async () =
   await assertUnauthorized(auth.identify({ token: 'x'.repeat(9000), connectionId: 'c1' }), 'token too large');
 });
 
-test('open mode trusts a well-formed ?user= as a consumer, and names anonymous users by connection', async () => {
+test('open mode trusts a well-formed ?user= as a consumer; callers without one are one anonymous user per address', async () => {
   const auth = createAuth({});
   assert.equal(auth.mode, 'open');
-  assert.deepEqual(await auth.identify({ user: 'alice@example.com', connectionId: 'c1' }), { userId: 'alice@example.com', role: 'consumer' });
-  assert.deepEqual(await auth.identify({ connectionId: 'c7' }), { userId: 'anon-c7', role: 'consumer' });
-  assert.deepEqual(await auth.identify({ user: '', connectionId: 'c8' }), { userId: 'anon-c8', role: 'consumer' });
+  assert.deepEqual(await auth.identify({ user: 'alice@example.com', connectionId: 'c1', address: '203.0.113.7' }), { userId: 'alice@example.com', role: 'consumer' });
+  const anon = await auth.identify({ connectionId: 'c7', address: '203.0.113.7' });
+  assert.equal(anon.role, 'consumer');
+  assert.match(anon.userId, /^anon-[0-9a-f]{16}$/);
+  // Another connection from the same address is the same user (same buckets); an empty ?user= is no user.
+  assert.equal((await auth.identify({ connectionId: 'c8', address: '203.0.113.7' })).userId, anon.userId);
+  assert.equal((await auth.identify({ user: '', connectionId: 'c9', address: '203.0.113.7' })).userId, anon.userId);
+  assert.notEqual((await auth.identify({ connectionId: 'c7', address: '203.0.113.8' })).userId, anon.userId);
+  // Callers whose address is not known share one user rather than each getting fresh buckets.
+  assert.equal((await auth.identify({ connectionId: 'c1' })).userId, (await auth.identify({ connectionId: 'c2' })).userId);
   // A token does not raise anyone's role in open mode: there is nothing to check it against.
   const staff = await sign({ sub: 'mallory', role: 'staff', exp: NOW_SEC + 60 });
   assert.deepEqual(await auth.identify({ token: staff, user: 'bob', connectionId: 'c9' }), { userId: 'bob', role: 'consumer' });
+});
+
+test('an anonymous user id is keyed: it does not show the address, and another process (another key) gives another id', async () => {
+  const key = new Uint8Array(32).fill(7);
+  const a = createAuth({ anonymousKey: key });
+  const b = createAuth({ anonymousKey: key });
+  const id = (await a.identify({ connectionId: 'c1', address: '198.51.100.23' })).userId;
+  assert.equal((await b.identify({ connectionId: 'c2', address: '198.51.100.23' })).userId, id);
+  assert.equal(anonymousUserId(key, '198.51.100.23'), id);
+  assert.ok(!id.includes('198') && !id.includes('c633'), id);
+  assert.notEqual((await createAuth({}).identify({ connectionId: 'c1', address: '198.51.100.23' })).userId, id);
+});
+
+test('an IPv4 address is one anonymous user however it is spelt, and an IPv6 client is keyed by its /64', () => {
+  for (const spelling of ['192.0.2.1', '::ffff:192.0.2.1', '0000:0000:0000:0000:0000:ffff:c000:0201', '::FFFF:C000:201']) {
+    assert.equal(anonymousAddressKey(spelling), '192.0.2.1', spelling);
+  }
+  assert.equal(anonymousAddressKey('2001:db8:1:2:aaaa::1'), '2001:db8:1:2::/64');
+  assert.equal(anonymousAddressKey('2001:0db8:0001:0002:ffff:ffff:ffff:ffff'), '2001:db8:1:2::/64');
+  assert.equal(anonymousAddressKey('2001:db8:1:3::1'), '2001:db8:1:3::/64');
+  assert.equal(anonymousAddressKey('::1'), '0:0:0:0::/64');
+  assert.equal(anonymousAddressKey('fe80::1%eth0'), 'fe80:0:0:0::/64');
+  assert.equal(anonymousAddressKey('2001:db8::192.0.2.1'), '2001:db8:0:0::/64');
+  // Not an address (a host that passes none): kept as given, so such callers share one user.
+  assert.equal(anonymousAddressKey(''), '');
+  const key = new Uint8Array(32);
+  assert.equal(anonymousUserId(key, '2001:db8:1:2::1'), anonymousUserId(key, '2001:db8:1:2:ffff::9'));
+  assert.notEqual(anonymousUserId(key, '2001:db8:1:2::1'), anonymousUserId(key, '2001:db8:1:3::1'));
+});
+
+test('open mode asks admitAnonymous before letting an anonymous caller in: refused, it is overloaded (503); named users are not asked', async () => {
+  const asked: string[] = [];
+  const auth = createAuth({ admitAnonymous: (userId) => (asked.push(userId), asked.length <= 1) });
+  const first = await auth.identify({ connectionId: 'c1', address: '203.0.113.1' });
+  await assert.rejects(auth.identify({ connectionId: 'c2', address: '203.0.113.2' }), (err: unknown) => {
+    assert.ok(err instanceof AppError);
+    assert.equal(err.code, 'overloaded');
+    assert.equal(err.status, 503);
+    assert.equal(err.message, 'too many anonymous users right now; retry later');
+    return true;
+  });
+  assert.equal((await auth.identify({ user: 'alice', connectionId: 'c3', address: '203.0.113.2' })).userId, 'alice');
+  assert.equal(asked.length, 2);
+  assert.equal(asked[0], first.userId);
 });
 
 test('open mode refuses user ids outside 1..128 conservative characters', async () => {

@@ -7,6 +7,13 @@ test('without trusted proxies the peer is the client, whatever X-Forwarded-For s
   assert.equal(clientAddress('::ffff:127.0.0.1', undefined, []), '127.0.0.1');
 });
 
+test('addresses are compared in canonical form: a peer written in full (as uWS does when listening on ::) matches its proxy', () => {
+  assert.equal(clientAddress('0000:0000:0000:0000:0000:ffff:7f00:0001', undefined, []), '127.0.0.1');
+  assert.equal(clientAddress('0000:0000:0000:0000:0000:ffff:7f00:0001', '198.51.100.1', ['127.0.0.1']), '198.51.100.1');
+  assert.equal(clientAddress('0000:0000:0000:0000:0000:0000:0000:0001', '198.51.100.1', ['::1']), '198.51.100.1');
+  assert.equal(clientAddress('2001:0DB8:0000:0000:0000:0000:0000:0002', '2001:DB8::7', ['2001:db8::2']), '2001:db8::7');
+});
+
 test('behind a trusted proxy the right-most untrusted X-Forwarded-For hop is the client', () => {
   assert.equal(clientAddress('10.0.0.2', '198.51.100.1', ['10.0.0.2']), '198.51.100.1');
   // The left-most entries are the client's own words: a spoofed first hop is not believed.

@@ -266,7 +266,7 @@ describe('local provider through the worker pool', () => {
 
   function run(req: ModelRequest, cancelAfter?: number): Promise<{ chunks: string[]; result?: ModelResult | null; cancelled?: boolean; error?: AppError }> {
     return new Promise((resolve) => {
-      const slot = pool.reserve();
+      const slot = pool.reserve('test');
       assert.ok(slot);
       const chunks: string[] = [];
       const handle = slot.run(req, {
@@ -309,7 +309,7 @@ describe('local provider through the worker pool', () => {
       allStarted = resolve;
     });
     for (let i = 0; i < 4; i++) {
-      const slot = busy.reserve();
+      const slot = busy.reserve('test');
       assert.ok(slot);
       let chunks = 0;
       outcomes.push(

@@ -526,7 +526,7 @@ describe('openai provider through the worker pool', () => {
 
   function run(req: ModelRequest, onChunk?: (text: string, cancel: () => void) => void): Promise<PoolOutcome> {
     return new Promise((resolve) => {
-      const slot = pool.reserve();
+      const slot = pool.reserve('test');
       assert.ok(slot, 'the pool refused a slot');
       const chunks: string[] = [];
       const handle = slot.run(req, {

@@ -263,6 +263,33 @@ test('users idle for idleMs are dropped, except those with open connections or r
   });
 });
 
+test('anonymous users are bounded: past maxAnonymousUsers new ones are refused until the sweep drops idle ones; named users do not count', () => {
+  withLimits({ idleMs: 120_000, maxAnonymousUsers: 2 }, (limits, clock) => {
+    assert.equal(limits.admitAnonymous('anon-a'), true);
+    assert.equal(limits.admitAnonymous('anon-b'), true);
+    assert.equal(limits.admitAnonymous('anon-c'), false);
+    // One already tracked comes back in: the bound is on distinct users, not on calls.
+    assert.equal(limits.admitAnonymous('anon-a'), true);
+    // A refused one was not tracked, and named users come and go as before.
+    assert.equal(limits.size(), 2);
+    assert.ok(limits.chat('alice').ok);
+    assert.equal(limits.size(), 3);
+    assert.equal(limits.admitAnonymous('anon-c'), false);
+
+    // anon-b holds a connection, so only anon-a and alice are dropped.
+    assert.ok(limits.connectionOpened('anon-b').ok);
+    clock.advance(120_000);
+    assert.equal(limits.sweep(), 2);
+    assert.equal(limits.admitAnonymous('anon-c'), true);
+    assert.equal(limits.admitAnonymous('anon-a'), false);
+  });
+  // Unset: no bound.
+  withLimits({}, (limits) => {
+    for (let i = 0; i < 1000; i++) assert.equal(limits.admitAnonymous(`anon-${i}`), true);
+  });
+  assert.throws(() => createRateLimits({ messagesPerSecond: 1, chatsPerMinute: 1, modelTokensPerMinute: 1, maxConnectionsPerUser: 1, maxAnonymousUsers: 0 }), RangeError);
+});
+
 test('a user seen again is not dropped: idleness counts from the last check', () => {
   withLimits({ idleMs: 120_000 }, (limits, clock) => {
     limits.frame('alice');
