@@ -66,7 +66,7 @@ export interface FdGuardOptions {
 
 /** Spare descriptors kept for what must go on working near the limit: /healthz, the stores, a refusal's own accept. */
 export function fdHeadroom(limit: number): number {
-  return Math.min(1024, Math.max(32, Math.floor(limit / 8)));
+  return Math.min(1024, Math.max(64, Math.floor(limit / 8)));
 }
 
 // A log line per episode, and not more often than this however the count hovers around the threshold.
@@ -89,11 +89,15 @@ export function createFdGuard(options: FdGuardOptions): FdGuard {
   }
   const threshold = limit - fdHeadroom(limit);
   let busy = false;
+  // Connections asked about since the last count: each may have taken a descriptor the count has not seen yet,
+  // so that a burst between two counts cannot run past the headroom.
+  let since = 0;
   const count = () => {
     if (busy) return;
     busy = true;
     fs.readdir(FD_DIR, (err, entries) => {
       busy = false;
+      since = 0;
       // EMFILE: reading the directory needs a descriptor too, so failing to is itself the sign.
       const open = err ? limit : entries.length;
       counted = open;
@@ -109,7 +113,16 @@ export function createFdGuard(options: FdGuardOptions): FdGuard {
   const timer = setInterval(count, options.intervalMs ?? 250);
   timer.unref();
   return {
-    nearLimit: () => near,
+    nearLimit: () => {
+      if (near) return true;
+      if (counted + since < threshold) {
+        since += 1;
+        return false;
+      }
+      // The estimate reached the threshold: count now rather than refuse on a guess until the next interval.
+      count();
+      return true;
+    },
     open: () => counted,
     close: () => clearInterval(timer),
   };

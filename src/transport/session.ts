@@ -76,8 +76,8 @@ export function errorMessage(err: unknown, id: string | undefined): ErrorMessage
   return msg;
 }
 
-// What a frame adds around its text ({"type":"chat.delta","taskId":...,"seq":...,"text":""} and the like).
-const FRAME_OVERHEAD_BYTES = 96;
+// What a frame adds around its text ({"type":"chat.delta","taskId":"…","seq":…,"text":""} and the like).
+const FRAME_OVERHEAD_BYTES = 64;
 
 /** Bytes a replay of `task` from `fromSeq` sends now: the deltas it already has (live ones after them are not a replay). */
 export function replayBytes(task: Task, fromSeq: number): number {
