@@ -7,7 +7,7 @@ import { tempDataDir } from '../helpers/server.js';
 
 const LIMIT = 256;
 
-test('near its open-file limit the server refuses new connections with 503, answers /healthz and serves the open ones', async () => {
+test('near its open-file limit the server refuses new connections with 503, answers /healthz and serves the open ones', { timeout: 60_000 }, async () => {
   const dataDir = tempDataDir();
   const server = await startProcess({ CHATWIRE_DATA_DIR: dataDir, CHATWIRE_WORKER_THREADS: '1', CHATWIRE_DEV_TOKEN_DELAY_MS: '0' }, { maxOpenFiles: LIMIT });
   const open: WsClient[] = [];
