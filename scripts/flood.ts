@@ -81,13 +81,14 @@ async function handshakes(): Promise<void> {
   const before = rssMiB(pid);
   const user = await chatter(server.port, 'legit', 200);
   const agent = new http.Agent({ keepAlive: true, maxSockets: Number(args.connections) });
-  const statuses = new Map<number, number>();
+  const statuses = new Map<number | string, number>();
   let flooding = true;
   const loop = async () => {
     while (flooding) {
-      const status = await get(server.port, '/socket.io/?EIO=4&transport=polling', agent).catch(() => -1);
-      if (status === -1 && !flooding) return;
+      // A request that gets no answer: the server is shutting down (that is part of the run).
+      const status = await get(server.port, '/socket.io/?EIO=4&transport=polling', agent).catch(() => 'no answer');
       statuses.set(status, (statuses.get(status) ?? 0) + 1);
+      if (status === 'no answer') await sleep(10);
     }
   };
   const loops = Array.from({ length: Number(args.connections) }, loop);
