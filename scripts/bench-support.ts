@@ -55,6 +55,9 @@ export function startChatwireIn(dataDir: string, env: Record<string, string>): P
     CHATWIRE_CHATS_PER_MINUTE: '1000000',
     CHATWIRE_MODEL_TOKENS_PER_MINUTE: '1000000000',
     CHATWIRE_MAX_CONNECTIONS_PER_USER: '100000',
+    // Every client of a benchmark comes from 127.0.0.1, hundreds of socket.io handshakes at once.
+    CHATWIRE_MAX_PENDING_CONNECTIONS: '1000000',
+    CHATWIRE_MAX_PENDING_PER_ADDRESS: '1000000',
     CHATWIRE_MAX_QUEUE: '100000',
     // info: the start line carries the port.
     LOG_LEVEL: 'info',

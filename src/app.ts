@@ -22,10 +22,13 @@ import { backendFingerprint } from './llm/backend.js';
 import { DEV_DEFAULT_MAX_TOKENS } from './llm/dev.js';
 import { createModelPool } from './llm/pool.js';
 import { providerSettingsFrom } from './llm/provider.js';
+import { createEgressLimits } from './limits/egress.js';
 import { createRateLimits } from './limits/rate-limits.js';
 import { createMetrics, type Metrics } from './metrics/metrics.js';
 import { AppError } from './protocol/index.js';
+import { createPendingAdmission } from './transport/admission.js';
 import type { TransportDeps } from './transport/deps.js';
+import { createFdGuard, raiseFdLimit } from './transport/fd-limit.js';
 import { startHttpServer, type HttpServer } from './transport/server.js';
 import { lockDataDir } from './db/data-dir-lock.js';
 
@@ -118,6 +121,8 @@ export async function createApp(config: Config, options: AppOptions): Promise<Ap
       maxAnonymousUsers: config.maxAnonymousUsers,
     });
     closers.push(() => limits.close());
+    const egress = createEgressLimits({ bytesPerMinute: config.egressBytesPerMinute });
+    closers.push(() => egress.close());
 
     const auth = createAuth(
       config.jwtSecret === undefined
@@ -176,6 +181,18 @@ export async function createApp(config: Config, options: AppOptions): Promise<Ap
       taskRetentionMs: config.taskRetentionMs,
     });
 
+    // Every connection is a descriptor: use all the process may have, and refuse new ones a little before the end.
+    raiseFdLimit(log);
+    const fdGuard = createFdGuard({ log });
+    closers.push(() => fdGuard.close());
+    const admission = createPendingAdmission({
+      maxPending: config.maxPendingConnections,
+      maxPendingPerAddress: config.maxPendingPerAddress,
+      retryAfterMs: 1000,
+      nearFdLimit: () => fdGuard.nearLimit(),
+    });
+    closers.push(() => admission.close());
+
     const allowed = config.allowedOrigins === '*' ? null : new Set(config.allowedOrigins);
     const deps: TransportDeps = {
       config,
@@ -184,7 +201,7 @@ export async function createApp(config: Config, options: AppOptions): Promise<Ap
       auth,
       chat,
       marketplace,
-      session: { chat, marketplace, frameLimit: (userId) => limits.frame(userId), flooded: (userId) => limits.floodClosed(userId), metrics, log },
+      session: { chat, marketplace, frameLimit: (userId) => limits.frame(userId), flooded: (userId) => limits.floodClosed(userId), egress: (userId, bytes) => egress.charge(userId, bytes), metrics, log },
       connections: {
         opened: (userId) => {
           const d = limits.connectionOpened(userId);
@@ -194,6 +211,7 @@ export async function createApp(config: Config, options: AppOptions): Promise<Ap
         },
         closed: (userId) => limits.connectionClosed(userId),
       },
+      admission,
       checkOrigin: (origin) => {
         if (allowed !== null && origin !== undefined && !allowed.has(origin)) throw new AppError('forbidden', `origin ${origin} is not allowed`);
       },
@@ -214,6 +232,7 @@ export async function createApp(config: Config, options: AppOptions): Promise<Ap
         metrics.queueDepth.set(s.queued);
         metrics.modelCallsInFlight.set(s.inFlight);
         metrics.rateLimitUsers.set(limits.size());
+        metrics.pendingConnections.set(admission.pending());
       },
     };
 

@@ -1,2 +1,3 @@
 export * from './rate-limits.js';
 export { retryAfterSeconds } from './ratelimit-headers.js';
+export * from './egress.js';

@@ -42,6 +42,7 @@ export function createMetrics() {
     workerFailures: new Counter({ name: 'chatwire_worker_failures_total', help: 'Model calls failed by a worker dying or passing its deadline', registers: [registry] }),
     tasks: new Counter({ name: 'chatwire_tasks_total', help: 'Chat tasks ended, by outcome', labelNames: ['outcome'], registers: [registry] }),
     errors: new Counter({ name: 'chatwire_errors_total', help: 'Errors sent to clients, by code', labelNames: ['code'], registers: [registry] }),
+    pendingConnections: new Gauge({ name: 'chatwire_pending_connections', help: 'Connections, socket.io sessions and requests not authenticated yet (bounded by CHATWIRE_MAX_PENDING_CONNECTIONS)', registers: [registry] }),
     rateLimitUsers: new Gauge({ name: 'chatwire_rate_limit_users', help: 'Users the rate limiter keeps buckets for (idle users with full buckets are dropped)', registers: [registry] }),
     rateLimited: new Counter({ name: 'chatwire_rate_limited_total', help: 'Requests refused by a rate-limit bucket', labelNames: ['bucket'], registers: [registry] }),
     slowClientsClosed: new Counter({ name: 'chatwire_slow_clients_closed_total', help: 'Sockets closed for staying over the backpressure limit', registers: [registry] }),

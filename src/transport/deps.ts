@@ -4,6 +4,7 @@ import type { ChatService } from '../chat/chat-service.js';
 import type { Config } from '../config.js';
 import type { Metrics } from '../metrics/metrics.js';
 import type { AppError } from '../protocol/index.js';
+import type { PendingAdmission } from './admission.js';
 import type { MarketplaceLookups, SessionDeps } from './session.js';
 
 export interface Authenticator {
@@ -31,6 +32,8 @@ export interface TransportDeps {
     opened(userId: string): { ok: true } | { ok: false; error: AppError };
     closed(userId: string): void;
   };
+  /** Connections not authenticated yet, bounded in total and per client address (and refused near the fd limit). */
+  admission: PendingAdmission;
   /** Throws AppError('forbidden') for an origin that is not allowed. */
   checkOrigin(origin: string | undefined): void;
   /** IETF RateLimit-Policy / RateLimit fields for a user's HTTP responses; `null` for a caller not identified. */

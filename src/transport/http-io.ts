@@ -82,13 +82,14 @@ export class Responder {
     return !this.aborted && !this.done;
   }
 
-  send(status: number, headers: Record<string, string>, body: string | Buffer = ''): void {
+  /** `closeConnection`: close the TCP connection after this answer instead of keeping it alive. */
+  send(status: number, headers: Record<string, string>, body: string | Buffer = '', closeConnection = false): void {
     if (!this.open) return;
     this.done = true;
     this.res.cork(() => {
       this.res.writeStatus(STATUS_TEXT[status] ?? `${status} Status`);
       for (const [k, v] of Object.entries(headers)) this.res.writeHeader(k, v);
-      this.res.end(body);
+      this.res.end(body, closeConnection);
     });
   }
 }

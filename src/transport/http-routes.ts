@@ -21,6 +21,7 @@ import {
 import { clientAddress } from './client-address.js';
 import type { TransportDeps } from './deps.js';
 import { captureRequest, errorBody, etagMatches, parseJsonBody, readBody, Responder, strongEtag, type RequestInfo } from './http-io.js';
+import { chargeEgress, historyBytes, replayBytes, taskBytes } from './session.js';
 import { renderStaticRoute, staticAssets } from './static.js';
 
 /**
@@ -104,13 +105,21 @@ export function attachHttpRoutes(app: TemplatedApp, deps: TransportDeps): { clos
     return h;
   };
 
+  /** Who the caller is; while its token is checked the request holds a place among the unauthenticated (deps.admission). */
   async function identify(info: RequestInfo): Promise<Identity> {
-    return deps.auth.identify({
-      token: tokenFromAuthorization(info.headers.get('authorization')) ?? info.query.get('token') ?? undefined,
-      user: info.query.get('user') ?? undefined,
-      connectionId: `http${++nextAnon}`,
-      address: clientAddress(info.remoteAddress, info.headers.get('x-forwarded-for'), deps.config.trustProxy),
-    });
+    const address = clientAddress(info.remoteAddress, info.headers.get('x-forwarded-for'), deps.config.trustProxy);
+    const pending = deps.admission.admit(address);
+    if (!pending.ok) throw pending.error;
+    try {
+      return await deps.auth.identify({
+        token: tokenFromAuthorization(info.headers.get('authorization')) ?? info.query.get('token') ?? undefined,
+        user: info.query.get('user') ?? undefined,
+        connectionId: `http${++nextAnon}`,
+        address,
+      });
+    } finally {
+      pending.slot.release();
+    }
   }
 
   /** Identifies the caller and takes one request from its bucket; `onHeaders` gets the RateLimit fields either way. */
@@ -138,7 +147,7 @@ export function attachHttpRoutes(app: TemplatedApp, deps: TransportDeps): { clos
     if (status === 401) headers['www-authenticate'] = 'Bearer';
     // RFC 9110 section 9.3.2: no content in an answer to HEAD (uWS would write it, and a client reading the
     // connection on would take it for the start of the next response).
-    responder.send(status, headers, info.method === 'HEAD' ? '' : body);
+    responder.send(status, headers, info.method === 'HEAD' ? '' : body, deps.admission.closesConnection(e));
   }
 
   /** A /v1 JSON route: identity, rate limit, handler, RateLimit fields, ETag on reads. */
@@ -194,13 +203,16 @@ export function attachHttpRoutes(app: TemplatedApp, deps: TransportDeps): { clos
 
   v1('get', '/v1/tasks/:taskId', 1, async (caller, info) => {
     const task = chat.task(caller, info.params[0] as string);
+    chargeEgress(deps.session, caller.userId, taskBytes(task));
     const final = task.status === 'done' || task.status === 'error' || task.status === 'cancelled';
     return { status: 200, body: task, cacheControl: final ? FRESHNESS.final : FRESHNESS.live };
   });
 
   v1('get', '/v1/conversations/:conversationId/messages', 1, async (caller, info) => {
     const q = parseQuery(HistoryQuerySchema, info.query);
-    return { status: 200, body: chat.history(caller, info.params[0] as string, q.before, q.limit ?? 50) };
+    const page = chat.history(caller, info.params[0] as string, q.before, q.limit ?? 50);
+    chargeEgress(deps.session, caller.userId, historyBytes(page));
+    return { status: 200, body: page };
   });
 
   v1('get', '/v1/requests', 0, async (caller, info) => {
@@ -235,6 +247,15 @@ export function attachHttpRoutes(app: TemplatedApp, deps: TransportDeps): { clos
           fromSeq = n + 1;
         }
         if (!responder.open) return;
+        // A stream holds a connection as long as a WebSocket does: it takes one of the user's connection slots.
+        const slot = deps.connections.opened(caller.userId);
+        if (!slot.ok) throw slot.error;
+        let held = true;
+        const releaseSlot = () => {
+          if (!held) return;
+          held = false;
+          deps.connections.closed(caller.userId);
+        };
         let backedUp = false;
         let ended = false;
         let subscription: Subscription | null = null;
@@ -256,6 +277,7 @@ export function attachHttpRoutes(app: TemplatedApp, deps: TransportDeps): { clos
         const end = () => {
           if (ended) return;
           ended = true;
+          releaseSlot();
           clearInterval(heartbeat);
           streams.delete(stream);
           subscription?.close();
@@ -277,7 +299,14 @@ export function attachHttpRoutes(app: TemplatedApp, deps: TransportDeps): { clos
             return true;
           },
         };
-        subscription = chat.subscribe(caller, info.params[0] as string, fromSeq, sink);
+        try {
+          subscription = chat.subscribe(caller, info.params[0] as string, fromSeq, sink);
+          chargeEgress(deps.session, caller.userId, replayBytes(subscription.task, fromSeq));
+        } catch (err) {
+          subscription?.close();
+          releaseSlot();
+          throw err;
+        }
         const headers: Record<string, string> = {
           ...commonHeaders(info),
           ...limitHeaders,
@@ -325,8 +354,8 @@ export function attachHttpRoutes(app: TemplatedApp, deps: TransportDeps): { clos
       try {
         limitHeaders = deps.rateLimitHeaders((await identify(info)).userId);
       } catch (err) {
-        // A bad token, or an anonymous caller past the bound on anonymous users, is a refusal, not a failure.
-        if (!(isAppError(err) && (err.code === 'unauthorized' || err.code === 'overloaded'))) log.error({ err, url: info.url }, 'identifying a preflight failed');
+        // A bad token, a refused admission or an anonymous caller past the bound is the caller's; anything else is ours.
+        if (!isAppError(err) || err.code === 'internal') log.error({ err, url: info.url }, 'identifying a preflight failed');
       }
       responder.send(204, { ...headers, ...limitHeaders });
     })();

@@ -2,7 +2,7 @@ import type { Logger } from 'pino';
 import type { Identity } from '../auth/identity.js';
 import type { ChatService } from '../chat/chat-service.js';
 import type { LimitDecision } from '../chat/ports.js';
-import type { Sink, Subscription } from '../chat/task.js';
+import type { Sink, Subscription, Task } from '../chat/task.js';
 import type { Metrics } from '../metrics/metrics.js';
 import {
   AppError,
@@ -31,6 +31,8 @@ export interface SessionDeps {
   frameLimit: (userId: string) => LimitDecision;
   /** A connection of this user is being closed for flooding (the limits then hold its reconnects back). */
   flooded?: (userId: string) => void;
+  /** Takes the bytes a replay, history page or task snapshot sends from the user's egress bucket (none: not charged). */
+  egress?: (userId: string, bytes: number) => { ok: true } | { ok: false; retryAfterMs: number };
   metrics: Metrics;
   log: Logger;
 }
@@ -72,6 +74,37 @@ export function errorMessage(err: unknown, id: string | undefined): ErrorMessage
   if (e.retryAfterMs !== undefined) msg.retryAfterMs = Math.max(0, Math.ceil(e.retryAfterMs));
   if (e.details !== undefined) msg.details = e.details;
   return msg;
+}
+
+// What a frame adds around its text ({"type":"chat.delta","taskId":"…","seq":…,"text":""} and the like).
+const FRAME_OVERHEAD_BYTES = 64;
+
+/** Bytes a replay of `task` from `fromSeq` sends now: the deltas it already has (live ones after them are not a replay). */
+export function replayBytes(task: Task, fromSeq: number): number {
+  let bytes = FRAME_OVERHEAD_BYTES;
+  for (let seq = fromSeq; seq < task.deltaCount; seq++) bytes += Buffer.byteLength(task.deltaAt(seq)) + FRAME_OVERHEAD_BYTES;
+  return bytes;
+}
+
+/** Bytes of a history page's reply, counted from the texts it carries. */
+export function historyBytes(page: { messages: readonly { text: string }[] }): number {
+  let bytes = FRAME_OVERHEAD_BYTES;
+  for (const m of page.messages) bytes += Buffer.byteLength(m.text) + FRAME_OVERHEAD_BYTES;
+  return bytes;
+}
+
+/** Bytes of a task snapshot's reply (task.get): its whole text. */
+export function taskBytes(task: { text: string }): number {
+  return Buffer.byteLength(task.text) + 2 * FRAME_OVERHEAD_BYTES;
+}
+
+/** Charges `bytes` to the user's egress bucket; throws rate_limited (with retryAfterMs) when it is empty. */
+export function chargeEgress(deps: Pick<SessionDeps, 'egress' | 'metrics'>, userId: string, bytes: number): void {
+  const d = deps.egress?.(userId, bytes);
+  if (d === undefined || d.ok) return;
+  deps.metrics.rateLimited.inc({ bucket: 'egress' });
+  const retryAfterMs = Math.max(0, Math.ceil(d.retryAfterMs));
+  throw new AppError('rate_limited', `too many bytes of replays and history for this user; retry in ${retryAfterMs} ms`, { retryAfterMs });
 }
 
 /** A marketplace page's reply frame, serialized around the items JSON the lookup built. */
@@ -201,15 +234,25 @@ export class Session {
         return;
       case 'chat.resume': {
         const sub = chat.subscribe(caller, message.taskId, message.fromSeq, this.sink);
+        try {
+          chargeEgress(this.deps, caller.userId, replayBytes(sub.task, message.fromSeq));
+        } catch (err) {
+          sub.close();
+          throw err;
+        }
         reply(this.withId({ type: 'ok' }, message.id));
         this.track(message.taskId, sub);
         return;
       }
-      case 'task.get':
-        reply(this.withId({ type: 'task', task: chat.task(caller, message.taskId) }, message.id));
+      case 'task.get': {
+        const task = chat.task(caller, message.taskId);
+        chargeEgress(this.deps, caller.userId, taskBytes(task));
+        reply(this.withId({ type: 'task', task }, message.id));
         return;
+      }
       case 'conversation.history': {
         const page = chat.history(caller, message.conversationId, message.before, message.limit ?? 50);
+        chargeEgress(this.deps, caller.userId, historyBytes(page));
         reply(this.withId({ type: 'conversation.history', ...page }, message.id));
         return;
       }

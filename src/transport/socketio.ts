@@ -1,12 +1,14 @@
-import type { TemplatedApp } from 'uWebSockets.js';
+import type { HttpRequest, HttpResponse, TemplatedApp, WebSocketBehavior } from 'uWebSockets.js';
 import { Server as SocketIOServer, type Socket } from 'socket.io';
+import { tokenFromAuthorization } from '../auth/credentials.js';
 import type { Identity } from '../auth/identity.js';
 import type { Sink } from '../chat/task.js';
 import { AppError, JsonText, PROTOCOL_VERSION, toAppError, toJson, type OutgoingMessage, type ServerMessage } from '../protocol/index.js';
 import { clientAddress } from './client-address.js';
 import type { TransportDeps } from './deps.js';
 import { echoableId, holdRefusal, Session } from './session.js';
-import { frameReadCeiling, frameTooLarge, newConnectionId } from './ws.js';
+import type { PendingSlot } from './admission.js';
+import { frameReadCeiling, frameTooLarge, newConnectionId, refuseRequest } from './ws.js';
 
 interface SocketState {
   connectionId: string;
@@ -27,6 +29,9 @@ interface UwsSocketLike {
 /** What chatwire uses of an engine.io connection (engine.io's own types do not expose its transport's socket). */
 interface EngineConnection {
   readyState: string;
+  /** The handshake request. */
+  request: object;
+  once(event: 'close', listener: () => void): void;
   transport: { name: string; socket?: UwsSocketLike };
   on(event: 'packet', listener: (packet: { type: string; data?: unknown }) => void): void;
   write(data: string): void;
@@ -80,6 +85,67 @@ function bufferedBytes(socket: Socket): number {
   return wsBuffered + queued * 256;
 }
 
+type HttpHandler = (res: HttpResponse, req: HttpRequest) => void;
+type UpgradeHandler = NonNullable<WebSocketBehavior<unknown>['upgrade']>;
+
+/**
+ * The uWS app as engine.io sees it: every request that would start a new session (no `sid`) first takes a place
+ * among the connections waiting to authenticate, and past the bound is refused here, before engine.io builds
+ * anything for it. The place is found again through the request object, which engine.io keeps as `conn.request`.
+ */
+function admittingApp(app: TemplatedApp, deps: TransportDeps, slots: WeakMap<object, PendingSlot>): TemplatedApp {
+  const { config } = deps;
+  // A place is given back when the session authenticates, closes or is refused; this is the bound in case none
+  // of those ever happens (a handshake aborted half-way): socket.io closes such a session by then anyway.
+  const backstopMs = config.handshakeTimeoutMs + 1000;
+  const admit = (res: HttpResponse, req: HttpRequest): boolean => {
+    if (req.getQuery('sid') !== undefined) return true;
+    const peer = Buffer.from(res.getRemoteAddressAsText()).toString();
+    const address = clientAddress(peer, req.getHeader('x-forwarded-for') || undefined, config.trustProxy);
+    const admitted = deps.admission.admit(address);
+    if (!admitted.ok) {
+      refuseRequest(res, admitted.error, admitted.closeConnection);
+      return false;
+    }
+    slots.set(req, admitted.slot);
+    setTimeout(() => admitted.slot.release(), backstopMs).unref();
+    return true;
+  };
+  const wrapped = {
+    any(pattern: string, handler: HttpHandler) {
+      app.any(pattern, (res, req) => {
+        if (admit(res, req)) handler(res, req);
+      });
+      return wrapped;
+    },
+    ws(pattern: string, behavior: WebSocketBehavior<unknown>) {
+      const upgrade = behavior.upgrade as UpgradeHandler;
+      app.ws(pattern, {
+        ...behavior,
+        upgrade: (res, req, context) => {
+          if (admit(res, req)) upgrade(res, req, context);
+        },
+      });
+      return wrapped;
+    },
+  };
+  return wrapped as unknown as TemplatedApp;
+}
+
+/**
+ * Credentials in the handshake request itself (`?token=`, `Authorization`, `?user=` in open mode) are checked
+ * there: a bad one is refused (403, engine.io's only refusal) before a session exists. Without any, the session
+ * gets the handshake timeout to bring them in socket.io's CONNECT.
+ */
+async function checkHandshakeCredentials(deps: TransportDeps, req: { headers: Record<string, string | string[] | undefined>; _query?: Record<string, string> }): Promise<void> {
+  const query = req._query ?? {};
+  const token = query.token ?? tokenFromAuthorization(headerText(req.headers.authorization));
+  const user = deps.auth.mode === 'open' ? query.user : undefined;
+  if (token === undefined && user === undefined) return;
+  const address = clientAddress(String((req as { connection?: { remoteAddress?: string } }).connection?.remoteAddress ?? ''), headerText(req.headers['x-forwarded-for']), deps.config.trustProxy);
+  await deps.auth.identify({ token, user, connectionId: 'handshake', address });
+}
+
 /**
  * socket.io on the same uWS app: event name = message type, the payload is
  * the message without `type`, the direct reply goes to the ack callback (or is
@@ -88,6 +154,7 @@ function bufferedBytes(socket: Socket): number {
  */
 export function attachSocketIO(app: TemplatedApp, deps: TransportDeps): SocketIOServer {
   const { config, metrics, log } = deps;
+  const allowedOrigins = config.allowedOrigins === '*' ? null : new Set(config.allowedOrigins);
   const softLimit = Math.min(64 * 1024, Math.floor(config.maxBackpressureBytes / 4));
   const framesOut = metrics.framesOut.tally('socket.io');
   const framesIn = metrics.framesIn.tally('socket.io');
@@ -98,20 +165,33 @@ export function attachSocketIO(app: TemplatedApp, deps: TransportDeps): SocketIO
     pingInterval: 25_000,
     pingTimeout: 20_000,
     serveClient: false,
-    cors: { origin: config.allowedOrigins === '*' ? true : [...config.allowedOrigins], credentials: true },
+    // A session that has not completed socket.io's CONNECT with valid credentials by then is closed (default 45 s).
+    connectTimeout: config.handshakeTimeoutMs,
+    // An origin that is not allowed gets no CORS header at all (a static list would still grant credentials).
+    cors: { origin: (origin, grant) => grant(null, origin !== undefined && (allowedOrigins === null || allowedOrigins.has(origin))), credentials: true },
     allowRequest: (req, callback) => {
       try {
         deps.checkOrigin(req.headers.origin);
-        callback(null, true);
       } catch (err) {
         callback(toAppError(err).message, false);
+        return;
       }
+      checkHandshakeCredentials(deps, req as unknown as Parameters<typeof checkHandshakeCredentials>[1]).then(
+        () => callback(null, true),
+        (err: unknown) => callback(toAppError(err).message, false),
+      );
     },
   });
-  io.attachApp(app);
+  const pendingSlots = new WeakMap<object, PendingSlot>();
+  io.attachApp(admittingApp(app, deps, pendingSlots));
+  io.engine.on('connection_error', (err: { req?: object }) => {
+    if (err.req) pendingSlots.get(err.req)?.release();
+  });
 
   // A message over the frame limit, seen before socket.io decodes it: refused as /ws refuses one.
   io.engine.on('connection', (conn: EngineConnection) => {
+    const slot = pendingSlots.get(conn.request);
+    if (slot) conn.once('close', () => slot.release());
     conn.on('packet', (packet: { type: string; data?: unknown }) => {
       if (packet.type !== 'message') return;
       const data = packet.data;
@@ -155,6 +235,8 @@ export function attachSocketIO(app: TemplatedApp, deps: TransportDeps): SocketIO
         // The client may have gone while the token was checked: socket.io then drops the socket without a
         // 'disconnect', so a slot counted now would never be freed.
         if (socket.conn.readyState !== 'open') throw new AppError('bad_request', 'the client went away');
+        // Authenticated: no longer one of the connections waiting to.
+        pendingSlots.get(socket.conn.request)?.release();
         const admitted = deps.connections.opened(identity.userId);
         if (!admitted.ok) throw admitted.error;
         let held = true;

@@ -35,14 +35,15 @@ export function newConnectionId(): string {
   return randomBase64url(9);
 }
 
-function refuse(res: HttpResponse, err: unknown): void {
+/** Answers an HTTP request (an upgrade, a socket.io handshake) with an error, before anything is built for it. */
+export function refuseRequest(res: HttpResponse, err: unknown, closeConnection = false): void {
   const { status, body, retryAfterMs } = errorBody(err);
   res.cork(() => {
     res.writeStatus(STATUS_TEXT[status] ?? `${status} Error`);
     res.writeHeader('content-type', 'application/json');
     if (status === 401) res.writeHeader('www-authenticate', 'Bearer');
     if (retryAfterMs !== undefined) res.writeHeader('retry-after', String(Math.max(1, Math.ceil(retryAfterMs / 1000))));
-    res.end(body);
+    res.end(body, closeConnection);
   });
 }
 
@@ -89,15 +90,22 @@ export function attachWebSocket(app: TemplatedApp, deps: TransportDeps, track: {
         aborted = true;
       });
       const connectionId = newConnectionId();
+      const address = clientAddress(info.remoteAddress, info.headers.get('x-forwarded-for'), config.trustProxy);
+      // A place among the connections waiting to authenticate, held while the token is checked.
+      const pending = deps.admission.admit(address);
+      if (!pending.ok) {
+        refuseRequest(res, pending.error, pending.closeConnection);
+        return;
+      }
       void (async () => {
         try {
-          deps.checkOrigin(origin);
-          const identity = await deps.auth.identify({
-            token: info.query.get('token') ?? protocols.token,
-            user: info.query.get('user') ?? undefined,
-            connectionId,
-            address: clientAddress(info.remoteAddress, info.headers.get('x-forwarded-for'), config.trustProxy),
-          });
+          let identity: Identity;
+          try {
+            deps.checkOrigin(origin);
+            identity = await deps.auth.identify({ token: info.query.get('token') ?? protocols.token, user: info.query.get('user') ?? undefined, connectionId, address });
+          } finally {
+            pending.slot.release();
+          }
           const admitted = deps.connections.opened(identity.userId);
           if (!admitted.ok) throw admitted.error;
           if (aborted) {
@@ -114,7 +122,7 @@ export function attachWebSocket(app: TemplatedApp, deps: TransportDeps, track: {
             await holdRefusal(e.retryAfterMs);
             if (aborted) return;
           }
-          refuse(res, e);
+          refuseRequest(res, e);
         }
       })();
     },

@@ -23,8 +23,11 @@ export interface ServerProcess {
   stop(): Promise<{ code: number | null; signal: NodeJS.Signals | null }>;
 }
 
-export function startProcess(env: Record<string, string>): Promise<ServerProcess> {
-  const child = spawn(process.execPath, [MAIN], {
+/** `maxOpenFiles`: start it under that open-file limit (soft and hard, as `ulimit -n` sets both). */
+export function startProcess(env: Record<string, string>, options: { maxOpenFiles?: number } = {}): Promise<ServerProcess> {
+  const [file, args] =
+    options.maxOpenFiles === undefined ? [process.execPath, [MAIN]] : ['sh', ['-c', `ulimit -n ${options.maxOpenFiles} && exec "$0" "$@"`, process.execPath, MAIN]];
+  const child = spawn(file, args, {
     env: { ...process.env, PORT: '0', HOST: '127.0.0.1', LOG_LEVEL: 'info', ...env },
     stdio: ['ignore', 'pipe', 'pipe'],
   });

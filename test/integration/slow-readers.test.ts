@@ -14,7 +14,8 @@ import { test } from 'node:test';
 import { WsClient } from '../helpers/clients.js';
 import { startServer } from '../helpers/server.js';
 
-const LIMITS = { messagesPerSecond: 1_000_000, chatsPerMinute: 1_000_000, modelTokensPerMinute: 1_000_000_000, maxConnectionsPerUser: 10_000 };
+// Every per-user limit out of the way, egress too: one user's hundred readers replay about 75 MB here.
+const LIMITS = { messagesPerSecond: 1_000_000, chatsPerMinute: 1_000_000, modelTokensPerMinute: 1_000_000_000, maxConnectionsPerUser: 10_000, egressBytesPerMinute: 1024 * 1024 * 1024 };
 
 async function metric(base: string, name: string): Promise<number> {
   const text = await (await fetch(`${base}/metrics`)).text();
