@@ -166,6 +166,8 @@ export async function createApp(config: Config, options: AppOptions): Promise<Ap
       defaultMaxTokens: config.llm === 'dev' ? DEV_DEFAULT_MAX_TOKENS : config.defaultMaxTokens,
       capUnsetMaxTokens: config.llm !== 'dev',
       taskRetentionMs: config.taskRetentionMs,
+      taskRetentionMaxBytes: config.taskRetentionMaxBytes,
+      maxRunningPerUser: config.maxRunningPerUser,
     });
 
     const allowed = config.allowedOrigins === '*' ? null : new Set(config.allowedOrigins);
