@@ -55,6 +55,7 @@ export function startChatwireIn(dataDir: string, env: Record<string, string>): P
     CHATWIRE_CHATS_PER_MINUTE: '1000000',
     CHATWIRE_MODEL_TOKENS_PER_MINUTE: '1000000000',
     CHATWIRE_MAX_CONNECTIONS_PER_USER: '100000',
+    CHATWIRE_MAX_RUNNING_PER_USER: '100000',
     CHATWIRE_MAX_QUEUE: '100000',
     // info: the start line carries the port.
     LOG_LEVEL: 'info',

@@ -14,7 +14,7 @@ import { test } from 'node:test';
 import { WsClient } from '../helpers/clients.js';
 import { startServer } from '../helpers/server.js';
 
-const LIMITS = { messagesPerSecond: 1_000_000, chatsPerMinute: 1_000_000, modelTokensPerMinute: 1_000_000_000, maxConnectionsPerUser: 10_000 };
+const LIMITS = { messagesPerSecond: 1_000_000, chatsPerMinute: 1_000_000, modelTokensPerMinute: 1_000_000_000, maxConnectionsPerUser: 10_000, maxRunningPerUser: 10_000 };
 
 async function metric(base: string, name: string): Promise<number> {
   const text = await (await fetch(`${base}/metrics`)).text();
