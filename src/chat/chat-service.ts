@@ -104,7 +104,7 @@ export function createChatService(options: ChatServiceOptions): ChatService {
     const found = tasks.get(taskId) ?? retention.restore(taskId);
     if (!found) throw new AppError('not_found', `no task ${taskId}`);
     if (found.userId !== caller.userId) throw new AppError('forbidden', 'this task belongs to another user');
-    if (!(found instanceof Task)) throw new AppError('not_found', `task ${taskId} is past its retention window`);
+    if (!(found instanceof Task)) throw new AppError('not_found', `task ${taskId} is no longer resumable (past its retention window)`);
     return found;
   }
 
