@@ -3,9 +3,9 @@ import { errorCatalogue, type ErrorCode } from '../protocol/index.js';
 import { Task, type TaskTerminal } from './task.js';
 
 /**
- * Heap bytes one finished task costs in memory besides its text and chunk boundaries: the Task, its ids, its
- * chat.done, its empty subscriber set, its registry entry. Measured on Node 20 (x64) with --expose-gc over
- * 20,000 ended tasks: 1,140 to 1,192 bytes with 0 to 1 deltas; see docs/retention.md.
+ * Bytes one finished task costs in memory besides its text and chunk boundaries: the Task, its ids, its
+ * chat.done, its empty subscriber set, its registry entry. Measured on Node 20 (x64) by `npm run bench:task-bytes`
+ * (1,111 to 1,164 bytes with 0 or 1 delta); see docs/retention.md.
  */
 export const TASK_OVERHEAD_BYTES = 1152;
 /** A finished task keeps each delta as one uint32 offset into its text. */
