@@ -169,6 +169,7 @@ function startServer(dataDir: string, devTokenDelayMs: number): Promise<Child> {
     CHATWIRE_MESSAGES_PER_SECOND: '1000000',
     CHATWIRE_MODEL_TOKENS_PER_MINUTE: '1000000000',
     CHATWIRE_MAX_CONNECTIONS_PER_USER: '1000',
+    CHATWIRE_MAX_RUNNING_PER_USER: '100000',
     // info: the start line carries the port.
     LOG_LEVEL: 'info',
   });

@@ -58,6 +58,7 @@ export function startChatwireIn(dataDir: string, env: Record<string, string>): P
     // Every client of a benchmark comes from 127.0.0.1, hundreds of socket.io handshakes at once.
     CHATWIRE_MAX_PENDING_CONNECTIONS: '1000000',
     CHATWIRE_MAX_PENDING_PER_ADDRESS: '1000000',
+    CHATWIRE_MAX_RUNNING_PER_USER: '100000',
     CHATWIRE_MAX_QUEUE: '100000',
     // info: the start line carries the port.
     LOG_LEVEL: 'info',

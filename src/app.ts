@@ -179,6 +179,8 @@ export async function createApp(config: Config, options: AppOptions): Promise<Ap
       defaultMaxTokens: config.llm === 'dev' ? DEV_DEFAULT_MAX_TOKENS : config.defaultMaxTokens,
       capUnsetMaxTokens: config.llm !== 'dev',
       taskRetentionMs: config.taskRetentionMs,
+      taskRetentionMaxBytes: config.taskRetentionMaxBytes,
+      maxRunningPerUser: config.maxRunningPerUser,
     });
 
     // Every connection is a descriptor: use all the process may have, and refuse new ones a little before the end.

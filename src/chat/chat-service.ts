@@ -16,6 +16,7 @@ import {
 } from '../protocol/index.js';
 import { Flight, type FlightListener, type FlightOutcome } from './flight.js';
 import type { ChatCache, ChatLimits, TokenReservation } from './ports.js';
+import { createRetention, type RetentionStats } from './retention.js';
 import { Task, type Sink, type Subscription } from './task.js';
 
 export interface ChatServiceOptions {
@@ -34,6 +35,10 @@ export interface ChatServiceOptions {
   /** Whether the provider is told maxTokens when the client did not set it (caps the reservation). */
   capUnsetMaxTokens: boolean;
   taskRetentionMs: number;
+  /** Bytes of finished tasks kept in memory for resume; past it the oldest are resumed from storage instead. */
+  taskRetentionMaxBytes: number;
+  /** Chats of one user in flight (acknowledged or being stored, and not ended); past it: rate_limited. */
+  maxRunningPerUser: number;
 }
 
 export interface SendResult {
@@ -49,7 +54,7 @@ export interface ChatService {
   subscribe(caller: Identity, taskId: string, fromSeq: number, sink: Sink): Subscription;
   task(caller: Identity, taskId: string): TaskInfo;
   history(caller: Identity, conversationId: string, before: string | undefined, limit: number): { messages: HistoryMessage[]; hasMore: boolean };
-  stats(): { tasksInMemory: number; running: number; flights: number };
+  stats(): { tasksInMemory: number; running: number; flights: number } & RetentionStats;
   /** Stops taking chats, cancels running tasks, and resolves when their outcomes are stored. */
   close(): Promise<void>;
 }
@@ -64,27 +69,43 @@ export function createChatService(options: ChatServiceOptions): ChatService {
   const running = new Set<Task>();
   const flights = new Map<string, Flight>();
   const pendingFinishes = new Set<Promise<unknown>>();
-  // Finished tasks in the order they ended; the sweep drops them after the retention window.
-  const retired: Task[] = [];
+  // Finished tasks stay in memory up to a byte budget and their retention window; past either, from storage.
+  const retention = createRetention({
+    store,
+    maxBytes: options.taskRetentionMaxBytes,
+    retentionMs: options.taskRetentionMs,
+    forget: (t) => {
+      if (tasks.get(t.taskId) === t) tasks.delete(t.taskId);
+    },
+    onBytes: (bytes) => metrics.retainedTaskBytes.set(bytes),
+  });
+  // Chats in flight per user: counted from the moment a send passes its checks (before its commit) to its end.
+  const chatsInFlight = new Map<string, number>();
+  // Moving average of how long a model chat takes, for the retryAfterMs of a send refused by the running cap.
+  let avgChatMs = 1000;
   let closing = false;
 
-  const sweep = setInterval(() => {
-    const cutoff = Date.now() - options.taskRetentionMs;
-    let n = 0;
-    while (n < retired.length && (retired[n]?.endedAt ?? 0) <= cutoff) {
-      const t = retired[n] as Task;
-      if (tasks.get(t.taskId) === t) tasks.delete(t.taskId);
-      n++;
-    }
-    if (n > 0) retired.splice(0, n);
-  }, Math.min(30_000, options.taskRetentionMs));
-  sweep.unref();
+  function releaseInFlight(userId: string): void {
+    const n = (chatsInFlight.get(userId) ?? 1) - 1;
+    if (n > 0) chatsInFlight.set(userId, n);
+    else chatsInFlight.delete(userId);
+  }
+
+  function checkRunningCap(userId: string): void {
+    const held = chatsInFlight.get(userId) ?? 0;
+    if (held < options.maxRunningPerUser) return;
+    // One of the user's chats is likely to end within about one chat's time.
+    const retryAfterMs = Math.min(60_000, Math.max(100, Math.round(avgChatMs)));
+    metrics.rateLimited.inc({ bucket: 'running' });
+    throw new AppError('rate_limited', `${held} chats in flight, the most one user may have; retry in ${retryAfterMs} ms`, { retryAfterMs });
+  }
 
   function visibleTask(caller: Identity, taskId: string): Task {
-    const task = tasks.get(taskId);
-    if (!task) throw new AppError('not_found', `no task ${taskId}`);
-    if (task.userId !== caller.userId) throw new AppError('forbidden', 'this task belongs to another user');
-    return task;
+    const found = tasks.get(taskId) ?? retention.restore(taskId);
+    if (!found) throw new AppError('not_found', `no task ${taskId}`);
+    if (found.userId !== caller.userId) throw new AppError('forbidden', 'this task belongs to another user');
+    if (!(found instanceof Task)) throw new AppError('not_found', `task ${taskId} is no longer resumable (past its retention window)`);
+    return found;
   }
 
   function buildRequest(body: Omit<ChatSendBody, 'id'>, earlier: { role: 'user' | 'assistant'; content: string }[]): ModelRequest {
@@ -111,6 +132,8 @@ export function createChatService(options: ChatServiceOptions): ChatService {
     if (task.ending) return;
     task.ending = true;
     running.delete(task);
+    releaseInFlight(task.userId);
+    if (!task.cached) avgChatMs += (performance.now() - task.receivedAt - avgChatMs) / 8;
     // Its cancel closure holds the flight (every chunk, the request and its context): a retained task must not.
     cancels.delete(task);
     const endedAt = performance.now();
@@ -131,20 +154,35 @@ export function createChatService(options: ChatServiceOptions): ChatService {
     reservation?.settle(completionTokens);
     metrics.tokensStreamed.inc(completionTokens);
     metrics.tasks.inc({ outcome: task.cached ? 'cached' : status });
-    const committed =
-      storedReplyId !== undefined && status === 'done'
-        ? Promise.resolve<string | null>(storedReplyId)
-        : store.finishTask({
-            taskId: task.taskId,
-            conversationId: task.conversationId,
-            status,
-            text: task.text,
-            finishReason: status === 'cancelled' ? 'cancelled' : (result?.finishReason ?? undefined),
-            errorCode: error?.code,
-            promptTokens: usage.promptTokens,
-            completionTokens: usage.completionTokens,
-            cached: task.cached,
-          });
+    const timings = {
+      queueMs: round((task.startedAt ?? endedAt) - task.receivedAt),
+      firstTokenMs: task.firstTokenAt === null ? null : round(task.firstTokenAt - task.receivedAt),
+      totalMs: round(endedAt - task.receivedAt),
+    };
+    // The chunk boundaries and timings are stored with the end, so a resume from storage sends the same frames.
+    const deltaEnds = task.deltaEnds();
+    const answered = storedReplyId !== undefined && status === 'done';
+    const recorded = answered
+      ? store.recordReplay(task.taskId, deltaEnds, timings).catch((err: unknown) => {
+          log.warn({ taskId: task.taskId, userId: task.userId, err }, 'storing the chunk boundaries of a cached reply failed; it is resumable only from memory');
+        })
+      : undefined;
+    const committed = answered
+      ? Promise.resolve<string | null>(storedReplyId)
+      : store.finishTask({
+          taskId: task.taskId,
+          conversationId: task.conversationId,
+          status,
+          text: task.text,
+          finishReason: status === 'cancelled' ? 'cancelled' : (result?.finishReason ?? undefined),
+          errorCode: error?.code,
+          promptTokens: usage.promptTokens,
+          completionTokens: usage.completionTokens,
+          cached: task.cached,
+          deltaEnds,
+          timings,
+          errorMessage: error?.message,
+        });
     const stored = committed
       .then(
         (messageId) => {
@@ -164,11 +202,7 @@ export function createChatService(options: ChatServiceOptions): ChatService {
             finishReason: status === 'cancelled' ? 'cancelled' : (result?.finishReason ?? 'stop'),
             usage,
             cached: task.cached,
-            timings: {
-              queueMs: round((task.startedAt ?? endedAt) - task.receivedAt),
-              firstTokenMs: task.firstTokenAt === null ? null : round(task.firstTokenAt - task.receivedAt),
-              totalMs: round(endedAt - task.receivedAt),
-            },
+            timings,
           };
           task.end(done, status);
         },
@@ -180,9 +214,10 @@ export function createChatService(options: ChatServiceOptions): ChatService {
           task.end({ type: 'chat.error', taskId: task.taskId, code: 'internal', message, retryable: false }, 'error');
         },
       )
+      .then(() => recorded)
       .finally(() => {
         pendingFinishes.delete(stored);
-        retired.push(task);
+        retention.retire(task);
       });
     pendingFinishes.add(stored);
   }
@@ -256,6 +291,7 @@ export function createChatService(options: ChatServiceOptions): ChatService {
   return {
     async send(caller, body, receivedAt = performance.now()) {
       if (closing) throw new AppError('overloaded', 'the server is shutting down');
+      checkRunningCap(caller.userId);
       const conversationId = body.conversationId;
       if (conversationId !== undefined) {
         const owner = store.conversationOwner(conversationId);
@@ -310,6 +346,8 @@ export function createChatService(options: ChatServiceOptions): ChatService {
       flight?.hold();
 
       const taskId = newTaskId();
+      // Counted from here, in the tick of the check above: sends racing in one tick cannot pass the cap together.
+      chatsInFlight.set(caller.userId, (chatsInFlight.get(caller.userId) ?? 0) + 1);
       let began;
       try {
         // A hit's reply is stored in the same commit as the question: one commit, then ack, deltas and done.
@@ -319,6 +357,7 @@ export function createChatService(options: ChatServiceOptions): ChatService {
             : undefined;
         began = await store.beginChat({ taskId, userId: caller.userId, conversationId, text: body.text, knownReply });
       } catch (err) {
+        releaseInFlight(caller.userId);
         reservation?.release();
         flight?.letGo();
         log.error({ err, userId: caller.userId }, 'storing a chat failed');
@@ -371,19 +410,16 @@ export function createChatService(options: ChatServiceOptions): ChatService {
     },
 
     task(caller, taskId) {
-      const task = tasks.get(taskId);
-      if (task) {
-        if (task.userId !== caller.userId) throw new AppError('forbidden', 'this task belongs to another user');
-        return task.info();
-      }
-      const stored = store.task(taskId);
-      if (!stored) throw new AppError('not_found', `no task ${taskId}`);
-      if (stored.userId !== caller.userId) throw new AppError('forbidden', 'this task belongs to another user');
+      const found = tasks.get(taskId) ?? retention.restore(taskId);
+      if (!found) throw new AppError('not_found', `no task ${taskId}`);
+      if (found.userId !== caller.userId) throw new AppError('forbidden', 'this task belongs to another user');
+      if (found instanceof Task) return found.info();
+      const stored = found;
       return {
         taskId: stored.taskId,
         conversationId: stored.conversationId,
         status: stored.status,
-        // Deltas are kept in memory only; a task past retention reports its stored text as one.
+        // Past its retention window (or stored without its chunk boundaries) a task reports its stored text as one delta.
         seq: stored.text.length > 0 ? 1 : 0,
         text: stored.text,
         createdAt: new Date(stored.createdAt).toISOString(),
@@ -398,7 +434,7 @@ export function createChatService(options: ChatServiceOptions): ChatService {
     },
 
     stats() {
-      return { tasksInMemory: tasks.size, running: running.size, flights: flights.size };
+      return { tasksInMemory: tasks.size, running: running.size, flights: flights.size, ...retention.stats() };
     },
 
     async close() {
@@ -417,7 +453,7 @@ export function createChatService(options: ChatServiceOptions): ChatService {
         await Promise.allSettled([...pendingFinishes]);
         await new Promise<void>((resolve) => setImmediate(resolve));
       } while (pendingFinishes.size > 0 || store.pendingWrites > 0);
-      clearInterval(sweep);
+      retention.close();
     },
   };
 }

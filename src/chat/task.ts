@@ -193,6 +193,39 @@ export class Task {
     return this.live !== null ? this.live.length : (this.ends as Uint32Array).length;
   }
 
+  /** Where each delta ends in `text` (UTF-16 code units); the live deltas once the task is ending, so what was sent. */
+  deltaEnds(): Uint32Array {
+    if (this.ends !== null) return this.ends;
+    const deltas = this.live as string[];
+    const ends = new Uint32Array(deltas.length);
+    let at = 0;
+    for (let i = 0; i < deltas.length; i++) ends[i] = at += (deltas[i] as string).length;
+    return ends;
+  }
+
+  /**
+   * An ended task rebuilt from storage (see chat/retention.ts): the same text, chunk boundaries and terminal
+   * message as when it streamed live, so a resume replays the same frames.
+   */
+  static restored(
+    ids: { taskId: string; userId: string; conversationId: string; createdAt: number; endedAt: number; cached: boolean },
+    text: string,
+    ends: Uint32Array,
+    terminal: TaskTerminal,
+    status: Extract<TaskStatus, 'done' | 'error' | 'cancelled'>,
+  ): Task {
+    const task = new Task(ids.taskId, ids.userId, ids.conversationId, 0, ids.createdAt, ids.cached);
+    task.ending = true;
+    task.text = text;
+    task.live = null;
+    task.ends = ends;
+    task.sealed = ends.length;
+    task.terminal = terminal;
+    task.status = status;
+    task.endedAt = ids.endedAt;
+    return task;
+  }
+
   deltaAt(seq: number): string {
     if (this.live !== null) return this.live[seq] as string;
     const ends = this.ends as Uint32Array;
@@ -205,11 +238,8 @@ export class Task {
    * not one string per delta: about a third of the memory per retained task.
    */
   private compact(): void {
-    const deltas = this.live;
-    if (deltas === null) return;
-    const ends = new Uint32Array(deltas.length);
-    let at = 0;
-    for (let i = 0; i < deltas.length; i++) ends[i] = at += (deltas[i] as string).length;
+    if (this.live === null) return;
+    const ends = this.deltaEnds();
     // Converting a string to a number flattens it in place: the text stops being a rope of every appended chunk.
     void Number(this.text);
     this.ends = ends;

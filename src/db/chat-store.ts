@@ -1,4 +1,4 @@
-import { AppError, type FinishReason, type HistoryMessage, type TaskStatus } from '../protocol/index.js';
+import { AppError, type ChatDone, type FinishReason, type HistoryMessage, type TaskStatus } from '../protocol/index.js';
 import { timeOrderedId } from '../random-id.js';
 import type { Database } from './database.js';
 import { createWriteBatcher } from './write-batcher.js';
@@ -31,6 +31,27 @@ export interface FinishTask {
   promptTokens: number;
   completionTokens: number;
   cached: boolean;
+  /** Where each delta ended in `text` (see Task.deltaEnds): kept so a resume from storage has the live chunk boundaries. */
+  deltaEnds?: Uint32Array | undefined;
+  timings?: Timings | undefined;
+  /** The chat.error message of a failed task. */
+  errorMessage?: string | undefined;
+}
+
+export type Timings = ChatDone['timings'];
+
+/** What a resume needs to replay a finished task as it streamed: its chunk boundaries and its terminal message. */
+export interface StoredReplay {
+  deltaEnds: Uint32Array;
+  finishedAt: number;
+  replyMessageId: string | null;
+  finishReason: FinishReason | null;
+  errorCode: string | null;
+  errorMessage: string | null;
+  promptTokens: number;
+  completionTokens: number;
+  cached: boolean;
+  timings: Timings;
 }
 
 export interface StoredTask {
@@ -38,8 +59,11 @@ export interface StoredTask {
   conversationId: string;
   userId: string;
   status: TaskStatus;
+  /** The reply's text (a failed task: what it streamed before it failed). */
   text: string;
   createdAt: number;
+  /** Present when the task's end and chunk boundaries were recorded. */
+  replay?: StoredReplay;
 }
 
 export interface ContextMessage {
@@ -52,6 +76,8 @@ export interface ChatStore {
   beginChat(input: BeginChat): Promise<BeganChat>;
   /** Stores the assistant message and the task's outcome; resolves with the assistant message id (null for a failed task). */
   finishTask(input: FinishTask): Promise<string | null>;
+  /** Records the chunk boundaries and timings of a task stored finished by beginChat (a cache hit), once it has streamed. */
+  recordReplay(taskId: string, deltaEnds: Uint32Array, timings: Timings): Promise<void>;
   /** The owner of a conversation, or undefined when it does not exist. */
   conversationOwner(conversationId: string): string | undefined;
   /** The latest `limit` messages of the conversation, oldest first (the model's context). */
@@ -82,6 +108,81 @@ export function newTaskId(): string {
 }
 
 const iso = (ms: number) => new Date(ms).toISOString();
+
+/** Delta lengths as unsigned LEB128 varints: a byte or two per delta, where the ends as uint32 would take four. */
+export function encodeDeltaEnds(ends: Uint32Array): Buffer {
+  const out = Buffer.allocUnsafe(ends.length * 5);
+  let at = 0;
+  let prev = 0;
+  for (const end of ends) {
+    let n = end - prev;
+    prev = end;
+    while (n >= 0x80) {
+      out[at++] = (n & 0x7f) | 0x80;
+      n >>>= 7;
+    }
+    out[at++] = n;
+  }
+  return out.subarray(0, at);
+}
+
+export function decodeDeltaEnds(bytes: Uint8Array): Uint32Array {
+  let count = 0;
+  for (const b of bytes) if (b < 0x80) count++;
+  const ends = new Uint32Array(count);
+  let i = 0;
+  let end = 0;
+  let n = 0;
+  let shift = 0;
+  for (const b of bytes) {
+    n += (b & 0x7f) * 2 ** shift;
+    shift += 7;
+    if (b < 0x80) {
+      end += n;
+      ends[i++] = end;
+      n = 0;
+      shift = 0;
+    }
+  }
+  return ends;
+}
+
+interface TaskRow {
+  task_id: string;
+  conversation_id: string;
+  user_id: string;
+  status: TaskStatus;
+  created_at: number;
+  text: string | null;
+  finished_at: number | null;
+  reply_message_id: string | null;
+  finish_reason: FinishReason | null;
+  error_code: string | null;
+  error_message: string | null;
+  prompt_tokens: number;
+  completion_tokens: number;
+  cached: number;
+  delta_lengths: Buffer | null;
+  queue_ms: number | null;
+  first_token_ms: number | null;
+  total_ms: number | null;
+}
+
+function replayOf(row: TaskRow): StoredReplay | undefined {
+  if (row.delta_lengths === null || row.finished_at === null || row.queue_ms === null || row.total_ms === null) return undefined;
+  return {
+    deltaEnds: decodeDeltaEnds(row.delta_lengths),
+    finishedAt: row.finished_at,
+    replyMessageId: row.reply_message_id,
+    finishReason: row.finish_reason,
+    errorCode: row.error_code,
+    errorMessage: row.error_message,
+    promptTokens: row.prompt_tokens,
+    completionTokens: row.completion_tokens,
+    cached: row.cached === 1,
+    timings: { queueMs: row.queue_ms, firstTokenMs: row.first_token_ms, totalMs: row.total_ms },
+  };
+}
 
 export function createChatStore(db: Database, hooks: { onCommit?: (seconds: number, size: number) => void } = {}): ChatStore {
   const batcher = createWriteBatcher(db, hooks.onCommit);
@@ -135,7 +236,12 @@ export function createChatStore(db: Database, hooks: { onCommit?: (seconds: numb
   const updateTask = db.prepare(
     'chat.finish_task',
     `UPDATE tasks SET status = ?, finish_reason = ?, error_code = ?, reply_message_id = ?, prompt_tokens = ?,
-       completion_tokens = ?, cached = ?, finished_at = ? WHERE task_id = ?`,
+       completion_tokens = ?, cached = ?, finished_at = ?, delta_lengths = ?, queue_ms = ?, first_token_ms = ?, total_ms = ?,
+       error_message = ?, failed_text = ? WHERE task_id = ?`,
+  );
+  const updateReplay = db.prepare(
+    'chat.record_replay',
+    'UPDATE tasks SET delta_lengths = ?, queue_ms = ?, first_token_ms = ?, total_ms = ? WHERE task_id = ?',
   );
   const selectContext = db.prepare<{ role: 'user' | 'assistant'; text: string }>(
     'chat.context',
@@ -146,16 +252,11 @@ export function createChatStore(db: Database, hooks: { onCommit?: (seconds: numb
     'chat.history',
     'SELECT message_id, role, text, created_at FROM messages WHERE conversation_id = ? AND seq < ? ORDER BY seq DESC LIMIT ?',
   );
-  const selectTask = db.prepare<{
-    task_id: string;
-    conversation_id: string;
-    user_id: string;
-    status: TaskStatus;
-    created_at: number;
-    text: string | null;
-  }>(
+  const selectTask = db.prepare<TaskRow>(
     'chat.task',
-    `SELECT t.task_id, t.conversation_id, t.user_id, t.status, t.created_at, m.text
+    `SELECT t.task_id, t.conversation_id, t.user_id, t.status, t.created_at, coalesce(m.text, t.failed_text) AS text,
+       t.finished_at, t.reply_message_id, t.finish_reason, t.error_code, t.error_message, t.prompt_tokens,
+       t.completion_tokens, t.cached, t.delta_lengths, t.queue_ms, t.first_token_ms, t.total_ms
        FROM tasks t LEFT JOIN messages m ON m.message_id = t.reply_message_id WHERE t.task_id = ?`,
   );
   const failTask = db.prepare(
@@ -202,6 +303,7 @@ export function createChatStore(db: Database, hooks: { onCommit?: (seconds: numb
           insertMessage.run(replyId, input.conversationId, 'assistant', input.text, input.taskId, now);
           touchConversation.run(now, input.conversationId);
         }
+        const ends = input.deltaEnds;
         updateTask.run(
           input.status,
           input.finishReason ?? null,
@@ -211,12 +313,24 @@ export function createChatStore(db: Database, hooks: { onCommit?: (seconds: numb
           input.completionTokens,
           input.cached ? 1 : 0,
           now,
+          ends === undefined ? null : encodeDeltaEnds(ends),
+          input.timings?.queueMs ?? null,
+          input.timings?.firstTokenMs ?? null,
+          input.timings?.totalMs ?? null,
+          input.errorMessage ?? null,
+          replyId === null && input.text !== '' ? input.text : null,
           input.taskId,
         );
         return replyId;
       });
       written.catch(() => rememberUnrecorded(input.taskId, now));
       return written;
+    },
+
+    recordReplay(taskId, deltaEnds, timings) {
+      return batcher.enqueue(() => {
+        updateReplay.run(encodeDeltaEnds(deltaEnds), timings.queueMs, timings.firstTokenMs, timings.totalMs, taskId);
+      });
     },
 
     conversationOwner(conversationId) {
@@ -249,7 +363,7 @@ export function createChatStore(db: Database, hooks: { onCommit?: (seconds: numb
     task(taskId) {
       const row = selectTask.get(taskId);
       if (!row) return undefined;
-      return {
+      const task: StoredTask = {
         taskId: row.task_id,
         conversationId: row.conversation_id,
         userId: row.user_id,
@@ -257,6 +371,9 @@ export function createChatStore(db: Database, hooks: { onCommit?: (seconds: numb
         text: row.text ?? '',
         createdAt: row.created_at,
       };
+      const replay = replayOf(row);
+      if (replay !== undefined) task.replay = replay;
+      return task;
     },
 
     recoverUnfinished() {

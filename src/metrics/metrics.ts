@@ -56,6 +56,7 @@ export function createMetrics() {
     cacheHits: new Counter({ name: 'chatwire_cache_hits_total', help: 'Replies served from the response cache', registers: [registry] }),
     cacheMisses: new Counter({ name: 'chatwire_cache_misses_total', help: 'Cacheable requests not found in the response cache', registers: [registry] }),
     cacheBytes: new Gauge({ name: 'chatwire_cache_bytes', help: 'Bytes held by the response cache', registers: [registry] }),
+    retainedTaskBytes: new Gauge({ name: 'chatwire_retained_task_bytes', help: 'Heap bytes held by finished tasks kept in memory for resume (bounded by CHATWIRE_TASK_RETENTION_MAX_BYTES)', registers: [registry] }),
     cacheEvictions: new Counter({ name: 'chatwire_cache_evictions_total', help: 'Cache entries evicted by the byte bound or TTL', registers: [registry] }),
     singleflightJoins: new Counter({ name: 'chatwire_singleflight_joins_total', help: 'Chats that joined an identical model call in flight', registers: [registry] }),
     eventLoopDelay: eventLoopDelayGauge(registry),

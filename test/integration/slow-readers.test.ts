@@ -15,7 +15,7 @@ import { WsClient } from '../helpers/clients.js';
 import { startServer } from '../helpers/server.js';
 
 // Every per-user limit out of the way, egress too: one user's hundred readers replay about 75 MB here.
-const LIMITS = { messagesPerSecond: 1_000_000, chatsPerMinute: 1_000_000, modelTokensPerMinute: 1_000_000_000, maxConnectionsPerUser: 10_000, egressBytesPerMinute: 1024 * 1024 * 1024 };
+const LIMITS = { messagesPerSecond: 1_000_000, chatsPerMinute: 1_000_000, modelTokensPerMinute: 1_000_000_000, maxConnectionsPerUser: 10_000, egressBytesPerMinute: 1024 * 1024 * 1024, maxRunningPerUser: 10_000 };
 
 async function metric(base: string, name: string): Promise<number> {
   const text = await (await fetch(`${base}/metrics`)).text();

@@ -4,7 +4,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { test } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { createChatStore, newTaskId } from '../../src/db/chat-store.js';
+import { createChatStore, decodeDeltaEnds, encodeDeltaEnds, newTaskId } from '../../src/db/chat-store.js';
 import { Database } from '../../src/db/database.js';
 import { migrate } from '../../src/db/migrate.js';
 
@@ -43,4 +43,63 @@ test('a task whose end could not be written is marked failed once storage takes 
   const stored = store.task(taskId);
   assert.equal(stored?.status, 'error');
   assert.equal(stored?.text, '');
+});
+
+test('delta boundaries round-trip through their stored form, one byte a delta under 128 characters', () => {
+  const lengths = [1, 5, 127, 128, 300, 16_383, 16_384, 4096, 70_000, 2 ** 31 - 1];
+  const ends = new Uint32Array(lengths.length);
+  lengths.reduce((at, n, i) => (ends[i] = at + n), 0);
+  const bytes = encodeDeltaEnds(ends);
+  assert.deepEqual(decodeDeltaEnds(bytes), ends);
+  assert.equal(bytes.length, 1 + 1 + 1 + 2 + 2 + 2 + 3 + 2 + 3 + 5);
+  assert.deepEqual(decodeDeltaEnds(encodeDeltaEnds(new Uint32Array(0))), new Uint32Array(0));
+});
+
+test('a finished task keeps what a resume needs: chunk boundaries, timings, and a failed task its text and message', async (t) => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'chatwire-store-'));
+  const db = new Database(path.join(dir, 'chat.sqlite'));
+  migrate(db);
+  const store = createChatStore(db);
+  t.after(() => {
+    store.close();
+    db.close();
+    fs.rmSync(dir, { recursive: true, force: true });
+  });
+  const timings = { queueMs: 1.25, firstTokenMs: null, totalMs: 30.5 };
+  const base = { promptTokens: 3, completionTokens: 4, cached: false, timings };
+
+  const done = newTaskId();
+  const began = await store.beginChat({ taskId: done, userId: 'u1', conversationId: undefined, text: 'hello' });
+  const messageId = await store.finishTask({ ...base, taskId: done, conversationId: began.conversationId, status: 'done', finishReason: 'length', text: 'abcdef', deltaEnds: Uint32Array.of(2, 3, 6) });
+  const stored = store.task(done);
+  assert.equal(stored?.text, 'abcdef');
+  assert.deepEqual(stored?.replay, {
+    deltaEnds: Uint32Array.of(2, 3, 6),
+    finishedAt: stored?.replay?.finishedAt,
+    replyMessageId: messageId,
+    finishReason: 'length',
+    errorCode: null,
+    errorMessage: null,
+    promptTokens: 3,
+    completionTokens: 4,
+    cached: false,
+    timings,
+  });
+
+  const failed = newTaskId();
+  await store.beginChat({ taskId: failed, userId: 'u1', conversationId: began.conversationId, text: 'again' });
+  await store.finishTask({ ...base, taskId: failed, conversationId: began.conversationId, status: 'error', errorCode: 'upstream_error', errorMessage: 'the model failed', text: 'part', deltaEnds: Uint32Array.of(4) });
+  const lost = store.task(failed);
+  assert.equal(lost?.text, 'part');
+  assert.equal(lost?.replay?.errorMessage, 'the model failed');
+  assert.deepEqual(store.history(began.conversationId, undefined, 10).messages.map((m) => m.text), ['hello', 'abcdef', 'again'], 'a failed task stores no message');
+
+  // A cache hit is stored finished with its question; its boundaries and timings follow.
+  const hit = newTaskId();
+  const knownReply = { text: 'xyz', finishReason: 'stop' as const, promptTokens: 1, completionTokens: 1 };
+  await store.beginChat({ taskId: hit, userId: 'u1', conversationId: undefined, text: 'cached?', knownReply });
+  assert.equal(store.task(hit)?.replay, undefined);
+  await store.recordReplay(hit, Uint32Array.of(1, 3), timings);
+  assert.deepEqual(store.task(hit)?.replay?.deltaEnds, Uint32Array.of(1, 3));
+  assert.equal(store.task(hit)?.replay?.cached, true);
 });
