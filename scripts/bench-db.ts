@@ -23,11 +23,13 @@ import assert from 'node:assert/strict';
 import os from 'node:os';
 import path from 'node:path';
 import type { Identity } from '../src/auth/identity.js';
-import { decodeCursor, encodeCursor, type KeysetPosition } from '../src/db/cursor.js';
+import { decodeCursor, encodeCursor } from '../src/marketplace/cursor.js';
+import type { KeysetPosition } from '../src/db/marketplace-store.js';
+import { createSqliteMarketplaceStore } from '../src/db/marketplace-queries.js';
 import WebSocket from 'ws';
 import { databaseFile } from '../src/db/data-file.js';
 import { Database, type CountedStatement } from '../src/db/database.js';
-import { createMarketplaceService, DEFAULT_PAGE_LIMIT, type MarketplaceService } from '../src/db/marketplace.js';
+import { createMarketplaceService, DEFAULT_PAGE_LIMIT, type MarketplaceService } from '../src/marketplace/marketplace-service.js';
 import { formatId, isoTime, parseId } from '../src/db/marketplace-ids.js';
 import { seedMarketplace } from '../src/db/marketplace-seed.js';
 import { migrate } from '../src/db/migrate.js';
@@ -271,7 +273,7 @@ const bookingConsumers = heavyConsumers('bookings');
 assert.ok(requestConsumers.length > 0 && bookingConsumers.length > 0, 'the data set has no consumer with more than 100 rows; seed more requests');
 const categories = db.raw.prepare('SELECT DISTINCT category FROM requests ORDER BY category').pluck().all() as string[];
 
-const realService = createMarketplaceService({ db });
+const realService = createMarketplaceService({ store: createSqliteMarketplaceStore(db) });
 /** First pages and pages a few steps deep, for every filter combination. */
 async function listQueries(limit: number): Promise<RequestsListQuery[]> {
   const filters: RequestsListQuery[] = [{}, { status: 'open' }, { status: 'booked' }, { status: 'closed' }];
@@ -305,7 +307,7 @@ for (const limit of [20, 100]) {
   );
 }
 
-const services = [realService, createMarketplaceService({ db, inList: 'json' }), createMarketplaceService({ db, batching: false })] as const;
+const services = [realService, createMarketplaceService({ store: createSqliteMarketplaceStore(db, { inList: 'json' }) }), createMarketplaceService({ store: createSqliteMarketplaceStore(db), batching: false })] as const;
 const implementations: { name: string; service: FrameLookups }[] = [
   { name: 'n+1', service: naiveFrames(createNaiveService(db)) },
   { name: 'batched', service: serviceFrames(services[0]) },
