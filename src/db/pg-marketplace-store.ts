@@ -103,8 +103,10 @@ LIMIT $4::integer`;
 
 /** The relation queries: one bound array of ids each, whatever its length. */
 export const pgRelationSql = {
-  'bookings.by_request': `SELECT b.request_id, ${objectSql({ ...bookingMembers, provider: providerSql })}
-FROM bookings b JOIN providers p ON p.provider_id = b.provider_id
+  // The provider as a correlated subquery, not a join: one index-only probe per booking, whatever the planner
+  // thinks of a few hundred ids against a small providers table (a hash join over all of it, then a sort).
+  'bookings.by_request': `SELECT b.request_id, ${objectSql({ ...bookingMembers, provider: `(SELECT ${providerSql} FROM providers p WHERE p.provider_id = b.provider_id)` })}
+FROM bookings b
 WHERE b.request_id = ANY($1::bigint[])
 ORDER BY b.request_id DESC, b.scheduled_at DESC, b.booking_id DESC`,
   'consumers.by_id': 'SELECT c.consumer_id FROM consumers c WHERE c.consumer_id = ANY($1::bigint[])',
