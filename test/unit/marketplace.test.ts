@@ -200,7 +200,7 @@ test('requests.list carries any text exactly: quotes, backslashes, control chara
 
 // ---------- cursors ----------
 
-/** The cursor format of src/db/cursor.ts, rebuilt here to make well-formed cursors with wrong contents. */
+/** The cursor format of src/marketplace/cursor.ts, rebuilt here to make well-formed cursors with wrong contents. */
 function forgeCursor(lookup: string, scope: string, payload: unknown): string {
   const body = Buffer.from(JSON.stringify(payload)).toString('base64url');
   const tag = crypto.createHash('sha256').update(`${lookup}\u0000${scope}\u0000${body}`).digest('base64url').slice(0, 12);
