@@ -1,10 +1,8 @@
 import { formatId, isoTime } from './marketplace-ids.js';
 import {
   MAX_IN_LIST,
-  type ConsumerBookingRow,
   type ConsumerRequestRow,
   type KeysetPosition,
-  type ListedRequestRow,
   type MarketplaceStore,
   type RequestBookingRow,
 } from './marketplace-store.js';

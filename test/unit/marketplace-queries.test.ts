@@ -4,7 +4,7 @@ import type { Identity } from '../../src/auth/identity.js';
 import { Database, type CountedStatement, type StatementOptions } from '../../src/db/database.js';
 import { createMarketplaceService, type MarketplaceService } from '../../src/marketplace/marketplace-service.js';
 import { createSqliteMarketplaceStore, type InListStrategy } from '../../src/db/marketplace-queries.js';
-import { ENGINES, engineOptions, FIXTURE, openFixture, openStoreFixture, readTables, referenceConsumerBookings, referenceConsumerRequests, referenceRequestsList, wireId } from './marketplace-fixture.js';
+import { ENGINES, engineOptions, FIXTURE, openFixture, openStoreFixture, referenceConsumerBookings, referenceConsumerRequests, referenceRequestsList, wireId } from './marketplace-fixture.js';
 
 const staff: Identity = { userId: 'ops-1', role: 'staff' };
 const FILTERS = [{}, { status: 'open' }, { category: 'plumbing' }, { category: 'plumbing', status: 'booked' }] as const;

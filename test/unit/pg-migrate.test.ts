@@ -6,7 +6,7 @@ import path from 'node:path';
 import { test } from 'node:test';
 import { MigrationError } from '../../src/db/migrate.js';
 import { openPostgres, type Pg } from '../../src/db/pg.js';
-import { defaultPgMigrationsDir, migratePg, pgMigrationStatus } from '../../src/db/pg-migrate.js';
+import { defaultPgMigrationsDir, migratePg } from '../../src/db/pg-migrate.js';
 import { createTestDatabase, databaseUrl, dropTestDatabase, pgTestOptions } from '../helpers/postgres.js';
 
 const options = await pgTestOptions();
@@ -57,7 +57,6 @@ test('a PostgreSQL migration changed or removed after it was applied stops the s
     assert.match(err.message, /^migration 001_people\.sql was changed after it was applied .*add a new migration instead of editing an applied one$/);
     return true;
   });
-  assert.equal((await pgMigrationStatus(sql, dir)).length, 3);
   fs.rmSync(path.join(dir, '001_people.sql'));
   await assert.rejects(migratePg(sql, dir), { name: 'MigrationError', message: `migration 001_people.sql was applied to this database but its file is missing from ${dir}` });
 });
