@@ -1,7 +1,7 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { MigrationError, readMigrations, type MigrationFile } from './migrate.js';
+import { MigrationError, readMigrations, type MigrationFile, type MigrationStatus } from './migrate.js';
 import type { Pg, PgTx } from './pg.js';
 
 /** db/migrations-pg at the project root, from both src/db (tsx) and dist/src/db (compiled). */
@@ -39,7 +39,7 @@ async function ensureTable(tx: PgTx): Promise<void> {
   )`;
 }
 
-async function appliedRows(tx: PgTx): Promise<AppliedRow[]> {
+async function appliedRows(tx: PgTx | Pg): Promise<AppliedRow[]> {
   return tx<AppliedRow[]>`SELECT version, name, checksum, applied_at FROM schema_migrations ORDER BY version`;
 }
 
@@ -94,4 +94,17 @@ export async function migratePg(sql: Pg, dir = defaultPgMigrationsDir()): Promis
     if (applied === null) return done;
     done.push(applied);
   }
+}
+
+/**
+ * What is applied and what is pending, without changing anything, and what
+ * the database recorded (to flag an edited or vanished file the way a start
+ * would refuse it). No schema_migrations table yet: everything is pending.
+ */
+export async function pgMigrationStatus(sql: Pg, dir = defaultPgMigrationsDir()): Promise<{ files: MigrationStatus[]; recorded: { version: number; name: string; checksum: string }[] }> {
+  const [{ exists }] = await sql<[{ exists: boolean }]>`SELECT to_regclass('schema_migrations') IS NOT NULL AS exists`;
+  const recorded = exists ? await appliedRows(sql) : [];
+  const applied = new Map(recorded.map((r) => [r.version, r]));
+  const files = readMigrations(dir).map((m) => ({ version: m.version, name: m.name, checksum: m.checksum, appliedAt: applied.get(m.version)?.applied_at ?? null }));
+  return { files, recorded };
 }

@@ -1,15 +1,20 @@
 import assert from 'node:assert/strict';
+import { execFile } from 'node:child_process';
 import crypto from 'node:crypto';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { test } from 'node:test';
+import { fileURLToPath } from 'node:url';
+import { promisify } from 'node:util';
 import { MigrationError } from '../../src/db/migrate.js';
 import { openPostgres, type Pg } from '../../src/db/pg.js';
 import { defaultPgMigrationsDir, migratePg } from '../../src/db/pg-migrate.js';
 import { createTestDatabase, databaseUrl, dropTestDatabase, pgTestOptions } from '../helpers/postgres.js';
 
 const options = await pgTestOptions();
+const run = promisify(execFile);
+const migrateScript = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../scripts/migrate.js');
 
 /** An empty database of its own; `pools` opens that many separate pools on it (as many nodes would). */
 async function database(t: { after(fn: () => Promise<void>): void }, pools = 1): Promise<Pg[]> {
@@ -77,4 +82,27 @@ test('the project PostgreSQL migrations apply to an empty database, and again ch
   assert.deepEqual(await migratePg(sql), []);
   const tables = await sql`SELECT tablename FROM pg_tables WHERE schemaname = current_schema() ORDER BY tablename`;
   assert.deepEqual(tables.map((r) => r.tablename), ['bookings', 'consumers', 'conversations', 'messages', 'providers', 'quotes', 'requests', 'schema_migrations', 'tasks']);
+});
+
+test('npm run migrate -- --database-url shows, applies and checks the PostgreSQL migrations', options, async (t) => {
+  const [sql] = (await database(t)) as [Pg];
+  const url = databaseUrl((await sql`SELECT current_database() AS name`)[0]!.name as string);
+  const files = fs.readdirSync(defaultPgMigrationsDir()).filter((f) => f.endsWith('.sql')).sort();
+  const env = { ...process.env, CHATWIRE_DATABASE_URL: '' };
+  const before = await run(process.execPath, [migrateScript, '--status', '--database-url', url], { env });
+  for (const file of files) assert.match(before.stdout, new RegExp(`^  ${file} +[0-9a-f]{12}  pending$`, 'm'));
+  assert.match(before.stdout, new RegExp(`^0 applied, ${files.length} pending$`, 'm'));
+  // CHATWIRE_DATABASE_URL names the database when no flag does.
+  const applied = await run(process.execPath, [migrateScript], { env: { ...env, CHATWIRE_DATABASE_URL: url } });
+  assert.equal(applied.stdout, `database ${url}: applied ${files.join(', ')}\n`);
+  const again = await run(process.execPath, [migrateScript, '--database-url', url], { env });
+  assert.equal(again.stdout, `database ${url} is up to date\n`);
+  await sql`UPDATE schema_migrations SET checksum = 'feedfacefeedface' WHERE name = ${files[0]!}`;
+  const status = await run(process.execPath, [migrateScript, '--status', '--database-url', url], { env });
+  assert.match(status.stdout, new RegExp(`^  ${files[0]} +[0-9a-f]{12}  CHANGED since applied \\d{4}-`, 'm'));
+  await assert.rejects(run(process.execPath, [migrateScript, '--database-url', url], { env }), (err: { code: number; stderr: string }) => {
+    assert.equal(err.code, 1);
+    assert.match(err.stderr, new RegExp(`^migration stopped: migration ${files[0]} was changed after it was applied \\(checksum feedfacefeed recorded`));
+    return true;
+  });
 });
