@@ -38,8 +38,23 @@ const bookingJsonHead = ([bookingId, status, scheduledAt, priceCents]: BookingCo
   `{"bookingId":"${formatId('booking', bookingId)}","status":${quoted(status)},"scheduledAt":"${isoTime(scheduledAt)}","priceCents":${priceCents}`;
 const providerJson = (providerId: number, name: string, rating: number): string => `{"providerId":"${formatId('provider', providerId)}","name":${quoted(name)},"rating":${rating}}`;
 
-/** requests.list: one statement per filter combination, each answered by its own covering index. Parameters: [category], [status], sort key, id, limit. */
-export function pgRequestsPageSql(filter: { status: boolean; category: boolean }): string {
+/**
+ * The page size is written into a page statement's text, not bound: with
+ * `LIMIT $n` PostgreSQL's generic plan cannot tell 21 rows from a million, so
+ * the plan cache keeps re-planning each execution (a third of a requests.list
+ * page's time). A page asks for one of a few sizes (PAGE_TAKES: the protocol's
+ * default and largest pages and a few between, plus the row that says whether
+ * a next page exists); a take between two is read with the next size and cut.
+ * So each connection prepares a bounded number of page statements.
+ */
+export const PAGE_TAKES = [2, 11, 21, 51, 101] as const;
+const pageTakeFor = (take: number): number => {
+  if (!Number.isSafeInteger(take) || take < 1) throw new RangeError(`page take must be a positive integer, got ${take}`);
+  return PAGE_TAKES.find((t) => t >= take) ?? take;
+};
+
+/** requests.list: one statement per filter combination (and page take), each answered by its own covering index. Parameters: [category], [status], sort key, id. */
+export function pgRequestsPageSql(filter: { status: boolean; category: boolean }, take: number): string {
   let n = 0;
   const where = [filter.category ? `r.category = $${++n}` : null, filter.status ? `r.status = $${++n}` : null, `(r.created_at, r.request_id) < ($${++n}::bigint, $${++n}::bigint)`]
     .filter((w) => w !== null)
@@ -48,25 +63,25 @@ export function pgRequestsPageSql(filter: { status: boolean; category: boolean }
 FROM requests r JOIN consumers c ON c.consumer_id = r.consumer_id
 WHERE ${where}
 ORDER BY r.created_at DESC, r.request_id DESC
-LIMIT $${++n}::integer`;
+LIMIT ${take}`;
 }
 type ListedRequestColumns = [...RequestColumns, consumerName: string, quoteCount: number];
 const listedRequestJson = (row: ListedRequestColumns): string =>
   `${requestJsonHead(row as unknown as RequestColumns)},"consumer":{"consumerId":"${formatId('consumer', row[1])}","name":${quoted(row[6])}},"quoteCount":${row[7]}}`;
 
-export const pgConsumerRequestsPageSql = `SELECT ${REQUEST_COLUMNS}
+export const pgConsumerRequestsPageSql = (take: number): string => `SELECT ${REQUEST_COLUMNS}
 FROM requests r
 WHERE r.consumer_id = $1::bigint AND (r.created_at, r.request_id) < ($2::bigint, $3::bigint)
 ORDER BY r.created_at DESC, r.request_id DESC
-LIMIT $4::integer`;
+LIMIT ${take}`;
 
-export const pgConsumerBookingsPageSql = `SELECT ${BOOKING_COLUMNS}, b.request_id, r.title, r.category, b.provider_id, p.name, p.rating
+export const pgConsumerBookingsPageSql = (take: number): string => `SELECT ${BOOKING_COLUMNS}, b.request_id, r.title, r.category, b.provider_id, p.name, p.rating
 FROM bookings b
   JOIN requests r ON r.request_id = b.request_id
   JOIN providers p ON p.provider_id = b.provider_id
 WHERE b.consumer_id = $1::bigint AND (b.scheduled_at, b.booking_id) < ($2::bigint, $3::bigint)
 ORDER BY b.scheduled_at DESC, b.booking_id DESC
-LIMIT $4::integer`;
+LIMIT ${take}`;
 type ConsumerBookingColumns = [...BookingColumns, requestId: number, title: string, category: string, providerId: number, providerName: string, rating: number];
 const consumerBookingJson = (row: ConsumerBookingColumns): string =>
   `${bookingJsonHead(row as unknown as BookingColumns)},"request":{"requestId":"${formatId('request', row[4])}","title":${quoted(row[5])},"category":${quoted(row[6])}},"provider":${providerJson(row[7], row[8], row[9])}}`;
@@ -89,15 +104,14 @@ const requestBookingRow = (row: RequestBookingColumns): RequestBookingRow => [
   `${bookingJsonHead(row.slice(1, 5) as BookingColumns)},"provider":${providerJson(row[5], row[6], row[7])}}`,
 ];
 
-/** Every statement the store runs, by op name: the EXPLAIN test checks each one's plan. */
-export function pgMarketplaceStatements(): { op: string; sql: string }[] {
-  const pages = [false, true].flatMap((status) => [false, true].map((category) => ({ op: 'requests.page', sql: pgRequestsPageSql({ status, category }) })));
-  return [
-    ...pages,
-    { op: 'consumer_requests.page', sql: pgConsumerRequestsPageSql },
-    { op: 'consumer_bookings.page', sql: pgConsumerBookingsPageSql },
-    ...Object.entries(pgRelationSql).map(([op, sql]) => ({ op, sql })),
-  ];
+/** Every statement the store runs at these page takes, by op name: the EXPLAIN test checks each one's plan. */
+export function pgMarketplaceStatements(takes: readonly number[] = PAGE_TAKES): { op: string; sql: string }[] {
+  const pages = takes.flatMap((take) => [
+    ...[false, true].flatMap((status) => [false, true].map((category) => ({ op: 'requests.page', sql: pgRequestsPageSql({ status, category }, take) }))),
+    { op: 'consumer_requests.page', sql: pgConsumerRequestsPageSql(take) },
+    { op: 'consumer_bookings.page', sql: pgConsumerBookingsPageSql(take) },
+  ]);
+  return [...pages, ...Object.entries(pgRelationSql).map(([op, sql]) => ({ op, sql }))];
 }
 
 /** The position before the newest row: every real (sort key, id) pair compares below it. */
@@ -111,12 +125,24 @@ export interface PgMarketplaceStoreOptions {
 
 export function createPgMarketplaceStore(sql: Pg, options: PgMarketplaceStoreOptions = {}): MarketplaceStore {
   const onQuery = options.onQuery ?? (() => {});
-  const pageSql = new Map([false, true].flatMap((status) => [false, true].map((category) => [`${status}/${category}`, pgRequestsPageSql({ status, category })])));
+  const pageStatements = new Map<string, string>();
+  /** A page statement's text at the take it reads, made once. */
+  function pageSql(key: string, take: number, make: (take: number) => string): string {
+    let text = pageStatements.get(`${key}/${take}`);
+    if (text === undefined) pageStatements.set(`${key}/${take}`, (text = make(take)));
+    return text;
+  }
 
   /** Runs a prepared statement (named and cached per connection by the pool) and returns its rows as arrays. */
   async function run<Row extends unknown[]>(op: string, text: string, params: unknown[]): Promise<Row[]> {
     onQuery(op);
     return (await sql.unsafe(text, params as never[], { prepare: true }).values()) as unknown as Row[];
+  }
+  /** `take` rows of a page statement read at its page take. */
+  async function page<Row extends unknown[]>(op: string, key: string, make: (take: number) => string, params: unknown[], take: number): Promise<Row[]> {
+    const readTake = pageTakeFor(take);
+    const rows = await run<Row>(op, pageSql(key, readTake, make), params);
+    return rows.length > take ? rows.slice(0, take) : rows;
   }
   function relation<Row extends unknown[]>(op: keyof typeof pgRelationSql, ids: readonly number[]): Promise<Row[]> {
     if (ids.length === 0) return Promise.resolve([]);
@@ -129,15 +155,17 @@ export function createPgMarketplaceStore(sql: Pg, options: PgMarketplaceStoreOpt
       const params: unknown[] = [];
       if (filter.category !== undefined) params.push(filter.category);
       if (filter.status !== undefined) params.push(filter.status);
-      const text = pageSql.get(`${filter.status !== undefined}/${filter.category !== undefined}`)!;
-      return (await run<ListedRequestColumns>('requests.page', text, [...params, ...position(after), take])).map(listedRequestJson);
+      const shape = { status: filter.status !== undefined, category: filter.category !== undefined };
+      const rows = await page<ListedRequestColumns>('requests.page', `requests/${shape.status}/${shape.category}`, (t) => pgRequestsPageSql(shape, t), [...params, ...position(after)], take);
+      return rows.map(listedRequestJson);
     },
     async consumerRequestsPage(consumerId, after, take) {
-      const rows = await run<RequestColumns>('consumer_requests.page', pgConsumerRequestsPageSql, [consumerId, ...position(after), take]);
+      const rows = await page<RequestColumns>('consumer_requests.page', 'consumer_requests', pgConsumerRequestsPageSql, [consumerId, ...position(after)], take);
       return rows.map((row): ConsumerRequestRow => [row[0], `${requestJsonHead(row)}}`]);
     },
     async consumerBookingsPage(consumerId, after, take) {
-      return (await run<ConsumerBookingColumns>('consumer_bookings.page', pgConsumerBookingsPageSql, [consumerId, ...position(after), take])).map(consumerBookingJson);
+      const rows = await page<ConsumerBookingColumns>('consumer_bookings.page', 'consumer_bookings', pgConsumerBookingsPageSql, [consumerId, ...position(after)], take);
+      return rows.map(consumerBookingJson);
     },
     bookingsOfRequests: async (ids) => (await relation<RequestBookingColumns>('bookings.by_request', ids)).map(requestBookingRow),
     existingConsumers: async (ids) => (await relation<[number]>('consumers.by_id', ids)).map((row) => row[0]),
