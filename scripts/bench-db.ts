@@ -10,10 +10,11 @@
  * the frame (serializePage, as the transports do). Before timing, every
  * implementation's frames are checked to parse to the same value.
  *
- * Usage: npm run bench:db -- [--requests N] [--data-dir <dir>] [--calls N] [--rounds N]
+ * Usage: npm run bench:db -- [--requests N] [--data-dir <dir> | --database-url <postgres://...>] [--calls N] [--rounds N]
  *   --requests   size of the data set (default 1,000,000; consumers N/10, providers N/50)
  *   --data-dir   use this data dir (seeded with --requests if it holds no marketplace rows);
  *                default: a temp dir per size, kept between runs so the seed is paid once
+ *   --database-url  PostgreSQL instead (else CHATWIRE_DATABASE_URL when set): see bench-db-pg.ts
  *   --calls      calls per case (default 2000), spread over --rounds interleaved rounds (default 5)
  *
  * Prints a table, then one JSON line. The concurrent-WebSocket half of this
@@ -23,16 +24,19 @@ import assert from 'node:assert/strict';
 import os from 'node:os';
 import path from 'node:path';
 import type { Identity } from '../src/auth/identity.js';
-import { decodeCursor, encodeCursor, type KeysetPosition } from '../src/db/cursor.js';
+import { decodeCursor, encodeCursor } from '../src/marketplace/cursor.js';
+import type { KeysetPosition } from '../src/db/marketplace-store.js';
+import { createSqliteMarketplaceStore } from '../src/db/marketplace-queries.js';
 import WebSocket from 'ws';
 import { databaseFile } from '../src/db/data-file.js';
 import { Database, type CountedStatement } from '../src/db/database.js';
-import { createMarketplaceService, DEFAULT_PAGE_LIMIT, type MarketplaceService } from '../src/db/marketplace.js';
+import { createMarketplaceService, DEFAULT_PAGE_LIMIT, type MarketplaceService } from '../src/marketplace/marketplace-service.js';
 import { formatId, isoTime, parseId } from '../src/db/marketplace-ids.js';
 import { seedMarketplace } from '../src/db/marketplace-seed.js';
 import { migrate } from '../src/db/migrate.js';
 import { DIST, sleep, startChild, summarize } from './bench-support.js';
-import { fail, parseCommandLine } from './command-line.js';
+import { benchDbPostgres } from './bench-db-pg.js';
+import { databaseUrlOf, fail, parseCommandLine } from './command-line.js';
 import {
   AppError,
   type ConsumerBookingItem,
@@ -44,7 +48,8 @@ import {
   serializePage,
 } from '../src/protocol/index.js';
 
-const usage = 'usage: npm run bench:db -- [--requests N] [--data-dir <dir>] [--calls N] [--rounds N] [--ws-clients N (0 skips)] [--ws-seconds N]';
+const usage =
+  'usage: npm run bench:db -- [--requests N] [--data-dir <dir> | --database-url <postgres://...>] [--calls N] [--rounds N] [--ws-clients N (0 skips)] [--ws-seconds N]';
 const values = parseCommandLine(usage, {
   requests: { type: 'string', default: '1000000' },
   'data-dir': { type: 'string' },
@@ -52,6 +57,7 @@ const values = parseCommandLine(usage, {
   rounds: { type: 'string', default: '5' },
   'ws-clients': { type: 'string', default: '1000' },
   'ws-seconds': { type: 'string', default: '8' },
+  'database-url': { type: 'string' },
 });
 const positive = (name: string, raw: string): number => {
   const n = Number(raw.replaceAll('_', ''));
@@ -64,6 +70,13 @@ const rounds = positive('rounds', values.rounds);
 const wsClients = Number(values['ws-clients']);
 const wsSeconds = positive('ws-seconds', values['ws-seconds']);
 const log = (line: string) => process.stderr.write(`${line}\n`);
+
+const databaseUrl = values['data-dir'] === undefined ? databaseUrlOf(values['database-url']) : undefined;
+if (databaseUrl !== undefined) {
+  // The WebSocket half needs a server in cluster mode, which this bench does not start.
+  await benchDbPostgres({ url: databaseUrl, requests: requestCount, callsPerCase, rounds });
+  process.exit(0);
+}
 
 // ---------- data ----------
 
@@ -271,7 +284,7 @@ const bookingConsumers = heavyConsumers('bookings');
 assert.ok(requestConsumers.length > 0 && bookingConsumers.length > 0, 'the data set has no consumer with more than 100 rows; seed more requests');
 const categories = db.raw.prepare('SELECT DISTINCT category FROM requests ORDER BY category').pluck().all() as string[];
 
-const realService = createMarketplaceService({ db });
+const realService = createMarketplaceService({ store: createSqliteMarketplaceStore(db) });
 /** First pages and pages a few steps deep, for every filter combination. */
 async function listQueries(limit: number): Promise<RequestsListQuery[]> {
   const filters: RequestsListQuery[] = [{}, { status: 'open' }, { status: 'booked' }, { status: 'closed' }];
@@ -305,7 +318,7 @@ for (const limit of [20, 100]) {
   );
 }
 
-const services = [realService, createMarketplaceService({ db, inList: 'json' }), createMarketplaceService({ db, batching: false })] as const;
+const services = [realService, createMarketplaceService({ store: createSqliteMarketplaceStore(db, { inList: 'json' }) }), createMarketplaceService({ store: createSqliteMarketplaceStore(db), batching: false })] as const;
 const implementations: { name: string; service: FrameLookups }[] = [
   { name: 'n+1', service: naiveFrames(createNaiveService(db)) },
   { name: 'batched', service: serviceFrames(services[0]) },

@@ -50,3 +50,22 @@ export function lockOrFail(dataPath: string): DataDirLock {
     fail((err as Error).message, 1);
   }
 }
+
+/**
+ * The PostgreSQL database of the database scripts: `--database-url`, else
+ * CHATWIRE_DATABASE_URL (cluster mode's setting); undefined means the SQLite
+ * database of the data dir. Anything but a postgres:// URL exits 2.
+ */
+export function databaseUrlOf(flag: string | undefined): string | undefined {
+  const url = flag ?? process.env.CHATWIRE_DATABASE_URL;
+  if (url === undefined || url === '') return undefined;
+  if (!/^postgres(ql)?:\/\//.test(url)) fail(`${flag !== undefined ? '--database-url' : 'CHATWIRE_DATABASE_URL'} must be a postgres:// URL, got ${JSON.stringify(url)}`);
+  return url;
+}
+
+/** The URL without its password, for output. */
+export function redactUrl(url: string): string {
+  const parsed = new URL(url);
+  if (parsed.password) parsed.password = '***';
+  return parsed.toString();
+}

@@ -15,12 +15,13 @@ import { createChatStore } from './db/chat-store.js';
 import { databaseFile } from './db/data-file.js';
 import { startCheckpointer } from './db/checkpointer.js';
 import { Database } from './db/database.js';
-import { createMarketplaceService } from './db/marketplace.js';
+import { createSqliteMarketplaceStore } from './db/marketplace-queries.js';
 import { migrate } from './db/migrate.js';
 import { probeDataDir } from './db/storage-health.js';
 import { backendFingerprint } from './llm/backend.js';
 import { DEV_DEFAULT_MAX_TOKENS } from './llm/dev.js';
 import { createModelPool } from './llm/pool.js';
+import { createMarketplaceService } from './marketplace/marketplace-service.js';
 import { providerSettingsFrom } from './llm/provider.js';
 import { createEgressLimits } from './limits/egress.js';
 import { createRateLimits } from './limits/rate-limits.js';
@@ -140,7 +141,7 @@ export async function createApp(config: Config, options: AppOptions): Promise<Ap
       if (unused.length > 0) log.warn({ settings: unused }, 'these token settings do nothing without CHATWIRE_JWT_SECRET');
     } else if (auth.weakSecret) log.warn('CHATWIRE_JWT_SECRET is shorter than 32 bytes; use a longer random secret');
 
-    const marketplace = createMarketplaceService({ db, batching: config.dbBatching });
+    const marketplace = createMarketplaceService({ store: createSqliteMarketplaceStore(db), batching: config.dbBatching });
     closers.push(() => marketplace.close());
 
     const chatCache: ChatCache = {

@@ -1,11 +1,18 @@
-import type { z } from 'zod';
-import type { BookingStatusSchema, RequestStatusSchema } from '../protocol/index.js';
 import type { CountedStatement, Database } from './database.js';
-import type { KeysetPosition } from './cursor.js';
 import { idPrefixes, isoTime, YEAR_10000_MS, type IdKind } from './marketplace-ids.js';
+import {
+  MAX_IN_LIST,
+  type ConsumerBookingRow,
+  type ConsumerRequestRow,
+  type KeysetPosition,
+  type ListedRequestRow,
+  type MarketplaceStore,
+  type RequestBookingRow,
+} from './marketplace-store.js';
 
 /**
- * Every SQL statement of the marketplace lookups (docs/marketplace.md lists
+ * The SQLite MarketplaceStore (marketplace-store.ts): every SQL statement of
+ * the marketplace lookups (docs/marketplace.md lists
  * their plans). Each page query walks one covering index of
  * 002_marketplace.sql backwards from the cursor. To-one relations (a
  * request's consumer, a booking's request and provider, a request's quote
@@ -21,23 +28,6 @@ import { idPrefixes, isoTime, YEAR_10000_MS, type IdKind } from './marketplace-i
  * serializing those again (docs/marketplace.md, "Serialized in SQLite").
  */
 
-export type RequestStatus = z.infer<typeof RequestStatusSchema>;
-export type BookingStatus = z.infer<typeof BookingStatusSchema>;
-
-/** requests.list row: the JSON text of one RequestItem. */
-export type ListedRequestRow = string;
-/** consumer.requests page row: the request's key, and the JSON text of its ConsumerRequestItem without `bookings` (the item's last member, spliced in after the relation query). */
-export type ConsumerRequestRow = [requestId: number, itemJson: string];
-/** consumer.bookings page row: the JSON text of one ConsumerBookingItem, with its request and provider. */
-export type ConsumerBookingRow = string;
-/** A booking of one of the requests of a consumer.requests page: the request's key, and the JSON text of the booking with its provider. */
-export type RequestBookingRow = [requestId: number, bookingJson: string];
-
-export interface RequestsFilter {
-  status?: RequestStatus | undefined;
-  category?: string | undefined;
-}
-
 /**
  * How a list of ids reaches SQLite: `params` binds `IN (?, ?, ...)`, with one
  * statement per power-of-two arity (the tail padded with NULL, which matches
@@ -47,29 +37,10 @@ export interface RequestsFilter {
  */
 export type InListStrategy = 'params' | 'json';
 
-/**
- * Most ids bound to one relation query; the batch loaders never ask for more.
- * Also keeps the plans indexed after ANALYZE: SQLite rightly prefers a scan
- * once an IN list covers about a quarter of a table, which at 256 ids only
- * happens to tables of a thousand rows or so.
- */
-export const MAX_IN_LIST = 256;
-
-export interface MarketplaceQueries {
-  /** Rows of requests.list after `after` (null: from the newest), newest first. */
-  requestsPage(filter: RequestsFilter, after: KeysetPosition | null, take: number): ListedRequestRow[];
-  consumerRequestsPage(consumerId: number, after: KeysetPosition | null, take: number): ConsumerRequestRow[];
-  consumerBookingsPage(consumerId: number, after: KeysetPosition | null, take: number): ConsumerBookingRow[];
-  /** Ordered by request descending, then scheduled_at and booking_id descending. */
-  bookingsOfRequests(requestIds: readonly number[]): RequestBookingRow[];
-  /** The ids among these that are consumers. */
-  existingConsumers(consumerIds: readonly number[]): number[];
-}
-
 /** The position before the newest row: every real (sort key, id) pair compares below it. */
 const FROM_NEWEST = Number.MAX_SAFE_INTEGER;
 
-/** The SQL function the time expression falls back to from year 10000 on (registered by createMarketplaceQueries). */
+/** The SQL function the time expression falls back to from year 10000 on (registered by createSqliteMarketplaceStore). */
 const ISO_TIME_FUNCTION = 'chatwire_iso_time';
 
 /**
@@ -176,7 +147,7 @@ export function inListSql(op: RelationOp, strategy: InListStrategy, arity: numbe
   return relationSql[op].replace('%IN%', list);
 }
 
-export function createMarketplaceQueries(db: Database, options: { inList?: InListStrategy } = {}): MarketplaceQueries {
+export function createSqliteMarketplaceStore(db: Database, options: { inList?: InListStrategy } = {}): MarketplaceStore {
   const strategy = options.inList ?? 'params';
   const asArrays = { rowsAsArrays: true };
   const asStrings = { pluck: true };

@@ -1,5 +1,5 @@
 import type { Database } from './database.js';
-import type { BookingStatus, RequestStatus } from './marketplace-queries.js';
+import type { BookingStatus, RequestStatus } from './marketplace-store.js';
 
 /**
  * A deterministic, realistic marketplace data set: the same options give the
@@ -127,7 +127,8 @@ function weightedPicker<T>(items: readonly T[], weightOf: (item: T) => number): 
   };
 }
 
-function bulkInsert(db: Database, table: string, columns: string[]): (rows: unknown[][]) => void {
+function bulkInsert(db: Database, table: SeedTable): (rows: unknown[][]) => void {
+  const columns = SEED_COLUMNS[table];
   const stmt = db.prepare(
     `seed.${table}`,
     `INSERT INTO ${table} (${columns.join(', ')}) SELECT ${columns.map((_, i) => `value ->> ${i}`).join(', ')} FROM json_each(?)`,
@@ -141,11 +142,15 @@ function assertCount(name: string, n: number, min: number): void {
   if (!Number.isSafeInteger(n) || n < min || n > 9_999_999_999) throw new RangeError(`${name} must be an integer from ${min}, got ${n}`);
 }
 
-export function seedMarketplace(db: Database, options: SeedOptions): SeedResult {
+/** Throws a RangeError naming the first count that is out of range. */
+export function checkSeedOptions(options: SeedOptions): void {
   assertCount('consumers', options.consumers, 1);
   assertCount('providers', options.providers, 1);
   assertCount('requests', options.requests, 0);
-  const rnd = createRandom(options.seed ?? 1);
+}
+
+export function seedMarketplace(db: Database, options: SeedOptions): SeedResult {
+  checkSeedOptions(options);
 
   const existing = db.raw.prepare('SELECT (SELECT count(*) FROM consumers) + (SELECT count(*) FROM providers) AS n').get() as { n: number };
   if (existing.n > 0) throw new SeedTargetNotEmptyError('the marketplace tables already hold rows; seed an empty data dir');
@@ -167,30 +172,55 @@ export function seedMarketplace(db: Database, options: SeedOptions): SeedResult 
     .all() as { name: string; sql: string }[];
   return db.transaction(() => {
     for (const index of indexes) db.raw.exec(`DROP INDEX ${index.name}`);
-    const result = load(db, options, rnd);
+    const result = load(db, options);
     for (const index of indexes) db.raw.exec(index.sql);
     return result;
   });
 }
 
-function load(db: Database, options: SeedOptions, rnd: ReturnType<typeof createRandom>): SeedResult {
+/** The tables a seed fills, in load order, and the columns it gives each (quote ids are left to the database). */
+export const SEED_COLUMNS = {
+  consumers: ['consumer_id', 'name'],
+  providers: ['provider_id', 'name', 'rating'],
+  requests: ['request_id', 'consumer_id', 'title', 'category', 'status', 'created_at'],
+  quotes: ['request_id', 'provider_id', 'price_cents'],
+  bookings: ['booking_id', 'request_id', 'consumer_id', 'provider_id', 'status', 'scheduled_at', 'price_cents'],
+} as const;
+export type SeedTable = keyof typeof SEED_COLUMNS;
+
+/** Rows for one insert statement; `requestsDone` on the last batch of each block of requests. */
+export interface SeedBatch {
+  table: SeedTable;
+  rows: unknown[][];
+  requestsDone?: number;
+}
+
+/** One SQLite insert per batch of the generated data set. */
+function load(db: Database, options: SeedOptions): SeedResult {
+  const insert = Object.fromEntries(Object.keys(SEED_COLUMNS).map((table) => [table, bulkInsert(db, table as SeedTable)])) as Record<SeedTable, (rows: unknown[][]) => void>;
+  const batches = generateMarketplace(options);
+  for (let next = batches.next(); ; next = batches.next()) {
+    if (next.done) return next.value;
+    insert[next.value.table](next.value.rows);
+    if (next.value.requestsDone !== undefined) options.onProgress?.(next.value.requestsDone);
+  }
+}
+
+/**
+ * The data set, as batches of rows in load order (any engine inserts them):
+ * the same options give the same batches.
+ */
+export function* generateMarketplace(options: SeedOptions): Generator<SeedBatch, SeedResult> {
+  const rnd = createRandom(options.seed ?? 1);
   const endMs = options.endMs ?? SEED_END_MS;
   const spanMs = options.spanMs ?? 730 * DAY_MS;
   const batchSize = options.batchSize ?? 10_000;
-
-  // One statement per table and batch: the rows go in as one JSON array read
-  // by json_each, which costs a fraction of a statement call per row.
-  const insertConsumers = bulkInsert(db, 'consumers', ['consumer_id', 'name']);
-  const insertProviders = bulkInsert(db, 'providers', ['provider_id', 'name', 'rating']);
-  const insertRequests = bulkInsert(db, 'requests', ['request_id', 'consumer_id', 'title', 'category', 'status', 'created_at']);
-  const insertQuotes = bulkInsert(db, 'quotes', ['request_id', 'provider_id', 'price_cents']);
-  const insertBookings = bulkInsert(db, 'bookings', ['booking_id', 'request_id', 'consumer_id', 'provider_id', 'status', 'scheduled_at', 'price_cents']);
 
   const name = (): string => `${FIRST_NAMES[rnd.int(FIRST_NAMES.length)]} ${LAST_NAMES[rnd.int(LAST_NAMES.length)]}`;
   for (let start = 1; start <= options.consumers; start += batchSize) {
     const rows: unknown[][] = [];
     for (let id = start; id < start + batchSize && id <= options.consumers; id++) rows.push([id, name()]);
-    insertConsumers(rows);
+    yield { table: 'consumers', rows };
   }
   for (let start = 1; start <= options.providers; start += batchSize) {
     const rows: unknown[][] = [];
@@ -201,7 +231,7 @@ function load(db: Database, options: SeedOptions, rnd: ReturnType<typeof createR
       const spread = Math.abs(rnd.next() + rnd.next() + rnd.next() - 1.5) * 1.6;
       rows.push([id, providerName, Math.round(Math.max(1, 5 - spread) * 10) / 10]);
     }
-    insertProviders(rows);
+    yield { table: 'providers', rows };
   }
 
   const pickCategory = weightedPicker(CATEGORIES.map((_, i) => i), (i) => CATEGORIES[i]!.weight);
@@ -269,10 +299,9 @@ function load(db: Database, options: SeedOptions, rnd: ReturnType<typeof createR
       quotes += quoted.length;
       for (const b of bookings) bookingRows.push([++bookingId, requestId, consumerId, b.providerId, b.status, b.scheduledAt, b.priceCents]);
     }
-    insertRequests(requestRows);
-    insertQuotes(quoteRows);
-    insertBookings(bookingRows);
-    options.onProgress?.(Math.min(start + batchSize - 1, options.requests));
+    yield { table: 'requests', rows: requestRows };
+    yield { table: 'quotes', rows: quoteRows };
+    yield { table: 'bookings', rows: bookingRows, requestsDone: Math.min(start + batchSize - 1, options.requests) };
   }
   return { consumers: options.consumers, providers: options.providers, requests: options.requests, quotes, bookings: bookingId };
 }

@@ -5,7 +5,8 @@ import WebSocket from 'ws';
 import { SQLITE_FILE } from '../../src/app.js';
 import type { Identity } from '../../src/auth/identity.js';
 import { Database } from '../../src/db/database.js';
-import { createMarketplaceService, type MarketplaceService } from '../../src/db/marketplace.js';
+import { createMarketplaceService, type MarketplaceService } from '../../src/marketplace/marketplace-service.js';
+import { createSqliteMarketplaceStore } from '../../src/db/marketplace-queries.js';
 import { seedMarketplace } from '../../src/db/marketplace-seed.js';
 import { migrate } from '../../src/db/migrate.js';
 import { serializePage, ServerMessageSchema, type SerializedPage } from '../../src/protocol/index.js';
@@ -72,7 +73,7 @@ describe('marketplace pages, serialized by SQLite, reach every transport whole',
     db = new Database(path.join(dataDir, SQLITE_FILE));
     migrate(db);
     seedMarketplace(db, { consumers: 3, providers: 8, requests: 60, seed: 5 });
-    service = createMarketplaceService({ db });
+    service = createMarketplaceService({ store: createSqliteMarketplaceStore(db) });
     server = await startServer({}, dataDir);
   });
   after(async () => {

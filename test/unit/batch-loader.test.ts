@@ -1,6 +1,6 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
-import { BatchLoaderClosedError, createBatchLoader } from '../../src/db/batch-loader.js';
+import { BatchLoaderClosedError, createBatchLoader } from '../../src/marketplace/batch-loader.js';
 
 function squares() {
   const calls: number[][] = [];

@@ -1,9 +1,9 @@
 import assert from 'node:assert/strict';
-import { test } from 'node:test';
+import { test as nodeTest } from 'node:test';
 import type { Identity } from '../../src/auth/identity.js';
-import { createMarketplaceService, type MarketplaceService } from '../../src/db/marketplace.js';
+import { createMarketplaceService, type MarketplaceService } from '../../src/marketplace/marketplace-service.js';
 import { AppError } from '../../src/protocol/index.js';
-import { FIXTURE, openFixture, wireId } from './marketplace-fixture.js';
+import { ENGINES, engineOptions, FIXTURE, openStoreFixture, wireId } from './marketplace-fixture.js';
 
 const staff: Identity = { userId: 'ops-1', role: 'staff' };
 const consumer = (n: number): Identity => ({ userId: wireId('c', n), role: 'consumer' });
@@ -41,9 +41,14 @@ function tally(ops: string[]): Record<string, number> {
   return counts;
 }
 
+// The batching is the service's: it holds the same on either store.
+for (const engine of ENGINES) {
+const options = await engineOptions(engine);
+const test = (name: string, fn: (t: { after(fn: () => void | Promise<void>): void }) => Promise<void>) => nodeTest(`${name} [${engine}]`, options, fn);
+
 test('concurrent lookups from many callers in one tick share queries, and each caller gets exactly its own result', async (t) => {
-  const fixture = openFixture(t);
-  const service = createMarketplaceService({ db: fixture.db });
+  const fixture = await openStoreFixture(t, engine);
+  const service = createMarketplaceService({ store: fixture.store });
   t.after(() => service.close());
   const lookups = crowd();
 
@@ -74,9 +79,9 @@ test('concurrent lookups from many callers in one tick share queries, and each c
 });
 
 test('with batching off, concurrent lookups each run their own queries and still get the same results', async (t) => {
-  const fixture = openFixture(t);
-  const batched = createMarketplaceService({ db: fixture.db });
-  const unbatched = createMarketplaceService({ db: fixture.db, batching: false });
+  const fixture = await openStoreFixture(t, engine);
+  const batched = createMarketplaceService({ store: fixture.store });
+  const unbatched = createMarketplaceService({ store: fixture.store, batching: false });
   t.after(() => {
     batched.close();
     unbatched.close();
@@ -94,8 +99,8 @@ test('with batching off, concurrent lookups each run their own queries and still
 });
 
 test('a lookup that fails does not fail the others merged with it', async (t) => {
-  const fixture = openFixture(t);
-  const service = createMarketplaceService({ db: fixture.db });
+  const fixture = await openStoreFixture(t, engine);
+  const service = createMarketplaceService({ store: fixture.store });
   t.after(() => service.close());
   const [missing, present, forbidden] = await Promise.all([
     outcome(service.consumerBookings(staff, { consumerId: wireId('c', 99_999) })),
@@ -110,10 +115,11 @@ test('a lookup that fails does not fail the others merged with it', async (t) =>
 });
 
 test('close rejects lookups still waiting for their batch', async (t) => {
-  const fixture = openFixture(t);
-  const service = createMarketplaceService({ db: fixture.db });
+  const fixture = await openStoreFixture(t, engine);
+  const service = createMarketplaceService({ store: fixture.store });
   const pending = service.requestsList(staff, {});
   service.close();
   await assert.rejects(pending, { name: 'BatchLoaderClosedError' });
   assert.deepEqual(fixture.ops, []);
 });
+}

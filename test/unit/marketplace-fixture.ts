@@ -6,9 +6,16 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { Database, type OpenDatabaseOptions } from '../../src/db/database.js';
-import { seedMarketplace } from '../../src/db/marketplace-seed.js';
+import { createSqliteMarketplaceStore, type InListStrategy } from '../../src/db/marketplace-queries.js';
+import { SEED_COLUMNS, seedMarketplace } from '../../src/db/marketplace-seed.js';
+import type { MarketplaceStore } from '../../src/db/marketplace-store.js';
 import { migrate } from '../../src/db/migrate.js';
+import { openPostgres, type Pg } from '../../src/db/pg.js';
+import { createPgMarketplaceStore } from '../../src/db/pg-marketplace-store.js';
+import { MARKETPLACE_TABLES, pgBulkInsert, pgSyncIdentities } from '../../src/db/pg-marketplace-seed.js';
+import { migratePg } from '../../src/db/pg-migrate.js';
 import type { ConsumerBookingItem, ConsumerRequestItem, RequestItem } from '../../src/protocol/index.js';
+import { createTestDatabase, databaseUrl, dropTestDatabase, pgTestOptions } from '../helpers/postgres.js';
 
 export interface Fixture {
   dir: string;
@@ -16,10 +23,6 @@ export interface Fixture {
   /** Every operation the database ran since the last reset, in order. */
   ops: string[];
   close(): void;
-}
-
-interface Closable {
-  after(fn: () => void): void;
 }
 
 /** Test seed: few consumers (so some own hundreds of rows) and a block of deliberate ties. */
@@ -34,7 +37,7 @@ export const FIXTURE = {
   tieRequests: 40,
 } as const;
 
-export function openFixture(t: Closable, options: { DatabaseClass?: typeof Database } & OpenDatabaseOptions = {}): Fixture {
+export function openFixture(t: { after(fn: () => void): void }, options: { DatabaseClass?: typeof Database } & OpenDatabaseOptions = {}): Fixture {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'chatwire-marketplace-'));
   const ops: string[] = [];
   const DatabaseClass = options.DatabaseClass ?? Database;
@@ -92,7 +95,7 @@ function addTies(db: Database): void {
 const wireId = (prefix: string, n: number) => `${prefix}_${String(n).padStart(10, '0')}`;
 const iso = (ms: number) => new Date(ms).toISOString();
 
-interface Tables {
+export interface Tables {
   consumers: { consumer_id: number; name: string }[];
   providers: { provider_id: number; name: string; rating: number }[];
   requests: { request_id: number; consumer_id: number; title: string; category: string; status: RequestItem['status']; created_at: number }[];
@@ -182,3 +185,93 @@ export function referenceConsumerBookings(tables: Tables, consumerId: number): C
 }
 
 export { wireId };
+
+// ---------- the same fixture behind either store ----------
+
+export type Engine = 'sqlite' | 'postgres';
+export const ENGINES: readonly Engine[] = ['sqlite', 'postgres'];
+
+/** Test options per engine: PostgreSQL's tests skip with a message where no server answers (and CI is not set). */
+export async function engineOptions(engine: Engine): Promise<{ skip?: string }> {
+  return engine === 'postgres' ? pgTestOptions() : {};
+}
+
+export interface StoreFixture {
+  engine: Engine;
+  store: MarketplaceStore;
+  /** Every query the store ran since the last reset, by op name, in order. */
+  ops: string[];
+  /** The fixture's rows, for the reference implementation. */
+  tables: Tables;
+  /** Adds requests of consumer 1 (id chosen by the database). */
+  insertRequests(rows: { title: string; category: string; status: string; createdAt: number }[]): Promise<void>;
+  /** The PostgreSQL pool of a postgres fixture. */
+  pg?: Pg;
+}
+
+interface Closable {
+  after(fn: () => void | Promise<void>): void;
+}
+
+/** The fixture's rows are the SQLite fixture's, copied once per process into a template database. */
+let pgTemplate: Promise<{ name: string; tables: Tables }> | null = null;
+
+function buildPgTemplate(): Promise<{ name: string; tables: Tables }> {
+  pgTemplate ??= (async () => {
+    const closers: (() => void)[] = [];
+    const source = openFixture({ after: (fn) => void closers.push(fn) });
+    const tables = readTables(source.db);
+    const name = await createTestDatabase();
+    const sql = openPostgres(databaseUrl(name), { max: 1 });
+    try {
+      await migratePg(sql);
+      for (const table of MARKETPLACE_TABLES) {
+        const columns = table === 'quotes' ? ['quote_id', ...SEED_COLUMNS.quotes] : [...SEED_COLUMNS[table]];
+        const rows = (tables[table] as Record<string, unknown>[]).map((row) => columns.map((c) => row[c]));
+        await pgBulkInsert(sql, table, columns, rows);
+      }
+      await pgSyncIdentities(sql);
+      await sql.unsafe(`VACUUM ANALYZE ${MARKETPLACE_TABLES.join(', ')}`);
+    } finally {
+      await sql.end({ timeout: 5 });
+      for (const close of closers) close();
+    }
+    return { name, tables };
+  })();
+  return pgTemplate;
+}
+
+/** The seeded marketplace (openFixture's rows) behind the given engine's store, in a database of its own. */
+export async function openStoreFixture(t: Closable, engine: Engine, options: { inList?: InListStrategy } = {}): Promise<StoreFixture> {
+  if (engine === 'sqlite') {
+    const fixture = openFixture(t);
+    const insert = fixture.db.raw.prepare("INSERT INTO requests (consumer_id, title, category, status, created_at) VALUES (1, ?, ?, ?, ?)");
+    return {
+      engine,
+      store: createSqliteMarketplaceStore(fixture.db, { inList: options.inList ?? 'params' }),
+      ops: fixture.ops,
+      tables: readTables(fixture.db),
+      insertRequests: async (rows) => {
+        for (const r of rows) insert.run(r.title, r.category, r.status, r.createdAt);
+      },
+    };
+  }
+  const template = await buildPgTemplate();
+  const name = await createTestDatabase(template.name);
+  const pg = openPostgres(databaseUrl(name), { max: 4 });
+  t.after(async () => {
+    await pg.end({ timeout: 5 });
+    await dropTestDatabase(name);
+  });
+  const ops: string[] = [];
+  return {
+    engine,
+    store: createPgMarketplaceStore(pg, { onQuery: (op) => ops.push(op) }),
+    ops,
+    tables: template.tables,
+    pg,
+    insertRequests: async (rows) => {
+      for (const r of rows) await pg`INSERT INTO requests (request_id, consumer_id, title, category, status, created_at) VALUES ((SELECT max(request_id) + 1 FROM requests), 1, ${r.title}, ${r.category}, ${r.status}, ${r.createdAt})`;
+    },
+  };
+}

@@ -3,7 +3,7 @@ import { test } from 'node:test';
 import fc from 'fast-check';
 import { Database } from '../../src/db/database.js';
 import { formatId, isoTime, parseId } from '../../src/db/marketplace-ids.js';
-import { createMarketplaceQueries, idJson, printfSql, timeJson } from '../../src/db/marketplace-queries.js';
+import { createSqliteMarketplaceStore, idJson, printfSql, timeJson } from '../../src/db/marketplace-queries.js';
 import { migrate } from '../../src/db/migrate.js';
 
 test('isoTime writes exactly what Date#toISOString writes', () => {
@@ -45,7 +45,7 @@ test('the times and ids the SQL statements write are exactly isoTime and formatI
   const db = new Database(':memory:');
   try {
     migrate(db);
-    createMarketplaceQueries(db);
+    createSqliteMarketplaceStore(db);
     const time = db.raw.prepare(`SELECT ${printfSql(timeJson('t.ms'))} FROM (SELECT ? AS ms) t`).pluck();
     const id = db.raw.prepare(`SELECT ${printfSql(idJson('request', 't.key'))} FROM (SELECT ? AS key) t`).pluck();
     // The last two are past year 9999, where SQLite's dates end: written by isoTime through chatwire_iso_time.

@@ -2,9 +2,9 @@ import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import type { Identity } from '../../src/auth/identity.js';
 import { Database, type CountedStatement, type StatementOptions } from '../../src/db/database.js';
-import { createMarketplaceService, type MarketplaceService } from '../../src/db/marketplace.js';
-import type { InListStrategy } from '../../src/db/marketplace-queries.js';
-import { FIXTURE, openFixture, readTables, referenceConsumerBookings, referenceConsumerRequests, referenceRequestsList, wireId } from './marketplace-fixture.js';
+import { createMarketplaceService, type MarketplaceService } from '../../src/marketplace/marketplace-service.js';
+import { createSqliteMarketplaceStore, type InListStrategy } from '../../src/db/marketplace-queries.js';
+import { ENGINES, engineOptions, FIXTURE, openFixture, openStoreFixture, referenceConsumerBookings, referenceConsumerRequests, referenceRequestsList, wireId } from './marketplace-fixture.js';
 
 const staff: Identity = { userId: 'ops-1', role: 'staff' };
 const FILTERS = [{}, { status: 'open' }, { category: 'plumbing' }, { category: 'plumbing', status: 'booked' }] as const;
@@ -96,7 +96,7 @@ for (const strategy of ['params', 'json'] as const) {
   test(`every statement the lookups run is answered from a covering index, with no scan or sort, before and after ANALYZE (${strategy} id lists)`, async (t) => {
     const fixture = openFixture(t, { DatabaseClass: RecordingDatabase });
     const db = fixture.db as RecordingDatabase;
-    const service = createMarketplaceService({ db, inList: strategy });
+    const service = createMarketplaceService({ store: createSqliteMarketplaceStore(db, { inList: strategy }) });
     t.after(() => service.close());
     await exerciseEveryLookup(service);
 
@@ -113,12 +113,12 @@ for (const strategy of ['params', 'json'] as const) {
   });
 }
 
-for (const batching of [true, false]) {
-  test(`query counts do not grow with the page size: 1, 20 and 100 (batching ${batching})`, async (t) => {
-    const fixture = openFixture(t);
-    const service = createMarketplaceService({ db: fixture.db, batching });
+for (const engine of ENGINES) for (const batching of [true, false]) {
+  test(`query counts do not grow with the page size: 1, 20 and 100 (batching ${batching}) [${engine}]`, await engineOptions(engine), async (t) => {
+    const fixture = await openStoreFixture(t, engine);
+    const service = createMarketplaceService({ store: fixture.store, batching });
     t.after(() => service.close());
-    const tables = readTables(fixture.db);
+    const tables = fixture.tables;
     const count = async (lookup: () => Promise<unknown>): Promise<string[]> => {
       fixture.ops.length = 0;
       await lookup();
@@ -150,8 +150,8 @@ for (const batching of [true, false]) {
 
 test('json id lists give the same results as bound parameters', async (t) => {
   const fixture = openFixture(t);
-  const byParams = createMarketplaceService({ db: fixture.db, inList: 'params' });
-  const byJson = createMarketplaceService({ db: fixture.db, inList: 'json' });
+  const byParams = createMarketplaceService({ store: createSqliteMarketplaceStore(fixture.db, { inList: 'params' }) });
+  const byJson = createMarketplaceService({ store: createSqliteMarketplaceStore(fixture.db, { inList: 'json' }) });
   t.after(() => {
     byParams.close();
     byJson.close();

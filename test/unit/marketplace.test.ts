@@ -1,13 +1,15 @@
 import assert from 'node:assert/strict';
 import crypto from 'node:crypto';
-import { test } from 'node:test';
+import { test as nodeTest } from 'node:test';
 import type { Identity } from '../../src/auth/identity.js';
-import { createMarketplaceService } from '../../src/db/marketplace.js';
+import { createMarketplaceService } from '../../src/marketplace/marketplace-service.js';
 import { AppError, type Page } from '../../src/protocol/index.js';
 import {
+  ENGINES,
+  engineOptions,
   FIXTURE,
-  openFixture,
-  readTables,
+  openStoreFixture,
+  type Engine,
   referenceConsumerBookings,
   referenceConsumerRequests,
   referenceRequestsList,
@@ -40,16 +42,22 @@ function expectAppError(code: AppError['code']) {
   };
 }
 
-function withService(t: { after(fn: () => void): void }, batching = true) {
-  const fixture = openFixture(t);
-  const service = createMarketplaceService({ db: fixture.db, batching });
+/** The seeded fixture behind the engine's store, and the service over it. */
+async function withService(t: { after(fn: () => void | Promise<void>): void }, engine: Engine, batching = true) {
+  const fixture = await openStoreFixture(t, engine);
+  const service = createMarketplaceService({ store: fixture.store, batching });
   t.after(() => service.close());
-  return { fixture, service, tables: readTables(fixture.db) };
+  return { fixture, service, tables: fixture.tables };
 }
+
+// The same contract, whichever store serves it.
+for (const engine of ENGINES) {
+const options = await engineOptions(engine);
+const test = (name: string, fn: (t: { after(fn: () => void | Promise<void>): void }) => Promise<void>) => nodeTest(`${name} [${engine}]`, options, fn);
 
 for (const batching of [true, false]) {
   test(`requests.list equals the reference on every filter combination, across all pages (batching ${batching})`, async (t) => {
-    const { service, tables } = withService(t, batching);
+    const { service, tables } = await withService(t, engine, batching);
     const filters = [{}, { status: 'open' }, { status: 'booked' }, { status: 'closed' }, { category: 'plumbing' }, { category: 'roofing', status: 'booked' }, { category: 'plumbing', status: 'closed' }, { category: 'no-such-category' }] as const;
     for (const filter of filters) {
       const expected = referenceRequestsList(tables, filter);
@@ -65,7 +73,7 @@ for (const batching of [true, false]) {
   });
 
   test(`consumer.requests and consumer.bookings equal the reference for every consumer, across all pages (batching ${batching})`, async (t) => {
-    const { service, tables } = withService(t, batching);
+    const { service, tables } = await withService(t, engine, batching);
     for (let c = 1; c <= FIXTURE.consumers; c++) {
       const consumerId = wireId('c', c);
       const requests = referenceConsumerRequests(tables, c);
@@ -79,8 +87,8 @@ for (const batching of [true, false]) {
   });
 }
 
-test('the fixture exercises what the comparison needs: deep pages, ties, several bookings per request', (t) => {
-  const { tables } = withService(t);
+test('the fixture exercises what the comparison needs: deep pages, ties, several bookings per request', async (t) => {
+  const { tables } = await withService(t, engine);
   const heavy = referenceConsumerRequests(tables, 1);
   assert.ok(heavy.length > 300, `consumer 1 has ${heavy.length} requests`);
   assert.ok(referenceConsumerBookings(tables, 1).length > 100);
@@ -95,7 +103,7 @@ test('the fixture exercises what the comparison needs: deep pages, ties, several
 });
 
 test('items are ordered newest first with the id breaking ties, as the opaque id strings compare', async (t) => {
-  const { service } = withService(t);
+  const { service } = await withService(t, engine);
   const items = await walk((cursor) => service.consumerRequests(staff, { consumerId: wireId('c', 1), limit: 100, cursor }), 100);
   let ties = 0;
   for (let i = 1; i < items.length; i++) {
@@ -107,7 +115,7 @@ test('items are ordered newest first with the id breaking ties, as the opaque id
 });
 
 test('defaults to 20 items, accepts up to 100, refuses more', async (t) => {
-  const { service } = withService(t);
+  const { service } = await withService(t, engine);
   assert.equal((await service.requestsList(staff, {})).items.length, 20);
   assert.equal((await service.consumerBookings(staff, { consumerId: wireId('c', 1) })).items.length, 20);
   assert.equal((await service.requestsList(staff, { limit: 100 })).items.length, 100);
@@ -116,7 +124,7 @@ test('defaults to 20 items, accepts up to 100, refuses more', async (t) => {
 });
 
 test('nextCursor is null on the last page, also when the last page is exactly full', async (t) => {
-  const { service, tables } = withService(t);
+  const { service, tables } = await withService(t, engine);
   const exact = referenceRequestsList(tables, { category: 'roofing', status: 'booked' }).length;
   assert.ok(exact >= 2 && exact <= 100);
   const page = await service.requestsList(staff, { category: 'roofing', status: 'booked', limit: exact });
@@ -133,14 +141,14 @@ test('nextCursor is null on the last page, also when the last page is exactly fu
 });
 
 test('a consumer with no records gets an empty page; its id exists', async (t) => {
-  const { service } = withService(t);
+  const { service } = await withService(t, engine);
   const id = wireId('c', FIXTURE.emptyConsumerId);
   assert.deepEqual(await service.consumerRequests(consumer(FIXTURE.emptyConsumerId), { consumerId: id }), { items: [], nextCursor: null });
   assert.deepEqual(await service.consumerBookings(staff, { consumerId: id }), { items: [], nextCursor: null });
 });
 
 test('unknown consumers are not_found for callers allowed to read them', async (t) => {
-  const { service } = withService(t);
+  const { service } = await withService(t, engine);
   for (const consumerId of [wireId('c', 99_999), 'c_99', 'bob', wireId('p', 1)]) {
     await assert.rejects(service.consumerRequests(staff, { consumerId }), expectAppError('not_found'), consumerId);
     await assert.rejects(service.consumerBookings(staff, { consumerId }), expectAppError('not_found'), consumerId);
@@ -150,7 +158,7 @@ test('unknown consumers are not_found for callers allowed to read them', async (
 });
 
 test('a consumer reads its own records; reading another consumer is forbidden whether or not it exists, without a query', async (t) => {
-  const { service, fixture, tables } = withService(t);
+  const { service, fixture, tables } = await withService(t, engine);
   assert.deepEqual((await service.consumerBookings(consumer(2), { consumerId: wireId('c', 2), limit: 5 })).items, referenceConsumerBookings(tables, 2).slice(0, 5));
   fixture.ops.length = 0;
   for (const target of [wireId('c', 1), wireId('c', 99_999), 'c_1', 'anything']) {
@@ -162,24 +170,25 @@ test('a consumer reads its own records; reading another consumer is forbidden wh
 });
 
 test('staff reads any consumer', async (t) => {
-  const { service, tables } = withService(t);
+  const { service, tables } = await withService(t, engine);
   for (let c = 1; c <= FIXTURE.consumers; c++) {
     assert.deepEqual((await service.consumerRequests(staff, { consumerId: wireId('c', c), limit: 3 })).items, referenceConsumerRequests(tables, c).slice(0, 3));
   }
 });
 
 test('requests.list is open to every role', async (t) => {
-  const { service } = withService(t);
+  const { service } = await withService(t, engine);
   const pages = await Promise.all([staff, consumer(1), { userId: 'p-1', role: 'provider' } as Identity, { userId: 'anon-1', role: 'consumer' } as Identity].map((c) => service.requestsList(c, { limit: 5 })));
   for (const page of pages) assert.deepEqual(page, pages[0]);
 });
 
 test('requests.list carries any text exactly: quotes, backslashes, control characters, non-ASCII (its rows travel as JSON)', async (t) => {
-  const { service, fixture } = withService(t);
-  const titles = ['say "hi" \\ back\\slash', 'tab\there\nnewline\u0000nul\u001f', 'café ✓ 日本 😀', '</script>\u2028\u2029'];
-  const newest = fixture.db.raw.prepare('SELECT max(created_at) FROM requests').pluck().get() as number;
-  const insert = fixture.db.raw.prepare("INSERT INTO requests (consumer_id, title, category, status, created_at) VALUES (1, ?, ?, 'open', ?)");
-  titles.forEach((title, i) => insert.run(title, `cat "${i}" é`, newest + 1000 + i));
+  const { service, fixture, tables } = await withService(t, engine);
+  // PostgreSQL's text cannot hold U+0000 at all; every other character must come back as it went in.
+  const nul = engine === 'postgres' ? '' : '\u0000nul';
+  const titles = ['say "hi" \\ back\\slash', `tab\there\nnewline${nul}\u001f`, 'café ✓ 日本 😀', '</script>\u2028\u2029'];
+  const newest = Math.max(...tables.requests.map((r) => r.created_at));
+  await fixture.insertRequests(titles.map((title, i) => ({ title, category: `cat "${i}" é`, status: 'open', createdAt: newest + 1000 + i })));
   const page = await service.requestsList(staff, { limit: titles.length });
   assert.deepEqual(
     page.items.map((item) => [item.title, item.category]),
@@ -191,7 +200,7 @@ test('requests.list carries any text exactly: quotes, backslashes, control chara
 
 // ---------- cursors ----------
 
-/** The cursor format of src/db/cursor.ts, rebuilt here to make well-formed cursors with wrong contents. */
+/** The cursor format of src/marketplace/cursor.ts, rebuilt here to make well-formed cursors with wrong contents. */
 function forgeCursor(lookup: string, scope: string, payload: unknown): string {
   const body = Buffer.from(JSON.stringify(payload)).toString('base64url');
   const tag = crypto.createHash('sha256').update(`${lookup}\u0000${scope}\u0000${body}`).digest('base64url').slice(0, 12);
@@ -199,7 +208,7 @@ function forgeCursor(lookup: string, scope: string, payload: unknown): string {
 }
 
 test('a cursor this module made, rebuilt by hand, pages exactly like the real one', async (t) => {
-  const { service } = withService(t);
+  const { service } = await withService(t, engine);
   const first = await service.consumerRequests(staff, { consumerId: wireId('c', 1), limit: 3 });
   const last = first.items[2]!;
   const forged = forgeCursor('consumer.requests', wireId('c', 1), [Date.parse(last.createdAt), Number(last.requestId.slice(2))]);
@@ -207,7 +216,7 @@ test('a cursor this module made, rebuilt by hand, pages exactly like the real on
 });
 
 test('garbage, tampered and wrongly typed cursors are bad_request', async (t) => {
-  const { service } = withService(t);
+  const { service } = await withService(t, engine);
   const consumerId = wireId('c', 1);
   const { nextCursor } = await service.consumerBookings(staff, { consumerId, limit: 5 });
   assert.ok(nextCursor);
@@ -237,7 +246,7 @@ test('garbage, tampered and wrongly typed cursors are bad_request', async (t) =>
 });
 
 test('a cursor only works for the lookup, filters and consumer that produced it', async (t) => {
-  const { service } = withService(t);
+  const { service } = await withService(t, engine);
   const listCursor = (await service.requestsList(staff, { status: 'open', limit: 2 })).nextCursor!;
   const requestsCursor = (await service.consumerRequests(staff, { consumerId: wireId('c', 1), limit: 2 })).nextCursor!;
   const bookingsCursor = (await service.consumerBookings(staff, { consumerId: wireId('c', 1), limit: 2 })).nextCursor!;
@@ -256,6 +265,7 @@ test('a cursor only works for the lookup, filters and consumer that produced it'
 });
 
 test('a forbidden caller with a bad cursor is told forbidden, not bad_request', async (t) => {
-  const { service } = withService(t);
+  const { service } = await withService(t, engine);
   await assert.rejects(service.consumerBookings(consumer(2), { consumerId: wireId('c', 1), cursor: 'garbage' }), expectAppError('forbidden'));
 });
+}

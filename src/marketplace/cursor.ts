@@ -1,11 +1,6 @@
 import crypto from 'node:crypto';
+import type { KeysetPosition } from '../db/marketplace-store.js';
 import { AppError } from '../protocol/index.js';
-
-/** Where the next page starts: the sort key and the id of the last item already sent. */
-export interface KeysetPosition {
-  sortKey: number;
-  id: number;
-}
 
 /**
  * Opaque keyset cursors: `<base64url(JSON [sortKey, id])>.<tag>`.

@@ -14,25 +14,31 @@ import {
   type RequestsListQuery,
   type SerializedPage,
 } from '../protocol/index.js';
-import { createBatchLoader, type BatchLoader } from './batch-loader.js';
-import { decodeCursor, encodeCursor, type KeysetPosition } from './cursor.js';
-import type { Database } from './database.js';
-import { parseId, type IdKind } from './marketplace-ids.js';
+import { parseId, type IdKind } from '../db/marketplace-ids.js';
 import {
-  createMarketplaceQueries,
   MAX_IN_LIST,
   type ConsumerBookingRow,
   type ConsumerRequestRow,
-  type InListStrategy,
+  type KeysetPosition,
   type ListedRequestRow,
+  type MarketplaceStore,
+  type MaybePromise,
   type RequestsFilter,
-} from './marketplace-queries.js';
+} from '../db/marketplace-store.js';
+import { createBatchLoader, type BatchLoader } from './batch-loader.js';
+import { decodeCursor, encodeCursor } from './cursor.js';
 
 /** Page size when a query names none (the protocol caps `limit` at 100). */
 export const DEFAULT_PAGE_LIMIT = 20;
 
+/**
+ * The marketplace lookups: who may read what, input validation, keyset
+ * cursors, and the merging of lookups across connections. Storage is the
+ * store's (src/db/marketplace-store.ts): SQLite embedded, PostgreSQL in
+ * cluster mode, the same service on either.
+ */
 export interface MarketplaceServiceOptions {
-  db: Database;
+  store: MarketplaceStore;
   /**
    * Merge the lookups that arrive in one event-loop turn, from any number of
    * connections: identical page queries run once, and the bookings of every
@@ -40,13 +46,11 @@ export interface MarketplaceServiceOptions {
    * Default true; false makes every lookup run its own queries.
    */
   batching?: boolean;
-  /** How id lists are bound (see InListStrategy); default `params`, the faster in `npm run bench:db`. */
-  inList?: InListStrategy;
 }
 
 /**
  * The lookups as the transports send them: each page's items are the JSON
- * text SQLite built (src/db/marketplace-queries.ts), spliced into the reply
+ * text the database built (src/db/marketplace-store.ts), spliced into the reply
  * frame or HTTP body as they are.
  */
 export interface MarketplaceJsonLookups {
@@ -113,36 +117,42 @@ function asError(err: unknown): Error {
 }
 
 export function createMarketplaceService(options: MarketplaceServiceOptions): MarketplaceService {
-  const queries = createMarketplaceQueries(options.db, { inList: options.inList ?? 'params' });
+  const store = options.store;
   const batching = options.batching ?? true;
 
-  /** One page query per distinct key of the turn; a failing key fails alone. */
-  function pageLoader<Scope, Row>(run: (key: PageKey<Scope>) => Row[]): BatchLoader<PageKey<Scope>, Row[]> {
+  /**
+   * One page query per distinct key of the turn; a failing key fails alone.
+   * The queries of one turn go out together: an asynchronous store (PostgreSQL)
+   * pipelines them on its connections.
+   */
+  function pageLoader<Scope, Row>(run: (key: PageKey<Scope>) => MaybePromise<Row[]>): BatchLoader<PageKey<Scope>, Row[]> {
     return createBatchLoader<PageKey<Scope>, Row[]>({
       batching,
       keyOf: pageKeyOf,
       batch: (keys) =>
-        keys.map((key) => {
-          try {
-            return run(key);
-          } catch (err) {
-            return asError(err);
-          }
-        }),
+        Promise.all(
+          keys.map(async (key) => {
+            try {
+              return await run(key);
+            } catch (err) {
+              return asError(err);
+            }
+          }),
+        ),
     });
   }
 
-  const requestsPages = pageLoader<RequestsFilter, ListedRequestRow>((k) => queries.requestsPage(k.scope, k.after, k.take));
-  const consumerRequestPages = pageLoader<number, ConsumerRequestRow>((k) => queries.consumerRequestsPage(k.scope, k.after, k.take));
-  const consumerBookingPages = pageLoader<number, ConsumerBookingRow>((k) => queries.consumerBookingsPage(k.scope, k.after, k.take));
+  const requestsPages = pageLoader<RequestsFilter, ListedRequestRow>((k) => store.requestsPage(k.scope, k.after, k.take));
+  const consumerRequestPages = pageLoader<number, ConsumerRequestRow>((k) => store.consumerRequestsPage(k.scope, k.after, k.take));
+  const consumerBookingPages = pageLoader<number, ConsumerBookingRow>((k) => store.consumerBookingsPage(k.scope, k.after, k.take));
 
   /** The bookings of every request asked for in the turn, in one IN query: per request, the JSON text of its bookings array. */
   const bookingsOfRequest = createBatchLoader<number, string>({
     batching,
     maxBatchSize: MAX_IN_LIST,
-    batch: (requestIds) => {
+    batch: async (requestIds) => {
       const byRequest = new Map<number, string[]>();
-      for (const [requestId, bookingJson] of queries.bookingsOfRequests(requestIds)) {
+      for (const [requestId, bookingJson] of await store.bookingsOfRequests(requestIds)) {
         const group = byRequest.get(requestId);
         if (group) group.push(bookingJson);
         else byRequest.set(requestId, [bookingJson]);
@@ -153,8 +163,8 @@ export function createMarketplaceService(options: MarketplaceServiceOptions): Ma
   const consumerExists = createBatchLoader<number, boolean>({
     batching,
     maxBatchSize: MAX_IN_LIST,
-    batch: (consumerIds) => {
-      const found = new Set(queries.existingConsumers(consumerIds));
+    batch: async (consumerIds) => {
+      const found = new Set(await store.existingConsumers(consumerIds));
       return consumerIds.map((id) => found.has(id));
     },
   });
