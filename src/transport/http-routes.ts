@@ -110,6 +110,7 @@ export function attachHttpRoutes(app: TemplatedApp, deps: TransportDeps): { clos
       user: info.query.get('user') ?? undefined,
       connectionId: `http${++nextAnon}`,
       address: clientAddress(info.remoteAddress, info.headers.get('x-forwarded-for'), deps.config.trustProxy),
+      request: { transport: 'http', headers: info.headers, query: info.query },
     });
   }
 

@@ -1,5 +1,6 @@
 import type { TemplatedApp } from 'uWebSockets.js';
 import { Server as SocketIOServer, type Socket } from 'socket.io';
+import { socketIoQuery } from '../auth/authenticate.js';
 import type { Identity } from '../auth/identity.js';
 import type { Sink } from '../chat/task.js';
 import { AppError, JsonText, PROTOCOL_VERSION, toAppError, toJson, type OutgoingMessage, type ServerMessage } from '../protocol/index.js';
@@ -86,7 +87,7 @@ function bufferedBytes(socket: Socket): number {
  * emitted as an event when the client gave none), server-initiated messages are
  * events named by their type.
  */
-export function attachSocketIO(app: TemplatedApp, deps: TransportDeps): SocketIOServer {
+export function attachSocketIO(target: TemplatedApp | ((io: SocketIOServer) => void), deps: TransportDeps): SocketIOServer {
   const { config, metrics, log } = deps;
   const softLimit = Math.min(64 * 1024, Math.floor(config.maxBackpressureBytes / 4));
   const framesOut = metrics.framesOut.tally('socket.io');
@@ -108,7 +109,9 @@ export function attachSocketIO(app: TemplatedApp, deps: TransportDeps): SocketIO
       }
     },
   });
-  io.attachApp(app);
+  // A function mounts it elsewhere: on a host's uWS app under a prefix, or on a node:http server (node-http.ts).
+  if (typeof target === 'function') target(io);
+  else io.attachApp(target);
 
   // A message over the frame limit, seen before socket.io decodes it: refused as /ws refuses one.
   io.engine.on('connection', (conn: EngineConnection) => {
@@ -150,7 +153,13 @@ export function attachSocketIO(app: TemplatedApp, deps: TransportDeps): SocketIO
     const token = typeof auth.token === 'string' ? auth.token : typeof query.token === 'string' ? query.token : undefined;
     const user = typeof auth.user === 'string' ? auth.user : typeof query.user === 'string' ? query.user : undefined;
     deps.auth
-      .identify({ token, user, connectionId, address: clientAddress(socket.handshake.address, headerText(socket.handshake.headers['x-forwarded-for']), config.trustProxy) })
+      .identify({
+        token,
+        user,
+        connectionId,
+        address: clientAddress(socket.handshake.address, headerText(socket.handshake.headers['x-forwarded-for']), config.trustProxy),
+        request: { transport: 'socket.io', headers: socket.handshake.headers, query: socketIoQuery(query, auth) },
+      })
       .then((identity) => {
         // The client may have gone while the token was checked: socket.io then drops the socket without a
         // 'disconnect', so a slot counted now would never be freed.
@@ -270,7 +279,7 @@ export function attachSocketIO(app: TemplatedApp, deps: TransportDeps): SocketIO
       connectionId: state.connectionId,
       userId: state.identity.userId,
       protocol: PROTOCOL_VERSION,
-      provider: config.llm,
+      provider: deps.providerName,
       model: config.model,
       limits: { maxFrameBytes: config.maxFrameBytes, messagesPerSecond: config.messagesPerSecond, chatsPerMinute: config.chatsPerMinute },
     });

@@ -97,6 +97,7 @@ export function attachWebSocket(app: TemplatedApp, deps: TransportDeps, track: {
             user: info.query.get('user') ?? undefined,
             connectionId,
             address: clientAddress(info.remoteAddress, info.headers.get('x-forwarded-for'), config.trustProxy),
+            request: { transport: 'ws', headers: info.headers, query: info.query },
           });
           const admitted = deps.connections.opened(identity.userId);
           if (!admitted.ok) throw admitted.error;
@@ -137,7 +138,7 @@ export function attachWebSocket(app: TemplatedApp, deps: TransportDeps, track: {
         connectionId: data.connectionId,
         userId: data.identity.userId,
         protocol: PROTOCOL_VERSION,
-        provider: config.llm,
+        provider: deps.providerName,
         model: config.model,
         limits: { maxFrameBytes: config.maxFrameBytes, messagesPerSecond: config.messagesPerSecond, chatsPerMinute: config.chatsPerMinute },
       });
