@@ -1,8 +1,12 @@
 import assert from 'node:assert/strict';
+import fs from 'node:fs';
 import path from 'node:path';
+import { fileURLToPath } from 'node:url';
 import { test } from 'node:test';
 import { createChatwire, optionsFromEnv, OptionsError, settings } from '../../src/index.js';
 import { configFromOptions } from '../../src/options.js';
+
+const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..', '..');
 
 test('every setting is an option of the same name, with the same default', () => {
   const config = configFromOptions({});
@@ -62,4 +66,14 @@ test('optionsFromEnv reads every setting from the environment, naming the variab
   // What the program does with them: the same config again.
   assert.equal(createChatwire(options).config.port, 9001);
   assert.throws(() => optionsFromEnv({ PORT: 'x' }), /PORT="x"/);
+});
+
+test("docs/embedding.md's options table has every setting, under its option name, with its variable and default", () => {
+  const doc = fs.readFileSync(path.join(ROOT, 'docs', 'embedding.md'), 'utf8').split('\n');
+  for (const [name, setting] of Object.entries(settings)) {
+    const shown = setting.default === undefined ? '(unset)' : name === 'workerThreads' ? 'cores' : setting.default;
+    const row = doc.find((line) => line.startsWith(`| \`${name}\` |`));
+    assert.ok(row !== undefined, `docs/embedding.md has no row for ${name}`);
+    assert.ok(row.endsWith(`| \`${setting.env}\` | \`${shown}\` |`), `docs/embedding.md: ${row}`);
+  }
 });
