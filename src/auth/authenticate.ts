@@ -7,7 +7,9 @@ import type { IncomingHttpHeaders } from 'node:http';
 import { z } from 'zod';
 import { AppError, RoleSchema, type Role } from '../protocol/index.js';
 import type { Authenticator, AuthRequest } from '../transport/deps.js';
+import { createAuth } from './auth.js';
 import { OpenUserIdSchema } from './claims.js';
+import { parseSubprotocols, tokenFromAuthorization } from './credentials.js';
 import type { Identity } from './identity.js';
 
 export interface AuthenticateInput {
@@ -85,5 +87,38 @@ export function hookAuthenticator(hook: Authenticate, onBug: (err: unknown, what
       }
       return { userId: parsed.data.userId, role: parsed.data.role ?? 'consumer' };
     },
+  };
+}
+
+export interface JwtAuthenticateOptions {
+  jwtSecret: string;
+  jwtRequireExp?: boolean | undefined;
+  jwtAudience?: string | undefined;
+  jwtIssuer?: string | undefined;
+}
+
+/**
+ * chatwire's JWT verifier as an authenticate hook: the token from where each transport carries it (HTTP:
+ * `Authorization: Bearer`, then `?token=`; /ws: `?token=`, then the `bearer.<token>` subprotocol; socket.io:
+ * `auth.token`, then `?token=`), checked as chatwire checks it without a hook. For a host that accepts its own
+ * sessions and chatwire's tokens both: `authenticate: async (r) => (await mySession(r)) ?? jwt(r)`. A bad token
+ * throws the verifier's 401 (its message says what is wrong) rather than answering null.
+ */
+export function jwtAuthenticate(options: JwtAuthenticateOptions): Authenticate {
+  const auth = createAuth({
+    secret: options.jwtSecret,
+    requireExp: options.jwtRequireExp ?? false,
+    ...(options.jwtAudience === undefined ? {} : { audience: options.jwtAudience }),
+    ...(options.jwtIssuer === undefined ? {} : { issuer: options.jwtIssuer }),
+  });
+  return async ({ headers, query, transport, address }) => {
+    const fromQuery = query.get('token') ?? undefined;
+    const token =
+      transport === 'http'
+        ? (tokenFromAuthorization(headers.authorization) ?? fromQuery)
+        : transport === 'ws'
+          ? (fromQuery ?? parseSubprotocols(headers['sec-websocket-protocol']).token)
+          : fromQuery;
+    return auth.identify(token === undefined ? { connectionId: '', address } : { token, connectionId: '', address });
   };
 }

@@ -19,10 +19,14 @@ interface SocketState {
 // While a socket.io socket is backed up we poll for it to drain: engine.io's uWS transport has no drain event.
 const DRAIN_POLL_MS = 25;
 
+/** The socket under engine.io's websocket transport: uWS's, or, on a node:http server, the `ws` package's. */
 interface UwsSocketLike {
   getBufferedAmount?: () => number;
   cork?: (fn: () => void) => void;
   end?: (code: number, reason: string) => void;
+  /** The `ws` package's: bytes not yet written out, and a close with a code. */
+  bufferedAmount?: number;
+  close?: (code?: number, reason?: string) => void;
 }
 
 /** What chatwire uses of an engine.io connection (engine.io's own types do not expose its transport's socket). */
@@ -75,7 +79,8 @@ function writeEvent(socket: Socket, type: string, payload: unknown): void {
 }
 
 function bufferedBytes(socket: Socket): number {
-  const wsBuffered = uwsSocketOf(socket)?.getBufferedAmount?.() ?? 0;
+  const ws = uwsSocketOf(socket);
+  const wsBuffered = ws?.getBufferedAmount?.() ?? ws?.bufferedAmount ?? 0;
   // Packets engine.io holds itself (polling, or a websocket mid-send), counted at a nominal size.
   const queued = (socket.conn as unknown as { writeBuffer?: unknown[] }).writeBuffer?.length ?? 0;
   return wsBuffered + queued * 256;
@@ -142,6 +147,10 @@ export function attachSocketIO(target: TemplatedApp | ((io: SocketIOServer) => v
       } catch {
         // Closed under us: engine.io closes the connection below.
       }
+    } else if (typeof ws?.bufferedAmount === 'number' && ws.close) {
+      // The `ws` package's socket (node:http): its close frame goes out after the error, on the same socket.
+      ws.close(1009, 'frame too large');
+      return;
     }
     conn.close();
   }

@@ -11,9 +11,10 @@ import path from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
 import { spawn } from 'node:child_process';
 import { after, test } from 'node:test';
-import { AppError, createChatwire, type AuthenticateInput, type Chatwire, type ChatwireOptions, type TaskMessage } from '../../src/index.js';
+import { AppError, createChatwire, jwtAuthenticate, type AuthenticateInput, type Chatwire, type ChatwireOptions, type TaskMessage } from '../../src/index.js';
 import { connectSocketIO, emitWithAck, refusedSocketIO, refusedUpgrade, WsClient } from '../helpers/clients.js';
 import { tempDataDir } from '../helpers/server.js';
+import { signToken } from '../../src/auth/sign.js';
 
 const dirs: string[] = [];
 after(() => dirs.forEach((d) => fs.rmSync(d, { recursive: true, force: true })));
@@ -105,6 +106,41 @@ test('authenticate: a throw or an answer of the wrong shape is a 500 and is logg
   } finally {
     await close();
   }
+});
+
+test('jwtAuthenticate: the JWT verifier as a hook, taking tokens where each transport carries them, composable with a host login', async () => {
+  const jwtSecret = 'a-secret-of-at-least-thirty-two-bytes!!';
+  const jwt = jwtAuthenticate({ jwtSecret });
+  const { base, close } = await serve({
+    authenticate: async (request) => (request.headers.cookie === 'sid=ok' ? { userId: 'cookie-user' } : jwt(request)),
+  });
+  const wsBase = base.replace('http', 'ws');
+  try {
+    const token = await signToken({ secret: jwtSecret, sub: 'tok-user', role: 'staff' });
+    const byQuery = await WsClient.connect(`${wsBase}/ws`, { token });
+    assert.equal((await byQuery.nextOfType('hello')).userId, 'tok-user');
+    await byQuery.close();
+    const bySubprotocol = await WsClient.connect(`${wsBase}/ws`, { protocols: ['chatwire.v1', `bearer.${token}`] });
+    assert.equal((await bySubprotocol.nextOfType('hello')).userId, 'tok-user');
+    assert.equal(bySubprotocol.socket.protocol, 'chatwire.v1');
+    await bySubprotocol.close();
+    const sio = await connectSocketIO(base, { token });
+    assert.equal((sio.received.find((m) => m.type === 'hello') ?? (await new Promise((r) => sio.once('hello', r))) as { userId: string }).userId, 'tok-user');
+    sio.close();
+    assert.equal((await fetch(`${base}/v1/requests`, { headers: { authorization: `Bearer ${token}` } })).status, 200);
+    const cookie = await WsClient.connect(`${wsBase}/ws`, { headers: { cookie: 'sid=ok' } });
+    assert.equal((await cookie.nextOfType('hello')).userId, 'cookie-user');
+    await cookie.close();
+
+    const forged = await signToken({ secret: 'another-secret-of-thirty-two-bytes!!!', sub: 'tok-user' });
+    const refused = await fetch(`${base}/v1/requests`, { headers: { authorization: `Bearer ${forged}` } });
+    assert.equal(refused.status, 401);
+    assert.equal(((await refused.json()) as { error: { message: string } }).error.message, 'token signature is invalid');
+    assert.equal((await refusedUpgrade(`${wsBase}/ws`)).status, 401);
+  } finally {
+    await close();
+  }
+  assert.throws(() => jwtAuthenticate({ jwtSecret: ' ' }), RangeError);
 });
 
 test('provider object: runs on the main thread with the host state it closes over; hello names it; cancel reaches it', async () => {

@@ -10,7 +10,7 @@ import { after, test } from 'node:test';
 import uWS from 'uWebSockets.js';
 import WebSocket, { WebSocketServer } from 'ws';
 import { createChatwire, type Chatwire } from '../../src/index.js';
-import { connectSocketIO, emitWithAck, readSse, WsClient } from '../helpers/clients.js';
+import { emitWithAck, RawSocketIO, readSse, WsClient } from '../helpers/clients.js';
 import { tempDataDir } from '../helpers/server.js';
 
 const dirs: string[] = [];
@@ -180,6 +180,31 @@ test('listen(): its own uWS app, resolving to the bound port', async () => {
     await chatwire.close();
   }
   await assert.rejects(fetch(`http://127.0.0.1:${port}/healthz`));
+});
+
+test('attach(httpServer): a frame over the limit is refused as on uWS, payload_too_large then close 1009, on /ws and socket.io', async () => {
+  const { server, wss } = hostServer();
+  const dataDir = tempDataDir();
+  dirs.push(dataDir);
+  const chatwire = createChatwire({ dataDir, devTokenDelayMs: 0, workerThreads: 1, maxFrameBytes: 4096 });
+  await chatwire.attach(server);
+  const port = await listenOn(server);
+  try {
+    const ws = await WsClient.connect(`ws://127.0.0.1:${port}/ws`, { user: 'big' });
+    await ws.nextOfType('hello');
+    ws.send({ type: 'chat.send', text: 'x'.repeat(5000) });
+    assert.equal((await ws.nextOfType('error')).code, 'payload_too_large');
+    assert.equal(await ws.closed, 1009);
+    const raw = await RawSocketIO.connect(`http://127.0.0.1:${port}`, { user: 'big' });
+    await raw.next((p) => p.startsWith('42["hello"'));
+    raw.emit('chat.send', { text: 'x'.repeat(5000) });
+    assert.equal(await raw.closed, 1009);
+    assert.deepEqual(raw.events('error').map((e) => e.code), ['payload_too_large']);
+  } finally {
+    await chatwire.close();
+    wss.close();
+    await new Promise((r) => server.close(r));
+  }
 });
 
 test('close() of a chatwire never started, and attach() to something else, are handled', async () => {

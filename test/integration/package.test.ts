@@ -127,6 +127,10 @@ const wrong: ChatwireOptions = { port: '80' };
 export const made = [createChatwire(options), connect, wrong];
 `,
   );
-  const tsc = path.join(ROOT, 'node_modules', 'typescript', 'bin', 'tsc');
-  execFileSync(process.execPath, [tsc, '--noEmit', '--strict', '--module', 'nodenext', '--moduleResolution', 'nodenext', '--target', 'es2022', '--skipLibCheck', '--types', 'node', 'typed.ts'], { cwd: tmp, encoding: 'utf8' });
+  const tsc = (file: string) =>
+    execFileSync(process.execPath, [path.join(ROOT, 'node_modules', 'typescript', 'bin', 'tsc'), '--noEmit', '--strict', '--module', 'nodenext', '--moduleResolution', 'nodenext', '--target', 'es2022', '--skipLibCheck', '--types', 'node', file], { cwd: tmp, encoding: 'utf8' });
+  tsc('typed.ts');
+  // And the check can fail: an option chatwire does not have is a type error.
+  fs.writeFileSync(path.join(tmp, 'mistyped.ts'), `import { createChatwire } from 'chatwire';\nexport const c = createChatwire({ dataPath: './x' });\n`);
+  assert.throws(() => tsc('mistyped.ts'), (err: unknown) => /dataPath/.test(String((err as { stdout?: string }).stdout)));
 });
