@@ -3,7 +3,7 @@
  * (server.ts), registered under a prefix through a thin view of the host's app, and socket.io attached with
  * `io.attachApp(app, { path: prefix + '/socket.io' })`. Handlers see paths below the prefix, as they would on
  * chatwire's own app. uWS has no call that removes a route: after close(), chatwire's routes on the host's app
- * answer 404 (and its upgrades are refused with 404) instead.
+ * answer 404 (and its upgrades, socket.io's too, are refused with 404) instead.
  */
 import type { HttpRequest, HttpResponse, TemplatedApp, WebSocket, WebSocketBehavior } from 'uWebSockets.js';
 import type { TransportDeps } from './deps.js';
@@ -60,13 +60,31 @@ function prefixedApp(app: TemplatedApp, prefix: string, gate: { open: boolean })
   return view as unknown as TemplatedApp;
 }
 
+/** The host's app as socket.io's engine registers on it (`any` and `ws` on its own path): behind the same gate. */
+function gatedApp(app: TemplatedApp, gate: { open: boolean }): TemplatedApp {
+  const view = {
+    any(pattern: string, handler: Handler) {
+      app.any(pattern, (res, req) => (gate.open ? handler(res, req) : notFound(res)));
+      return view;
+    },
+    ws<T>(pattern: string, behavior: WebSocketBehavior<T>) {
+      const upgrade = behavior.upgrade;
+      app.ws<T>(pattern, { ...behavior, upgrade: (res, req, context) => (gate.open && upgrade ? upgrade(res, req, context) : notFound(res)) });
+      return view;
+    },
+    // socket.io publishes its broadcasts through the app (chatwire sends none, but socket.io keeps the call).
+    publish: app.publish.bind(app),
+  };
+  return view as unknown as TemplatedApp;
+}
+
 export function attachToUwsApp(app: TemplatedApp, deps: TransportDeps, prefix: string): HttpServer {
   const gate = { open: true };
   const view = prefixedApp(app, prefix, gate);
   const sockets = new Set<WebSocket<unknown>>();
   attachWebSocket(view, deps, { open: (ws) => sockets.add(ws), close: (ws) => sockets.delete(ws) });
   const http = attachHttpRoutes(view, deps);
-  const io = attachSocketIO((s) => s.attachApp(app, { path: `${prefix}/socket.io` }), deps);
+  const io = attachSocketIO((s) => s.attachApp(gatedApp(app, gate), { path: `${prefix}/socket.io` }), deps);
   let closed = false;
   const server: HttpServer = {
     port: 0,

@@ -163,8 +163,9 @@ test('attach(uwsApp, { prefix }): chatwire on the host uWS app, next to its own 
   } finally {
     await chatwire.close();
   }
-  // uWS cannot drop a route: chatwire's answer 404 once it is closed; the host's are untouched.
+  // uWS cannot drop a route: chatwire's answer 404 once it is closed, socket.io's too; the host's are untouched.
   assert.equal((await fetch(`${base}/healthz`)).status, 404);
+  assert.equal((await fetch(`${base}/socket.io/?EIO=4&transport=polling`)).status, 404);
   assert.equal(await (await fetch(`http://127.0.0.1:${port}/hello`)).text(), 'host hello');
   uWS.us_listen_socket_close(listenSocket);
 });
