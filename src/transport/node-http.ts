@@ -97,6 +97,9 @@ class NodeRequest implements Surface<HttpRequest, 'getHeader' | 'getParameter' |
   }
 }
 
+/** Completes an upgrade that the /ws handler accepted. */
+type Accept = (res: UpgradeResponse, userData: unknown, protocol: string) => void;
+
 type ResponseCalls = 'writeStatus' | 'writeHeader' | 'write' | 'end' | 'cork' | 'onAborted' | 'onData' | 'onWritable' | 'getRemoteAddressAsText';
 
 /** uWS's HttpResponse over a ServerResponse: status and headers are held until the first write or end. */
@@ -185,7 +188,7 @@ class UpgradeResponse implements Surface<HttpResponse, ResponseCalls | 'upgrade'
     private readonly req: IncomingMessage,
     private readonly socket: Duplex,
     private readonly head: Buffer,
-    private readonly accept: (res: UpgradeResponse, userData: unknown, protocol: string) => void,
+    private readonly accept: Accept,
   ) {
     socket.once('close', () => {
       if (this.finished) return;
@@ -377,38 +380,18 @@ function restore(server: HttpServerNode, saved: ReturnType<typeof snapshot>, dro
   }
 }
 
-/** Mounts chatwire on a node:http server under `prefix` (normalised, see mount-paths.ts). */
-export function attachToNodeServer(server: HttpServerNode, deps: TransportDeps, prefix: string): HttpServer {
-  const hostListeners = snapshot(server);
-  const app = new NodeApp();
-  const sockets = new Set<NodeSocket<unknown>>();
-  attachWebSocket(app as unknown as TemplatedApp, deps, {
-    open: (ws) => sockets.add(ws as unknown as NodeSocket<unknown>),
-    close: (ws) => sockets.delete(ws as unknown as NodeSocket<unknown>),
-  });
-  const http = attachHttpRoutes(app as unknown as TemplatedApp, deps);
-  const ioPath = `${prefix}/socket.io/`;
-  // destroyUpgrade: false: engine.io would otherwise end every upgrade that is not its own after a second, the host's too.
-  const io: SocketIOServer = attachSocketIO((s) => s.attach(server, { path: `${prefix}/socket.io`, destroyUpgrade: false }), deps);
-  // engine.io took the server's listeners over for its own dispatch: put them back, this file dispatches instead.
-  restore(server, hostListeners, new Set(EVENTS.flatMap((e) => (server.listeners(e) as Listener[]).filter((l) => !hostListeners[e].includes(l)))));
-  const engine = io.engine as unknown as { handleRequest(req: IncomingMessage, res: ServerResponse): void; handleUpgrade(req: IncomingMessage, socket: Duplex, head: Buffer): void };
-  const behavior = app.wsBehavior as WebSocketBehavior<unknown>;
+type ChosenProtocol = IncomingMessage & { chosenProtocol?: string };
+
+/** The `ws` side of the /ws handler: upgrades it accepts become NodeSockets driving its behavior, under uWS's idle timeout. */
+function webSocketSide(behavior: WebSocketBehavior<unknown>, sockets: Set<NodeSocket<unknown>>) {
   const wss = new WebSocketServer({
     noServer: true,
     clientTracking: false,
     perMessageDeflate: false,
     ...(behavior.maxPayloadLength === undefined ? {} : { maxPayload: behavior.maxPayloadLength }),
-    handleProtocols: (_offered, req) => (req as IncomingMessage & { chosenProtocol?: string }).chosenProtocol || false,
+    handleProtocols: (_offered, req) => (req as ChosenProtocol).chosenProtocol || false,
   });
-
-  const accept = (res: UpgradeResponse, userData: unknown, protocol: string) => {
-    const { req, socket, head } = res.raw;
-    (req as IncomingMessage & { chosenProtocol?: string }).chosenProtocol = protocol;
-    wss.handleUpgrade(req, socket, head, (ws) => openSocket(ws, socket, userData));
-  };
-
-  function openSocket(ws: WebSocket, raw: Duplex, userData: unknown): void {
+  const open = (ws: WebSocket, raw: Duplex, userData: unknown) => {
     const socket = new NodeSocket(ws, raw, userData, behavior.maxBackpressure ?? 0);
     const uws = socket as unknown as UwsWebSocket<unknown>;
     ws.on('message', (data: Buffer | ArrayBuffer | Buffer[], isBinary: boolean) => {
@@ -421,8 +404,7 @@ export function attachToNodeServer(server: HttpServerNode, deps: TransportDeps, 
     raw.on('drain', () => behavior.drain?.(uws));
     ws.once('close', (code: number, reason: Buffer) => behavior.close?.(uws, code, arrayBufferOf(reason)));
     void behavior.open?.(uws);
-  }
-
+  };
   // uWS's idleTimeout with sendPingsAutomatically: a socket silent for half the timeout is pinged, for all of it closed.
   const idleMs = (behavior.idleTimeout ?? 120) * 1000;
   const idleSweep = setInterval(() => {
@@ -434,32 +416,70 @@ export function attachToNodeServer(server: HttpServerNode, deps: TransportDeps, 
     }
   }, Math.max(1000, idleMs / 4));
   idleSweep.unref();
+  return {
+    accept(res: UpgradeResponse, userData: unknown, protocol: string): void {
+      const { req, socket, head } = res.raw;
+      (req as ChosenProtocol).chosenProtocol = protocol;
+      wss.handleUpgrade(req, socket, head, (ws) => open(ws, socket, userData));
+    },
+    close(): void {
+      clearInterval(idleSweep);
+      wss.close();
+      for (const s of [...sockets]) s.ws.terminate();
+    },
+  };
+}
 
+interface Engine {
+  handleRequest(req: IncomingMessage, res: ServerResponse): void;
+  handleUpgrade(req: IncomingMessage, socket: Duplex, head: Buffer): void;
+}
+
+/** The server's 'request' and 'upgrade' listeners: chatwire's paths here, every other one to the host's listeners. */
+function dispatchers(server: HttpServerNode, host: ReturnType<typeof snapshot>, prefix: string, app: NodeApp, engine: Engine, accept: Accept) {
+  const ioPath = `${prefix}/socket.io/`;
   const onRequest = (req: IncomingMessage, res: ServerResponse) => {
     const { path, query } = splitUrl(req.url);
     if (path.startsWith(ioPath)) return engine.handleRequest(req, res);
     const inner = innerPath(prefix, path);
     const found = inner !== null && ownsPath(prefix, inner) ? app.route(req.method ?? 'GET', inner) : null;
     if (found === null) {
-      for (const l of hostListeners.request) (l as (req: IncomingMessage, res: ServerResponse) => void).call(server, req, res);
+      for (const l of host.request) (l as (req: IncomingMessage, res: ServerResponse) => void).call(server, req, res);
       return;
     }
     void found.handler(new NodeResponse(req, res) as unknown as HttpResponse, new NodeRequest(req, inner as string, query, found.params) as unknown as HttpRequest);
   };
-
   const onUpgrade = (req: IncomingMessage, socket: Duplex, head: Buffer) => {
     const { path, query } = splitUrl(req.url);
     if (path.startsWith(ioPath)) return engine.handleUpgrade(req, socket, head);
     if (innerPath(prefix, path) === '/ws') {
       const res = new UpgradeResponse(req, socket, head, accept);
-      void behavior.upgrade?.(res as unknown as HttpResponse, new NodeRequest(req, '/ws', query, []) as unknown as HttpRequest, {} as never);
+      void app.wsBehavior?.upgrade?.(res as unknown as HttpResponse, new NodeRequest(req, '/ws', query, []) as unknown as HttpRequest, {} as never);
       return;
     }
     // Not chatwire's: the host's upgrade listeners, or, when it has none, what node:http does then (drop it).
-    if (hostListeners.upgrade.length === 0 && server.listenerCount('upgrade') === 1) socket.destroy();
-    for (const l of hostListeners.upgrade) (l as (req: IncomingMessage, socket: Duplex, head: Buffer) => void).call(server, req, socket, head);
+    if (host.upgrade.length === 0 && server.listenerCount('upgrade') === 1) socket.destroy();
+    for (const l of host.upgrade) (l as (req: IncomingMessage, socket: Duplex, head: Buffer) => void).call(server, req, socket, head);
   };
+  return { onRequest, onUpgrade };
+}
 
+/** Mounts chatwire on a node:http server under `prefix` (normalised, see mount-paths.ts). */
+export function attachToNodeServer(server: HttpServerNode, deps: TransportDeps, prefix: string): HttpServer {
+  const hostListeners = snapshot(server);
+  const app = new NodeApp();
+  const sockets = new Set<NodeSocket<unknown>>();
+  attachWebSocket(app as unknown as TemplatedApp, deps, {
+    open: (ws) => sockets.add(ws as unknown as NodeSocket<unknown>),
+    close: (ws) => sockets.delete(ws as unknown as NodeSocket<unknown>),
+  });
+  const http = attachHttpRoutes(app as unknown as TemplatedApp, deps);
+  // destroyUpgrade: false: engine.io would otherwise end every upgrade that is not its own after a second, the host's too.
+  const io: SocketIOServer = attachSocketIO((s) => s.attach(server, { path: `${prefix}/socket.io`, destroyUpgrade: false }), deps);
+  // engine.io took the server's listeners over for its own dispatch: put them back, this file dispatches instead.
+  restore(server, hostListeners, new Set(EVENTS.flatMap((e) => (server.listeners(e) as Listener[]).filter((l) => !hostListeners[e].includes(l)))));
+  const ws = webSocketSide(app.wsBehavior as WebSocketBehavior<unknown>, sockets);
+  const { onRequest, onUpgrade } = dispatchers(server, hostListeners, prefix, app, io.engine as unknown as Engine, ws.accept);
   server.removeAllListeners('request');
   server.on('request', onRequest);
   server.removeAllListeners('upgrade');
@@ -489,11 +509,9 @@ export function attachToNodeServer(server: HttpServerNode, deps: TransportDeps, 
       closed = true;
       unmount();
       closeConnections();
-      clearInterval(idleSweep);
       // Not io.close(): it would close the host's server.
       io.engine.close();
-      wss.close();
-      for (const s of [...sockets]) s.ws.terminate();
+      ws.close();
     },
   };
 }
