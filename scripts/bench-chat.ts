@@ -1,5 +1,5 @@
 /**
- * npm run bench:chat [-- --connections 100,1000 --seconds 8 --warmup 2]
+ * npm run bench:chat [-- --connections 100,1000 --seconds 8 --warmup 2 --servers uws,node]
  *
  * chatwire (dev provider, delay 0, in its own process) next to a minimal raw
  * uWebSockets.js echo server (also its own process), driven by the same
@@ -7,14 +7,20 @@
  * - ack latency p50/p99 next to the ping round trip p50/p99 on the same sockets under the same load;
  * - chat.delta frames delivered per second next to the echo server's messages per second;
  * - the same chat load over socket.io next to /ws;
+ * - the same clients and load against chatwire attached to a node:http server (createChatwire().attach(server): /ws
+ *   over the `ws` package, socket.io on node:http), next to its own uWS app (listen, main.js);
  * - server RSS, and integrity: no connection dropped, no delta lost or repeated, one done per chat.
  * Targets: ack p99 <= 2x ping p99; /ws deltas/s >= 50% of echo msgs/s; socket.io >= 70% of /ws.
  */
 import path from 'node:path';
-import { DIST, parseArgs, printTable, scrape, settle, sleep, startChatwire, startChild, summarize } from './bench-support.js';
+import { CHATWIRE_PROGRAMS, DIST, parseArgs, printTable, scrape, settle, sleep, startChatwire, startChild, summarize } from './bench-support.js';
 import { openClients, socketIoConn, wsConn, type Conn, type Transport } from './load-support.js';
 
-const args = parseArgs({ connections: '100,1000', seconds: '8', warmup: '2', 'ping-interval-ms': '100', window: '32' });
+const args = parseArgs({ connections: '100,1000', seconds: '8', warmup: '2', 'ping-interval-ms': '100', window: '32', servers: 'uws,node' });
+type ServerKind = keyof typeof CHATWIRE_PROGRAMS;
+const SERVERS = args.servers!.split(',') as ServerKind[];
+for (const s of SERVERS) if (!(s in CHATWIRE_PROGRAMS)) throw new Error(`--servers: ${s} is not one of ${Object.keys(CHATWIRE_PROGRAMS).join(', ')}`);
+const SERVER_LABEL: Record<ServerKind, string> = { uws: 'uWS', node: 'node:http' };
 const CONNECTIONS = args.connections!.split(',').map(Number);
 const SECONDS = Number(args.seconds);
 const WARMUP = Number(args.warmup);
@@ -22,6 +28,7 @@ const PING_EVERY_MS = Number(args['ping-interval-ms']);
 const ECHO_WINDOW = Number(args.window);
 
 interface ChatRun {
+  server: ServerKind;
   transport: Transport;
   connections: number;
   chats: number;
@@ -134,8 +141,8 @@ async function connect(transport: Transport, port: number, i: number): Promise<{
   return { conn, loop };
 }
 
-async function runChat(transport: Transport, connections: number): Promise<ChatRun> {
-  const server = await startChatwire();
+async function runChat(kind: ServerKind, transport: Transport, connections: number): Promise<ChatRun> {
+  const server = await startChatwire({}, CHATWIRE_PROGRAMS[kind]);
   try {
     const clients = await openClients(connections, (i) => connect(transport, server.port, i), { concurrency: 100 });
     for (const c of clients) c.loop.start();
@@ -155,6 +162,7 @@ async function runChat(transport: Transport, connections: number): Promise<ChatR
     const errors: Record<string, number> = {};
     for (const l of loops) for (const [k, v] of Object.entries(l.errors)) errors[k] = (errors[k] ?? 0) + v;
     const run: ChatRun = {
+      server: kind,
       transport,
       connections,
       chats: loops.reduce((n, l) => n + l.chats, 0),
@@ -216,46 +224,78 @@ async function runEcho(connections: number): Promise<{ connections: number; perS
 
 const results: Record<string, unknown>[] = [];
 const rows: (string | number)[][] = [];
+
+function transportResult(r: ChatRun): Record<string, unknown> {
+  return {
+    deltasPerSec: Math.round(r.deltas / r.seconds),
+    chatsPerSec: Math.round(r.chats / r.seconds),
+    tokensPerSec: Math.round(r.tokens / r.seconds),
+    ackMs: r.ack,
+    pingMs: r.ping,
+    lostDeltas: r.lostDeltas,
+    unfinished: r.unfinished,
+    dropped: r.dropped,
+    errors: r.errors,
+    rssMiB: Math.round(r.rssMiB),
+  };
+}
+
 for (const connections of CONNECTIONS) {
   const echo = await runEcho(connections);
-  const ws = await runChat('ws', connections);
-  const sio = await runChat('socket.io', connections);
-  const wsDeltaRate = ws.deltas / ws.seconds;
-  const sioDeltaRate = sio.deltas / sio.seconds;
   rows.push(['uWS echo (baseline)', connections, echo.perSecond, '-', '-', '-', echo.rtt.p50, echo.rtt.p99, '-', echo.rssMiB, '-']);
-  for (const r of [ws, sio]) {
-    rows.push([
-      `chatwire ${r.transport}`,
-      connections,
-      r.deltas / r.seconds,
-      r.chats / r.seconds,
-      r.ack.p50,
-      r.ack.p99,
-      r.ping.p50,
-      r.ping.p99,
-      `${r.lostDeltas}/${r.unfinished}/${r.dropped}`,
-      r.rssMiB,
-      Object.entries(r.errors).map(([k, v]) => `${k}:${v}`).join(' ') || 'none',
-    ]);
+  const byServer: Partial<Record<ServerKind, { ws: ChatRun; sio: ChatRun }>> = {};
+  for (const kind of SERVERS) {
+    const ws = await runChat(kind, 'ws', connections);
+    const sio = await runChat(kind, 'socket.io', connections);
+    byServer[kind] = { ws, sio };
+    for (const r of [ws, sio]) {
+      rows.push([
+        `chatwire ${r.transport} (${SERVER_LABEL[kind]})`,
+        connections,
+        r.deltas / r.seconds,
+        r.chats / r.seconds,
+        r.ack.p50,
+        r.ack.p99,
+        r.ping.p50,
+        r.ping.p99,
+        `${r.lostDeltas}/${r.unfinished}/${r.dropped}`,
+        r.rssMiB,
+        Object.entries(r.errors).map(([k, v]) => `${k}:${v}`).join(' ') || 'none',
+      ]);
+    }
   }
-  results.push({
-    connections,
-    echoMsgsPerSec: Math.round(echo.perSecond),
-    echoRttMs: echo.rtt,
-    ws: { deltasPerSec: Math.round(wsDeltaRate), chatsPerSec: Math.round(ws.chats / ws.seconds), tokensPerSec: Math.round(ws.tokens / ws.seconds), ackMs: ws.ack, pingMs: ws.ping, lostDeltas: ws.lostDeltas, unfinished: ws.unfinished, dropped: ws.dropped, errors: ws.errors, rssMiB: Math.round(ws.rssMiB) },
-    socketio: { deltasPerSec: Math.round(sioDeltaRate), chatsPerSec: Math.round(sio.chats / sio.seconds), ackMs: sio.ack, pingMs: sio.ping, lostDeltas: sio.lostDeltas, unfinished: sio.unfinished, dropped: sio.dropped, errors: sio.errors, rssMiB: Math.round(sio.rssMiB) },
-    ratios: {
-      wsAckP99OverPingP99: +(ws.ack.p99 / ws.ping.p99).toFixed(2),
-      wsDeltasOverEcho: +(wsDeltaRate / echo.perSecond).toFixed(2),
-      socketioOverWs: +(sioDeltaRate / wsDeltaRate).toFixed(2),
-    },
-    targetsMet: {
-      ackP99Within2xPing: ws.ack.p99 <= 2 * ws.ping.p99,
-      deltasAtLeastHalfOfEcho: wsDeltaRate >= 0.5 * echo.perSecond,
-      socketioAtLeast70PctOfWs: sioDeltaRate >= 0.7 * wsDeltaRate,
-      noLossNoDrop: ws.lostDeltas + ws.unfinished + ws.dropped + sio.lostDeltas + sio.unfinished + sio.dropped === 0,
-    },
-  });
+  const result: Record<string, unknown> = { connections, echoMsgsPerSec: Math.round(echo.perSecond), echoRttMs: echo.rtt };
+  const uws = byServer.uws;
+  if (uws) {
+    const wsDeltaRate = uws.ws.deltas / uws.ws.seconds;
+    const sioDeltaRate = uws.sio.deltas / uws.sio.seconds;
+    Object.assign(result, {
+      ws: transportResult(uws.ws),
+      socketio: transportResult(uws.sio),
+      ratios: {
+        wsAckP99OverPingP99: +(uws.ws.ack.p99 / uws.ws.ping.p99).toFixed(2),
+        wsDeltasOverEcho: +(wsDeltaRate / echo.perSecond).toFixed(2),
+        socketioOverWs: +(sioDeltaRate / wsDeltaRate).toFixed(2),
+      },
+      targetsMet: {
+        ackP99Within2xPing: uws.ws.ack.p99 <= 2 * uws.ws.ping.p99,
+        deltasAtLeastHalfOfEcho: wsDeltaRate >= 0.5 * echo.perSecond,
+        socketioAtLeast70PctOfWs: sioDeltaRate >= 0.7 * wsDeltaRate,
+        noLossNoDrop: uws.ws.lostDeltas + uws.ws.unfinished + uws.ws.dropped + uws.sio.lostDeltas + uws.sio.unfinished + uws.sio.dropped === 0,
+      },
+    });
+  }
+  const node = byServer.node;
+  if (node) {
+    result.nodeHttp = { ws: transportResult(node.ws), socketio: transportResult(node.sio) };
+    if (uws) {
+      result.nodeOverUws = {
+        ws: +(node.ws.deltas / node.ws.seconds / (uws.ws.deltas / uws.ws.seconds)).toFixed(2),
+        socketio: +(node.sio.deltas / node.sio.seconds / (uws.sio.deltas / uws.sio.seconds)).toFixed(2),
+      };
+    }
+  }
+  results.push(result);
 }
 printTable(
   `bench:chat — dev provider, delay 0, ${SECONDS}s measured after ${WARMUP}s warm-up; echo window ${ECHO_WINDOW}/connection; latencies in ms`,
@@ -263,8 +303,10 @@ printTable(
   rows,
 );
 for (const r of results) {
-  const ratios = r.ratios as Record<string, number>;
-  console.log(`${r.connections} conns: ack p99 / ping p99 = ${ratios.wsAckP99OverPingP99} (target <= 2); /ws deltas / echo = ${ratios.wsDeltasOverEcho} (target >= 0.5); socket.io / ws = ${ratios.socketioOverWs} (target >= 0.7)`);
+  const ratios = r.ratios as Record<string, number> | undefined;
+  if (ratios) console.log(`${r.connections} conns: ack p99 / ping p99 = ${ratios.wsAckP99OverPingP99} (target <= 2); /ws deltas / echo = ${ratios.wsDeltasOverEcho} (target >= 0.5); socket.io / ws = ${ratios.socketioOverWs} (target >= 0.7)`);
+  const nodeOverUws = r.nodeOverUws as Record<string, number> | undefined;
+  if (nodeOverUws) console.log(`${r.connections} conns: node:http / uWS deltas per second: /ws ${nodeOverUws.ws}, socket.io ${nodeOverUws.socketio}`);
 }
 console.log(JSON.stringify({ bench: 'chat', seconds: SECONDS, results }));
 process.exit(0);

@@ -45,9 +45,12 @@ export function startChild(script: string, env: Record<string, string>, name = p
   });
 }
 
+/** The program a benchmark starts chatwire with: main.js (its own uWS app), or bench-node-server.js (attached to a node:http server). */
+export const CHATWIRE_PROGRAMS = { uws: path.join(DIST, 'src', 'main.js'), node: path.join(DIST, 'scripts', 'bench-node-server.js') } as const;
+
 /** chatwire (main.js) on 127.0.0.1:0 in `dataDir`, limits raised so they do not shape the load; `env` adds to or overrides its settings. */
-export function startChatwireIn(dataDir: string, env: Record<string, string>): Promise<Child> {
-  return startChild(path.join(DIST, 'src', 'main.js'), {
+export function startChatwireIn(dataDir: string, env: Record<string, string>, program: string = CHATWIRE_PROGRAMS.uws): Promise<Child> {
+  return startChild(program, {
     PORT: '0',
     HOST: '127.0.0.1',
     CHATWIRE_DATA_DIR: dataDir,
@@ -67,9 +70,9 @@ export function startChatwireIn(dataDir: string, env: Record<string, string>): P
 }
 
 /** chatwire with the dev provider on a fresh temp data dir, limits raised so they do not shape the load. */
-export async function startChatwire(env: Record<string, string> = {}): Promise<Child & { dataDir: string }> {
+export async function startChatwire(env: Record<string, string> = {}, program: string = CHATWIRE_PROGRAMS.uws): Promise<Child & { dataDir: string }> {
   const dataDir = fs.mkdtempSync(path.join(os.tmpdir(), 'chatwire-bench-'));
-  const server = await startChatwireIn(dataDir, { CHATWIRE_DEV_TOKEN_DELAY_MS: '0', ...env });
+  const server = await startChatwireIn(dataDir, { CHATWIRE_DEV_TOKEN_DELAY_MS: '0', ...env }, program);
   return {
     ...server,
     dataDir,

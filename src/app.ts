@@ -28,8 +28,10 @@ import { createRateLimits } from './limits/rate-limits.js';
 import { createMetrics, type Metrics } from './metrics/metrics.js';
 import { AppError } from './protocol/index.js';
 import { createPendingAdmission } from './transport/admission.js';
-import type { TransportDeps } from './transport/deps.js';
+import type { Authenticator, TransportDeps } from './transport/deps.js';
 import { createFdGuard, raiseFdLimit } from './transport/fd-limit.js';
+import { asProvider, choiceFingerprint, choiceName, type ProviderChoice } from './llm/custom-provider.js';
+import { createInlinePool } from './llm/inline-pool.js';
 import { startHttpServer, type HttpServer } from './transport/server.js';
 import { lockDataDir } from './db/data-dir-lock.js';
 
@@ -43,6 +45,12 @@ export interface App {
 
 export interface AppOptions {
   log: Logger;
+  /** How the transports are served (createChatwire's listen and attach); default: chatwire's own uWS app on config.host:config.port. */
+  serve?: (deps: TransportDeps) => Promise<HttpServer>;
+  /** Identifies callers in place of the JWT verifier (createChatwire's `authenticate` hook). */
+  auth?: Authenticator;
+  /** A custom model provider in place of config.llm (createChatwire's `provider`). */
+  provider?: ProviderChoice;
 }
 
 export const CACHE_DIR = 'cache';
@@ -90,7 +98,9 @@ export async function createApp(config: Config, options: AppOptions): Promise<Ap
     closers.push(() => cache.close());
 
     let localModel: { identity: string } | undefined;
-    if (config.llm === 'local') {
+    const custom = options.provider;
+    const providerName = custom === undefined ? config.llm : choiceName(custom);
+    if (custom === undefined && config.llm === 'local') {
       // A missing or broken model file stops the start here, not at the first chat.
       const { validateLocalModel } = await import('./llm/local-model.js');
       const model = await validateLocalModel(config.modelPath);
@@ -98,9 +108,9 @@ export async function createApp(config: Config, options: AppOptions): Promise<Ap
       localModel = model;
     }
     // In every cache key: a reply is never served for another upstream or model file than the one that wrote it.
-    const backend = backendFingerprint(config, localModel);
-    const pool = createModelPool({
-      settings: providerSettingsFrom(config),
+    const backend = custom === undefined ? backendFingerprint(config, localModel) : choiceFingerprint(custom);
+    const poolOptions = {
+      settings: { ...providerSettingsFrom(config), module: custom?.kind === 'module' ? custom.module : undefined },
       threads: config.workerThreads,
       tasksPerWorker: config.tasksPerWorker,
       maxQueue: config.maxQueue,
@@ -111,7 +121,8 @@ export async function createApp(config: Config, options: AppOptions): Promise<Ap
         onWorkerFailure: () => metrics.workerFailures.inc(),
         onOwnerQueueFull: () => metrics.rateLimited.inc({ bucket: 'queued' }),
       },
-    });
+    };
+    const pool = custom?.kind === 'object' ? createInlinePool(asProvider(custom.provider), poolOptions) : createModelPool(poolOptions);
     closers.push(() => pool.close());
 
     const limits = createRateLimits({
@@ -130,7 +141,9 @@ export async function createApp(config: Config, options: AppOptions): Promise<Ap
         ? { admitAnonymous: (userId) => limits.admitAnonymous(userId) }
         : { secret: config.jwtSecret, requireExp: config.jwtRequireExp, audience: config.jwtAudience, issuer: config.jwtIssuer, maxTtlSec: config.jwtMaxTtlSec },
     );
-    if (auth.mode === 'open') {
+    if (options.auth !== undefined) {
+      // The host's hook identifies callers: the token settings are not used.
+    } else if (auth.mode === 'open') {
       log.warn('open mode: no CHATWIRE_JWT_SECRET, so ?user= is trusted as the user id; set a secret in production');
       const unused = [
         config.jwtRequireExp ? 'CHATWIRE_JWT_REQUIRE_EXP' : null,
@@ -146,8 +159,8 @@ export async function createApp(config: Config, options: AppOptions): Promise<Ap
 
     const chatCache: ChatCache = {
       keyOf: (request) =>
-        isCacheable({ provider: config.llm, temperature: request.temperature })
-          ? cacheKey({ provider: config.llm, backend, model: request.model, temperature: request.temperature, maxTokens: request.maxTokens, messages: request.messages })
+        isCacheable({ provider: providerName, temperature: request.temperature })
+          ? cacheKey({ provider: providerName, backend, model: request.model, temperature: request.temperature, maxTokens: request.maxTokens, messages: request.messages })
           : null,
       get: (key) => cache.get(key),
       put: (key, reply) => {
@@ -174,11 +187,11 @@ export async function createApp(config: Config, options: AppOptions): Promise<Ap
       limits: chatLimits,
       metrics,
       log,
-      provider: config.llm,
+      provider: providerName,
       model: config.model,
       contextMessages: config.contextMessages,
-      defaultMaxTokens: config.llm === 'dev' ? DEV_DEFAULT_MAX_TOKENS : config.defaultMaxTokens,
-      capUnsetMaxTokens: config.llm !== 'dev',
+      defaultMaxTokens: providerName === 'dev' ? DEV_DEFAULT_MAX_TOKENS : config.defaultMaxTokens,
+      capUnsetMaxTokens: providerName !== 'dev',
       taskRetentionMs: config.taskRetentionMs,
       taskRetentionMaxBytes: config.taskRetentionMaxBytes,
       maxRunningPerUser: config.maxRunningPerUser,
@@ -199,9 +212,10 @@ export async function createApp(config: Config, options: AppOptions): Promise<Ap
     const allowed = config.allowedOrigins === '*' ? null : new Set(config.allowedOrigins);
     const deps: TransportDeps = {
       config,
+      providerName,
       metrics,
       log,
-      auth,
+      auth: options.auth ?? auth,
       chat,
       marketplace,
       session: { chat, marketplace, frameLimit: (userId) => limits.frame(userId), flooded: (userId) => limits.floodClosed(userId), egress: (userId, bytes) => egress.charge(userId, bytes), metrics, log },
@@ -239,7 +253,7 @@ export async function createApp(config: Config, options: AppOptions): Promise<Ap
       },
     };
 
-    const server = await startHttpServer(deps, config.host, config.port);
+    const server = await (options.serve ?? ((d: TransportDeps) => startHttpServer(d, config.host, config.port)))(deps);
     let closing: Promise<void> | null = null;
     return {
       port: server.port,

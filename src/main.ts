@@ -1,11 +1,13 @@
+/** The chatwire program: createChatwire(optionsFromEnv()).listen(), plus signals and the shutdown deadline. */
 import { pino } from 'pino';
-import { createApp } from './app.js';
-import { ConfigError, loadConfig } from './config.js';
+import { createChatwire } from './chatwire.js';
+import { ConfigError } from './config.js';
+import { optionsFromEnv } from './options.js';
 
 async function main(): Promise<void> {
-  let config;
+  let options;
   try {
-    config = loadConfig();
+    options = optionsFromEnv();
   } catch (err) {
     if (err instanceof ConfigError) {
       process.stderr.write(`chatwire: ${err.message}\n`);
@@ -13,14 +15,16 @@ async function main(): Promise<void> {
     }
     throw err;
   }
-  const log = pino({ level: config.logLevel, base: { service: 'chatwire' } });
-  const app = await createApp(config, { log }).catch((err: unknown) => {
+  const log = pino({ level: options.logLevel, base: { service: 'chatwire' } });
+  const chatwire = createChatwire({ ...options, logger: log });
+  const port = await chatwire.listen().catch((err: unknown) => {
     log.fatal({ err: err instanceof Error ? err.message : String(err) }, 'chatwire could not start');
     process.exit(1);
   });
+  const { host, llm, model, dataPath, workerThreads } = chatwire.config;
   log.info(
-    { port: app.port, host: config.host, provider: config.llm, model: config.model, dataDir: config.dataPath, workers: config.workerThreads },
-    `chatwire listening on http://${config.host === '0.0.0.0' ? 'localhost' : config.host}:${app.port}`,
+    { port, host, provider: llm, model, dataDir: dataPath, workers: workerThreads },
+    `chatwire listening on http://${host === '0.0.0.0' ? 'localhost' : host}:${port}`,
   );
 
   let stopping = false;
@@ -29,11 +33,11 @@ async function main(): Promise<void> {
     stopping = true;
     log.info({ signal }, 'shutting down');
     const deadline = setTimeout(() => {
-      log.error({ timeoutMs: config.shutdownTimeoutMs }, 'shutdown took too long; exiting anyway');
+      log.error({ timeoutMs: chatwire.config.shutdownTimeoutMs }, 'shutdown took too long; exiting anyway');
       process.exit(1);
-    }, config.shutdownTimeoutMs);
+    }, chatwire.config.shutdownTimeoutMs);
     deadline.unref();
-    app.close().then(
+    chatwire.close().then(
       () => {
         log.info('stopped');
         process.exit(0);

@@ -2,7 +2,7 @@ import { randomUUID } from 'node:crypto';
 import { BroadcastChannel, type MessagePort } from 'node:worker_threads';
 import { Piscina } from 'piscina';
 import { AppError, type ErrorCode } from '../protocol/index.js';
-import { FairQueue } from './fair-queue.js';
+import { SlotLedger } from './slot-ledger.js';
 import type { ModelRequest, ModelResult, ProviderSettings } from './provider.js';
 import type { PoolCommand, WorkerBatch, WorkerEvent, WorkerHello, WorkerTask } from './worker-protocol.js';
 
@@ -77,10 +77,6 @@ const END_MARKER_GRACE_MS = 2000;
 const DEADLINE_STOP_GRACE_MS = 2000;
 // close() waits this long for the workers to close their providers (free a loaded model) before terminating them.
 const PROVIDER_CLOSE_GRACE_MS = 2000;
-// What a call is taken to hold a worker slot for until one has been timed: only used to estimate a retry.
-const INITIAL_SERVICE_MS = 1000;
-// Weight of the newest call in the moving average of service times.
-const SERVICE_MS_WEIGHT = 0.2;
 
 export function createModelPool(options: ModelPoolOptions): ModelPool {
   const filename = options.workerFile ?? new URL('../../workers/llm-entry.cjs', import.meta.url);
@@ -89,9 +85,6 @@ export function createModelPool(options: ModelPoolOptions): ModelPool {
   // these slots is free, picked round-robin over the users waiting (FairQueue). A call that ends while it waits
   // (cancelled, past its deadline) just leaves that queue and never reaches a worker.
   const slots = options.threads * options.tasksPerWorker;
-  const capacity = slots + options.maxQueue;
-  const maxQueuedPerOwner = options.maxQueuedPerOwner ?? Infinity;
-  if (!(maxQueuedPerOwner >= 1)) throw new RangeError(`maxQueuedPerOwner must be >= 1, got ${maxQueuedPerOwner}`);
   // Piscina has no per-worker teardown: workers whose provider holds resources (a llama.cpp model) say so on this
   // channel, and close() asks them to close it before the threads are terminated.
   const controlChannel = `chatwire-llm-${randomUUID()}`;
@@ -125,15 +118,17 @@ export function createModelPool(options: ModelPoolOptions): ModelPool {
   });
   // A worker that dies is replaced by Piscina; its tasks are failed through their run() promises.
   piscina.on('error', () => {});
-  /** Calls admitted by reserve() and not yet released: what capacity bounds. */
-  let inFlight = 0;
   /** Stream tasks handed to Piscina whose promise has not settled: each holds one of the slots. */
   let active = 0;
   /** Calls waiting for a slot, by owner; and the places reserve() gave that run() has not queued yet. */
-  const waiting = new FairQueue<{ submit(): void; abandon(): void }>();
-  const reservedBy = new Map<string, number>();
-  /** Moving average of how long a call holds its slot: for the retryAfterMs of an owner whose share is full. */
-  let serviceMs = INITIAL_SERVICE_MS;
+  const ledger = new SlotLedger<{ submit(): void; abandon(): void }>({
+    slots,
+    maxQueue: options.maxQueue,
+    maxQueuedPerOwner: options.maxQueuedPerOwner,
+    taskTimeoutMs: options.taskTimeoutMs,
+    onOwnerQueueFull: options.hooks?.onOwnerQueueFull,
+  });
+  const waiting = ledger.waiting;
   let closed = false;
   let nextCallId = 0;
   /** The calls started and not finished, by id: where a worker's events and chunks go. */
@@ -232,7 +227,7 @@ export function createModelPool(options: ModelPoolOptions): ModelPool {
       retired.delete(id);
       clearTimeout(retiredStopTimer);
       active--;
-      serviceMs += (performance.now() - submittedAt - serviceMs) * SERVICE_MS_WEIGHT;
+      ledger.timed(performance.now() - submittedAt);
       dispatch();
     };
     const fail = (code: ErrorCode, message: string, retryAfterMs?: number) => {
@@ -349,38 +344,13 @@ export function createModelPool(options: ModelPoolOptions): ModelPool {
 
   return {
     reserve(owner) {
-      const queuedOfOwner = waiting.count(owner) + (reservedBy.get(owner) ?? 0);
-      if (queuedOfOwner >= maxQueuedPerOwner) {
-        options.hooks?.onOwnerQueueFull?.();
-        // Its oldest waiting call is served within one turn of the ring: one call of each owner waiting, at the
-        // rate the slots free up.
-        const retryAfterMs = Math.min(options.taskTimeoutMs, Math.max(1, Math.ceil((waiting.owners * serviceMs) / slots)));
-        throw new AppError('rate_limited', `${queuedOfOwner} of your chats are waiting for a worker (at most ${maxQueuedPerOwner}); retry in ${retryAfterMs} ms`, { retryAfterMs });
-      }
-      if (closed || inFlight >= capacity) throw new AppError('overloaded', 'the model queue is full; retry shortly');
-      inFlight++;
-      reservedBy.set(owner, (reservedBy.get(owner) ?? 0) + 1);
-      let state: 'reserved' | 'running' | 'released' = 'reserved';
-      // A place reserve() gave counts as waiting for its owner until run() queues it or it is released unused.
-      const unreserve = () => {
-        const n = (reservedBy.get(owner) ?? 1) - 1;
-        if (n > 0) reservedBy.set(owner, n);
-        else reservedBy.delete(owner);
-      };
-      const release = () => {
-        if (state === 'released') return;
-        if (state === 'reserved') unreserve();
-        state = 'released';
-        inFlight--;
-      };
+      const place = ledger.reserve(owner, closed);
       return {
         run: (request, handlers) => {
-          if (state !== 'reserved') throw new Error(`pool slot is ${state}`);
-          state = 'running';
-          unreserve();
-          return startRun(owner, request, handlers, release);
+          place.run();
+          return startRun(owner, request, handlers, place.release);
         },
-        release,
+        release: place.release,
       };
     },
     stats() {
@@ -389,10 +359,10 @@ export function createModelPool(options: ModelPoolOptions): ModelPool {
       const queued = waiting.size + Math.max(0, piscina.queueSize - retired.size);
       return {
         threads: piscina.threads.length,
-        running: Math.max(0, inFlight - queued),
+        running: Math.max(0, ledger.inFlight - queued),
         queued,
-        inFlight,
-        capacity,
+        inFlight: ledger.inFlight,
+        capacity: ledger.capacity,
       };
     },
     async check(timeoutMs = 2000) {

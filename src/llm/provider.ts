@@ -34,7 +34,8 @@ export interface ModelResult {
  * failures as AppError (`upstream_error`, `upstream_timeout`).
  */
 export interface Provider {
-  readonly name: ProviderName;
+  /** dev, openai, local, or a custom provider's name. */
+  readonly name: string;
   stream(request: ModelRequest, signal: AbortSignal): AsyncGenerator<string, ModelResult, void>;
   /**
    * The same call with every chunk handed to `onChunk` as it arrives, where a provider has it: what the worker
@@ -61,6 +62,15 @@ export interface ProviderSettings {
   localThreads: number;
   localContextSize: number;
   localSequences: number;
+  /** A custom provider module (createChatwire's `provider` option): its file URL and the plain data its factory gets. */
+  module?: ProviderModule | undefined;
+}
+
+/** A provider module as the worker threads load it: `href` is a file: URL, `options` survives structuredClone. */
+export interface ProviderModule {
+  name: string;
+  href: string;
+  options: unknown;
 }
 
 export function providerSettingsFrom(config: ProviderSettings): ProviderSettings {

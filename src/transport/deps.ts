@@ -7,10 +7,17 @@ import type { AppError } from '../protocol/index.js';
 import type { PendingAdmission } from './admission.js';
 import type { MarketplaceLookups, SessionDeps } from './session.js';
 
+/** The request a caller is identified from, as the `authenticate` hook sees it (src/auth/authenticate.ts). */
+export interface AuthRequest {
+  transport: 'ws' | 'socket.io' | 'http';
+  headers: ReadonlyMap<string, string> | Readonly<Record<string, string | string[] | undefined>>;
+  query: URLSearchParams;
+}
+
 export interface Authenticator {
   readonly mode: 'open' | 'jwt';
   /** Resolves the caller; rejects with AppError('unauthorized') for a missing, bad or expired token. */
-  identify(input: { token?: string | undefined; user?: string | undefined; connectionId: string; address: string }): Promise<Identity>;
+  identify(input: { token?: string | undefined; user?: string | undefined; connectionId: string; address: string; request?: AuthRequest }): Promise<Identity>;
 }
 
 export interface ReadinessCheck {
@@ -21,6 +28,8 @@ export interface ReadinessCheck {
 /** Everything the transport layer talks to; wired in app.ts. */
 export interface TransportDeps {
   config: Config;
+  /** The model provider the hello frame names: config.llm, or a custom provider's name. */
+  providerName: string;
   metrics: Metrics;
   log: Logger;
   auth: Authenticator;

@@ -116,6 +116,7 @@ export function attachHttpRoutes(app: TemplatedApp, deps: TransportDeps): { clos
         user: info.query.get('user') ?? undefined,
         connectionId: `http${++nextAnon}`,
         address,
+        request: { transport: 'http', headers: info.headers, query: info.query },
       });
     } finally {
       pending.slot.release();

@@ -1,6 +1,7 @@
 import type { HttpRequest, HttpResponse, TemplatedApp, WebSocketBehavior } from 'uWebSockets.js';
 import { Server as SocketIOServer, type Socket } from 'socket.io';
 import { tokenFromAuthorization } from '../auth/credentials.js';
+import { socketIoQuery } from '../auth/authenticate.js';
 import type { Identity } from '../auth/identity.js';
 import type { Sink } from '../chat/task.js';
 import { AppError, JsonText, PROTOCOL_VERSION, toAppError, toJson, type OutgoingMessage, type ServerMessage } from '../protocol/index.js';
@@ -20,10 +21,14 @@ interface SocketState {
 // While a socket.io socket is backed up we poll for it to drain: engine.io's uWS transport has no drain event.
 const DRAIN_POLL_MS = 25;
 
+/** The socket under engine.io's websocket transport: uWS's, or, on a node:http server, the `ws` package's. */
 interface UwsSocketLike {
   getBufferedAmount?: () => number;
   cork?: (fn: () => void) => void;
   end?: (code: number, reason: string) => void;
+  /** The `ws` package's: bytes not yet written out, and a close with a code. */
+  bufferedAmount?: number;
+  close?: (code?: number, reason?: string) => void;
 }
 
 /** What chatwire uses of an engine.io connection (engine.io's own types do not expose its transport's socket). */
@@ -79,7 +84,8 @@ function writeEvent(socket: Socket, type: string, payload: unknown): void {
 }
 
 function bufferedBytes(socket: Socket): number {
-  const wsBuffered = uwsSocketOf(socket)?.getBufferedAmount?.() ?? 0;
+  const ws = uwsSocketOf(socket);
+  const wsBuffered = ws?.getBufferedAmount?.() ?? ws?.bufferedAmount ?? 0;
   // Packets engine.io holds itself (polling, or a websocket mid-send), counted at a nominal size.
   const queued = (socket.conn as unknown as { writeBuffer?: unknown[] }).writeBuffer?.length ?? 0;
   return wsBuffered + queued * 256;
@@ -143,7 +149,7 @@ async function checkHandshakeCredentials(deps: TransportDeps, req: { headers: Re
   const user = deps.auth.mode === 'open' ? query.user : undefined;
   if (token === undefined && user === undefined) return;
   const address = clientAddress(String((req as { connection?: { remoteAddress?: string } }).connection?.remoteAddress ?? ''), headerText(req.headers['x-forwarded-for']), deps.config.trustProxy);
-  await deps.auth.identify({ token, user, connectionId: 'handshake', address });
+  await deps.auth.identify({ token, user, connectionId: 'handshake', address, request: { transport: 'socket.io', headers: req.headers, query: socketIoQuery(query, undefined) } });
 }
 
 /**
@@ -152,7 +158,7 @@ async function checkHandshakeCredentials(deps: TransportDeps, req: { headers: Re
  * emitted as an event when the client gave none), server-initiated messages are
  * events named by their type.
  */
-export function attachSocketIO(app: TemplatedApp, deps: TransportDeps): SocketIOServer {
+export function attachSocketIO(target: TemplatedApp | ((io: SocketIOServer, admitting: (app: TemplatedApp) => TemplatedApp) => void), deps: TransportDeps): SocketIOServer {
   const { config, metrics, log } = deps;
   const allowedOrigins = config.allowedOrigins === '*' ? null : new Set(config.allowedOrigins);
   const softLimit = Math.min(64 * 1024, Math.floor(config.maxBackpressureBytes / 4));
@@ -183,7 +189,11 @@ export function attachSocketIO(app: TemplatedApp, deps: TransportDeps): SocketIO
     },
   });
   const pendingSlots = new WeakMap<object, PendingSlot>();
-  io.attachApp(admittingApp(app, deps, pendingSlots));
+  const admitting = (uwsApp: TemplatedApp) => admittingApp(uwsApp, deps, pendingSlots);
+  // A function mounts it elsewhere: on a host's uWS app under a prefix (behind the same admission), or on a
+  // node:http server (node-http.ts).
+  if (typeof target === 'function') target(io, admitting);
+  else io.attachApp(admitting(target));
   io.engine.on('connection_error', (err: { req?: object }) => {
     if (err.req) pendingSlots.get(err.req)?.release();
   });
@@ -219,6 +229,10 @@ export function attachSocketIO(app: TemplatedApp, deps: TransportDeps): SocketIO
       } catch {
         // Closed under us: engine.io closes the connection below.
       }
+    } else if (typeof ws?.bufferedAmount === 'number' && ws.close) {
+      // The `ws` package's socket (node:http): its close frame goes out after the error, on the same socket.
+      ws.close(1009, 'frame too large');
+      return;
     }
     conn.close();
   }
@@ -230,7 +244,13 @@ export function attachSocketIO(app: TemplatedApp, deps: TransportDeps): SocketIO
     const token = typeof auth.token === 'string' ? auth.token : typeof query.token === 'string' ? query.token : undefined;
     const user = typeof auth.user === 'string' ? auth.user : typeof query.user === 'string' ? query.user : undefined;
     deps.auth
-      .identify({ token, user, connectionId, address: clientAddress(socket.handshake.address, headerText(socket.handshake.headers['x-forwarded-for']), config.trustProxy) })
+      .identify({
+        token,
+        user,
+        connectionId,
+        address: clientAddress(socket.handshake.address, headerText(socket.handshake.headers['x-forwarded-for']), config.trustProxy),
+        request: { transport: 'socket.io', headers: socket.handshake.headers, query: socketIoQuery(query, auth) },
+      })
       .then((identity) => {
         // The client may have gone while the token was checked: socket.io then drops the socket without a
         // 'disconnect', so a slot counted now would never be freed.
@@ -352,7 +372,7 @@ export function attachSocketIO(app: TemplatedApp, deps: TransportDeps): SocketIO
       connectionId: state.connectionId,
       userId: state.identity.userId,
       protocol: PROTOCOL_VERSION,
-      provider: config.llm,
+      provider: deps.providerName,
       model: config.model,
       limits: { maxFrameBytes: config.maxFrameBytes, messagesPerSecond: config.messagesPerSecond, chatsPerMinute: config.chatsPerMinute },
     });

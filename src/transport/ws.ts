@@ -102,7 +102,13 @@ export function attachWebSocket(app: TemplatedApp, deps: TransportDeps, track: {
           let identity: Identity;
           try {
             deps.checkOrigin(origin);
-            identity = await deps.auth.identify({ token: info.query.get('token') ?? protocols.token, user: info.query.get('user') ?? undefined, connectionId, address });
+            identity = await deps.auth.identify({
+              token: info.query.get('token') ?? protocols.token,
+              user: info.query.get('user') ?? undefined,
+              connectionId,
+              address,
+              request: { transport: 'ws', headers: info.headers, query: info.query },
+            });
           } finally {
             pending.slot.release();
           }
@@ -145,7 +151,7 @@ export function attachWebSocket(app: TemplatedApp, deps: TransportDeps, track: {
         connectionId: data.connectionId,
         userId: data.identity.userId,
         protocol: PROTOCOL_VERSION,
-        provider: config.llm,
+        provider: deps.providerName,
         model: config.model,
         limits: { maxFrameBytes: config.maxFrameBytes, messagesPerSecond: config.messagesPerSecond, chatsPerMinute: config.chatsPerMinute },
       });

@@ -1,9 +1,11 @@
 import fs from 'node:fs';
+import http from 'node:http';
 import os from 'node:os';
 import path from 'node:path';
 import { pino } from 'pino';
 import { createApp, type App } from '../../src/app.js';
 import { loadConfig, type Config, type settings } from '../../src/config.js';
+import { attachToNodeServer } from '../../src/transport/node-http.js';
 
 type Overrides = Parameters<typeof loadConfig>[1];
 
@@ -35,12 +37,15 @@ export async function startServer(overrides: Overrides = {}, dataDir = tempDataD
     ...overrides,
   } as Overrides);
   const log = pino({ level: config.logLevel });
-  const app = await createApp(config, { log });
+  // CHATWIRE_TEST_SERVER=node runs the same tests against chatwire attached to a node:http server.
+  const host = process.env.CHATWIRE_TEST_SERVER === 'node' ? await nodeHost(config.host) : null;
+  const app = await createApp(config, host === null ? { log } : { log, serve: async (deps) => attachToNodeServer(host, deps, '') });
   let stopped = false;
   const stop = async () => {
     if (stopped) return;
     stopped = true;
     await app.close();
+    if (host !== null) await new Promise((resolve) => host.close(resolve));
   };
   return {
     app,
@@ -55,6 +60,16 @@ export async function startServer(overrides: Overrides = {}, dataDir = tempDataD
       fs.rmSync(dataDir, { recursive: true, force: true });
     },
   };
+}
+
+/** A plain node:http server listening on a free port, answering 404 to what is not chatwire's. */
+async function nodeHost(address: string): Promise<http.Server> {
+  const host = http.createServer((_req, res) => {
+    res.statusCode = 404;
+    res.end();
+  });
+  await new Promise<void>((resolve) => host.listen(0, address, resolve));
+  return host;
 }
 
 export type SettingName = keyof typeof settings;
