@@ -176,7 +176,15 @@ export async function createApp(config: Config, options: AppOptions): Promise<Ap
       auth,
       chat,
       marketplace,
-      session: { chat, marketplace, frameLimit: (userId) => limits.frame(userId), flooded: (userId) => limits.floodClosed(userId), metrics, log },
+      session: {
+        chat,
+        marketplace,
+        frameLimit: (userId) => limits.frame(userId),
+        frameRefused: (userId) => limits.frameRefused(userId),
+        flooded: (userId) => limits.floodClosed(userId),
+        metrics,
+        log,
+      },
       connections: {
         opened: (userId) => {
           const d = limits.connectionOpened(userId);

@@ -2,10 +2,10 @@ import type { TemplatedApp } from 'uWebSockets.js';
 import { Server as SocketIOServer, type Socket } from 'socket.io';
 import type { Identity } from '../auth/identity.js';
 import type { Sink } from '../chat/task.js';
-import { AppError, JsonText, PROTOCOL_VERSION, toAppError, toJson, type OutgoingMessage, type ServerMessage } from '../protocol/index.js';
+import { AppError, CLIENT_MESSAGE_BOUNDS, PROTOCOL_VERSION, scanFrame, toAppError, toJson, type FrameBounds, type OutgoingMessage, type ServerMessage } from '../protocol/index.js';
 import { clientAddress } from './client-address.js';
 import type { TransportDeps } from './deps.js';
-import { echoableId, holdRefusal, Session } from './session.js';
+import { echoableId, holdRefusal, Session, type Admission, type Reply } from './session.js';
 import { frameReadCeiling, frameTooLarge, newConnectionId } from './ws.js';
 
 interface SocketState {
@@ -33,12 +33,33 @@ interface EngineConnection {
   close(): void;
 }
 
-/** The uWS socket under a socket.io connection on the websocket transport; undefined on polling or once closed. */
+/** An engine.io message packet: text, or binary data (a socket.io attachment). */
+interface EnginePacket {
+  type: string;
+  data?: unknown;
+}
+
+// A socket.io EVENT is the array [type, payload]: one level and two values more than the message itself.
+const EVENT_BOUNDS: FrameBounds = Object.freeze({ depth: CLIENT_MESSAGE_BOUNDS.depth + 1, values: CLIENT_MESSAGE_BOUNDS.values + 2 });
+// Before its CONNECT has been accepted a connection sends only that packet, whose auth object is flat: anything
+// far deeper or larger is refused before socket.io decodes it.
+const HANDSHAKE_BOUNDS: FrameBounds = Object.freeze({ depth: 4, values: 64 });
+
+/** A socket.io EVENT packet of the main namespace (`2`, an optional ack id, the JSON array); null for anything else. */
+function eventPacket(text: string): { ackId: string | undefined; json: string } | null {
+  if (text.charCodeAt(0) !== 0x32) return null;
+  let at = 1;
+  while (at < text.length && text.charCodeAt(at) >= 0x30 && text.charCodeAt(at) <= 0x39) at++;
+  if (text.charCodeAt(at) !== 0x5b) return null;
+  return { ackId: at > 1 ? text.slice(1, at) : undefined, json: text.slice(at) };
+}
+
 /** A header as socket.io hands it over: a string, a list of them, or absent. */
 function headerText(value: string | string[] | undefined): string | undefined {
   return Array.isArray(value) ? value.join(',') : value;
 }
 
+/** The uWS socket under a socket.io connection on the websocket transport; undefined on polling or once closed. */
 function uwsSocketOf(socket: Socket): UwsSocketLike | undefined {
   const transport = socket.conn.transport as unknown as { name: string; socket?: UwsSocketLike };
   return transport.name === 'websocket' && socket.conn.readyState === 'open' ? transport.socket : undefined;
@@ -110,21 +131,38 @@ export function attachSocketIO(app: TemplatedApp, deps: TransportDeps): SocketIO
   });
   io.attachApp(app);
 
-  // A message over the frame limit, seen before socket.io decodes it: refused as /ws refuses one.
+  // Every message packet is seen here before socket.io decodes it: over the frame limit it is refused as /ws
+  // refuses one; on a connected socket it is charged to the user's bucket and, if an event, handled here (see
+  // onPacket below); before the CONNECT is accepted, one with more structure than a handshake has is refused.
+  const packetHandlers = new WeakMap<EngineConnection, (packet: EnginePacket) => void>();
   io.engine.on('connection', (conn: EngineConnection) => {
-    conn.on('packet', (packet: { type: string; data?: unknown }) => {
+    conn.on('packet', (packet: EnginePacket) => {
       if (packet.type !== 'message') return;
-      const data = packet.data;
-      // A string of n UTF-16 units is at most 3n bytes: most messages need no byte count at all.
-      if (typeof data === 'string' && data.length * 3 <= config.maxFrameBytes) return;
-      const bytes = typeof data === 'string' ? Buffer.byteLength(data) : ((data as { byteLength?: number } | undefined)?.byteLength ?? 0);
-      if (bytes <= config.maxFrameBytes) return;
-      // engine.io does nothing with a noop packet: socket.io never sees this message.
-      packet.type = 'noop';
-      framesIn.inc();
-      refuseOversized(conn, bytes);
+      if (oversized(packet.data)) {
+        // engine.io does nothing with a noop packet: socket.io never sees this message.
+        packet.type = 'noop';
+        framesIn.inc();
+        refuseOversized(conn, byteLength(packet.data));
+        return;
+      }
+      const handle = packetHandlers.get(conn);
+      if (handle) return handle(packet);
+      if (typeof packet.data === 'string' && !scanFrame(packet.data, HANDSHAKE_BOUNDS).ok) {
+        packet.type = 'noop';
+        conn.close();
+      }
     });
   });
+
+  function byteLength(data: unknown): number {
+    return typeof data === 'string' ? Buffer.byteLength(data) : ((data as { byteLength?: number } | undefined)?.byteLength ?? 0);
+  }
+
+  function oversized(data: unknown): boolean {
+    // A string of n UTF-16 units is at most 3n bytes: most messages need no byte count at all.
+    if (typeof data === 'string' && data.length * 3 <= config.maxFrameBytes) return false;
+    return byteLength(data) > config.maxFrameBytes;
+  }
 
   function refuseOversized(conn: EngineConnection, bytes: number): void {
     if (conn.readyState !== 'open') return;
@@ -231,30 +269,79 @@ export function attachSocketIO(app: TemplatedApp, deps: TransportDeps): SocketIO
     };
     const session = new Session(deps.session, state.identity, sink);
 
-    socket.onAny((event: string, ...args: unknown[]) => {
-      // Events already decoded when the socket was closed for flooding must not count as more floods.
-      if (closed) return;
+    /** The user's charge for one packet; past its rate the packet is dropped, and a flood closes the socket. */
+    const admit = (packet: EnginePacket, reply: Reply, id?: string): boolean => {
       framesIn.inc();
-      const ack = typeof args.at(-1) === 'function' ? (args.pop() as (m: ServerMessage) => void) : undefined;
-      const reply = (m: OutgoingMessage) => {
-        if (closed) return;
-        framesOut.inc();
-        // socket.io encodes an ack's arguments itself: a serialized page is parsed back for it.
-        if (ack) ack(m instanceof JsonText ? (JSON.parse(m.json) as ServerMessage) : m);
-        else writeEvent(socket, m.type, m);
-      };
-      const payload = args[0] ?? {};
-      // Malformed events go through the session too: they count against the user's rate like any other.
-      const verdict =
-        args.length > 1
-          ? session.reject('send one payload object per event', reply, echoableId(payload))
-          : typeof payload !== 'object' || payload === null || Array.isArray(payload)
-            ? session.reject('the payload must be a JSON object', reply)
-            : session.handle({ ...(payload as Record<string, unknown>), type: event }, reply);
-      if (verdict === 'flooding') {
+      const admission: Admission = session.admit(reply, id);
+      if (admission === 'admitted') return true;
+      packet.type = 'noop';
+      if (admission === 'flooding') {
         closed = true;
         socket.disconnect(true);
       }
+      return false;
+    };
+
+    /**
+     * One message packet of this connection, before socket.io decodes it. An EVENT (every message of the protocol)
+     * is charged, scanned, decoded and handled here, and socket.io never sees it; its reply is written as the
+     * ACK packet socket.io would write. Anything else but a DISCONNECT (an attachment, an ACK, a packet for another
+     * namespace) is charged and, if the rate allows, left to socket.io.
+     */
+    const onPacket = (packet: EnginePacket): void => {
+      if (closed) {
+        packet.type = 'noop';
+        return;
+      }
+      const text = typeof packet.data === 'string' ? packet.data : '';
+      const event = eventPacket(text);
+      if (event === null) {
+        if (text.charCodeAt(0) === 0x31) return;
+        admit(packet, () => {});
+        return;
+      }
+      packet.type = 'noop';
+      const { ackId, json } = event;
+      const reply: Reply = (m) => {
+        if (closed || socket.conn.readyState !== 'open') return;
+        framesOut.inc();
+        if (ackId === undefined) writeEvent(socket, m.type, m);
+        else socket.conn.write(`3${ackId}[${toJson(m)}]`);
+      };
+      const shape = scanFrame(json, EVENT_BOUNDS, 2);
+      corked(socket, () => {
+        if (!admit(packet, reply, shape.id)) return;
+        if (!shape.ok) return session.reject(shape.reason, reply, shape.id);
+        handleEvent(json, reply);
+      });
+    };
+    packetHandlers.set(socket.conn as unknown as EngineConnection, onPacket);
+
+    const handleEvent = (json: string, reply: Reply): void => {
+      let args: unknown;
+      try {
+        args = JSON.parse(json);
+      } catch {
+        return session.reject('frame is not valid JSON', reply);
+      }
+      if (!Array.isArray(args) || typeof args[0] !== 'string') return session.reject('an event is a JSON array of its name and one payload object', reply);
+      const payload: unknown = args[1] ?? {};
+      if (args.length > 2) return session.reject('send one payload object per event', reply, echoableId(payload));
+      if (typeof payload !== 'object' || payload === null || Array.isArray(payload)) return session.reject('the payload must be a JSON object', reply);
+      session.handle({ ...(payload as Record<string, unknown>), type: args[0] }, reply);
+    };
+
+    // Only events with binary attachments get here (onPacket handles every other event): none is a message of the
+    // protocol. Their packets were charged in onPacket.
+    socket.onAny((...args: unknown[]) => {
+      if (closed) return;
+      const ack = typeof args.at(-1) === 'function' ? (args.pop() as (m: ServerMessage) => void) : undefined;
+      session.reject('events carry JSON, not binary data', (m) => {
+        if (closed) return;
+        framesOut.inc();
+        if (ack) ack(m as ServerMessage);
+        else writeEvent(socket, m.type, m);
+      }, echoableId(args[1]));
     });
 
     socket.on('disconnect', () => {

@@ -2,10 +2,10 @@ import uWS, { type HttpRequest, type HttpResponse, type TemplatedApp, type WebSo
 import { parseSubprotocols } from '../auth/credentials.js';
 import type { Identity } from '../auth/identity.js';
 import type { Sink } from '../chat/task.js';
-import { AppError, PROTOCOL_VERSION, toAppError, toJson, type ErrorMessage, type OutgoingMessage } from '../protocol/index.js';
+import { AppError, CLIENT_MESSAGE_BOUNDS, PROTOCOL_VERSION, scanFrame, toAppError, toJson, type ErrorMessage, type OutgoingMessage } from '../protocol/index.js';
 import { randomBase64url } from '../random-id.js';
 import { captureRequest, errorBody, STATUS_TEXT } from './http-io.js';
-import { FLOOD_CLOSE_CODE, holdRefusal, Session, errorMessage, type Verdict } from './session.js';
+import { FLOOD_CLOSE_CODE, holdRefusal, Session, errorMessage, type Admission } from './session.js';
 import { clientAddress } from './client-address.js';
 import type { TransportDeps } from './deps.js';
 
@@ -157,24 +157,24 @@ export function attachWebSocket(app: TemplatedApp, deps: TransportDeps, track: {
         return;
       }
       const session = data.session;
-      // Undecodable frames go through the session too: they count against the user's rate like any other.
-      let verdict = 'handled' as Verdict;
-      if (isBinary) {
-        verdict = session.reject('frames must be JSON text, not binary', reply);
-      } else {
-        // The ArrayBuffer is only valid during this callback: decode it now.
+      // Charged before anything is decoded; the scan bounds what JSON.parse may be handed (see scanFrame).
+      const text = isBinary ? '' : Buffer.from(message).toString('utf8');
+      const shape = isBinary ? undefined : scanFrame(text, CLIENT_MESSAGE_BOUNDS);
+      let admission = 'admitted' as Admission;
+      ws.cork(() => {
+        admission = session.admit(reply, shape?.id);
+        if (admission !== 'admitted') return;
+        if (shape === undefined) return session.reject('frames must be JSON text, not binary', reply);
+        if (!shape.ok) return session.reject(shape.reason, reply, shape.id);
         let value: unknown;
-        let decoded = true;
         try {
-          value = JSON.parse(Buffer.from(message).toString('utf8'));
+          value = JSON.parse(text);
         } catch {
-          decoded = false;
+          return session.reject('frame is not valid JSON', reply);
         }
-        ws.cork(() => {
-          verdict = decoded ? session.handle(value, reply) : session.reject('frame is not valid JSON', reply);
-        });
-      }
-      if (verdict === 'flooding') {
+        session.handle(value, reply);
+      });
+      if (admission === 'flooding') {
         data.closed = true;
         ws.end(FLOOD_CLOSE_CODE, 'rate limit ignored: wait retryAfterMs after rate_limited');
       }
