@@ -122,7 +122,7 @@ class UserState {
   floodPending = false;
   // Frames refused for the rate since refusalsSince (a window of REFUSAL_WINDOW_MS), over all connections.
   refusals = 0;
-  refusalsSince = 0;
+  refusalsSince = -Infinity;
   constructor(public lastSeen: number) {}
 }
 
