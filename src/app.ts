@@ -26,6 +26,7 @@ import { createRateLimits } from './limits/rate-limits.js';
 import { createMetrics, type Metrics } from './metrics/metrics.js';
 import { AppError } from './protocol/index.js';
 import type { TransportDeps } from './transport/deps.js';
+import { createBufferBudget } from './transport/buffer-budget.js';
 import { startHttpServer, type HttpServer } from './transport/server.js';
 import { lockDataDir } from './db/data-dir-lock.js';
 
@@ -168,6 +169,9 @@ export async function createApp(config: Config, options: AppOptions): Promise<Ap
       taskRetentionMs: config.taskRetentionMs,
     });
 
+    const buffers = createBufferBudget({ maxBufferedBytes: config.maxBufferedBytes });
+    closers.push(() => buffers.close());
+
     const allowed = config.allowedOrigins === '*' ? null : new Set(config.allowedOrigins);
     const deps: TransportDeps = {
       config,
@@ -185,6 +189,7 @@ export async function createApp(config: Config, options: AppOptions): Promise<Ap
         metrics,
         log,
       },
+      buffers,
       connections: {
         opened: (userId) => {
           const d = limits.connectionOpened(userId);
@@ -214,6 +219,7 @@ export async function createApp(config: Config, options: AppOptions): Promise<Ap
         metrics.queueDepth.set(s.queued);
         metrics.modelCallsInFlight.set(s.inFlight);
         metrics.rateLimitUsers.set(limits.size());
+        metrics.bufferedBytes.set(buffers.totalBytes());
       },
     };
 

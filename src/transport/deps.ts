@@ -4,6 +4,7 @@ import type { ChatService } from '../chat/chat-service.js';
 import type { Config } from '../config.js';
 import type { Metrics } from '../metrics/metrics.js';
 import type { AppError } from '../protocol/index.js';
+import type { BufferBudget } from './buffer-budget.js';
 import type { MarketplaceLookups, SessionDeps } from './session.js';
 
 export interface Authenticator {
@@ -26,6 +27,8 @@ export interface TransportDeps {
   chat: ChatService;
   marketplace: MarketplaceLookups;
   session: SessionDeps;
+  /** The server-wide bound on bytes held for slow readers, which every socket reports to. */
+  buffers: BufferBudget;
   /** Per-user connection cap. */
   connections: {
     opened(userId: string): { ok: true } | { ok: false; error: AppError };

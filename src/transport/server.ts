@@ -34,8 +34,8 @@ export async function startHttpServer(deps: TransportDeps, host: string, port: n
   assertNativeUws();
   const app = uWS.App();
   const sockets = new Set<WebSocket<unknown>>();
-  attachWebSocket(app, deps, { open: (ws) => sockets.add(ws), close: (ws) => sockets.delete(ws) });
-  const io: SocketIOServer = attachSocketIO(app, deps);
+  attachWebSocket(app, deps, { open: (ws) => sockets.add(ws), close: (ws) => sockets.delete(ws) }, deps.buffers);
+  const io: SocketIOServer = attachSocketIO(app, deps, deps.buffers);
   const http = attachHttpRoutes(app, deps);
 
   const listenSocket = await new Promise<us_listen_socket>((resolve, reject) => {

@@ -1,8 +1,9 @@
-import type { TemplatedApp } from 'uWebSockets.js';
+import uWS, { type TemplatedApp } from 'uWebSockets.js';
 import { Server as SocketIOServer, type Socket } from 'socket.io';
 import type { Identity } from '../auth/identity.js';
 import type { Sink } from '../chat/task.js';
 import { AppError, CLIENT_MESSAGE_BOUNDS, PROTOCOL_VERSION, scanFrame, toAppError, toJson, type FrameBounds, type OutgoingMessage, type ServerMessage } from '../protocol/index.js';
+import type { BufferBudget } from './buffer-budget.js';
 import { clientAddress } from './client-address.js';
 import type { TransportDeps } from './deps.js';
 import { echoableId, holdRefusal, Session, type Admission, type Reply } from './session.js';
@@ -83,22 +84,14 @@ function corked(socket: Socket, fn: () => void): void {
 }
 
 /**
- * Writes what `socket.emit(type, payload)` writes for a payload without binary data on the main namespace,
- * straight to the engine.io connection: an EVENT packet of the socket.io protocol (v5), `2` and then the JSON
- * array [type, payload]. socket.io's own emit walks the payload for binary, logs through `debug`, and builds and
+ * The packet `socket.emit(type, payload)` writes for a payload without binary data on the main namespace: an
+ * EVENT packet of the socket.io protocol (v5), `2` and then the JSON array [type, payload]. Written straight to
+ * the engine.io connection: socket.io's own emit walks the payload for binary, logs through `debug`, and builds and
  * encodes a packet object per message: a tenth of the main thread's time when streaming deltas. chatwire uses
  * only the main namespace, no outgoing listeners and no connection-state recovery, so nothing else is skipped.
  */
-function writeEvent(socket: Socket, type: string, payload: unknown): void {
-  if (socket.conn.readyState !== 'open') return;
-  socket.conn.write(`2[${JSON.stringify(type)},${toJson(payload)}]`);
-}
-
-function bufferedBytes(socket: Socket): number {
-  const wsBuffered = uwsSocketOf(socket)?.getBufferedAmount?.() ?? 0;
-  // Packets engine.io holds itself (polling, or a websocket mid-send), counted at a nominal size.
-  const queued = (socket.conn as unknown as { writeBuffer?: unknown[] }).writeBuffer?.length ?? 0;
-  return wsBuffered + queued * 256;
+function eventPacketText(type: string, payload: unknown): string {
+  return `2[${JSON.stringify(type)},${toJson(payload)}]`;
 }
 
 /**
@@ -107,7 +100,7 @@ function bufferedBytes(socket: Socket): number {
  * emitted as an event when the client gave none), server-initiated messages are
  * events named by their type.
  */
-export function attachSocketIO(app: TemplatedApp, deps: TransportDeps): SocketIOServer {
+export function attachSocketIO(app: TemplatedApp, deps: TransportDeps, budget: BufferBudget): SocketIOServer {
   const { config, metrics, log } = deps;
   const softLimit = Math.min(64 * 1024, Math.floor(config.maxBackpressureBytes / 4));
   const framesOut = metrics.framesOut.tally('socket.io');
@@ -129,7 +122,10 @@ export function attachSocketIO(app: TemplatedApp, deps: TransportDeps): SocketIO
       }
     },
   });
-  io.attachApp(app);
+  // uWS's default send buffer limit (64 KiB) silently drops what a socket is sent past it: raised so that nothing
+  // is dropped, and the socket closed past its budget instead (see write below). No compression: see
+  // docs/backpressure.md (its per-socket deflate state would cost more than a stalled reader's whole budget).
+  io.attachApp(app, { maxBackpressure: config.maxBackpressureBytes * 2, compression: uWS.DISABLED } as Parameters<SocketIOServer['attachApp']>[1]);
 
   // Every message packet is seen here before socket.io decodes it: over the frame limit it is refused as /ws
   // refuses one; on a connected socket it is charged to the user's bucket and, if an event, handled here (see
@@ -232,22 +228,49 @@ export function attachSocketIO(app: TemplatedApp, deps: TransportDeps): SocketIO
     let drainTimer: NodeJS.Timeout | undefined;
     metrics.connections.inc({ transport: 'socket.io' });
 
-    const emit = (m: ServerMessage): boolean => {
-      if (closed) return false;
-      writeEvent(socket, m.type, m);
-      framesOut.inc();
-      if (bufferedBytes(socket) > config.maxBackpressureBytes) {
-        metrics.slowClientsClosed.inc();
-        closed = true;
-        socket.disconnect(true);
+    // Bytes of the packets written here that engine.io still holds in its writeBuffer (until a poll takes them;
+    // at once on the websocket transport): it empties the buffer before it emits 'drain'.
+    let queued = 0;
+    socket.conn.on('drain', () => {
+      queued = 0;
+    });
+    const held = () => (uwsSocketOf(socket)?.getBufferedAmount?.() ?? 0) + queued;
+    const closeSlow = () => {
+      if (closed) return;
+      closed = true;
+      metrics.slowClientsClosed.inc();
+      buffered.release();
+      socket.disconnect(true);
+      // Discarded, not flushed: engine.io would otherwise keep what a poller never fetches until its ping timeout.
+      socket.conn.close(true);
+    };
+    const buffered = budget.open(() => (closed ? 0 : held()), closeSlow);
+    /** Writes one packet; past the socket's budget the socket is closed instead, as on /ws. */
+    const write = (packet: string): boolean => {
+      if (closed || socket.conn.readyState !== 'open') return false;
+      const before = held();
+      if (before > 0 && before + packet.length > config.maxBackpressureBytes) {
+        closeSlow();
         return false;
       }
+      queued += packet.length;
+      socket.conn.write(packet);
+      framesOut.inc();
+      const after = held();
+      if (after > config.maxBackpressureBytes) {
+        closeSlow();
+        return false;
+      }
+      buffered.update(after);
       return true;
     };
+    const emit = (m: ServerMessage): boolean => write(eventPacketText(m.type, m));
     const watchDrain = () => {
       if (drainTimer || closed) return;
       drainTimer = setInterval(() => {
-        if (closed || bufferedBytes(socket) <= softLimit) {
+        const now = closed ? 0 : held();
+        buffered.update(now);
+        if (closed || now <= softLimit) {
           clearInterval(drainTimer);
           drainTimer = undefined;
           if (!closed) session.pump();
@@ -258,7 +281,7 @@ export function attachSocketIO(app: TemplatedApp, deps: TransportDeps): SocketIO
       deliver: emit,
       congested: () => {
         if (closed) return true;
-        if (bufferedBytes(socket) <= softLimit) return false;
+        if (held() <= softLimit) return false;
         watchDrain();
         return true;
       },
@@ -303,10 +326,8 @@ export function attachSocketIO(app: TemplatedApp, deps: TransportDeps): SocketIO
       packet.type = 'noop';
       const { ackId, json } = event;
       const reply: Reply = (m) => {
-        if (closed || socket.conn.readyState !== 'open') return;
-        framesOut.inc();
-        if (ackId === undefined) writeEvent(socket, m.type, m);
-        else socket.conn.write(`3${ackId}[${toJson(m)}]`);
+        if (ackId === undefined) write(eventPacketText(m.type, m));
+        else write(`3${ackId}[${toJson(m)}]`);
       };
       const shape = scanFrame(json, EVENT_BOUNDS, 2);
       corked(socket, () => {
@@ -338,14 +359,15 @@ export function attachSocketIO(app: TemplatedApp, deps: TransportDeps): SocketIO
       const ack = typeof args.at(-1) === 'function' ? (args.pop() as (m: ServerMessage) => void) : undefined;
       session.reject('events carry JSON, not binary data', (m) => {
         if (closed) return;
+        if (!ack) return void write(eventPacketText(m.type, m));
         framesOut.inc();
-        if (ack) ack(m as ServerMessage);
-        else writeEvent(socket, m.type, m);
+        ack(m as ServerMessage);
       }, echoableId(args[1]));
     });
 
     socket.on('disconnect', () => {
       closed = true;
+      buffered.release();
       if (drainTimer) clearInterval(drainTimer);
       metrics.connections.dec({ transport: 'socket.io' });
       state.release();

@@ -6,6 +6,7 @@ import { AppError, CLIENT_MESSAGE_BOUNDS, PROTOCOL_VERSION, scanFrame, toAppErro
 import { randomBase64url } from '../random-id.js';
 import { captureRequest, errorBody, STATUS_TEXT } from './http-io.js';
 import { FLOOD_CLOSE_CODE, holdRefusal, Session, errorMessage, type Admission } from './session.js';
+import type { BufferBudget, BufferedSocket } from './buffer-budget.js';
 import { clientAddress } from './client-address.js';
 import type { TransportDeps } from './deps.js';
 
@@ -14,6 +15,8 @@ interface SocketData {
   identity: Identity;
   session: Session | null;
   closed: boolean;
+  /** Its share of the server-wide send-buffer budget, from open to close. */
+  buffered: BufferedSocket | null;
 }
 
 /**
@@ -47,26 +50,48 @@ function refuse(res: HttpResponse, err: unknown): void {
 }
 
 /** The raw `/ws` endpoint: JSON text frames, `hello` first, the session does the rest. */
-export function attachWebSocket(app: TemplatedApp, deps: TransportDeps, track: { open(ws: WebSocket<unknown>): void; close(ws: WebSocket<unknown>): void }): void {
+export function attachWebSocket(
+  app: TemplatedApp,
+  deps: TransportDeps,
+  track: { open(ws: WebSocket<unknown>): void; close(ws: WebSocket<unknown>): void },
+  budget: BufferBudget,
+): void {
   const { config, metrics, log } = deps;
   const softLimit = Math.min(64 * 1024, Math.floor(config.maxBackpressureBytes / 4));
   // Bound once: a labelled inc() per frame would hash the labels every time.
   const framesOut = metrics.framesOut.tally('ws');
   const framesIn = metrics.framesIn.tally('ws');
 
+  function closeSlow(ws: WebSocket<SocketData>, reason: string): void {
+    const data = ws.getUserData();
+    if (data.closed) return;
+    metrics.slowClientsClosed.inc();
+    data.closed = true;
+    data.buffered?.release();
+    ws.end(1013, reason);
+  }
+
   function send(ws: WebSocket<SocketData>, message: OutgoingMessage): boolean {
     const data = ws.getUserData();
     if (data.closed) return false;
-    const status = ws.send(toJson(message), false);
-    framesOut.inc();
-    // 1: written through; 0: buffered (check how much); 2: dropped over uWS's own limit.
-    if (status === 2 || (status === 0 && ws.getBufferedAmount() > config.maxBackpressureBytes)) {
-      // The reader is not keeping up even with replies: close rather than buffer without bound.
-      metrics.slowClientsClosed.inc();
-      data.closed = true;
-      ws.end(1013, 'slow reader: send buffer over the limit');
+    const json = toJson(message);
+    const held = ws.getBufferedAmount();
+    // A reader already backed up that this frame would take past its budget is closed instead of sent it: what
+    // it holds stays within the budget however large the frames (a reader not backed up is sent any one frame).
+    if (held > 0 && held + json.length > config.maxBackpressureBytes) {
+      closeSlow(ws, 'slow reader: send buffer over the limit');
       return false;
     }
+    const status = ws.send(json, false);
+    framesOut.inc();
+    // 1: written through; 0: buffered (check how much); 2: dropped over uWS's own limit.
+    const buffered = ws.getBufferedAmount();
+    if (status === 2 || buffered > config.maxBackpressureBytes) {
+      // The reader is not keeping up even with replies: close rather than buffer without bound.
+      closeSlow(ws, 'slow reader: send buffer over the limit');
+      return false;
+    }
+    data.buffered?.update(buffered);
     return true;
   }
 
@@ -104,7 +129,7 @@ export function attachWebSocket(app: TemplatedApp, deps: TransportDeps, track: {
             deps.connections.closed(identity.userId);
             return;
           }
-          const data: SocketData = { connectionId, identity, session: null, closed: false };
+          const data: SocketData = { connectionId, identity, session: null, closed: false, buffered: null };
           res.cork(() => res.upgrade(data, key, protocols.protocol ?? '', extensions, context));
         } catch (err) {
           if (aborted) return;
@@ -123,6 +148,10 @@ export function attachWebSocket(app: TemplatedApp, deps: TransportDeps, track: {
       const data = ws.getUserData();
       track.open(ws as WebSocket<unknown>);
       metrics.connections.inc({ transport: 'ws' });
+      data.buffered = budget.open(
+        () => (data.closed ? 0 : ws.getBufferedAmount()),
+        () => closeSlow(ws, 'slow reader: server send buffers full'),
+      );
       const sink: Sink = {
         deliver: (m) => send(ws, m),
         congested: () => data.closed || ws.getBufferedAmount() > softLimit,
@@ -182,12 +211,15 @@ export function attachWebSocket(app: TemplatedApp, deps: TransportDeps, track: {
 
     drain: (ws) => {
       const data = ws.getUserData();
-      if (!data.closed) data.session?.pump();
+      if (data.closed) return;
+      data.buffered?.update(ws.getBufferedAmount());
+      data.session?.pump();
     },
 
     close: (ws) => {
       const data = ws.getUserData();
       data.closed = true;
+      data.buffered?.release();
       track.close(ws as WebSocket<unknown>);
       metrics.connections.dec({ transport: 'ws' });
       deps.connections.closed(data.identity.userId);
