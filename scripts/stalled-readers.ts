@@ -1,13 +1,13 @@
 /**
  * npm run bench:stalled-readers -- [--clients 200] [--transport ws|websocket|polling] [--seconds 6]
- *                                  [--token-delay-ms 15] [--compression]
+ *                                  [--token-delay-ms 15] [--compression] [--reading]
  *
  * What readers that stop reading cost the server. Starts chatwire as a child process on loopback; then each of
  * --clients clients (one user each) starts two 4,096-token chats, one of them with a 4,000-character system
  * prompt, reads until the first ack and stops reading: over /ws (ws), socket.io's websocket transport
  * (websocket; --compression asks for permessage-deflate) or socket.io's long-polling (polling: it never polls
  * again). Meanwhile one normal client chats once a second. Prints the server's RSS before and its peak over
- * --seconds, per stalled client, the sockets closed as slow readers, and the normal client's chats, as a table
+ * --seconds, per stalled client (--reading: the same clients reading all along, for comparison), the sockets closed as slow readers, and the normal client's chats, as a table
  * and one JSON line.
  */
 import type { Socket } from 'node:net';
@@ -15,12 +15,14 @@ import WebSocket from 'ws';
 import { parseArgs, printTable, sleep, startChatwire, summarize } from './bench-support.js';
 import { MiB, scrapeServer } from './load-support.js';
 
-const args = parseArgs({ clients: '200', transport: 'ws', seconds: '6', 'token-delay-ms': '15', compression: 'false' });
+const args = parseArgs({ clients: '200', transport: 'ws', seconds: '6', 'token-delay-ms': '15', compression: 'false', reading: 'false' });
 const CLIENTS = Number(args.clients);
 const TRANSPORT = args.transport as 'ws' | 'websocket' | 'polling';
 if (!['ws', 'websocket', 'polling'].includes(TRANSPORT)) throw new Error(`--transport must be ws, websocket or polling, got ${args.transport}`);
 const SECONDS = Number(args.seconds);
 const COMPRESSION = args.compression !== 'false';
+// The same load with clients that keep reading: what the chats cost whoever reads them.
+const READING = args.reading !== 'false';
 const SYSTEM = 'You answer at length. '.repeat(200).slice(0, 4000);
 
 function chats(i: number): Record<string, unknown>[] {
@@ -46,7 +48,7 @@ function stallOver(url: string, ready: (frame: string) => boolean, start: (ws: W
         started = true;
         start(ws);
       } else if (started && stop(frame)) {
-        tcpOf(ws).pause();
+        if (!READING) tcpOf(ws).pause();
         resolve(ws);
       }
     });
@@ -144,14 +146,16 @@ try {
   }
   const reads = await normal;
   const after = await scrapeServer(server.port, pid);
+  const bufferedBytes = Number(/^chatwire_buffered_bytes (\S+)$/m.exec(await (await fetch(`${base}/metrics`)).text())?.[1] ?? NaN);
   const growth = peak.rssBytes - before.rssBytes;
   const ack = summarize(reads.acks.slice().sort((a, b) => a - b));
-  printTable(`${CLIENTS} stalled readers over ${TRANSPORT}${COMPRESSION ? ' (permessage-deflate)' : ''}, ${SECONDS} s`, ['figure', 'value'], [
+  printTable(`${CLIENTS} ${READING ? 'reading clients' : 'stalled readers'} over ${TRANSPORT}${COMPRESSION ? ' (permessage-deflate)' : ''}, ${SECONDS} s`, ['figure', 'value'], [
     ['server RSS before (MiB)', (before.rssBytes / MiB).toFixed(1)],
     ['server RSS peak (MiB)', (peak.rssBytes / MiB).toFixed(1)],
     ['growth (MiB)', (growth / MiB).toFixed(1)],
     ['growth per stalled client (KiB)', (growth / CLIENTS / 1024).toFixed(0)],
-    ['at the peak: V8 heap used / external (MiB)', `${(peak.heapUsedBytes / MiB).toFixed(1)} / ${(peak.externalBytes / MiB).toFixed(1)}`],
+    ['at the peak: V8 heap used / total / external (MiB)', `${(peak.heapUsedBytes / MiB).toFixed(1)} / ${(peak.heapTotalBytes / MiB).toFixed(1)} / ${(peak.externalBytes / MiB).toFixed(1)}`],
+    ['buffered for slow readers at the end (KiB)', (bufferedBytes / 1024).toFixed(0)],
     ['sockets closed as slow readers', after.slowClientsClosed],
     ['normal client: chats sent / done', `${reads.sent} / ${reads.done}`],
     ['normal client: ack p50 / p99 (ms)', `${ack.p50.toFixed(1)} / ${ack.p99.toFixed(1)}`],
@@ -168,7 +172,10 @@ try {
       growthMiB: +(growth / MiB).toFixed(1),
       growthPerClientKiB: Math.round(growth / CLIENTS / 1024),
       peakHeapUsedMiB: +(peak.heapUsedBytes / MiB).toFixed(1),
+      peakHeapTotalMiB: +(peak.heapTotalBytes / MiB).toFixed(1),
       peakExternalMiB: +(peak.externalBytes / MiB).toFixed(1),
+      bufferedKiBAtEnd: Math.round(bufferedBytes / 1024),
+      reading: READING,
       slowClientsClosed: after.slowClientsClosed,
       normal: { sent: reads.sent, done: reads.done, ackP50Ms: +ack.p50.toFixed(2), ackP99Ms: +ack.p99.toFixed(2) },
     }),
