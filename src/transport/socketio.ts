@@ -249,11 +249,12 @@ export function attachSocketIO(app: TemplatedApp, deps: TransportDeps, budget: B
     const write = (packet: string): boolean => {
       if (closed || socket.conn.readyState !== 'open') return false;
       const before = held();
-      if (before > 0 && before + packet.length > config.maxBackpressureBytes) {
+      const bytes = Buffer.byteLength(packet);
+      if (before > 0 && before + bytes > config.maxBackpressureBytes) {
         closeSlow();
         return false;
       }
-      queued += packet.length;
+      queued += bytes;
       socket.conn.write(packet);
       framesOut.inc();
       const after = held();

@@ -78,7 +78,7 @@ export function attachWebSocket(
     const held = ws.getBufferedAmount();
     // A reader already backed up that this frame would take past its budget is closed instead of sent it: what
     // it holds stays within the budget however large the frames (a reader not backed up is sent any one frame).
-    if (held > 0 && held + json.length > config.maxBackpressureBytes) {
+    if (held > 0 && held + Buffer.byteLength(json) > config.maxBackpressureBytes) {
       closeSlow(ws, 'slow reader: send buffer over the limit');
       return false;
     }
