@@ -2,7 +2,7 @@ import uWS, { type TemplatedApp } from 'uWebSockets.js';
 import { Server as SocketIOServer, type Socket } from 'socket.io';
 import type { Identity } from '../auth/identity.js';
 import type { Sink } from '../chat/task.js';
-import { AppError, CLIENT_MESSAGE_BOUNDS, PROTOCOL_VERSION, scanFrame, toAppError, toJson, type FrameBounds, type OutgoingMessage, type ServerMessage } from '../protocol/index.js';
+import { AppError, CLIENT_MESSAGE_BOUNDS, PROTOCOL_VERSION, scanFrame, toAppError, toJson, type FrameBounds, type ServerMessage } from '../protocol/index.js';
 import type { BufferBudget } from './buffer-budget.js';
 import { clientAddress } from './client-address.js';
 import type { TransportDeps } from './deps.js';
