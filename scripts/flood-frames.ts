@@ -6,14 +6,17 @@
  * short chat every 100 ms all along. Then, one after the other, the flooder sends as fast as it can: 64 KiB frames
  * of 32,000 nested arrays over 16 /ws connections; the same over 4 socket.io connections; flat frames just under
  * the size limit over 16 /ws connections. A closed connection reconnects at once (and is refused while its flood
- * penalty runs). Prints, per phase, the victim's ack p50 / p99 and its ratio to the baseline, the server
+ * penalty runs). The victim runs in a process of its own, so that the flooder's own stalls are not in its
+ * figures. Prints, per phase, the victim's ack p50 / p99 and its ratio to the baseline, the server
  * process's CPU (all threads, % of one core), and the frames the flooder got out; as a table and one JSON line.
  */
+import { spawn } from 'node:child_process';
 import fs from 'node:fs';
+import { fileURLToPath } from 'node:url';
 import WebSocket from 'ws';
 import { parseArgs, printTable, sleep, startChatwire, summarize } from './bench-support.js';
 
-const args = parseArgs({ seconds: '10', 'baseline-seconds': '5' });
+const args = parseArgs({ seconds: '10', 'baseline-seconds': '5', 'victim-of': '', 'victim-ms': '0' });
 const SECONDS = Number(args.seconds);
 const BASELINE_SECONDS = Number(args['baseline-seconds']);
 const NESTED = '['.repeat(32_000) + ']'.repeat(32_000);
@@ -25,7 +28,7 @@ function cpuSeconds(pid: number): number {
   return (Number(fields[11]) + Number(fields[12])) / 100;
 }
 
-function victim(base: string): { acks: { at: number; ms: number }[]; stop(): void } {
+function runVictim(base: string): { acks: { at: number; ms: number }[]; stop(): void } {
   const acks: { at: number; ms: number }[] = [];
   const sentAt = new Map<string, number>();
   const ws = new WebSocket(`${base.replace(/^http/, 'ws')}/ws?user=victim`);
@@ -48,6 +51,16 @@ function victim(base: string): { acks: { at: number; ms: number }[]; stop(): voi
       ws.close();
     },
   };
+}
+
+/** The victim's ack latencies (ms) over the next `ms`, measured in a child process running this script with --victim-of. */
+function victim(base: string, ms: number): Promise<number[]> {
+  const child = spawn(process.execPath, [fileURLToPath(import.meta.url), '--victim-of', base, '--victim-ms', String(ms)], { stdio: ['ignore', 'pipe', 'inherit'] });
+  let out = '';
+  child.stdout.on('data', (c: Buffer) => (out += c.toString()));
+  return new Promise((resolve, reject) => {
+    child.once('exit', (code) => (code === 0 ? resolve(JSON.parse(out) as number[]) : reject(new Error(`victim exited with ${code}`))));
+  });
 }
 
 /** One flooding connection that reconnects whenever it is closed or refused, until `until`. */
@@ -86,18 +99,23 @@ async function phase(name: string, base: string, pid: number, connections: numbe
   const wsBase = base.replace(/^http/, 'ws');
   const url = path === 'ws' ? `${wsBase}/ws?user=flooder` : `${wsBase}/socket.io/?EIO=4&transport=websocket`;
   const counts = { sent: 0, closed: 0 };
-  const v = victim(base);
-  await sleep(500);
   const from = performance.now();
   const cpu0 = cpuSeconds(pid);
   const until = from + SECONDS * 1000;
-  await Promise.all(Array.from({ length: connections }, () => floodConnection(url, frame, until, counts)));
+  const [latencies] = await Promise.all([victim(base, SECONDS * 1000), ...Array.from({ length: connections }, () => floodConnection(url, frame, until, counts))]);
   const cpu = ((cpuSeconds(pid) - cpu0) / ((performance.now() - from) / 1000)) * 100;
-  v.stop();
-  const acks = summarize(v.acks.filter((a) => a.at >= from).map((a) => a.ms).sort((a, b) => a - b));
+  const acks = summarize(latencies.sort((a, b) => a - b));
   // Let the server settle (and the flood penalty run out) before the next phase.
   await sleep(3000);
   return { name, acks, cpuPercent: cpu, framesSent: counts.sent, connectionsEnded: counts.closed };
+}
+
+if (args['victim-of'] !== '') {
+  const v = runVictim(args['victim-of'] as string);
+  await sleep(Number(args['victim-ms']));
+  v.stop();
+  process.stdout.write(JSON.stringify(v.acks.map((a) => a.ms)));
+  process.exit(0);
 }
 
 const server = await startChatwire({ CHATWIRE_DEV_TOKEN_DELAY_MS: '15', CHATWIRE_MESSAGES_PER_SECOND: '50', CHATWIRE_CHATS_PER_MINUTE: '100000', CHATWIRE_MAX_CONNECTIONS_PER_USER: '16' });
@@ -105,13 +123,11 @@ const base = `http://127.0.0.1:${server.port}`;
 const pid = server.child.pid as number;
 try {
   await sleep(500);
-  const v = victim(base);
   const cpu0 = cpuSeconds(pid);
   const from = performance.now();
-  await sleep(BASELINE_SECONDS * 1000);
+  const alone = await victim(base, BASELINE_SECONDS * 1000);
   const baselineCpu = ((cpuSeconds(pid) - cpu0) / ((performance.now() - from) / 1000)) * 100;
-  v.stop();
-  const baseline = summarize(v.acks.map((a) => a.ms).sort((a, b) => a - b));
+  const baseline = summarize(alone.sort((a, b) => a - b));
   await sleep(500);
   const phases = [
     await phase('nested arrays, 16 /ws', base, pid, 16, 'ws', NESTED),
