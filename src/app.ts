@@ -32,6 +32,7 @@ import type { Authenticator, TransportDeps } from './transport/deps.js';
 import { createFdGuard, raiseFdLimit } from './transport/fd-limit.js';
 import { asProvider, choiceFingerprint, choiceName, type ProviderChoice } from './llm/custom-provider.js';
 import { createInlinePool } from './llm/inline-pool.js';
+import { createBufferBudget } from './transport/buffer-budget.js';
 import { startHttpServer, type HttpServer } from './transport/server.js';
 import { lockDataDir } from './db/data-dir-lock.js';
 
@@ -208,6 +209,8 @@ export async function createApp(config: Config, options: AppOptions): Promise<Ap
       nearFdLimit: () => fdGuard.nearLimit(),
     });
     closers.push(() => admission.close());
+    const buffers = createBufferBudget({ maxBufferedBytes: config.maxBufferedBytes });
+    closers.push(() => buffers.close());
 
     const allowed = config.allowedOrigins === '*' ? null : new Set(config.allowedOrigins);
     const deps: TransportDeps = {
@@ -218,7 +221,17 @@ export async function createApp(config: Config, options: AppOptions): Promise<Ap
       auth: options.auth ?? auth,
       chat,
       marketplace,
-      session: { chat, marketplace, frameLimit: (userId) => limits.frame(userId), flooded: (userId) => limits.floodClosed(userId), egress: (userId, bytes) => egress.charge(userId, bytes), metrics, log },
+      session: {
+        chat,
+        marketplace,
+        frameLimit: (userId) => limits.frame(userId),
+        frameRefused: (userId) => limits.frameRefused(userId),
+        flooded: (userId) => limits.floodClosed(userId),
+        egress: (userId, bytes) => egress.charge(userId, bytes),
+        metrics,
+        log,
+      },
+      buffers,
       connections: {
         opened: (userId) => {
           const d = limits.connectionOpened(userId);
@@ -250,6 +263,7 @@ export async function createApp(config: Config, options: AppOptions): Promise<Ap
         metrics.modelCallsInFlight.set(s.inFlight);
         metrics.rateLimitUsers.set(limits.size());
         metrics.pendingConnections.set(admission.pending());
+        metrics.bufferedBytes.set(buffers.totalBytes());
       },
     };
 

@@ -73,6 +73,10 @@ export class Subscription {
 
 // A delta that nobody has seen yet grows up to this size before a new one starts.
 const MAX_COALESCED_CHARS = 4096;
+// Appending a chunk to a string makes a rope node (about 32 bytes) that keeps the chunk's own string alive: per
+// model token some 90 bytes of heap for 6 characters of text, the most of what a running task (and so a reader
+// that stopped reading it) costs. The text and the open delta are flattened after this many appends.
+const FLATTEN_EVERY = 64;
 
 /**
  * Live deltas are sent once per turn of the event loop, not one write per
@@ -129,6 +133,7 @@ export class Task {
   /** After the end: where each delta ends in `text`. */
   private ends: Uint32Array | null = null;
   private sealed = 0;
+  private appendsSinceFlat = 0;
   readonly subscribers = new Set<Subscription>();
   status: TaskStatus = 'queued';
   terminal: TaskTerminal | null = null;
@@ -168,6 +173,12 @@ export class Task {
       if (!coalesce) this.sealed = deltas.length;
     }
     this.text += text;
+    if (++this.appendsSinceFlat >= FLATTEN_EVERY) {
+      this.appendsSinceFlat = 0;
+      // Converting a string to a number flattens it in place (see compact()).
+      void Number(this.text);
+      void Number(deltas[deltas.length - 1]);
+    }
     if (this.subscribers.size === 0) return;
     // A peer that is not backed up gets this chunk as a frame of its own at the end of the turn.
     for (const sub of this.subscribers) {

@@ -70,6 +70,11 @@ export interface RateLimits {
    * connection as usual.
    */
   floodClosed(userId: string): void;
+  /**
+   * Counts one frame of this user refused for its rate, on any connection; returns how many were refused in the
+   * current window of REFUSAL_WINDOW_MS, all its connections together (what the flood close is decided on).
+   */
+  frameRefused(userId: string): number;
   /** A connection that was counted by connectionOpened has closed. */
   connectionClosed(userId: string): void;
   /**
@@ -107,6 +112,8 @@ export const FLOOD_PENALTY_MS = 1000;
 export const FLOOD_PENALTY_MAX_MS = 60_000;
 /** Floods are forgotten after this long without one. */
 export const FLOOD_FORGET_MS = 10 * 60_000;
+/** The window frameRefused counts refusals in. */
+export const REFUSAL_WINDOW_MS = 1000;
 
 class UserState {
   // Created on first use: most users only ever send frames, and a missing
@@ -123,6 +130,9 @@ class UserState {
   floodPending = false;
   /** Let in by admitAnonymous: counted against maxAnonymousUsers while it is tracked. */
   anonymous = false;
+  // Frames refused for the rate since refusalsSince (a window of REFUSAL_WINDOW_MS), over all connections.
+  refusals = 0;
+  refusalsSince = -Infinity;
   constructor(public lastSeen: number) {}
 }
 
@@ -314,12 +324,23 @@ export function createRateLimits(options: RateLimitsOptions): RateLimits {
     floodClosed(userId) {
       const user = touch(userId);
       const t = now();
+      // Several connections closed for one flood (spread over them) are one strike: the penalty running stands.
+      if (user.floodPending && t < user.floodedUntil) return;
       // Strikes are forgotten after a quiet spell; otherwise every flood doubles the wait, so a client that
       // floods on every reconnect soon gets one chance a minute.
       if (t - user.floodedUntil > FLOOD_FORGET_MS) user.floods = 0;
       user.floods += 1;
       user.floodPending = true;
       user.floodedUntil = t + Math.min(FLOOD_PENALTY_MAX_MS, FLOOD_PENALTY_MS * 2 ** Math.min(user.floods - 1, 16));
+    },
+    frameRefused(userId) {
+      const user = touch(userId);
+      const t = now();
+      if (t - user.refusalsSince > REFUSAL_WINDOW_MS) {
+        user.refusalsSince = t;
+        user.refusals = 0;
+      }
+      return ++user.refusals;
     },
     connectionClosed,
     admitAnonymous(userId) {

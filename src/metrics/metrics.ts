@@ -46,6 +46,7 @@ export function createMetrics() {
     rateLimitUsers: new Gauge({ name: 'chatwire_rate_limit_users', help: 'Users the rate limiter keeps buckets for (idle users with full buckets are dropped)', registers: [registry] }),
     rateLimited: new Counter({ name: 'chatwire_rate_limited_total', help: 'Requests refused by a rate-limit bucket', labelNames: ['bucket'], registers: [registry] }),
     slowClientsClosed: new Counter({ name: 'chatwire_slow_clients_closed_total', help: 'Sockets closed for staying over the backpressure limit', registers: [registry] }),
+    bufferedBytes: new Gauge({ name: 'chatwire_buffered_bytes', help: 'Bytes held for readers that do not keep up, over all sockets (bounded by CHATWIRE_MAX_BUFFERED_BYTES)', registers: [registry] }),
     dbQueries: talliedCounter({ name: 'chatwire_db_queries_total', help: 'SQLite statements executed', labelName: 'op', registry }),
     dbCommitSeconds: new Histogram({
       name: 'chatwire_db_commit_seconds',

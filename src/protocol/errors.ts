@@ -69,12 +69,34 @@ export function toAppError(err: unknown): AppError {
   return new AppError('internal', 'internal error', { cause: err });
 }
 
-/** Turns zod issues into the `details` of a bad_request: one entry per failing path. */
+/** At most this many `details` in one error, each message at most this long: a refusal stays small whatever the input. */
+export const MAX_ERROR_DETAILS = 10;
+export const MAX_ERROR_TEXT = 200;
+
+/** `text` cut to `max` characters, saying how much was left out. */
+export function capText(text: string, max = MAX_ERROR_TEXT): string {
+  return text.length <= max ? text : `${text.slice(0, max)}… (${text.length - max} more characters)`;
+}
+
+/**
+ * Turns zod issues into the `details` of a bad_request: one entry per failing path, at most MAX_ERROR_DETAILS,
+ * each message capped. A strict object's unknown keys are one issue listing every key: it is cut to the first few
+ * and a count, or a frame of thousands of unknown keys would be answered with an error larger than itself.
+ */
 export function detailsFromZod(error: z.ZodError): ErrorDetail[] {
-  return error.issues.slice(0, 20).map((issue) => ({
-    path: issue.path.length === 0 ? '(root)' : issue.path.map(String).join('.'),
-    message: issue.message,
+  const issues = error.issues;
+  const details = issues.slice(0, MAX_ERROR_DETAILS).map((issue) => ({
+    path: capText(issue.path.length === 0 ? '(root)' : issue.path.map(String).join('.')),
+    message: capText(issue.code === 'unrecognized_keys' ? unrecognizedKeys(issue.keys) : issue.message),
   }));
+  if (issues.length > MAX_ERROR_DETAILS) details.push({ path: '(root)', message: `${issues.length - MAX_ERROR_DETAILS} more problems not listed` });
+  return details;
+}
+
+function unrecognizedKeys(keys: readonly string[]): string {
+  const shown = keys.slice(0, 5).map((k) => JSON.stringify(capText(k, 32)));
+  const more = keys.length > shown.length ? ` and ${keys.length - shown.length} more` : '';
+  return `Unrecognized key${keys.length === 1 ? '' : 's'}: ${shown.join(', ')}${more}`;
 }
 
 export function badRequestFromZod(error: z.ZodError, what = 'message'): AppError {

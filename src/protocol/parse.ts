@@ -1,4 +1,5 @@
 import { AppError, badRequestFromZod } from './errors.js';
+import { CLIENT_MESSAGE_BOUNDS, scanFrame } from './frame-shape.js';
 import { ClientMessageSchema, clientMessageTypes, type ClientMessage } from './messages.js';
 
 export type ParseResult = { ok: true; message: ClientMessage } | { ok: false; error: AppError; id: string | undefined };
@@ -33,8 +34,10 @@ export function validateClientMessage(value: unknown): ParseResult {
   return { ok: true, message: parsed.data };
 }
 
-/** Decodes one text frame (JSON) and validates it. Never throws. */
+/** Decodes one text frame (JSON) and validates it; a frame with more structure than any message is refused undecoded. Never throws. */
 export function parseClientFrame(text: string): ParseResult {
+  const shape = scanFrame(text, CLIENT_MESSAGE_BOUNDS);
+  if (!shape.ok) return { ok: false, id: shape.id, error: new AppError('bad_request', shape.reason) };
   let value: unknown;
   try {
     value = JSON.parse(text);

@@ -5,6 +5,7 @@ import type { Config } from '../config.js';
 import type { Metrics } from '../metrics/metrics.js';
 import type { AppError } from '../protocol/index.js';
 import type { PendingAdmission } from './admission.js';
+import type { BufferBudget } from './buffer-budget.js';
 import type { MarketplaceLookups, SessionDeps } from './session.js';
 
 /** The request a caller is identified from, as the `authenticate` hook sees it (src/auth/authenticate.ts). */
@@ -36,6 +37,8 @@ export interface TransportDeps {
   chat: ChatService;
   marketplace: MarketplaceLookups;
   session: SessionDeps;
+  /** The server-wide bound on bytes held for slow readers, which every socket reports to. */
+  buffers: BufferBudget;
   /** Per-user connection cap. */
   connections: {
     opened(userId: string): { ok: true } | { ok: false; error: AppError };

@@ -1,6 +1,6 @@
 import crypto from 'node:crypto';
 import type { HttpRequest, HttpResponse } from 'uWebSockets.js';
-import { AppError, toAppError } from '../protocol/index.js';
+import { AppError, scanFrame, toAppError, type FrameBounds } from '../protocol/index.js';
 
 /** What a handler may read of a request: uWS's HttpRequest is only valid until the first await. */
 export interface RequestInfo {
@@ -115,10 +115,16 @@ export function readBody(responder: Responder, maxBytes: number): Promise<Buffer
   });
 }
 
-export function parseJsonBody(body: Buffer): unknown {
+/** Decodes a JSON body; with `bounds`, one with more structure than they allow is refused undecoded (see scanFrame). */
+export function parseJsonBody(body: Buffer, bounds?: FrameBounds): unknown {
   if (body.length === 0) throw new AppError('bad_request', 'the request needs a JSON body');
+  const text = body.toString('utf8');
+  if (bounds !== undefined) {
+    const shape = scanFrame(text, bounds);
+    if (!shape.ok) throw new AppError('bad_request', shape.reason.replace(/^frame/, 'body'));
+  }
   try {
-    return JSON.parse(body.toString('utf8'));
+    return JSON.parse(text);
   } catch {
     throw new AppError('bad_request', 'the body is not valid JSON');
   }

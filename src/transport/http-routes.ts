@@ -6,6 +6,7 @@ import type { Sink, Subscription } from '../chat/task.js';
 import {
   AppError,
   badRequestFromZod,
+  CLIENT_MESSAGE_BOUNDS,
   isAppError,
   ChatSendBodySchema,
   ConsumerPageFields,
@@ -194,7 +195,7 @@ export function attachHttpRoutes(app: TemplatedApp, deps: TransportDeps): { clos
   v1('post', '/v1/chat', 0, async (caller, info, body) => {
     const contentType = info.headers.get('content-type') ?? '';
     if (contentType && !/^application\/json\b/i.test(contentType)) throw new AppError('bad_request', 'the body must be application/json');
-    const raw = parseJsonBody(await body);
+    const raw = parseJsonBody(await body, CLIENT_MESSAGE_BOUNDS);
     const parsed = ChatSendBodySchema.safeParse(raw);
     if (!parsed.success) throw badRequestFromZod(parsed.error, 'chat');
     const { id, ...message } = parsed.data;

@@ -29,6 +29,8 @@ export interface SessionDeps {
   chat: ChatService;
   marketplace: MarketplaceLookups;
   frameLimit: (userId: string) => LimitDecision;
+  /** Counts a frame of this user refused for its rate; returns the user's refusals in the current second, all connections together. */
+  frameRefused: (userId: string) => number;
   /** A connection of this user is being closed for flooding (the limits then hold its reconnects back). */
   flooded?: (userId: string) => void;
   /** Takes the bytes a replay, history page or task snapshot sends from the user's egress bucket (none: not charged). */
@@ -39,13 +41,20 @@ export interface SessionDeps {
 
 export type Reply = (message: OutgoingMessage) => void;
 
-/** What the transport does with the connection after a frame: go on, or close it (1008) for flooding. */
-export type Verdict = 'handled' | 'flooding';
+/**
+ * What the transport does with a frame after admit(): decode and handle it, drop it (it was answered rate_limited),
+ * or drop it and close the connection (1008) for flooding.
+ */
+export type Admission = 'admitted' | 'refused' | 'flooding';
 
 // A client that honours retryAfterMs is refused about as many frames as it had in flight when the first refusal
-// reached it; one refused more than this within a second is ignoring the replies, and answering every frame it
-// sends would let one user keep the event loop busy (docs/rate-limits.md, "Flooding").
+// reached it; a user refused more than this within a second, over all its connections, is ignoring the replies,
+// and answering every frame it sends would let one user keep the event loop busy (docs/rate-limits.md, "Flooding").
+// Counted per user, so that spreading the frames over many connections changes nothing.
 export const FLOOD_REFUSALS = 256;
+// Of a flooding user, a connection is closed once it has itself been refused more than this in the second: a
+// connection of the same user that honours retryAfterMs (refused for the few frames it had in flight) stays.
+export const FLOOD_REFUSALS_PER_CONNECTION = 16;
 const FLOOD_WINDOW_MS = 1000;
 /** The close code for a flooding connection: RFC 6455 1008, policy violation. */
 export const FLOOD_CLOSE_CODE = 1008;
@@ -131,15 +140,14 @@ export class Session {
   ) {}
 
   /**
-   * Handles one decoded frame. `reply` carries the direct reply (the ack callback on socket.io).
-   * Returns 'flooding' when the connection keeps sending past its limit: the transport then closes it.
+   * Handles one decoded frame that admit() let through. `reply` carries the direct reply (the ack callback on
+   * socket.io).
    */
-  handle(value: unknown, reply: Reply): Verdict {
-    if (!this.admit(echoableId(value), reply)) return this.verdict();
+  handle(value: unknown, reply: Reply): void {
     const parsed = validateClientMessage(value);
     if (!parsed.ok) {
       this.fail(parsed.error, parsed.id, reply);
-      return 'handled';
+      return;
     }
     const message = parsed.message;
     try {
@@ -148,23 +156,24 @@ export class Session {
     } catch (err) {
       this.fail(err, message.id, reply);
     }
-    return 'handled';
   }
 
   /**
-   * A frame that could not be decoded (not JSON, binary, a payload that is not one object): charged like any other,
-   * then answered bad_request with `reason`, echoing `id` when the frame had a usable one.
+   * A frame admit() let through that cannot be a message (not JSON, binary, more structure than any message, a
+   * payload that is not one object): answered bad_request with `reason`, echoing `id` when the frame had a usable one.
    */
-  reject(reason: string, reply: Reply, id?: string): Verdict {
-    if (!this.admit(id, reply)) return this.verdict();
+  reject(reason: string, reply: Reply, id?: string): void {
     this.fail(new AppError('bad_request', reason), id, reply);
-    return 'handled';
   }
 
-  /** Takes one frame from the user's bucket; an empty bucket answers rate_limited and counts toward flooding. */
-  private admit(id: string | undefined, reply: Reply): boolean {
+  /**
+   * Takes one frame from the user's bucket, before the frame is decoded: what a user can make the server decode
+   * is bounded by its rate. An empty bucket answers rate_limited (with `id`, found by the transport's scan of the
+   * raw frame) and counts toward flooding.
+   */
+  admit(reply: Reply, id?: string): Admission {
     const limited = this.deps.frameLimit(this.identity.userId);
-    if (limited.ok) return true;
+    if (limited.ok) return 'admitted';
     const now = performance.now();
     if (now - this.refusalsSince > FLOOD_WINDOW_MS) {
       this.refusalsSince = now;
@@ -173,19 +182,16 @@ export class Session {
     this.refusals += 1;
     this.deps.metrics.rateLimited.inc({ bucket: limited.bucket });
     this.deps.metrics.errors.inc({ code: 'rate_limited' });
-    // A flood is mostly refused frames, and each must cost as little as possible: the frame is not validated,
+    // A flood is mostly refused frames, and each must cost as little as possible: the frame is not decoded,
     // and the reply is built directly, not through an AppError (capturing an Error's stack was most of the cost
     // of a refusal in a profile of a flood).
     const retryAfterMs = Math.max(0, Math.ceil(limited.retryAfterMs));
     const refusal: ErrorMessage = { type: 'error', code: 'rate_limited', message: `too many messages; retry in ${retryAfterMs} ms`, retryAfterMs };
     if (id !== undefined) refusal.id = id;
     reply(refusal);
-    return false;
-  }
-
-  private verdict(): Verdict {
-    if (this.refusals <= FLOOD_REFUSALS) return 'handled';
-    this.deps.log.warn({ userId: this.identity.userId, refusals: this.refusals }, 'closing a connection that keeps sending past its rate limit');
+    const userRefusals = this.deps.frameRefused(this.identity.userId);
+    if (userRefusals <= FLOOD_REFUSALS || this.refusals <= FLOOD_REFUSALS_PER_CONNECTION) return 'refused';
+    this.deps.log.warn({ userId: this.identity.userId, refusals: userRefusals }, 'closing a connection that keeps sending past its rate limit');
     this.deps.flooded?.(this.identity.userId);
     return 'flooding';
   }

@@ -1,13 +1,13 @@
-import type { HttpRequest, HttpResponse, TemplatedApp, WebSocketBehavior } from 'uWebSockets.js';
+import uWS, { type HttpRequest, type HttpResponse, type TemplatedApp, type WebSocketBehavior } from 'uWebSockets.js';
 import { Server as SocketIOServer, type Socket } from 'socket.io';
 import { tokenFromAuthorization } from '../auth/credentials.js';
 import { socketIoQuery } from '../auth/authenticate.js';
 import type { Identity } from '../auth/identity.js';
 import type { Sink } from '../chat/task.js';
-import { AppError, JsonText, PROTOCOL_VERSION, toAppError, toJson, type OutgoingMessage, type ServerMessage } from '../protocol/index.js';
+import { AppError, CLIENT_MESSAGE_BOUNDS, PROTOCOL_VERSION, scanFrame, toAppError, toJson, type FrameBounds, type ServerMessage } from '../protocol/index.js';
 import { clientAddress } from './client-address.js';
 import type { TransportDeps } from './deps.js';
-import { echoableId, holdRefusal, Session } from './session.js';
+import { echoableId, holdRefusal, Session, type Admission, type Reply } from './session.js';
 import type { PendingSlot } from './admission.js';
 import { frameReadCeiling, frameTooLarge, newConnectionId, refuseRequest } from './ws.js';
 
@@ -43,12 +43,33 @@ interface EngineConnection {
   close(): void;
 }
 
-/** The uWS socket under a socket.io connection on the websocket transport; undefined on polling or once closed. */
+/** An engine.io message packet: text, or binary data (a socket.io attachment). */
+interface EnginePacket {
+  type: string;
+  data?: unknown;
+}
+
+// A socket.io EVENT is the array [type, payload]: one level and two values more than the message itself.
+const EVENT_BOUNDS: FrameBounds = Object.freeze({ depth: CLIENT_MESSAGE_BOUNDS.depth + 1, values: CLIENT_MESSAGE_BOUNDS.values + 2 });
+// Before its CONNECT has been accepted a connection sends only that packet, whose auth object is flat: anything
+// far deeper or larger is refused before socket.io decodes it.
+const HANDSHAKE_BOUNDS: FrameBounds = Object.freeze({ depth: 4, values: 64 });
+
+/** A socket.io EVENT packet of the main namespace (`2`, an optional ack id, the JSON array); null for anything else. */
+function eventPacket(text: string): { ackId: string | undefined; json: string } | null {
+  if (text.charCodeAt(0) !== 0x32) return null;
+  let at = 1;
+  while (at < text.length && text.charCodeAt(at) >= 0x30 && text.charCodeAt(at) <= 0x39) at++;
+  if (text.charCodeAt(at) !== 0x5b) return null;
+  return { ackId: at > 1 ? text.slice(1, at) : undefined, json: text.slice(at) };
+}
+
 /** A header as socket.io hands it over: a string, a list of them, or absent. */
 function headerText(value: string | string[] | undefined): string | undefined {
   return Array.isArray(value) ? value.join(',') : value;
 }
 
+/** The uWS socket under a socket.io connection on the websocket transport; undefined on polling or once closed. */
 function uwsSocketOf(socket: Socket): UwsSocketLike | undefined {
   const transport = socket.conn.transport as unknown as { name: string; socket?: UwsSocketLike };
   return transport.name === 'websocket' && socket.conn.readyState === 'open' ? transport.socket : undefined;
@@ -72,23 +93,14 @@ function corked(socket: Socket, fn: () => void): void {
 }
 
 /**
- * Writes what `socket.emit(type, payload)` writes for a payload without binary data on the main namespace,
- * straight to the engine.io connection: an EVENT packet of the socket.io protocol (v5), `2` and then the JSON
- * array [type, payload]. socket.io's own emit walks the payload for binary, logs through `debug`, and builds and
+ * The packet `socket.emit(type, payload)` writes for a payload without binary data on the main namespace: an
+ * EVENT packet of the socket.io protocol (v5), `2` and then the JSON array [type, payload]. Written straight to
+ * the engine.io connection: socket.io's own emit walks the payload for binary, logs through `debug`, and builds and
  * encodes a packet object per message: a tenth of the main thread's time when streaming deltas. chatwire uses
  * only the main namespace, no outgoing listeners and no connection-state recovery, so nothing else is skipped.
  */
-function writeEvent(socket: Socket, type: string, payload: unknown): void {
-  if (socket.conn.readyState !== 'open') return;
-  socket.conn.write(`2[${JSON.stringify(type)},${toJson(payload)}]`);
-}
-
-function bufferedBytes(socket: Socket): number {
-  const ws = uwsSocketOf(socket);
-  const wsBuffered = ws?.getBufferedAmount?.() ?? ws?.bufferedAmount ?? 0;
-  // Packets engine.io holds itself (polling, or a websocket mid-send), counted at a nominal size.
-  const queued = (socket.conn as unknown as { writeBuffer?: unknown[] }).writeBuffer?.length ?? 0;
-  return wsBuffered + queued * 256;
+function eventPacketText(type: string, payload: unknown): string {
+  return `2[${JSON.stringify(type)},${toJson(payload)}]`;
 }
 
 type HttpHandler = (res: HttpResponse, req: HttpRequest) => void;
@@ -158,7 +170,15 @@ async function checkHandshakeCredentials(deps: TransportDeps, req: { headers: Re
  * emitted as an event when the client gave none), server-initiated messages are
  * events named by their type.
  */
-export function attachSocketIO(target: TemplatedApp | ((io: SocketIOServer, admitting: (app: TemplatedApp) => TemplatedApp) => void), deps: TransportDeps): SocketIOServer {
+/**
+ * Where socket.io is mounted: a uWS app (chatwire's own, attached with attachApp), or a function that mounts it
+ * elsewhere: on a host's uWS app under a prefix (through `admitting`, behind the same admission, with `uwsOptions`),
+ * or on a node:http server (node-http.ts).
+ */
+export type SocketIOMount = (io: SocketIOServer, admitting: (app: TemplatedApp) => TemplatedApp, uwsOptions: Record<string, unknown>) => void;
+
+export function attachSocketIO(target: TemplatedApp | SocketIOMount, deps: TransportDeps): SocketIOServer {
+  const budget = deps.buffers;
   const { config, metrics, log } = deps;
   const allowedOrigins = config.allowedOrigins === '*' ? null : new Set(config.allowedOrigins);
   const softLimit = Math.min(64 * 1024, Math.floor(config.maxBackpressureBytes / 4));
@@ -190,31 +210,50 @@ export function attachSocketIO(target: TemplatedApp | ((io: SocketIOServer, admi
   });
   const pendingSlots = new WeakMap<object, PendingSlot>();
   const admitting = (uwsApp: TemplatedApp) => admittingApp(uwsApp, deps, pendingSlots);
-  // A function mounts it elsewhere: on a host's uWS app under a prefix (behind the same admission), or on a
-  // node:http server (node-http.ts).
-  if (typeof target === 'function') target(io, admitting);
-  else io.attachApp(admitting(target));
+  // uWS's default send buffer limit (64 KiB) silently drops what a socket is sent past it: raised so that nothing
+  // is dropped, and the socket closed past its budget instead (see write below). No compression: see
+  // docs/backpressure.md (its per-socket deflate state would cost more than a stalled reader's whole budget).
+  const uwsOptions = { maxBackpressure: config.maxBackpressureBytes * 2, compression: uWS.DISABLED };
+  if (typeof target === 'function') target(io, admitting, uwsOptions);
+  else io.attachApp(admitting(target), uwsOptions as Parameters<SocketIOServer['attachApp']>[1]);
   io.engine.on('connection_error', (err: { req?: object }) => {
     if (err.req) pendingSlots.get(err.req)?.release();
   });
 
-  // A message over the frame limit, seen before socket.io decodes it: refused as /ws refuses one.
+  // Every message packet is seen here before socket.io decodes it: over the frame limit it is refused as /ws
+  // refuses one; on a connected socket it is charged to the user's bucket and, if an event, handled here (see
+  // onPacket below); before the CONNECT is accepted, one with more structure than a handshake has is refused.
+  const packetHandlers = new WeakMap<EngineConnection, (packet: EnginePacket) => void>();
   io.engine.on('connection', (conn: EngineConnection) => {
     const slot = pendingSlots.get(conn.request);
     if (slot) conn.once('close', () => slot.release());
-    conn.on('packet', (packet: { type: string; data?: unknown }) => {
+    conn.on('packet', (packet: EnginePacket) => {
       if (packet.type !== 'message') return;
-      const data = packet.data;
-      // A string of n UTF-16 units is at most 3n bytes: most messages need no byte count at all.
-      if (typeof data === 'string' && data.length * 3 <= config.maxFrameBytes) return;
-      const bytes = typeof data === 'string' ? Buffer.byteLength(data) : ((data as { byteLength?: number } | undefined)?.byteLength ?? 0);
-      if (bytes <= config.maxFrameBytes) return;
-      // engine.io does nothing with a noop packet: socket.io never sees this message.
-      packet.type = 'noop';
-      framesIn.inc();
-      refuseOversized(conn, bytes);
+      if (oversized(packet.data)) {
+        // engine.io does nothing with a noop packet: socket.io never sees this message.
+        packet.type = 'noop';
+        framesIn.inc();
+        refuseOversized(conn, byteLength(packet.data));
+        return;
+      }
+      const handle = packetHandlers.get(conn);
+      if (handle) return handle(packet);
+      if (typeof packet.data === 'string' && !scanFrame(packet.data, HANDSHAKE_BOUNDS).ok) {
+        packet.type = 'noop';
+        conn.close();
+      }
     });
   });
+
+  function byteLength(data: unknown): number {
+    return typeof data === 'string' ? Buffer.byteLength(data) : ((data as { byteLength?: number } | undefined)?.byteLength ?? 0);
+  }
+
+  function oversized(data: unknown): boolean {
+    // A string of n UTF-16 units is at most 3n bytes: most messages need no byte count at all.
+    if (typeof data === 'string' && data.length * 3 <= config.maxFrameBytes) return false;
+    return byteLength(data) > config.maxFrameBytes;
+  }
 
   function refuseOversized(conn: EngineConnection, bytes: number): void {
     if (conn.readyState !== 'open') return;
@@ -296,22 +335,54 @@ export function attachSocketIO(target: TemplatedApp | ((io: SocketIOServer, admi
     let drainTimer: NodeJS.Timeout | undefined;
     metrics.connections.inc({ transport: 'socket.io' });
 
-    const emit = (m: ServerMessage): boolean => {
-      if (closed) return false;
-      writeEvent(socket, m.type, m);
-      framesOut.inc();
-      if (bufferedBytes(socket) > config.maxBackpressureBytes) {
-        metrics.slowClientsClosed.inc();
-        closed = true;
-        socket.disconnect(true);
+    // Bytes of the packets written here that engine.io still holds in its writeBuffer (until a poll takes them;
+    // at once on the websocket transport): it empties the buffer before it emits 'drain'.
+    let queued = 0;
+    socket.conn.on('drain', () => {
+      queued = 0;
+    });
+    const held = () => {
+      const ws = uwsSocketOf(socket);
+      // uWS under chatwire's own app; the ws package's socket under a node:http server.
+      return (ws?.getBufferedAmount?.() ?? ws?.bufferedAmount ?? 0) + queued;
+    };
+    const closeSlow = () => {
+      if (closed) return;
+      closed = true;
+      metrics.slowClientsClosed.inc();
+      buffered.release();
+      socket.disconnect(true);
+      // Discarded, not flushed: engine.io would otherwise keep what a poller never fetches until its ping timeout.
+      socket.conn.close(true);
+    };
+    const buffered = budget.open(() => (closed ? 0 : held()), closeSlow);
+    /** Writes one packet; past the socket's budget the socket is closed instead, as on /ws. */
+    const write = (packet: string): boolean => {
+      if (closed || socket.conn.readyState !== 'open') return false;
+      const before = held();
+      const bytes = Buffer.byteLength(packet);
+      if (before > 0 && before + bytes > config.maxBackpressureBytes) {
+        closeSlow();
         return false;
       }
+      queued += bytes;
+      socket.conn.write(packet);
+      framesOut.inc();
+      const after = held();
+      if (after > config.maxBackpressureBytes) {
+        closeSlow();
+        return false;
+      }
+      buffered.update(after);
       return true;
     };
+    const emit = (m: ServerMessage): boolean => write(eventPacketText(m.type, m));
     const watchDrain = () => {
       if (drainTimer || closed) return;
       drainTimer = setInterval(() => {
-        if (closed || bufferedBytes(socket) <= softLimit) {
+        const now = closed ? 0 : held();
+        buffered.update(now);
+        if (closed || now <= softLimit) {
           clearInterval(drainTimer);
           drainTimer = undefined;
           if (!closed) session.pump();
@@ -322,7 +393,7 @@ export function attachSocketIO(target: TemplatedApp | ((io: SocketIOServer, admi
       deliver: emit,
       congested: () => {
         if (closed) return true;
-        if (bufferedBytes(socket) <= softLimit) return false;
+        if (held() <= softLimit) return false;
         watchDrain();
         return true;
       },
@@ -333,34 +404,82 @@ export function attachSocketIO(target: TemplatedApp | ((io: SocketIOServer, admi
     };
     const session = new Session(deps.session, state.identity, sink);
 
-    socket.onAny((event: string, ...args: unknown[]) => {
-      // Events already decoded when the socket was closed for flooding must not count as more floods.
-      if (closed) return;
+    /** The user's charge for one packet; past its rate the packet is dropped, and a flood closes the socket. */
+    const admit = (packet: EnginePacket, reply: Reply, id?: string): boolean => {
       framesIn.inc();
-      const ack = typeof args.at(-1) === 'function' ? (args.pop() as (m: ServerMessage) => void) : undefined;
-      const reply = (m: OutgoingMessage) => {
-        if (closed) return;
-        framesOut.inc();
-        // socket.io encodes an ack's arguments itself: a serialized page is parsed back for it.
-        if (ack) ack(m instanceof JsonText ? (JSON.parse(m.json) as ServerMessage) : m);
-        else writeEvent(socket, m.type, m);
-      };
-      const payload = args[0] ?? {};
-      // Malformed events go through the session too: they count against the user's rate like any other.
-      const verdict =
-        args.length > 1
-          ? session.reject('send one payload object per event', reply, echoableId(payload))
-          : typeof payload !== 'object' || payload === null || Array.isArray(payload)
-            ? session.reject('the payload must be a JSON object', reply)
-            : session.handle({ ...(payload as Record<string, unknown>), type: event }, reply);
-      if (verdict === 'flooding') {
+      const admission: Admission = session.admit(reply, id);
+      if (admission === 'admitted') return true;
+      packet.type = 'noop';
+      if (admission === 'flooding') {
         closed = true;
         socket.disconnect(true);
       }
+      return false;
+    };
+
+    /**
+     * One message packet of this connection, before socket.io decodes it. An EVENT (every message of the protocol)
+     * is charged, scanned, decoded and handled here, and socket.io never sees it; its reply is written as the
+     * ACK packet socket.io would write. Anything else but a DISCONNECT (an attachment, an ACK, a packet for another
+     * namespace) is charged and, if the rate allows, left to socket.io.
+     */
+    const onPacket = (packet: EnginePacket): void => {
+      if (closed) {
+        packet.type = 'noop';
+        return;
+      }
+      const text = typeof packet.data === 'string' ? packet.data : '';
+      const event = eventPacket(text);
+      if (event === null) {
+        if (text.charCodeAt(0) === 0x31) return;
+        admit(packet, () => {});
+        return;
+      }
+      packet.type = 'noop';
+      const { ackId, json } = event;
+      const reply: Reply = (m) => {
+        if (ackId === undefined) write(eventPacketText(m.type, m));
+        else write(`3${ackId}[${toJson(m)}]`);
+      };
+      const shape = scanFrame(json, EVENT_BOUNDS, 2);
+      corked(socket, () => {
+        if (!admit(packet, reply, shape.id)) return;
+        if (!shape.ok) return session.reject(shape.reason, reply, shape.id);
+        handleEvent(json, reply);
+      });
+    };
+    packetHandlers.set(socket.conn as unknown as EngineConnection, onPacket);
+
+    const handleEvent = (json: string, reply: Reply): void => {
+      let args: unknown;
+      try {
+        args = JSON.parse(json);
+      } catch {
+        return session.reject('frame is not valid JSON', reply);
+      }
+      if (!Array.isArray(args) || typeof args[0] !== 'string') return session.reject('an event is a JSON array of its name and one payload object', reply);
+      const payload: unknown = args[1] ?? {};
+      if (args.length > 2) return session.reject('send one payload object per event', reply, echoableId(payload));
+      if (typeof payload !== 'object' || payload === null || Array.isArray(payload)) return session.reject('the payload must be a JSON object', reply);
+      session.handle({ ...(payload as Record<string, unknown>), type: args[0] }, reply);
+    };
+
+    // Only events with binary attachments get here (onPacket handles every other event): none is a message of the
+    // protocol. Their packets were charged in onPacket.
+    socket.onAny((...args: unknown[]) => {
+      if (closed) return;
+      const ack = typeof args.at(-1) === 'function' ? (args.pop() as (m: ServerMessage) => void) : undefined;
+      session.reject('events carry JSON, not binary data', (m) => {
+        if (closed) return;
+        if (!ack) return void write(eventPacketText(m.type, m));
+        framesOut.inc();
+        ack(m as ServerMessage);
+      }, echoableId(args[1]));
     });
 
     socket.on('disconnect', () => {
       closed = true;
+      buffered.release();
       if (drainTimer) clearInterval(drainTimer);
       metrics.connections.dec({ transport: 'socket.io' });
       state.release();

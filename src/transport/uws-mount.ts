@@ -84,7 +84,7 @@ export function attachToUwsApp(app: TemplatedApp, deps: TransportDeps, prefix: s
   const sockets = new Set<WebSocket<unknown>>();
   attachWebSocket(view, deps, { open: (ws) => sockets.add(ws), close: (ws) => sockets.delete(ws) });
   const http = attachHttpRoutes(view, deps);
-  const io = attachSocketIO((s, admitting) => s.attachApp(admitting(gatedApp(app, gate)), { path: `${prefix}/socket.io` }), deps);
+  const io = attachSocketIO((s, admitting, uwsOptions) => s.attachApp(admitting(gatedApp(app, gate)), { ...uwsOptions, path: `${prefix}/socket.io` }), deps);
   let closed = false;
   const server: HttpServer = {
     port: 0,

@@ -2,10 +2,11 @@ import uWS, { type HttpRequest, type HttpResponse, type TemplatedApp, type WebSo
 import { parseSubprotocols } from '../auth/credentials.js';
 import type { Identity } from '../auth/identity.js';
 import type { Sink } from '../chat/task.js';
-import { AppError, PROTOCOL_VERSION, toAppError, toJson, type ErrorMessage, type OutgoingMessage } from '../protocol/index.js';
+import { AppError, CLIENT_MESSAGE_BOUNDS, PROTOCOL_VERSION, scanFrame, toAppError, toJson, type ErrorMessage, type OutgoingMessage } from '../protocol/index.js';
 import { randomBase64url } from '../random-id.js';
 import { captureRequest, errorBody, STATUS_TEXT } from './http-io.js';
-import { FLOOD_CLOSE_CODE, holdRefusal, Session, errorMessage, type Verdict } from './session.js';
+import { FLOOD_CLOSE_CODE, holdRefusal, Session, errorMessage, type Admission } from './session.js';
+import type { BufferedSocket } from './buffer-budget.js';
 import { clientAddress } from './client-address.js';
 import type { TransportDeps } from './deps.js';
 
@@ -14,6 +15,8 @@ interface SocketData {
   identity: Identity;
   session: Session | null;
   closed: boolean;
+  /** Its share of the server-wide send-buffer budget, from open to close. */
+  buffered: BufferedSocket | null;
 }
 
 /**
@@ -48,26 +51,48 @@ export function refuseRequest(res: HttpResponse, err: unknown, closeConnection =
 }
 
 /** The raw `/ws` endpoint: JSON text frames, `hello` first, the session does the rest. */
-export function attachWebSocket(app: TemplatedApp, deps: TransportDeps, track: { open(ws: WebSocket<unknown>): void; close(ws: WebSocket<unknown>): void }): void {
+export function attachWebSocket(
+  app: TemplatedApp,
+  deps: TransportDeps,
+  track: { open(ws: WebSocket<unknown>): void; close(ws: WebSocket<unknown>): void },
+): void {
+  const budget = deps.buffers;
   const { config, metrics, log } = deps;
   const softLimit = Math.min(64 * 1024, Math.floor(config.maxBackpressureBytes / 4));
   // Bound once: a labelled inc() per frame would hash the labels every time.
   const framesOut = metrics.framesOut.tally('ws');
   const framesIn = metrics.framesIn.tally('ws');
 
+  function closeSlow(ws: WebSocket<SocketData>, reason: string): void {
+    const data = ws.getUserData();
+    if (data.closed) return;
+    metrics.slowClientsClosed.inc();
+    data.closed = true;
+    data.buffered?.release();
+    ws.end(1013, reason);
+  }
+
   function send(ws: WebSocket<SocketData>, message: OutgoingMessage): boolean {
     const data = ws.getUserData();
     if (data.closed) return false;
-    const status = ws.send(toJson(message), false);
-    framesOut.inc();
-    // 1: written through; 0: buffered (check how much); 2: dropped over uWS's own limit.
-    if (status === 2 || (status === 0 && ws.getBufferedAmount() > config.maxBackpressureBytes)) {
-      // The reader is not keeping up even with replies: close rather than buffer without bound.
-      metrics.slowClientsClosed.inc();
-      data.closed = true;
-      ws.end(1013, 'slow reader: send buffer over the limit');
+    const json = toJson(message);
+    const held = ws.getBufferedAmount();
+    // A reader already backed up that this frame would take past its budget is closed instead of sent it: what
+    // it holds stays within the budget however large the frames (a reader not backed up is sent any one frame).
+    if (held > 0 && held + Buffer.byteLength(json) > config.maxBackpressureBytes) {
+      closeSlow(ws, 'slow reader: send buffer over the limit');
       return false;
     }
+    const status = ws.send(json, false);
+    framesOut.inc();
+    // 1: written through; 0: buffered (check how much); 2: dropped over uWS's own limit.
+    const buffered = ws.getBufferedAmount();
+    if (status === 2 || buffered > config.maxBackpressureBytes) {
+      // The reader is not keeping up even with replies: close rather than buffer without bound.
+      closeSlow(ws, 'slow reader: send buffer over the limit');
+      return false;
+    }
+    data.buffered?.update(buffered);
     return true;
   }
 
@@ -118,7 +143,7 @@ export function attachWebSocket(app: TemplatedApp, deps: TransportDeps, track: {
             deps.connections.closed(identity.userId);
             return;
           }
-          const data: SocketData = { connectionId, identity, session: null, closed: false };
+          const data: SocketData = { connectionId, identity, session: null, closed: false, buffered: null };
           res.cork(() => res.upgrade(data, key, protocols.protocol ?? '', extensions, context));
         } catch (err) {
           if (aborted) return;
@@ -137,6 +162,10 @@ export function attachWebSocket(app: TemplatedApp, deps: TransportDeps, track: {
       const data = ws.getUserData();
       track.open(ws as WebSocket<unknown>);
       metrics.connections.inc({ transport: 'ws' });
+      data.buffered = budget.open(
+        () => (data.closed ? 0 : ws.getBufferedAmount()),
+        () => closeSlow(ws, 'slow reader: server send buffers full'),
+      );
       const sink: Sink = {
         deliver: (m) => send(ws, m),
         congested: () => data.closed || ws.getBufferedAmount() > softLimit,
@@ -171,24 +200,24 @@ export function attachWebSocket(app: TemplatedApp, deps: TransportDeps, track: {
         return;
       }
       const session = data.session;
-      // Undecodable frames go through the session too: they count against the user's rate like any other.
-      let verdict = 'handled' as Verdict;
-      if (isBinary) {
-        verdict = session.reject('frames must be JSON text, not binary', reply);
-      } else {
-        // The ArrayBuffer is only valid during this callback: decode it now.
+      // Charged before anything is decoded; the scan bounds what JSON.parse may be handed (see scanFrame).
+      const text = isBinary ? '' : Buffer.from(message).toString('utf8');
+      const shape = isBinary ? undefined : scanFrame(text, CLIENT_MESSAGE_BOUNDS);
+      let admission = 'admitted' as Admission;
+      ws.cork(() => {
+        admission = session.admit(reply, shape?.id);
+        if (admission !== 'admitted') return;
+        if (shape === undefined) return session.reject('frames must be JSON text, not binary', reply);
+        if (!shape.ok) return session.reject(shape.reason, reply, shape.id);
         let value: unknown;
-        let decoded = true;
         try {
-          value = JSON.parse(Buffer.from(message).toString('utf8'));
+          value = JSON.parse(text);
         } catch {
-          decoded = false;
+          return session.reject('frame is not valid JSON', reply);
         }
-        ws.cork(() => {
-          verdict = decoded ? session.handle(value, reply) : session.reject('frame is not valid JSON', reply);
-        });
-      }
-      if (verdict === 'flooding') {
+        session.handle(value, reply);
+      });
+      if (admission === 'flooding') {
         data.closed = true;
         ws.end(FLOOD_CLOSE_CODE, 'rate limit ignored: wait retryAfterMs after rate_limited');
       }
@@ -196,12 +225,15 @@ export function attachWebSocket(app: TemplatedApp, deps: TransportDeps, track: {
 
     drain: (ws) => {
       const data = ws.getUserData();
-      if (!data.closed) data.session?.pump();
+      if (data.closed) return;
+      data.buffered?.update(ws.getBufferedAmount());
+      data.session?.pump();
     },
 
     close: (ws) => {
       const data = ws.getUserData();
       data.closed = true;
+      data.buffered?.release();
       track.close(ws as WebSocket<unknown>);
       metrics.connections.dec({ transport: 'ws' });
       deps.connections.closed(data.identity.userId);

@@ -467,3 +467,30 @@ test('the flood penalty lasts at least until the frame bucket is full again', ()
     assert.equal(refusedFor(limits.connectionOpened('slow')), 2000);
   });
 });
+
+test("refused frames are counted per user over all its connections, in windows of a second", () => {
+  withLimits({}, (limits, clock) => {
+    for (let i = 1; i <= 300; i++) assert.equal(limits.frameRefused('flooder'), i);
+    assert.equal(limits.frameRefused('bystander'), 1);
+    clock.advance(1000);
+    assert.equal(limits.frameRefused('flooder'), 301, 'still the same window');
+    clock.advance(1);
+    assert.equal(limits.frameRefused('flooder'), 1, 'a new window');
+  });
+});
+
+test('connections closed for one flood spread over them are one strike: the penalty does not double per connection', () => {
+  withLimits({}, (limits, clock) => {
+    for (let i = 0; i < 16; i++) assert.equal(limits.connectionOpened('spread').ok, true);
+    for (let i = 0; i < 16; i++) {
+      limits.floodClosed('spread');
+      limits.connectionClosed('spread');
+    }
+    assert.equal(refusedFor(limits.connectionOpened('spread')), 1000);
+    clock.advance(1000);
+    assert.equal(limits.connectionOpened('spread').ok, true);
+    // A flood after the penalty ran out is a second strike.
+    limits.floodClosed('spread');
+    assert.equal(refusedFor(limits.connectionOpened('spread')), 2000);
+  });
+});
