@@ -131,3 +131,50 @@ describe('replays and history are charged to a per-user egress bucket', () => {
     await Promise.all([c.close(), o.close()]);
   });
 });
+
+describe('one long task resumed from hundreds of connections at once', () => {
+  let server: TestServer;
+  before(async () => {
+    server = await startServer({
+      egressBytesPerMinute: 256 * 1024,
+      maxConnectionsPerUser: 1000,
+      maxPendingPerAddress: 1000,
+      messagesPerSecond: 100_000,
+      chatsPerMinute: 1000,
+      modelTokensPerMinute: 1_000_000,
+    });
+  });
+  after(() => server.close());
+
+  test('the replays pass only as far as the egress bucket allows, each whole, the rest refused; another user is served', async () => {
+    const owner = await WsClient.connect(server.ws, { user: 'amplifier' });
+    const ack = await owner.request({ type: 'chat.send', text: 'the longest reply', params: { maxTokens: 4096 }, cache: 'bypass' });
+    const { text } = await owner.collect(ack.taskId as string);
+    const replyBytes = Buffer.byteLength(text);
+    assert.ok(replyBytes > 16 * 1024, `the reply is long (${replyBytes} bytes)`);
+
+    const readers = await Promise.all(Array.from({ length: 300 }, () => WsClient.connect(server.ws, { user: 'amplifier' })));
+    const outcomes = await Promise.all(
+      readers.map(async (r) => {
+        const answer = await r.request({ type: 'chat.resume', taskId: ack.taskId, fromSeq: 0 });
+        if (answer.type === 'error') return { refused: answer.code as string, text: '' };
+        return { refused: null, text: (await r.collect(ack.taskId as string)).text };
+      }),
+    );
+    const replayed = outcomes.filter((o) => o.refused === null);
+    const refused = outcomes.filter((o) => o.refused !== null);
+    // The bucket's 256 KiB (plus a few KiB refilled while the test runs) bounds what one user can pull.
+    assert.ok(replayed.length >= 1, 'the first replays pass');
+    assert.ok(replayed.length * replyBytes <= 272 * 1024, `${replayed.length} replays of ${replyBytes} bytes passed`);
+    assert.equal(replayed.length + refused.length, 300);
+    assert.ok(refused.every((o) => o.refused === 'rate_limited'));
+    // Every replay that passed is the whole reply, byte for byte.
+    assert.ok(replayed.every((o) => o.text === text));
+
+    const other = await WsClient.connect(server.ws, { user: 'bystander' });
+    const oack = await other.request({ type: 'chat.send', text: 'meanwhile', params: { maxTokens: 8 } });
+    assert.equal(oack.type, 'chat.ack');
+    assert.equal((await other.collect(oack.taskId as string)).end.type, 'chat.done');
+    await Promise.all([owner.close(), other.close(), ...readers.map((r) => r.close())]);
+  });
+});
