@@ -7,9 +7,13 @@
  * - ack latency p50/p99 next to the ping round trip p50/p99 on the same sockets under the same load;
  * - chat.delta frames delivered per second next to the echo server's messages per second;
  * - the same chat load over socket.io next to /ws;
- * - server RSS, and integrity: no connection dropped, no delta lost or repeated, one done per chat.
- * Targets: ack p99 <= 2x ping p99; /ws deltas/s >= 50% of echo msgs/s; socket.io >= 70% of /ws.
+ * - server RSS, and integrity: no connection dropped, no delta lost or repeated, one done per chat;
+ * - the server process's CPU time (user + system) over the measured window per delta frame delivered, per transport.
+ * Targets: ack p99 <= 2x ping p99; /ws deltas/s >= 50% of echo msgs/s; socket.io >= 70% of /ws;
+ * socket.io's server CPU per frame <= 1.4x /ws's.
  */
+import fs from 'node:fs';
+import os from 'node:os';
 import path from 'node:path';
 import { DIST, parseArgs, printTable, scrape, settle, sleep, startChatwire, startChild, summarize } from './bench-support.js';
 import { openClients, socketIoConn, wsConn, type Conn, type Transport } from './load-support.js';
@@ -35,6 +39,19 @@ interface ChatRun {
   dropped: number;
   errors: Record<string, number>;
   rssMiB: number;
+  /** The server process's user + system CPU time over the measured window, ms. */
+  serverCpuMs: number;
+}
+
+/** User + system CPU time of a process, ms (Linux /proc; NaN elsewhere). */
+function cpuMs(pid: number | undefined): number {
+  try {
+    const fields = fs.readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1]?.split(' ') ?? [];
+    // utime and stime are fields 14 and 15 of stat, 12 and 13 after the command name, in clock ticks (100 Hz on Linux).
+    return ((Number(fields[11]) + Number(fields[12])) * 1000) / 100;
+  } catch {
+    return NaN;
+  }
 }
 
 type Frame = { type: string; id?: string; taskId?: string; seq?: number; text?: string; code?: string; usage?: { completionTokens: number } };
@@ -142,7 +159,9 @@ async function runChat(transport: Transport, connections: number): Promise<ChatR
     await sleep(WARMUP * 1000);
     for (const c of clients) c.loop.measuring = true;
     const t0 = performance.now();
+    const cpu0 = cpuMs(server.child.pid);
     await sleep(SECONDS * 1000);
+    const serverCpuMs = cpuMs(server.child.pid) - cpu0;
     const seconds = (performance.now() - t0) / 1000;
     for (const c of clients) {
       c.loop.measuring = false;
@@ -168,6 +187,7 @@ async function runChat(transport: Transport, connections: number): Promise<ChatR
       dropped: clients.filter((c) => !c.conn.open).length,
       errors,
       rssMiB,
+      serverCpuMs,
     };
     for (const c of clients) c.conn.terminate();
     return run;
@@ -222,7 +242,10 @@ for (const connections of CONNECTIONS) {
   const sio = await runChat('socket.io', connections);
   const wsDeltaRate = ws.deltas / ws.seconds;
   const sioDeltaRate = sio.deltas / sio.seconds;
-  rows.push(['uWS echo (baseline)', connections, echo.perSecond, '-', '-', '-', echo.rtt.p50, echo.rtt.p99, '-', echo.rssMiB, '-']);
+  // What the server spends per delta frame it delivers: the cost of a transport that the clients' own decoding (on
+  // the same cores) does not blur, as it does the frames/s ratio.
+  const cpuPerFrameUs = (r: ChatRun) => Math.round(((r.serverCpuMs * 1000) / Math.max(1, r.deltas)) * 10) / 10;
+  rows.push(['uWS echo (baseline)', connections, echo.perSecond, '-', '-', '-', echo.rtt.p50, echo.rtt.p99, '-', echo.rssMiB, '-', '-']);
   for (const r of [ws, sio]) {
     rows.push([
       `chatwire ${r.transport}`,
@@ -235,6 +258,7 @@ for (const connections of CONNECTIONS) {
       r.ping.p99,
       `${r.lostDeltas}/${r.unfinished}/${r.dropped}`,
       r.rssMiB,
+      cpuPerFrameUs(r),
       Object.entries(r.errors).map(([k, v]) => `${k}:${v}`).join(' ') || 'none',
     ]);
   }
@@ -248,23 +272,29 @@ for (const connections of CONNECTIONS) {
       wsAckP99OverPingP99: +(ws.ack.p99 / ws.ping.p99).toFixed(2),
       wsDeltasOverEcho: +(wsDeltaRate / echo.perSecond).toFixed(2),
       socketioOverWs: +(sioDeltaRate / wsDeltaRate).toFixed(2),
+      socketioCpuPerFrameOverWs: +(cpuPerFrameUs(sio) / cpuPerFrameUs(ws)).toFixed(2),
     },
+    serverCpuUsPerFrame: { ws: cpuPerFrameUs(ws), socketio: cpuPerFrameUs(sio) },
+    loadAverage: os.loadavg().map((x) => Math.round(x * 10) / 10),
     targetsMet: {
       ackP99Within2xPing: ws.ack.p99 <= 2 * ws.ping.p99,
       deltasAtLeastHalfOfEcho: wsDeltaRate >= 0.5 * echo.perSecond,
       socketioAtLeast70PctOfWs: sioDeltaRate >= 0.7 * wsDeltaRate,
+      socketioCpuPerFrameAtMost1_4xWs: cpuPerFrameUs(sio) <= 1.4 * cpuPerFrameUs(ws),
       noLossNoDrop: ws.lostDeltas + ws.unfinished + ws.dropped + sio.lostDeltas + sio.unfinished + sio.dropped === 0,
     },
   });
 }
 printTable(
   `bench:chat — dev provider, delay 0, ${SECONDS}s measured after ${WARMUP}s warm-up; echo window ${ECHO_WINDOW}/connection; latencies in ms`,
-  ['server', 'conns', 'frames/s', 'chats/s', 'ack p50', 'ack p99', 'ping p50', 'ping p99', 'lost/unfinished/dropped', 'RSS MiB', 'errors'],
+  ['server', 'conns', 'frames/s', 'chats/s', 'ack p50', 'ack p99', 'ping p50', 'ping p99', 'lost/unfinished/dropped', 'RSS MiB', 'server CPU µs/frame', 'errors'],
   rows,
 );
 for (const r of results) {
   const ratios = r.ratios as Record<string, number>;
-  console.log(`${r.connections} conns: ack p99 / ping p99 = ${ratios.wsAckP99OverPingP99} (target <= 2); /ws deltas / echo = ${ratios.wsDeltasOverEcho} (target >= 0.5); socket.io / ws = ${ratios.socketioOverWs} (target >= 0.7)`);
+  console.log(
+    `${r.connections} conns: ack p99 / ping p99 = ${ratios.wsAckP99OverPingP99} (target <= 2); /ws deltas / echo = ${ratios.wsDeltasOverEcho} (target >= 0.5); socket.io / ws = ${ratios.socketioOverWs} (target >= 0.7); socket.io / ws server CPU per frame = ${ratios.socketioCpuPerFrameOverWs} (target <= 1.4); load average ${(r.loadAverage as number[]).join(' ')}`,
+  );
 }
 console.log(JSON.stringify({ bench: 'chat', seconds: SECONDS, results }));
 process.exit(0);
