@@ -369,8 +369,9 @@ export function createOpenAIProvider(options: OpenAIProviderOptions): Provider {
   function probe(): Promise<{ status: number } | { error: 'timeout' } | { error: 'connection'; cause: unknown }> {
     return new Promise((resolve) => {
       const timer = setTimeout(() => {
-        abort(new Error('readiness check timed out'));
+        // Resolved first: the abort reports itself to the sink as an error, which must not pass for a refused connection.
         resolve({ error: 'timeout' });
+        abort(new Error('readiness check timed out'));
       }, checkTimeoutMs);
       let status = 0;
       const abort = upstream.send(

@@ -1,4 +1,6 @@
 import assert from 'node:assert/strict';
+import http from 'node:http';
+import type { AddressInfo } from 'node:net';
 import { after, before, describe, test } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { loadConfig } from '../../src/config.js';
@@ -495,6 +497,20 @@ describe('openai provider against a fake upstream', () => {
     } finally {
       await noModels.close();
       await badKey.close();
+    }
+  });
+
+  test('check() against an upstream that never answers rejects as a timeout, not as an unreachable upstream', async () => {
+    const silent = http.createServer(() => {});
+    await new Promise<void>((resolve) => silent.listen(0, '127.0.0.1', resolve));
+    const base = `http://127.0.0.1:${(silent.address() as AddressInfo).port}/v1`;
+    try {
+      await assert.rejects(openai(base, { checkTimeoutMs: 200 }).check?.() ?? Promise.resolve(), {
+        message: `the upstream at ${base} did not answer within 200 ms`,
+      });
+    } finally {
+      silent.closeAllConnections();
+      await new Promise<void>((resolve) => silent.close(() => resolve()));
     }
   });
 });
