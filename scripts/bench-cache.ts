@@ -282,6 +282,19 @@ async function counter(server: Child, name: keyof typeof COUNTERS): Promise<numb
   return Number.isNaN(value) ? 0 : value;
 }
 
+/** What the cache and single-flight saved, as the server counts it: model calls not made and the tokens they would have cost. */
+async function savedBy(server: Child) {
+  const read = async (name: string, reason: string) => {
+    const value = await scrape(server.port, `${name}{reason="${reason}"}`);
+    return Number.isNaN(value) ? 0 : value;
+  };
+  const of = async (reason: string) => ({
+    calls: await read('chatwire_model_calls_saved_total', reason),
+    tokens: await read('chatwire_model_tokens_saved_total', reason),
+  });
+  return { cache: await of('cache'), joined: await of('joined') };
+}
+
 /** Mean time of one SQLite group commit since the server started (a hit's question and reply share one). */
 async function meanCommitMs(server: Child): Promise<number> {
   const sum = await scrape(server.port, 'chatwire_db_commit_seconds_sum');
@@ -317,7 +330,14 @@ async function hitRatePhase(dataDir: string, texts: string[]) {
       if (r.status === 'cached') served++;
       if (r.end.type !== 'chat.done' || !r.seqOk) bad++;
     }
-    return { hits: served, rate: served / texts.length, bad, metricHits: await counter(server, 'cacheHits'), modelCalls: await counter(server, 'modelCalls') };
+    return {
+      hits: served,
+      rate: served / texts.length,
+      bad,
+      metricHits: await counter(server, 'cacheHits'),
+      modelCalls: await counter(server, 'modelCalls'),
+      saved: await savedBy(server),
+    };
   } finally {
     await Promise.all(clients.map((c) => c.close()));
     await server.stop();
@@ -420,6 +440,7 @@ let measured: Awaited<ReturnType<typeof hitRatePhase>>;
 let latency: Awaited<ReturnType<typeof latencyPhase>>;
 let throughput: Awaited<ReturnType<typeof throughputPhase>>;
 let flight: Awaited<ReturnType<typeof singleFlightPhase>>;
+let savedLater: Awaited<ReturnType<typeof savedBy>>;
 try {
   measured = await hitRatePhase(dataDir, texts);
   // Same data dir, default model speed: the replay above filled the cache, and it survives the restart.
@@ -428,6 +449,7 @@ try {
     latency = await latencyPhase(server, popular);
     throughput = await throughputPhase(server, popular);
     flight = await singleFlightPhase(server);
+    savedLater = await savedBy(server);
   } finally {
     await server.stop();
   }
@@ -445,7 +467,7 @@ const targets = {
   oneModelCallPerGroup: flight.onePerGroup,
 };
 const checks = {
-  counterMatchesServer: counted.normalized.hits === measured.hits && measured.metricHits === measured.hits,
+  counterMatchesServer: counted.normalized.hits === measured.hits && measured.metricHits === measured.hits && measured.saved.cache.calls === measured.hits,
   everyReplyComplete: measured.bad === 0 && latency.unexpected === 0 && throughput.other === 0 && flight.allIdentical,
 };
 
@@ -454,6 +476,16 @@ const rows: [string, string, string][] = [
   ['hit rate, normalized key', `${pct(measured.rate)} (${measured.hits}/${requestCount})`, 'measured through the server'],
   ['hit rate, normalized key', pct(counted.normalized.rate), 'in-benchmark counter (cross-check)'],
   ['hit rate, raw exact-text key', pct(counted.raw.rate), 'in-benchmark counter, same sequence'],
+  [
+    'model calls saved by the cache',
+    `${measured.saved.cache.calls} of ${requestCount} (${measured.saved.cache.tokens} tokens)`,
+    'chatwire_model_calls_saved_total / chatwire_model_tokens_saved_total {reason="cache"}, hit-rate phase',
+  ],
+  [
+    'model calls saved by single-flight',
+    `${savedLater.joined.calls} (${savedLater.joined.tokens} tokens)`,
+    '{reason="joined"}, over the latency, throughput and single-flight phases',
+  ],
   ['normalized / raw', `${keyRatio}x`, `target >= 1.5x: ${targets.normalizedAtLeast1_5xRaw ? 'met' : 'MISSED'}`],
   ['ping round trip p50 / p99', `${latency.ping.p50} / ${latency.ping.p99} ms`, `n=${latency.ping.n}`],
   ['hit, full reply p50 / p99', `${latency.hit.p50} / ${latency.hit.p99} ms`, `n=${latency.hit.n}`],
@@ -483,6 +515,7 @@ console.log(
       ratio: keyRatio,
       modelCallsInReplay: measured.modelCalls,
     },
+    saved: { hitRatePhase: measured.saved, laterPhases: savedLater },
     latencyMs: { ping: latency.ping, hit: latency.hit, hitAck: latency.hitAck, miss: latency.miss, hitP99OverPingP99: hitVsPing, meanCommit: latency.commitMs },
     throughput,
     singleFlight: { size: flightSize, groups: flight.groups, requests: flight.requests, modelCalls: flight.modelCalls, saved: flight.saved },

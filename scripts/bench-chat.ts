@@ -9,9 +9,13 @@
  * - the same chat load over socket.io next to /ws;
  * - the same clients and load against chatwire attached to a node:http server (createChatwire().attach(server): /ws
  *   over the `ws` package, socket.io on node:http), next to its own uWS app (listen, main.js);
- * - server RSS, and integrity: no connection dropped, no delta lost or repeated, one done per chat.
- * Targets: ack p99 <= 2x ping p99; /ws deltas/s >= 50% of echo msgs/s; socket.io >= 70% of /ws.
+ * - server RSS, and integrity: no connection dropped, no delta lost or repeated, one done per chat;
+ * - the server process's CPU time (user + system) over the measured window per delta frame delivered, per transport.
+ * Targets: ack p99 <= 2x ping p99; /ws deltas/s >= 50% of echo msgs/s; socket.io >= 70% of /ws;
+ * socket.io's server CPU per frame <= 1.4x /ws's.
  */
+import fs from 'node:fs';
+import os from 'node:os';
 import path from 'node:path';
 import { CHATWIRE_PROGRAMS, DIST, parseArgs, printTable, scrape, settle, sleep, startChatwire, startChild, summarize } from './bench-support.js';
 import { openClients, socketIoConn, wsConn, type Conn, type Transport } from './load-support.js';
@@ -42,6 +46,19 @@ interface ChatRun {
   dropped: number;
   errors: Record<string, number>;
   rssMiB: number;
+  /** The server process's user + system CPU time over the measured window, ms. */
+  serverCpuMs: number;
+}
+
+/** User + system CPU time of a process, ms (Linux /proc; NaN elsewhere). */
+function cpuMs(pid: number | undefined): number {
+  try {
+    const fields = fs.readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1]?.split(' ') ?? [];
+    // utime and stime are fields 14 and 15 of stat, 12 and 13 after the command name, in clock ticks (100 Hz on Linux).
+    return ((Number(fields[11]) + Number(fields[12])) * 1000) / 100;
+  } catch {
+    return NaN;
+  }
 }
 
 type Frame = { type: string; id?: string; taskId?: string; seq?: number; text?: string; code?: string; usage?: { completionTokens: number } };
@@ -149,7 +166,9 @@ async function runChat(kind: ServerKind, transport: Transport, connections: numb
     await sleep(WARMUP * 1000);
     for (const c of clients) c.loop.measuring = true;
     const t0 = performance.now();
+    const cpu0 = cpuMs(server.child.pid);
     await sleep(SECONDS * 1000);
+    const serverCpuMs = cpuMs(server.child.pid) - cpu0;
     const seconds = (performance.now() - t0) / 1000;
     for (const c of clients) {
       c.loop.measuring = false;
@@ -176,6 +195,7 @@ async function runChat(kind: ServerKind, transport: Transport, connections: numb
       dropped: clients.filter((c) => !c.conn.open).length,
       errors,
       rssMiB,
+      serverCpuMs,
     };
     for (const c of clients) c.conn.terminate();
     return run;
@@ -242,7 +262,10 @@ function transportResult(r: ChatRun): Record<string, unknown> {
 
 for (const connections of CONNECTIONS) {
   const echo = await runEcho(connections);
-  rows.push(['uWS echo (baseline)', connections, echo.perSecond, '-', '-', '-', echo.rtt.p50, echo.rtt.p99, '-', echo.rssMiB, '-']);
+  // What the server spends per delta frame it delivers: the cost of a transport that the clients' own decoding (on
+  // the same cores) does not blur, as it does the frames/s ratio.
+  const cpuPerFrameUs = (r: ChatRun) => Math.round(((r.serverCpuMs * 1000) / Math.max(1, r.deltas)) * 10) / 10;
+  rows.push(['uWS echo (baseline)', connections, echo.perSecond, '-', '-', '-', echo.rtt.p50, echo.rtt.p99, '-', echo.rssMiB, '-', '-']);
   const byServer: Partial<Record<ServerKind, { ws: ChatRun; sio: ChatRun }>> = {};
   for (const kind of SERVERS) {
     const ws = await runChat(kind, 'ws', connections);
@@ -260,11 +283,12 @@ for (const connections of CONNECTIONS) {
         r.ping.p99,
         `${r.lostDeltas}/${r.unfinished}/${r.dropped}`,
         r.rssMiB,
+        cpuPerFrameUs(r),
         Object.entries(r.errors).map(([k, v]) => `${k}:${v}`).join(' ') || 'none',
       ]);
     }
   }
-  const result: Record<string, unknown> = { connections, echoMsgsPerSec: Math.round(echo.perSecond), echoRttMs: echo.rtt };
+  const result: Record<string, unknown> = { connections, echoMsgsPerSec: Math.round(echo.perSecond), echoRttMs: echo.rtt, loadAverage: os.loadavg().map((x) => Math.round(x * 10) / 10) };
   const uws = byServer.uws;
   if (uws) {
     const wsDeltaRate = uws.ws.deltas / uws.ws.seconds;
@@ -276,18 +300,21 @@ for (const connections of CONNECTIONS) {
         wsAckP99OverPingP99: +(uws.ws.ack.p99 / uws.ws.ping.p99).toFixed(2),
         wsDeltasOverEcho: +(wsDeltaRate / echo.perSecond).toFixed(2),
         socketioOverWs: +(sioDeltaRate / wsDeltaRate).toFixed(2),
+        socketioCpuPerFrameOverWs: +(cpuPerFrameUs(uws.sio) / cpuPerFrameUs(uws.ws)).toFixed(2),
       },
+      serverCpuUsPerFrame: { ws: cpuPerFrameUs(uws.ws), socketio: cpuPerFrameUs(uws.sio) },
       targetsMet: {
         ackP99Within2xPing: uws.ws.ack.p99 <= 2 * uws.ws.ping.p99,
         deltasAtLeastHalfOfEcho: wsDeltaRate >= 0.5 * echo.perSecond,
         socketioAtLeast70PctOfWs: sioDeltaRate >= 0.7 * wsDeltaRate,
+        socketioCpuPerFrameAtMost1_4xWs: cpuPerFrameUs(uws.sio) <= 1.4 * cpuPerFrameUs(uws.ws),
         noLossNoDrop: uws.ws.lostDeltas + uws.ws.unfinished + uws.ws.dropped + uws.sio.lostDeltas + uws.sio.unfinished + uws.sio.dropped === 0,
       },
     });
   }
   const node = byServer.node;
   if (node) {
-    result.nodeHttp = { ws: transportResult(node.ws), socketio: transportResult(node.sio) };
+    result.nodeHttp = { ws: transportResult(node.ws), socketio: transportResult(node.sio), serverCpuUsPerFrame: { ws: cpuPerFrameUs(node.ws), socketio: cpuPerFrameUs(node.sio) } };
     if (uws) {
       result.nodeOverUws = {
         ws: +(node.ws.deltas / node.ws.seconds / (uws.ws.deltas / uws.ws.seconds)).toFixed(2),
@@ -299,12 +326,12 @@ for (const connections of CONNECTIONS) {
 }
 printTable(
   `bench:chat — dev provider, delay 0, ${SECONDS}s measured after ${WARMUP}s warm-up; echo window ${ECHO_WINDOW}/connection; latencies in ms`,
-  ['server', 'conns', 'frames/s', 'chats/s', 'ack p50', 'ack p99', 'ping p50', 'ping p99', 'lost/unfinished/dropped', 'RSS MiB', 'errors'],
+  ['server', 'conns', 'frames/s', 'chats/s', 'ack p50', 'ack p99', 'ping p50', 'ping p99', 'lost/unfinished/dropped', 'RSS MiB', 'server CPU µs/frame', 'errors'],
   rows,
 );
 for (const r of results) {
   const ratios = r.ratios as Record<string, number> | undefined;
-  if (ratios) console.log(`${r.connections} conns: ack p99 / ping p99 = ${ratios.wsAckP99OverPingP99} (target <= 2); /ws deltas / echo = ${ratios.wsDeltasOverEcho} (target >= 0.5); socket.io / ws = ${ratios.socketioOverWs} (target >= 0.7)`);
+  if (ratios) console.log(`${r.connections} conns: ack p99 / ping p99 = ${ratios.wsAckP99OverPingP99} (target <= 2); /ws deltas / echo = ${ratios.wsDeltasOverEcho} (target >= 0.5); socket.io / ws = ${ratios.socketioOverWs} (target >= 0.7); socket.io / ws server CPU per frame = ${ratios.socketioCpuPerFrameOverWs} (target <= 1.4); load average ${(r.loadAverage as number[]).join(' ')}`);
   const nodeOverUws = r.nodeOverUws as Record<string, number> | undefined;
   if (nodeOverUws) console.log(`${r.connections} conns: node:http / uWS deltas per second: /ws ${nodeOverUws.ws}, socket.io ${nodeOverUws.socketio}`);
 }

@@ -390,6 +390,65 @@ async function benchUpstream() {
   };
 }
 
+/**
+ * node-llama-cpp run directly in this process, without chatwire (no pool, no worker, no provider): the same GGUF,
+ * threads, context size and number of sequences as the local provider is given, the same prompt, token budget and
+ * temperature. What the local provider's tokens per second are measured against.
+ */
+async function localDirect(modelPath: string, threads: number, streams: number, maxTokens: number, budgetMs: number) {
+  const { getLlama, LlamaChat, LlamaLogLevel } = await import('node-llama-cpp');
+  const config = loadConfig({}, { llm: 'local', modelPath, localThreads: threads, localContextSize: 1024 });
+  const llama = await getLlama({
+    gpu: false,
+    build: 'never',
+    usePrebuiltBinaries: true,
+    skipDownload: true,
+    progressLogs: false,
+    logLevel: LlamaLogLevel.error,
+    ...(threads > 0 ? { maxThreads: threads } : {}),
+  });
+  const model = await llama.loadModel({ modelPath, gpuLayers: 0 });
+  const context = await model.createContext({ contextSize: config.localContextSize, sequences: config.localSequences, ...(threads > 0 ? { threads } : {}) });
+  const runOnce = async (i: number, n: number, limitMs = Infinity) => {
+    const sequence = context.getSequence();
+    const chat = new LlamaChat({ contextSequence: sequence });
+    const abort = new AbortController();
+    const timer = Number.isFinite(limitMs) ? setTimeout(() => abort.abort(), limitMs) : undefined;
+    let tokens = 0;
+    try {
+      await chat.generateResponse(
+        [
+          { type: 'user', text: `Quote ${i} for painting a fence tomorrow?` },
+          { type: 'model', response: [] },
+        ],
+        { signal: abort.signal, stopOnAbortSignal: true, maxTokens: n, temperature: 0.8, onResponseChunk: (chunk) => void (tokens += chunk.tokens.length) },
+      );
+    } finally {
+      clearTimeout(timer);
+      chat.dispose({ disposeSequence: true });
+    }
+    return tokens;
+  };
+  try {
+    await runOnce(0, 2);
+    const single0 = performance.now();
+    const singleTokens = await runOnce(0, maxTokens, budgetMs);
+    const singleMs = performance.now() - single0;
+    const t0 = performance.now();
+    const counts = await Promise.all(Array.from({ length: streams }, (_, i) => runOnce(i, maxTokens, budgetMs)));
+    const ms = performance.now() - t0;
+    return {
+      oneStreamTokensPerSecond: round1((singleTokens / singleMs) * 1000),
+      concurrentStreams: streams,
+      tokensPerSecond: round1((counts.reduce((a, b) => a + b, 0) / ms) * 1000),
+    };
+  } finally {
+    await context.dispose();
+    await model.dispose();
+    await llama.dispose();
+  }
+}
+
 async function benchLocal() {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'chatwire-bench-local-'));
   const embd = Number(args['local-embd']);
@@ -410,8 +469,11 @@ async function benchLocal() {
     { workers: 1, threadsPerWorker: 0 },
     { workers: 2, threadsPerWorker: 0 },
   ];
-  const results = [];
+  const results: Array<{ workers: number; threadsPerWorker: number; oneStreamTokensPerSecond: number; concurrentStreams: number; tokensPerSecond: number }> = [];
+  const direct: Array<{ threads: number; oneStreamTokensPerSecond: number; concurrentStreams: number; tokensPerSecond: number }> = [];
   try {
+    // One worker and the same threads as each direct run, measured next to it (direct first, then through chatwire).
+    for (const threads of [1, 0]) direct.push({ threads, ...(await localDirect(model.path, threads, streams, maxTokens, budgetMs)) });
     for (const c of configs) {
       const config = loadConfig({}, { llm: 'local', modelPath: model.path, localThreads: c.threadsPerWorker, localContextSize: 1024 });
       const pool = createModelPool({ settings: providerSettingsFrom(config), threads: c.workers, tasksPerWorker: streams, maxQueue: streams * 2, taskTimeoutMs: 600_000 });
@@ -463,6 +525,14 @@ async function benchLocal() {
     tokensPerReply: maxTokens,
     secondsBudget: budgetMs / 1000,
     results,
+    direct: direct.map((d) => {
+      const through = results.find((r) => r.workers === 1 && r.threadsPerWorker === d.threads);
+      return {
+        ...d,
+        oneStreamThroughChatwirePct: through ? round1((through.oneStreamTokensPerSecond / d.oneStreamTokensPerSecond) * 100) : NaN,
+        concurrentThroughChatwirePct: through ? round1((through.tokensPerSecond / d.tokensPerSecond) * 100) : NaN,
+      };
+    }),
   };
 }
 
@@ -543,6 +613,15 @@ if (part === 'local' || part === 'all') {
   console.log('| --- | --- | --- | --- | --- |');
   for (const r of l.results) {
     console.log(`| ${r.workers} | ${r.threadsPerWorker === 0 ? 'library default' : r.threadsPerWorker} | ${r.oneStreamTokensPerSecond} | ${r.concurrentStreams} | ${r.tokensPerSecond} |`);
+  }
+  console.log('\nlocal provider (1 worker) next to node-llama-cpp run directly in one process (same GGUF, threads, context, sequences); target >= 90% of direct');
+  console.log('| threads | direct, 1 stream tokens/s | through chatwire | % of direct | direct, concurrent tokens/s | through chatwire | % of direct |');
+  console.log('| --- | --- | --- | --- | --- | --- | --- |');
+  for (const d of l.direct) {
+    const through = l.results.find((r) => r.workers === 1 && r.threadsPerWorker === d.threads);
+    console.log(
+      `| ${d.threads === 0 ? 'library default' : d.threads} | ${d.oneStreamTokensPerSecond} | ${through?.oneStreamTokensPerSecond ?? '-'} | ${d.oneStreamThroughChatwirePct} | ${d.tokensPerSecond} (${d.concurrentStreams} streams) | ${through?.tokensPerSecond ?? '-'} | ${d.concurrentThroughChatwirePct} |`,
+    );
   }
 }
 console.log(JSON.stringify({ bench: 'upstream', ...out }));

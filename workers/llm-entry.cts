@@ -6,9 +6,10 @@
 type WorkerModule = typeof import('./llm.worker.js', { with: { 'resolution-mode': 'import' } });
 type Task = Parameters<WorkerModule['default']>[0];
 
-let worker: Promise<WorkerModule> | undefined;
+// Loaded as the thread starts (Piscina loads this file then), not at its first task: the worker warms its provider
+// as it loads (see llm.worker.ts), before the server says it is ready.
+const worker: Promise<WorkerModule> = import('./llm.worker.js');
 
 module.exports = function entry(task: Task): Promise<string | null> {
-  worker ??= import('./llm.worker.js');
   return worker.then((m) => m.default(task));
 };

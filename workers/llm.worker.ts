@@ -9,7 +9,7 @@ import { BroadcastChannel, MessageChannel, parentPort, threadId, workerData } fr
 import type { ControlMessage } from '../src/llm/pool.js';
 import { createProvider } from '../src/llm/providers.js';
 import type { ModelRequest, ModelResult, Provider, ProviderSettings } from '../src/llm/provider.js';
-import type { PoolCommand, WorkerBatch, WorkerEvent, WorkerHello, WorkerTask } from '../src/llm/worker-protocol.js';
+import type { PoolCommand, WorkerBatch, WorkerEvent, WorkerHello, WorkerTask, WorkerWarm } from '../src/llm/worker-protocol.js';
 import { isAppError } from '../src/protocol/index.js';
 
 const { settings, controlChannel } = workerData as { settings: ProviderSettings; controlChannel?: string };
@@ -34,6 +34,13 @@ events.port1.on('message', (command: PoolCommand) => {
 // Piscina's own port keeps the worker alive; this one must not keep an idle worker from being retired.
 events.port1.unref();
 parentPort?.postMessage({ t: 'events', threadId, port: events.port2 } satisfies WorkerHello, [events.port2]);
+
+// Warm as the thread starts: create the provider and run its check, which opens the upstream's keep-alive
+// connection (openai) or loads the model (local). A failed check is the readiness check's to report; the worker is up.
+void getProvider()
+  .then((created) => created.check?.())
+  .catch(() => {})
+  .finally(() => parentPort?.postMessage({ t: 'warm', threadId } satisfies WorkerWarm));
 
 function getProvider(): Promise<Provider> {
   provider ??= createProvider(settings).then((created) => {

@@ -261,7 +261,7 @@ export function createChatService(options: ChatServiceOptions): ChatService {
     });
   }
 
-  function listen(task: Task, flight: Flight, reservation: TokenReservation | null, promptTokens: number, storedReplyId?: string): void {
+  function listen(task: Task, flight: Flight, reservation: TokenReservation | null, promptTokens: number, storedReplyId?: string, joined = false): void {
     const listener: FlightListener & { cancel(): void } = {
       onStart: () => {
         task.startedAt ??= flight.startedAt ?? performance.now();
@@ -275,6 +275,10 @@ export function createChatService(options: ChatServiceOptions): ChatService {
       },
       onOutcome: (outcome) => {
         task.startedAt ??= flight.startedAt ?? performance.now();
+        // What the joined call cost is known only at its end: the same usage a call of this chat's own would have had.
+        if (joined && outcome.kind === 'end' && !outcome.cancelled && outcome.result !== null) {
+          metrics.modelTokensSaved.inc({ reason: 'joined' }, outcome.result.usage.promptTokens + outcome.result.usage.completionTokens);
+        }
         finishTask(task, outcome, reservation, promptTokens, storedReplyId);
       },
       cancel: () => {
@@ -381,10 +385,15 @@ export function createChatService(options: ChatServiceOptions): ChatService {
         replay.started();
         for (const chunk of plan.chunks) replay.chunk(chunk);
         replay.settle({ kind: 'end', result: plan.result, cancelled: false });
+        metrics.modelCallsSaved.inc({ reason: 'cache' });
+        metrics.modelTokensSaved.inc({ reason: 'cache' }, plan.result.usage.promptTokens + plan.result.usage.completionTokens);
         listen(task, replay, null, promptTokens, began.replyMessageId);
       } else if (flight !== null) {
-        if (plan.kind === 'join') metrics.singleflightJoins.inc();
-        listen(task, flight, reservation, promptTokens);
+        if (plan.kind === 'join') {
+          metrics.singleflightJoins.inc();
+          metrics.modelCallsSaved.inc({ reason: 'joined' });
+        }
+        listen(task, flight, reservation, promptTokens, undefined, plan.kind === 'join');
       }
       return {
         task,

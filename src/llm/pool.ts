@@ -4,7 +4,7 @@ import { Piscina } from 'piscina';
 import { AppError, type ErrorCode } from '../protocol/index.js';
 import { SlotLedger } from './slot-ledger.js';
 import type { ModelRequest, ModelResult, ProviderSettings } from './provider.js';
-import type { PoolCommand, WorkerBatch, WorkerEvent, WorkerHello, WorkerTask } from './worker-protocol.js';
+import type { PoolCommand, WorkerBatch, WorkerEvent, WorkerHello, WorkerTask, WorkerWarm } from './worker-protocol.js';
 
 export interface ModelPoolOptions {
   settings: ProviderSettings;
@@ -66,7 +66,10 @@ export interface ModelPool {
    */
   reserve(owner: string): PoolSlot;
   stats(): { threads: number; running: number; queued: number; inFlight: number; capacity: number };
-  /** Resolves when a worker answers and the provider says it is ready; rejects with the reason. */
+  /**
+   * Resolves when every worker has started and warmed its provider (once, after the start: a worker replaced later
+   * does not make the pool unready), a worker answers, and the provider says it is ready; rejects with the reason.
+   */
   check(timeoutMs?: number): Promise<void>;
   close(): Promise<void>;
 }
@@ -142,7 +145,20 @@ export function createModelPool(options: ModelPoolOptions): ModelPool {
   let pendingCheck: Promise<string | null> | null = null;
   /** Each live worker's event port, by thread id. */
   const workerPorts = new Map<number, MessagePort>();
-  piscina.on('message', (msg: WorkerHello) => {
+  /** Workers that have warmed their provider (WorkerWarm); and whether all the pool's threads had, once. */
+  const warmThreads = new Set<number>();
+  let warmedUp = false;
+  let onWarmedUp: () => void = () => {};
+  const warmed = new Promise<void>((resolve) => (onWarmedUp = resolve));
+  piscina.on('message', (msg: WorkerHello | WorkerWarm) => {
+    if (msg?.t === 'warm') {
+      warmThreads.add(msg.threadId);
+      if (warmThreads.size >= options.threads && !warmedUp) {
+        warmedUp = true;
+        onWarmedUp();
+      }
+      return;
+    }
     if (msg?.t !== 'events') return;
     const { threadId, port } = msg;
     workerPorts.set(threadId, port);
@@ -167,6 +183,7 @@ export function createModelPool(options: ModelPoolOptions): ModelPool {
     });
     port.once('close', () => {
       if (workerPorts.get(threadId) === port) workerPorts.delete(threadId);
+      warmThreads.delete(threadId);
     });
   });
 
@@ -370,8 +387,19 @@ export function createModelPool(options: ModelPoolOptions): ModelPool {
       // No AbortSignal: an abortable task would wait for an idle worker instead of sharing a busy one.
       let timer: NodeJS.Timeout | undefined;
       const timeout = new Promise<never>((_, reject) => {
-        timer = setTimeout(() => reject(new Error(`no worker answered within ${timeoutMs} ms`)), timeoutMs);
+        timer = setTimeout(() => {
+          reject(new Error(warmedUp ? `no worker answered within ${timeoutMs} ms` : `${warmThreads.size} of ${options.threads} workers started and warmed within ${timeoutMs} ms`));
+        }, timeoutMs);
       });
+      // Not ready before every worker is up with its provider warm: the first chats would pay for starting them.
+      if (!warmedUp) {
+        try {
+          await Promise.race([warmed, timeout]);
+        } catch (err) {
+          clearTimeout(timer);
+          throw err;
+        }
+      }
       // One check waits in Piscina's queue at a time (its maxQueue counts on it): a probe that comes while one waits
       // takes that one's answer, which is as fresh, since no worker has answered yet.
       pendingCheck ??= piscina.run({ kind: 'check' }).finally(() => {

@@ -1,120 +1,127 @@
-import http from 'node:http';
-import https from 'node:https';
+import { StringDecoder } from 'node:string_decoder';
+import { Client, type Dispatcher } from 'undici';
 
 /**
- * The HTTP client under the openai provider's SDK: a `fetch` over node:http(s)
- * with keep-alive agents, and direct access to a streaming response's body.
- *
- * Why not the global fetch (undici): per streamed token, undici's body goes
- * through WHATWG streams and the SDK's SSE decoder through three more async
- * generators; measured against a fake upstream that cost 50 to 70 µs of CPU per
- * token in the worker, and the SDK's request path (its Headers, the Response)
- * about 0.9 ms per call. Here the SDK still builds, authenticates and sends the
- * request and turns HTTP failures into its APIErrors; a streaming body is then
- * read straight from the Node stream by SseReader. About 25 µs per token.
+ * The HTTP client of the openai provider: undici's HTTP/1.1 client, a pool of keep-alive connections to the
+ * upstream's origin (one undici Client each, see pick()), driven through undici's dispatch handler. The response reaches the provider as callbacks on the bytes undici
+ * parsed off the socket: no web streams, no Node stream, no promise per chunk, and no SDK between the socket and
+ * the SSE parser. Measured on a fake upstream (docs/relay.md), that is what most of a relayed token's CPU went to.
  */
 export interface UpstreamHttp {
-  /** The `fetch` for the SDK's client options. */
-  fetch(input: string | URL | Request, init?: RequestInit): Promise<Response>;
-  /** The Node stream under a Response this fetch made: an event stream's only body (its Response has none). */
-  bodyOf(response: Response): http.IncomingMessage | undefined;
+  /** Sends one request; `sink` hears its response as it arrives. The returned function aborts it (closing its connection). */
+  send(request: UpstreamRequest, sink: ResponseSink): (reason: Error) => void;
+  close(): Promise<void>;
+}
+
+export interface UpstreamRequest {
+  method: 'GET' | 'POST';
+  /** Path and query, joined to the base URL's path. */
+  path: string;
+  headers: Record<string, string>;
+  body?: string;
+}
+
+/** A response's header values by lower-case name, as undici parsed them. */
+export type ResponseHeaders = Record<string, string | string[] | undefined>;
+
+/** What a request's response tells its sender, in order: head, data..., then exactly one of end or error. */
+export interface ResponseSink {
+  head(status: number, headers: ResponseHeaders): void;
+  data(chunk: Buffer): void;
+  end(): void;
+  error(err: Error): void;
 }
 
 // Free connections are closed after this long (or the server's own `Keep-Alive: timeout` less a second, if
 // shorter): reusing one that the server is about to close would fail the request. undici's default too.
 const IDLE_CONNECTION_MS = 4000;
-const NULL_BODY_STATUS = new Set([101, 103, 204, 205, 304]);
 
-export function createUpstreamHttp(): UpstreamHttp {
-  const agents = {
-    'http:': new http.Agent({ keepAlive: true, timeout: IDLE_CONNECTION_MS }),
-    'https:': new https.Agent({ keepAlive: true, timeout: IDLE_CONNECTION_MS }),
+export function createUpstreamHttp(baseUrl: string): UpstreamHttp {
+  const base = new URL(baseUrl);
+  if (base.protocol !== 'http:' && base.protocol !== 'https:') throw new TypeError(`unsupported protocol ${base.protocol}`);
+  const basePath = base.pathname.replace(/\/+$/, '');
+  const clientOptions: Client.Options = {
+    keepAliveTimeout: IDLE_CONNECTION_MS,
+    // The provider's own first-token and idle timeouts govern a call: undici's would cut a slow model's stream.
+    headersTimeout: 0,
+    bodyTimeout: 0,
   };
-  const bodies = new WeakMap<Response, http.IncomingMessage>();
-
-  function fetch(input: string | URL | Request, init: RequestInit = {}): Promise<Response> {
-    if (typeof input !== 'string' && !(input instanceof URL)) return Promise.reject(new TypeError('only URL inputs are supported'));
-    const url = typeof input === 'string' ? new URL(input) : input;
-    const agent = url.protocol === 'https:' ? agents['https:'] : url.protocol === 'http:' ? agents['http:'] : undefined;
-    if (!agent) return Promise.reject(new TypeError(`unsupported protocol ${url.protocol}`));
-    const body = init.body ?? undefined;
-    if (body !== undefined && typeof body !== 'string' && !(body instanceof Uint8Array)) {
-      return Promise.reject(new TypeError('only string and byte request bodies are supported'));
-    }
-    const headers = plainHeaders(init.headers);
-    // The SDK's body is a JSON string: a length instead of chunked encoding, which some servers refuse.
-    if (body !== undefined && headers['content-length'] === undefined) headers['content-length'] = String(Buffer.byteLength(body));
-    // No compression: undici would decode it, node:http does not.
-    headers['accept-encoding'] = 'identity';
-    return new Promise((resolve, reject) => {
-      const req = (url.protocol === 'https:' ? https : http).request(
-        url,
-        { method: init.method ?? 'GET', headers, agent, ...(init.signal ? { signal: init.signal } : {}) },
-        (res) => {
-          const status = res.statusCode ?? 0;
-          // An event stream is read by SseReader alone: building a web stream for it would cost more than the rest.
-          const eventStream = /^text\/event-stream/i.test(res.headers['content-type'] ?? '');
-          const response = new Response(NULL_BODY_STATUS.has(status) || eventStream ? null : lazyBody(res), {
-            status,
-            statusText: res.statusMessage ?? '',
-            headers: responseHeaders(res.rawHeaders),
-          });
-          bodies.set(response, res);
-          resolve(response);
-        },
-      );
-      req.on('error', reject);
-      req.end(body);
-    });
+  // One undici Client per connection, and a request goes to one with nothing in flight. undici's Pool would do the
+  // same, except for a connection whose response just ended: it counts that one busy for a turn of the event loop more
+  // (undici's guard against servers that close a kept-alive connection), so a call that starts as the previous one
+  // ends opened a connection of its own. A Client handed a request in that turn sends it once the turn is over, on
+  // the same connection. The Clients are at most the calls in flight at once (the worker's bounded share).
+  const connections: Array<{ client: Client; inFlight: number }> = [];
+  function pick(): { client: Client; inFlight: number } {
+    for (const connection of connections) if (connection.inFlight === 0) return connection;
+    const connection = { client: new Client(base.origin, clientOptions), inFlight: 0 };
+    connections.push(connection);
+    return connection;
   }
 
-  return { fetch, bodyOf: (response) => bodies.get(response) };
-}
-
-/** What fetch's `headers` option takes (Node's global Headers accepts the same). */
-type HeadersInit = ConstructorParameters<typeof Headers>[0];
-
-function plainHeaders(init: HeadersInit): Record<string, string> {
-  const out: Record<string, string> = {};
-  if (init instanceof Headers) init.forEach((value, name) => (out[name] = value));
-  else if (Array.isArray(init)) for (const [name, value] of init) out[(name as string).toLowerCase()] = value as string;
-  else if (init) for (const [name, value] of Object.entries(init)) out[name.toLowerCase()] = typeof value === 'string' ? value : value.join(', ');
-  return out;
-}
-
-function responseHeaders(raw: string[]): Headers {
-  const headers = new Headers();
-  for (let i = 0; i + 1 < raw.length; i += 2) headers.append(raw[i] as string, raw[i + 1] as string);
-  return headers;
-}
-
-/**
- * The body as a web stream for whoever reads it through the Response (the SDK, for error bodies and model lists).
- * Nothing is read from the Node stream until then, so SseReader can take it instead.
- */
-function lazyBody(res: http.IncomingMessage): ReadableStream<Uint8Array> {
-  let attached = false;
-  return new ReadableStream<Uint8Array>(
-    {
-      pull(controller) {
-        if (attached) {
-          res.resume();
-          return;
-        }
-        attached = true;
-        res.on('data', (chunk: Buffer) => {
-          controller.enqueue(new Uint8Array(chunk.buffer, chunk.byteOffset, chunk.byteLength));
-          if ((controller.desiredSize ?? 0) <= 0) res.pause();
-        });
-        res.once('end', () => controller.close());
-        res.once('error', (err) => controller.error(err));
+  function send(request: UpstreamRequest, sink: ResponseSink): (reason: Error) => void {
+    const headers = request.headers;
+    // A length instead of chunked encoding, which some servers refuse.
+    if (request.body !== undefined) headers['content-length'] = String(Buffer.byteLength(request.body));
+    // undici does not decode compressed bodies on this path.
+    headers['accept-encoding'] = 'identity';
+    let controller: Dispatcher.DispatchController | null = null;
+    let abortedWith: Error | null = null;
+    let settled = false;
+    const connection = pick();
+    connection.inFlight++;
+    // undici is done with the request: its connection may take the next one.
+    let released = false;
+    const release = () => {
+      if (released) return;
+      released = true;
+      connection.inFlight--;
+    };
+    const handler: Dispatcher.DispatchHandler = {
+      onRequestStart(c) {
+        controller = c;
+        // Aborted while it waited for a connection: it is never sent.
+        if (abortedWith) c.abort(abortedWith);
       },
-      cancel() {
-        res.destroy();
+      onResponseStart(_c, status, responseHeaders) {
+        if (!settled) sink.head(status, responseHeaders as ResponseHeaders);
       },
+      onResponseData(_c, chunk) {
+        if (!settled) sink.data(chunk);
+      },
+      onResponseEnd() {
+        release();
+        if (settled) return;
+        settled = true;
+        sink.end();
+      },
+      onResponseError(_c, err) {
+        release();
+        if (settled) return;
+        settled = true;
+        sink.error(err);
+      },
+    };
+    // Non-idempotent: undici does not retry it on its own (retries are the provider's, before the first token only).
+    connection.client.dispatch({ origin: base.origin, method: request.method, path: basePath + request.path, headers, body: request.body ?? null, idempotent: false }, handler);
+    return (reason) => {
+      if (abortedWith) return;
+      abortedWith = reason;
+      controller?.abort(reason);
+      // Before undici picked it up there is no controller: the sender hears of the abort now, undici when it starts.
+      if (!settled) {
+        settled = true;
+        sink.error(reason);
+      }
+    };
+  }
+
+  return {
+    send,
+    close: async () => {
+      await Promise.all(connections.map((c) => c.client.close()));
     },
-    { highWaterMark: 0 },
-  );
+  };
 }
 
 /** One server-sent event: its `event` field (null when absent) and its data lines joined by newlines. */
@@ -124,130 +131,83 @@ export interface SseEvent {
 }
 
 /**
- * Server-sent events from a response body, as the EventSource spec splits them (CR, LF or CRLF lines; `data`
- * lines joined; comments and other fields skipped; an event without its blank line at the end is dropped).
- * read() returns the events already received, one at a time; wait() resolves when more arrived or the body ended.
+ * Server-sent events from a response body's bytes, as the EventSource spec splits them (CR, LF or CRLF lines;
+ * `data` lines joined; comments and other fields skipped). Each complete event goes to `onEvent` as it is parsed,
+ * in the call to write() that completed it. An event without its blank line when the body ends is dropped.
  */
-export class SseReader {
+export class SseParser {
+  private readonly decoder = new StringDecoder('utf8');
   private buffer = '';
-  private readonly events: SseEvent[] = [];
-  private head = 0;
   private data: string[] = [];
   private event: string | null = null;
-  private finished = false;
-  private released = false;
-  private failure: unknown = undefined;
-  private wake: (() => void) | null = null;
+  private stopped = false;
 
-  constructor(private readonly body: http.IncomingMessage) {
-    body.setEncoding('utf8');
-    body.on('data', (text: string) => {
-      if (this.released) return;
-      this.buffer += text;
-      this.parse();
-      this.notify();
-    });
-    body.once('end', () => {
-      if (this.released) return;
-      // A CR that ends the body ends its line: there is no LF to wait for.
-      this.parse(true);
-      this.finish(undefined);
-    });
-    body.once('error', (err) => this.finish(err));
-    // A connection that closes before the body's end, without an error of its own.
-    body.once('close', () => this.finish(body.complete ? undefined : new Error('the response body was cut off')));
+  constructor(private readonly onEvent: (event: string | null, data: string) => void) {}
+
+  write(chunk: Buffer): void {
+    if (this.stopped) return;
+    this.buffer += this.decoder.write(chunk);
+    this.parse(false);
   }
 
-  /** The next event received, or undefined when there is none yet (see done / wait()). */
-  read(): SseEvent | undefined {
-    if (this.head === this.events.length) return undefined;
-    const event = this.events[this.head++];
-    if (this.head === this.events.length) {
-      this.events.length = 0;
-      this.head = 0;
-    }
-    return event;
+  /** The body ended: a CR that ends it ends its line (there is no LF to wait for). */
+  end(): void {
+    if (this.stopped) return;
+    this.buffer += this.decoder.end();
+    this.parse(true);
   }
 
-  /** True once the body ended and every event was read; throws what broke the body, if something did. */
-  get done(): boolean {
-    if (this.head < this.events.length || !this.finished) return false;
-    if (this.failure !== undefined) throw this.failure;
-    return true;
+  /** No more events: what arrives from now on is dropped (after `[DONE]`, or once the reading failed). */
+  stop(): void {
+    this.stopped = true;
+    this.buffer = '';
   }
 
-  wait(): Promise<void> {
-    if (this.head < this.events.length || this.finished) return Promise.resolve();
-    return new Promise((resolve) => (this.wake = resolve));
-  }
-
-  /** Stops reading and closes the connection. */
-  close(): void {
-    this.body.destroy();
-    this.finish(undefined);
-  }
-
-  /**
-   * Stops reading, for a stream that has said all it will (`[DONE]`): the events not read yet and whatever else
-   * arrives are dropped, and the body is left to end on its own, so that its keep-alive connection can serve the
-   * next request. A body that has not ended within `graceMs` has its connection closed.
-   */
-  release(graceMs: number): void {
-    this.released = true;
-    this.events.length = 0;
-    this.head = 0;
-    this.finish(undefined);
-    if (this.body.complete || this.body.destroyed) return;
-    const timer = setTimeout(() => this.body.destroy(), graceMs);
-    timer.unref();
-    this.body.once('close', () => clearTimeout(timer));
-  }
-
-  private finish(err: unknown): void {
-    if (this.finished) return;
-    this.finished = true;
-    this.failure = err;
-    this.notify();
-  }
-
-  private notify(): void {
-    const wake = this.wake;
-    this.wake = null;
-    wake?.();
-  }
-
-  private parse(atEnd = false): void {
+  private parse(atEnd: boolean): void {
     const buffer = this.buffer;
     let start = 0;
     // Most servers end lines with LF alone: one search for CR per arrival, then only LFs.
     let lf = buffer.indexOf('\n');
     let cr = buffer.indexOf('\r');
-    for (;;) {
+    while (!this.stopped) {
       if (lf >= 0 && lf < start) lf = buffer.indexOf('\n', start);
       if (cr >= 0 && cr < start) cr = buffer.indexOf('\r', start);
       const end = cr < 0 || (lf >= 0 && lf < cr) ? lf : cr;
       if (end < 0) break;
       // A CR at the end of what arrived may be the first half of a CRLF: wait for the next byte.
       if (end === cr && end + 1 === buffer.length && !atEnd) break;
-      this.line(buffer.slice(start, end));
+      this.line(buffer, start, end);
       start = end + (end === cr && buffer.charCodeAt(end + 1) === 10 ? 2 : 1);
     }
+    if (this.stopped) return;
     this.buffer = start === 0 ? buffer : buffer.slice(start);
   }
 
-  private line(line: string): void {
-    if (line.length === 0) {
-      if (this.data.length > 0) this.events.push({ event: this.event, data: this.data.length === 1 ? (this.data[0] as string) : this.data.join('\n') });
-      this.data = [];
+  private line(buffer: string, start: number, end: number): void {
+    if (start === end) {
+      if (this.data.length > 0) {
+        const data = this.data.length === 1 ? (this.data[0] as string) : this.data.join('\n');
+        const event = this.event;
+        this.data = [];
+        this.event = null;
+        this.onEvent(event, data);
+        return;
+      }
       this.event = null;
       return;
     }
-    if (line.charCodeAt(0) === 58) return; // ':' starts a comment
-    const colon = line.indexOf(':');
-    const field = colon < 0 ? line : line.slice(0, colon);
-    let value = colon < 0 ? '' : line.slice(colon + 1);
-    if (value.charCodeAt(0) === 32) value = value.slice(1);
-    if (field === 'data') this.data.push(value);
-    else if (field === 'event') this.event = value;
+    if (buffer.charCodeAt(start) === 58) return; // ':' starts a comment
+    // `data: ` first: nearly every line of a chat stream is one, and it is read without slicing the field name.
+    if (buffer.startsWith('data:', start)) {
+      this.data.push(buffer.slice(start + (buffer.charCodeAt(start + 5) === 32 ? 6 : 5), end));
+      return;
+    }
+    const colon = buffer.indexOf(':', start);
+    const fieldEnd = colon < 0 || colon > end ? end : colon;
+    const field = buffer.slice(start, fieldEnd);
+    let valueStart = fieldEnd === end ? end : fieldEnd + 1;
+    if (buffer.charCodeAt(valueStart) === 32 && valueStart < end) valueStart++;
+    if (field === 'data') this.data.push(buffer.slice(valueStart, end));
+    else if (field === 'event') this.event = buffer.slice(valueStart, end);
   }
 }

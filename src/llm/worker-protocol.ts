@@ -16,6 +16,16 @@ export interface WorkerHello {
   port: MessagePort;
 }
 
+/**
+ * Posted once by each worker on its parentPort once its provider is created and warmed (a check run: the upstream's
+ * connection opened, the local model loaded), whether or not that check passed: the worker is up. The readiness
+ * check says ready only once every worker has sent it, so the first chat after a start finds them all warm.
+ */
+export interface WorkerWarm {
+  t: 'warm';
+  threadId: number;
+}
+
 /** What a worker tells the pool about call `id`, in order: `start`, chunks (see WorkerBatch), then exactly one `end` or `error`. */
 export type WorkerEvent = { id: number } & (
   | { t: 'start'; threadId: number }

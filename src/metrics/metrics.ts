@@ -60,6 +60,18 @@ export function createMetrics() {
     retainedTaskBytes: new Gauge({ name: 'chatwire_retained_task_bytes', help: 'Heap bytes held by finished tasks kept in memory for resume (bounded by CHATWIRE_TASK_RETENTION_MAX_BYTES)', registers: [registry] }),
     cacheEvictions: new Counter({ name: 'chatwire_cache_evictions_total', help: 'Cache entries evicted by the byte bound or TTL', registers: [registry] }),
     singleflightJoins: new Counter({ name: 'chatwire_singleflight_joins_total', help: 'Chats that joined an identical model call in flight', registers: [registry] }),
+    modelCallsSaved: new Counter({
+      name: 'chatwire_model_calls_saved_total',
+      help: 'Model calls not made: replies served from the response cache (cache) or shared with an identical call in flight (joined)',
+      labelNames: ['reason'],
+      registers: [registry],
+    }),
+    modelTokensSaved: new Counter({
+      name: 'chatwire_model_tokens_saved_total',
+      help: 'Prompt + completion tokens the saved model calls would have cost: the stored usage of the cached reply, or the usage of the call joined',
+      labelNames: ['reason'],
+      registers: [registry],
+    }),
     eventLoopDelay: eventLoopDelayGauge(registry),
   };
   return m;

@@ -266,3 +266,37 @@ test('cache: bypass chats neither join a call in flight nor lend theirs to plain
   assert.equal(await metric(server, 'chatwire_model_calls_total'), 4);
   assert.equal(await metric(server, 'chatwire_singleflight_joins_total'), 0);
 });
+
+test('calls saved by joining and by the cache are counted, with the tokens the saved calls would have cost', async (t) => {
+  const server = await startServer({ devTokenDelayMs: 10 });
+  t.after(() => server.close());
+  const [a, b, c] = await Promise.all(['save-a', 'save-b', 'save-c'].map((user) => WsClient.connect(server.ws, { user })));
+  t.after(() => Promise.all([a, b, c].map((x) => x?.close())));
+  if (!a || !b || !c) throw new Error('connect failed');
+  const savedMetric = async (name: string, reason: string) => {
+    const text = await (await fetch(`${server.http}/metrics`)).text();
+    const m = new RegExp(`^${name}\\{reason="${reason}"\\} (\\S+)$`, 'm').exec(text);
+    return m ? Number(m[1]) : 0;
+  };
+  const body = { type: 'chat.send', text: 'How long does a roof inspection take?', params: { maxTokens: 20 } };
+
+  const ackA = await a.request(body);
+  await a.nextOfType('chat.delta');
+  const ackB = await b.request(body);
+  const [replyA, replyB] = await Promise.all([a.collect(ackA.taskId as string), b.collect(ackB.taskId as string)]);
+  assert.equal(replyA.end.type, 'chat.done');
+  assert.equal(replyB.end.cached, false);
+  const usage = replyA.end.usage as { promptTokens: number; completionTokens: number };
+  const cost = usage.promptTokens + usage.completionTokens;
+  assert.ok(usage.completionTokens === 20 && cost > 20);
+  assert.equal(await savedMetric('chatwire_model_calls_saved_total', 'joined'), 1);
+  assert.equal(await savedMetric('chatwire_model_tokens_saved_total', 'joined'), cost);
+
+  const ackC = await c.request(body);
+  assert.equal(ackC.status, 'cached');
+  const replyC = await c.collect(ackC.taskId as string);
+  assert.equal(replyC.end.cached, true);
+  assert.equal(await savedMetric('chatwire_model_calls_saved_total', 'cache'), 1);
+  assert.equal(await savedMetric('chatwire_model_tokens_saved_total', 'cache'), cost);
+  assert.equal(await metric(server, 'chatwire_model_calls_total'), 1);
+});

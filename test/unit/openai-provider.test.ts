@@ -1,4 +1,6 @@
 import assert from 'node:assert/strict';
+import http from 'node:http';
+import type { AddressInfo } from 'node:net';
 import { after, before, describe, test } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { loadConfig } from '../../src/config.js';
@@ -347,7 +349,9 @@ describe('openai provider against a fake upstream', () => {
 
   test('a body that ends soon after [DONE] is drained, and its connection serves the next call', async () => {
     reset();
+    const ports: Array<number | undefined> = [];
     fake.setHandler(async (ex) => {
+      ports.push(ex.res.socket?.remotePort);
       ex.sse.content(`reply ${ex.index}`);
       ex.sse.finish('stop');
       ex.sse.raw('data: [DONE]\n\n');
@@ -355,7 +359,6 @@ describe('openai provider against a fake upstream', () => {
       ex.res.end();
     });
     const provider = openai(fake.baseUrl, { drainAfterDoneMs: 2000 });
-    const before = fake.connections;
     const aborted = fake.abortedByClient;
     const first = await collect(provider);
     assert.deepEqual(first.chunks, ['reply 0']);
@@ -364,7 +367,9 @@ describe('openai provider against a fake upstream', () => {
     const second = await collect(provider);
     assert.deepEqual(second.chunks, ['reply 1']);
     assert.equal(first.error ?? second.error, undefined);
-    assert.equal(fake.connections - before, 1);
+    // Both calls on one connection (counted by the requests' own sockets: another test's closed connections do not count).
+    assert.equal(ports.length, 2);
+    assert.equal(new Set(ports).size, 1, `one connection for both calls, got remote ports ${ports.join(', ')}`);
     assert.equal(fake.abortedByClient, aborted);
   });
 
@@ -492,6 +497,20 @@ describe('openai provider against a fake upstream', () => {
     } finally {
       await noModels.close();
       await badKey.close();
+    }
+  });
+
+  test('check() against an upstream that never answers rejects as a timeout, not as an unreachable upstream', async () => {
+    const silent = http.createServer(() => {});
+    await new Promise<void>((resolve) => silent.listen(0, '127.0.0.1', resolve));
+    const base = `http://127.0.0.1:${(silent.address() as AddressInfo).port}/v1`;
+    try {
+      await assert.rejects(openai(base, { checkTimeoutMs: 200 }).check?.() ?? Promise.resolve(), {
+        message: `the upstream at ${base} did not answer within 200 ms`,
+      });
+    } finally {
+      silent.closeAllConnections();
+      await new Promise<void>((resolve) => silent.close(() => resolve()));
     }
   });
 });

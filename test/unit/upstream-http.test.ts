@@ -3,7 +3,7 @@ import { after, before, describe, test } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { createOpenAIProvider } from '../../src/llm/openai.js';
 import type { ModelRequest } from '../../src/llm/provider.js';
-import { createUpstreamHttp, SseReader, type SseEvent } from '../../src/llm/upstream-http.js';
+import { createUpstreamHttp, SseParser, type SseEvent } from '../../src/llm/upstream-http.js';
 import { numberedTokens, startFakeOpenAI, streamReply, type FakeOpenAI } from '../fixtures/fake-openai.js';
 
 const request: ModelRequest = { model: 'fake-1', messages: [{ role: 'user', content: 'Is a plumber free on Monday?' }], maxTokens: 3 };
@@ -17,7 +17,7 @@ describe('upstream HTTP client and SSE reader', () => {
     await fake.close();
   });
 
-  /** Sends `pieces` as an event stream, one write each with a pause between, and reads it back with SseReader. */
+  /** Sends `pieces` as an event stream, one write each with a pause between, and reads it back with SseParser. */
   async function readEvents(pieces: string[], opts: { cut?: boolean } = {}): Promise<{ events: SseEvent[]; error?: unknown }> {
     fake.setHandler(async (ex) => {
       ex.sse.open();
@@ -28,24 +28,26 @@ describe('upstream HTTP client and SSE reader', () => {
       if (opts.cut) ex.cut();
       else ex.res.end();
     });
-    const http = createUpstreamHttp();
-    const response = await http.fetch(`${fake.baseUrl}/chat/completions`, { method: 'POST', body: '{}', headers: { 'content-type': 'application/json' } });
-    const body = http.bodyOf(response);
-    assert.ok(body);
-    const reader = new SseReader(body);
+    const upstream = createUpstreamHttp(fake.baseUrl);
     const events: SseEvent[] = [];
+    const parser = new SseParser((event, data) => events.push({ event, data }));
     try {
-      for (;;) {
-        const event = reader.read();
-        if (event) {
-          events.push(event);
-          continue;
-        }
-        if (reader.done) return { events };
-        await reader.wait();
-      }
-    } catch (error) {
-      return { events, error };
+      return await new Promise((resolve) => {
+        upstream.send(
+          { method: 'POST', path: '/chat/completions', body: '{}', headers: { 'content-type': 'application/json' } },
+          {
+            head: (status) => assert.equal(status, 200),
+            data: (chunk) => parser.write(chunk),
+            end() {
+              parser.end();
+              resolve({ events });
+            },
+            error: (error) => resolve({ events, error }),
+          },
+        );
+      });
+    } finally {
+      await upstream.close();
     }
   }
 
@@ -76,15 +78,33 @@ describe('upstream HTTP client and SSE reader', () => {
     assert.ok(out.error instanceof Error);
   });
 
-  test('an error status keeps its body readable through the Response', async () => {
+  test('an error status reaches the sender with its headers and body', async () => {
     fake.setHandler((ex) => {
       ex.res.writeHead(503, { 'content-type': 'application/json' });
       ex.res.end('{"error":{"message":"busy"}}');
     });
-    const http = createUpstreamHttp();
-    const response = await http.fetch(`${fake.baseUrl}/chat/completions`, { method: 'POST', body: '{}' });
+    const upstream = createUpstreamHttp(fake.baseUrl);
+    const response = await new Promise<{ status: number; type: unknown; body: string }>((resolve, reject) => {
+      let status = 0;
+      let type: unknown;
+      let body = '';
+      upstream.send(
+        { method: 'POST', path: '/chat/completions', body: '{}', headers: {} },
+        {
+          head(s, headers) {
+            status = s;
+            type = headers['content-type'];
+          },
+          data: (chunk) => (body += chunk.toString()),
+          end: () => resolve({ status, type, body }),
+          error: reject,
+        },
+      );
+    });
+    await upstream.close();
     assert.equal(response.status, 503);
-    assert.deepEqual(await response.json(), { error: { message: 'busy' } });
+    assert.equal(response.type, 'application/json');
+    assert.deepEqual(JSON.parse(response.body), { error: { message: 'busy' } });
   });
 
   test('the openai provider reuses one keep-alive connection for calls one after the other', async () => {
