@@ -138,13 +138,13 @@ export class Task {
   private sealed = 0;
   private appendsSinceFlat = 0;
   readonly subscribers = new Set<Subscription>();
-  private state: TaskStatus = 'queued';
-  private end_: TaskTerminal | null = null;
-  private allText = '';
-  private firstTokenAt_: number | null = null;
-  private startedAt_: number | null = null;
-  private endedAt_: number | null = null;
-  private ending_ = false;
+  private _status: TaskStatus = 'queued';
+  private _terminal: TaskTerminal | null = null;
+  private _text = '';
+  private _firstTokenAt: number | null = null;
+  private _startedAt: number | null = null;
+  private _endedAt: number | null = null;
+  private _ending = false;
 
   /** `pumps`: the owner's scheduler of live deltas; null for an ended task rebuilt from storage, which takes no text. */
   constructor(
@@ -158,52 +158,52 @@ export class Task {
   ) {}
 
   get status(): TaskStatus {
-    return this.state;
+    return this._status;
   }
   /** The chat.done or chat.error it ended with; null while it runs. */
   get terminal(): TaskTerminal | null {
-    return this.end_;
+    return this._terminal;
   }
   get text(): string {
-    return this.allText;
+    return this._text;
   }
   /** performance.now() of the first model text, of the model call's start, and Date.now() of the end. */
   get firstTokenAt(): number | null {
-    return this.firstTokenAt_;
+    return this._firstTokenAt;
   }
   get startedAt(): number | null {
-    return this.startedAt_;
+    return this._startedAt;
   }
   get endedAt(): number | null {
-    return this.endedAt_;
+    return this._endedAt;
   }
   /** True once the task is ending (cancel, model end, error): it takes no more text and ends only once. */
   get ending(): boolean {
-    return this.ending_;
+    return this._ending;
   }
 
   /** Records when its model call started (the first report wins). */
   noteStarted(at: number): void {
-    this.startedAt_ ??= at;
+    this._startedAt ??= at;
   }
 
   /** A worker has started the model call: `task.get` says running from now on, before the first token. */
   markRunning(): void {
-    if (this.state === 'queued' && !this.ending_) this.state = 'running';
+    if (this._status === 'queued' && !this._ending) this._status = 'running';
   }
 
   /** Starts ending it: false when it is ending already (the caller must not end it twice). */
   beginEnding(): boolean {
-    if (this.ending_) return false;
-    this.ending_ = true;
+    if (this._ending) return false;
+    this._ending = true;
     return true;
   }
 
   /** Adds model text; `coalesce` false keeps it a delta of its own (a replay keeps its chunk boundaries). */
   pushDelta(text: string, coalesce = true): void {
-    if (this.ending_ || text.length === 0) return;
-    if (this.firstTokenAt_ === null) this.firstTokenAt_ = performance.now();
-    if (this.state === 'queued') this.state = 'running';
+    if (this._ending || text.length === 0) return;
+    if (this._firstTokenAt === null) this._firstTokenAt = performance.now();
+    if (this._status === 'queued') this._status = 'running';
     const deltas = this.live;
     if (deltas === null) return;
     const last = deltas.length - 1;
@@ -213,11 +213,11 @@ export class Task {
       deltas.push(text);
       if (!coalesce) this.sealed = deltas.length;
     }
-    this.allText += text;
+    this._text += text;
     if (++this.appendsSinceFlat >= FLATTEN_EVERY) {
       this.appendsSinceFlat = 0;
       // Converting a string to a number flattens it in place (see compact()).
-      void Number(this.allText);
+      void Number(this._text);
       void Number(deltas[deltas.length - 1]);
     }
     if (this.subscribers.size === 0) return;
@@ -233,10 +233,10 @@ export class Task {
 
   /** Ends the task: every subscriber is sent what it has not seen, then the terminal message, now. */
   end(terminal: TaskTerminal, status: Extract<TaskStatus, 'done' | 'error' | 'cancelled'>): void {
-    if (this.end_ !== null) return;
-    this.end_ = terminal;
-    this.state = status;
-    this.endedAt_ = Date.now();
+    if (this._terminal !== null) return;
+    this._terminal = terminal;
+    this._status = status;
+    this._endedAt = Date.now();
     for (const sub of this.subscribers) sub.pump();
     this.compact();
   }
@@ -267,21 +267,21 @@ export class Task {
     status: Extract<TaskStatus, 'done' | 'error' | 'cancelled'>,
   ): Task {
     const task = new Task(ids.taskId, ids.userId, ids.conversationId, 0, ids.createdAt, ids.cached, null);
-    task.ending_ = true;
-    task.allText = text;
+    task._ending = true;
+    task._text = text;
     task.live = null;
     task.ends = ends;
     task.sealed = ends.length;
-    task.end_ = terminal;
-    task.state = status;
-    task.endedAt_ = ids.endedAt;
+    task._terminal = terminal;
+    task._status = status;
+    task._endedAt = ids.endedAt;
     return task;
   }
 
   deltaAt(seq: number): string {
     if (this.live !== null) return this.live[seq] as string;
     const ends = this.ends as Uint32Array;
-    return this.allText.slice(seq === 0 ? 0 : ends[seq - 1], ends[seq]);
+    return this._text.slice(seq === 0 ? 0 : ends[seq - 1], ends[seq]);
   }
 
   /**
@@ -293,7 +293,7 @@ export class Task {
     if (this.live === null) return;
     const ends = this.deltaEnds();
     // Converting a string to a number flattens it in place: the text stops being a rope of every appended chunk.
-    void Number(this.allText);
+    void Number(this._text);
     this.ends = ends;
     this.live = null;
     this.sealed = ends.length;
