@@ -1,6 +1,6 @@
 import type { Logger } from 'pino';
 import type { Identity } from '../auth/identity.js';
-import { newTaskId, type BeganChat, type BeginChat, type ChatStore } from '../db/chat-store.js';
+import { newTaskId, type BeganChat, type BeginChat, type ChatStore, type StoredTask } from '../db/chat-store.js';
 import { describeStorageError } from '../db/storage-health.js';
 import type { ModelPool, ModelRun, PoolSlot } from '../llm/pool.js';
 import { countTokens, type ModelMessage, type ModelRequest, type ModelResult } from '../llm/provider.js';
@@ -118,10 +118,17 @@ export function createChatService(options: ChatServiceOptions): ChatService {
     throw new AppError('rate_limited', `${held} chats in flight, the most one user may have; retry in ${retryAfterMs} ms`, { retryAfterMs });
   }
 
-  function visibleTask(caller: Identity, taskId: string): Task {
+  /** The caller's task, from memory or else from storage (a Task that replays, or the stored row past its window). */
+  function ownTask(caller: Identity, taskId: string): Task | StoredTask {
     const found = tasks.get(taskId) ?? retention.restore(taskId);
     if (!found) throw new AppError('not_found', `no task ${taskId}`);
     if (found.userId !== caller.userId) throw new AppError('forbidden', 'this task belongs to another user');
+    return found;
+  }
+
+  /** The caller's task as one that can be streamed (subscribed to, cancelled). */
+  function visibleTask(caller: Identity, taskId: string): Task {
+    const found = ownTask(caller, taskId);
     if (!(found instanceof Task)) throw new AppError('not_found', `task ${taskId} is no longer resumable (past its retention window)`);
     return found;
   }
@@ -436,9 +443,7 @@ export function createChatService(options: ChatServiceOptions): ChatService {
     },
 
     task(caller, taskId) {
-      const found = tasks.get(taskId) ?? retention.restore(taskId);
-      if (!found) throw new AppError('not_found', `no task ${taskId}`);
-      if (found.userId !== caller.userId) throw new AppError('forbidden', 'this task belongs to another user');
+      const found = ownTask(caller, taskId);
       if (found instanceof Task) return found.info();
       const stored = found;
       return {
