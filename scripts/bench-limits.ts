@@ -40,7 +40,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import { performance } from 'node:perf_hooks';
 import WebSocket from 'ws';
-import { createRateLimits, type RateLimits } from '../src/limits/index.js';
+import { createRateLimits, type RateLimits } from '../src/limits/rate-limits.js';
 import { parseArgs, printTable, scrape, sleep, startChatwire, summarize, type Child } from './bench-support.js';
 
 const args = parseArgs({

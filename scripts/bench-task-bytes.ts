@@ -6,7 +6,7 @@
  *   npm run bench:task-bytes
  */
 import { retainedBytes } from '../src/chat/retention.js';
-import { Task } from '../src/chat/task.js';
+import { PumpScheduler, Task } from '../src/chat/task.js';
 import { newTaskId } from '../src/db/chat-store.js';
 import { printTable } from './bench-support.js';
 
@@ -15,8 +15,11 @@ if (gc === undefined) throw new Error('run with node --expose-gc (npm run bench:
 
 const WORDS = ['alpha', 'beta', 'gamma', 'delta', 'epsilon', 'zeta', 'eta', 'theta', 'iota', 'kappa'];
 
+// One per chat service, as there.
+const pumps = new PumpScheduler();
+
 function endedTask(i: number, deltas: number, twoByte: boolean): Task {
-  const task = new Task(newTaskId(), `user-${i % 10}`, `conv_${i}_${Math.random().toString(36).slice(2)}`, performance.now(), Date.now(), true);
+  const task = new Task(newTaskId(), `user-${i % 10}`, `conv_${i}_${Math.random().toString(36).slice(2)}`, performance.now(), Date.now(), true, pumps);
   for (let d = 0; d < deltas; d++) task.pushDelta(`${twoByte ? ' δ' : ' '}${WORDS[(i + d) % 10]}`, false);
   task.end(
     {

@@ -49,7 +49,7 @@ import { performance } from 'node:perf_hooks';
 import { parseArgs } from 'node:util';
 import WebSocket from 'ws';
 import { loadConfig } from '../src/config.js';
-import { writeTinyLlamaGguf } from '../src/llm/gguf-tiny-llama.js';
+import { writeTinyLlamaGguf } from '../test/fixtures/gguf-tiny-llama.js';
 import { createModelPool } from '../src/llm/pool.js';
 import { providerSettingsFrom, type ModelRequest } from '../src/llm/provider.js';
 import { startHopProbe } from './bench-hops.js';

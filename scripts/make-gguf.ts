@@ -8,7 +8,7 @@
  * The replies are gibberish made of words from its small vocabulary.
  */
 import { parseArgs } from 'node:util';
-import { writeTinyLlamaGguf } from '../src/llm/gguf-tiny-llama.js';
+import { writeTinyLlamaGguf } from '../test/fixtures/gguf-tiny-llama.js';
 
 const { values, positionals } = parseArgs({
   allowPositionals: true,

@@ -4,7 +4,8 @@
  * The secret is --secret, else CHATWIRE_JWT_SECRET (read through loadConfig).
  */
 import { parseArgs } from 'node:util';
-import { signToken, SubjectSchema } from '../src/auth/index.js';
+import { SubjectSchema } from '../src/auth/claims.js';
+import { signToken } from '../src/auth/sign.js';
 import { loadConfig } from '../src/config.js';
 import { RoleSchema } from '../src/protocol/index.js';
 

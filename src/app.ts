@@ -1,38 +1,39 @@
 /**
  * Wires every part of chatwire together, in one visible place: storage, the
- * model pool, the chat service, limits, auth and the transport. Tests and
+ * model pool, the chat service, limits, auth and the transport. Each part's
+ * adapters live in its own folder; this file only builds the parts and connects them. Tests and
  * benchmarks start a real server with createApp(config) on port 0.
  */
 import path from 'node:path';
 import type { Logger } from 'pino';
-import { createAuth } from './auth/auth.js';
-import { cacheKey, isCacheable } from './cache/cache-key.js';
-import { openResponseCache } from './cache/response-cache.js';
-import { createChatService } from './chat/chat-service.js';
-import type { ChatCache, ChatLimits } from './chat/ports.js';
+import { createConfiguredAuth, warnAboutAuthSettings } from './auth/configured-auth.js';
+import { originPolicy } from './auth/origin-policy.js';
+import { cacheReadiness, createChatCache } from './cache/chat-cache.js';
+import { openResponseCache, type ResponseCache } from './cache/response-cache.js';
+import { createChatService, type ChatService } from './chat/chat-service.js';
 import type { Config } from './config.js';
-import { createChatStore } from './db/chat-store.js';
+import { createChatStore, type ChatStore } from './db/chat-store.js';
 import { databaseFile } from './db/data-file.js';
 import { startCheckpointer } from './db/checkpointer.js';
 import { Database } from './db/database.js';
 import { createSqliteMarketplaceStore } from './db/marketplace-queries.js';
 import { migrate } from './db/migrate.js';
-import { probeDataDir } from './db/storage-health.js';
+import { storageReadiness } from './db/storage-health.js';
 import { backendFingerprint } from './llm/backend.js';
 import { DEV_DEFAULT_MAX_TOKENS } from './llm/dev.js';
-import { createModelPool } from './llm/pool.js';
-import { createMarketplaceService } from './marketplace/marketplace-service.js';
+import { createModelPool, type ModelPool } from './llm/pool.js';
+import { createMarketplaceService, type MarketplaceService } from './marketplace/marketplace-service.js';
 import { providerSettingsFrom } from './llm/provider.js';
-import { createEgressLimits } from './limits/egress.js';
-import { createRateLimits } from './limits/rate-limits.js';
+import { connectionQuota, createChatLimits, rateLimitHeaders } from './limits/chat-limits.js';
+import { createEgressLimits, type EgressLimits } from './limits/egress.js';
+import { createRateLimits, type RateLimits } from './limits/rate-limits.js';
 import { createMetrics, type Metrics } from './metrics/metrics.js';
-import { AppError } from './protocol/index.js';
-import { createPendingAdmission } from './transport/admission.js';
+import { createPendingAdmission, type PendingAdmission } from './transport/admission.js';
 import type { Authenticator, TransportDeps } from './transport/deps.js';
 import { createFdGuard, raiseFdLimit } from './transport/fd-limit.js';
 import { asProvider, choiceFingerprint, choiceName, type ProviderChoice } from './llm/custom-provider.js';
 import { createInlinePool } from './llm/inline-pool.js';
-import { createBufferBudget } from './transport/buffer-budget.js';
+import { createBufferBudget, type BufferBudget } from './transport/buffer-budget.js';
 import { startHttpServer, type HttpServer } from './transport/server.js';
 import { lockDataDir } from './db/data-dir-lock.js';
 
@@ -57,234 +58,238 @@ export interface AppOptions {
 export const CACHE_DIR = 'cache';
 export { DATABASE_FILE_NAME as SQLITE_FILE } from './db/data-file.js';
 
+type Closer = () => Promise<void> | void;
+
+/** What createApp opened, closed in reverse order; a part that fails to close is logged and the rest still close. */
+function createClosers(log: Logger) {
+  const closers: Closer[] = [];
+  return {
+    add(close: Closer): void {
+      closers.push(close);
+    },
+    async closeAll(): Promise<void> {
+      for (const close of closers.reverse()) {
+        try {
+          await close();
+        } catch (err) {
+          log.warn({ err }, 'closing a part failed');
+        }
+      }
+    },
+  };
+}
+type Closers = ReturnType<typeof createClosers>;
+
 export async function createApp(config: Config, options: AppOptions): Promise<App> {
   const { log } = options;
   const metrics = createMetrics();
+  const closers = createClosers(log);
   // First (it also creates the dir): a second server on this dir stops here, before it touches the first one's
   // database or cache.
   const dataDirLock = lockDataDir(config.dataPath);
-  const closers: (() => Promise<void> | void)[] = [() => dataDirLock.release()];
-  const closeAll = async () => {
-    for (const close of closers.reverse()) {
-      try {
-        await close();
-      } catch (err) {
-        log.warn({ err }, 'closing a part failed');
-      }
-    }
-  };
-
+  closers.add(() => dataDirLock.release());
   try {
-    const db = new Database(databaseFile(config.dataPath), { onQuery: (op) => metrics.dbQueries.tally(op).inc() });
-    closers.push(() => db.close());
-    const applied = migrate(db);
-    if (applied.length > 0) log.info({ migrations: applied }, 'database migrated');
-    const checkpointer = startCheckpointer(db, { log: (level, msg, fields) => log[level](fields ?? {}, msg) });
-    closers.push(() => checkpointer.close());
-    const store = createChatStore(db, { onCommit: (seconds) => metrics.dbCommitSeconds.observe(seconds) });
-    closers.push(() => store.close());
-    const recovered = store.recoverUnfinished();
-    if (recovered > 0) log.warn({ tasks: recovered }, 'tasks left unfinished by the previous process were marked failed');
-
-    const cache = openResponseCache({
-      path: path.join(config.dataPath, CACHE_DIR),
-      ttlMs: config.cacheTtlSec * 1000,
-      maxBytes: config.cacheMaxBytes,
-      hooks: {
-        onEvict: (count) => metrics.cacheEvictions.inc(count),
-        onBytes: (bytes) => metrics.cacheBytes.set(bytes),
-      },
-      log: (level, msg, fields) => log[level](fields ?? {}, msg),
-    });
-    closers.push(() => cache.close());
-
-    let localModel: { identity: string } | undefined;
-    const custom = options.provider;
-    const providerName = custom === undefined ? config.llm : choiceName(custom);
-    if (custom === undefined && config.llm === 'local') {
-      // A missing or broken model file stops the start here, not at the first chat.
-      const { validateLocalModel } = await import('./llm/local-model.js');
-      const model = await validateLocalModel(config.modelPath);
-      log.info({ model: model.name, architecture: model.architecture, bytes: model.fileBytes, identity: model.identity }, 'local model file checked');
-      localModel = model;
-    }
-    // In every cache key: a reply is never served for another upstream or model file than the one that wrote it.
-    const backend = custom === undefined ? backendFingerprint(config, localModel) : choiceFingerprint(custom);
-    const poolOptions = {
-      settings: { ...providerSettingsFrom(config), module: custom?.kind === 'module' ? custom.module : undefined },
-      threads: config.workerThreads,
-      tasksPerWorker: config.tasksPerWorker,
-      maxQueue: config.maxQueue,
-      maxQueuedPerOwner: config.maxQueuedPerUser,
-      taskTimeoutMs: config.taskTimeoutMs,
-      hooks: {
-        onModelCall: () => metrics.modelCalls.inc(),
-        onWorkerFailure: () => metrics.workerFailures.inc(),
-        onOwnerQueueFull: () => metrics.rateLimited.inc({ bucket: 'queued' }),
-      },
-    };
-    const pool = custom?.kind === 'object' ? createInlinePool(asProvider(custom.provider), poolOptions) : createModelPool(poolOptions);
-    closers.push(() => pool.close());
-
-    const limits = createRateLimits({
-      messagesPerSecond: config.messagesPerSecond,
-      chatsPerMinute: config.chatsPerMinute,
-      modelTokensPerMinute: config.modelTokensPerMinute,
-      maxConnectionsPerUser: config.maxConnectionsPerUser,
-      maxAnonymousUsers: config.maxAnonymousUsers,
-    });
-    closers.push(() => limits.close());
-    const egress = createEgressLimits({ bytesPerMinute: config.egressBytesPerMinute });
-    closers.push(() => egress.close());
-
-    const auth = createAuth(
-      config.jwtSecret === undefined
-        ? { admitAnonymous: (userId) => limits.admitAnonymous(userId) }
-        : { secret: config.jwtSecret, requireExp: config.jwtRequireExp, audience: config.jwtAudience, issuer: config.jwtIssuer, maxTtlSec: config.jwtMaxTtlSec },
-    );
-    if (options.auth !== undefined) {
-      // The host's hook identifies callers: the token settings are not used.
-    } else if (auth.mode === 'open') {
-      log.warn('open mode: no CHATWIRE_JWT_SECRET, so ?user= is trusted as the user id; set a secret in production');
-      const unused = [
-        config.jwtRequireExp ? 'CHATWIRE_JWT_REQUIRE_EXP' : null,
-        config.jwtAudience !== undefined ? 'CHATWIRE_JWT_AUDIENCE' : null,
-        config.jwtIssuer !== undefined ? 'CHATWIRE_JWT_ISSUER' : null,
-        config.jwtMaxTtlSec !== undefined ? 'CHATWIRE_JWT_MAX_TTL_SEC' : null,
-      ].filter((name) => name !== null);
-      if (unused.length > 0) log.warn({ settings: unused }, 'these token settings do nothing without CHATWIRE_JWT_SECRET');
-    } else if (auth.weakSecret) log.warn('CHATWIRE_JWT_SECRET is shorter than 32 bytes; use a longer random secret');
-
-    const marketplace = createMarketplaceService({ store: createSqliteMarketplaceStore(db), batching: config.dbBatching });
-    closers.push(() => marketplace.close());
-
-    const chatCache: ChatCache = {
-      keyOf: (request) =>
-        isCacheable({ provider: providerName, temperature: request.temperature })
-          ? cacheKey({ provider: providerName, backend, model: request.model, temperature: request.temperature, maxTokens: request.maxTokens, messages: request.messages })
-          : null,
-      get: (key) => cache.get(key),
-      put: (key, reply) => {
-        cache.put(key, { ...reply, model: config.model, createdAt: Date.now() }).catch((err: unknown) => log.warn({ err }, 'writing the response cache failed'));
-      },
-    };
-    const chatLimits: ChatLimits = {
-      chat: (userId) => {
-        const d = limits.chat(userId);
-        if (!d.ok) metrics.rateLimited.inc({ bucket: d.bucket });
-        return d;
-      },
-      reserveModelTokens: (userId, maxTokens) => {
-        const d = limits.reserveModelTokens(userId, maxTokens);
-        if (!d.ok) metrics.rateLimited.inc({ bucket: d.bucket });
-        return d;
-      },
-    };
-
+    const storage = openStorage(config, metrics, log, closers);
+    const cache = openCache(config, metrics, log, closers);
+    const models = await openModels(config, options, metrics, closers);
+    const { limits, egress } = openLimits(config, closers);
+    const auth = createConfiguredAuth(config, (userId) => limits.admitAnonymous(userId));
+    warnAboutAuthSettings(config, auth, log, options.auth !== undefined);
+    const marketplace = createMarketplaceService({ store: createSqliteMarketplaceStore(storage.db), batching: config.dbBatching });
+    closers.add(() => marketplace.close());
     const chat = createChatService({
-      store,
-      pool,
-      cache: chatCache,
-      limits: chatLimits,
+      store: storage.store,
+      pool: models.pool,
+      cache: createChatCache({ cache, provider: models.providerName, backend: models.backend, model: config.model, log }),
+      limits: createChatLimits(limits, (bucket) => metrics.rateLimited.inc({ bucket })),
       metrics,
       log,
-      provider: providerName,
+      provider: models.providerName,
       model: config.model,
       contextMessages: config.contextMessages,
-      defaultMaxTokens: providerName === 'dev' ? DEV_DEFAULT_MAX_TOKENS : config.defaultMaxTokens,
-      capUnsetMaxTokens: providerName !== 'dev',
+      defaultMaxTokens: models.providerName === 'dev' ? DEV_DEFAULT_MAX_TOKENS : config.defaultMaxTokens,
+      capUnsetMaxTokens: models.providerName !== 'dev',
       taskRetentionMs: config.taskRetentionMs,
       taskRetentionMaxBytes: config.taskRetentionMaxBytes,
       maxRunningPerUser: config.maxRunningPerUser,
     });
-
-    // Every connection is a descriptor: use all the process may have, and refuse new ones a little before the end.
-    raiseFdLimit(log);
-    const fdGuard = createFdGuard({ log });
-    closers.push(() => fdGuard.close());
-    const admission = createPendingAdmission({
-      maxPending: config.maxPendingConnections,
-      maxPendingPerAddress: config.maxPendingPerAddress,
-      retryAfterMs: 1000,
-      nearFdLimit: () => fdGuard.nearLimit(),
-    });
-    closers.push(() => admission.close());
-    const buffers = createBufferBudget({ maxBufferedBytes: config.maxBufferedBytes });
-    closers.push(() => buffers.close());
-
-    const allowed = config.allowedOrigins === '*' ? null : new Set(config.allowedOrigins);
-    const deps: TransportDeps = {
-      config,
-      providerName,
-      metrics,
-      log,
-      auth: options.auth ?? auth,
-      chat,
-      marketplace,
-      session: {
-        chat,
-        marketplace,
-        frameLimit: (userId) => limits.frame(userId),
-        frameRefused: (userId) => limits.frameRefused(userId),
-        flooded: (userId) => limits.floodClosed(userId),
-        egress: (userId, bytes) => egress.charge(userId, bytes),
-        metrics,
-        log,
-      },
-      buffers,
-      connections: {
-        opened: (userId) => {
-          const d = limits.connectionOpened(userId);
-          if (d.ok) return { ok: true };
-          // 429 rather than 403 or 503: the user is over a quota (docs/rate-limits.md, "Connections").
-          return { ok: false, error: new AppError('rate_limited', d.reason, d.retryAfterMs === undefined ? {} : { retryAfterMs: d.retryAfterMs }) };
-        },
-        closed: (userId) => limits.connectionClosed(userId),
-      },
-      admission,
-      checkOrigin: (origin) => {
-        if (allowed !== null && origin !== undefined && !allowed.has(origin)) throw new AppError('forbidden', `origin ${origin} is not allowed`);
-      },
-      rateLimitHeaders: (userId) => {
-        const h = limits.httpHeaders(userId);
-        return { 'ratelimit-policy': h['RateLimit-Policy'], ratelimit: h.RateLimit };
-      },
-      httpLimit: (userId) => limits.frame(userId),
-      readiness: [
-        { name: 'sqlite', check: () => void db.raw.prepare('SELECT 1').get() },
-        // SELECT 1 answers on a full or read-only disk; this fails then, so /readyz says 503 before chats fail.
-        { name: 'disk', check: () => probeDataDir(config.dataPath) },
-        { name: 'workers', check: () => pool.check() },
-        { name: 'cache', check: () => void cache.stats() },
-      ],
-      beforeScrape: () => {
-        const s = pool.stats();
-        metrics.queueDepth.set(s.queued);
-        metrics.modelCallsInFlight.set(s.inFlight);
-        metrics.rateLimitUsers.set(limits.size());
-        metrics.pendingConnections.set(admission.pending());
-        metrics.bufferedBytes.set(buffers.totalBytes());
-      },
-    };
-
+    const { admission, buffers } = openConnectionGuards(config, log, closers);
+    const deps = transportDeps({ config, metrics, log, auth: options.auth ?? auth, chat, marketplace, limits, egress, admission, buffers, storage, cache, pool: models.pool, providerName: models.providerName });
     const server = await (options.serve ?? ((d: TransportDeps) => startHttpServer(d, config.host, config.port)))(deps);
-    let closing: Promise<void> | null = null;
-    return {
-      port: server.port,
-      metrics,
-      server,
-      close() {
-        closing ??= (async () => {
-          server.stopListening();
-          await chat.close();
-          await server.close();
-          await closeAll();
-        })();
-        return closing;
-      },
-    };
+    return appHandle(server, metrics, chat, closers);
   } catch (err) {
-    await closeAll();
+    await closers.closeAll();
     throw err;
   }
+}
+
+interface Parts {
+  config: Config;
+  metrics: Metrics;
+  log: Logger;
+  auth: Authenticator;
+  chat: ChatService;
+  marketplace: MarketplaceService;
+  limits: RateLimits;
+  egress: EgressLimits;
+  admission: PendingAdmission;
+  buffers: BufferBudget;
+  storage: { db: Database };
+  cache: ResponseCache;
+  pool: ModelPool;
+  providerName: string;
+}
+
+/** What the transports are connected to: the chat and marketplace services and, per user, the limits around them. */
+function transportDeps(parts: Parts): TransportDeps {
+  const { config, metrics, log, auth, chat, marketplace, limits, egress, admission, buffers, storage, cache, pool, providerName } = parts;
+  return {
+    config,
+    providerName,
+    metrics,
+    log,
+    auth,
+    chat,
+    marketplace,
+    session: {
+      chat,
+      marketplace,
+      frameLimit: (userId) => limits.frame(userId),
+      frameRefused: (userId) => limits.frameRefused(userId),
+      flooded: (userId) => limits.floodClosed(userId),
+      egress: (userId, bytes) => egress.charge(userId, bytes),
+      metrics,
+      log,
+    },
+    buffers,
+    connections: connectionQuota(limits),
+    admission,
+    checkOrigin: originPolicy(config.allowedOrigins),
+    rateLimitHeaders: rateLimitHeaders(limits),
+    httpLimit: (userId) => limits.frame(userId),
+    readiness: [...storageReadiness(storage.db, config.dataPath), { name: 'workers', check: () => pool.check() }, cacheReadiness(cache)],
+    beforeScrape: () => {
+      const s = pool.stats();
+      metrics.queueDepth.set(s.queued);
+      metrics.modelCallsInFlight.set(s.inFlight);
+      metrics.rateLimitUsers.set(limits.size());
+      metrics.pendingConnections.set(admission.pending());
+      metrics.bufferedBytes.set(buffers.totalBytes());
+    },
+  };
+}
+
+/** The running app: close() stops listening, ends the chats (stored as cancelled), then closes every part once. */
+function appHandle(server: HttpServer, metrics: Metrics, chat: ChatService, closers: Closers): App {
+  let closing: Promise<void> | null = null;
+  return {
+    port: server.port,
+    metrics,
+    server,
+    close() {
+      closing ??= (async () => {
+        server.stopListening();
+        await chat.close();
+        await server.close();
+        await closers.closeAll();
+      })();
+      return closing;
+    },
+  };
+}
+
+/** The database (migrated, checkpointed) and the chat store on it; tasks the last process left running are marked failed. */
+function openStorage(config: Config, metrics: Metrics, log: Logger, closers: Closers): { db: Database; store: ChatStore } {
+  const db = new Database(databaseFile(config.dataPath), { onQuery: (op) => metrics.dbQueries.tally(op).inc() });
+  closers.add(() => db.close());
+  const applied = migrate(db);
+  if (applied.length > 0) log.info({ migrations: applied }, 'database migrated');
+  const checkpointer = startCheckpointer(db, { log: (level, msg, fields) => log[level](fields ?? {}, msg) });
+  closers.add(() => checkpointer.close());
+  const store = createChatStore(db, { onCommit: (seconds) => metrics.dbCommitSeconds.observe(seconds) });
+  closers.add(() => store.close());
+  const recovered = store.recoverUnfinished();
+  if (recovered > 0) log.warn({ tasks: recovered }, 'tasks left unfinished by the previous process were marked failed');
+  return { db, store };
+}
+
+function openCache(config: Config, metrics: Metrics, log: Logger, closers: Closers): ResponseCache {
+  const cache = openResponseCache({
+    path: path.join(config.dataPath, CACHE_DIR),
+    ttlMs: config.cacheTtlSec * 1000,
+    maxBytes: config.cacheMaxBytes,
+    hooks: {
+      onEvict: (count) => metrics.cacheEvictions.inc(count),
+      onBytes: (bytes) => metrics.cacheBytes.set(bytes),
+    },
+    log: (level, msg, fields) => log[level](fields ?? {}, msg),
+  });
+  closers.add(() => cache.close());
+  return cache;
+}
+
+/**
+ * The model pool for the configured provider (or the host's custom one), its name, and the fingerprint of the
+ * backend that goes into every cache key: a reply is never served for another upstream or model file.
+ */
+async function openModels(config: Config, options: AppOptions, metrics: Metrics, closers: Closers): Promise<{ pool: ModelPool; providerName: string; backend: string }> {
+  const custom = options.provider;
+  const providerName = custom === undefined ? config.llm : choiceName(custom);
+  let localModel: { identity: string } | undefined;
+  if (custom === undefined && config.llm === 'local') {
+    // A missing or broken model file stops the start here, not at the first chat.
+    const { validateLocalModel } = await import('./llm/local-model.js');
+    const model = await validateLocalModel(config.modelPath);
+    options.log.info({ model: model.name, architecture: model.architecture, bytes: model.fileBytes, identity: model.identity }, 'local model file checked');
+    localModel = model;
+  }
+  const backend = custom === undefined ? backendFingerprint(config, localModel) : choiceFingerprint(custom);
+  const poolOptions = {
+    settings: { ...providerSettingsFrom(config), module: custom?.kind === 'module' ? custom.module : undefined },
+    threads: config.workerThreads,
+    tasksPerWorker: config.tasksPerWorker,
+    maxQueue: config.maxQueue,
+    maxQueuedPerOwner: config.maxQueuedPerUser,
+    taskTimeoutMs: config.taskTimeoutMs,
+    hooks: {
+      onModelCall: () => metrics.modelCalls.inc(),
+      onWorkerFailure: () => metrics.workerFailures.inc(),
+      onOwnerQueueFull: () => metrics.rateLimited.inc({ bucket: 'queued' }),
+    },
+  };
+  const pool = custom?.kind === 'object' ? createInlinePool(asProvider(custom.provider), poolOptions) : createModelPool(poolOptions);
+  closers.add(() => pool.close());
+  return { pool, providerName, backend };
+}
+
+function openLimits(config: Config, closers: Closers): { limits: RateLimits; egress: EgressLimits } {
+  const limits = createRateLimits({
+    messagesPerSecond: config.messagesPerSecond,
+    chatsPerMinute: config.chatsPerMinute,
+    modelTokensPerMinute: config.modelTokensPerMinute,
+    maxConnectionsPerUser: config.maxConnectionsPerUser,
+    maxAnonymousUsers: config.maxAnonymousUsers,
+  });
+  closers.add(() => limits.close());
+  const egress = createEgressLimits({ bytesPerMinute: config.egressBytesPerMinute });
+  closers.add(() => egress.close());
+  return { limits, egress };
+}
+
+/** The bounds on connections before they are chats: descriptors, unauthenticated connections, buffered bytes. */
+function openConnectionGuards(config: Config, log: Logger, closers: Closers): { admission: PendingAdmission; buffers: BufferBudget } {
+  // Every connection is a descriptor: use all the process may have, and refuse new ones a little before the end.
+  raiseFdLimit(log);
+  const fdGuard = createFdGuard({ log });
+  closers.add(() => fdGuard.close());
+  const admission = createPendingAdmission({
+    maxPending: config.maxPendingConnections,
+    maxPendingPerAddress: config.maxPendingPerAddress,
+    retryAfterMs: 1000,
+    nearFdLimit: () => fdGuard.nearLimit(),
+  });
+  closers.add(() => admission.close());
+  const buffers = createBufferBudget({ maxBufferedBytes: config.maxBufferedBytes });
+  closers.add(() => buffers.close());
+  return { admission, buffers };
 }

@@ -32,8 +32,6 @@ export interface CacheStats {
 }
 
 export interface ResponseCacheHooks {
-  onHit?(): void;
-  onMiss?(): void;
   onEvict?(count: number, reason: 'size' | 'ttl'): void;
   /** The new byte total, after every change. */
   onBytes?(bytes: number): void;
@@ -241,7 +239,6 @@ export function openResponseCache(options: ResponseCacheOptions): ResponseCache 
 
   function miss(): undefined {
     misses += 1;
-    hooks.onMiss?.();
     return undefined;
   }
 
@@ -373,7 +370,6 @@ export function openResponseCache(options: ResponseCacheOptions): ResponseCache 
       dirty.add(key);
       scheduleFlush();
       hits += 1;
-      hooks.onHit?.();
       return reply;
     },
 

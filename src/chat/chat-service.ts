@@ -1,6 +1,6 @@
 import type { Logger } from 'pino';
 import type { Identity } from '../auth/identity.js';
-import { newTaskId, type ChatStore } from '../db/chat-store.js';
+import { newTaskId, type BeganChat, type BeginChat, type ChatStore, type StoredTask } from '../db/chat-store.js';
 import { describeStorageError } from '../db/storage-health.js';
 import type { ModelPool, ModelRun, PoolSlot } from '../llm/pool.js';
 import { countTokens, type ModelMessage, type ModelRequest, type ModelResult } from '../llm/provider.js';
@@ -8,6 +8,7 @@ import type { Metrics } from '../metrics/metrics.js';
 import {
   AppError,
   toAppError,
+  type CacheMode,
   type ChatAck,
   type ChatDone,
   type ChatSendBody,
@@ -15,9 +16,9 @@ import {
   type TaskInfo,
 } from '../protocol/index.js';
 import { Flight, type FlightListener, type FlightOutcome } from './flight.js';
-import type { ChatCache, ChatLimits, TokenReservation } from './ports.js';
-import { createRetention, type RetentionStats } from './retention.js';
-import { Task, type Sink, type Subscription } from './task.js';
+import type { ChatCache, ChatLimits, LimitDecision, TokenReservation } from './ports.js';
+import { createRetention } from './retention.js';
+import { PumpScheduler, Task, type Sink, type Subscription } from './task.js';
 
 export interface ChatServiceOptions {
   store: ChatStore;
@@ -54,12 +55,27 @@ export interface ChatService {
   subscribe(caller: Identity, taskId: string, fromSeq: number, sink: Sink): Subscription;
   task(caller: Identity, taskId: string): TaskInfo;
   history(caller: Identity, conversationId: string, before: string | undefined, limit: number): { messages: HistoryMessage[]; hasMore: boolean };
-  stats(): { tasksInMemory: number; running: number; flights: number } & RetentionStats;
   /** Stops taking chats, cancels running tasks, and resolves when their outcomes are stored. */
   close(): Promise<void>;
 }
 
 const round = (ms: number) => Math.max(0, Math.round(ms * 100) / 100);
+
+/** How a send's reply will be produced, decided before anything is stored. */
+type ReplyPlan = { kind: 'cached'; chunks: string[]; result: ModelResult } | { kind: 'join'; flight: Flight } | { kind: 'run'; slot: PoolSlot };
+
+/** How a task ended, from its flight's outcome (or a cancel). */
+interface Ending {
+  status: 'done' | 'cancelled' | 'error';
+  result: ModelResult | null;
+  error: AppError | null;
+}
+
+function endingOf(outcome: FlightOutcome | { kind: 'cancelled' }): Ending {
+  if (outcome.kind === 'error') return { status: 'error', result: null, error: outcome.error };
+  if (outcome.kind === 'cancelled' || outcome.cancelled) return { status: 'cancelled', result: null, error: null };
+  return { status: 'done', result: outcome.result, error: null };
+}
 
 export function createChatService(options: ChatServiceOptions): ChatService {
   const { store, pool, cache, limits, metrics, log } = options;
@@ -69,6 +85,8 @@ export function createChatService(options: ChatServiceOptions): ChatService {
   const running = new Set<Task>();
   const flights = new Map<string, Flight>();
   const pendingFinishes = new Set<Promise<unknown>>();
+  // Live deltas of this service's tasks go out once per event-loop turn (see PumpScheduler).
+  const pumps = new PumpScheduler();
   // Finished tasks stay in memory up to a byte budget and their retention window; past either, from storage.
   const retention = createRetention({
     store,
@@ -100,10 +118,17 @@ export function createChatService(options: ChatServiceOptions): ChatService {
     throw new AppError('rate_limited', `${held} chats in flight, the most one user may have; retry in ${retryAfterMs} ms`, { retryAfterMs });
   }
 
-  function visibleTask(caller: Identity, taskId: string): Task {
+  /** The caller's task, from memory or else from storage (a Task that replays, or the stored row past its window). */
+  function ownTask(caller: Identity, taskId: string): Task | StoredTask {
     const found = tasks.get(taskId) ?? retention.restore(taskId);
     if (!found) throw new AppError('not_found', `no task ${taskId}`);
     if (found.userId !== caller.userId) throw new AppError('forbidden', 'this task belongs to another user');
+    return found;
+  }
+
+  /** The caller's task as one that can be streamed (subscribed to, cancelled). */
+  function visibleTask(caller: Identity, taskId: string): Task {
+    const found = ownTask(caller, taskId);
     if (!(found instanceof Task)) throw new AppError('not_found', `task ${taskId} is no longer resumable (past its retention window)`);
     return found;
   }
@@ -129,44 +154,49 @@ export function createChatService(options: ChatServiceOptions): ChatService {
     promptTokens: number,
     storedReplyId?: string,
   ): void {
-    if (task.ending) return;
-    task.ending = true;
-    running.delete(task);
-    releaseInFlight(task.userId);
-    if (!task.cached) avgChatMs += (performance.now() - task.receivedAt - avgChatMs) / 8;
-    // Its cancel closure holds the flight (every chunk, the request and its context): a retained task must not.
-    cancels.delete(task);
+    if (!task.beginEnding()) return;
+    stopCounting(task);
     const endedAt = performance.now();
-    let status: 'done' | 'cancelled' | 'error';
-    let result: ModelResult | null = null;
-    let error: AppError | null = null;
-    if (outcome.kind === 'error') {
-      status = 'error';
-      error = outcome.error;
-    } else if (outcome.kind === 'cancelled' || outcome.cancelled) {
-      status = 'cancelled';
-    } else {
-      status = 'done';
-      result = outcome.result;
-    }
-    const completionTokens = result?.usage.completionTokens ?? countTokens(task.text);
-    const usage = { promptTokens: result?.usage.promptTokens ?? promptTokens, completionTokens };
+    const ending = endingOf(outcome);
+    const completionTokens = ending.result?.usage.completionTokens ?? countTokens(task.text);
+    const usage = { promptTokens: ending.result?.usage.promptTokens ?? promptTokens, completionTokens };
     reservation?.settle(completionTokens);
     metrics.tokensStreamed.inc(completionTokens);
-    metrics.tasks.inc({ outcome: task.cached ? 'cached' : status });
+    metrics.tasks.inc({ outcome: task.cached ? 'cached' : ending.status });
     const timings = {
       queueMs: round((task.startedAt ?? endedAt) - task.receivedAt),
       firstTokenMs: task.firstTokenAt === null ? null : round(task.firstTokenAt - task.receivedAt),
       totalMs: round(endedAt - task.receivedAt),
     };
-    // The chunk boundaries and timings are stored with the end, so a resume from storage sends the same frames.
+    const stored = storeEnd(task, ending, usage, timings, storedReplyId).finally(() => {
+      pendingFinishes.delete(stored);
+      retention.keepEnded(task);
+    });
+    pendingFinishes.add(stored);
+  }
+
+  /** The task no longer counts as running: not for the user's cap, not for shutdown, not for the average chat time. */
+  function stopCounting(task: Task): void {
+    running.delete(task);
+    releaseInFlight(task.userId);
+    if (!task.cached) avgChatMs += (performance.now() - task.receivedAt - avgChatMs) / 8;
+    // Its cancel closure holds the flight (every chunk, the request and its context): a retained task must not.
+    cancels.delete(task);
+  }
+
+  /**
+   * Stores the task's end, then sends it. The chunk boundaries and timings are stored with the end, so a resume
+   * from storage sends the same frames; a cache hit's reply was stored with its question, so only they are written.
+   */
+  function storeEnd(task: Task, ending: Ending, usage: ChatDone['usage'], timings: ChatDone['timings'], storedReplyId: string | undefined): Promise<unknown> {
     const deltaEnds = task.deltaEnds();
-    const answered = storedReplyId !== undefined && status === 'done';
+    const answered = storedReplyId !== undefined && ending.status === 'done';
     const recorded = answered
       ? store.recordReplay(task.taskId, deltaEnds, timings).catch((err: unknown) => {
           log.warn({ taskId: task.taskId, userId: task.userId, err }, 'storing the chunk boundaries of a cached reply failed; it is resumable only from memory');
         })
       : undefined;
+    const { status, result, error } = ending;
     const committed = answered
       ? Promise.resolve<string | null>(storedReplyId)
       : store.finishTask({
@@ -183,43 +213,35 @@ export function createChatService(options: ChatServiceOptions): ChatService {
           timings,
           errorMessage: error?.message,
         });
-    const stored = committed
+    return committed
       .then(
-        (messageId) => {
-          if (error !== null || messageId === null) {
-            const e = error ?? new AppError('internal', 'the reply could not be stored');
-            if (e.code === 'internal' || e.code === 'worker_failed') {
-              log.warn({ taskId: task.taskId, userId: task.userId, code: e.code, err: e.cause ?? e.message }, 'chat task failed');
-            }
-            metrics.errors.inc({ code: e.code });
-            task.end({ type: 'chat.error', taskId: task.taskId, code: e.code, message: e.message, retryable: e.retryable }, 'error');
-            return;
-          }
-          const done: ChatDone = {
-            type: 'chat.done',
-            taskId: task.taskId,
-            messageId,
-            finishReason: status === 'cancelled' ? 'cancelled' : (result?.finishReason ?? 'stop'),
-            usage,
-            cached: task.cached,
-            timings,
-          };
-          task.end(done, status);
-        },
-        (err: unknown) => {
-          log.error({ taskId: task.taskId, userId: task.userId, err }, 'storing the reply failed');
-          metrics.errors.inc({ code: 'internal' });
-          const storage = describeStorageError(err);
-          const message = storage === undefined ? 'the reply could not be stored' : `the reply could not be stored (storage unavailable: ${storage}); the question is stored`;
-          task.end({ type: 'chat.error', taskId: task.taskId, code: 'internal', message, retryable: false }, 'error');
-        },
+        (messageId) => sendEnd(task, ending, messageId, usage, timings),
+        (err: unknown) => sendStorageFailure(task, err),
       )
-      .then(() => recorded)
-      .finally(() => {
-        pendingFinishes.delete(stored);
-        retention.retire(task);
-      });
-    pendingFinishes.add(stored);
+      .then(() => recorded);
+  }
+
+  /** chat.done once the reply is stored; chat.error for a failed task or a reply that could not be stored. */
+  function sendEnd(task: Task, ending: Ending, messageId: string | null, usage: ChatDone['usage'], timings: ChatDone['timings']): void {
+    if (ending.error !== null || messageId === null) {
+      const e = ending.error ?? new AppError('internal', 'the reply could not be stored');
+      if (e.code === 'internal' || e.code === 'worker_failed') {
+        log.warn({ taskId: task.taskId, userId: task.userId, code: e.code, err: e.cause ?? e.message }, 'chat task failed');
+      }
+      metrics.errors.inc({ code: e.code });
+      task.end({ type: 'chat.error', taskId: task.taskId, code: e.code, message: e.message, retryable: e.retryable }, 'error');
+      return;
+    }
+    const finishReason = ending.status === 'cancelled' ? 'cancelled' : (ending.result?.finishReason ?? 'stop');
+    task.end({ type: 'chat.done', taskId: task.taskId, messageId, finishReason, usage, cached: task.cached, timings }, ending.status);
+  }
+
+  function sendStorageFailure(task: Task, err: unknown): void {
+    log.error({ taskId: task.taskId, userId: task.userId, err }, 'storing the reply failed');
+    metrics.errors.inc({ code: 'internal' });
+    const storage = describeStorageError(err);
+    const message = storage === undefined ? 'the reply could not be stored' : `the reply could not be stored (storage unavailable: ${storage}); the question is stored`;
+    task.end({ type: 'chat.error', taskId: task.taskId, code: 'internal', message, retryable: false }, 'error');
   }
 
   /**
@@ -264,17 +286,17 @@ export function createChatService(options: ChatServiceOptions): ChatService {
   function listen(task: Task, flight: Flight, reservation: TokenReservation | null, promptTokens: number, storedReplyId?: string, joined = false): void {
     const listener: FlightListener & { cancel(): void } = {
       onStart: () => {
-        task.startedAt ??= flight.startedAt ?? performance.now();
+        task.noteStarted(flight.startedAt ?? performance.now());
         task.markRunning();
       },
       onChunk: (text, replayed) => {
         const first = task.firstTokenAt === null;
-        task.startedAt ??= flight.startedAt ?? performance.now();
+        task.noteStarted(flight.startedAt ?? performance.now());
         task.pushDelta(text, !replayed);
         if (first && task.firstTokenAt !== null) metrics.firstToken.observe({ cached: String(task.cached) }, (task.firstTokenAt - task.receivedAt) / 1000);
       },
       onOutcome: (outcome) => {
-        task.startedAt ??= flight.startedAt ?? performance.now();
+        task.noteStarted(flight.startedAt ?? performance.now());
         // What the joined call cost is known only at its end: the same usage a call of this chat's own would have had.
         if (joined && outcome.kind === 'end' && !outcome.cancelled && outcome.result !== null) {
           metrics.modelTokensSaved.inc({ reason: 'joined' }, outcome.result.usage.promptTokens + outcome.result.usage.completionTokens);
@@ -290,6 +312,89 @@ export function createChatService(options: ChatServiceOptions): ChatService {
     flight.attach(listener);
   }
 
+  function checkConversationOwner(caller: Identity, conversationId: string): void {
+    const owner = store.conversationOwner(conversationId);
+    if (owner === undefined) throw new AppError('not_found', `no conversation ${conversationId}`);
+    if (owner !== caller.userId) throw new AppError('forbidden', 'this conversation belongs to another user');
+  }
+
+  /** A cache hit, a call already in flight to join, or a new call with a place in the pool (refused: throws). */
+  function planReply(userId: string, key: string | null, mode: CacheMode): ReplyPlan {
+    const hit = key !== null && mode === 'use' ? cache.get(key) : undefined;
+    const inFlight = key !== null && mode === 'use' && !hit ? flights.get(key) : undefined;
+    if (key !== null && mode !== 'bypass') (hit ? metrics.cacheHits : metrics.cacheMisses).inc();
+    if (hit) return { kind: 'cached', chunks: hit.chunks, result: { finishReason: hit.finishReason, usage: hit.usage, usageSource: 'reported' } };
+    if (inFlight?.joinable) return { kind: 'join', flight: inFlight };
+    // Refused (nothing held yet): rate_limited when this user's share of the queue is full, else overloaded.
+    return { kind: 'run', slot: pool.reserve(userId) };
+  }
+
+  /** Model tokens (not for a hit), then one chat from the user's bucket; a refusal gives back what the plan holds. */
+  function takeLimits(userId: string, plan: ReplyPlan, request: ModelRequest): { reservation: TokenReservation | null; chat: Extract<LimitDecision, { ok: true }> } {
+    const releasePlan = () => {
+      if (plan.kind === 'run') plan.slot.release();
+    };
+    // Tokens first: a reservation can be handed back whole, a chat taken from its bucket cannot.
+    let reservation: TokenReservation | null = null;
+    if (plan.kind !== 'cached') {
+      const reserved = limits.reserveModelTokens(userId, request.maxTokens ?? options.defaultMaxTokens);
+      if (!reserved.ok) {
+        releasePlan();
+        throw new AppError('rate_limited', `model token budget used up; retry in ${reserved.retryAfterMs} ms`, { retryAfterMs: reserved.retryAfterMs });
+      }
+      reservation = reserved.reservation;
+    }
+    const chat = limits.chat(userId);
+    if (!chat.ok) {
+      releasePlan();
+      reservation?.release();
+      throw new AppError('rate_limited', `too many chats; retry in ${chat.retryAfterMs} ms`, { retryAfterMs: chat.retryAfterMs });
+    }
+    return { reservation, chat };
+  }
+
+  /** Stores the question (and a hit's reply, in the same commit); on failure `undo` lets go of what the send holds. */
+  async function commitChat(chat: Omit<BeginChat, 'knownReply'>, plan: ReplyPlan, undo: () => void): Promise<BeganChat> {
+    const knownReply =
+      plan.kind === 'cached'
+        ? { text: plan.chunks.join(''), finishReason: plan.result.finishReason, promptTokens: plan.result.usage.promptTokens, completionTokens: plan.result.usage.completionTokens }
+        : undefined;
+    try {
+      return await store.beginChat({ ...chat, knownReply });
+    } catch (err) {
+      undo();
+      log.error({ err, userId: chat.userId }, 'storing a chat failed');
+      // Full, read-only or failing storage is a state the server recovers from: retryable, and nothing was stored.
+      const storage = describeStorageError(err);
+      if (storage !== undefined) throw new AppError('overloaded', `storage unavailable: ${storage}; the message was not stored, retry later`);
+      throw new AppError('internal', 'the message could not be stored; it was not sent');
+    }
+  }
+
+  /** After the commit: a hit replays its stored chunks, a run or a join streams from its flight, a send during shutdown is cancelled. */
+  function startReply(task: Task, plan: ReplyPlan, flight: Flight | null, reservation: TokenReservation | null, promptTokens: number, replyMessageId: string | undefined): void {
+    if (closing && plan.kind !== 'cached') {
+      flight?.letGo();
+      finishTask(task, { kind: 'cancelled' }, reservation, promptTokens);
+    } else if (plan.kind === 'cached') {
+      // A hit replays the stored chunks with their boundaries, as the miss streamed them.
+      const replay = new Flight(null, () => {});
+      replay.hold();
+      replay.started();
+      for (const chunk of plan.chunks) replay.chunk(chunk);
+      replay.settle({ kind: 'end', result: plan.result, cancelled: false });
+      metrics.modelCallsSaved.inc({ reason: 'cache' });
+      metrics.modelTokensSaved.inc({ reason: 'cache' }, plan.result.usage.promptTokens + plan.result.usage.completionTokens);
+      listen(task, replay, null, promptTokens, replyMessageId);
+    } else if (flight !== null) {
+      if (plan.kind === 'join') {
+        metrics.singleflightJoins.inc();
+        metrics.modelCallsSaved.inc({ reason: 'joined' });
+      }
+      listen(task, flight, reservation, promptTokens, undefined, plan.kind === 'join');
+    }
+  }
+
   const cancels = new WeakMap<Task, () => void>();
 
   return {
@@ -297,104 +402,32 @@ export function createChatService(options: ChatServiceOptions): ChatService {
       if (closing) throw new AppError('overloaded', 'the server is shutting down');
       checkRunningCap(caller.userId);
       const conversationId = body.conversationId;
-      if (conversationId !== undefined) {
-        const owner = store.conversationOwner(conversationId);
-        if (owner === undefined) throw new AppError('not_found', `no conversation ${conversationId}`);
-        if (owner !== caller.userId) throw new AppError('forbidden', 'this conversation belongs to another user');
-      }
+      if (conversationId !== undefined) checkConversationOwner(caller, conversationId);
       const earlier = conversationId === undefined || options.contextMessages === 0 ? [] : store.context(conversationId, options.contextMessages);
       const request = buildRequest(body, earlier);
       const promptTokens = request.messages.reduce((n, m) => n + countTokens(m.content), 0);
       const mode = body.cache ?? 'use';
       const key = cache.keyOf(request);
-
       // Decide how the reply will be produced before anything is stored, so refusals store nothing.
-      let plan: { kind: 'cached'; chunks: string[]; result: ModelResult } | { kind: 'join'; flight: Flight } | { kind: 'run'; slot: PoolSlot };
-      const hit = key !== null && mode === 'use' ? cache.get(key) : undefined;
-      const inFlight = key !== null && mode === 'use' && !hit ? flights.get(key) : undefined;
-      if (key !== null && mode !== 'bypass') (hit ? metrics.cacheHits : metrics.cacheMisses).inc();
-      if (hit) {
-        plan = { kind: 'cached', chunks: hit.chunks, result: { finishReason: hit.finishReason, usage: hit.usage, usageSource: 'reported' } };
-      } else if (inFlight?.joinable) {
-        plan = { kind: 'join', flight: inFlight };
-      } else {
-        // Refused (nothing held yet): rate_limited when this user's share of the queue is full, else overloaded.
-        plan = { kind: 'run', slot: pool.reserve(caller.userId) };
-      }
-      const releasePlan = () => {
-        if (plan.kind === 'run') plan.slot.release();
-      };
-
-      // Tokens first: a reservation can be handed back whole, a chat taken from its bucket cannot.
-      let reservation: TokenReservation | null = null;
-      if (plan.kind !== 'cached') {
-        const reserved = limits.reserveModelTokens(caller.userId, request.maxTokens ?? options.defaultMaxTokens);
-        if (!reserved.ok) {
-          releasePlan();
-          throw new AppError('rate_limited', `model token budget used up; retry in ${reserved.retryAfterMs} ms`, {
-            retryAfterMs: reserved.retryAfterMs,
-          });
-        }
-        reservation = reserved.reservation;
-      }
-      const chat = limits.chat(caller.userId);
-      if (!chat.ok) {
-        releasePlan();
-        reservation?.release();
-        throw new AppError('rate_limited', `too many chats; retry in ${chat.retryAfterMs} ms`, { retryAfterMs: chat.retryAfterMs });
-      }
+      const plan = planReply(caller.userId, key, mode);
+      const { reservation, chat } = takeLimits(caller.userId, plan, request);
       // Held from here (still in the tick the plan was made), so the flight is shared and kept alive through the commit.
-      let flight: Flight | null = null;
-      if (plan.kind === 'join') flight = plan.flight;
-      else if (plan.kind === 'run') flight = openFlight(mode === 'bypass' ? null : key, request, plan.slot, mode !== 'bypass');
+      const flight = plan.kind === 'join' ? plan.flight : plan.kind === 'run' ? openFlight(mode === 'bypass' ? null : key, request, plan.slot, mode !== 'bypass') : null;
       flight?.hold();
 
       const taskId = newTaskId();
       // Counted from here, in the tick of the check above: sends racing in one tick cannot pass the cap together.
       chatsInFlight.set(caller.userId, (chatsInFlight.get(caller.userId) ?? 0) + 1);
-      let began;
-      try {
-        // A hit's reply is stored in the same commit as the question: one commit, then ack, deltas and done.
-        const knownReply =
-          plan.kind === 'cached'
-            ? { text: plan.chunks.join(''), finishReason: plan.result.finishReason, promptTokens: plan.result.usage.promptTokens, completionTokens: plan.result.usage.completionTokens }
-            : undefined;
-        began = await store.beginChat({ taskId, userId: caller.userId, conversationId, text: body.text, knownReply });
-      } catch (err) {
+      const began = await commitChat({ taskId, userId: caller.userId, conversationId, text: body.text }, plan, () => {
         releaseInFlight(caller.userId);
         reservation?.release();
         flight?.letGo();
-        log.error({ err, userId: caller.userId }, 'storing a chat failed');
-        // Full, read-only or failing storage is a state the server recovers from: retryable, and nothing was stored.
-        const storage = describeStorageError(err);
-        if (storage !== undefined) throw new AppError('overloaded', `storage unavailable: ${storage}; the message was not stored, retry later`);
-        throw new AppError('internal', 'the message could not be stored; it was not sent');
-      }
-      const task = new Task(taskId, caller.userId, began.conversationId, receivedAt, began.createdAt, plan.kind === 'cached');
+      });
+      const task = new Task(taskId, caller.userId, began.conversationId, receivedAt, began.createdAt, plan.kind === 'cached', pumps);
       tasks.set(taskId, task);
       running.add(task);
       metrics.ackLatency.observe((performance.now() - receivedAt) / 1000);
-
-      if (closing && plan.kind !== 'cached') {
-        flight?.letGo();
-        finishTask(task, { kind: 'cancelled' }, reservation, promptTokens);
-      } else if (plan.kind === 'cached') {
-        // A hit replays the stored chunks with their boundaries, as the miss streamed them.
-        const replay = new Flight(null, () => {});
-        replay.hold();
-        replay.started();
-        for (const chunk of plan.chunks) replay.chunk(chunk);
-        replay.settle({ kind: 'end', result: plan.result, cancelled: false });
-        metrics.modelCallsSaved.inc({ reason: 'cache' });
-        metrics.modelTokensSaved.inc({ reason: 'cache' }, plan.result.usage.promptTokens + plan.result.usage.completionTokens);
-        listen(task, replay, null, promptTokens, began.replyMessageId);
-      } else if (flight !== null) {
-        if (plan.kind === 'join') {
-          metrics.singleflightJoins.inc();
-          metrics.modelCallsSaved.inc({ reason: 'joined' });
-        }
-        listen(task, flight, reservation, promptTokens, undefined, plan.kind === 'join');
-      }
+      startReply(task, plan, flight, reservation, promptTokens, began.replyMessageId);
       return {
         task,
         ack: {
@@ -419,9 +452,7 @@ export function createChatService(options: ChatServiceOptions): ChatService {
     },
 
     task(caller, taskId) {
-      const found = tasks.get(taskId) ?? retention.restore(taskId);
-      if (!found) throw new AppError('not_found', `no task ${taskId}`);
-      if (found.userId !== caller.userId) throw new AppError('forbidden', 'this task belongs to another user');
+      const found = ownTask(caller, taskId);
       if (found instanceof Task) return found.info();
       const stored = found;
       return {
@@ -436,14 +467,8 @@ export function createChatService(options: ChatServiceOptions): ChatService {
     },
 
     history(caller, conversationId, before, limit) {
-      const owner = store.conversationOwner(conversationId);
-      if (owner === undefined) throw new AppError('not_found', `no conversation ${conversationId}`);
-      if (owner !== caller.userId) throw new AppError('forbidden', 'this conversation belongs to another user');
+      checkConversationOwner(caller, conversationId);
       return store.history(conversationId, before, limit);
-    },
-
-    stats() {
-      return { tasksInMemory: tasks.size, running: running.size, flights: flights.size, ...retention.stats() };
     },
 
     async close() {

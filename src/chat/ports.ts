@@ -3,14 +3,12 @@
  * implementations (LMDB cache, in-memory token buckets) are adapted to these in
  * main wiring; a Redis-backed one would implement the same shapes.
  */
-import type { ModelRequest, ModelResult } from '../llm/provider.js';
+import type { CachedReply as StoredReply } from '../cache/response-cache.js';
+import type { ModelRequest } from '../llm/provider.js';
 import type { CacheMode, RateLimitInfo } from '../protocol/index.js';
 
-export interface CachedReply {
-  chunks: string[];
-  finishReason: ModelResult['finishReason'];
-  usage: ModelResult['usage'];
-}
+/** A reply as the chat service gets and puts it: the cache's stored reply (one zod schema) without its bookkeeping. */
+export type CachedReply = Pick<StoredReply, 'chunks' | 'finishReason' | 'usage'>;
 
 export interface ChatCache {
   /** The key of a request, or null when its output is not reproducible (never cached). */

@@ -38,7 +38,7 @@ export interface RetentionStats {
 
 export interface Retention {
   /** Keeps a task whose end is stored, oldest dropped first past the budget; call once, after its end is written. */
-  retire(task: Task): void;
+  keepEnded(task: Task): void;
   /**
    * A task not in memory, from storage: a Task that replays as it streamed (shared while anyone streams it), the
    * stored row when it cannot be replayed (no recorded boundaries, unfinished, or past the window), or undefined.
@@ -111,7 +111,7 @@ export function createRetention(options: RetentionOptions): Retention {
   sweep.unref();
 
   return {
-    retire(task) {
+    keepEnded(task) {
       const size = retainedBytes(task);
       queue.push(task);
       sizes.push(size);

@@ -85,35 +85,38 @@ const FLATTEN_EVERY = 64;
  * right after it, every subscription of one peer inside one cork, so a peer
  * gets one write (one syscall) per turn however many frames it carries. Each
  * chunk a ready peer will be sent is still its own frame (see pushDelta); the
- * delay is at most one loop turn.
+ * delay is at most one loop turn. One per chat service, shared by its tasks.
  */
-const dirtyTasks = new Set<Task>();
-let flushScheduled = false;
+export class PumpScheduler {
+  private readonly dirty = new Set<Task>();
+  private scheduled = false;
 
-function pumpLater(task: Task): void {
-  dirtyTasks.add(task);
-  if (flushScheduled) return;
-  flushScheduled = true;
-  setImmediate(flushDirtyTasks);
-}
-
-function flushDirtyTasks(): void {
-  flushScheduled = false;
-  const bySink = new Map<Sink, Subscription[]>();
-  for (const task of dirtyTasks) {
-    for (const sub of task.subscribers) {
-      const subs = bySink.get(sub.sink);
-      if (subs) subs.push(sub);
-      else bySink.set(sub.sink, [sub]);
-    }
+  /** Pumps the task's subscribers at the end of this turn, with every other task that got text in it. */
+  pumpLater(task: Task): void {
+    this.dirty.add(task);
+    if (this.scheduled) return;
+    this.scheduled = true;
+    setImmediate(() => this.flush());
   }
-  dirtyTasks.clear();
-  for (const [sink, subs] of bySink) {
-    const pumpAll = () => {
-      for (const sub of subs) sub.pumpNow();
-    };
-    if (sink.cork) sink.cork(pumpAll);
-    else pumpAll();
+
+  private flush(): void {
+    this.scheduled = false;
+    const bySink = new Map<Sink, Subscription[]>();
+    for (const task of this.dirty) {
+      for (const sub of task.subscribers) {
+        const subs = bySink.get(sub.sink);
+        if (subs) subs.push(sub);
+        else bySink.set(sub.sink, [sub]);
+      }
+    }
+    this.dirty.clear();
+    for (const [sink, subs] of bySink) {
+      const pumpAll = () => {
+        for (const sub of subs) sub.pumpNow();
+      };
+      if (sink.cork) sink.cork(pumpAll);
+      else pumpAll();
+    }
   }
 }
 
@@ -135,15 +138,15 @@ export class Task {
   private sealed = 0;
   private appendsSinceFlat = 0;
   readonly subscribers = new Set<Subscription>();
-  status: TaskStatus = 'queued';
-  terminal: TaskTerminal | null = null;
-  text = '';
-  firstTokenAt: number | null = null;
-  startedAt: number | null = null;
-  endedAt: number | null = null;
-  /** Set once the task is ending (cancel, model end, error) so it ends only once. */
-  ending = false;
+  private _status: TaskStatus = 'queued';
+  private _terminal: TaskTerminal | null = null;
+  private _text = '';
+  private _firstTokenAt: number | null = null;
+  private _startedAt: number | null = null;
+  private _endedAt: number | null = null;
+  private _ending = false;
 
+  /** `pumps`: the owner's scheduler of live deltas; null for an ended task rebuilt from storage, which takes no text. */
   constructor(
     readonly taskId: string,
     readonly userId: string,
@@ -151,18 +154,56 @@ export class Task {
     readonly receivedAt: number,
     readonly createdAt: number,
     readonly cached: boolean,
+    private readonly pumps: PumpScheduler | null,
   ) {}
+
+  get status(): TaskStatus {
+    return this._status;
+  }
+  /** The chat.done or chat.error it ended with; null while it runs. */
+  get terminal(): TaskTerminal | null {
+    return this._terminal;
+  }
+  get text(): string {
+    return this._text;
+  }
+  /** performance.now() of the first model text, of the model call's start, and Date.now() of the end. */
+  get firstTokenAt(): number | null {
+    return this._firstTokenAt;
+  }
+  get startedAt(): number | null {
+    return this._startedAt;
+  }
+  get endedAt(): number | null {
+    return this._endedAt;
+  }
+  /** True once the task is ending (cancel, model end, error): it takes no more text and ends only once. */
+  get ending(): boolean {
+    return this._ending;
+  }
+
+  /** Records when its model call started (the first report wins). */
+  noteStarted(at: number): void {
+    this._startedAt ??= at;
+  }
 
   /** A worker has started the model call: `task.get` says running from now on, before the first token. */
   markRunning(): void {
-    if (this.status === 'queued' && !this.ending) this.status = 'running';
+    if (this._status === 'queued' && !this._ending) this._status = 'running';
+  }
+
+  /** Starts ending it: false when it is ending already (the caller must not end it twice). */
+  beginEnding(): boolean {
+    if (this._ending) return false;
+    this._ending = true;
+    return true;
   }
 
   /** Adds model text; `coalesce` false keeps it a delta of its own (a replay keeps its chunk boundaries). */
   pushDelta(text: string, coalesce = true): void {
-    if (this.ending || text.length === 0) return;
-    if (this.firstTokenAt === null) this.firstTokenAt = performance.now();
-    if (this.status === 'queued') this.status = 'running';
+    if (this._ending || text.length === 0) return;
+    if (this._firstTokenAt === null) this._firstTokenAt = performance.now();
+    if (this._status === 'queued') this._status = 'running';
     const deltas = this.live;
     if (deltas === null) return;
     const last = deltas.length - 1;
@@ -172,11 +213,11 @@ export class Task {
       deltas.push(text);
       if (!coalesce) this.sealed = deltas.length;
     }
-    this.text += text;
+    this._text += text;
     if (++this.appendsSinceFlat >= FLATTEN_EVERY) {
       this.appendsSinceFlat = 0;
       // Converting a string to a number flattens it in place (see compact()).
-      void Number(this.text);
+      void Number(this._text);
       void Number(deltas[deltas.length - 1]);
     }
     if (this.subscribers.size === 0) return;
@@ -187,15 +228,15 @@ export class Task {
         break;
       }
     }
-    pumpLater(this);
+    this.pumps?.pumpLater(this);
   }
 
   /** Ends the task: every subscriber is sent what it has not seen, then the terminal message, now. */
   end(terminal: TaskTerminal, status: Extract<TaskStatus, 'done' | 'error' | 'cancelled'>): void {
-    if (this.terminal !== null) return;
-    this.terminal = terminal;
-    this.status = status;
-    this.endedAt = Date.now();
+    if (this._terminal !== null) return;
+    this._terminal = terminal;
+    this._status = status;
+    this._endedAt = Date.now();
     for (const sub of this.subscribers) sub.pump();
     this.compact();
   }
@@ -225,22 +266,22 @@ export class Task {
     terminal: TaskTerminal,
     status: Extract<TaskStatus, 'done' | 'error' | 'cancelled'>,
   ): Task {
-    const task = new Task(ids.taskId, ids.userId, ids.conversationId, 0, ids.createdAt, ids.cached);
-    task.ending = true;
-    task.text = text;
+    const task = new Task(ids.taskId, ids.userId, ids.conversationId, 0, ids.createdAt, ids.cached, null);
+    task._ending = true;
+    task._text = text;
     task.live = null;
     task.ends = ends;
     task.sealed = ends.length;
-    task.terminal = terminal;
-    task.status = status;
-    task.endedAt = ids.endedAt;
+    task._terminal = terminal;
+    task._status = status;
+    task._endedAt = ids.endedAt;
     return task;
   }
 
   deltaAt(seq: number): string {
     if (this.live !== null) return this.live[seq] as string;
     const ends = this.ends as Uint32Array;
-    return this.text.slice(seq === 0 ? 0 : ends[seq - 1], ends[seq]);
+    return this._text.slice(seq === 0 ? 0 : ends[seq - 1], ends[seq]);
   }
 
   /**
@@ -252,7 +293,7 @@ export class Task {
     if (this.live === null) return;
     const ends = this.deltaEnds();
     // Converting a string to a number flattens it in place: the text stops being a rope of every appended chunk.
-    void Number(this.text);
+    void Number(this._text);
     this.ends = ends;
     this.live = null;
     this.sealed = ends.length;

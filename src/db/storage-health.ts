@@ -1,5 +1,6 @@
 import fs from 'node:fs';
 import path from 'node:path';
+import type { Database } from './database.js';
 
 /** The probe file /readyz writes in the data dir; never read, removed at once. */
 export const PROBE_FILE = '.chatwire-ready-probe';
@@ -64,4 +65,15 @@ export function describeStorageError(err: unknown): string | undefined {
     if (code === prefix || code.startsWith(`${prefix}_`)) return cause === 'I/O error' ? `I/O error (${code})` : cause;
   }
   return undefined;
+}
+
+/**
+ * /readyz for storage: the database answers a query, and the data dir takes a write (SELECT 1 answers on a full or
+ * read-only disk; the probe fails then, so /readyz says 503 before chats fail).
+ */
+export function storageReadiness(db: Database, dataDir: string): { name: string; check(): void }[] {
+  return [
+    { name: 'sqlite', check: () => void db.raw.prepare('SELECT 1').get() },
+    { name: 'disk', check: () => probeDataDir(dataDir) },
+  ];
 }

@@ -1,5 +1,4 @@
 import { AppError, badRequestFromZod } from './errors.js';
-import { CLIENT_MESSAGE_BOUNDS, scanFrame } from './frame-shape.js';
 import { ClientMessageSchema, clientMessageTypes, type ClientMessage } from './messages.js';
 
 export type ParseResult = { ok: true; message: ClientMessage } | { ok: false; error: AppError; id: string | undefined };
@@ -32,17 +31,4 @@ export function validateClientMessage(value: unknown): ParseResult {
   const parsed = ClientMessageSchema.safeParse(value);
   if (!parsed.success) return { ok: false, id, error: badRequestFromZod(parsed.error, type) };
   return { ok: true, message: parsed.data };
-}
-
-/** Decodes one text frame (JSON) and validates it; a frame with more structure than any message is refused undecoded. Never throws. */
-export function parseClientFrame(text: string): ParseResult {
-  const shape = scanFrame(text, CLIENT_MESSAGE_BOUNDS);
-  if (!shape.ok) return { ok: false, id: shape.id, error: new AppError('bad_request', shape.reason) };
-  let value: unknown;
-  try {
-    value = JSON.parse(text);
-  } catch {
-    return { ok: false, id: undefined, error: new AppError('bad_request', 'frame is not valid JSON') };
-  }
-  return validateClientMessage(value);
 }

@@ -1,7 +1,7 @@
 import assert from 'node:assert/strict';
 import http from 'node:http';
 import { after, before, describe, test } from 'node:test';
-import { signToken } from '../../src/auth/index.js';
+import { signToken } from '../../src/auth/sign.js';
 import { connectSocketIO, emitWithAck, refusedUpgrade, WsClient } from '../helpers/clients.js';
 import { startServer, type TestServer } from '../helpers/server.js';
 

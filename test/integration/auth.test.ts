@@ -7,7 +7,7 @@ import { SignJWT } from 'jose';
 import { pino } from 'pino';
 import WebSocket from 'ws';
 import { createApp, SQLITE_FILE } from '../../src/app.js';
-import { signToken } from '../../src/auth/index.js';
+import { signToken } from '../../src/auth/sign.js';
 import { loadConfig } from '../../src/config.js';
 import { Database } from '../../src/db/database.js';
 import { formatId } from '../../src/db/marketplace-ids.js';

@@ -4,7 +4,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { test } from 'node:test';
-import { writeTinyLlamaGguf } from '../../src/llm/gguf-tiny-llama.js';
+import { writeTinyLlamaGguf } from '../fixtures/gguf-tiny-llama.js';
 import { numberedTokens, startFakeOpenAI, streamReply } from '../fixtures/fake-openai.js';
 import { readSse, WsClient } from '../helpers/clients.js';
 import { metric, startServer, tempDataDir, type TestServer } from '../helpers/server.js';

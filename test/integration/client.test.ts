@@ -5,7 +5,7 @@ import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import WebSocket from 'ws';
 import { projectRoot } from '../../scripts/gen-docs.js';
-import { signToken } from '../../src/auth/index.js';
+import { signToken } from '../../src/auth/sign.js';
 import { errorCatalogue, errorCodes } from '../../src/protocol/index.js';
 import { ChatwireError, connect, RETRYABLE, type ChatStream, type ChatwireClient, type ClientEvents, type ConnectOptions, type WebSocketConstructor } from '../../src/client/client.js';
 import { startServer, type TestServer } from '../helpers/server.js';

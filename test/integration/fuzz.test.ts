@@ -10,7 +10,7 @@ import fc from 'fast-check';
 import { pino } from 'pino';
 import WebSocket from 'ws';
 import { createApp, type App } from '../../src/app.js';
-import { signToken } from '../../src/auth/index.js';
+import { signToken } from '../../src/auth/sign.js';
 import { loadConfig } from '../../src/config.js';
 import { errorCatalogue, type ErrorCode } from '../../src/protocol/index.js';
 import { connectSocketIO, WsClient, type RecordingSocket } from '../helpers/clients.js';

@@ -5,7 +5,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { after, before, describe, test } from 'node:test';
 import WebSocket from 'ws';
 import { SQLITE_FILE } from '../../src/app.js';
-import { signToken } from '../../src/auth/index.js';
+import { signToken } from '../../src/auth/sign.js';
 import { Database } from '../../src/db/database.js';
 import { FLOOD_REFUSALS } from '../../src/transport/session.js';
 import { connectSocketIO, emitWithAck, readSse, WsClient, refusedSocketIO, refusedUpgrade } from '../helpers/clients.js';

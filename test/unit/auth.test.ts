@@ -5,7 +5,10 @@ import path from 'node:path';
 import { test } from 'node:test';
 import { fileURLToPath } from 'node:url';
 import { base64url, SignJWT, type JWTPayload } from 'jose';
-import { anonymousAddressKey, anonymousUserId, createAuth, parseSubprotocols, signToken, tokenFromAuthorization, type Auth } from '../../src/auth/index.js';
+import { anonymousAddressKey, anonymousUserId } from '../../src/auth/anonymous.js';
+import { createAuth, type Auth } from '../../src/auth/auth.js';
+import { parseSubprotocols, tokenFromAuthorization } from '../../src/auth/credentials.js';
+import { signToken } from '../../src/auth/sign.js';
 import { AppError } from '../../src/protocol/index.js';
 
 const SECRET = 'test-secret-that-is-at-least-32-bytes-long';

@@ -5,7 +5,7 @@ import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { loadConfig } from '../../src/config.js';
 import { readGgufHeader } from '../../src/llm/gguf-reader.js';
-import { writeTinyLlamaGguf, type TinyLlamaInfo } from '../../src/llm/gguf-tiny-llama.js';
+import { writeTinyLlamaGguf, type TinyLlamaInfo } from '../fixtures/gguf-tiny-llama.js';
 import { createLocalProvider, validateLocalModel } from '../../src/llm/local.js';
 import { createModelPool, type ModelPool } from '../../src/llm/pool.js';
 import { providerSettingsFrom, type ModelRequest, type ModelResult, type Provider } from '../../src/llm/provider.js';

@@ -3,14 +3,8 @@ import { test } from 'node:test';
 import { setFlagsFromString } from 'node:v8';
 import { runInNewContext } from 'node:vm';
 import fc from 'fast-check';
-import {
-  createRateLimits,
-  retryAfterSeconds,
-  type Decision,
-  type RateLimits,
-  type RateLimitsOptions,
-  type ReserveResult,
-} from '../../src/limits/index.js';
+import { createRateLimits, type Decision, type RateLimits, type RateLimitsOptions, type ReserveResult } from '../../src/limits/rate-limits.js';
+import { retryAfterSeconds } from '../../src/limits/ratelimit-headers.js';
 import { ClockedBucket, policy } from '../../src/limits/token-bucket.js';
 
 /** A clock the test moves by hand: every figure below is exact because no real time passes. */

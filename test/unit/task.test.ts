@@ -1,7 +1,7 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import { setImmediate as nextTurn } from 'node:timers/promises';
-import { Task, type Sink } from '../../src/chat/task.js';
+import { PumpScheduler, Task, type Sink } from '../../src/chat/task.js';
 import type { ServerMessage } from '../../src/protocol/index.js';
 
 /** A peer that records what it is sent and in which corked write. */
@@ -25,8 +25,11 @@ function peer(options: { congested?: () => boolean } = {}) {
   return { sink, writes, frames: () => writes.flat() };
 }
 
+// The chat service's scheduler of live deltas, shared by its tasks.
+const pumps = new PumpScheduler();
+
 function newTask(id = 't1'): Task {
-  return new Task(id, 'u1', 'c1', performance.now(), Date.now(), false);
+  return new Task(id, 'u1', 'c1', performance.now(), Date.now(), false, pumps);
 }
 
 const doneOf = (taskId: string) =>
