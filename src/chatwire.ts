@@ -107,8 +107,12 @@ export function createChatwire(options: ChatwireOptions = {}): Chatwire {
   // One server for createApp: every mount, the first taken at start and the rest as they come.
   const allMounts: HttpServer = {
     port: 0,
-    stopListening: () => mounts.forEach((m) => m.stopListening()),
-    closeConnections: (code, reason) => mounts.forEach((m) => m.closeConnections(code, reason)),
+    stopListening: () => {
+      for (const m of mounts) m.stopListening();
+    },
+    closeConnections: (code, reason) => {
+      for (const m of mounts) m.closeConnections(code, reason);
+    },
     close: async () => {
       for (const m of mounts) await m.close();
     },

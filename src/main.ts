@@ -5,7 +5,7 @@ import { ConfigError } from './config.js';
 import { optionsFromEnv } from './options.js';
 
 async function main(): Promise<void> {
-  let options;
+  let options: ReturnType<typeof optionsFromEnv>;
   try {
     options = optionsFromEnv();
   } catch (err) {

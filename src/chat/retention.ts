@@ -10,6 +10,7 @@ import { Task, type TaskTerminal } from './task.js';
 export const TASK_OVERHEAD_BYTES = 1152;
 /** A finished task keeps each delta as one uint32 offset into its text. */
 const BYTES_PER_DELTA = 4;
+// biome-ignore lint/suspicious/noControlCharactersInRegex: the Latin-1 range starts at U+0000, control characters included
 const LATIN1_ONLY = /^[\u0000-\u00ff]*$/;
 
 /** What a finished task costs in memory: V8 keeps a string of Latin-1 characters at a byte each, else two. */

@@ -98,7 +98,10 @@ export class Emitter<E> {
   /** Adds a listener; returns the function that removes it. */
   on<K extends keyof E>(event: K, listener: Listener<E[K]>): () => void {
     let set = this.listeners.get(event);
-    if (!set) this.listeners.set(event, (set = new Set()));
+    if (!set) {
+      set = new Set();
+      this.listeners.set(event, set);
+    }
     set.add(listener as Listener<never>);
     return () => set.delete(listener as Listener<never>);
   }
@@ -552,20 +555,28 @@ class Client extends Emitter<ClientEvents> implements ChatwireClient {
 
   private onFrame(data: unknown): void {
     this.lastFrameAt = Date.now();
-    if (typeof data !== 'string') return this.badFrame('a binary frame');
+    if (typeof data !== 'string') {
+      this.badFrame('a binary frame');
+      return;
+    }
     let m: unknown;
     try {
       m = JSON.parse(data);
     } catch {
-      return this.badFrame('a frame that is not JSON');
+      this.badFrame('a frame that is not JSON');
+      return;
     }
-    if (!isObject(m) || typeof m.type !== 'string') return this.badFrame('a frame without a type');
+    if (!isObject(m) || typeof m.type !== 'string') {
+      this.badFrame('a frame without a type');
+      return;
+    }
     const frame = m as ServerMessage & Record<string, unknown>;
     switch (frame.type) {
       case 'hello':
         // The client relies on limits.maxFrameBytes; a second hello on one socket is not the protocol either.
         if (this.hello !== null || typeof frame.userId !== 'string' || !isObject(frame.limits) || typeof frame.limits.maxFrameBytes !== 'number') {
-          return this.badFrame('a malformed or repeated hello');
+          this.badFrame('a malformed or repeated hello');
+          return;
         }
         this.onHello(frame);
         break;
@@ -595,7 +606,10 @@ class Client extends Emitter<ClientEvents> implements ChatwireClient {
     const s = this.streams.get(frame.taskId);
     if (!s) return; // a stream that already ended (or another client's, after a failed resume)
     if (frame.type === 'chat.delta') {
-      if (!Number.isInteger(frame.seq) || typeof frame.text !== 'string') return this.badFrame(`a malformed chat.delta for ${frame.taskId}`);
+      if (!Number.isInteger(frame.seq) || typeof frame.text !== 'string') {
+        this.badFrame(`a malformed chat.delta for ${frame.taskId}`);
+        return;
+      }
       if (s.delta(frame.seq, frame.text) === 'gap' && !s.resyncing) this.resume(s);
       return;
     }

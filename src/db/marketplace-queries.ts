@@ -169,13 +169,19 @@ export function createSqliteMarketplaceStore(db: Database, options: { inList?: I
     if (ids.length > MAX_IN_LIST) throw new RangeError(`${op}: ${ids.length} ids, at most ${MAX_IN_LIST} per query`);
     if (strategy === 'json') {
       let stmt = inStatements.get(op);
-      if (!stmt) inStatements.set(op, (stmt = db.prepare(op, inListSql(op, 'json', 1), asArrays)));
+      if (!stmt) {
+        stmt = db.prepare(op, inListSql(op, 'json', 1), asArrays);
+        inStatements.set(op, stmt);
+      }
       return stmt.all(JSON.stringify(ids)) as Row[];
     }
     const arity = arityFor(ids.length);
     const cacheKey = `${op}/${arity}`;
     let stmt = inStatements.get(cacheKey);
-    if (!stmt) inStatements.set(cacheKey, (stmt = db.prepare(op, inListSql(op, 'params', arity), asArrays)));
+    if (!stmt) {
+      stmt = db.prepare(op, inListSql(op, 'params', arity), asArrays);
+      inStatements.set(cacheKey, stmt);
+    }
     const params: (number | null)[] = ids.slice();
     while (params.length < arity) params.push(null);
     return stmt.all(...params) as Row[];

@@ -120,7 +120,10 @@ function weightedPicker<T>(items: readonly T[], weightOf: (item: T) => number): 
   const total = items.reduce((sum, item) => sum + weightOf(item), 0);
   const cumulative: number[] = [];
   let acc = 0;
-  for (const item of items) cumulative.push((acc += weightOf(item) / total));
+  for (const item of items) {
+    acc += weightOf(item) / total;
+    cumulative.push(acc);
+  }
   return (u) => {
     for (let i = 0; i < cumulative.length; i++) if (u < (cumulative[i] as number)) return items[i] as T;
     return items[items.length - 1] as T;

@@ -12,7 +12,7 @@ export function defaultMigrationsDir(): string {
     if (fs.existsSync(path.join(dir, 'package.json')) && fs.existsSync(candidate)) return candidate;
     dir = path.dirname(dir);
   }
-  throw new Error('db/migrations not found above ' + fileURLToPath(import.meta.url));
+  throw new Error(`db/migrations not found above ${fileURLToPath(import.meta.url)}`);
 }
 
 export class MigrationError extends Error {

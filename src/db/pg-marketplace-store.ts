@@ -129,7 +129,10 @@ export function createPgMarketplaceStore(sql: Pg, options: PgMarketplaceStoreOpt
   /** A page statement's text at the take it reads, made once. */
   function pageSql(key: string, take: number, make: (take: number) => string): string {
     let text = pageStatements.get(`${key}/${take}`);
-    if (text === undefined) pageStatements.set(`${key}/${take}`, (text = make(take)));
+    if (text === undefined) {
+      text = make(take);
+      pageStatements.set(`${key}/${take}`, text);
+    }
     return text;
   }
 

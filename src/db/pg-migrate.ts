@@ -12,7 +12,7 @@ export function defaultPgMigrationsDir(): string {
     if (fs.existsSync(path.join(dir, 'package.json')) && fs.existsSync(candidate)) return candidate;
     dir = path.dirname(dir);
   }
-  throw new Error('db/migrations-pg not found above ' + fileURLToPath(import.meta.url));
+  throw new Error(`db/migrations-pg not found above ${fileURLToPath(import.meta.url)}`);
 }
 
 /**

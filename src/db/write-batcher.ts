@@ -27,7 +27,7 @@ export function createWriteBatcher(db: Database, onCommit?: (seconds: number, si
 
   const runAll = (batch: Pending[]) => {
     const results = db.transaction(() => batch.map((p) => p.op()));
-    batch.forEach((p, i) => p.resolve(results[i]));
+    for (const [i, p] of batch.entries()) p.resolve(results[i]);
   };
 
   const flush = () => {

@@ -197,7 +197,12 @@ export function createRateLimits(options: RateLimitsOptions): RateLimits {
   }
 
   function bucketOf(user: UserState, name: BucketName): ClockedBucket {
-    return (user[name] ??= new ClockedBucket(policies[name], now));
+    let bucket = user[name];
+    if (bucket === null) {
+      bucket = new ClockedBucket(policies[name], now);
+      user[name] = bucket;
+    }
+    return bucket;
   }
 
   function infoOf(bucket: ClockedBucket): RateLimitInfo {

@@ -8,6 +8,10 @@ import path from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
 import { chunksOf, countTokens, type ModelRequest, type ModelResult, type Provider, type ProviderModule } from './provider.js';
 
+/** What a provider's stream or streamTo ends with: its ModelResult, or nothing. */
+// biome-ignore lint/suspicious/noConfusingVoidType: `void`, not `undefined`, so that an async method returning nothing (Promise<void>) fits
+type ModelResultOrNothing = ModelResult | void;
+
 /**
  * A model provider of the host's: `stream` (an async generator of text chunks) or `streamTo` (chunks handed to
  * `onChunk`), either returning the ModelResult or nothing (then the reply ends with `stop`, and its usage is counted
@@ -16,8 +20,8 @@ import { chunksOf, countTokens, type ModelRequest, type ModelResult, type Provid
  */
 export interface CustomProvider {
   readonly name: string;
-  stream?(request: ModelRequest, signal: AbortSignal): AsyncIterator<string, ModelResult | void> | AsyncIterable<string>;
-  streamTo?(request: ModelRequest, signal: AbortSignal, onChunk: (text: string) => void): Promise<ModelResult | void>;
+  stream?(request: ModelRequest, signal: AbortSignal): AsyncIterator<string, ModelResultOrNothing> | AsyncIterable<string>;
+  streamTo?(request: ModelRequest, signal: AbortSignal, onChunk: (text: string) => void): Promise<ModelResultOrNothing>;
   /** Readiness (/readyz): resolves when the provider can serve. */
   check?(): Promise<void>;
   /** Called once at close. */
@@ -88,9 +92,9 @@ export function isCustomProvider(value: unknown): value is CustomProvider {
   return typeof p === 'object' && p !== null && (typeof p.stream === 'function' || typeof p.streamTo === 'function');
 }
 
-function iteratorOf(source: AsyncIterator<string, ModelResult | void> | AsyncIterable<string>): AsyncIterator<string, ModelResult | void> {
+function iteratorOf(source: AsyncIterator<string, ModelResultOrNothing> | AsyncIterable<string>): AsyncIterator<string, ModelResultOrNothing> {
   const iterable = source as AsyncIterable<string>;
-  return typeof iterable[Symbol.asyncIterator] === 'function' && typeof (source as AsyncIterator<string>).next !== 'function' ? iterable[Symbol.asyncIterator]() : (source as AsyncIterator<string, ModelResult | void>);
+  return typeof iterable[Symbol.asyncIterator] === 'function' && typeof (source as AsyncIterator<string>).next !== 'function' ? iterable[Symbol.asyncIterator]() : (source as AsyncIterator<string, ModelResultOrNothing>);
 }
 
 /**

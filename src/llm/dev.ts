@@ -51,7 +51,7 @@ function tokenStream(seed: Buffer): () => string {
   let first = true;
   return () => {
     const word = WORDS[next() % WORDS.length] as string;
-    if (!first) return ' ' + word;
+    if (!first) return ` ${word}`;
     first = false;
     return word.charAt(0).toUpperCase() + word.slice(1);
   };

@@ -75,10 +75,10 @@ export function createInlinePool(provider: InlineProvider, options: InlinePoolOp
   function settle(call: Call, result: ModelResult | null, err: unknown): void {
     const timedOut = call.deadlineHit && !call.cancelRequested;
     if (!finish(call)) return;
-    if (err === undefined && !timedOut) return call.handlers.onEnd(result, call.controller.signal.aborted);
-    if (timedOut) return call.handlers.onError(timeoutError());
-    if (call.controller.signal.aborted && (isAbortError(err) || !(err instanceof AppError))) return call.handlers.onEnd(null, true);
-    call.handlers.onError(err instanceof AppError ? err : new AppError('internal', err instanceof Error ? err.message : String(err)));
+    if (err === undefined && !timedOut) call.handlers.onEnd(result, call.controller.signal.aborted);
+    else if (timedOut) call.handlers.onError(timeoutError());
+    else if (call.controller.signal.aborted && (isAbortError(err) || !(err instanceof AppError))) call.handlers.onEnd(null, true);
+    else call.handlers.onError(err instanceof AppError ? err : new AppError('internal', err instanceof Error ? err.message : String(err)));
   }
 
   function start(call: Call): void {

@@ -1,6 +1,7 @@
 import { createHash } from 'node:crypto';
+import type { BigIntStats } from 'node:fs';
 import fs from 'node:fs/promises';
-import { GgufFormatError, readGgufHeader } from './gguf-reader.js';
+import { GgufFormatError, type GgufHeader, readGgufHeader } from './gguf-reader.js';
 
 const errorText = (err: unknown) => (err instanceof Error ? err.message : String(err)).slice(0, 300);
 
@@ -30,7 +31,7 @@ export async function validateLocalModel(modelPath: string | undefined): Promise
   if (modelPath === undefined || modelPath === '') {
     throw new Error('CHATWIRE_MODEL_PATH is not set: the local provider needs the path of a GGUF model file');
   }
-  let stat;
+  let stat: BigIntStats;
   try {
     stat = await fs.stat(modelPath, { bigint: true });
   } catch (err) {
@@ -38,7 +39,7 @@ export async function validateLocalModel(modelPath: string | undefined): Promise
     throw new Error(`model file ${modelPath} ${code === 'ENOENT' ? 'does not exist' : `cannot be read (${code ?? 'unknown error'})`}`);
   }
   if (!stat.isFile()) throw new Error(`model file ${modelPath} is not a file`);
-  let header;
+  let header: GgufHeader;
   try {
     header = readGgufHeader(modelPath);
   } catch (err) {
@@ -54,7 +55,7 @@ export async function validateLocalModel(modelPath: string | undefined): Promise
   if (needed > header.fileBytes) throw new Error(`model file ${modelPath} is truncated (${header.fileBytes} bytes, its tensors need ${needed})`);
   const name = header.metadata.get('general.name');
   const contextLength = header.metadata.get(`${architecture}.context_length`);
-  let headerDigest;
+  let headerDigest: string;
   try {
     headerDigest = await digestOfStart(modelPath, header.dataOffset);
   } catch (err) {

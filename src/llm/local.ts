@@ -82,6 +82,10 @@ function toChatHistory(messages: readonly ModelMessage[]): ChatHistoryItem[] {
         return { type: 'user', text: m.content };
       case 'assistant':
         return { type: 'model', response: [m.content] };
+      default: {
+        const role: never = m.role;
+        throw new Error(`a message with the unknown role ${String(role)}`);
+      }
     }
   });
   // The chat wrapper renders the prompt up to an open model turn, which the generation fills.

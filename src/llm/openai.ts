@@ -243,7 +243,7 @@ export function createOpenAIProvider(options: OpenAIProviderOptions): Provider {
           return;
         }
         // `thread.*` events are the Assistants API's, not chat chunks.
-        if (event !== null && event.startsWith('thread.')) return;
+        if (event?.startsWith('thread.')) return;
         const chunk = JSON.parse(data) as (ChatCompletionChunk & { error?: unknown }) | null;
         if (typeof chunk !== 'object' || chunk === null) throw new SyntaxError('an SSE event that is not a JSON object');
         if (chunk.error) throw new StreamErrorEvent('an error event');
@@ -377,7 +377,9 @@ export function createOpenAIProvider(options: OpenAIProviderOptions): Provider {
       const abort = upstream.send(
         { method: 'GET', path: '/models', headers: { authorization, accept: 'application/json' } },
         {
-          head: (s) => void (status = s),
+          head: (s) => {
+            status = s;
+          },
           data() {},
           // The body is read to its end so that the connection stays open for the first chat (the pool's warm-up).
           end() {

@@ -115,7 +115,10 @@ function talliedCounter<L extends string = never>(config: { name: string; help: 
     /** The tally of one label value (of the unlabelled counter when omitted); keep it, and inc() it. */
     tally(labelValue = ''): Tally {
       let tally = tallies.get(labelValue);
-      if (tally === undefined) tallies.set(labelValue, (tally = new Tally()));
+      if (tally === undefined) {
+        tally = new Tally();
+        tallies.set(labelValue, tally);
+      }
       return tally;
     },
   });
