@@ -97,7 +97,7 @@ export function summarize(samples: number[]): { n: number; p50: number; p99: num
 /** Reads one gauge or counter value from a Prometheus text page. */
 export async function scrape(port: number, metric: string): Promise<number> {
   const text = await (await fetch(`http://127.0.0.1:${port}/metrics`)).text();
-  const line = text.split('\n').find((l) => l.startsWith(metric + ' ') || l.startsWith(metric + '{'));
+  const line = text.split('\n').find((l) => l.startsWith(`${metric} `) || l.startsWith(`${metric}{`));
   return line ? Number(line.split(' ').at(-1)) : NaN;
 }
 
@@ -106,8 +106,8 @@ export function printTable(title: string, header: string[], rows: (string | numb
   const widths = header.map((_, i) => Math.max(...cells.map((r) => String(r[i] ?? '').length)));
   console.log(`\n${title}`);
   for (const [i, row] of cells.entries()) {
-    console.log('| ' + row.map((c, k) => String(c ?? '').padEnd(widths[k] as number)).join(' | ') + ' |');
-    if (i === 0) console.log('|' + widths.map((w) => '-'.repeat(w + 2)).join('|') + '|');
+    console.log(`| ${row.map((c, k) => String(c ?? '').padEnd(widths[k] as number)).join(' | ')} |`);
+    if (i === 0) console.log(`|${widths.map((w) => '-'.repeat(w + 2)).join('|')}|`);
   }
 }
 

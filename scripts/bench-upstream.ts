@@ -188,8 +188,7 @@ function directChat(upstreamPort: number, content: string, side: Side): Promise<
         let done = false;
         res.on('data', (chunk: string) => {
           buffer += chunk;
-          let end;
-          while ((end = buffer.indexOf('\n\n')) >= 0) {
+          for (let end = buffer.indexOf('\n\n'); end >= 0; end = buffer.indexOf('\n\n')) {
             const event = buffer.slice(0, end);
             buffer = buffer.slice(end + 2);
             if (!event.startsWith('data: ')) continue;
@@ -421,7 +420,7 @@ async function localDirect(modelPath: string, threads: number, streams: number, 
           { type: 'user', text: `Quote ${i} for painting a fence tomorrow?` },
           { type: 'model', response: [] },
         ],
-        { signal: abort.signal, stopOnAbortSignal: true, maxTokens: n, temperature: 0.8, onResponseChunk: (chunk) => void (tokens += chunk.tokens.length) },
+        { signal: abort.signal, stopOnAbortSignal: true, maxTokens: n, temperature: 0.8, onResponseChunk: (chunk) => { tokens += chunk.tokens.length; } },
       );
     } finally {
       clearTimeout(timer);

@@ -16,21 +16,23 @@ function fail(message: string): never {
   process.exit(2);
 }
 
-let values;
-try {
-  ({ values } = parseArgs({
-    options: {
-      sub: { type: 'string' },
-      role: { type: 'string', default: 'consumer' },
-      ttl: { type: 'string', default: '3600' },
-      secret: { type: 'string' },
-      help: { type: 'boolean', short: 'h' },
-    },
-    strict: true,
-  }));
-} catch (err) {
-  fail((err as Error).message);
+function parsedArgs() {
+  try {
+    return parseArgs({
+      options: {
+        sub: { type: 'string' },
+        role: { type: 'string', default: 'consumer' },
+        ttl: { type: 'string', default: '3600' },
+        secret: { type: 'string' },
+        help: { type: 'boolean', short: 'h' },
+      },
+      strict: true,
+    }).values;
+  } catch (err) {
+    fail((err as Error).message);
+  }
 }
+const values = parsedArgs();
 if (values.help) {
   process.stdout.write(`${usage}\n`);
   process.exit(0);

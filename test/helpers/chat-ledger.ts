@@ -101,7 +101,7 @@ export function verifyLedger(file: string, ledger: Ledger): Verification {
       if (end.type !== 'chat.done' || end.messageId === undefined) continue;
       replies++;
       const row = byId.get(end.messageId) as { role: string; text: string; task_id: string } | undefined;
-      if (!row || row.role !== 'assistant' || row.task_id !== taskId || (end.complete && row.text !== end.text)) lostReplies.push(taskId);
+      if (row?.role !== 'assistant' || row.task_id !== taskId || (end.complete && row.text !== end.text)) lostReplies.push(taskId);
     }
     const inConversation = raw.prepare('SELECT message_id, role, task_id FROM messages WHERE conversation_id = ? ORDER BY seq');
     const corruptConversations: string[] = [];

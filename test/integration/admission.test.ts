@@ -138,6 +138,7 @@ test('a session that has not connected with credentials within the handshake tim
     // The long poll is answered when the server closes the session (engine.io's close packet is `1`).
     const poll = await request(server, `${HANDSHAKE}&sid=${sid}`, agent, {}, 10_000);
     assert.equal(poll.status, 200);
+    // biome-ignore lint/suspicious/noControlCharactersInRegex: \x1e is engine.io's separator between the packets of one poll
     assert.match(poll.body, /^1$|\x1e1$/);
     assert.equal(await pendingGauge(server), 0);
     agent.destroy();

@@ -22,7 +22,7 @@ const BAD_FRAMES: { name: string; frame: string; code: string; path?: string }[]
   { name: 'maxTokens out of range', frame: '{"type":"chat.send","text":"x","params":{"maxTokens":100000}}', code: 'bad_request', path: 'params.maxTokens' },
   { name: 'a bad cache mode', frame: '{"type":"chat.send","text":"x","cache":"always"}', code: 'bad_request', path: 'cache' },
   { name: 'an id too long', frame: JSON.stringify({ type: 'ping', id: 'x'.repeat(65) }), code: 'bad_request', path: 'id' },
-  { name: 'deep nesting', frame: '{"type":"ping","a":' + '['.repeat(1500) + ']'.repeat(1500) + '}', code: 'bad_request' },
+  { name: 'deep nesting', frame: `{"type":"ping","a":${'['.repeat(1500)}${']'.repeat(1500)}}`, code: 'bad_request' },
   { name: 'an unknown task id', frame: '{"type":"task.get","taskId":"task_nope"}', code: 'not_found' },
   { name: 'cancelling an unknown task', frame: '{"type":"chat.cancel","taskId":"task_nope"}', code: 'not_found' },
   { name: 'resuming an unknown task', frame: '{"type":"chat.resume","taskId":"task_nope","fromSeq":0}', code: 'not_found' },

@@ -433,7 +433,7 @@ describe('the client library with tokens', () => {
     });
     // Jittered in [d/2, d] with d doubling from 10 up to 40.
     const ceilings = [10, 20, 40, 40];
-    delays.forEach((d, i) => assert.ok(d >= (ceilings[i] as number) / 2 && d <= (ceilings[i] as number), `attempt ${i + 1}: ${d}`));
+    for (const [i, d] of delays.entries()) assert.ok(d >= (ceilings[i] as number) / 2 && d <= (ceilings[i] as number), `attempt ${i + 1}: ${d}`);
     client.close();
     assert.equal(client.state, 'closed');
   });

@@ -17,7 +17,9 @@ import { tempDataDir } from '../helpers/server.js';
 import { signToken } from '../../src/auth/sign.js';
 
 const dirs: string[] = [];
-after(() => dirs.forEach((d) => fs.rmSync(d, { recursive: true, force: true })));
+after(() => {
+  for (const d of dirs) fs.rmSync(d, { recursive: true, force: true });
+});
 
 async function serve(options: ChatwireOptions): Promise<{ chatwire: Chatwire; base: string; close(): Promise<void> }> {
   const dataDir = tempDataDir();
@@ -156,7 +158,7 @@ test('provider object: runs on the main thread with the host state it closes ove
           aborted++;
           return;
         }
-        for (const word of text.toUpperCase().split(' ')) yield word + ' ';
+        for (const word of text.toUpperCase().split(' ')) yield `${word} `;
       },
     },
   });

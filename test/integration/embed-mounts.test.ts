@@ -14,7 +14,9 @@ import { emitWithAck, RawSocketIO, readSse, WsClient } from '../helpers/clients.
 import { tempDataDir } from '../helpers/server.js';
 
 const dirs: string[] = [];
-after(() => dirs.forEach((d) => fs.rmSync(d, { recursive: true, force: true })));
+after(() => {
+  for (const d of dirs) fs.rmSync(d, { recursive: true, force: true });
+});
 
 function newChatwire(): Chatwire {
   const dataDir = tempDataDir();

@@ -11,7 +11,9 @@ import { tempDataDir } from '../helpers/server.js';
 
 const EXAMPLES = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..', 'examples');
 const dirs: string[] = [];
-after(() => dirs.forEach((d) => fs.rmSync(d, { recursive: true, force: true })));
+after(() => {
+  for (const d of dirs) fs.rmSync(d, { recursive: true, force: true });
+});
 
 /** Runs an example on a free port with a temp data dir; resolves once it prints its port. */
 function run(name: string): Promise<{ child: ChildProcess; port: number; stop(): Promise<number | null> }> {

@@ -167,7 +167,7 @@ const wsFrame = fc.oneof(
   { weight: 2, arbitrary: fc.string({ unit: 'binary', maxLength: 200 }).map((s) => ({ kind: 'text' as const, data: s })) },
   {
     weight: 1,
-    arbitrary: fc.integer({ min: 1, max: 2040 }).map((n) => ({ kind: 'text' as const, data: '{"type":"ping","a":' + '['.repeat(n) + ']'.repeat(n) + '}' })),
+    arbitrary: fc.integer({ min: 1, max: 2040 }).map((n) => ({ kind: 'text' as const, data: `{"type":"ping","a":${'['.repeat(n)}${']'.repeat(n)}}` })),
   },
   { weight: 1, arbitrary: fc.uint8Array({ maxLength: 200 }).map((b) => ({ kind: 'binary' as const, data: Buffer.from(b) })) },
 );

@@ -119,7 +119,7 @@ test('chats that pass their deadline while they wait for a worker give their pla
   // wait behind it. The first is terminated at its deadline; the two pass theirs before a new worker can start them.
   // The second would hang the worker that picks it up, which is terminated in turn.
   const texts = ['/fault hang', '/fault hang', 'queued behind the hangs'];
-  texts.forEach((text, i) => c.send({ type: 'chat.send', id: `burst${i}`, text, cache: 'bypass' }));
+  for (const [i, text] of texts.entries()) c.send({ type: 'chat.send', id: `burst${i}`, text, cache: 'bypass' });
   const burst: string[] = [];
   for (let i = 0; i < texts.length; i++) {
     const ack = await c.next((m) => m.id === `burst${i}`);

@@ -228,7 +228,7 @@ test('an IPv4 address is one anonymous user however it is spelt, and an IPv6 cli
 
 test('open mode asks admitAnonymous before letting an anonymous caller in: refused, it is overloaded (503); named users are not asked', async () => {
   const asked: string[] = [];
-  const auth = createAuth({ admitAnonymous: (userId) => (asked.push(userId), asked.length <= 1) });
+  const auth = createAuth({ admitAnonymous: (userId) => { asked.push(userId); return asked.length <= 1; } });
   const first = await auth.identify({ connectionId: 'c1', address: '203.0.113.1' });
   await assert.rejects(auth.identify({ connectionId: 'c2', address: '203.0.113.2' }), (err: unknown) => {
     assert.ok(err instanceof AppError);

@@ -56,7 +56,7 @@ test('the WAL stays bounded under steady writes', async (t) => {
     const deadline = Date.now() + 10_000;
     while (checkpoints === seen && Date.now() < deadline) await sleep(5);
     assert.ok(checkpoints > seen, `round ${round}: the checkpoint thread ran within 10 s of the writes`);
-    maxWal = Math.max(maxWal, fs.statSync(db.file + '-wal').size);
+    maxWal = Math.max(maxWal, fs.statSync(`${db.file}-wal`).size);
   }
   // 4 MB written in all: without checkpoints the WAL would hold every page of it.
   assert.ok(maxWal < 3 * 1024 * 1024, `WAL grew to ${maxWal} bytes`);

@@ -147,7 +147,7 @@ test('npm run migrate stops with exit code 1 and a clear message when an applied
   db.close();
 
   const status = await run(process.execPath, [migrateScript, '--status'], { env });
-  assert.match(status.stdout, /^  002_marketplace\.sql +[0-9a-f]{12}  CHANGED since applied \d{4}-/m);
+  assert.match(status.stdout, /^ {2}002_marketplace\.sql +[0-9a-f]{12} {2}CHANGED since applied \d{4}-/m);
 
   await assert.rejects(run(process.execPath, [migrateScript], { env }), (err: { code: number; stderr: string }) => {
     assert.equal(err.code, 1);

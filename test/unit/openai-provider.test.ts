@@ -610,7 +610,7 @@ describe('openai provider through the worker pool', () => {
 
   test('every one of many short streams ends with exactly its text: the end marker never races the last delta', async () => {
     fake.setHandler((ex) => {
-      const n = Number((ex.req.body?.messages as Array<{ content: string }>).at(-1)?.content);
+      const n = Number((ex.req.body?.messages as Array<{ content: string }> | undefined)?.at(-1)?.content);
       return streamReply(ex, { tokens: numberedTokens(n, `s${n}-`), usage: { promptTokens: 1, completionTokens: n } });
     });
     const runs = Array.from({ length: 300 }, (_, i) => 1 + (i % 17));

@@ -132,7 +132,9 @@ test('the PostgreSQL store writes every item as the SQLite store does, to the ch
 test('PostgreSQL pages carry the very cursors SQLite gives for the same positions, and the same items', options, async (t) => {
   const [lite, pg] = await Promise.all([openStoreFixture(t, 'sqlite'), openStoreFixture(t, 'postgres')]);
   const services = [lite, pg].map((f) => createMarketplaceService({ store: f.store }));
-  t.after(() => services.forEach((s) => s.close()));
+  t.after(() => {
+    for (const s of services) s.close();
+  });
   const walks: [string, (s: (typeof services)[number], cursor?: string) => Promise<{ items: unknown[]; nextCursor: string | null }>][] = [
     ['requests.list', (s, cursor) => s.requestsList(staff, { limit: 50, status: 'booked', cursor })],
     ['consumer.requests', (s, cursor) => s.consumerRequests(staff, { consumerId: wireId('c', 2), limit: 7, cursor })],

@@ -18,7 +18,7 @@ function documentedCodes(markdown: string): Map<string, number[]> {
     const cells = line.split('|').map((c) => c.trim());
     const codes = [...(cells[1] ?? '').matchAll(/`([a-z_]+)`/g)].map((m) => m[1] as string);
     const statuses = [...(cells.at(-2) ?? '').matchAll(/\d{3}/g)].map((m) => Number(m[0]));
-    codes.forEach((code, i) => rows.set(code, [statuses[Math.min(i, statuses.length - 1)] as number]));
+    for (const [i, code] of codes.entries()) rows.set(code, [statuses[Math.min(i, statuses.length - 1)] as number]);
   }
   return rows;
 }

@@ -10,7 +10,12 @@ import { ClockedBucket, policy } from '../../src/limits/token-bucket.js';
 /** A clock the test moves by hand: every figure below is exact because no real time passes. */
 function manualClock(start = 1_000) {
   let t = start;
-  return { now: () => t, advance: (ms: number) => void (t += ms) };
+  return {
+    now: () => t,
+    advance: (ms: number) => {
+      t += ms;
+    },
+  };
 }
 
 function withLimits(overrides: Partial<RateLimitsOptions>, run: (limits: RateLimits, clock: ReturnType<typeof manualClock>) => void): void {
@@ -383,7 +388,10 @@ test('close() stops the sweep timer and forgets every user', () => {
 
 function collectGarbage(): void {
   const gc = (globalThis as { gc?: () => void }).gc;
-  if (gc) return gc();
+  if (gc) {
+    gc();
+    return;
+  }
   // Not run with --expose-gc: turn it on for a fresh context and take its gc function.
   setFlagsFromString('--expose-gc');
   (runInNewContext('gc') as () => void)();
