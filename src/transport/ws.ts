@@ -192,6 +192,17 @@ function receiveFrame(deps: TransportDeps, ws: Socket, session: Session, frame: 
   }
 }
 
+/** Closes every open /ws socket with `code` (a shutdown, an unmount). */
+export function endSockets(sockets: Set<WebSocket<unknown>>, code: number, reason: string): void {
+  for (const ws of [...sockets]) {
+    try {
+      ws.end(code, reason);
+    } catch {
+      // Already closed: uWS throws on a closed socket, and its close handler removes it from the set.
+    }
+  }
+}
+
 /** The raw `/ws` endpoint: JSON text frames, `hello` first, the session does the rest. */
 export function attachWebSocket(
   app: TemplatedApp,
