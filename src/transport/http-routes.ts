@@ -192,7 +192,7 @@ function sendHandled(routes: Routes, responder: Responder, info: RequestInfo, me
 }
 
 /** A /v1 JSON route: identity, rate limit, handler, RateLimit fields, ETag on reads. */
-function v1(routes: Routes, method: 'get' | 'post', pattern: string, params: number, handler: V1Handler): void {
+function v1Route(routes: Routes, method: 'get' | 'post', pattern: string, params: number, handler: V1Handler): void {
   const { deps } = routes;
   routes.v1Routes.push({ method: method.toUpperCase(), pattern });
   routes.app[method](pattern, (res: HttpResponse, req: HttpRequest) => {
@@ -223,7 +223,8 @@ function v1(routes: Routes, method: 'get' | 'post', pattern: string, params: num
 function attachV1Routes(routes: Routes): void {
   const { deps } = routes;
   const { chat, marketplace } = deps;
-  v1(routes, 'post', '/v1/chat', 0, async (caller, info, body) => {
+  const v1 = (method: 'get' | 'post', pattern: string, params: number, handler: V1Handler) => v1Route(routes, method, pattern, params, handler);
+  v1('post', '/v1/chat', 0, async (caller, info, body) => {
     const contentType = info.headers.get('content-type') ?? '';
     if (contentType && !/^application\/json\b/i.test(contentType)) throw new AppError('bad_request', 'the body must be application/json');
     const raw = parseJsonBody(await body, CLIENT_MESSAGE_BOUNDS);
@@ -234,31 +235,31 @@ function attachV1Routes(routes: Routes): void {
     return { status: 202, body: id === undefined ? ack : { id, ...ack } };
   });
 
-  v1(routes, 'get', '/v1/tasks/:taskId', 1, async (caller, info) => {
+  v1('get', '/v1/tasks/:taskId', 1, async (caller, info) => {
     const task = chat.task(caller, info.params[0] as string);
     chargeEgress(deps.session, caller.userId, taskBytes(task));
     const final = task.status === 'done' || task.status === 'error' || task.status === 'cancelled';
     return { status: 200, body: task, cacheControl: final ? FRESHNESS.final : FRESHNESS.live };
   });
 
-  v1(routes, 'get', '/v1/conversations/:conversationId/messages', 1, async (caller, info) => {
+  v1('get', '/v1/conversations/:conversationId/messages', 1, async (caller, info) => {
     const q = parseQuery(HistoryQuerySchema, info.query);
     const page = chat.history(caller, info.params[0] as string, q.before, q.limit ?? 50);
     chargeEgress(deps.session, caller.userId, historyBytes(page));
     return { status: 200, body: page };
   });
 
-  v1(routes, 'get', '/v1/requests', 0, async (caller, info) => {
+  v1('get', '/v1/requests', 0, async (caller, info) => {
     const q = parseQuery(RequestsQuerySchema, info.query);
     return { status: 200, body: new JsonText(serializePage(await marketplace.requestsListJson(caller, q))), cacheControl: FRESHNESS.listing };
   });
 
-  v1(routes, 'get', '/v1/consumers/:consumerId/requests', 1, async (caller, info) => {
+  v1('get', '/v1/consumers/:consumerId/requests', 1, async (caller, info) => {
     const q = parseQuery(ConsumerPageQuerySchema, info.query);
     return { status: 200, body: new JsonText(serializePage(await marketplace.consumerRequestsJson(caller, { consumerId: info.params[0] as string, ...q }))), cacheControl: FRESHNESS.listing };
   });
 
-  v1(routes, 'get', '/v1/consumers/:consumerId/bookings', 1, async (caller, info) => {
+  v1('get', '/v1/consumers/:consumerId/bookings', 1, async (caller, info) => {
     const q = parseQuery(ConsumerPageQuerySchema, info.query);
     return { status: 200, body: new JsonText(serializePage(await marketplace.consumerBookingsJson(caller, { consumerId: info.params[0] as string, ...q }))), cacheControl: FRESHNESS.listing };
   });
