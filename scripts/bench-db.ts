@@ -144,6 +144,15 @@ function createNaiveService(database: Database) {
     'naive.consumer_bookings_page',
     'SELECT booking_id, request_id, provider_id, status, scheduled_at, price_cents FROM bookings WHERE consumer_id = ? AND (scheduled_at, booking_id) < (?, ?) ORDER BY scheduled_at DESC, booking_id DESC LIMIT ?',
   );
+  /** The fields every request item has, in both request lookups. */
+  const requestFields = (r: RequestRow) => ({
+    requestId: formatId('request', r.request_id),
+    consumerId: formatId('consumer', r.consumer_id),
+    title: r.title,
+    category: r.category,
+    status: r.status,
+    createdAt: isoTime(r.created_at),
+  });
   const from = (after: KeysetPosition | null) => (after ? [after.sortKey, after.id] : [Number.MAX_SAFE_INTEGER, Number.MAX_SAFE_INTEGER]);
   const provider = (id: number) => {
     const p = providerById.get(id)!;
@@ -188,12 +197,7 @@ function createNaiveService(database: Database) {
         items: page.map((r) => {
           const c = consumerById.get(r.consumer_id)!;
           return {
-            requestId: formatId('request', r.request_id),
-            consumerId: formatId('consumer', r.consumer_id),
-            title: r.title,
-            category: r.category,
-            status: r.status,
-            createdAt: isoTime(r.created_at),
+            ...requestFields(r),
             consumer: { consumerId: formatId('consumer', c.consumer_id), name: c.name },
             quoteCount: quoteCount.get(r.request_id)!.n,
           };
@@ -205,12 +209,7 @@ function createNaiveService(database: Database) {
       const { page, nextCursor } = consumerPage(caller, q, 'consumer.requests', consumerRequestsPage, (last) => ({ sortKey: last.created_at, id: last.request_id }));
       return {
         items: page.map((r) => ({
-          requestId: formatId('request', r.request_id),
-          consumerId: formatId('consumer', r.consumer_id),
-          title: r.title,
-          category: r.category,
-          status: r.status,
-          createdAt: isoTime(r.created_at),
+          ...requestFields(r),
           bookings: bookingsOfRequest.all(r.request_id).map((b) => ({
             bookingId: formatId('booking', b.booking_id),
             status: b.status,
