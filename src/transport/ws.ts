@@ -107,16 +107,15 @@ function createUpgrade(deps: TransportDeps) {
       refuseRequest(res, pending.error, pending.closeConnection);
       return;
     }
-    void authenticateUpgrade(deps, info, address, pending.slot).then(
-      (data) => {
+    void authenticateUpgrade(deps, info, address, pending.slot)
+      .then((data) => {
         if (upgrade.aborted) return data.releaseSlot();
         const protocols = parseSubprotocols(info.headers.get('sec-websocket-protocol'));
         const key = info.headers.get('sec-websocket-key') ?? '';
         const extensions = info.headers.get('sec-websocket-extensions') ?? '';
         res.cork(() => res.upgrade(data, key, protocols.protocol ?? '', extensions, context));
-      },
-      (err: unknown) => refuseUpgrade(deps, res, upgrade, err),
-    );
+      })
+      .catch((err: unknown) => refuseUpgrade(deps, res, upgrade, err));
   };
 }
 
