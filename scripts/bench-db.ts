@@ -28,6 +28,7 @@ import { decodeCursor, encodeCursor } from '../src/marketplace/cursor.js';
 import type { KeysetPosition } from '../src/db/marketplace-store.js';
 import { createSqliteMarketplaceStore } from '../src/db/marketplace-queries.js';
 import WebSocket from 'ws';
+import { connect, type ChatwireClient } from '../src/client/client.js';
 import { databaseFile } from '../src/db/data-file.js';
 import { Database, type CountedStatement } from '../src/db/database.js';
 import { createMarketplaceService, DEFAULT_PAGE_LIMIT, type MarketplaceService } from '../src/marketplace/marketplace-service.js';
@@ -143,6 +144,15 @@ function createNaiveService(database: Database) {
     'naive.consumer_bookings_page',
     'SELECT booking_id, request_id, provider_id, status, scheduled_at, price_cents FROM bookings WHERE consumer_id = ? AND (scheduled_at, booking_id) < (?, ?) ORDER BY scheduled_at DESC, booking_id DESC LIMIT ?',
   );
+  /** The fields every request item has, in both request lookups. */
+  const requestFields = (r: RequestRow) => ({
+    requestId: formatId('request', r.request_id),
+    consumerId: formatId('consumer', r.consumer_id),
+    title: r.title,
+    category: r.category,
+    status: r.status,
+    createdAt: isoTime(r.created_at),
+  });
   const from = (after: KeysetPosition | null) => (after ? [after.sortKey, after.id] : [Number.MAX_SAFE_INTEGER, Number.MAX_SAFE_INTEGER]);
   const provider = (id: number) => {
     const p = providerById.get(id)!;
@@ -187,12 +197,7 @@ function createNaiveService(database: Database) {
         items: page.map((r) => {
           const c = consumerById.get(r.consumer_id)!;
           return {
-            requestId: formatId('request', r.request_id),
-            consumerId: formatId('consumer', r.consumer_id),
-            title: r.title,
-            category: r.category,
-            status: r.status,
-            createdAt: isoTime(r.created_at),
+            ...requestFields(r),
             consumer: { consumerId: formatId('consumer', c.consumer_id), name: c.name },
             quoteCount: quoteCount.get(r.request_id)!.n,
           };
@@ -204,12 +209,7 @@ function createNaiveService(database: Database) {
       const { page, nextCursor } = consumerPage(caller, q, 'consumer.requests', consumerRequestsPage, (last) => ({ sortKey: last.created_at, id: last.request_id }));
       return {
         items: page.map((r) => ({
-          requestId: formatId('request', r.request_id),
-          consumerId: formatId('consumer', r.consumer_id),
-          title: r.title,
-          category: r.category,
-          status: r.status,
-          createdAt: isoTime(r.created_at),
+          ...requestFields(r),
           bookings: bookingsOfRequest.all(r.request_id).map((b) => ({
             bookingId: formatId('booking', b.booking_id),
             status: b.status,
@@ -454,42 +454,39 @@ async function runOverWebSocket(batching: boolean): Promise<WsResult> {
     LOG_LEVEL: 'info',
   });
   try {
-    const sockets: WebSocket[] = [];
+    const clients: ChatwireClient[] = [];
     const latencies: number[] = [];
     let measuring = false;
+    let running = true;
     let done = 0;
     let errors = 0;
+    const loops: Promise<void>[] = [];
+    // Each client is a consumer reading its own requests, or anyone reading the open list, one lookup after another.
+    const lookUp = async (client: ChatwireClient, n: number, consumerId: string): Promise<void> => {
+      while (running && client.state !== 'closed') {
+        const sentAt = performance.now();
+        try {
+          await (n % 2 === 0 ? client.request({ type: 'requests.list', status: 'open', limit: 20 }) : client.request({ type: 'consumer.requests', consumerId, limit: 20 }));
+        } catch {
+          if (!running) return;
+          errors++;
+        }
+        if (measuring) {
+          latencies.push(performance.now() - sentAt);
+          done++;
+        }
+      }
+    };
     for (let i = 0; i < wsClients; i += 100) {
-      sockets.push(
-        ...(await Promise.all(
-          Array.from({ length: Math.min(100, wsClients - i) }, async (_, k) => {
-            const n = i + k;
-            // Each client is a consumer reading its own requests, or anyone reading the open list.
-            const consumerId = requestConsumers[n % requestConsumers.length] as string;
-            const ws = new WebSocket(`ws://127.0.0.1:${server.port}/ws?user=${consumerId}`);
-            let sentAt = 0;
-            const send = () => {
-              sentAt = performance.now();
-              ws.send(JSON.stringify(n % 2 === 0 ? { type: 'requests.list', status: 'open', limit: 20 } : { type: 'consumer.requests', consumerId, limit: 20 }));
-            };
-            ws.on('message', (data) => {
-              const m = JSON.parse(data.toString()) as { type: string };
-              if (m.type === 'hello') return send();
-              if (m.type === 'error') errors++;
-              if (measuring) {
-                latencies.push(performance.now() - sentAt);
-                done++;
-              }
-              if (ws.readyState === WebSocket.OPEN) send();
-            });
-            // The hello can come in the same read as the upgrade: listen before waiting for open.
-            await new Promise<void>((resolve, reject) => {
-              ws.once('open', () => resolve());
-              ws.once('error', reject);
-            });
-            return ws;
-          }),
-        )),
+      await Promise.all(
+        Array.from({ length: Math.min(100, wsClients - i) }, async (_, k) => {
+          const n = i + k;
+          const consumerId = requestConsumers[n % requestConsumers.length] as string;
+          const client = connect(`ws://127.0.0.1:${server.port}/ws`, { user: consumerId, WebSocket, reconnect: false, heartbeatMs: 0 });
+          await client.ready();
+          clients.push(client);
+          loops.push(lookUp(client, n, consumerId));
+        }),
       );
     }
     await sleep(2000);
@@ -500,7 +497,9 @@ async function runOverWebSocket(batching: boolean): Promise<WsResult> {
     measuring = false;
     const seconds = (performance.now() - t0) / 1000;
     const q1 = await scrapeSum(server.port, 'chatwire_db_queries_total', (l) => !l.includes('op="chat.'));
-    for (const ws of sockets) ws.terminate();
+    running = false;
+    for (const client of clients) client.close();
+    await Promise.all(loops);
     const s = summarize(latencies);
     return { batching, clients: wsClients, lookupsPerSec: Math.round(done / seconds), p50Ms: round(s.p50, 3), p99Ms: round(s.p99, 3), queriesPerLookup: round((q1 - q0) / Math.max(1, done), 3), errors };
   } finally {

@@ -40,6 +40,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import { performance } from 'node:perf_hooks';
 import WebSocket from 'ws';
+import { ChatwireError, connect, type ChatStream } from '../src/client/client.js';
 import { createRateLimits, type RateLimits } from '../src/limits/rate-limits.js';
 import { parseArgs, printTable, scrape, sleep, startChatwire, summarize, type Child } from './bench-support.js';
 
@@ -213,6 +214,9 @@ async function runAbuser(port: number, connections: number): Promise<void> {
   process.send?.('ready');
 }
 
+// The abuser and the ping-pong sockets are raw `ws` sockets, not chatwire's client: the abuser ignores every
+// refusal and reconnects at once, and the ping-pong measures frames through the server with as little client work
+// per frame as there can be.
 function flood(port: number, connections: number): { stop(): Promise<AbuseStats> } {
   const stats: AbuseStats = { sent: 0, passed: 0, refused: 0, closedByServer: 0, refusedUpgrades: 0 };
   let stopping = false;
@@ -320,50 +324,44 @@ async function startAbuser(port: number, connections: number): Promise<Abuser> {
   };
 }
 
-/** `users` users chatting over /ws; returns their ack latencies (ms) over `seconds`. */
+/** `users` users chatting over /ws with chatwire's client library; returns their ack latencies (ms) over `seconds`. */
 async function chatters(port: number, users: number, seconds: number, tag: string): Promise<{ ackMs: number[]; chats: number; errors: Record<string, number> }> {
-  const sockets = await openSockets(
-    port,
-    Array.from({ length: users }, (_, i) => `chatter-${i}`),
+  const clients = await Promise.all(
+    Array.from({ length: users }, async (_, i) => {
+      const client = connect(`ws://127.0.0.1:${port}/ws`, { user: `chatter-${i}`, WebSocket, reconnect: false, heartbeatMs: 0 });
+      await client.ready();
+      return client;
+    }),
   );
   const ackMs: number[] = [];
   const errors: Record<string, number> = {};
   let running = true;
   let chats = 0;
-  const loops = sockets.map(async (ws, u) => {
+  const loops = clients.map(async (client, u) => {
     let seq = 0;
-    const pending = new Map<string, (m: Record<string, unknown>) => void>();
-    ws.on('message', (data: Buffer) => {
-      const m = JSON.parse(data.toString()) as Record<string, unknown>;
-      const key = typeof m.id === 'string' ? m.id : m.type === 'chat.done' || m.type === 'chat.error' ? (m.taskId as string) : undefined;
-      if (key !== undefined) {
-        pending.get(key)?.(m);
-        pending.delete(key);
-      }
-    });
-    const wait = (key: string) => new Promise<Record<string, unknown>>((resolve) => pending.set(key, resolve));
     await sleep(Math.random() * 1000); // spread the users' first chats
     while (running) {
       const id = `${tag}-${u}-${seq++}`;
       const sentAt = performance.now();
-      const reply = wait(id);
-      ws.send(JSON.stringify({ type: 'chat.send', id, text: `user ${u} asks question ${id}`, params: { maxTokens: 8 }, cache: 'bypass' }));
-      const ack = await reply;
-      if (ack.type !== 'chat.ack') {
-        errors[String(ack.code)] = (errors[String(ack.code)] ?? 0) + 1;
+      let stream: ChatStream;
+      try {
+        stream = await client.chat.send(`user ${u} asks question ${id}`, { params: { maxTokens: 8 }, cache: 'bypass' });
+      } catch (err) {
+        const code = err instanceof ChatwireError ? err.code : 'undefined';
+        errors[code] = (errors[code] ?? 0) + 1;
         await sleep(1000);
         continue;
       }
       ackMs.push(performance.now() - sentAt);
       chats++;
-      await wait(ack.taskId as string);
+      await stream.result.catch(() => {});
       await sleep(500 + Math.random() * 500);
     }
   });
   await sleep(seconds * 1000);
   running = false;
   await Promise.race([Promise.all(loops), sleep(5000)]);
-  await closeSockets(sockets);
+  for (const client of clients) client.close();
   return { ackMs, chats, errors };
 }
 

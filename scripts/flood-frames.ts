@@ -14,6 +14,7 @@ import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import { fileURLToPath } from 'node:url';
 import WebSocket from 'ws';
+import { connect } from '../src/client/client.js';
 import { parseArgs, printTable, sleep, startChatwire, summarize } from './bench-support.js';
 
 const args = parseArgs({ seconds: '10', 'baseline-seconds': '5', 'victim-of': '', 'victim-ms': '0' });
@@ -30,25 +31,22 @@ function cpuSeconds(pid: number): number {
 
 function runVictim(base: string): { acks: { at: number; ms: number }[]; stop(): void } {
   const acks: { at: number; ms: number }[] = [];
-  const sentAt = new Map<string, number>();
-  const ws = new WebSocket(`${base.replace(/^http/, 'ws')}/ws?user=victim`);
+  const client = connect(`${base.replace(/^http/, 'ws')}/ws`, { user: 'victim', WebSocket, reconnect: false, heartbeatMs: 0 });
   let n = 0;
   const timer = setInterval(() => {
-    if (ws.readyState !== WebSocket.OPEN) return;
+    if (client.state !== 'open') return;
     const id = `v${n++}`;
-    sentAt.set(id, performance.now());
-    ws.send(JSON.stringify({ type: 'chat.send', id, text: `victim ${id}`, params: { maxTokens: 8 }, cache: 'bypass' }));
+    const sentAt = performance.now();
+    client.chat.send(`victim ${id}`, { params: { maxTokens: 8 }, cache: 'bypass' }).then(
+      () => acks.push({ at: performance.now(), ms: performance.now() - sentAt }),
+      () => {},
+    );
   }, 100);
-  ws.on('message', (data) => {
-    const m = JSON.parse(data.toString()) as { type: string; id?: string };
-    const t0 = m.id === undefined ? undefined : sentAt.get(m.id);
-    if (m.type === 'chat.ack' && t0 !== undefined) acks.push({ at: performance.now(), ms: performance.now() - t0 });
-  });
   return {
     acks,
     stop() {
       clearInterval(timer);
-      ws.close();
+      client.close();
     },
   };
 }
@@ -63,7 +61,10 @@ function victim(base: string, ms: number): Promise<number[]> {
   });
 }
 
-/** One flooding connection that reconnects whenever it is closed or refused, until `until`. */
+/**
+ * One flooding connection that reconnects whenever it is closed or refused, until `until`. A raw `ws` socket, not
+ * chatwire's client: it sends hostile frames (deep nesting, frames at the size limit) as fast as the socket takes them.
+ */
 async function floodConnection(url: string, frame: string, until: number, counts: { sent: number; closed: number }): Promise<void> {
   while (performance.now() < until) {
     const ws = new WebSocket(url);

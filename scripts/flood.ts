@@ -14,6 +14,7 @@
 import fs from 'node:fs';
 import http from 'node:http';
 import WebSocket from 'ws';
+import { connect } from '../src/client/client.js';
 import { parseArgs, printTable, sleep, startChatwire, summarize } from './bench-support.js';
 
 const mode = process.argv[2] ?? 'handshakes';
@@ -24,40 +25,33 @@ function rssMiB(pid: number): number {
   return m ? Number(m[1]) / 1024 : NaN;
 }
 
-/** A logged-in user on /ws sending a chat every `everyMs`, timing each ack. */
+/** A logged-in user on /ws (chatwire's client library) sending a chat every `everyMs`, timing each ack. */
 async function chatter(port: number, user: string, everyMs: number) {
-  const ws = new WebSocket(`ws://127.0.0.1:${port}/ws?user=${user}`);
-  await new Promise((resolve, reject) => {
-    ws.once('open', resolve);
-    ws.once('error', reject);
-  });
-  const sentAt = new Map<string, number>();
+  const client = connect(`ws://127.0.0.1:${port}/ws`, { user, WebSocket, reconnect: false, heartbeatMs: 0 });
+  await client.ready();
   let acks: number[] = [];
   let sent = 0;
   let errors = 0;
-  ws.on('message', (data) => {
-    const m = JSON.parse(data.toString()) as { type: string; id?: string };
-    const at = m.id === undefined ? undefined : sentAt.get(m.id);
-    if (at === undefined) return;
-    sentAt.delete(m.id as string);
-    if (m.type === 'chat.ack') acks.push(performance.now() - at);
-    else errors += 1;
-  });
+  let unanswered = 0;
   const timer = setInterval(() => {
-    const id = `c${sent++}`;
-    sentAt.set(id, performance.now());
-    ws.send(JSON.stringify({ type: 'chat.send', id, text: `${user} says ${sent}`, params: { maxTokens: 4 } }));
+    sent++;
+    unanswered++;
+    const at = performance.now();
+    client.chat.send(`${user} says ${sent}`, { params: { maxTokens: 4 } }).then(
+      () => acks.push(performance.now() - at),
+      () => (errors += 1),
+    ).finally(() => (unanswered -= 1));
   }, everyMs);
   return {
     /** Acks since the last call, and what was sent and refused so far. */
     take() {
       const out = acks;
       acks = [];
-      return { acks: out, sent, errors, unanswered: sentAt.size };
+      return { acks: out, sent, errors, unanswered };
     },
     close() {
       clearInterval(timer);
-      ws.close();
+      client.close();
     },
   };
 }

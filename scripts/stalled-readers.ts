@@ -12,6 +12,7 @@
  */
 import type { Socket } from 'node:net';
 import WebSocket from 'ws';
+import { connect } from '../src/client/client.js';
 import { parseArgs, printTable, sleep, startChatwire, summarize } from './bench-support.js';
 import { MiB, scrapeServer } from './load-support.js';
 
@@ -36,7 +37,11 @@ function tcpOf(ws: WebSocket): Socket {
   return (ws as unknown as { _socket: Socket })._socket;
 }
 
-/** Opens a WebSocket, sends `start` once `ready` matches a frame, and stops reading at the first frame `stop` matches. */
+/**
+ * Opens a WebSocket, sends `start` once `ready` matches a frame, and stops reading at the first frame `stop` matches.
+ * A raw `ws` socket, not chatwire's client: the point is a reader that stops reading its TCP socket mid-stream,
+ * which a well-behaved client never does.
+ */
 function stallOver(url: string, ready: (frame: string) => boolean, start: (ws: WebSocket) => void, stop: (frame: string) => boolean, options: WebSocket.ClientOptions = {}): Promise<WebSocket> {
   const ws = new WebSocket(url, options);
   return new Promise((resolve, reject) => {
@@ -97,30 +102,27 @@ async function stalledPolling(base: string, i: number): Promise<() => void> {
   return () => {};
 }
 
-/** A client that reads: one short chat a second; the ack latencies and how many chats ended. */
+/** A client that reads (chatwire's client library): one short chat a second; the ack latencies and how many chats ended. */
 async function normalClient(base: string, untilMs: number): Promise<{ acks: number[]; done: number; sent: number }> {
-  const ws = new WebSocket(`${base.replace(/^http/, 'ws')}/ws?user=normal`);
-  await new Promise((resolve, reject) => {
-    ws.once('open', resolve);
-    ws.once('error', reject);
-  });
+  const client = connect(`${base.replace(/^http/, 'ws')}/ws`, { user: 'normal', WebSocket, reconnect: false, heartbeatMs: 0 });
+  await client.ready();
   const acks: number[] = [];
   let done = 0;
   let sent = 0;
-  const sentAt = new Map<string, number>();
-  ws.on('message', (data) => {
-    const m = JSON.parse(data.toString()) as { type: string; id?: string };
-    if (m.type === 'chat.ack' && m.id) acks.push(performance.now() - (sentAt.get(m.id) ?? NaN));
-    if (m.type === 'chat.done') done++;
-  });
   while (performance.now() < untilMs) {
     const id = `n${sent++}`;
-    sentAt.set(id, performance.now());
-    ws.send(JSON.stringify({ type: 'chat.send', id, text: `a normal question ${id}`, params: { maxTokens: 32 }, cache: 'bypass' }));
+    const sentAt = performance.now();
+    client.chat.send(`a normal question ${id}`, { params: { maxTokens: 32 }, cache: 'bypass' }).then(
+      (stream) => {
+        acks.push(performance.now() - sentAt);
+        stream.result.then(() => done++, () => {});
+      },
+      () => {},
+    );
     await sleep(1000);
   }
   await sleep(2000);
-  ws.close();
+  client.close();
   return { acks, done, sent };
 }
 

@@ -19,7 +19,7 @@ import {
   toJson,
   type ServerMessage,
 } from '../protocol/index.js';
-import { clientAddress } from './client-address.js';
+import { callerAddress, identifyPending, takeUserSlot } from './connection.js';
 import type { TransportDeps } from './deps.js';
 import { captureRequest, errorBody, etagMatches, parseJsonBody, readBody, Responder, strongEtag, type RequestInfo } from './http-io.js';
 import { chargeEgress, historyBytes, replayBytes, taskBytes } from './session.js';
@@ -81,117 +81,149 @@ interface Handled {
   cacheControl?: string;
 }
 
-export function attachHttpRoutes(app: TemplatedApp, deps: TransportDeps): { closeStreams(): void } {
-  const { config, metrics, log, chat, marketplace } = deps;
-  const streams = new Set<{ end(): void }>();
-  /** The /v1 routes with the method each answers, for the 405 of a known path asked with another method. */
-  const v1Routes: { method: string; pattern: string }[] = [];
-  // The fields of a caller that could not be identified: no bucket of its own, so the limits a user starts with.
-  // They depend only on the configured policies, so they are the same for the whole life of the process.
-  const unidentifiedLimitHeaders = deps.rateLimitHeaders(null);
-  let nextAnon = 0;
-  const corsOrigin = (origin: string | undefined): string | undefined => {
-    if (!origin) return undefined;
-    if (config.allowedOrigins === '*') return '*';
-    return config.allowedOrigins.includes(origin) ? origin : undefined;
-  };
-  const commonHeaders = (info: RequestInfo): Record<string, string> => {
-    const h: Record<string, string> = { 'x-content-type-options': 'nosniff' };
-    const allow = corsOrigin(info.headers.get('origin'));
-    if (allow) {
-      h['access-control-allow-origin'] = allow;
-      h['access-control-expose-headers'] = 'RateLimit, RateLimit-Policy, Retry-After, ETag';
-      if (allow !== '*') h.vary = 'Origin';
-    }
-    return h;
-  };
+/** A /v1 JSON route's handler: the identified caller, the request, and its body (empty for a GET). */
+type V1Handler = (caller: Identity, info: RequestInfo, body: Promise<Buffer>) => Promise<Handled | null>;
 
+/** What every route shares: the app, the deps, the open task streams and the helpers that identify, charge and answer. */
+interface Routes {
+  app: TemplatedApp;
+  deps: TransportDeps;
+  /** The task streams open now, ended by closeStreams(). */
+  streams: Set<{ end(): void }>;
+  /** The /v1 routes with the method each answers, for the 405 of a known path asked with another method. */
+  v1Routes: { method: string; pattern: string }[];
+  /**
+   * The fields of a caller that could not be identified: no bucket of its own, so the limits a user starts with.
+   * They depend only on the configured policies, so they are the same for the whole life of the process.
+   */
+  unidentifiedLimitHeaders: Record<string, string>;
+  commonHeaders(info: RequestInfo): Record<string, string>;
   /** Who the caller is; while its token is checked the request holds a place among the unauthenticated (deps.admission). */
-  async function identify(info: RequestInfo): Promise<Identity> {
-    const address = clientAddress(info.remoteAddress, info.headers.get('x-forwarded-for'), deps.config.trustProxy);
-    const pending = deps.admission.admit(address);
-    if (!pending.ok) throw pending.error;
-    try {
-      return await deps.auth.identify({
+  identify(info: RequestInfo): Promise<Identity>;
+  /** Identifies the caller and takes one request from its bucket; `onHeaders` gets the RateLimit fields either way. */
+  admit(info: RequestInfo, onHeaders: (headers: Record<string, string>) => void): Promise<Identity>;
+  /** `status` overrides the code's own HTTP status: only the 405 does, whose condition the code table has no row for. */
+  sendError(responder: Responder, info: RequestInfo, err: unknown, extra?: Record<string, string>, status?: number): void;
+}
+
+function corsOrigin(deps: TransportDeps, origin: string | undefined): string | undefined {
+  if (!origin) return undefined;
+  if (deps.config.allowedOrigins === '*') return '*';
+  return deps.config.allowedOrigins.includes(origin) ? origin : undefined;
+}
+
+function commonHeaders(deps: TransportDeps, info: RequestInfo): Record<string, string> {
+  const h: Record<string, string> = { 'x-content-type-options': 'nosniff' };
+  const allow = corsOrigin(deps, info.headers.get('origin'));
+  if (allow) {
+    h['access-control-allow-origin'] = allow;
+    h['access-control-expose-headers'] = 'RateLimit, RateLimit-Policy, Retry-After, ETag';
+    if (allow !== '*') h.vary = 'Origin';
+  }
+  return h;
+}
+
+function createRoutes(app: TemplatedApp, deps: TransportDeps): Routes {
+  const { metrics, log } = deps;
+  let nextAnon = 0;
+  const routes: Routes = {
+    app,
+    deps,
+    streams: new Set(),
+    v1Routes: [],
+    unidentifiedLimitHeaders: deps.rateLimitHeaders(null),
+    commonHeaders: (info) => commonHeaders(deps, info),
+    identify(info) {
+      const address = callerAddress(deps, info.remoteAddress, info.headers.get('x-forwarded-for'));
+      const pending = deps.admission.admit(address);
+      if (!pending.ok) return Promise.reject(pending.error);
+      return identifyPending(deps, pending.slot, {
         token: tokenFromAuthorization(info.headers.get('authorization')) ?? info.query.get('token') ?? undefined,
         user: info.query.get('user') ?? undefined,
         connectionId: `http${++nextAnon}`,
         address,
         request: { transport: 'http', headers: info.headers, query: info.query },
       });
-    } finally {
-      pending.slot.release();
+    },
+    async admit(info, onHeaders) {
+      const caller = await routes.identify(info);
+      const limited = deps.httpLimit(caller.userId);
+      onHeaders(deps.rateLimitHeaders(caller.userId));
+      if (!limited.ok) {
+        metrics.rateLimited.inc({ bucket: limited.bucket });
+        throw new AppError('rate_limited', `too many requests; retry in ${limited.retryAfterMs} ms`, { retryAfterMs: limited.retryAfterMs });
+      }
+      return caller;
+    },
+    sendError(responder, info, err, extra = {}, status) {
+      const e = toAppError(err);
+      if (e.code === 'internal') log.error({ err: e.cause ?? e, url: info.url }, 'http request failed');
+      metrics.errors.inc({ code: e.code });
+      const { status: codeStatus, body, retryAfterMs } = errorBody(e);
+      status ??= codeStatus;
+      const headers: Record<string, string> = { ...commonHeaders(deps, info), ...extra, 'content-type': 'application/json', 'cache-control': 'no-store' };
+      if (retryAfterMs !== undefined) headers['retry-after'] = String(Math.max(1, Math.ceil(retryAfterMs / 1000)));
+      // RFC 9110 section 15.5.2: a 401 names the scheme that would be accepted.
+      if (status === 401) headers['www-authenticate'] = 'Bearer';
+      // RFC 9110 section 9.3.2: no content in an answer to HEAD (uWS would write it, and a client reading the
+      // connection on would take it for the start of the next response).
+      responder.send(status, headers, info.method === 'HEAD' ? '' : body, deps.admission.closesConnection(e));
+    },
+  };
+  return routes;
+}
+
+/** A /v1 route's answer: JSON with the RateLimit fields, and on reads an ETag (304 when the client has it). */
+function sendHandled(routes: Routes, responder: Responder, info: RequestInfo, method: 'get' | 'post', out: Handled, limitHeaders: Record<string, string>): void {
+  const body = toJson(out.body);
+  const headers: Record<string, string> = { ...routes.commonHeaders(info), ...limitHeaders, 'content-type': 'application/json' };
+  if (method === 'get') {
+    const etag = strongEtag(body);
+    headers.etag = etag;
+    headers['cache-control'] = out.cacheControl ?? FRESHNESS.live;
+    if (etagMatches(info.headers.get('if-none-match'), etag)) {
+      responder.send(304, headers);
+      return;
     }
+  } else {
+    headers['cache-control'] = 'no-store';
   }
+  responder.send(out.status, headers, body);
+}
 
-  /** Identifies the caller and takes one request from its bucket; `onHeaders` gets the RateLimit fields either way. */
-  async function admit(info: RequestInfo, onHeaders: (headers: Record<string, string>) => void): Promise<Identity> {
-    const caller = await identify(info);
-    const limited = deps.httpLimit(caller.userId);
-    onHeaders(deps.rateLimitHeaders(caller.userId));
-    if (!limited.ok) {
-      metrics.rateLimited.inc({ bucket: limited.bucket });
-      throw new AppError('rate_limited', `too many requests; retry in ${limited.retryAfterMs} ms`, { retryAfterMs: limited.retryAfterMs });
-    }
-    return caller;
-  }
+/** A /v1 JSON route: identity, rate limit, handler, RateLimit fields, ETag on reads. */
+function v1Route(routes: Routes, method: 'get' | 'post', pattern: string, params: number, handler: V1Handler): void {
+  const { deps } = routes;
+  routes.v1Routes.push({ method: method.toUpperCase(), pattern });
+  routes.app[method](pattern, (res: HttpResponse, req: HttpRequest) => {
+    const responder = new Responder(res);
+    const info = captureRequest(req, res, params);
+    // uWS hands body chunks only to an onData registered before this callback returns, and identify() awaits
+    // (HS256 verification): read the body now or it is lost and the request hangs. A refusal before the handler
+    // reads it leaves the promise unobserved, hence the no-op catch.
+    const requestBody = method === 'post' ? readBody(responder, deps.config.maxFrameBytes) : Promise.resolve(Buffer.alloc(0));
+    requestBody.catch(() => {});
+    void (async () => {
+      let limitHeaders = routes.unidentifiedLimitHeaders;
+      try {
+        const caller = await routes.admit(info, (h) => (limitHeaders = h));
+        const out = await handler(caller, info, requestBody);
+        if (out === null || !responder.open) return;
+        // Read again after the handler: the chat (and model tokens) it just took must show in the fields.
+        limitHeaders = deps.rateLimitHeaders(caller.userId);
+        sendHandled(routes, responder, info, method, out, limitHeaders);
+      } catch (err) {
+        routes.sendError(responder, info, err, limitHeaders);
+      }
+    })();
+  });
+}
 
-  /** `status` overrides the code's own HTTP status: only the 405 does, whose condition the code table has no row for. */
-  function sendError(responder: Responder, info: RequestInfo, err: unknown, extra: Record<string, string> = {}, status?: number): void {
-    const e = toAppError(err);
-    if (e.code === 'internal') log.error({ err: e.cause ?? e, url: info.url }, 'http request failed');
-    metrics.errors.inc({ code: e.code });
-    const { status: codeStatus, body, retryAfterMs } = errorBody(e);
-    status ??= codeStatus;
-    const headers: Record<string, string> = { ...commonHeaders(info), ...extra, 'content-type': 'application/json', 'cache-control': 'no-store' };
-    if (retryAfterMs !== undefined) headers['retry-after'] = String(Math.max(1, Math.ceil(retryAfterMs / 1000)));
-    // RFC 9110 section 15.5.2: a 401 names the scheme that would be accepted.
-    if (status === 401) headers['www-authenticate'] = 'Bearer';
-    // RFC 9110 section 9.3.2: no content in an answer to HEAD (uWS would write it, and a client reading the
-    // connection on would take it for the start of the next response).
-    responder.send(status, headers, info.method === 'HEAD' ? '' : body, deps.admission.closesConnection(e));
-  }
-
-  /** A /v1 JSON route: identity, rate limit, handler, RateLimit fields, ETag on reads. */
-  function v1(method: 'get' | 'post', pattern: string, params: number, handler: (caller: Identity, info: RequestInfo, body: Promise<Buffer>) => Promise<Handled | null>): void {
-    v1Routes.push({ method: method.toUpperCase(), pattern });
-    app[method](pattern, (res: HttpResponse, req: HttpRequest) => {
-      const responder = new Responder(res);
-      const info = captureRequest(req, res, params);
-      // uWS hands body chunks only to an onData registered before this callback returns, and identify() awaits
-      // (HS256 verification): read the body now or it is lost and the request hangs. A refusal before the handler
-      // reads it leaves the promise unobserved, hence the no-op catch.
-      const requestBody = method === 'post' ? readBody(responder, config.maxFrameBytes) : Promise.resolve(Buffer.alloc(0));
-      requestBody.catch(() => {});
-      void (async () => {
-        let limitHeaders = unidentifiedLimitHeaders;
-        try {
-          const caller = await admit(info, (h) => (limitHeaders = h));
-          const out = await handler(caller, info, requestBody);
-          if (out === null || !responder.open) return;
-          // Read again after the handler: the chat (and model tokens) it just took must show in the fields.
-          limitHeaders = deps.rateLimitHeaders(caller.userId);
-          const body = toJson(out.body);
-          const headers: Record<string, string> = { ...commonHeaders(info), ...limitHeaders, 'content-type': 'application/json' };
-          if (method === 'get') {
-            const etag = strongEtag(body);
-            headers.etag = etag;
-            headers['cache-control'] = out.cacheControl ?? FRESHNESS.live;
-            if (etagMatches(info.headers.get('if-none-match'), etag)) {
-              responder.send(304, headers);
-              return;
-            }
-          } else {
-            headers['cache-control'] = 'no-store';
-          }
-          responder.send(out.status, headers, body);
-        } catch (err) {
-          sendError(responder, info, err, limitHeaders);
-        }
-      })();
-    });
-  }
-
+/** The /v1 JSON routes: send a chat, read a task, a conversation's history and the marketplace listings. */
+function attachV1Routes(routes: Routes): void {
+  const { deps } = routes;
+  const { chat, marketplace } = deps;
+  const v1 = (method: 'get' | 'post', pattern: string, params: number, handler: V1Handler) => v1Route(routes, method, pattern, params, handler);
   v1('post', '/v1/chat', 0, async (caller, info, body) => {
     const contentType = info.headers.get('content-type') ?? '';
     if (contentType && !/^application\/json\b/i.test(contentType)) throw new AppError('bad_request', 'the body must be application/json');
@@ -231,115 +263,149 @@ export function attachHttpRoutes(app: TemplatedApp, deps: TransportDeps): { clos
     const q = parseQuery(ConsumerPageQuerySchema, info.query);
     return { status: 200, body: new JsonText(serializePage(await marketplace.consumerBookingsJson(caller, { consumerId: info.params[0] as string, ...q }))), cacheControl: FRESHNESS.listing };
   });
+}
 
-  // Server-Sent Events: `id:` is the seq, Last-Event-ID resumes after it, the stream ends after done or error.
-  v1Routes.push({ method: 'GET', pattern: '/v1/tasks/:taskId/stream' });
-  app.get('/v1/tasks/:taskId/stream', (res, req) => {
+/** The seq a stream starts from: the one after Last-Event-ID (the header, or `?lastEventId=`), else 0. */
+function streamStart(info: RequestInfo): number {
+  const lastEventId = info.headers.get('last-event-id') ?? info.query.get('lastEventId');
+  if (lastEventId === null || lastEventId === undefined || lastEventId === '') return 0;
+  const n = Number(lastEventId);
+  if (!Number.isSafeInteger(n) || n < 0) throw new AppError('bad_request', 'Last-Event-ID must be the seq of a delta');
+  return n + 1;
+}
+
+/**
+ * One task's Server-Sent Events stream: deltas as `delta` events whose `id:` is the seq, then `done` or `error`,
+ * after which the stream ends. It holds one of the user's connection slots until it ends.
+ */
+class TaskEventStream {
+  private backedUp = false;
+  private ended = false;
+  private heartbeat: NodeJS.Timeout | undefined;
+  private subscription: Subscription | null = null;
+
+  constructor(
+    private readonly res: HttpResponse,
+    private readonly responder: Responder,
+    private readonly streams: Set<{ end(): void }>,
+    private readonly releaseSlot: () => void,
+  ) {}
+
+  readonly sink: Sink = {
+    congested: () => this.backedUp || !this.responder.open,
+    deliver: (m: ServerMessage) => {
+      if (!this.responder.open || this.ended) return false;
+      if (m.type === 'chat.delta') this.write(`id: ${m.seq}\nevent: delta\ndata: ${JSON.stringify(m)}\n\n`);
+      else if (m.type === 'chat.done' || m.type === 'chat.error') {
+        this.write(`event: ${m.type === 'chat.done' ? 'done' : 'error'}\ndata: ${JSON.stringify(m)}\n\n`);
+        setImmediate(this.end);
+      }
+      return true;
+    },
+  };
+
+  /** Subscribes to the task from `fromSeq` and charges the replay; on a refusal nothing is left held. */
+  subscribe(chat: TransportDeps['chat'], caller: Identity, taskId: string, fromSeq: number, charge: (replay: number) => void): void {
+    try {
+      this.subscription = chat.subscribe(caller, taskId, fromSeq, this.sink);
+      charge(replayBytes(this.subscription.task, fromSeq));
+    } catch (err) {
+      this.subscription?.close();
+      this.releaseSlot();
+      throw err;
+    }
+  }
+
+  /** Writes the head and starts streaming. */
+  start(headers: Record<string, string>): void {
+    const res = this.res;
+    res.cork(() => {
+      res.writeStatus('200 OK');
+      for (const [k, v] of Object.entries(headers)) res.writeHeader(k, v);
+      res.write(': chatwire task stream\n\n');
+    });
+    // Keeps proxies from timing the stream out while the model is quiet.
+    this.heartbeat = setInterval(() => {
+      if (this.responder.open && !this.backedUp) this.write(': keep-alive\n\n');
+    }, 15_000);
+    this.heartbeat.unref();
+    this.streams.add(this);
+    this.responder.onAbort(this.end);
+    this.subscription?.pump();
+  }
+
+  private write(chunk: string): boolean {
+    let ok = true;
+    this.res.cork(() => {
+      ok = this.res.write(chunk);
+    });
+    if (!ok && !this.backedUp) {
+      this.backedUp = true;
+      this.res.onWritable(() => {
+        this.backedUp = false;
+        this.subscription?.pump();
+        return true;
+      });
+    }
+    return true;
+  }
+
+  readonly end = (): void => {
+    if (this.ended) return;
+    this.ended = true;
+    this.releaseSlot();
+    clearInterval(this.heartbeat);
+    this.streams.delete(this);
+    this.subscription?.close();
+    if (this.responder.open) {
+      this.responder.done = true;
+      this.res.cork(() => this.res.end());
+    }
+  };
+}
+
+/** Server-Sent Events: `id:` is the seq, Last-Event-ID resumes after it, the stream ends after done or error. */
+function attachTaskStream(routes: Routes): void {
+  const { deps } = routes;
+  routes.v1Routes.push({ method: 'GET', pattern: '/v1/tasks/:taskId/stream' });
+  routes.app.get('/v1/tasks/:taskId/stream', (res, req) => {
     const responder = new Responder(res);
     const info = captureRequest(req, res, 1);
     void (async () => {
-      let limitHeaders = unidentifiedLimitHeaders;
+      let limitHeaders = routes.unidentifiedLimitHeaders;
       try {
-        const caller = await admit(info, (h) => (limitHeaders = h));
-        const lastEventId = info.headers.get('last-event-id') ?? info.query.get('lastEventId');
-        let fromSeq = 0;
-        if (lastEventId !== null && lastEventId !== undefined && lastEventId !== '') {
-          const n = Number(lastEventId);
-          if (!Number.isSafeInteger(n) || n < 0) throw new AppError('bad_request', 'Last-Event-ID must be the seq of a delta');
-          fromSeq = n + 1;
-        }
+        const caller = await routes.admit(info, (h) => (limitHeaders = h));
+        const fromSeq = streamStart(info);
         if (!responder.open) return;
         // A stream holds a connection as long as a WebSocket does: it takes one of the user's connection slots.
-        const slot = deps.connections.opened(caller.userId);
-        if (!slot.ok) throw slot.error;
-        let held = true;
-        const releaseSlot = () => {
-          if (!held) return;
-          held = false;
-          deps.connections.closed(caller.userId);
-        };
-        let backedUp = false;
-        let ended = false;
-        let subscription: Subscription | null = null;
-        const write = (chunk: string): boolean => {
-          let ok = true;
-          res.cork(() => {
-            ok = res.write(chunk);
-          });
-          if (!ok && !backedUp) {
-            backedUp = true;
-            res.onWritable(() => {
-              backedUp = false;
-              subscription?.pump();
-              return true;
-            });
-          }
-          return true;
-        };
-        const end = () => {
-          if (ended) return;
-          ended = true;
-          releaseSlot();
-          clearInterval(heartbeat);
-          streams.delete(stream);
-          subscription?.close();
-          if (responder.open) {
-            responder.done = true;
-            res.cork(() => res.end());
-          }
-        };
-        const stream = { end };
-        const sink: Sink = {
-          congested: () => backedUp || !responder.open,
-          deliver: (m: ServerMessage) => {
-            if (!responder.open || ended) return false;
-            if (m.type === 'chat.delta') write(`id: ${m.seq}\nevent: delta\ndata: ${JSON.stringify(m)}\n\n`);
-            else if (m.type === 'chat.done' || m.type === 'chat.error') {
-              write(`event: ${m.type === 'chat.done' ? 'done' : 'error'}\ndata: ${JSON.stringify(m)}\n\n`);
-              setImmediate(end);
-            }
-            return true;
-          },
-        };
-        try {
-          subscription = chat.subscribe(caller, info.params[0] as string, fromSeq, sink);
-          chargeEgress(deps.session, caller.userId, replayBytes(subscription.task, fromSeq));
-        } catch (err) {
-          subscription?.close();
-          releaseSlot();
-          throw err;
-        }
-        const headers: Record<string, string> = {
-          ...commonHeaders(info),
+        const stream = new TaskEventStream(res, responder, routes.streams, takeUserSlot(deps, caller.userId));
+        stream.subscribe(deps.chat, caller, info.params[0] as string, fromSeq, (bytes) => chargeEgress(deps.session, caller.userId, bytes));
+        stream.start({
+          ...routes.commonHeaders(info),
           ...limitHeaders,
           'content-type': 'text/event-stream; charset=utf-8',
           'cache-control': 'no-store',
           'x-accel-buffering': 'no',
-        };
-        res.cork(() => {
-          res.writeStatus('200 OK');
-          for (const [k, v] of Object.entries(headers)) res.writeHeader(k, v);
-          res.write(': chatwire task stream\n\n');
         });
-        // Keeps proxies from timing the stream out while the model is quiet.
-        const heartbeat = setInterval(() => {
-          if (responder.open && !backedUp) write(': keep-alive\n\n');
-        }, 15_000);
-        heartbeat.unref();
-        streams.add(stream);
-        responder.onAbort(end);
-        subscription.pump();
       } catch (err) {
-        sendError(responder, info, err, limitHeaders);
+        routes.sendError(responder, info, err, limitHeaders);
       }
     })();
   });
+}
 
-  app.options('/*', (res, req) => {
+/**
+ * CORS preflights. A preflight is the browser's, sent on its own before the page's request (which is charged): it
+ * charges nothing, and a bad token does not fail it. Browsers send it without credentials, so it is usually an
+ * unidentified caller; one that names its user (?user=, ?token=) gets that user's state.
+ */
+function attachPreflight(routes: Routes): void {
+  const { deps } = routes;
+  routes.app.options('/*', (res, req) => {
     const responder = new Responder(res);
     const info = captureRequest(req, res);
     const headers = {
-      ...commonHeaders(info),
+      ...routes.commonHeaders(info),
       'access-control-allow-methods': 'GET, POST, OPTIONS',
       'access-control-allow-headers': 'authorization, content-type, last-event-id, if-none-match',
       'access-control-max-age': '600',
@@ -348,21 +414,22 @@ export function attachHttpRoutes(app: TemplatedApp, deps: TransportDeps): { clos
       responder.send(204, headers);
       return;
     }
-    // A preflight is the browser's, sent on its own before the page's request (which is charged): it charges
-    // nothing, and a bad token does not fail it. Browsers send it without credentials, so it is usually an
-    // unidentified caller; one that names its user (?user=, ?token=) gets that user's state.
     void (async () => {
-      let limitHeaders = unidentifiedLimitHeaders;
+      let limitHeaders = routes.unidentifiedLimitHeaders;
       try {
-        limitHeaders = deps.rateLimitHeaders((await identify(info)).userId);
+        limitHeaders = deps.rateLimitHeaders((await routes.identify(info)).userId);
       } catch (err) {
         // A bad token, a refused admission or an anonymous caller past the bound is the caller's; anything else is ours.
-        if (!isAppError(err) || err.code === 'internal') log.error({ err, url: info.url }, 'identifying a preflight failed');
+        if (!isAppError(err) || err.code === 'internal') deps.log.error({ err, url: info.url }, 'identifying a preflight failed');
       }
       responder.send(204, { ...headers, ...limitHeaders });
     })();
   });
+}
 
+/** /healthz, /readyz and /metrics. */
+function attachProbes(routes: Routes): void {
+  const { app, deps } = routes;
   app.get('/healthz', (res) => {
     new Responder(res).send(200, { 'content-type': 'application/json', 'cache-control': 'no-store' }, '{"status":"ok"}');
   });
@@ -389,50 +456,62 @@ export function attachHttpRoutes(app: TemplatedApp, deps: TransportDeps): { clos
   app.get('/metrics', (res) => {
     const responder = new Responder(res);
     deps.beforeScrape();
-    metrics.registry.metrics().then(
-      (text) => responder.send(200, { 'content-type': metrics.registry.contentType, 'cache-control': 'no-store' }, text),
+    deps.metrics.registry.metrics().then(
+      (text) => responder.send(200, { 'content-type': deps.metrics.registry.contentType, 'cache-control': 'no-store' }, text),
       (err: unknown) => {
-        log.error({ err }, 'rendering metrics failed');
+        deps.log.error({ err }, 'rendering metrics failed');
         responder.send(500, { 'content-type': 'text/plain' }, 'metrics unavailable');
       },
     );
   });
+}
 
+/**
+ * Every other request: not_found outside /v1. Under /v1 a miss is a /v1 call like any other: the caller is
+ * identified and charged one frame first (a client probing wrong paths spends its quota as it would on right ones),
+ * and the answer carries the fields; a known path asked with another method is answered 405.
+ */
+function attachFallback(routes: Routes): void {
+  routes.app.any('/*', (res, req) => {
+    const responder = new Responder(res);
+    const info = captureRequest(req, res);
+    if (!isV1Path(info.url)) {
+      routes.sendError(responder, info, new AppError('not_found', `no route ${info.method} ${info.url}`));
+      return;
+    }
+    void (async () => {
+      let limitHeaders = routes.unidentifiedLimitHeaders;
+      try {
+        await routes.admit(info, (h) => (limitHeaders = h));
+        const allowed = [...new Set(routes.v1Routes.filter((r) => patternMatches(r.pattern, info.url)).map((r) => r.method))];
+        if (allowed.length === 0) throw new AppError('not_found', `no route ${info.method} ${info.url}`);
+        // RFC 9110 section 15.5.6: 405 with Allow. OPTIONS is in it because every path answers a preflight.
+        const allow = [...allowed, 'OPTIONS'].join(', ');
+        const err = new AppError('bad_request', `${info.method} is not allowed on ${info.url}; allowed: ${allow}`);
+        routes.sendError(responder, info, err, { ...limitHeaders, allow }, 405);
+      } catch (err) {
+        routes.sendError(responder, info, err, limitHeaders);
+      }
+    })();
+  });
+}
+
+export function attachHttpRoutes(app: TemplatedApp, deps: TransportDeps): { closeStreams(): void } {
+  const routes = createRoutes(app, deps);
+  attachV1Routes(routes);
+  attachTaskStream(routes);
+  attachPreflight(routes);
+  attachProbes(routes);
   for (const asset of staticAssets()) {
     app.get(asset.route, (res, req) => {
       const responder = new Responder(res);
       renderStaticRoute(responder, asset, req.getHeader('if-none-match'));
     });
   }
-
-  app.any('/*', (res, req) => {
-    const responder = new Responder(res);
-    const info = captureRequest(req, res);
-    if (!isV1Path(info.url)) {
-      sendError(responder, info, new AppError('not_found', `no route ${info.method} ${info.url}`));
-      return;
-    }
-    // Under /v1 a miss is a /v1 call like any other: the caller is identified and charged one frame first (a
-    // client probing wrong paths spends its quota as it would on right ones), and the answer carries the fields.
-    void (async () => {
-      let limitHeaders = unidentifiedLimitHeaders;
-      try {
-        await admit(info, (h) => (limitHeaders = h));
-        const allowed = [...new Set(v1Routes.filter((r) => patternMatches(r.pattern, info.url)).map((r) => r.method))];
-        if (allowed.length === 0) throw new AppError('not_found', `no route ${info.method} ${info.url}`);
-        // RFC 9110 section 15.5.6: 405 with Allow. OPTIONS is in it because every path answers a preflight.
-        const allow = [...allowed, 'OPTIONS'].join(', ');
-        const err = new AppError('bad_request', `${info.method} is not allowed on ${info.url}; allowed: ${allow}`);
-        sendError(responder, info, err, { ...limitHeaders, allow }, 405);
-      } catch (err) {
-        sendError(responder, info, err, limitHeaders);
-      }
-    })();
-  });
-
+  attachFallback(routes);
   return {
     closeStreams() {
-      for (const s of [...streams]) s.end();
+      for (const s of [...routes.streams]) s.end();
     },
   };
 }

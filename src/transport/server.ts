@@ -3,7 +3,7 @@ import type { Server as SocketIOServer } from 'socket.io';
 import type { TransportDeps } from './deps.js';
 import { attachHttpRoutes } from './http-routes.js';
 import { attachSocketIO } from './socketio.js';
-import { attachWebSocket } from './ws.js';
+import { attachWebSocket, endSockets } from './ws.js';
 
 export interface HttpServer {
   readonly port: number;
@@ -59,13 +59,7 @@ export async function startHttpServer(deps: TransportDeps, host: string, port: n
     },
     closeConnections(code = 1001, reason = 'server shutting down') {
       http.closeStreams();
-      for (const ws of [...sockets]) {
-        try {
-          ws.end(code, reason);
-        } catch {
-          // Already closed: uWS throws on a closed socket, and close() removes it from the set.
-        }
-      }
+      endSockets(sockets, code, reason);
       io.disconnectSockets(true);
     },
     async close() {

@@ -216,40 +216,50 @@ export class Session {
     sub.pump();
   }
 
+  /** chat.send: the ack, then the task's stream through the sink. */
+  private send(message: Extract<ClientMessage, { type: 'chat.send' }>, reply: Reply): Promise<void> {
+    const { chat } = this.deps;
+    const caller = this.identity;
+    const { type: _type, id, ...body } = message;
+    const receivedAt = performance.now();
+    return chat.send(caller, body, receivedAt).then(({ ack, task }) => {
+      // The ack and whatever the task already has (all of a cache hit) leave in one write.
+      const ackAndStream = () => {
+        reply(this.withId({ type: 'chat.ack', ...ack }, id));
+        if (this.closed) return;
+        this.track(task.taskId, chat.subscribe(caller, task.taskId, 0, this.sink));
+      };
+      if (this.sink.cork && !this.closed) this.sink.cork(ackAndStream);
+      else ackAndStream();
+    });
+  }
+
+  /** chat.resume: the replay from `fromSeq` is charged to the user's egress, then streamed with what follows. */
+  private resume(message: Extract<ClientMessage, { type: 'chat.resume' }>, reply: Reply): void {
+    const caller = this.identity;
+    const sub = this.deps.chat.subscribe(caller, message.taskId, message.fromSeq, this.sink);
+    try {
+      chargeEgress(this.deps, caller.userId, replayBytes(sub.task, message.fromSeq));
+    } catch (err) {
+      sub.close();
+      throw err;
+    }
+    reply(this.withId({ type: 'ok' }, message.id));
+    this.track(message.taskId, sub);
+  }
+
   private dispatch(message: ClientMessage, reply: Reply): Promise<void> | void {
     const { chat, marketplace } = this.deps;
     const caller = this.identity;
     switch (message.type) {
-      case 'chat.send': {
-        const { type: _type, id, ...body } = message;
-        const receivedAt = performance.now();
-        return chat.send(caller, body, receivedAt).then(({ ack, task }) => {
-          // The ack and whatever the task already has (all of a cache hit) leave in one write.
-          const ackAndStream = () => {
-            reply(this.withId({ type: 'chat.ack', ...ack }, id));
-            if (this.closed) return;
-            this.track(task.taskId, chat.subscribe(caller, task.taskId, 0, this.sink));
-          };
-          if (this.sink.cork && !this.closed) this.sink.cork(ackAndStream);
-          else ackAndStream();
-        });
-      }
+      case 'chat.send':
+        return this.send(message, reply);
       case 'chat.cancel':
         chat.cancel(caller, message.taskId);
         reply(this.withId({ type: 'ok' }, message.id));
         return;
-      case 'chat.resume': {
-        const sub = chat.subscribe(caller, message.taskId, message.fromSeq, this.sink);
-        try {
-          chargeEgress(this.deps, caller.userId, replayBytes(sub.task, message.fromSeq));
-        } catch (err) {
-          sub.close();
-          throw err;
-        }
-        reply(this.withId({ type: 'ok' }, message.id));
-        this.track(message.taskId, sub);
-        return;
-      }
+      case 'chat.resume':
+        return this.resume(message, reply);
       case 'task.get': {
         const task = chat.task(caller, message.taskId);
         chargeEgress(this.deps, caller.userId, taskBytes(task));

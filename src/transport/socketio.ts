@@ -4,12 +4,12 @@ import { tokenFromAuthorization } from '../auth/credentials.js';
 import { socketIoQuery } from '../auth/authenticate.js';
 import type { Identity } from '../auth/identity.js';
 import type { Sink } from '../chat/task.js';
-import { AppError, CLIENT_MESSAGE_BOUNDS, PROTOCOL_VERSION, scanFrame, toAppError, toJson, type FrameBounds, type ServerMessage } from '../protocol/index.js';
-import { clientAddress } from './client-address.js';
+import { AppError, CLIENT_MESSAGE_BOUNDS, scanFrame, toAppError, toJson, type FrameBounds, type ServerMessage } from '../protocol/index.js';
 import type { TransportDeps } from './deps.js';
 import { echoableId, holdRefusal, Session, type Admission, type Reply } from './session.js';
 import type { PendingSlot } from './admission.js';
-import { frameReadCeiling, frameTooLarge, newConnectionId, refuseRequest } from './ws.js';
+import { callerAddress, FRAME_TOO_LARGE_CLOSE, frameReadCeiling, frameTooLarge, helloFrame, newConnectionId, softBackpressureLimit, takeUserSlot } from './connection.js';
+import { refuseRequest } from './ws.js';
 
 interface SocketState {
   connectionId: string;
@@ -119,7 +119,7 @@ function admittingApp(app: TemplatedApp, deps: TransportDeps, slots: WeakMap<obj
   const admit = (res: HttpResponse, req: HttpRequest): boolean => {
     if (req.getQuery('sid') !== undefined) return true;
     const peer = Buffer.from(res.getRemoteAddressAsText()).toString();
-    const address = clientAddress(peer, req.getHeader('x-forwarded-for') || undefined, config.trustProxy);
+    const address = callerAddress(deps, peer, req.getHeader('x-forwarded-for') || undefined);
     const admitted = deps.admission.admit(address);
     if (!admitted.ok) {
       refuseRequest(res, admitted.error, admitted.closeConnection);
@@ -160,16 +160,10 @@ async function checkHandshakeCredentials(deps: TransportDeps, req: { headers: Re
   const token = query.token ?? tokenFromAuthorization(headerText(req.headers.authorization));
   const user = deps.auth.mode === 'open' ? query.user : undefined;
   if (token === undefined && user === undefined) return;
-  const address = clientAddress(String((req as { connection?: { remoteAddress?: string } }).connection?.remoteAddress ?? ''), headerText(req.headers['x-forwarded-for']), deps.config.trustProxy);
+  const address = callerAddress(deps, String((req as { connection?: { remoteAddress?: string } }).connection?.remoteAddress ?? ''), headerText(req.headers['x-forwarded-for']));
   await deps.auth.identify({ token, user, connectionId: 'handshake', address, request: { transport: 'socket.io', headers: req.headers, query: socketIoQuery(query, undefined) } });
 }
 
-/**
- * socket.io on the same uWS app: event name = message type, the payload is
- * the message without `type`, the direct reply goes to the ack callback (or is
- * emitted as an event when the client gave none), server-initiated messages are
- * events named by their type.
- */
 /**
  * Where socket.io is mounted: a uWS app (chatwire's own, attached with attachApp), or a function that mounts it
  * elsewhere: on a host's uWS app under a prefix (through `admitting`, behind the same admission, with `uwsOptions`),
@@ -177,14 +171,23 @@ async function checkHandshakeCredentials(deps: TransportDeps, req: { headers: Re
  */
 export type SocketIOMount = (io: SocketIOServer, admitting: (app: TemplatedApp) => TemplatedApp, uwsOptions: Record<string, unknown>) => void;
 
-export function attachSocketIO(target: TemplatedApp | SocketIOMount, deps: TransportDeps): SocketIOServer {
-  const budget = deps.buffers;
-  const { config, metrics, log } = deps;
+/** Handles one message packet of a connected socket before socket.io decodes it (see onPacket in serveSocket). */
+type PacketHandler = (packet: EnginePacket) => void;
+
+/** What the steps of attachSocketIO share: the places held by handshakes, and each connected socket's packet handler. */
+interface Shared {
+  deps: TransportDeps;
+  pendingSlots: WeakMap<object, PendingSlot>;
+  packetHandlers: WeakMap<EngineConnection, PacketHandler>;
+  framesIn: { inc(): void };
+  framesOut: { inc(): void };
+}
+
+/** The socket.io server with chatwire's limits, CORS policy and handshake checks. */
+function createServer(deps: TransportDeps): SocketIOServer {
+  const { config } = deps;
   const allowedOrigins = config.allowedOrigins === '*' ? null : new Set(config.allowedOrigins);
-  const softLimit = Math.min(64 * 1024, Math.floor(config.maxBackpressureBytes / 4));
-  const framesOut = metrics.framesOut.tally('socket.io');
-  const framesIn = metrics.framesIn.tally('socket.io');
-  const io = new SocketIOServer({
+  return new SocketIOServer({
     // Read frames and polling bodies past our limit whole (up to the ceiling /ws has): refuseOversized answers
     // them with payload_too_large and 1009, as /ws does, where engine.io's own limit at our limit would drop them.
     maxHttpBufferSize: frameReadCeiling(config.maxFrameBytes),
@@ -208,35 +211,59 @@ export function attachSocketIO(target: TemplatedApp | SocketIOMount, deps: Trans
       );
     },
   });
-  const pendingSlots = new WeakMap<object, PendingSlot>();
-  const admitting = (uwsApp: TemplatedApp) => admittingApp(uwsApp, deps, pendingSlots);
-  // uWS's default send buffer limit (64 KiB) silently drops what a socket is sent past it: raised so that nothing
-  // is dropped, and the socket closed past its budget instead (see write below). No compression: see
-  // docs/backpressure.md (its per-socket deflate state would cost more than a stalled reader's whole budget).
-  const uwsOptions = { maxBackpressure: config.maxBackpressureBytes * 2, compression: uWS.DISABLED };
-  if (typeof target === 'function') target(io, admitting, uwsOptions);
-  else io.attachApp(admitting(target), uwsOptions as Parameters<SocketIOServer['attachApp']>[1]);
-  io.engine.on('connection_error', (err: { req?: object }) => {
-    if (err.req) pendingSlots.get(err.req)?.release();
-  });
+}
 
-  // Every message packet is seen here before socket.io decodes it: over the frame limit it is refused as /ws
-  // refuses one; on a connected socket it is charged to the user's bucket and, if an event, handled here (see
-  // onPacket below); before the CONNECT is accepted, one with more structure than a handshake has is refused.
-  const packetHandlers = new WeakMap<EngineConnection, (packet: EnginePacket) => void>();
+function byteLength(data: unknown): number {
+  return typeof data === 'string' ? Buffer.byteLength(data) : ((data as { byteLength?: number } | undefined)?.byteLength ?? 0);
+}
+
+function oversized(data: unknown, maxFrameBytes: number): boolean {
+  // A string of n UTF-16 units is at most 3n bytes: most messages need no byte count at all.
+  if (typeof data === 'string' && data.length * 3 <= maxFrameBytes) return false;
+  return byteLength(data) > maxFrameBytes;
+}
+
+/** Answers a packet over the frame limit as /ws answers a frame: payload_too_large, then close 1009. */
+function refuseOversized(shared: Shared, conn: EngineConnection, bytes: number): void {
+  if (conn.readyState !== 'open') return;
+  conn.write(`2["error",${toJson(frameTooLarge(bytes, shared.deps.config.maxFrameBytes))}]`);
+  shared.framesOut.inc();
+  const ws = conn.transport.name === 'websocket' ? conn.transport.socket : undefined;
+  if (ws?.end) {
+    // Written synchronously above (the transport was writable) or not at all: the close follows the error.
+    try {
+      ws.end(FRAME_TOO_LARGE_CLOSE.code, FRAME_TOO_LARGE_CLOSE.reason);
+      return;
+    } catch {
+      // Closed under us: engine.io closes the connection below.
+    }
+  } else if (typeof ws?.bufferedAmount === 'number' && ws.close) {
+    // The `ws` package's socket (node:http): its close frame goes out after the error, on the same socket.
+    ws.close(FRAME_TOO_LARGE_CLOSE.code, FRAME_TOO_LARGE_CLOSE.reason);
+    return;
+  }
+  conn.close();
+}
+
+/**
+ * Every message packet is seen here before socket.io decodes it: over the frame limit it is refused as /ws
+ * refuses one; on a connected socket it is charged to the user's bucket and, if an event, handled there (see
+ * onPacket in serveSocket); before the CONNECT is accepted, one with more structure than a handshake has is refused.
+ */
+function screenPackets(io: SocketIOServer, shared: Shared): void {
   io.engine.on('connection', (conn: EngineConnection) => {
-    const slot = pendingSlots.get(conn.request);
+    const slot = shared.pendingSlots.get(conn.request);
     if (slot) conn.once('close', () => slot.release());
     conn.on('packet', (packet: EnginePacket) => {
       if (packet.type !== 'message') return;
-      if (oversized(packet.data)) {
+      if (oversized(packet.data, shared.deps.config.maxFrameBytes)) {
         // engine.io does nothing with a noop packet: socket.io never sees this message.
         packet.type = 'noop';
-        framesIn.inc();
-        refuseOversized(conn, byteLength(packet.data));
+        shared.framesIn.inc();
+        refuseOversized(shared, conn, byteLength(packet.data));
         return;
       }
-      const handle = packetHandlers.get(conn);
+      const handle = shared.packetHandlers.get(conn);
       if (handle) return handle(packet);
       if (typeof packet.data === 'string' && !scanFrame(packet.data, HANDSHAKE_BOUNDS).ok) {
         packet.type = 'noop';
@@ -244,38 +271,23 @@ export function attachSocketIO(target: TemplatedApp | SocketIOMount, deps: Trans
       }
     });
   });
+}
 
-  function byteLength(data: unknown): number {
-    return typeof data === 'string' ? Buffer.byteLength(data) : ((data as { byteLength?: number } | undefined)?.byteLength ?? 0);
+/** The refusal socket.io sends as connect_error: the error's code and message, and when to come back. */
+function connectRefusal(err: unknown): { refusal: Error & { data: unknown }; retryAfterMs: number | undefined } {
+  const e = toAppError(err);
+  const refusal = new Error(e.message) as Error & { data: unknown };
+  if (e.retryAfterMs === undefined) {
+    refusal.data = { code: e.code, message: e.message };
+    return { refusal, retryAfterMs: undefined };
   }
+  refusal.data = { code: e.code, message: e.message, retryAfterMs: Math.ceil(e.retryAfterMs) };
+  return { refusal, retryAfterMs: e.retryAfterMs };
+}
 
-  function oversized(data: unknown): boolean {
-    // A string of n UTF-16 units is at most 3n bytes: most messages need no byte count at all.
-    if (typeof data === 'string' && data.length * 3 <= config.maxFrameBytes) return false;
-    return byteLength(data) > config.maxFrameBytes;
-  }
-
-  function refuseOversized(conn: EngineConnection, bytes: number): void {
-    if (conn.readyState !== 'open') return;
-    conn.write(`2["error",${toJson(frameTooLarge(bytes, config.maxFrameBytes))}]`);
-    framesOut.inc();
-    const ws = conn.transport.name === 'websocket' ? conn.transport.socket : undefined;
-    if (ws?.end) {
-      // Written synchronously above (the transport was writable) or not at all: the close follows the error.
-      try {
-        ws.end(1009, 'frame too large');
-        return;
-      } catch {
-        // Closed under us: engine.io closes the connection below.
-      }
-    } else if (typeof ws?.bufferedAmount === 'number' && ws.close) {
-      // The `ws` package's socket (node:http): its close frame goes out after the error, on the same socket.
-      ws.close(1009, 'frame too large');
-      return;
-    }
-    conn.close();
-  }
-
+/** socket.io's CONNECT: the credentials of its auth object (or the handshake's query) identify the user. */
+function authenticateSockets(io: SocketIOServer, shared: Shared): void {
+  const { deps, pendingSlots } = shared;
   io.use((socket, next) => {
     const auth = (socket.handshake.auth ?? {}) as Record<string, unknown>;
     const query = socket.handshake.query as Record<string, unknown>;
@@ -287,7 +299,7 @@ export function attachSocketIO(target: TemplatedApp | SocketIOMount, deps: Trans
         token,
         user,
         connectionId,
-        address: clientAddress(socket.handshake.address, headerText(socket.handshake.headers['x-forwarded-for']), config.trustProxy),
+        address: callerAddress(deps, socket.handshake.address, headerText(socket.handshake.headers['x-forwarded-for'])),
         request: { transport: 'socket.io', headers: socket.handshake.headers, query: socketIoQuery(query, auth) },
       })
       .then((identity) => {
@@ -296,22 +308,14 @@ export function attachSocketIO(target: TemplatedApp | SocketIOMount, deps: Trans
         if (socket.conn.readyState !== 'open') throw new AppError('bad_request', 'the client went away');
         // Authenticated: no longer one of the connections waiting to.
         pendingSlots.get(socket.conn.request)?.release();
-        const admitted = deps.connections.opened(identity.userId);
-        if (!admitted.ok) throw admitted.error;
-        let held = true;
-        const release = () => {
-          if (!held) return;
-          held = false;
-          deps.connections.closed(identity.userId);
-        };
+        const release = takeUserSlot(deps, identity.userId);
         // Also covers a close between next() and 'connection' (socket.io checks readyState a tick later).
         socket.conn.once('close', release);
         (socket.data as SocketState) = { connectionId, identity, release };
         next();
       })
       .catch((err: unknown) => {
-        const e = toAppError(err);
-        const refusal = new Error(e.message) as Error & { data: unknown };
+        const { refusal, retryAfterMs } = connectRefusal(err);
         // socket.io sends the connect_error but keeps the engine.io connection open (until its connectTimeout,
         // 45 s): a refused client must not hold a half-open socket, so it is closed once the refusal is out
         // (socket.io writes it a tick after next(); close() still flushes anything queued).
@@ -319,184 +323,251 @@ export function attachSocketIO(target: TemplatedApp | SocketIOMount, deps: Trans
           next(refusal);
           setImmediate(() => socket.conn.close());
         };
-        if (e.retryAfterMs === undefined) {
-          refusal.data = { code: e.code, message: e.message };
-          refuse();
-          return;
-        }
-        refusal.data = { code: e.code, message: e.message, retryAfterMs: Math.ceil(e.retryAfterMs) };
-        void holdRefusal(e.retryAfterMs).then(refuse);
+        if (retryAfterMs === undefined) refuse();
+        else void holdRefusal(retryAfterMs).then(refuse);
       });
   });
+}
 
-  io.on('connection', (socket) => {
-    const state = socket.data as SocketState;
-    let closed = false;
-    let drainTimer: NodeJS.Timeout | undefined;
-    metrics.connections.inc({ transport: 'socket.io' });
+/** A connected socket's writes: within its send-buffer budget, and closed past it, as on /ws. */
+interface SocketWriter {
+  readonly closed: boolean;
+  /** Writes one packet; past the socket's budget the socket is closed instead. */
+  write(packet: string): boolean;
+  emit(m: ServerMessage): boolean;
+  /** Bytes written and not yet sent. */
+  held(): number;
+  /** Marks the socket closed without closing it (a flood, a disconnect). */
+  markClosed(): void;
+  /** Gives back the socket's share of the server-wide send-buffer budget. */
+  release(): void;
+  updateBudget(bytes: number): void;
+}
 
-    // Bytes of the packets written here that engine.io still holds in its writeBuffer (until a poll takes them;
-    // at once on the websocket transport): it empties the buffer before it emits 'drain'.
-    let queued = 0;
-    socket.conn.on('drain', () => {
-      queued = 0;
-    });
-    const held = () => {
-      const ws = uwsSocketOf(socket);
-      // uWS under chatwire's own app; the ws package's socket under a node:http server.
-      return (ws?.getBufferedAmount?.() ?? ws?.bufferedAmount ?? 0) + queued;
-    };
-    const closeSlow = () => {
-      if (closed) return;
-      closed = true;
-      metrics.slowClientsClosed.inc();
-      buffered.release();
-      socket.disconnect(true);
-      // Discarded, not flushed: engine.io would otherwise keep what a poller never fetches until its ping timeout.
-      socket.conn.close(true);
-    };
-    const buffered = budget.open(() => (closed ? 0 : held()), closeSlow);
-    /** Writes one packet; past the socket's budget the socket is closed instead, as on /ws. */
-    const write = (packet: string): boolean => {
-      if (closed || socket.conn.readyState !== 'open') return false;
-      const before = held();
-      const bytes = Buffer.byteLength(packet);
-      if (before > 0 && before + bytes > config.maxBackpressureBytes) {
-        closeSlow();
-        return false;
-      }
-      queued += bytes;
-      socket.conn.write(packet);
-      framesOut.inc();
-      const after = held();
-      if (after > config.maxBackpressureBytes) {
-        closeSlow();
-        return false;
-      }
-      buffered.update(after);
-      return true;
-    };
-    const emit = (m: ServerMessage): boolean => write(eventPacketText(m.type, m));
-    const watchDrain = () => {
-      if (drainTimer || closed) return;
-      drainTimer = setInterval(() => {
-        const now = closed ? 0 : held();
-        buffered.update(now);
-        if (closed || now <= softLimit) {
-          clearInterval(drainTimer);
-          drainTimer = undefined;
-          if (!closed) session.pump();
-        }
-      }, DRAIN_POLL_MS);
-    };
-    const sink: Sink = {
-      deliver: emit,
-      congested: () => {
-        if (closed) return true;
-        if (held() <= softLimit) return false;
-        watchDrain();
-        return true;
-      },
-      cork: (fn) => {
-        if (closed) fn();
-        else corked(socket, fn);
-      },
-    };
-    const session = new Session(deps.session, state.identity, sink);
-
-    /** The user's charge for one packet; past its rate the packet is dropped, and a flood closes the socket. */
-    const admit = (packet: EnginePacket, reply: Reply, id?: string): boolean => {
-      framesIn.inc();
-      const admission: Admission = session.admit(reply, id);
-      if (admission === 'admitted') return true;
-      packet.type = 'noop';
-      if (admission === 'flooding') {
-        closed = true;
-        socket.disconnect(true);
-      }
+function createSocketWriter(shared: Shared, socket: Socket): SocketWriter {
+  const { deps, framesOut } = shared;
+  const { config, metrics } = deps;
+  let closed = false;
+  // Bytes of the packets written here that engine.io still holds in its writeBuffer (until a poll takes them;
+  // at once on the websocket transport): it empties the buffer before it emits 'drain'.
+  let queued = 0;
+  socket.conn.on('drain', () => {
+    queued = 0;
+  });
+  const held = () => {
+    const ws = uwsSocketOf(socket);
+    // uWS under chatwire's own app; the ws package's socket under a node:http server.
+    return (ws?.getBufferedAmount?.() ?? ws?.bufferedAmount ?? 0) + queued;
+  };
+  const closeSlow = () => {
+    if (closed) return;
+    closed = true;
+    metrics.slowClientsClosed.inc();
+    buffered.release();
+    socket.disconnect(true);
+    // Discarded, not flushed: engine.io would otherwise keep what a poller never fetches until its ping timeout.
+    socket.conn.close(true);
+  };
+  const buffered = deps.buffers.open(() => (closed ? 0 : held()), closeSlow);
+  const write = (packet: string): boolean => {
+    if (closed || socket.conn.readyState !== 'open') return false;
+    const before = held();
+    const bytes = Buffer.byteLength(packet);
+    if (before > 0 && before + bytes > config.maxBackpressureBytes) {
+      closeSlow();
       return false;
-    };
-
-    /**
-     * One message packet of this connection, before socket.io decodes it. An EVENT (every message of the protocol)
-     * is charged, scanned, decoded and handled here, and socket.io never sees it; its reply is written as the
-     * ACK packet socket.io would write. Anything else but a DISCONNECT (an attachment, an ACK, a packet for another
-     * namespace) is charged and, if the rate allows, left to socket.io.
-     */
-    const onPacket = (packet: EnginePacket): void => {
-      if (closed) {
-        packet.type = 'noop';
-        return;
-      }
-      const text = typeof packet.data === 'string' ? packet.data : '';
-      const event = eventPacket(text);
-      if (event === null) {
-        if (text.charCodeAt(0) === 0x31) return;
-        admit(packet, () => {});
-        return;
-      }
-      packet.type = 'noop';
-      const { ackId, json } = event;
-      const reply: Reply = (m) => {
-        if (ackId === undefined) write(eventPacketText(m.type, m));
-        else write(`3${ackId}[${toJson(m)}]`);
-      };
-      const shape = scanFrame(json, EVENT_BOUNDS, 2);
-      corked(socket, () => {
-        if (!admit(packet, reply, shape.id)) return;
-        if (!shape.ok) return session.reject(shape.reason, reply, shape.id);
-        handleEvent(json, reply);
-      });
-    };
-    packetHandlers.set(socket.conn as unknown as EngineConnection, onPacket);
-
-    const handleEvent = (json: string, reply: Reply): void => {
-      let args: unknown;
-      try {
-        args = JSON.parse(json);
-      } catch {
-        return session.reject('frame is not valid JSON', reply);
-      }
-      if (!Array.isArray(args) || typeof args[0] !== 'string') return session.reject('an event is a JSON array of its name and one payload object', reply);
-      const payload: unknown = args[1] ?? {};
-      if (args.length > 2) return session.reject('send one payload object per event', reply, echoableId(payload));
-      if (typeof payload !== 'object' || payload === null || Array.isArray(payload)) return session.reject('the payload must be a JSON object', reply);
-      session.handle({ ...(payload as Record<string, unknown>), type: args[0] }, reply);
-    };
-
-    // Only events with binary attachments get here (onPacket handles every other event): none is a message of the
-    // protocol. Their packets were charged in onPacket.
-    socket.onAny((...args: unknown[]) => {
-      if (closed) return;
-      const ack = typeof args.at(-1) === 'function' ? (args.pop() as (m: ServerMessage) => void) : undefined;
-      session.reject('events carry JSON, not binary data', (m) => {
-        if (closed) return;
-        if (!ack) return void write(eventPacketText(m.type, m));
-        framesOut.inc();
-        ack(m as ServerMessage);
-      }, echoableId(args[1]));
-    });
-
-    socket.on('disconnect', () => {
+    }
+    queued += bytes;
+    socket.conn.write(packet);
+    framesOut.inc();
+    const after = held();
+    if (after > config.maxBackpressureBytes) {
+      closeSlow();
+      return false;
+    }
+    buffered.update(after);
+    return true;
+  };
+  return {
+    get closed() {
+      return closed;
+    },
+    write,
+    emit: (m) => write(eventPacketText(m.type, m)),
+    held,
+    markClosed: () => {
       closed = true;
-      buffered.release();
-      if (drainTimer) clearInterval(drainTimer);
-      metrics.connections.dec({ transport: 'socket.io' });
-      state.release();
-      session.close();
-    });
+    },
+    release: () => buffered.release(),
+    updateBudget: (bytes) => buffered.update(bytes),
+  };
+}
 
-    emit({
-      type: 'hello',
-      connectionId: state.connectionId,
-      userId: state.identity.userId,
-      protocol: PROTOCOL_VERSION,
-      provider: deps.providerName,
-      model: config.model,
-      limits: { maxFrameBytes: config.maxFrameBytes, messagesPerSecond: config.messagesPerSecond, chatsPerMinute: config.chatsPerMinute },
+/**
+ * The sink the session streams through. engine.io's uWS transport has no drain event: while the socket is backed
+ * up past the soft limit it is polled until it drains, then the session's subscriptions are pumped.
+ */
+function createSocketSink(shared: Shared, socket: Socket, writer: SocketWriter, pump: () => void): { sink: Sink; stop(): void } {
+  const softLimit = softBackpressureLimit(shared.deps.config);
+  let drainTimer: NodeJS.Timeout | undefined;
+  const watchDrain = () => {
+    if (drainTimer || writer.closed) return;
+    drainTimer = setInterval(() => {
+      const now = writer.closed ? 0 : writer.held();
+      writer.updateBudget(now);
+      if (writer.closed || now <= softLimit) {
+        clearInterval(drainTimer);
+        drainTimer = undefined;
+        if (!writer.closed) pump();
+      }
+    }, DRAIN_POLL_MS);
+  };
+  const sink: Sink = {
+    deliver: writer.emit,
+    congested: () => {
+      if (writer.closed) return true;
+      if (writer.held() <= softLimit) return false;
+      watchDrain();
+      return true;
+    },
+    cork: (fn) => {
+      if (writer.closed) fn();
+      else corked(socket, fn);
+    },
+  };
+  return {
+    sink,
+    stop: () => {
+      if (drainTimer) clearInterval(drainTimer);
+    },
+  };
+}
+
+/** An EVENT's decoded JSON array handed to the session as the message it names: [type, payload]. */
+function handleEvent(session: Session, json: string, reply: Reply): void {
+  let args: unknown;
+  try {
+    args = JSON.parse(json);
+  } catch {
+    return session.reject('frame is not valid JSON', reply);
+  }
+  if (!Array.isArray(args) || typeof args[0] !== 'string') return session.reject('an event is a JSON array of its name and one payload object', reply);
+  const payload: unknown = args[1] ?? {};
+  if (args.length > 2) return session.reject('send one payload object per event', reply, echoableId(payload));
+  if (typeof payload !== 'object' || payload === null || Array.isArray(payload)) return session.reject('the payload must be a JSON object', reply);
+  session.handle({ ...(payload as Record<string, unknown>), type: args[0] }, reply);
+}
+
+/**
+ * One message packet of a connection, before socket.io decodes it. An EVENT (every message of the protocol) is
+ * charged, scanned, decoded and handled here, and socket.io never sees it; its reply is written as the ACK packet
+ * socket.io would write. Anything else but a DISCONNECT (an attachment, an ACK, a packet for another namespace) is
+ * charged and, if the rate allows, left to socket.io.
+ */
+function createPacketHandler(shared: Shared, socket: Socket, writer: SocketWriter, session: Session): PacketHandler {
+  /** The user's charge for one packet; past its rate the packet is dropped, and a flood closes the socket. */
+  const admit = (packet: EnginePacket, reply: Reply, id?: string): boolean => {
+    shared.framesIn.inc();
+    const admission: Admission = session.admit(reply, id);
+    if (admission === 'admitted') return true;
+    packet.type = 'noop';
+    if (admission === 'flooding') {
+      writer.markClosed();
+      socket.disconnect(true);
+    }
+    return false;
+  };
+  return (packet) => {
+    if (writer.closed) {
+      packet.type = 'noop';
+      return;
+    }
+    const text = typeof packet.data === 'string' ? packet.data : '';
+    const event = eventPacket(text);
+    if (event === null) {
+      if (text.charCodeAt(0) === 0x31) return;
+      admit(packet, () => {});
+      return;
+    }
+    packet.type = 'noop';
+    const { ackId, json } = event;
+    const reply: Reply = (m) => {
+      if (ackId === undefined) writer.write(eventPacketText(m.type, m));
+      else writer.write(`3${ackId}[${toJson(m)}]`);
+    };
+    const shape = scanFrame(json, EVENT_BOUNDS, 2);
+    corked(socket, () => {
+      if (!admit(packet, reply, shape.id)) return;
+      if (!shape.ok) return session.reject(shape.reason, reply, shape.id);
+      handleEvent(session, json, reply);
     });
+  };
+}
+
+/** A connected, authenticated socket: its session, its packets, `hello` first. */
+function serveSocket(shared: Shared, socket: Socket): void {
+  const { deps, framesOut } = shared;
+  const state = socket.data as SocketState;
+  deps.metrics.connections.inc({ transport: 'socket.io' });
+  const writer = createSocketWriter(shared, socket);
+  const { sink, stop } = createSocketSink(shared, socket, writer, () => session.pump());
+  const session = new Session(deps.session, state.identity, sink);
+  shared.packetHandlers.set(socket.conn as unknown as EngineConnection, createPacketHandler(shared, socket, writer, session));
+
+  // Only events with binary attachments get here (the packet handler takes every other event): none is a message
+  // of the protocol. Their packets were charged there.
+  socket.onAny((...args: unknown[]) => {
+    if (writer.closed) return;
+    const ack = typeof args.at(-1) === 'function' ? (args.pop() as (m: ServerMessage) => void) : undefined;
+    session.reject('events carry JSON, not binary data', (m) => {
+      if (writer.closed) return;
+      if (!ack) return void writer.write(eventPacketText(m.type, m));
+      framesOut.inc();
+      ack(m as ServerMessage);
+    }, echoableId(args[1]));
   });
 
+  socket.on('disconnect', () => {
+    writer.markClosed();
+    writer.release();
+    stop();
+    deps.metrics.connections.dec({ transport: 'socket.io' });
+    state.release();
+    session.close();
+  });
+
+  writer.emit(helloFrame(deps, state.connectionId, state.identity));
+}
+
+/**
+ * socket.io on the same uWS app: event name = message type, the payload is
+ * the message without `type`, the direct reply goes to the ack callback (or is
+ * emitted as an event when the client gave none), server-initiated messages are
+ * events named by their type.
+ */
+export function attachSocketIO(target: TemplatedApp | SocketIOMount, deps: TransportDeps): SocketIOServer {
+  const { config, metrics, log } = deps;
+  const shared: Shared = {
+    deps,
+    pendingSlots: new WeakMap(),
+    packetHandlers: new WeakMap(),
+    framesOut: metrics.framesOut.tally('socket.io'),
+    framesIn: metrics.framesIn.tally('socket.io'),
+  };
+  const io = createServer(deps);
+  const admitting = (uwsApp: TemplatedApp) => admittingApp(uwsApp, deps, shared.pendingSlots);
+  // uWS's default send buffer limit (64 KiB) silently drops what a socket is sent past it: raised so that nothing
+  // is dropped, and the socket closed past its budget instead (see createSocketWriter). No compression: see
+  // docs/backpressure.md (its per-socket deflate state would cost more than a stalled reader's whole budget).
+  const uwsOptions = { maxBackpressure: config.maxBackpressureBytes * 2, compression: uWS.DISABLED };
+  if (typeof target === 'function') target(io, admitting, uwsOptions);
+  else io.attachApp(admitting(target), uwsOptions as Parameters<SocketIOServer['attachApp']>[1]);
+  io.engine.on('connection_error', (err: { req?: object }) => {
+    if (err.req) shared.pendingSlots.get(err.req)?.release();
+  });
+  screenPackets(io, shared);
+  authenticateSockets(io, shared);
+  io.on('connection', (socket) => serveSocket(shared, socket));
   io.engine.on('connection_error', (err: { code: number; message: string }) => {
     log.debug({ code: err.code, message: err.message }, 'socket.io connection refused');
   });

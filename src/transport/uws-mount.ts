@@ -11,7 +11,7 @@ import { attachHttpRoutes } from './http-routes.js';
 import { mountsRoute } from './mount-paths.js';
 import type { HttpServer } from './server.js';
 import { attachSocketIO } from './socketio.js';
-import { attachWebSocket } from './ws.js';
+import { attachWebSocket, endSockets } from './ws.js';
 
 type Handler = (res: HttpResponse, req: HttpRequest) => void | Promise<void>;
 
@@ -93,13 +93,7 @@ export function attachToUwsApp(app: TemplatedApp, deps: TransportDeps, prefix: s
     },
     closeConnections(code = 1001, reason = 'server shutting down') {
       http.closeStreams();
-      for (const ws of [...sockets]) {
-        try {
-          ws.end(code, reason);
-        } catch {
-          // Already closed: uWS throws on a closed socket.
-        }
-      }
+      endSockets(sockets, code, reason);
       io.local.disconnectSockets(true);
     },
     async close() {

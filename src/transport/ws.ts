@@ -2,41 +2,39 @@ import uWS, { type HttpRequest, type HttpResponse, type TemplatedApp, type WebSo
 import { parseSubprotocols } from '../auth/credentials.js';
 import type { Identity } from '../auth/identity.js';
 import type { Sink } from '../chat/task.js';
-import { AppError, CLIENT_MESSAGE_BOUNDS, PROTOCOL_VERSION, scanFrame, toAppError, toJson, type ErrorMessage, type OutgoingMessage } from '../protocol/index.js';
-import { randomBase64url } from '../random-id.js';
-import { captureRequest, errorBody, STATUS_TEXT } from './http-io.js';
-import { FLOOD_CLOSE_CODE, holdRefusal, Session, errorMessage, type Admission } from './session.js';
+import { CLIENT_MESSAGE_BOUNDS, scanFrame, toAppError, toJson, type OutgoingMessage } from '../protocol/index.js';
+import { captureRequest, errorBody, STATUS_TEXT, type RequestInfo } from './http-io.js';
+import { FLOOD_CLOSE_CODE, holdRefusal, Session, type Admission, type Reply } from './session.js';
 import type { BufferedSocket } from './buffer-budget.js';
-import { clientAddress } from './client-address.js';
+import {
+  callerAddress,
+  FRAME_TOO_LARGE_CLOSE,
+  frameReadCeiling,
+  frameTooLarge,
+  helloFrame,
+  identifyPending,
+  newConnectionId,
+  softBackpressureLimit,
+  takeUserSlot,
+} from './connection.js';
+import type { PendingSlot } from './admission.js';
 import type { TransportDeps } from './deps.js';
+
+// Where they were first written; connection.ts holds them for every transport now.
+export { frameReadCeiling, frameTooLarge, newConnectionId };
 
 interface SocketData {
   connectionId: string;
   identity: Identity;
   session: Session | null;
   closed: boolean;
+  /** Frees the user's connection slot; idempotent. */
+  releaseSlot: () => void;
   /** Its share of the server-wide send-buffer budget, from open to close. */
   buffered: BufferedSocket | null;
 }
 
-/**
- * The largest frame uWS reads whole for us (its maxPayloadLength): four times our limit, so that a frame over the
- * limit but under this gets payload_too_large and close 1009 instead of uWS's abrupt drop (1006) of anything past
- * its own limit. Not more: uWS holds a frame's bytes as they arrive, and an engine.io connection exists before any
- * credentials are checked, so this is memory anyone can make a connection hold.
- */
-export function frameReadCeiling(maxFrameBytes: number): number {
-  return 4 * maxFrameBytes;
-}
-
-/** The error reply to a frame over the limit (the socket is closed with 1009 after it): /ws and socket.io alike. */
-export function frameTooLarge(bytes: number, maxFrameBytes: number): ErrorMessage {
-  return errorMessage(new AppError('payload_too_large', `frame of ${bytes} bytes is over the ${maxFrameBytes}-byte limit`), undefined);
-}
-
-export function newConnectionId(): string {
-  return randomBase64url(9);
-}
+type Socket = WebSocket<SocketData>;
 
 /** Answers an HTTP request (an upgrade, a socket.io handshake) with an error, before anything is built for it. */
 export function refuseRequest(res: HttpResponse, err: unknown, closeConnection = false): void {
@@ -50,20 +48,13 @@ export function refuseRequest(res: HttpResponse, err: unknown, closeConnection =
   });
 }
 
-/** The raw `/ws` endpoint: JSON text frames, `hello` first, the session does the rest. */
-export function attachWebSocket(
-  app: TemplatedApp,
-  deps: TransportDeps,
-  track: { open(ws: WebSocket<unknown>): void; close(ws: WebSocket<unknown>): void },
-): void {
-  const budget = deps.buffers;
-  const { config, metrics, log } = deps;
-  const softLimit = Math.min(64 * 1024, Math.floor(config.maxBackpressureBytes / 4));
+/** Writes to a /ws socket within its send-buffer budget; a reader past it is closed (1013) instead. */
+function createWsWriter(deps: TransportDeps) {
+  const { config, metrics } = deps;
   // Bound once: a labelled inc() per frame would hash the labels every time.
   const framesOut = metrics.framesOut.tally('ws');
-  const framesIn = metrics.framesIn.tally('ws');
 
-  function closeSlow(ws: WebSocket<SocketData>, reason: string): void {
+  function closeSlow(ws: Socket, reason: string): void {
     const data = ws.getUserData();
     if (data.closed) return;
     metrics.slowClientsClosed.inc();
@@ -72,7 +63,7 @@ export function attachWebSocket(
     ws.end(1013, reason);
   }
 
-  function send(ws: WebSocket<SocketData>, message: OutgoingMessage): boolean {
+  function send(ws: Socket, message: OutgoingMessage): boolean {
     const data = ws.getUserData();
     if (data.closed) return false;
     const json = toJson(message);
@@ -96,6 +87,162 @@ export function attachWebSocket(
     return true;
   }
 
+  return { send, closeSlow };
+}
+
+/**
+ * The upgrade: a place among the connections waiting to authenticate is taken at once (or the request refused),
+ * the caller identified while it holds it, and the socket opened with its user's connection slot.
+ */
+function createUpgrade(deps: TransportDeps) {
+  return (res: HttpResponse, req: HttpRequest, context: us_socket_context_t): void => {
+    const info = captureRequest(req, res);
+    const upgrade = { aborted: false };
+    res.onAborted(() => {
+      upgrade.aborted = true;
+    });
+    const address = callerAddress(deps, info.remoteAddress, info.headers.get('x-forwarded-for'));
+    const pending = deps.admission.admit(address);
+    if (!pending.ok) {
+      refuseRequest(res, pending.error, pending.closeConnection);
+      return;
+    }
+    void authenticateUpgrade(deps, info, address, pending.slot)
+      .then((data) => {
+        if (upgrade.aborted) return data.releaseSlot();
+        const protocols = parseSubprotocols(info.headers.get('sec-websocket-protocol'));
+        const key = info.headers.get('sec-websocket-key') ?? '';
+        const extensions = info.headers.get('sec-websocket-extensions') ?? '';
+        res.cork(() => res.upgrade(data, key, protocols.protocol ?? '', extensions, context));
+      })
+      .catch((err: unknown) => refuseUpgrade(deps, res, upgrade, err));
+  };
+}
+
+/** Checks the upgrade's origin and credentials and takes the user's connection slot: the socket's data, or throws. */
+async function authenticateUpgrade(deps: TransportDeps, info: RequestInfo, address: string, slot: PendingSlot): Promise<SocketData> {
+  const connectionId = newConnectionId();
+  const protocols = parseSubprotocols(info.headers.get('sec-websocket-protocol'));
+  try {
+    deps.checkOrigin(info.headers.get('origin'));
+  } catch (err) {
+    slot.release();
+    throw err;
+  }
+  const identity = await identifyPending(deps, slot, {
+    token: info.query.get('token') ?? protocols.token,
+    user: info.query.get('user') ?? undefined,
+    connectionId,
+    address,
+    request: { transport: 'ws', headers: info.headers, query: info.query },
+  });
+  const releaseSlot = takeUserSlot(deps, identity.userId);
+  return { connectionId, identity, session: null, closed: false, releaseSlot, buffered: null };
+}
+
+/** A refused upgrade; one that says when to come back is answered then (see holdRefusal). */
+async function refuseUpgrade(deps: TransportDeps, res: HttpResponse, upgrade: { aborted: boolean }, err: unknown): Promise<void> {
+  if (upgrade.aborted) return;
+  const e = toAppError(err);
+  if (e.code === 'internal') deps.log.error({ err }, 'websocket upgrade failed');
+  if (e.retryAfterMs !== undefined) {
+    await holdRefusal(e.retryAfterMs);
+    if (upgrade.aborted) return;
+  }
+  refuseRequest(res, e);
+}
+
+/**
+ * One frame from a client: refused past the size limit (then closed), charged before anything is decoded (the
+ * scan bounds what JSON.parse may be handed, see scanFrame), then handed to the session; a flood closes the socket.
+ */
+function receiveFrame(deps: TransportDeps, ws: Socket, session: Session, frame: { message: ArrayBuffer; isBinary: boolean }, send: (ws: Socket, m: OutgoingMessage) => boolean): void {
+  const { config } = deps;
+  const { message, isBinary } = frame;
+  const data = ws.getUserData();
+  const reply: Reply = (m) => {
+    send(ws, m);
+  };
+  if (message.byteLength > config.maxFrameBytes) {
+    send(ws, frameTooLarge(message.byteLength, config.maxFrameBytes));
+    data.closed = true;
+    ws.end(FRAME_TOO_LARGE_CLOSE.code, FRAME_TOO_LARGE_CLOSE.reason);
+    return;
+  }
+  const text = isBinary ? '' : Buffer.from(message).toString('utf8');
+  const shape = isBinary ? undefined : scanFrame(text, CLIENT_MESSAGE_BOUNDS);
+  let admission = 'admitted' as Admission;
+  ws.cork(() => {
+    admission = session.admit(reply, shape?.id);
+    if (admission !== 'admitted') return;
+    if (shape === undefined) return session.reject('frames must be JSON text, not binary', reply);
+    if (!shape.ok) return session.reject(shape.reason, reply, shape.id);
+    let value: unknown;
+    try {
+      value = JSON.parse(text);
+    } catch {
+      return session.reject('frame is not valid JSON', reply);
+    }
+    session.handle(value, reply);
+  });
+  if (admission === 'flooding') {
+    data.closed = true;
+    ws.end(FLOOD_CLOSE_CODE, 'rate limit ignored: wait retryAfterMs after rate_limited');
+  }
+}
+
+/** Closes every open /ws socket with `code` (a shutdown, an unmount). */
+export function endSockets(sockets: Set<WebSocket<unknown>>, code: number, reason: string): void {
+  for (const ws of [...sockets]) {
+    try {
+      ws.end(code, reason);
+    } catch {
+      // Already closed: uWS throws on a closed socket, and its close handler removes it from the set.
+    }
+  }
+}
+
+/** The raw `/ws` endpoint: JSON text frames, `hello` first, the session does the rest. */
+export function attachWebSocket(
+  app: TemplatedApp,
+  deps: TransportDeps,
+  track: { open(ws: WebSocket<unknown>): void; close(ws: WebSocket<unknown>): void },
+): void {
+  const { config, metrics } = deps;
+  const softLimit = softBackpressureLimit(config);
+  const framesIn = metrics.framesIn.tally('ws');
+  const { send, closeSlow } = createWsWriter(deps);
+
+  const open = (ws: Socket): void => {
+    const data = ws.getUserData();
+    track.open(ws as WebSocket<unknown>);
+    metrics.connections.inc({ transport: 'ws' });
+    data.buffered = deps.buffers.open(
+      () => (data.closed ? 0 : ws.getBufferedAmount()),
+      () => closeSlow(ws, 'slow reader: server send buffers full'),
+    );
+    const sink: Sink = {
+      deliver: (m) => send(ws, m),
+      congested: () => data.closed || ws.getBufferedAmount() > softLimit,
+      cork: (fn) => {
+        if (data.closed) fn();
+        else ws.cork(fn);
+      },
+    };
+    data.session = new Session(deps.session, data.identity, sink);
+    send(ws, helloFrame(deps, data.connectionId, data.identity));
+  };
+
+  const close = (ws: Socket): void => {
+    const data = ws.getUserData();
+    data.closed = true;
+    data.buffered?.release();
+    track.close(ws as WebSocket<unknown>);
+    metrics.connections.dec({ transport: 'ws' });
+    data.releaseSlot();
+    data.session?.close();
+  };
+
   app.ws<SocketData>('/ws', {
     maxPayloadLength: frameReadCeiling(config.maxFrameBytes),
     maxBackpressure: config.maxBackpressureBytes * 2,
@@ -103,141 +250,20 @@ export function attachWebSocket(
     idleTimeout: config.idleTimeoutSec,
     sendPingsAutomatically: true,
     compression: uWS.DISABLED,
-
-    upgrade: (res: HttpResponse, req: HttpRequest, context: us_socket_context_t) => {
-      const info = captureRequest(req, res);
-      const key = info.headers.get('sec-websocket-key') ?? '';
-      const protocols = parseSubprotocols(info.headers.get('sec-websocket-protocol'));
-      const extensions = info.headers.get('sec-websocket-extensions') ?? '';
-      const origin = info.headers.get('origin');
-      let aborted = false;
-      res.onAborted(() => {
-        aborted = true;
-      });
-      const connectionId = newConnectionId();
-      const address = clientAddress(info.remoteAddress, info.headers.get('x-forwarded-for'), config.trustProxy);
-      // A place among the connections waiting to authenticate, held while the token is checked.
-      const pending = deps.admission.admit(address);
-      if (!pending.ok) {
-        refuseRequest(res, pending.error, pending.closeConnection);
-        return;
-      }
-      void (async () => {
-        try {
-          let identity: Identity;
-          try {
-            deps.checkOrigin(origin);
-            identity = await deps.auth.identify({
-              token: info.query.get('token') ?? protocols.token,
-              user: info.query.get('user') ?? undefined,
-              connectionId,
-              address,
-              request: { transport: 'ws', headers: info.headers, query: info.query },
-            });
-          } finally {
-            pending.slot.release();
-          }
-          const admitted = deps.connections.opened(identity.userId);
-          if (!admitted.ok) throw admitted.error;
-          if (aborted) {
-            deps.connections.closed(identity.userId);
-            return;
-          }
-          const data: SocketData = { connectionId, identity, session: null, closed: false, buffered: null };
-          res.cork(() => res.upgrade(data, key, protocols.protocol ?? '', extensions, context));
-        } catch (err) {
-          if (aborted) return;
-          const e = toAppError(err);
-          if (e.code === 'internal') log.error({ err }, 'websocket upgrade failed');
-          if (e.retryAfterMs !== undefined) {
-            await holdRefusal(e.retryAfterMs);
-            if (aborted) return;
-          }
-          refuseRequest(res, e);
-        }
-      })();
-    },
-
-    open: (ws) => {
-      const data = ws.getUserData();
-      track.open(ws as WebSocket<unknown>);
-      metrics.connections.inc({ transport: 'ws' });
-      data.buffered = budget.open(
-        () => (data.closed ? 0 : ws.getBufferedAmount()),
-        () => closeSlow(ws, 'slow reader: server send buffers full'),
-      );
-      const sink: Sink = {
-        deliver: (m) => send(ws, m),
-        congested: () => data.closed || ws.getBufferedAmount() > softLimit,
-        cork: (fn) => {
-          if (data.closed) fn();
-          else ws.cork(fn);
-        },
-      };
-      data.session = new Session(deps.session, data.identity, sink);
-      send(ws, {
-        type: 'hello',
-        connectionId: data.connectionId,
-        userId: data.identity.userId,
-        protocol: PROTOCOL_VERSION,
-        provider: deps.providerName,
-        model: config.model,
-        limits: { maxFrameBytes: config.maxFrameBytes, messagesPerSecond: config.messagesPerSecond, chatsPerMinute: config.chatsPerMinute },
-      });
-    },
-
+    upgrade: createUpgrade(deps),
+    open,
     message: (ws, message, isBinary) => {
       const data = ws.getUserData();
       if (data.closed || !data.session) return;
       framesIn.inc();
-      const reply = (m: OutgoingMessage) => {
-        send(ws, m);
-      };
-      if (message.byteLength > config.maxFrameBytes) {
-        send(ws, frameTooLarge(message.byteLength, config.maxFrameBytes));
-        data.closed = true;
-        ws.end(1009, 'frame too large');
-        return;
-      }
-      const session = data.session;
-      // Charged before anything is decoded; the scan bounds what JSON.parse may be handed (see scanFrame).
-      const text = isBinary ? '' : Buffer.from(message).toString('utf8');
-      const shape = isBinary ? undefined : scanFrame(text, CLIENT_MESSAGE_BOUNDS);
-      let admission = 'admitted' as Admission;
-      ws.cork(() => {
-        admission = session.admit(reply, shape?.id);
-        if (admission !== 'admitted') return;
-        if (shape === undefined) return session.reject('frames must be JSON text, not binary', reply);
-        if (!shape.ok) return session.reject(shape.reason, reply, shape.id);
-        let value: unknown;
-        try {
-          value = JSON.parse(text);
-        } catch {
-          return session.reject('frame is not valid JSON', reply);
-        }
-        session.handle(value, reply);
-      });
-      if (admission === 'flooding') {
-        data.closed = true;
-        ws.end(FLOOD_CLOSE_CODE, 'rate limit ignored: wait retryAfterMs after rate_limited');
-      }
+      receiveFrame(deps, ws, data.session, { message, isBinary }, send);
     },
-
     drain: (ws) => {
       const data = ws.getUserData();
       if (data.closed) return;
       data.buffered?.update(ws.getBufferedAmount());
       data.session?.pump();
     },
-
-    close: (ws) => {
-      const data = ws.getUserData();
-      data.closed = true;
-      data.buffered?.release();
-      track.close(ws as WebSocket<unknown>);
-      metrics.connections.dec({ transport: 'ws' });
-      deps.connections.closed(data.identity.userId);
-      data.session?.close();
-    },
+    close,
   });
 }
