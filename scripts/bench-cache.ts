@@ -99,7 +99,8 @@ const FORMS: { name: string; apply: (q: string) => string }[] = [
 
 function allQuestions(): string[] {
   const out: string[] = [];
-  for (const extra of EXTRAS) for (const when of WHENS) for (const place of PLACES) for (const trade of TRADES) out.push(`Can a ${trade} come to my ${place} ${when}?\n${extra}`);
+  for (const extra of EXTRAS)
+    for (const when of WHENS) for (const place of PLACES) for (const trade of TRADES) out.push(`Can a ${trade} come to my ${place} ${when}?\n${extra}`);
   return out;
 }
 
@@ -139,7 +140,10 @@ function generateWorkload(): { texts: string[]; popular: string[] } {
     texts.push((FORMS[rnd.int(FORMS.length)] as (typeof FORMS)[number]).apply(q));
   }
   // The most asked questions of this workload: all of them are in the cache once it has been replayed.
-  const popular = [...asked.entries()].sort((a, b) => b[1] - a[1]).slice(0, 50).map(([q]) => q);
+  const popular = [...asked.entries()]
+    .sort((a, b) => b[1] - a[1])
+    .slice(0, 50)
+    .map(([q]) => q);
   return { texts, popular };
 }
 
@@ -377,7 +381,14 @@ async function latencyPhase(server: Child, popular: string[]) {
   } finally {
     await Promise.all(clients.map((c) => c.close()));
   }
-  return { ping: summary(pings), hit: summary(hits), hitAck: summary(hitAcks), miss: summary(misses), unexpected: notCached, commitMs: await meanCommitMs(server) };
+  return {
+    ping: summary(pings),
+    hit: summary(hits),
+    hitAck: summary(hitAcks),
+    miss: summary(misses),
+    unexpected: notCached,
+    commitMs: await meanCommitMs(server),
+  };
 }
 
 async function throughputPhase(server: Child, popular: string[]) {
@@ -427,7 +438,14 @@ async function singleFlightPhase(server: Child) {
   }
   const requests = groups.reduce((n, g) => n + g.requests, 0);
   const modelCalls = groups.reduce((n, g) => n + g.modelCalls, 0);
-  return { groups, requests, modelCalls, saved: requests - modelCalls, onePerGroup: groups.every((g) => g.modelCalls === 1), allIdentical: groups.every((g) => g.identical) };
+  return {
+    groups,
+    requests,
+    modelCalls,
+    saved: requests - modelCalls,
+    onePerGroup: groups.every((g) => g.modelCalls === 1),
+    allIdentical: groups.every((g) => g.identical),
+  };
 }
 
 // ---------------------------------------------------------------- run

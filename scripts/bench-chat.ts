@@ -154,7 +154,10 @@ async function connect(transport: Transport, port: number, i: number): Promise<{
   let conn: Conn | undefined;
   const loop = new ChatLoop(i, (m) => conn?.send(m));
   const onFrame = (f: Frame) => loop.onFrame(f);
-  conn = transport === 'ws' ? await wsConn(`ws://127.0.0.1:${port}/ws?user=bench-${i}`, onFrame) : await socketIoConn(`http://127.0.0.1:${port}`, `bench-${i}`, onFrame);
+  conn =
+    transport === 'ws'
+      ? await wsConn(`ws://127.0.0.1:${port}/ws?user=bench-${i}`, onFrame)
+      : await socketIoConn(`http://127.0.0.1:${port}`, `bench-${i}`, onFrame);
   return { conn, loop };
 }
 
@@ -234,7 +237,8 @@ async function runEcho(connections: number): Promise<{ connections: number; perS
     await sleep(SECONDS * 1000);
     measuring = false;
     const seconds = (performance.now() - t0) / 1000;
-    const rss = Number(/VmRSS:\s+(\d+)/.exec(await import('node:fs').then((fs) => fs.readFileSync(`/proc/${echo.child.pid}/status`, 'utf8')))?.[1] ?? NaN) / 1024;
+    const rss =
+      Number(/VmRSS:\s+(\d+)/.exec(await import('node:fs').then((fs) => fs.readFileSync(`/proc/${echo.child.pid}/status`, 'utf8')))?.[1] ?? NaN) / 1024;
     for (const conn of sockets) conn.terminate();
     return { connections, perSecond: count / seconds, rtt: summarize(rtts), rssMiB: rss };
   } finally {
@@ -284,11 +288,18 @@ for (const connections of CONNECTIONS) {
         `${r.lostDeltas}/${r.unfinished}/${r.dropped}`,
         r.rssMiB,
         cpuPerFrameUs(r),
-        Object.entries(r.errors).map(([k, v]) => `${k}:${v}`).join(' ') || 'none',
+        Object.entries(r.errors)
+          .map(([k, v]) => `${k}:${v}`)
+          .join(' ') || 'none',
       ]);
     }
   }
-  const result: Record<string, unknown> = { connections, echoMsgsPerSec: Math.round(echo.perSecond), echoRttMs: echo.rtt, loadAverage: os.loadavg().map((x) => Math.round(x * 10) / 10) };
+  const result: Record<string, unknown> = {
+    connections,
+    echoMsgsPerSec: Math.round(echo.perSecond),
+    echoRttMs: echo.rtt,
+    loadAverage: os.loadavg().map((x) => Math.round(x * 10) / 10),
+  };
   const uws = byServer.uws;
   if (uws) {
     const wsDeltaRate = uws.ws.deltas / uws.ws.seconds;
@@ -314,7 +325,11 @@ for (const connections of CONNECTIONS) {
   }
   const node = byServer.node;
   if (node) {
-    result.nodeHttp = { ws: transportResult(node.ws), socketio: transportResult(node.sio), serverCpuUsPerFrame: { ws: cpuPerFrameUs(node.ws), socketio: cpuPerFrameUs(node.sio) } };
+    result.nodeHttp = {
+      ws: transportResult(node.ws),
+      socketio: transportResult(node.sio),
+      serverCpuUsPerFrame: { ws: cpuPerFrameUs(node.ws), socketio: cpuPerFrameUs(node.sio) },
+    };
     if (uws) {
       result.nodeOverUws = {
         ws: +(node.ws.deltas / node.ws.seconds / (uws.ws.deltas / uws.ws.seconds)).toFixed(2),
@@ -326,12 +341,28 @@ for (const connections of CONNECTIONS) {
 }
 printTable(
   `bench:chat — dev provider, delay 0, ${SECONDS}s measured after ${WARMUP}s warm-up; echo window ${ECHO_WINDOW}/connection; latencies in ms`,
-  ['server', 'conns', 'frames/s', 'chats/s', 'ack p50', 'ack p99', 'ping p50', 'ping p99', 'lost/unfinished/dropped', 'RSS MiB', 'server CPU µs/frame', 'errors'],
+  [
+    'server',
+    'conns',
+    'frames/s',
+    'chats/s',
+    'ack p50',
+    'ack p99',
+    'ping p50',
+    'ping p99',
+    'lost/unfinished/dropped',
+    'RSS MiB',
+    'server CPU µs/frame',
+    'errors',
+  ],
   rows,
 );
 for (const r of results) {
   const ratios = r.ratios as Record<string, number> | undefined;
-  if (ratios) console.log(`${r.connections} conns: ack p99 / ping p99 = ${ratios.wsAckP99OverPingP99} (target <= 2); /ws deltas / echo = ${ratios.wsDeltasOverEcho} (target >= 0.5); socket.io / ws = ${ratios.socketioOverWs} (target >= 0.7); socket.io / ws server CPU per frame = ${ratios.socketioCpuPerFrameOverWs} (target <= 1.4); load average ${(r.loadAverage as number[]).join(' ')}`);
+  if (ratios)
+    console.log(
+      `${r.connections} conns: ack p99 / ping p99 = ${ratios.wsAckP99OverPingP99} (target <= 2); /ws deltas / echo = ${ratios.wsDeltasOverEcho} (target >= 0.5); socket.io / ws = ${ratios.socketioOverWs} (target >= 0.7); socket.io / ws server CPU per frame = ${ratios.socketioCpuPerFrameOverWs} (target <= 1.4); load average ${(r.loadAverage as number[]).join(' ')}`,
+    );
   const nodeOverUws = r.nodeOverUws as Record<string, number> | undefined;
   if (nodeOverUws) console.log(`${r.connections} conns: node:http / uWS deltas per second: /ws ${nodeOverUws.ws}, socket.io ${nodeOverUws.socketio}`);
 }

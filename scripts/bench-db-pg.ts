@@ -89,11 +89,22 @@ function naiveFrames(sql: Pg, count: () => void): FrameLookups {
     status: r.status,
     createdAt: isoTime(r.created_at),
   });
-  const booking = async (b: BookingRow) => ({ bookingId: formatId('booking', b.booking_id), status: b.status, scheduledAt: isoTime(b.scheduled_at), priceCents: b.price_cents });
+  const booking = async (b: BookingRow) => ({
+    bookingId: formatId('booking', b.booking_id),
+    status: b.status,
+    scheduledAt: isoTime(b.scheduled_at),
+    priceCents: b.price_cents,
+  });
   /** The caller's check, the cursor, and limit + 1 rows of one consumer's page. */
-  async function consumerPage<Row extends { [k: string]: unknown }>(query: ConsumerPageQuery, kind: string, text: string, position: (row: Row) => KeysetPosition) {
+  async function consumerPage<Row extends { [k: string]: unknown }>(
+    query: ConsumerPageQuery,
+    kind: string,
+    text: string,
+    position: (row: Row) => KeysetPosition,
+  ) {
     const key = parseId('consumer', query.consumerId);
-    if (key === null || (await q('SELECT consumer_id FROM consumers WHERE consumer_id = $1', [key])).length === 0) throw new AppError('not_found', 'no such consumer');
+    if (key === null || (await q('SELECT consumer_id FROM consumers WHERE consumer_id = $1', [key])).length === 0)
+      throw new AppError('not_found', 'no such consumer');
     const limit = query.limit ?? DEFAULT_PAGE_LIMIT;
     const after = query.cursor ? decodeCursor(query.cursor, kind, query.consumerId) : null;
     const rows = await q<Row>(text, [key, ...from(after), limit + 1]);
@@ -105,8 +116,14 @@ function naiveFrames(sql: Pg, count: () => void): FrameLookups {
       const limit = query.limit ?? DEFAULT_PAGE_LIMIT;
       const scope = JSON.stringify([query.status ?? null, query.category ?? null]);
       const after = query.cursor ? decodeCursor(query.cursor, 'requests.list', scope) : null;
-      const filters = [...(query.category !== undefined ? [['category', query.category]] : []), ...(query.status !== undefined ? [['status', query.status]] : [])];
-      const where = [...filters.map(([column], i) => `${column} = $${i + 1}`), `(created_at, request_id) < ($${filters.length + 1}, $${filters.length + 2})`].join(' AND ');
+      const filters = [
+        ...(query.category !== undefined ? [['category', query.category]] : []),
+        ...(query.status !== undefined ? [['status', query.status]] : []),
+      ];
+      const where = [
+        ...filters.map(([column], i) => `${column} = $${i + 1}`),
+        `(created_at, request_id) < ($${filters.length + 1}, $${filters.length + 2})`,
+      ].join(' AND ');
       const rows = await q<RequestRow>(
         `SELECT request_id, consumer_id, title, category, status, created_at FROM requests WHERE ${where} ORDER BY created_at DESC, request_id DESC LIMIT $${filters.length + 3}`,
         [...filters.map(([, value]) => value), ...from(after), limit + 1],
@@ -132,7 +149,10 @@ function naiveFrames(sql: Pg, count: () => void): FrameLookups {
       const items = [];
       for (const r of page) {
         const bookings = [];
-        for (const b of await q<BookingRow>('SELECT booking_id, request_id, provider_id, status, scheduled_at, price_cents FROM bookings WHERE request_id = $1 ORDER BY scheduled_at DESC, booking_id DESC', [r.request_id])) {
+        for (const b of await q<BookingRow>(
+          'SELECT booking_id, request_id, provider_id, status, scheduled_at, price_cents FROM bookings WHERE request_id = $1 ORDER BY scheduled_at DESC, booking_id DESC',
+          [r.request_id],
+        )) {
           bookings.push({ ...(await booking(b)), provider: await provider(b.provider_id) });
         }
         items.push({ ...request(r), bookings });
@@ -149,7 +169,11 @@ function naiveFrames(sql: Pg, count: () => void): FrameLookups {
       const items = [];
       for (const b of page) {
         const [r] = await q<RequestRow>('SELECT request_id, title, category FROM requests WHERE request_id = $1', [b.request_id]);
-        items.push({ ...(await booking(b)), request: { requestId: formatId('request', r!.request_id), title: r!.title, category: r!.category }, provider: await provider(b.provider_id) });
+        items.push({
+          ...(await booking(b)),
+          request: { requestId: formatId('request', r!.request_id), title: r!.title, category: r!.category },
+          provider: await provider(b.provider_id),
+        });
       }
       return JSON.stringify({ type: 'consumer.bookings', items, nextCursor });
     },
@@ -174,7 +198,9 @@ interface Case {
 /** Every lookup at page sizes 20 and 100: each filter combination (first pages and one page deeper), and the consumers with more than 100 rows. */
 async function casesOf(sql: Pg, service: MarketplaceService): Promise<Case[]> {
   const heavy = async (table: 'requests' | 'bookings') =>
-    (await sql.unsafe(`SELECT consumer_id FROM ${table} GROUP BY consumer_id HAVING count(*) > 100 ORDER BY consumer_id LIMIT 64`)).map((r) => formatId('consumer', r.consumer_id as number));
+    (await sql.unsafe(`SELECT consumer_id FROM ${table} GROUP BY consumer_id HAVING count(*) > 100 ORDER BY consumer_id LIMIT 64`)).map((r) =>
+      formatId('consumer', r.consumer_id as number),
+    );
   const [requestConsumers, bookingConsumers] = [await heavy('requests'), await heavy('bookings')];
   assert.ok(requestConsumers.length > 0 && bookingConsumers.length > 0, 'the data set has no consumer with more than 100 rows; seed more requests');
   const categories = (await sql`SELECT DISTINCT category FROM requests ORDER BY category`).map((r) => r.category as string);
@@ -251,14 +277,26 @@ function report(results: Result[], header: string): void {
     batchedP99Under5msAt100: batchedAt100.every((r) => r.p99Ms < 5),
   };
   const cols = ['lookup', 'limit', 'implementation', 'queries/call', 'p50 ms', 'p99 ms', 'calls/s', 'speed-up p50', 'speed-up calls/s'];
-  const rows = results.map((r) => [r.lookup, String(r.limit), r.impl, r.queriesPerCall.toFixed(2), r.p50Ms.toFixed(3), r.p99Ms.toFixed(3), String(r.callsPerSec), `${speedup(r).p50.toFixed(2)}x`, `${speedup(r).throughput.toFixed(2)}x`]);
+  const rows = results.map((r) => [
+    r.lookup,
+    String(r.limit),
+    r.impl,
+    r.queriesPerCall.toFixed(2),
+    r.p50Ms.toFixed(3),
+    r.p99Ms.toFixed(3),
+    String(r.callsPerSec),
+    `${speedup(r).p50.toFixed(2)}x`,
+    `${speedup(r).throughput.toFixed(2)}x`,
+  ]);
   const widths = cols.map((h, i) => Math.max(h.length, ...rows.map((row) => row[i]!.length)));
   const line = (cells: string[]) => cells.map((cell, i) => (i < 3 ? cell.padEnd(widths[i]!) : cell.padStart(widths[i]!))).join('  ');
   process.stdout.write(`${header}\n\n${line(cols)}\n${widths.map((w) => '-'.repeat(w)).join('  ')}\n${rows.map(line).join('\n')}\n\n`);
   process.stdout.write(
     `targets at page size 100: batched >= 20x n+1 (median latency): ${targets.batchedAtLeast20xFasterAt100 ? 'met' : 'MISSED'}; batched p99 < 5 ms: ${targets.batchedP99Under5msAt100 ? 'met' : 'MISSED'}\n`,
   );
-  process.stdout.write(`${JSON.stringify({ bench: 'db', engine: 'postgres', results, speedups: batchedAt100.map((r) => ({ lookup: r.lookup, limit: 100, batchedVsNPlusOne: speedup(r) })), targets })}\n`);
+  process.stdout.write(
+    `${JSON.stringify({ bench: 'db', engine: 'postgres', results, speedups: batchedAt100.map((r) => ({ lookup: r.lookup, limit: 100, batchedVsNPlusOne: speedup(r) })), targets })}\n`,
+  );
 }
 
 export async function benchDbPostgres(options: PgBenchOptions): Promise<void> {
@@ -269,7 +307,11 @@ export async function benchDbPostgres(options: PgBenchOptions): Promise<void> {
   if (existing === 0) {
     log(`seeding ${options.requests.toLocaleString('en-US')} requests into ${redactUrl(options.url)} ...`);
     const started = performance.now();
-    await seedMarketplacePg(sql, { consumers: Math.max(1, Math.ceil(options.requests / 10)), providers: Math.max(1, Math.ceil(options.requests / 50)), requests: options.requests });
+    await seedMarketplacePg(sql, {
+      consumers: Math.max(1, Math.ceil(options.requests / 10)),
+      providers: Math.max(1, Math.ceil(options.requests / 50)),
+      requests: options.requests,
+    });
     seedMs = Math.round(performance.now() - started);
     log(`seeded in ${(seedMs / 1000).toFixed(1)} s`);
   } else log(`using ${existing.toLocaleString('en-US')} requests already in ${redactUrl(options.url)}`);

@@ -112,16 +112,32 @@ const datasetRequests = existing || requestCount;
  * differs; the statements run synchronously, which is the kindest case for it.
  */
 function createNaiveService(database: Database) {
-  const consumerById = database.prepare<{ consumer_id: number; name: string }>('naive.consumer', 'SELECT consumer_id, name FROM consumers WHERE consumer_id = ?');
+  const consumerById = database.prepare<{ consumer_id: number; name: string }>(
+    'naive.consumer',
+    'SELECT consumer_id, name FROM consumers WHERE consumer_id = ?',
+  );
   const quoteCount = database.prepare<{ n: number }>('naive.quote_count', 'SELECT count(*) AS n FROM quotes WHERE request_id = ?');
-  const providerById = database.prepare<{ provider_id: number; name: string; rating: number }>('naive.provider', 'SELECT provider_id, name, rating FROM providers WHERE provider_id = ?');
-  const requestById = database.prepare<{ request_id: number; title: string; category: string }>('naive.request', 'SELECT request_id, title, category FROM requests WHERE request_id = ?');
+  const providerById = database.prepare<{ provider_id: number; name: string; rating: number }>(
+    'naive.provider',
+    'SELECT provider_id, name, rating FROM providers WHERE provider_id = ?',
+  );
+  const requestById = database.prepare<{ request_id: number; title: string; category: string }>(
+    'naive.request',
+    'SELECT request_id, title, category FROM requests WHERE request_id = ?',
+  );
   const bookingsOfRequest = database.prepare<BookingRow>(
     'naive.bookings_of_request',
     'SELECT booking_id, provider_id, status, scheduled_at, price_cents FROM bookings WHERE request_id = ? ORDER BY scheduled_at DESC, booking_id DESC',
   );
   type RequestRow = { request_id: number; consumer_id: number; title: string; category: string; status: RequestItem['status']; created_at: number };
-  type BookingRow = { booking_id: number; request_id: number; provider_id: number; status: ConsumerBookingItem['status']; scheduled_at: number; price_cents: number };
+  type BookingRow = {
+    booking_id: number;
+    request_id: number;
+    provider_id: number;
+    status: ConsumerBookingItem['status'];
+    scheduled_at: number;
+    price_cents: number;
+  };
   const requestPages = new Map<string, ReturnType<typeof database.prepare<RequestRow>>>();
   const requestPage = (status: boolean, category: boolean) => {
     const key = `${status}/${category}`;
@@ -190,8 +206,10 @@ function createNaiveService(database: Database) {
       const scope = JSON.stringify([q.status ?? null, q.category ?? null]);
       const after = q.cursor ? decodeCursor(q.cursor, 'requests.list', scope) : null;
       const params = [...(q.category !== undefined ? [q.category] : []), ...(q.status !== undefined ? [q.status] : [])];
-      const { page, nextCursor } = paged(requestPage(q.status !== undefined, q.category !== undefined).all(...params, ...from(after), limit + 1), limit, (last) =>
-        encodeCursor('requests.list', scope, { sortKey: last.created_at, id: last.request_id }),
+      const { page, nextCursor } = paged(
+        requestPage(q.status !== undefined, q.category !== undefined).all(...params, ...from(after), limit + 1),
+        limit,
+        (last) => encodeCursor('requests.list', scope, { sortKey: last.created_at, id: last.request_id }),
       );
       return {
         items: page.map((r) => {
@@ -206,7 +224,10 @@ function createNaiveService(database: Database) {
       };
     },
     async consumerRequests(caller: Identity, q: ConsumerPageQuery): Promise<Page<ConsumerRequestItem>> {
-      const { page, nextCursor } = consumerPage(caller, q, 'consumer.requests', consumerRequestsPage, (last) => ({ sortKey: last.created_at, id: last.request_id }));
+      const { page, nextCursor } = consumerPage(caller, q, 'consumer.requests', consumerRequestsPage, (last) => ({
+        sortKey: last.created_at,
+        id: last.request_id,
+      }));
       return {
         items: page.map((r) => ({
           ...requestFields(r),
@@ -222,7 +243,10 @@ function createNaiveService(database: Database) {
       };
     },
     async consumerBookings(caller: Identity, q: ConsumerPageQuery): Promise<Page<ConsumerBookingItem>> {
-      const { page, nextCursor } = consumerPage(caller, q, 'consumer.bookings', consumerBookingsPage, (last) => ({ sortKey: last.scheduled_at, id: last.booking_id }));
+      const { page, nextCursor } = consumerPage(caller, q, 'consumer.bookings', consumerBookingsPage, (last) => ({
+        sortKey: last.scheduled_at,
+        id: last.booking_id,
+      }));
       return {
         items: page.map((b) => {
           const r = requestById.get(b.request_id)!;
@@ -273,12 +297,9 @@ function serviceFrames(service: MarketplaceService): FrameLookups {
 
 // Consumers with at least 100 rows, so that page size 100 means 100 items.
 const heavyConsumers = (table: 'requests' | 'bookings') =>
-  (
-    db.raw
-      .prepare(`SELECT consumer_id FROM ${table} GROUP BY consumer_id HAVING count(*) > 100 ORDER BY consumer_id LIMIT 64`)
-      .pluck()
-      .all() as number[]
-  ).map((id) => formatId('consumer', id));
+  (db.raw.prepare(`SELECT consumer_id FROM ${table} GROUP BY consumer_id HAVING count(*) > 100 ORDER BY consumer_id LIMIT 64`).pluck().all() as number[]).map(
+    (id) => formatId('consumer', id),
+  );
 const requestConsumers = heavyConsumers('requests');
 const bookingConsumers = heavyConsumers('bookings');
 assert.ok(requestConsumers.length > 0 && bookingConsumers.length > 0, 'the data set has no consumer with more than 100 rows; seed more requests');
@@ -318,7 +339,11 @@ for (const limit of [20, 100]) {
   );
 }
 
-const services = [realService, createMarketplaceService({ store: createSqliteMarketplaceStore(db, { inList: 'json' }) }), createMarketplaceService({ store: createSqliteMarketplaceStore(db), batching: false })] as const;
+const services = [
+  realService,
+  createMarketplaceService({ store: createSqliteMarketplaceStore(db, { inList: 'json' }) }),
+  createMarketplaceService({ store: createSqliteMarketplaceStore(db), batching: false }),
+] as const;
 const implementations: { name: string; service: FrameLookups }[] = [
   { name: 'n+1', service: naiveFrames(createNaiveService(db)) },
   { name: 'batched', service: serviceFrames(services[0]) },
@@ -466,7 +491,9 @@ async function runOverWebSocket(batching: boolean): Promise<WsResult> {
       while (running && client.state !== 'closed') {
         const sentAt = performance.now();
         try {
-          await (n % 2 === 0 ? client.request({ type: 'requests.list', status: 'open', limit: 20 }) : client.request({ type: 'consumer.requests', consumerId, limit: 20 }));
+          await (n % 2 === 0
+            ? client.request({ type: 'requests.list', status: 'open', limit: 20 })
+            : client.request({ type: 'consumer.requests', consumerId, limit: 20 }));
         } catch {
           if (!running) return;
           errors++;
@@ -501,7 +528,15 @@ async function runOverWebSocket(batching: boolean): Promise<WsResult> {
     for (const client of clients) client.close();
     await Promise.all(loops);
     const s = summarize(latencies);
-    return { batching, clients: wsClients, lookupsPerSec: Math.round(done / seconds), p50Ms: round(s.p50, 3), p99Ms: round(s.p99, 3), queriesPerLookup: round((q1 - q0) / Math.max(1, done), 3), errors };
+    return {
+      batching,
+      clients: wsClients,
+      lookupsPerSec: Math.round(done / seconds),
+      p50Ms: round(s.p50, 3),
+      p99Ms: round(s.p99, 3),
+      queriesPerLookup: round((q1 - q0) / Math.max(1, done), 3),
+      errors,
+    };
   } finally {
     await server.stop();
   }
@@ -522,7 +557,9 @@ if (wsClients > 0) {
     log(`over WebSocket: ${wsClients} clients, batching ${batching ? 'on' : 'off'} ...`);
     websocket.push(await runOverWebSocket(batching));
   }
-  process.stdout.write(`\nlookups over ${wsClients} concurrent WebSocket clients (half requests.list, half consumer.requests, page size 20), ${wsSeconds} s each\n`);
+  process.stdout.write(
+    `\nlookups over ${wsClients} concurrent WebSocket clients (half requests.list, half consumer.requests, page size 20), ${wsSeconds} s each\n`,
+  );
   for (const r of websocket) {
     process.stdout.write(
       `  batching ${r.batching ? 'on ' : 'off'}: ${r.lookupsPerSec} lookups/s, p50 ${r.p50Ms.toFixed(2)} ms, p99 ${r.p99Ms.toFixed(2)} ms, ${r.queriesPerLookup.toFixed(3)} queries/lookup, ${r.errors} errors\n`,
@@ -531,5 +568,5 @@ if (wsClients > 0) {
 }
 process.stdout.write(
   `${JSON.stringify({ bench: 'db', requests: datasetRequests, seedMs, node: process.version, cpus: os.cpus().length, loadAverage, callsPerCase, results, speedups, targets, websocket })}\n`,
-)
+);
 process.exit(0);

@@ -96,8 +96,18 @@ async function runProbe(echoPort: number, intervalMs: number): Promise<void> {
       });
       send();
     });
-  const socketPing = () => ping('socketRttMs', (done) => socket.once('data', done), () => socket.write('x'));
-  const threadPing = () => ping('threadRttMs', (done) => echo.once('message', done), () => echo.postMessage(0));
+  const socketPing = () =>
+    ping(
+      'socketRttMs',
+      (done) => socket.once('data', done),
+      () => socket.write('x'),
+    );
+  const threadPing = () =>
+    ping(
+      'threadRttMs',
+      (done) => echo.once('message', done),
+      () => echo.postMessage(0),
+    );
   port.postMessage('ready');
   // The two pings take turns, half an interval apart: neither waits on the other's wake-ups.
   while (!stopped) {

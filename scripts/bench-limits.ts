@@ -162,7 +162,12 @@ function cpuMs(pid: number | undefined): number | null {
 }
 
 /** Closed-loop ping/pong on every socket for `seconds`; counts pongs, anything else (refusals), and the server's CPU time meanwhile. */
-async function pingPong(server: Child, sockets: WebSocket[], window: number, seconds: number): Promise<{ framesPerSec: number; refused: number; serverUsPerFrame: number | null }> {
+async function pingPong(
+  server: Child,
+  sockets: WebSocket[],
+  window: number,
+  seconds: number,
+): Promise<{ framesPerSec: number; refused: number; serverUsPerFrame: number | null }> {
   let counting = false;
   let running = true;
   let pongs = 0;
@@ -189,7 +194,7 @@ async function pingPong(server: Child, sockets: WebSocket[], window: number, sec
   const elapsed = (performance.now() - start) / 1000;
   running = false;
   await sleep(200); // let frames in flight drain
-  sockets.forEach((ws, i) => ws.off('message', handlers[i] as (data: Buffer) => void));
+  for (const [i, ws] of sockets.entries()) ws.off('message', handlers[i] as (data: Buffer) => void);
   const serverUsPerFrame = cpuStart === null || cpuEnd === null || pongs === 0 ? null : ((cpuEnd - cpuStart) * 1000) / pongs;
   return { framesPerSec: pongs / elapsed, refused, serverUsPerFrame };
 }
@@ -291,7 +296,9 @@ interface Abuser {
 }
 
 async function startAbuser(port: number, connections: number): Promise<Abuser> {
-  const child = fork(process.argv[1] as string, ['--role', 'abuser', '--port', String(port), '--abuser-connections', String(connections)], { stdio: 'inherit' });
+  const child = fork(process.argv[1] as string, ['--role', 'abuser', '--port', String(port), '--abuser-connections', String(connections)], {
+    stdio: 'inherit',
+  });
   try {
     // A remote attacker costs the server its network and frame handling, not a share of the server's own CPU.
     if (child.pid !== undefined) os.setPriority(child.pid, 10);
@@ -325,7 +332,12 @@ async function startAbuser(port: number, connections: number): Promise<Abuser> {
 }
 
 /** `users` users chatting over /ws with chatwire's client library; returns their ack latencies (ms) over `seconds`. */
-async function chatters(port: number, users: number, seconds: number, tag: string): Promise<{ ackMs: number[]; chats: number; errors: Record<string, number> }> {
+async function chatters(
+  port: number,
+  users: number,
+  seconds: number,
+  tag: string,
+): Promise<{ ackMs: number[]; chats: number; errors: Record<string, number> }> {
   const clients = await Promise.all(
     Array.from({ length: users }, async (_, i) => {
       const client = connect(`ws://127.0.0.1:${port}/ws`, { user: `chatter-${i}`, WebSocket, reconnect: false, heartbeatMs: 0 });
@@ -405,7 +417,13 @@ async function throughput(off: Child, on: Child, connections: number, window: nu
     ['limiter', 'frames/s', 'rounds', 'server CPU µs per frame', 'refused'],
     [
       ['effectively off', String(Math.round(offFps)), samples.off.map((x) => Math.round(x)).join(' / '), offUs === null ? 'n/a' : offUs.toFixed(1), '0'],
-      ['on, realistic limits', String(Math.round(onFps)), samples.on.map((x) => Math.round(x)).join(' / '), onUs === null ? 'n/a' : onUs.toFixed(1), String(refusedOn)],
+      [
+        'on, realistic limits',
+        String(Math.round(onFps)),
+        samples.on.map((x) => Math.round(x)).join(' / '),
+        onUs === null ? 'n/a' : onUs.toFixed(1),
+        String(refusedOn),
+      ],
       ['on / off', `${(ratio * 100).toFixed(1)}%`, ratios.map((x) => `${Math.round(x * 100)}%`).join(' / '), 'target >= 90%', ''],
     ],
   );
@@ -448,7 +466,7 @@ async function abuse(on: Child, users: number, seconds: number, pairs: number, a
   const latency = (withAbuser: boolean) => summarize(of(withAbuser).flatMap((p) => p.ackMs));
   const cpuShare = (withAbuser: boolean) => {
     const xs = of(withAbuser).map((p) => p.serverCpu);
-    return xs.some((x) => x === null) ? null : Math.round((xs as number[]).reduce((a, b) => a + b, 0) / xs.length * 100) / 100;
+    return xs.some((x) => x === null) ? null : Math.round(((xs as number[]).reduce((a, b) => a + b, 0) / xs.length) * 100) / 100;
   };
   const errors = (withAbuser: boolean) => JSON.stringify(Object.assign({}, ...of(withAbuser).map((p) => p.errors)));
   const calm = latency(false);
@@ -475,9 +493,20 @@ async function abuse(on: Child, users: number, seconds: number, pairs: number, a
       ['p99 with / alone', '', '', `${p99Ratio.toFixed(2)}x`, 'target <= 1.5x', '', ''],
     ],
   );
-  printTable('   the abuser', ['frames sent', 'per second', 'answered: passed', 'answered: rate_limited', 'sockets closed by the server', 'upgrades refused'], [
-    [String(totals.sent), String(Math.round(totals.sent / abusedSeconds)), String(totals.passed), String(totals.refused), String(totals.closedByServer), String(totals.refusedUpgrades)],
-  ]);
+  printTable(
+    '   the abuser',
+    ['frames sent', 'per second', 'answered: passed', 'answered: rate_limited', 'sockets closed by the server', 'upgrades refused'],
+    [
+      [
+        String(totals.sent),
+        String(Math.round(totals.sent / abusedSeconds)),
+        String(totals.passed),
+        String(totals.refused),
+        String(totals.closedByServer),
+        String(totals.refusedUpgrades),
+      ],
+    ],
+  );
   return {
     users,
     ackMsAlone: calm,
@@ -497,7 +526,11 @@ async function main(): Promise<void> {
 
   if (sections.has('module')) {
     const moduleResults = moduleBench(num('ops', 1000));
-    printTable('1. one check, module alone (µs per call)', ['check', 'µs'], moduleResults.map((r) => [r.name, r.usPerCall.toFixed(3)]));
+    printTable(
+      '1. one check, module alone (µs per call)',
+      ['check', 'µs'],
+      moduleResults.map((r) => [r.name, r.usPerCall.toFixed(3)]),
+    );
     out.module = moduleResults;
   }
   const common = { CHATWIRE_WORKER_THREADS: '1' };

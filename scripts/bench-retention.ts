@@ -43,7 +43,11 @@ server.child.stderr?.on('data', (c: Buffer) => (stderrTail = (stderrTail + c.toS
 const base = `http://127.0.0.1:${server.port}`;
 // No ?user=: in open mode each request is an anonymous user of its own, as the flood that found this came.
 const post = (query = '') =>
-  fetch(`${base}/v1/chat${query}`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ text: TEXT, params: { maxTokens } }) });
+  fetch(`${base}/v1/chat${query}`, {
+    method: 'POST',
+    headers: { 'content-type': 'application/json' },
+    body: JSON.stringify({ text: TEXT, params: { maxTokens } }),
+  });
 
 async function sample(started: number): Promise<Sample> {
   const [heapUsed, external, rss, retained] = await Promise.all([
@@ -89,7 +93,9 @@ try {
     const s = await sample(started).catch(() => null);
     if (s === null) break;
     samples.push(s);
-    process.stderr.write(`\r${s.t.toFixed(0)} s: ${accepted} chats, heap ${(s.heapUsed / MiB).toFixed(1)} MiB, rss ${(s.rss / MiB).toFixed(1)} MiB, retained ${(s.retained / MiB).toFixed(1)} MiB   `);
+    process.stderr.write(
+      `\r${s.t.toFixed(0)} s: ${accepted} chats, heap ${(s.heapUsed / MiB).toFixed(1)} MiB, rss ${(s.rss / MiB).toFixed(1)} MiB, retained ${(s.retained / MiB).toFixed(1)} MiB   `,
+    );
   }
   stop = true;
   await Promise.all(loops);

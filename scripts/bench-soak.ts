@@ -22,7 +22,18 @@ import path from 'node:path';
 import { createRandom } from '../src/db/marketplace-seed.js';
 import { verifyLedger } from '../test/helpers/chat-ledger.js';
 import { parseArgs, printTable, settle, sleep, summarize } from './bench-support.js';
-import { LoadClient, LoadStats, MiB, consumerIds, openClients, openLoop, roundRobin, sampleServer, startLoadServer, type ServerSample } from './load-support.js';
+import {
+  LoadClient,
+  LoadStats,
+  MiB,
+  consumerIds,
+  openClients,
+  openLoop,
+  roundRobin,
+  sampleServer,
+  startLoadServer,
+  type ServerSample,
+} from './load-support.js';
 
 const args = parseArgs({
   minutes: '10',
@@ -53,7 +64,9 @@ const random = createRandom(Number(args.seed)).next;
 const SEED_REQUESTS = 20_000;
 
 const log = (line: string) => process.stderr.write(`${line}\n`);
-log(`bench:soak: ${MINUTES} min, ${ACTIVE} active + ${IDLE} idle clients, ${CHATS_PER_SECOND} chats/s, ${LOOKUPS_PER_SECOND} lookups/s, a worker fault every ${CRASH_EVERY_MS / 1000}s, ${DISCONNECT_SHARE * 100}% of clients drop every ${DISCONNECT_EVERY_MS / 1000}s; warm-up ${WARMUP_MINUTES} min`);
+log(
+  `bench:soak: ${MINUTES} min, ${ACTIVE} active + ${IDLE} idle clients, ${CHATS_PER_SECOND} chats/s, ${LOOKUPS_PER_SECOND} lookups/s, a worker fault every ${CRASH_EVERY_MS / 1000}s, ${DISCONNECT_SHARE * 100}% of clients drop every ${DISCONNECT_EVERY_MS / 1000}s; warm-up ${WARMUP_MINUTES} min`,
+);
 const server = await startLoadServer({
   seedRequests: SEED_REQUESTS,
   env: {
@@ -73,7 +86,9 @@ const consumers = consumerIds(SEED_REQUESTS);
 const usesSocketIo = (i: number) => i % 5 === 0;
 
 const idle = await openClients(IDLE, (i) => LoadClient.open(base, `soak-idle-${i}`, usesSocketIo(i) ? 'socket.io' : 'ws', stats, random));
-const active = await openClients(ACTIVE, (i) => LoadClient.open(base, consumers[i % consumers.length] as string, usesSocketIo(i) ? 'socket.io' : 'ws', stats, random));
+const active = await openClients(ACTIVE, (i) =>
+  LoadClient.open(base, consumers[i % consumers.length] as string, usesSocketIo(i) ? 'socket.io' : 'ws', stats, random),
+);
 const faulter = await LoadClient.open(base, 'soak-faults', 'ws', stats, random);
 
 // ---------- steady load ----------
@@ -90,7 +105,13 @@ const stopLoad = openLoop(
         return;
       }
       if (random() < 0.2) c.chat({ text: `popular question number ${Math.floor(random() * 20)}`, cache: 'use', cancel: random() < 0.05 });
-      else c.chat({ text: `${c.user} asks about job ${stats.chatsSent} (${random().toString(36).slice(2, 10)})`, cache: 'use', continueConversation: random() < 0.3, cancel: random() < 0.05 });
+      else
+        c.chat({
+          text: `${c.user} asks about job ${stats.chatsSent} (${random().toString(36).slice(2, 10)})`,
+          cache: 'use',
+          continueConversation: random() < 0.3,
+          cancel: random() < 0.05,
+        });
     },
     lookup: () => nextReady()?.lookup(),
   },
@@ -99,22 +120,28 @@ const stopLoad = openLoop(
 // ---------- faults ----------
 const FAULTS = ['exit', 'throw', 'hang'] as const;
 let faultsSent = 0;
-const faultTimer = setInterval(() => {
-  if (!running || !faulter.ready || CRASH_EVERY_MS <= 0) return;
-  const kind = FAULTS[faultsSent % FAULTS.length] as string;
-  faultsSent++;
-  faulter.chat({ text: `/fault ${kind}`, cache: 'bypass' });
-}, Math.max(1000, CRASH_EVERY_MS));
+const faultTimer = setInterval(
+  () => {
+    if (!running || !faulter.ready || CRASH_EVERY_MS <= 0) return;
+    const kind = FAULTS[faultsSent % FAULTS.length] as string;
+    faultsSent++;
+    faulter.chat({ text: `/fault ${kind}`, cache: 'bypass' });
+  },
+  Math.max(1000, CRASH_EVERY_MS),
+);
 let disconnects = 0;
-const disconnectTimer = setInterval(() => {
-  if (!running || DISCONNECT_EVERY_MS <= 0) return;
-  for (const c of active) {
-    if (c.ready && random() < DISCONNECT_SHARE) {
-      disconnects++;
-      void c.disconnectAndResume();
+const disconnectTimer = setInterval(
+  () => {
+    if (!running || DISCONNECT_EVERY_MS <= 0) return;
+    for (const c of active) {
+      if (c.ready && random() < DISCONNECT_SHARE) {
+        disconnects++;
+        void c.disconnectAndResume();
+      }
     }
-  }
-}, Math.max(1000, DISCONNECT_EVERY_MS));
+  },
+  Math.max(1000, DISCONNECT_EVERY_MS),
+);
 
 // ---------- per-minute figures ----------
 interface Minute {
@@ -208,7 +235,19 @@ const lost = v.lostAcked.length + v.lostReplies.length;
 printTable(
   `bench:soak — ${MINUTES} min: ${ACTIVE} active (20% socket.io) + ${IDLE} idle clients, ${CHATS_PER_SECOND} chats/s + ${LOOKUPS_PER_SECOND} lookups/s offered; ` +
     `a worker fault every ${CRASH_EVERY_MS / 1000}s (exit/throw/hang), ${DISCONNECT_SHARE * 100}% of clients drop + resume every ${DISCONNECT_EVERY_MS / 1000}s`,
-  ['minute', 'chats', 'ack p50 ms', 'ack p99 ms', 'ttft p99 ms', 'lookup p99 ms', 'RSS MiB (anon + file)', 'heap MiB (min)', 'eld p99 ms', 'worker failures', 'errors'],
+  [
+    'minute',
+    'chats',
+    'ack p50 ms',
+    'ack p99 ms',
+    'ttft p99 ms',
+    'lookup p99 ms',
+    'RSS MiB (anon + file)',
+    'heap MiB (min)',
+    'eld p99 ms',
+    'worker failures',
+    'errors',
+  ],
   minutes.map((m) => [
     String(m.minute),
     String(m.chats),
@@ -220,35 +259,59 @@ printTable(
     `${m.heapMiB.toFixed(0)} (${m.heapMinMiB.toFixed(0)})`,
     m.eldP99Ms,
     String(m.workerFailures),
-    Object.entries(m.errors).map(([k, n]) => `${k}:${n}`).join(' ') || 'none',
+    Object.entries(m.errors)
+      .map(([k, n]) => `${k}:${n}`)
+      .join(' ') || 'none',
   ]),
 );
-printTable('bench:soak — summary', ['figure', 'value'], [
-  ['chats sent / acked / ended', `${stats.chatsSent} / ${stats.chatsAcked} / ${stats.chatsDone + stats.chatsFailed}`],
-  ['chats not sent (clients at their in-flight cap)', String(skipped)],
-  ['worker faults injected / model calls failed with a worker', `${faultsSent} / ${sampler.samples.at(-1)?.workerFailures ?? '?'}`],
-  ['clients dropped + resumed / tasks resumed', `${disconnects} / ${stats.resumes}`],
-  ['errors by code (whole run)', Object.entries(totalErrors).map(([k, n]) => `${k}:${n}`).join(' ') || 'none'],
-  ['delta seq gaps / double ends / unfinished after settle / dropped by server', `${stats.ledger.seqGaps} / ${stats.ledger.duplicateEnds} / ${unfinished} / ${stats.dropped}`],
-  [`RSS MiB after warm-up (${WARMUP_MINUTES} min): first / last / slope per min`, after.length ? `${(after[0]!.rssBytes / MiB).toFixed(0)} / ${(after.at(-1)!.rssBytes / MiB).toFixed(0)} / ${rssSlope.toFixed(2)}` : 'run longer than the warm-up'],
-  ['heap used MiB after warm-up: first / last / slope per min', after.length ? `${(after[0]!.heapUsedBytes / MiB).toFixed(0)} / ${(after.at(-1)!.heapUsedBytes / MiB).toFixed(0)} / ${heapSlope.toFixed(2)}` : '-'],
-  ['heap used MiB, lowest sample of each minute after warm-up (the GC baseline)', afterMinutes.map((m) => m.heapMinMiB.toFixed(0)).join(' ') || '-'],
+printTable(
+  'bench:soak — summary',
+  ['figure', 'value'],
   [
-    'RSS MiB anon / file-backed after warm-up: first -> last',
-    after.length && after[0]!.rssAnonBytes !== undefined
-      ? `${(after[0]!.rssAnonBytes! / MiB).toFixed(0)} -> ${(after.at(-1)!.rssAnonBytes! / MiB).toFixed(0)} / ${(after[0]!.rssFileBytes! / MiB).toFixed(0)} -> ${(after.at(-1)!.rssFileBytes! / MiB).toFixed(0)}`
-      : '-',
+    ['chats sent / acked / ended', `${stats.chatsSent} / ${stats.chatsAcked} / ${stats.chatsDone + stats.chatsFailed}`],
+    ['chats not sent (clients at their in-flight cap)', String(skipped)],
+    ['worker faults injected / model calls failed with a worker', `${faultsSent} / ${sampler.samples.at(-1)?.workerFailures ?? '?'}`],
+    ['clients dropped + resumed / tasks resumed', `${disconnects} / ${stats.resumes}`],
+    [
+      'errors by code (whole run)',
+      Object.entries(totalErrors)
+        .map(([k, n]) => `${k}:${n}`)
+        .join(' ') || 'none',
+    ],
+    [
+      'delta seq gaps / double ends / unfinished after settle / dropped by server',
+      `${stats.ledger.seqGaps} / ${stats.ledger.duplicateEnds} / ${unfinished} / ${stats.dropped}`,
+    ],
+    [
+      `RSS MiB after warm-up (${WARMUP_MINUTES} min): first / last / slope per min`,
+      after.length
+        ? `${(after[0]!.rssBytes / MiB).toFixed(0)} / ${(after.at(-1)!.rssBytes / MiB).toFixed(0)} / ${rssSlope.toFixed(2)}`
+        : 'run longer than the warm-up',
+    ],
+    [
+      'heap used MiB after warm-up: first / last / slope per min',
+      after.length ? `${(after[0]!.heapUsedBytes / MiB).toFixed(0)} / ${(after.at(-1)!.heapUsedBytes / MiB).toFixed(0)} / ${heapSlope.toFixed(2)}` : '-',
+    ],
+    ['heap used MiB, lowest sample of each minute after warm-up (the GC baseline)', afterMinutes.map((m) => m.heapMinMiB.toFixed(0)).join(' ') || '-'],
+    [
+      'RSS MiB anon / file-backed after warm-up: first -> last',
+      after.length && after[0]!.rssAnonBytes !== undefined
+        ? `${(after[0]!.rssAnonBytes! / MiB).toFixed(0)} -> ${(after.at(-1)!.rssAnonBytes! / MiB).toFixed(0)} / ${(after[0]!.rssFileBytes! / MiB).toFixed(0)} -> ${(after.at(-1)!.rssFileBytes! / MiB).toFixed(0)}`
+        : '-',
+    ],
+    [
+      'V8 heap committed / external MiB after warm-up: first -> last',
+      after.length
+        ? `${(after[0]!.heapTotalBytes / MiB).toFixed(0)} -> ${(after.at(-1)!.heapTotalBytes / MiB).toFixed(0)} / ${(after[0]!.externalBytes / MiB).toFixed(0)} -> ${(after.at(-1)!.externalBytes / MiB).toFixed(0)}`
+        : '-',
+    ],
+    ['SQLite database (+ WAL) / LMDB reply cache file MiB at the end', `${sqliteMiB.toFixed(0)} / ${cacheMiB.toFixed(0)}`],
+    ['ack p99 ms after warm-up: worst minute', afterMinutes.length ? Math.max(...afterMinutes.map((m) => m.ack.p99)).toFixed(1) : '-'],
+    ['acknowledged chats checked in SQLite / lost', `${v.acked} / ${lost}`],
+    ['announced replies checked / lost', `${v.replies} / ${v.lostReplies.length}`],
+    ['SQLite integrity_check / server exit on SIGTERM', `${v.integrity} / ${exitCode}`],
   ],
-  [
-    'V8 heap committed / external MiB after warm-up: first -> last',
-    after.length ? `${(after[0]!.heapTotalBytes / MiB).toFixed(0)} -> ${(after.at(-1)!.heapTotalBytes / MiB).toFixed(0)} / ${(after[0]!.externalBytes / MiB).toFixed(0)} -> ${(after.at(-1)!.externalBytes / MiB).toFixed(0)}` : '-',
-  ],
-  ['SQLite database (+ WAL) / LMDB reply cache file MiB at the end', `${sqliteMiB.toFixed(0)} / ${cacheMiB.toFixed(0)}`],
-  ['ack p99 ms after warm-up: worst minute', afterMinutes.length ? Math.max(...afterMinutes.map((m) => m.ack.p99)).toFixed(1) : '-'],
-  ['acknowledged chats checked in SQLite / lost', `${v.acked} / ${lost}`],
-  ['announced replies checked / lost', `${v.replies} / ${v.lostReplies.length}`],
-  ['SQLite integrity_check / server exit on SIGTERM', `${v.integrity} / ${exitCode}`],
-]);
+);
 console.log(
   JSON.stringify({
     bench: 'soak',
@@ -281,7 +344,10 @@ console.log(
         heapMiB: +(s.heapUsedBytes / MiB).toFixed(1),
         heapTotalMiB: +(s.heapTotalBytes / MiB).toFixed(1),
         externalMiB: +(s.externalBytes / MiB).toFixed(1),
-      })), rssSlopeMiBPerMin: +rssSlope.toFixed(3), heapSlopeMiBPerMin: +heapSlope.toFixed(3) },
+      })),
+      rssSlopeMiBPerMin: +rssSlope.toFixed(3),
+      heapSlopeMiBPerMin: +heapSlope.toFixed(3),
+    },
     faultsInjected: faultsSent,
     workerFailures: sampler.samples.at(-1)?.workerFailures ?? null,
     disconnects,

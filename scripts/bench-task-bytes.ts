@@ -56,12 +56,23 @@ function measure(count: number, deltas: number, twoByte: boolean) {
     chars += task.text.length;
   }
   const measured = (memory() - before) / count;
-  return { kept: [registry, list], row: { deltas, twoByte, chars: Math.round(chars / count), measured: Math.round(measured), charged: Math.round(charged / count) } };
+  return {
+    kept: [registry, list],
+    row: { deltas, twoByte, chars: Math.round(chars / count), measured: Math.round(measured), charged: Math.round(charged / count) },
+  };
 }
 
 const kept: unknown[] = [];
 const rows = [];
-for (const [deltas, twoByte] of [[0, false], [1, false], [8, false], [64, false], [512, false], [512, true], [4096, false]] as const) {
+for (const [deltas, twoByte] of [
+  [0, false],
+  [1, false],
+  [8, false],
+  [64, false],
+  [512, false],
+  [512, true],
+  [4096, false],
+] as const) {
   const { kept: k, row } = measure(deltas >= 4096 ? 2000 : 20_000, deltas, twoByte);
   kept.push(k);
   rows.push(row);

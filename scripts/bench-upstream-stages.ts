@@ -94,7 +94,13 @@ function frameStage(): number {
 const parse = parseStage();
 const hop = await hopStage();
 const frame = frameStage();
-const out = { bench: 'upstream-stages', cores: os.availableParallelism(), loadAverage: os.loadavg().map((x) => Math.round(x * 10) / 10), tokens, cpuUsPerToken: { parse: round2(parse), hop: round2(hop), frame: round2(frame) } };
+const out = {
+  bench: 'upstream-stages',
+  cores: os.availableParallelism(),
+  loadAverage: os.loadavg().map((x) => Math.round(x * 10) / 10),
+  tokens,
+  cpuUsPerToken: { parse: round2(parse), hop: round2(hop), frame: round2(frame) },
+};
 console.log(`load average ${out.loadAverage.join(' ')}; CPU µs per token, ${tokens} tokens each`);
 console.log('| stage | µs |');
 console.log('| --- | --- |');

@@ -109,7 +109,22 @@ interface Side {
   threadRttMs: number[];
 }
 
-const newSide = (): Side => ({ firstTokenMs: [], totalMs: [], tokenMs: [], startTokenMs: [], restTokenMs: [], endMs: [], ackMs: [], tokens: 0, wallMs: [], errors: 0, cpuMs: { upstream: 0, clients: 0, chatwire: 0 }, corrupted: 0, socketRttMs: [], threadRttMs: [] });
+const newSide = (): Side => ({
+  firstTokenMs: [],
+  totalMs: [],
+  tokenMs: [],
+  startTokenMs: [],
+  restTokenMs: [],
+  endMs: [],
+  ackMs: [],
+  tokens: 0,
+  wallMs: [],
+  errors: 0,
+  cpuMs: { upstream: 0, clients: 0, chatwire: 0 },
+  corrupted: 0,
+  socketRttMs: [],
+  threadRttMs: [],
+});
 
 /** One reply as a client sees it: the same bookkeeping for both paths. */
 class Reply {
@@ -383,7 +398,15 @@ async function benchUpstream() {
     };
   };
   return {
-    setup: { chats, tokensPerReply: tokens, intervalMs, rounds, steadyRepliesPerUser: steadyReplies, workerThreads: config.workerThreads, tasksPerWorker: config.tasksPerWorker },
+    setup: {
+      chats,
+      tokensPerReply: tokens,
+      intervalMs,
+      rounds,
+      steadyRepliesPerUser: steadyReplies,
+      workerThreads: config.workerThreads,
+      tasksPerWorker: config.tasksPerWorker,
+    },
     burst: compare(sides.burst),
     steady: compare(sides.steady),
   };
@@ -420,7 +443,15 @@ async function localDirect(modelPath: string, threads: number, streams: number, 
           { type: 'user', text: `Quote ${i} for painting a fence tomorrow?` },
           { type: 'model', response: [] },
         ],
-        { signal: abort.signal, stopOnAbortSignal: true, maxTokens: n, temperature: 0.8, onResponseChunk: (chunk) => { tokens += chunk.tokens.length; } },
+        {
+          signal: abort.signal,
+          stopOnAbortSignal: true,
+          maxTokens: n,
+          temperature: 0.8,
+          onResponseChunk: (chunk) => {
+            tokens += chunk.tokens.length;
+          },
+        },
       );
     } finally {
       clearTimeout(timer);
@@ -468,21 +499,33 @@ async function benchLocal() {
     { workers: 1, threadsPerWorker: 0 },
     { workers: 2, threadsPerWorker: 0 },
   ];
-  const results: Array<{ workers: number; threadsPerWorker: number; oneStreamTokensPerSecond: number; concurrentStreams: number; tokensPerSecond: number }> = [];
+  const results: Array<{ workers: number; threadsPerWorker: number; oneStreamTokensPerSecond: number; concurrentStreams: number; tokensPerSecond: number }> =
+    [];
   const direct: Array<{ threads: number; oneStreamTokensPerSecond: number; concurrentStreams: number; tokensPerSecond: number }> = [];
   try {
     // One worker and the same threads as each direct run, measured next to it (direct first, then through chatwire).
     for (const threads of [1, 0]) direct.push({ threads, ...(await localDirect(model.path, threads, streams, maxTokens, budgetMs)) });
     for (const c of configs) {
       const config = loadConfig({}, { llm: 'local', modelPath: model.path, localThreads: c.threadsPerWorker, localContextSize: 1024 });
-      const pool = createModelPool({ settings: providerSettingsFrom(config), threads: c.workers, tasksPerWorker: streams, maxQueue: streams * 2, taskTimeoutMs: 600_000 });
+      const pool = createModelPool({
+        settings: providerSettingsFrom(config),
+        threads: c.workers,
+        tasksPerWorker: streams,
+        maxQueue: streams * 2,
+        taskTimeoutMs: 600_000,
+      });
       // A generation stops at n tokens or, on a slow configuration, when the time budget is spent (cancel: the
       // provider still reports the tokens it made).
       const runOnce = (i: number, n: number, limitMs = Infinity) =>
         new Promise<number>((resolve, reject) => {
           // A refusal (the pool full) throws here, which rejects this promise.
           const slot = pool.reserve('bench');
-          const request: ModelRequest = { model: 'bench', messages: [{ role: 'user', content: `Quote ${i} for painting a fence tomorrow?` }], maxTokens: n, temperature: 0.8 };
+          const request: ModelRequest = {
+            model: 'bench',
+            messages: [{ role: 'user', content: `Quote ${i} for painting a fence tomorrow?` }],
+            maxTokens: n,
+            temperature: 0.8,
+          };
           let timer: NodeJS.Timeout | undefined;
           const handle = slot.run(request, {
             onChunk() {},
@@ -543,8 +586,10 @@ if (part === 'upstream' || part === 'all') {
   out.upstream = u;
   type Pair = { p50: number; p99: number };
   type Latencies = { firstTokenMs: Pair; tokenLatencyMs: Pair; startTokenLatencyMs: Pair; restTokenLatencyMs: Pair; endMs: Pair; totalMs: Pair };
-  const row = (name: string, x: Latencies) =>
-    [name, ...[x.firstTokenMs, x.tokenLatencyMs, x.startTokenLatencyMs, x.restTokenLatencyMs, x.endMs, x.totalMs].flatMap((v) => [v.p50, v.p99])];
+  const row = (name: string, x: Latencies) => [
+    name,
+    ...[x.firstTokenMs, x.tokenLatencyMs, x.startTokenLatencyMs, x.restTokenLatencyMs, x.endMs, x.totalMs].flatMap((v) => [v.p50, v.p99]),
+  ];
   const described = {
     burst: `burst: ${u.setup.chats} chats sent at the same moment, ${u.setup.rounds} rounds per path`,
     steady: `steady: ${u.setup.chats} users in a closed loop (${u.setup.steadyRepliesPerUser} replies each, first chats spread over one reply), ${u.setup.rounds} rounds per path`,
@@ -557,17 +602,31 @@ if (part === 'upstream' || part === 'all') {
     const c = u[arrivals];
     printTable(
       described[arrivals],
-      ['path', 'first token', 'p99', 'token latency', 'p99', `tokens 0-${START_TOKENS - 1}`, 'p99', `tokens ${START_TOKENS}+`, 'p99', 'end', 'p99', 'total', 'p99'],
+      [
+        'path',
+        'first token',
+        'p99',
+        'token latency',
+        'p99',
+        `tokens 0-${START_TOKENS - 1}`,
+        'p99',
+        `tokens ${START_TOKENS}+`,
+        'p99',
+        'end',
+        'p99',
+        'total',
+        'p99',
+      ],
       [row('direct to upstream', c.direct), row('through chatwire /ws', c.throughChatwire), row('added by chatwire', c.added)],
     );
   }
   console.log(
     [
-      'first token: the request sent (POST / chat.send) to the first token in the client\'s hands. token latency: the upstream writing',
+      "first token: the request sent (POST / chat.send) to the first token in the client's hands. token latency: the upstream writing",
       `a token to the client holding it (the token's stamp against the client's clock), every token; tokens 0-${START_TOKENS - 1}: the first ${START_TOKENS} of each`,
-      'reply (in a burst they arrive while the round\'s other chats are being set up), the rest apart. end: the upstream writing the last token to the',
-      'reply complete in the client\'s hands ([DONE] / chat.done: through chatwire, after the reply is stored). total: the request sent to [DONE] /',
-      'chat.done; it also holds the upstream\'s own pacing, which drifts with its load (50 timers of 10 ms per reply), so a difference in total',
+      "reply (in a burst they arrive while the round's other chats are being set up), the rest apart. end: the upstream writing the last token to the",
+      "reply complete in the client's hands ([DONE] / chat.done: through chatwire, after the reply is stored). total: the request sent to [DONE] /",
+      "chat.done; it also holds the upstream's own pacing, which drifts with its load (50 timers of 10 ms per reply), so a difference in total",
       'is first token + per-token + end differences plus that drift.',
       'added: through chatwire minus direct, percentile by percentile (p50 - p50, p99 - p99), over the same alternating rounds.',
     ].join('\n'),
@@ -607,13 +666,19 @@ if (part === 'upstream' || part === 'all') {
 if (part === 'local' || part === 'all') {
   const l = await benchLocal();
   out.local = l;
-  console.log(`\nlocal: generated model, ${l.model.parameters} parameters (${Math.round(l.model.bytes / 1e6)} MB F32), up to ${l.tokensPerReply} tokens or ${l.secondsBudget} s per reply`);
+  console.log(
+    `\nlocal: generated model, ${l.model.parameters} parameters (${Math.round(l.model.bytes / 1e6)} MB F32), up to ${l.tokensPerReply} tokens or ${l.secondsBudget} s per reply`,
+  );
   console.log('| workers | threads/worker | 1 stream tokens/s | concurrent streams | tokens/s |');
   console.log('| --- | --- | --- | --- | --- |');
   for (const r of l.results) {
-    console.log(`| ${r.workers} | ${r.threadsPerWorker === 0 ? 'library default' : r.threadsPerWorker} | ${r.oneStreamTokensPerSecond} | ${r.concurrentStreams} | ${r.tokensPerSecond} |`);
+    console.log(
+      `| ${r.workers} | ${r.threadsPerWorker === 0 ? 'library default' : r.threadsPerWorker} | ${r.oneStreamTokensPerSecond} | ${r.concurrentStreams} | ${r.tokensPerSecond} |`,
+    );
   }
-  console.log('\nlocal provider (1 worker) next to node-llama-cpp run directly in one process (same GGUF, threads, context, sequences); target >= 90% of direct');
+  console.log(
+    '\nlocal provider (1 worker) next to node-llama-cpp run directly in one process (same GGUF, threads, context, sequences); target >= 90% of direct',
+  );
   console.log('| threads | direct, 1 stream tokens/s | through chatwire | % of direct | direct, concurrent tokens/s | through chatwire | % of direct |');
   console.log('| --- | --- | --- | --- | --- | --- | --- |');
   for (const d of l.direct) {

@@ -59,7 +59,8 @@ export function lockOrFail(dataPath: string): DataDirLock {
 export function databaseUrlOf(flag: string | undefined): string | undefined {
   const url = flag ?? process.env.CHATWIRE_DATABASE_URL;
   if (url === undefined || url === '') return undefined;
-  if (!/^postgres(ql)?:\/\//.test(url)) fail(`${flag !== undefined ? '--database-url' : 'CHATWIRE_DATABASE_URL'} must be a postgres:// URL, got ${JSON.stringify(url)}`);
+  if (!/^postgres(ql)?:\/\//.test(url))
+    fail(`${flag !== undefined ? '--database-url' : 'CHATWIRE_DATABASE_URL'} must be a postgres:// URL, got ${JSON.stringify(url)}`);
   return url;
 }
 

@@ -53,7 +53,9 @@ function runVictim(base: string): { acks: { at: number; ms: number }[]; stop(): 
 
 /** The victim's ack latencies (ms) over the next `ms`, measured in a child process running this script with --victim-of. */
 function victim(base: string, ms: number): Promise<number[]> {
-  const child = spawn(process.execPath, [fileURLToPath(import.meta.url), '--victim-of', base, '--victim-ms', String(ms)], { stdio: ['ignore', 'pipe', 'inherit'] });
+  const child = spawn(process.execPath, [fileURLToPath(import.meta.url), '--victim-of', base, '--victim-ms', String(ms)], {
+    stdio: ['ignore', 'pipe', 'inherit'],
+  });
   let out = '';
   child.stdout.on('data', (c: Buffer) => (out += c.toString()));
   return new Promise((resolve, reject) => {
@@ -103,7 +105,10 @@ async function phase(name: string, base: string, pid: number, connections: numbe
   const from = performance.now();
   const cpu0 = cpuSeconds(pid);
   const until = from + SECONDS * 1000;
-  const [latencies] = await Promise.all([victim(base, SECONDS * 1000), ...Array.from({ length: connections }, () => floodConnection(url, frame, until, counts))]);
+  const [latencies] = await Promise.all([
+    victim(base, SECONDS * 1000),
+    ...Array.from({ length: connections }, () => floodConnection(url, frame, until, counts)),
+  ]);
   const cpu = ((cpuSeconds(pid) - cpu0) / ((performance.now() - from) / 1000)) * 100;
   const acks = summarize(latencies.sort((a, b) => a - b));
   // Let the server settle (and the flood penalty run out) before the next phase.
@@ -119,7 +124,12 @@ if (args['victim-of'] !== '') {
   process.exit(0);
 }
 
-const server = await startChatwire({ CHATWIRE_DEV_TOKEN_DELAY_MS: '15', CHATWIRE_MESSAGES_PER_SECOND: '50', CHATWIRE_CHATS_PER_MINUTE: '100000', CHATWIRE_MAX_CONNECTIONS_PER_USER: '16' });
+const server = await startChatwire({
+  CHATWIRE_DEV_TOKEN_DELAY_MS: '15',
+  CHATWIRE_MESSAGES_PER_SECOND: '50',
+  CHATWIRE_CHATS_PER_MINUTE: '100000',
+  CHATWIRE_MAX_CONNECTIONS_PER_USER: '16',
+});
 const base = `http://127.0.0.1:${server.port}`;
 const pid = server.child.pid as number;
 try {
@@ -138,9 +148,21 @@ try {
   const rows = [['baseline (victim alone)', baseline.p50.toFixed(2), baseline.p99.toFixed(2), '1.00', baselineCpu.toFixed(0), '-', '-']];
   for (const p of phases) {
     const a = p.acks as ReturnType<typeof summarize>;
-    rows.push([p.name as string, a.p50.toFixed(2), a.p99.toFixed(2), (a.p50 / baseline.p50).toFixed(2), (p.cpuPercent as number).toFixed(0), String(p.framesSent), String(p.connectionsEnded)]);
+    rows.push([
+      p.name as string,
+      a.p50.toFixed(2),
+      a.p99.toFixed(2),
+      (a.p50 / baseline.p50).toFixed(2),
+      (p.cpuPercent as number).toFixed(0),
+      String(p.framesSent),
+      String(p.connectionsEnded),
+    ]);
   }
-  printTable(`one user flooding for ${SECONDS} s per phase; the victim chats every 100 ms`, ['phase', 'victim ack p50 (ms)', 'p99 (ms)', 'p50 / baseline', 'server CPU (% of a core)', 'frames sent', 'connections ended'], rows);
+  printTable(
+    `one user flooding for ${SECONDS} s per phase; the victim chats every 100 ms`,
+    ['phase', 'victim ack p50 (ms)', 'p99 (ms)', 'p50 / baseline', 'server CPU (% of a core)', 'frames sent', 'connections ended'],
+    rows,
+  );
   console.log(
     JSON.stringify({
       bench: 'flood-frames',
@@ -148,7 +170,15 @@ try {
       baseline: { ackP50Ms: +baseline.p50.toFixed(2), ackP99Ms: +baseline.p99.toFixed(2), cpuPercent: Math.round(baselineCpu) },
       phases: phases.map((p) => {
         const a = p.acks as ReturnType<typeof summarize>;
-        return { name: p.name, ackP50Ms: +a.p50.toFixed(2), ackP99Ms: +a.p99.toFixed(2), p50Ratio: +(a.p50 / baseline.p50).toFixed(2), cpuPercent: Math.round(p.cpuPercent as number), framesSent: p.framesSent, connectionsEnded: p.connectionsEnded };
+        return {
+          name: p.name,
+          ackP50Ms: +a.p50.toFixed(2),
+          ackP99Ms: +a.p99.toFixed(2),
+          p50Ratio: +(a.p50 / baseline.p50).toFixed(2),
+          cpuPercent: Math.round(p.cpuPercent as number),
+          framesSent: p.framesSent,
+          connectionsEnded: p.connectionsEnded,
+        };
       }),
     }),
   );

@@ -37,10 +37,13 @@ async function chatter(port: number, user: string, everyMs: number) {
     sent++;
     unanswered++;
     const at = performance.now();
-    client.chat.send(`${user} says ${sent}`, { params: { maxTokens: 4 } }).then(
-      () => acks.push(performance.now() - at),
-      () => (errors += 1),
-    ).finally(() => (unanswered -= 1));
+    client.chat
+      .send(`${user} says ${sent}`, { params: { maxTokens: 4 } })
+      .then(
+        () => acks.push(performance.now() - at),
+        () => (errors += 1),
+      )
+      .finally(() => (unanswered -= 1));
   }, everyMs);
   return {
     /** Acks since the last call, and what was sent and refused so far. */
@@ -111,13 +114,34 @@ async function handshakes(): Promise<void> {
 
   const handshakesSent = [...statuses.values()].reduce((a, b) => a + b, 0);
   const ack = summarize(acks);
-  printTable(`one client without credentials looping polling handshakes on ${args.connections} keep-alive connections for ${seconds} s`, ['RSS before MiB', 'RSS peak MiB', 'RSS after MiB', 'growth MiB', 'handshakes', 'answers'], [
-    [before, peak, after, peak - before, handshakesSent, JSON.stringify(Object.fromEntries(statuses))],
-  ]);
-  printTable('the logged-in user, one chat every 200 ms', ['chats sent', 'acked', 'refused', 'unanswered', 'ack p50 ms', 'ack p99 ms', 'shutdown ms', 'exit code'], [
-    [chats.sent, acks.length, chats.errors, chats.unanswered, ack.p50, ack.p99, shutdownMs, String(code)],
-  ]);
-  console.log(JSON.stringify({ mode, seconds, connections: Number(args.connections), rssBeforeMiB: before, rssPeakMiB: peak, rssAfterMiB: after, handshakes: handshakesSent, statuses: Object.fromEntries(statuses), chatsSent: chats.sent, acked: acks.length, ackP50Ms: ack.p50, ackP99Ms: ack.p99, shutdownMs, exitCode: code }));
+  printTable(
+    `one client without credentials looping polling handshakes on ${args.connections} keep-alive connections for ${seconds} s`,
+    ['RSS before MiB', 'RSS peak MiB', 'RSS after MiB', 'growth MiB', 'handshakes', 'answers'],
+    [[before, peak, after, peak - before, handshakesSent, JSON.stringify(Object.fromEntries(statuses))]],
+  );
+  printTable(
+    'the logged-in user, one chat every 200 ms',
+    ['chats sent', 'acked', 'refused', 'unanswered', 'ack p50 ms', 'ack p99 ms', 'shutdown ms', 'exit code'],
+    [[chats.sent, acks.length, chats.errors, chats.unanswered, ack.p50, ack.p99, shutdownMs, String(code)]],
+  );
+  console.log(
+    JSON.stringify({
+      mode,
+      seconds,
+      connections: Number(args.connections),
+      rssBeforeMiB: before,
+      rssPeakMiB: peak,
+      rssAfterMiB: after,
+      handshakes: handshakesSent,
+      statuses: Object.fromEntries(statuses),
+      chatsSent: chats.sent,
+      acked: acks.length,
+      ackP50Ms: ack.p50,
+      ackP99Ms: ack.p99,
+      shutdownMs,
+      exitCode: code,
+    }),
+  );
 }
 
 async function streams(): Promise<void> {
@@ -125,7 +149,11 @@ async function streams(): Promise<void> {
   // The per-user connection cap at its default; a task that streams for the whole run.
   const server = await startChatwire({ CHATWIRE_MAX_CONNECTIONS_PER_USER: '16', CHATWIRE_DEV_TOKEN_DELAY_MS: '15' });
   const base = `http://127.0.0.1:${server.port}`;
-  const started = await fetch(`${base}/v1/chat?user=streamer`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ text: 'stream me', params: { maxTokens: 4000 }, cache: 'bypass' }) });
+  const started = await fetch(`${base}/v1/chat?user=streamer`, {
+    method: 'POST',
+    headers: { 'content-type': 'application/json' },
+    body: JSON.stringify({ text: 'stream me', params: { maxTokens: 4000 }, cache: 'bypass' }),
+  });
   if (started.status !== 202) throw new Error(`the streamed chat was refused: ${started.status} ${await started.text()}`);
   const { taskId } = (await started.json()) as { taskId: string };
   const other = await chatter(server.port, 'other', 100);
@@ -153,7 +181,10 @@ async function streams(): Promise<void> {
         maxHeld = Math.max(maxHeld, held);
         aborts.push(abort);
         // Read the stream (every delta of the task is written to it) until the run ends.
-        void res.body?.pipeTo(new WritableStream()).catch(() => {}).finally(() => (held -= 1));
+        void res.body
+          ?.pipeTo(new WritableStream())
+          .catch(() => {})
+          .finally(() => (held -= 1));
       } else await res.arrayBuffer();
     }
   };
@@ -164,13 +195,33 @@ async function streams(): Promise<void> {
   other.close();
   await server.stop();
 
-  printTable(`one user asking for ${issued} SSE streams of its running task (${args.concurrency} at a time), another user chatting every 100 ms (${seconds} s per phase)`, ['phase', 'acks', 'ack p50 ms', 'ack p99 ms'], [
-    ['alone', alone.n, alone.p50, alone.p99],
-    ['beside the streams', beside.n, beside.p50, beside.p99],
-    ['p50 beside / alone', '', (beside.p50 / alone.p50).toFixed(2) + 'x', 'target <= 3x'],
-  ]);
-  printTable('the streaming user', ['stream requests', 'answers', 'held at most', 'cap'], [[issued, JSON.stringify(Object.fromEntries(statuses)), maxHeld, 16]]);
-  console.log(JSON.stringify({ mode, seconds, requests: issued, statuses: Object.fromEntries(statuses), maxHeld, cap: 16, aloneP50Ms: alone.p50, besideP50Ms: beside.p50, ratio: beside.p50 / alone.p50 }));
+  printTable(
+    `one user asking for ${issued} SSE streams of its running task (${args.concurrency} at a time), another user chatting every 100 ms (${seconds} s per phase)`,
+    ['phase', 'acks', 'ack p50 ms', 'ack p99 ms'],
+    [
+      ['alone', alone.n, alone.p50, alone.p99],
+      ['beside the streams', beside.n, beside.p50, beside.p99],
+      ['p50 beside / alone', '', (beside.p50 / alone.p50).toFixed(2) + 'x', 'target <= 3x'],
+    ],
+  );
+  printTable(
+    'the streaming user',
+    ['stream requests', 'answers', 'held at most', 'cap'],
+    [[issued, JSON.stringify(Object.fromEntries(statuses)), maxHeld, 16]],
+  );
+  console.log(
+    JSON.stringify({
+      mode,
+      seconds,
+      requests: issued,
+      statuses: Object.fromEntries(statuses),
+      maxHeld,
+      cap: 16,
+      aloneP50Ms: alone.p50,
+      besideP50Ms: beside.p50,
+      ratio: beside.p50 / alone.p50,
+    }),
+  );
 }
 
 await (mode === 'streams' ? streams() : handshakes());

@@ -131,7 +131,11 @@ const serverExamples: { [K in ServerMessage['type']]: Extract<ServerMessage, { t
     timings: { queueMs: 0.4, firstTokenMs: 16.2, totalMs: 498.7 },
   },
   'chat.error': { type: 'chat.error', taskId: TASK, code: 'upstream_timeout', message: 'the upstream sent no token within 30000 ms', retryable: true },
-  task: { type: 'task', id: 'q4', task: { taskId: TASK, conversationId: CONV, status: 'running', seq: 12, text: 'A licensed plumber can', createdAt: '2026-01-05T09:30:00.000Z' } },
+  task: {
+    type: 'task',
+    id: 'q4',
+    task: { taskId: TASK, conversationId: CONV, status: 'running', seq: 12, text: 'A licensed plumber can', createdAt: '2026-01-05T09:30:00.000Z' },
+  },
   'conversation.history': {
     type: 'conversation.history',
     id: 'q5',
@@ -235,9 +239,21 @@ const errorExamples: Record<ErrorCode, ErrorExample> = {
     message: 'the node running this task stopped answering',
     ws: 'chat.error',
   },
-  upstream_error: { trigger: 'the OpenAI-compatible upstream answered HTTP 500 before the first token', message: 'the upstream answered HTTP 500', ws: 'chat.error' },
-  upstream_timeout: { trigger: 'the upstream sent no token within the first-token timeout', message: 'the upstream sent no token within 30000 ms', ws: 'chat.error' },
-  worker_failed: { trigger: 'the worker thread running the task crashed; the pool replaces it', message: 'the worker running this task died (out of memory)', ws: 'chat.error' },
+  upstream_error: {
+    trigger: 'the OpenAI-compatible upstream answered HTTP 500 before the first token',
+    message: 'the upstream answered HTTP 500',
+    ws: 'chat.error',
+  },
+  upstream_timeout: {
+    trigger: 'the upstream sent no token within the first-token timeout',
+    message: 'the upstream sent no token within 30000 ms',
+    ws: 'chat.error',
+  },
+  worker_failed: {
+    trigger: 'the worker thread running the task crashed; the pool replaces it',
+    message: 'the worker running this task died (out of memory)',
+    ws: 'chat.error',
+  },
   internal: { trigger: 'anything unexpected; the server logs the cause, the message never holds a stack trace', message: 'internal error', ws: 'error' },
 };
 
@@ -363,7 +379,8 @@ function httpErrorBody(code: ErrorCode): Json {
 function wsErrorFrame(code: ErrorCode): Json | null {
   const ex = errorExamples[code];
   if (ex.ws === 'upgrade') return null;
-  if (ex.ws === 'chat.error') return ChatErrorSchema.parse({ type: 'chat.error', taskId: TASK, code, message: ex.message, retryable: errorCatalogue[code].retryable }) as Json;
+  if (ex.ws === 'chat.error')
+    return ChatErrorSchema.parse({ type: 'chat.error', taskId: TASK, code, message: ex.message, retryable: errorCatalogue[code].retryable }) as Json;
   const frame: Json = { type: 'error', id: 'q1', code, message: ex.message };
   if (ex.retryAfterMs !== undefined) frame.retryAfterMs = ex.retryAfterMs;
   if (ex.details !== undefined) frame.details = ex.details;
@@ -371,7 +388,11 @@ function wsErrorFrame(code: ErrorCode): Json | null {
 }
 
 function errorsSection(): string {
-  const table = ['| code | when | HTTP |', '|---|---|---|', ...errorCodes.map((code) => `| \`${code}\` | ${cell(errorCatalogue[code].when)} | ${errorCatalogue[code].status} |`)];
+  const table = [
+    '| code | when | HTTP |',
+    '|---|---|---|',
+    ...errorCodes.map((code) => `| \`${code}\` | ${cell(errorCatalogue[code].when)} | ${errorCatalogue[code].status} |`),
+  ];
   const examples = errorCodes.map((code) => {
     const { status, retryable } = errorCatalogue[code];
     const frame = wsErrorFrame(code);
@@ -493,9 +514,18 @@ function readPackageVersion(root: string): string {
 export function buildOpenApi(version: string): Json {
   const conditional = { ETag: { $ref: '#/components/headers/ETag' }, 'Cache-Control': { $ref: '#/components/headers/Cache-Control' } };
   const notModified = { '304': { description: 'Not Modified: the `If-None-Match` ETag still matches' } };
-  const idParam = (name: string, description: string) => ({ name, in: 'path', required: true, description, schema: { type: 'string', minLength: 1, maxLength: 128 } });
+  const idParam = (name: string, description: string) => ({
+    name,
+    in: 'path',
+    required: true,
+    description,
+    schema: { type: 'string', minLength: 1, maxLength: 128 },
+  });
   const history = serverExamples['conversation.history'];
-  const plain = (description: string, type: string, example?: string): Json => ({ description, content: { [type]: example === undefined ? { schema: { type: 'string' } } : { schema: { type: 'string' }, example } } });
+  const plain = (description: string, type: string, example?: string): Json => ({
+    description,
+    content: { [type]: example === undefined ? { schema: { type: 'string' } } : { schema: { type: 'string' }, example } },
+  });
   return {
     openapi: '3.1.0',
     info: {
@@ -547,8 +577,20 @@ export function buildOpenApi(version: string): Json {
           summary: 'Server-Sent Events: `delta` (with `id:` = seq), then one `done` or `error`; `Last-Event-ID` resumes after that seq',
           parameters: [
             idParam('taskId', 'from the ack'),
-            { name: 'Last-Event-ID', in: 'header', required: false, description: 'the seq of the last delta seen: the stream resumes after it', schema: { type: 'string', pattern: '^[0-9]+$' } },
-            { name: 'lastEventId', in: 'query', required: false, description: 'the same, for clients that cannot set the header', schema: { type: 'string', pattern: '^[0-9]+$' } },
+            {
+              name: 'Last-Event-ID',
+              in: 'header',
+              required: false,
+              description: 'the seq of the last delta seen: the stream resumes after it',
+              schema: { type: 'string', pattern: '^[0-9]+$' },
+            },
+            {
+              name: 'lastEventId',
+              in: 'query',
+              required: false,
+              description: 'the same, for clients that cannot set the header',
+              schema: { type: 'string', pattern: '^[0-9]+$' },
+            },
           ],
           responses: {
             '200': {
@@ -625,7 +667,12 @@ export function buildOpenApi(version: string): Json {
           operationId: 'health',
           summary: 'Liveness: 200 while the process runs',
           security: [],
-          responses: { '200': { description: 'alive', content: { 'application/json': { schema: { type: 'object', properties: { status: { const: 'ok' } } }, example: { status: 'ok' } } } } },
+          responses: {
+            '200': {
+              description: 'alive',
+              content: { 'application/json': { schema: { type: 'object', properties: { status: { const: 'ok' } } }, example: { status: 'ok' } } },
+            },
+          },
         },
       },
       '/readyz': {
@@ -636,7 +683,10 @@ export function buildOpenApi(version: string): Json {
           security: [],
           responses: {
             '200': { description: 'ready', content: { 'application/json': { example: { status: 'ready' } } } },
-            '503': { description: 'not ready', content: { 'application/json': { example: { status: 'not ready', failures: { workers: 'the pool is closed' } } } } },
+            '503': {
+              description: 'not ready',
+              content: { 'application/json': { example: { status: 'not ready', failures: { workers: 'the pool is closed' } } } },
+            },
           },
         },
       },
@@ -650,7 +700,13 @@ export function buildOpenApi(version: string): Json {
         },
       },
       '/': {
-        get: { tags: ['browser'], operationId: 'chatPage', summary: 'The browser chat page', security: [], responses: { '200': plain('the page (ETag revalidated)', 'text/html; charset=utf-8'), ...notModified } },
+        get: {
+          tags: ['browser'],
+          operationId: 'chatPage',
+          summary: 'The browser chat page',
+          security: [],
+          responses: { '200': plain('the page (ETag revalidated)', 'text/html; charset=utf-8'), ...notModified },
+        },
       },
       '/client.js': {
         get: {
@@ -667,7 +723,10 @@ export function buildOpenApi(version: string): Json {
           operationId: 'openApi',
           summary: 'This OpenAPI 3.1 description of the HTTP routes',
           security: [],
-          responses: { '200': { description: 'OpenAPI 3.1 (ETag revalidated)', content: { 'application/json': { schema: { type: 'object' } } } }, ...notModified },
+          responses: {
+            '200': { description: 'OpenAPI 3.1 (ETag revalidated)', content: { 'application/json': { schema: { type: 'object' } } } },
+            ...notModified,
+          },
         },
       },
     },
@@ -675,18 +734,34 @@ export function buildOpenApi(version: string): Json {
       schemas: componentSchemas(),
       responses: responseComponents(),
       headers: {
-        RateLimit: { description: 'IETF draft RateLimit field: per bucket (`messages`, `chats`, `tokens`) the units available now `r`, and `t`: the seconds within which no more than `r` can be used (until the next unit drips in; on a 429 from `messages` or `chats`, `Retry-After`; a chat needs `r` of `tokens` at least its maxTokens)', schema: { type: 'string' }, example: '"messages";r=49;t=1, "chats";r=59;t=1, "tokens";r=20000;t=1' },
+        RateLimit: {
+          description:
+            'IETF draft RateLimit field: per bucket (`messages`, `chats`, `tokens`) the units available now `r`, and `t`: the seconds within which no more than `r` can be used (until the next unit drips in; on a 429 from `messages` or `chats`, `Retry-After`; a chat needs `r` of `tokens` at least its maxTokens)',
+          schema: { type: 'string' },
+          example: '"messages";r=49;t=1, "chats";r=59;t=1, "tokens";r=20000;t=1',
+        },
         'RateLimit-Policy': {
           description: 'IETF draft RateLimit-Policy field: per bucket the quota `q` and window `w` in seconds',
           schema: { type: 'string' },
           example: '"messages";q=50;w=1, "chats";q=60;w=60, "tokens";q=20000;w=60;chatwire-unit="model-tokens"',
         },
-        'Retry-After': { description: 'seconds until the same call can succeed (retryAfterMs rounded up, at least 1)', schema: { type: 'integer', minimum: 1 } },
+        'Retry-After': {
+          description: 'seconds until the same call can succeed (retryAfterMs rounded up, at least 1)',
+          schema: { type: 'integer', minimum: 1 },
+        },
         ETag: { description: 'strong validator of the body; send it back as If-None-Match for a 304', schema: { type: 'string' } },
-        'Cache-Control': { description: '`private, no-cache` for live reads, `private, max-age=300` for a finished task, `private, max-age=5, must-revalidate` for listings', schema: { type: 'string' } },
+        'Cache-Control': {
+          description: '`private, no-cache` for live reads, `private, max-age=300` for a finished task, `private, max-age=5, must-revalidate` for listings',
+          schema: { type: 'string' },
+        },
       },
       securitySchemes: {
-        bearerAuth: { type: 'http', scheme: 'bearer', bearerFormat: 'JWT', description: 'HS256 JWT with `sub`, `role` (`consumer`, `provider`, `staff`), `exp`; required when CHATWIRE_JWT_SECRET is set' },
+        bearerAuth: {
+          type: 'http',
+          scheme: 'bearer',
+          bearerFormat: 'JWT',
+          description: 'HS256 JWT with `sub`, `role` (`consumer`, `provider`, `staff`), `exp`; required when CHATWIRE_JWT_SECRET is set',
+        },
         tokenQuery: { type: 'apiKey', in: 'query', name: 'token', description: 'the same JWT as a query parameter' },
         openModeUser: { type: 'apiKey', in: 'query', name: 'user', description: 'open mode only (no CHATWIRE_JWT_SECRET): the trusted user id' },
       },

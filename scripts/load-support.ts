@@ -43,7 +43,11 @@ export async function startLoadServer(options: { seedRequests: number; env: Reco
     const db = new Database(dbFile);
     try {
       migrate(db);
-      seedMarketplace(db, { requests: options.seedRequests, consumers: Math.max(1, Math.ceil(options.seedRequests / 10)), providers: Math.max(1, Math.ceil(options.seedRequests / 50)) });
+      seedMarketplace(db, {
+        requests: options.seedRequests,
+        consumers: Math.max(1, Math.ceil(options.seedRequests / 10)),
+        providers: Math.max(1, Math.ceil(options.seedRequests / 50)),
+      });
       db.raw.pragma('wal_checkpoint(TRUNCATE)');
     } finally {
       db.close();
@@ -316,7 +320,8 @@ export class LoadClient {
     const id = `c${this.n++}`;
     const frame: Record<string, unknown> = { type: 'chat.send', id, text: plan.text, cache: plan.cache };
     if (plan.maxTokens !== undefined) frame.params = { maxTokens: plan.maxTokens };
-    if (plan.continueConversation && this.conversations.length > 0) frame.conversationId = this.conversations[Math.floor(this.random() * this.conversations.length)];
+    if (plan.continueConversation && this.conversations.length > 0)
+      frame.conversationId = this.conversations[Math.floor(this.random() * this.conversations.length)];
     this.pendingChats.set(id, { sentAt: performance.now(), plan });
     this.stats.chatsSent++;
     this.conn.send(frame);
@@ -467,7 +472,15 @@ export class LoadClient {
           return;
         }
         this.tasks.delete(taskId);
-        stats.ledger.end(taskId, { type: f.type, messageId: f.messageId, finishReason: f.finishReason, code: f.code, cached: f.cached, text: t.text, complete: t.complete });
+        stats.ledger.end(taskId, {
+          type: f.type,
+          messageId: f.messageId,
+          finishReason: f.finishReason,
+          code: f.code,
+          cached: f.cached,
+          text: t.text,
+          complete: t.complete,
+        });
         if (f.type === 'chat.done') {
           stats.chatsDone++;
           if (f.finishReason === 'cancelled') stats.chatsCancelled++;
@@ -635,7 +648,11 @@ export async function scrapeServer(port: number, pid?: number): Promise<ServerSa
 }
 
 /** Scrapes /metrics every `everyMs` into `samples`, until stop(). */
-export function sampleServer(port: number, everyMs: number, pid?: number): { samples: ServerSample[]; latest(): ServerSample | undefined; stop(): Promise<void> } {
+export function sampleServer(
+  port: number,
+  everyMs: number,
+  pid?: number,
+): { samples: ServerSample[]; latest(): ServerSample | undefined; stop(): Promise<void> } {
   const samples: ServerSample[] = [];
   let stopped = false;
   let inFlight: Promise<void> = Promise.resolve();

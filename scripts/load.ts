@@ -126,7 +126,9 @@ const progress = (line: string) => (tty ? process.stderr.write(`\r${line.padEnd(
 let server: LoadServer | null = null;
 let port: number;
 if (EXTERNAL_PORT === null) {
-  log(`load: seeding ${SEED_REQUESTS} marketplace requests and starting chatwire (${args.workers} workers, ${args['tasks-per-worker']} tasks each, token delay ${args['token-delay-ms']} ms)`);
+  log(
+    `load: seeding ${SEED_REQUESTS} marketplace requests and starting chatwire (${args.workers} workers, ${args['tasks-per-worker']} tasks each, token delay ${args['token-delay-ms']} ms)`,
+  );
   server = await startLoadServer({
     seedRequests: SEED_REQUESTS,
     env: {
@@ -171,9 +173,13 @@ const idleSio = await openClients(idleSioCount, (i) => LoadClient.open(base, `id
 });
 const afterIdle = await settleSample();
 if (tty) process.stderr.write('\n');
-const active = await openClients(ACTIVE, (i) => LoadClient.open(base, consumers[i % consumers.length] as string, usesSocketIo(i) ? 'socket.io' : 'ws', stats, random), {
-  onProgress: (n) => progress(`load: opened ${n}/${ACTIVE} active connections`),
-});
+const active = await openClients(
+  ACTIVE,
+  (i) => LoadClient.open(base, consumers[i % consumers.length] as string, usesSocketIo(i) ? 'socket.io' : 'ws', stats, random),
+  {
+    onProgress: (n) => progress(`load: opened ${n}/${ACTIVE} active connections`),
+  },
+);
 const afterActive = await settleSample();
 log(
   `load: ${idleWsCount} idle /ws + ${idleSioCount} idle socket.io + ${ACTIVE} active connections open; server RSS ${(afterActive.rssBytes / MiB).toFixed(1)} MiB`,
@@ -197,7 +203,12 @@ function issueChat(): void {
   }
   const r = random();
   if (r < CACHE_HITS) {
-    c.chat({ text: `popular question number ${Math.floor(random() * 20)}: who can fix a leaking tap tomorrow?`, cache: 'use', cancel: random() < CANCEL, dropAndResume: random() < RECONNECT });
+    c.chat({
+      text: `popular question number ${Math.floor(random() * 20)}: who can fix a leaking tap tomorrow?`,
+      cache: 'use',
+      cancel: random() < CANCEL,
+      dropAndResume: random() < RECONNECT,
+    });
   } else {
     c.chat({
       text: `${c.user} asks about job ${stats.chatsSent} (${random().toString(36).slice(2, 10)})`,
@@ -209,7 +220,10 @@ function issueChat(): void {
   }
 }
 
-const stopLoad = openLoop({ chatsPerSecond: CHATS_PER_SECOND, lookupsPerSecond: LOOKUPS_PER_SECOND }, { chat: issueChat, lookup: () => lookupClient()?.lookup() });
+const stopLoad = openLoop(
+  { chatsPerSecond: CHATS_PER_SECOND, lookupsPerSecond: LOOKUPS_PER_SECOND },
+  { chat: issueChat, lookup: () => lookupClient()?.lookup() },
+);
 
 const started = performance.now();
 const measureFrom = started + WARMUP * 1000;
@@ -323,7 +337,10 @@ const lookup = summarize(stats.lookup.between(measureFrom, measureTo));
 const measured = sampler.samples.filter((s) => s.at >= measureFrom && s.at <= measureTo);
 const peakRss = Math.max(...sampler.samples.map((s) => s.rssBytes));
 // Each scrape covers the time since the one before; a window in which no timer fired repeats the previous figures.
-const eldP99s = measured.map((s) => s.eldP99Ms).filter((v) => Number.isFinite(v)).sort((a, b) => a - b);
+const eldP99s = measured
+  .map((s) => s.eldP99Ms)
+  .filter((v) => Number.isFinite(v))
+  .sort((a, b) => a - b);
 const eldMax = Math.max(0, ...measured.map((s) => s.eldMaxMs));
 const perIdleWs = idleWsCount > 0 ? (afterIdleWs.rssBytes - baseline.rssBytes) / idleWsCount : NaN;
 const perIdleSio = idleSioCount > 0 ? (afterIdle.rssBytes - afterIdleWs.rssBytes) / idleSioCount : NaN;
@@ -340,7 +357,10 @@ printTable(
     `${CHATS_PER_SECOND} chats/s and ${LOOKUPS_PER_SECOND} lookups/s offered; ${seconds}s measured after ${WARMUP}s warm-up; loopback`,
   ['figure', 'value'],
   [
-    ['chats/s sent / acked / ended', `${((atEnd.sent - w.sent) / seconds).toFixed(0)} / ${((atEnd.acked - w.acked) / seconds).toFixed(0)} / ${((atEnd.done - w.done) / seconds).toFixed(0)}`],
+    [
+      'chats/s sent / acked / ended',
+      `${((atEnd.sent - w.sent) / seconds).toFixed(0)} / ${((atEnd.acked - w.acked) / seconds).toFixed(0)} / ${((atEnd.done - w.done) / seconds).toFixed(0)}`,
+    ],
     ['chats not sent (every active client at --max-in-flight)', String(atEnd.skipped - w.skipped)],
     ['delta frames/s', ((atEnd.deltas - w.deltas) / seconds).toFixed(0)],
     ['lookups/s', ((atEnd.lookups - w.lookups) / seconds).toFixed(0)],
@@ -352,21 +372,34 @@ printTable(
     ['drops + reconnects / tasks resumed', `${stats.reconnects} / ${stats.resumes}`],
     ['errors by code', errorList || 'none'],
     ['delta seq gaps / double ends / unfinished after settle', `${stats.ledger.seqGaps} / ${stats.ledger.duplicateEnds} / ${unfinished}`],
-    ['sockets closed by the server', `${dropped}${Object.keys(stats.dropCodes).length ? ` (${JSON.stringify(stats.dropCodes)})` : ''}; slow readers closed (server count): ${slowClosed}`],
-    ['server RSS MiB: before / idle open / all open / end / peak', [baseline, afterIdle, afterActive, endSample].map((s) => (s.rssBytes / MiB).toFixed(0)).join(' / ') + ` / ${(peakRss / MiB).toFixed(0)}`],
+    [
+      'sockets closed by the server',
+      `${dropped}${Object.keys(stats.dropCodes).length ? ` (${JSON.stringify(stats.dropCodes)})` : ''}; slow readers closed (server count): ${slowClosed}`,
+    ],
+    [
+      'server RSS MiB: before / idle open / all open / end / peak',
+      [baseline, afterIdle, afterActive, endSample].map((s) => (s.rssBytes / MiB).toFixed(0)).join(' / ') + ` / ${(peakRss / MiB).toFixed(0)}`,
+    ],
     ['server heap used MiB at end', (endSample.heapUsedBytes / MiB).toFixed(0)],
     ['server RSS per idle connection: /ws / socket.io', `${kib(perIdleWs)} / ${kib(perIdleSio)}`],
     ['server RSS per connection (all, before any chat)', kib(perConnection)],
     ['server RSS per stopped reader', kib(perDead)],
     [
       'ack ms p50 / p99 once the stopped readers had stopped (+5 s to the end)',
-      deadSettledAt === undefined ? '-' : ((a) => `${a.p50.toFixed(2)} / ${a.p99.toFixed(2)} (n=${a.n})`)(summarize(stats.ack.between(deadSettledAt, measureTo))),
+      deadSettledAt === undefined
+        ? '-'
+        : ((a) => `${a.p50.toFixed(2)} / ${a.p99.toFixed(2)} (n=${a.n})`)(summarize(stats.ack.between(deadSettledAt, measureTo))),
     ],
     [
       'server RSS MiB with stopped readers: before / +5 s / end of run',
-      deadOpened && deadHung ? `${(deadOpened.rssBytes / MiB).toFixed(0)} / ${(deadHung.rssBytes / MiB).toFixed(0)} / ${(endSample.rssBytes / MiB).toFixed(0)}` : '-',
+      deadOpened && deadHung
+        ? `${(deadOpened.rssBytes / MiB).toFixed(0)} / ${(deadHung.rssBytes / MiB).toFixed(0)} / ${(endSample.rssBytes / MiB).toFixed(0)}`
+        : '-',
     ],
-    ['server event-loop delay ms: median of 1 s p99s / worst p99 / max', `${(eldP99s[Math.floor(eldP99s.length / 2)] ?? NaN).toFixed(1)} / ${(eldP99s.at(-1) ?? NaN).toFixed(1)} / ${eldMax.toFixed(1)}`],
+    [
+      'server event-loop delay ms: median of 1 s p99s / worst p99 / max',
+      `${(eldP99s[Math.floor(eldP99s.length / 2)] ?? NaN).toFixed(1)} / ${(eldP99s.at(-1) ?? NaN).toFixed(1)} / ${eldMax.toFixed(1)}`,
+    ],
     [
       'load generator event-loop delay ms: median / worst of 1 s p99s (client-side latencies include it)',
       ((l) => `${(l[Math.floor(l.length / 2)] ?? NaN).toFixed(1)} / ${(l.at(-1) ?? NaN).toFixed(1)}`)([...generatorLagP99s].sort((a, b) => a - b)),
@@ -386,7 +419,11 @@ console.log(
     offered: { chatsPerSecond: CHATS_PER_SECOND, lookupsPerSecond: LOOKUPS_PER_SECOND },
     seconds,
     warmup: WARMUP,
-    chatsPerSecond: { sent: +((atEnd.sent - w.sent) / seconds).toFixed(1), acked: +((atEnd.acked - w.acked) / seconds).toFixed(1), ended: +((atEnd.done - w.done) / seconds).toFixed(1) },
+    chatsPerSecond: {
+      sent: +((atEnd.sent - w.sent) / seconds).toFixed(1),
+      acked: +((atEnd.acked - w.acked) / seconds).toFixed(1),
+      ended: +((atEnd.done - w.done) / seconds).toFixed(1),
+    },
     skipped: atEnd.skipped - w.skipped,
     deltasPerSecond: Math.round((atEnd.deltas - w.deltas) / seconds),
     lookupsPerSecond: Math.round((atEnd.lookups - w.lookups) / seconds),
@@ -416,10 +453,24 @@ console.log(
     bytesPerConnection: Math.round(perConnection),
     bytesPerStoppedReader: Math.round(perDead),
     ackMsAfterStoppedReadersSettled: deadSettledAt === undefined ? null : summarize(stats.ack.between(deadSettledAt, measureTo)),
-    stoppedReadersRssMiB: deadOpened && deadHung ? { before: +(deadOpened.rssBytes / MiB).toFixed(1), after5s: +(deadHung.rssBytes / MiB).toFixed(1), end: +(endSample.rssBytes / MiB).toFixed(1) } : null,
-    generatorEventLoopDelayMs: ((l) => ({ medianP99: l[Math.floor(l.length / 2)] ?? null, worstP99: l.at(-1) ?? null }))([...generatorLagP99s].sort((a, b) => a - b)),
+    stoppedReadersRssMiB:
+      deadOpened && deadHung
+        ? { before: +(deadOpened.rssBytes / MiB).toFixed(1), after5s: +(deadHung.rssBytes / MiB).toFixed(1), end: +(endSample.rssBytes / MiB).toFixed(1) }
+        : null,
+    generatorEventLoopDelayMs: ((l) => ({ medianP99: l[Math.floor(l.length / 2)] ?? null, worstP99: l.at(-1) ?? null }))(
+      [...generatorLagP99s].sort((a, b) => a - b),
+    ),
     eventLoopDelayMs: { medianP99: eldP99s[Math.floor(eldP99s.length / 2)] ?? null, worstP99: eldP99s.at(-1) ?? null, max: eldMax },
-    verified: verification === null ? null : { acked: verification.acked, replies: verification.replies, lost, integrity: verification.integrity, corruptConversations: verification.corruptConversations.length },
+    verified:
+      verification === null
+        ? null
+        : {
+            acked: verification.acked,
+            replies: verification.replies,
+            lost,
+            integrity: verification.integrity,
+            corruptConversations: verification.corruptConversations.length,
+          },
     serverExitCode: exitCode,
   }),
 );

@@ -78,7 +78,11 @@ const db = new Database(file);
 try {
   if (values.status) {
     const files = migrationStatus(db); // creates schema_migrations when missing
-    printStatus(file, files, db.raw.prepare('SELECT version, name, checksum FROM schema_migrations').all() as { version: number; name: string; checksum: string }[]);
+    printStatus(
+      file,
+      files,
+      db.raw.prepare('SELECT version, name, checksum FROM schema_migrations').all() as { version: number; name: string; checksum: string }[],
+    );
   } else {
     const applied = migrate(db);
     process.stdout.write(applied.length === 0 ? `database ${file} is up to date\n` : `database ${file}: applied ${applied.join(', ')}\n`);

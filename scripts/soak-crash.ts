@@ -29,11 +29,25 @@ const random = createRandom(Number(args.seed)).next;
 const dataDir = fs.mkdtempSync(path.join(os.tmpdir(), 'chatwire-soak-crash-'));
 const started = Date.now();
 const deadline = MINUTES > 0 ? started + MINUTES * 60_000 : Infinity;
-const totals = { rounds: 0, acked: 0, ended: 0, interrupted: 0, replies: 0, lostAcked: 0, lostReplies: 0, corruptConversations: 0, integrityFailures: 0, cacheRebuilt: 0, problemRounds: 0 };
+const totals = {
+  rounds: 0,
+  acked: 0,
+  ended: 0,
+  interrupted: 0,
+  replies: 0,
+  lostAcked: 0,
+  lostReplies: 0,
+  corruptConversations: 0,
+  integrityFailures: 0,
+  cacheRebuilt: 0,
+  problemRounds: 0,
+};
 const refused: Record<string, number> = {};
 const problems: string[] = [];
 
-console.error(`soak:crash: data dir ${dataDir}; ${MINUTES > 0 ? `${MINUTES} min` : `${ROUNDS} rounds`}, ${CLIENTS} clients, kill after ${MIN_MS}..${MAX_MS} ms, seed ${args.seed}`);
+console.error(
+  `soak:crash: data dir ${dataDir}; ${MINUTES > 0 ? `${MINUTES} min` : `${ROUNDS} rounds`}, ${CLIENTS} clients, kill after ${MIN_MS}..${MAX_MS} ms, seed ${args.seed}`,
+);
 for (let round = 0; MINUTES > 0 ? Date.now() < deadline : round < ROUNDS; round++) {
   const killAfterMs = MIN_MS + Math.floor(random() * (MAX_MS - MIN_MS + 1));
   const r = await crashRound({ dataDir, killAfterMs, clients: CLIENTS, random });
@@ -63,7 +77,20 @@ const minutes = (Date.now() - started) / 60_000;
 
 printTable(
   `soak:crash — ${totals.rounds} SIGKILL rounds on one data dir in ${minutes.toFixed(1)} min (${CLIENTS} clients, 1/3 socket.io)`,
-  ['rounds', 'acked', 'ended before kill', 'interrupted', 'replies checked', 'lost acked', 'lost replies', 'corrupt convs', 'integrity fails', 'cache rebuilt', 'refused', 'problem rounds'],
+  [
+    'rounds',
+    'acked',
+    'ended before kill',
+    'interrupted',
+    'replies checked',
+    'lost acked',
+    'lost replies',
+    'corrupt convs',
+    'integrity fails',
+    'cache rebuilt',
+    'refused',
+    'problem rounds',
+  ],
   [
     [
       totals.rounds,
@@ -76,13 +103,25 @@ printTable(
       totals.corruptConversations,
       totals.integrityFailures,
       totals.cacheRebuilt,
-      Object.entries(refused).map(([k, v]) => `${k}:${v}`).join(' ') || 'none',
+      Object.entries(refused)
+        .map(([k, v]) => `${k}:${v}`)
+        .join(' ') || 'none',
       totals.problemRounds,
     ].map(String),
   ],
 );
 for (const p of problems.slice(0, 20)) console.log(`problem: ${p}`);
-console.log(JSON.stringify({ bench: 'soak-crash', seed: Number(args.seed), minutes: +minutes.toFixed(2), clients: CLIENTS, ...totals, refused, problems: problems.slice(0, 50) }));
+console.log(
+  JSON.stringify({
+    bench: 'soak-crash',
+    seed: Number(args.seed),
+    minutes: +minutes.toFixed(2),
+    clients: CLIENTS,
+    ...totals,
+    refused,
+    problems: problems.slice(0, 50),
+  }),
+);
 if (args.keep !== 'true') fs.rmSync(dataDir, { recursive: true, force: true });
 else console.error(`data dir kept: ${dataDir}`);
 process.exit(problems.length === 0 ? 0 : 1);

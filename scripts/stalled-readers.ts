@@ -42,7 +42,13 @@ function tcpOf(ws: WebSocket): Socket {
  * A raw `ws` socket, not chatwire's client: the point is a reader that stops reading its TCP socket mid-stream,
  * which a well-behaved client never does.
  */
-function stallOver(url: string, ready: (frame: string) => boolean, start: (ws: WebSocket) => void, stop: (frame: string) => boolean, options: WebSocket.ClientOptions = {}): Promise<WebSocket> {
+function stallOver(
+  url: string,
+  ready: (frame: string) => boolean,
+  start: (ws: WebSocket) => void,
+  stop: (frame: string) => boolean,
+  options: WebSocket.ClientOptions = {},
+): Promise<WebSocket> {
   const ws = new WebSocket(url, options);
   return new Promise((resolve, reject) => {
     let started = false;
@@ -65,7 +71,9 @@ async function stalledWs(base: string, i: number): Promise<() => void> {
   const ws = await stallOver(
     `${base.replace(/^http/, 'ws')}/ws?user=stalled-${i}`,
     (f) => f.includes('"hello"'),
-    (socket) => chats(i).forEach((m) => socket.send(JSON.stringify(m))),
+    (socket) => {
+      for (const m of chats(i)) socket.send(JSON.stringify(m));
+    },
     (f) => f.includes('"chat.ack"'),
   );
   return () => ws.terminate();
@@ -77,7 +85,7 @@ async function stalledSocketIO(base: string, i: number): Promise<() => void> {
     (f) => f.startsWith('0{'),
     (socket) => {
       socket.send(`40${JSON.stringify({ user: `stalled-${i}` })}`);
-      chats(i).forEach(({ type, ...payload }, k) => socket.send(`42${k}${JSON.stringify([type, payload])}`));
+      for (const [k, { type, ...payload }] of chats(i).entries()) socket.send(`42${k}${JSON.stringify([type, payload])}`);
     },
     (f) => f.startsWith('43'),
     { perMessageDeflate: COMPRESSION },
@@ -97,7 +105,11 @@ async function stalledPolling(base: string, i: number): Promise<() => void> {
     const text = await (await fetch(at)).text();
     if (text.includes('40{')) break;
   }
-  await post(chats(i).map(({ type, ...payload }, k) => `42${k}${JSON.stringify([type, payload])}`).join('\x1e'));
+  await post(
+    chats(i)
+      .map(({ type, ...payload }, k) => `42${k}${JSON.stringify([type, payload])}`)
+      .join('\x1e'),
+  );
   await (await fetch(at)).text();
   return () => {};
 }
@@ -115,7 +127,10 @@ async function normalClient(base: string, untilMs: number): Promise<{ acks: numb
     client.chat.send(`a normal question ${id}`, { params: { maxTokens: 32 }, cache: 'bypass' }).then(
       (stream) => {
         acks.push(performance.now() - sentAt);
-        stream.result.then(() => done++, () => {});
+        stream.result.then(
+          () => done++,
+          () => {},
+        );
       },
       () => {},
     );
@@ -151,17 +166,24 @@ try {
   const bufferedBytes = Number(/^chatwire_buffered_bytes (\S+)$/m.exec(await (await fetch(`${base}/metrics`)).text())?.[1] ?? NaN);
   const growth = peak.rssBytes - before.rssBytes;
   const ack = summarize(reads.acks.slice().sort((a, b) => a - b));
-  printTable(`${CLIENTS} ${READING ? 'reading clients' : 'stalled readers'} over ${TRANSPORT}${COMPRESSION ? ' (permessage-deflate)' : ''}, ${SECONDS} s`, ['figure', 'value'], [
-    ['server RSS before (MiB)', (before.rssBytes / MiB).toFixed(1)],
-    ['server RSS peak (MiB)', (peak.rssBytes / MiB).toFixed(1)],
-    ['growth (MiB)', (growth / MiB).toFixed(1)],
-    ['growth per stalled client (KiB)', (growth / CLIENTS / 1024).toFixed(0)],
-    ['at the peak: V8 heap used / total / external (MiB)', `${(peak.heapUsedBytes / MiB).toFixed(1)} / ${(peak.heapTotalBytes / MiB).toFixed(1)} / ${(peak.externalBytes / MiB).toFixed(1)}`],
-    ['buffered for slow readers at the end (KiB)', (bufferedBytes / 1024).toFixed(0)],
-    ['sockets closed as slow readers', after.slowClientsClosed],
-    ['normal client: chats sent / done', `${reads.sent} / ${reads.done}`],
-    ['normal client: ack p50 / p99 (ms)', `${ack.p50.toFixed(1)} / ${ack.p99.toFixed(1)}`],
-  ]);
+  printTable(
+    `${CLIENTS} ${READING ? 'reading clients' : 'stalled readers'} over ${TRANSPORT}${COMPRESSION ? ' (permessage-deflate)' : ''}, ${SECONDS} s`,
+    ['figure', 'value'],
+    [
+      ['server RSS before (MiB)', (before.rssBytes / MiB).toFixed(1)],
+      ['server RSS peak (MiB)', (peak.rssBytes / MiB).toFixed(1)],
+      ['growth (MiB)', (growth / MiB).toFixed(1)],
+      ['growth per stalled client (KiB)', (growth / CLIENTS / 1024).toFixed(0)],
+      [
+        'at the peak: V8 heap used / total / external (MiB)',
+        `${(peak.heapUsedBytes / MiB).toFixed(1)} / ${(peak.heapTotalBytes / MiB).toFixed(1)} / ${(peak.externalBytes / MiB).toFixed(1)}`,
+      ],
+      ['buffered for slow readers at the end (KiB)', (bufferedBytes / 1024).toFixed(0)],
+      ['sockets closed as slow readers', after.slowClientsClosed],
+      ['normal client: chats sent / done', `${reads.sent} / ${reads.done}`],
+      ['normal client: ack p50 / p99 (ms)', `${ack.p50.toFixed(1)} / ${ack.p99.toFixed(1)}`],
+    ],
+  );
   console.log(
     JSON.stringify({
       bench: 'stalled-readers',

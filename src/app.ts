@@ -114,7 +114,22 @@ export async function createApp(config: Config, options: AppOptions): Promise<Ap
       maxRunningPerUser: config.maxRunningPerUser,
     });
     const { admission, buffers } = openConnectionGuards(config, log, closers);
-    const deps = transportDeps({ config, metrics, log, auth: options.auth ?? auth, chat, marketplace, limits, egress, admission, buffers, storage, cache, pool: models.pool, providerName: models.providerName });
+    const deps = transportDeps({
+      config,
+      metrics,
+      log,
+      auth: options.auth ?? auth,
+      chat,
+      marketplace,
+      limits,
+      egress,
+      admission,
+      buffers,
+      storage,
+      cache,
+      pool: models.pool,
+      providerName: models.providerName,
+    });
     const server = await (options.serve ?? ((d: TransportDeps) => startHttpServer(d, config.host, config.port)))(deps);
     return appHandle(server, metrics, chat, closers);
   } catch (err) {
@@ -232,7 +247,12 @@ function openCache(config: Config, metrics: Metrics, log: Logger, closers: Close
  * The model pool for the configured provider (or the host's custom one), its name, and the fingerprint of the
  * backend that goes into every cache key: a reply is never served for another upstream or model file.
  */
-async function openModels(config: Config, options: AppOptions, metrics: Metrics, closers: Closers): Promise<{ pool: ModelPool; providerName: string; backend: string }> {
+async function openModels(
+  config: Config,
+  options: AppOptions,
+  metrics: Metrics,
+  closers: Closers,
+): Promise<{ pool: ModelPool; providerName: string; backend: string }> {
   const custom = options.provider;
   const providerName = custom === undefined ? config.llm : choiceName(custom);
   let localModel: { identity: string } | undefined;

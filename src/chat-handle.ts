@@ -8,7 +8,18 @@ import { z } from 'zod';
 import type { Identity } from './auth/identity.js';
 import { OpenUserIdSchema } from './auth/claims.js';
 import type { ChatService } from './chat/chat-service.js';
-import { AppError, badRequestFromZod, ChatSendBodySchema, RoleSchema, type ChatAck, type ChatDelta, type ChatDone, type ChatError, type ChatSendBody, type TaskInfo } from './protocol/index.js';
+import {
+  AppError,
+  badRequestFromZod,
+  ChatSendBodySchema,
+  RoleSchema,
+  type ChatAck,
+  type ChatDelta,
+  type ChatDone,
+  type ChatError,
+  type ChatSendBody,
+  type TaskInfo,
+} from './protocol/index.js';
 
 /** The user a server-side call acts for (`role` defaults to `consumer`). */
 export interface ChatIdentity {

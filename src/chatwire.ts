@@ -75,8 +75,14 @@ function asPino(logger: ChatwireLogger): Logger {
 function resolveHooks(options: ChatwireOptions): { log: Logger; auth?: Authenticator; provider?: ProviderChoice } {
   const problems: string[] = [];
   const { authenticate, provider, logger } = options;
-  if (authenticate !== undefined && typeof authenticate !== 'function') problems.push('invalid option authenticate: expected a function ({ headers, query }) => { userId, role } | null');
-  if (logger !== undefined && (typeof logger !== 'object' || logger === null || !['error', 'warn', 'info'].every((l) => typeof (logger as unknown as Record<string, unknown>)[l] === 'function'))) {
+  if (authenticate !== undefined && typeof authenticate !== 'function')
+    problems.push('invalid option authenticate: expected a function ({ headers, query }) => { userId, role } | null');
+  if (
+    logger !== undefined &&
+    (typeof logger !== 'object' ||
+      logger === null ||
+      !['error', 'warn', 'info'].every((l) => typeof (logger as unknown as Record<string, unknown>)[l] === 'function'))
+  ) {
     problems.push('invalid option logger: expected a pino-compatible logger (info, warn and error methods at least)');
   }
   const choice = provider === undefined ? undefined : resolveProviderOption(provider);
@@ -96,7 +102,10 @@ function isUwsApp(target: unknown): target is TemplatedApp {
 
 function isNodeServer(target: unknown): target is NodeHttpServer {
   const t = target as Record<string, unknown> | null;
-  return target instanceof NodeHttpServer || (typeof t === 'object' && t !== null && typeof t.on === 'function' && typeof t.listeners === 'function' && typeof t.address === 'function');
+  return (
+    target instanceof NodeHttpServer ||
+    (typeof t === 'object' && t !== null && typeof t.on === 'function' && typeof t.listeners === 'function' && typeof t.address === 'function')
+  );
 }
 
 export function createChatwire(options: ChatwireOptions = {}): Chatwire {

@@ -145,7 +145,9 @@ function checkLifetime(payload: { exp: number; iat?: unknown }, maxTtlSec: numbe
   const lifetimeSec = payload.exp - issuedAt;
   // Not `lifetime > max`: a NaN (exp of 1e309 parses to Infinity, Infinity - Infinity is NaN) must fail too.
   if (!(lifetimeSec <= maxTtlSec + toleranceSec)) {
-    throw unauthorized(`token lifetime too long: exp is more than ${maxTtlSec} s after ${issuedAt === nowSec ? 'now' : 'iat'}; this server accepts tokens valid for at most ${maxTtlSec} s`);
+    throw unauthorized(
+      `token lifetime too long: exp is more than ${maxTtlSec} s after ${issuedAt === nowSec ? 'now' : 'iat'}; this server accepts tokens valid for at most ${maxTtlSec} s`,
+    );
   }
 }
 
@@ -158,7 +160,8 @@ function describeJoseError(err: unknown, maxTtlSec: number | undefined): string 
   if (err instanceof errors.JWTExpired) return 'token expired';
   if (err instanceof errors.JWTClaimValidationFailed) {
     if (err.claim === 'nbf') return 'token not yet valid (nbf is in the future)';
-    if (err.reason === 'missing' && err.claim === 'exp' && maxTtlSec !== undefined) return `token has no exp claim: this server accepts tokens valid for at most ${maxTtlSec} s`;
+    if (err.reason === 'missing' && err.claim === 'exp' && maxTtlSec !== undefined)
+      return `token has no exp claim: this server accepts tokens valid for at most ${maxTtlSec} s`;
     if (err.reason === 'missing') return `token has no ${err.claim} claim`;
     if (err.claim === 'aud') return 'token audience (aud) is not this service';
     if (err.claim === 'iss') return 'token issuer (iss) is not the one this service trusts';

@@ -5,16 +5,7 @@ import { describeStorageError } from '../db/storage-health.js';
 import type { ModelPool, ModelRun, PoolSlot } from '../llm/pool.js';
 import { countTokens, type ModelMessage, type ModelRequest, type ModelResult } from '../llm/provider.js';
 import type { Metrics } from '../metrics/metrics.js';
-import {
-  AppError,
-  toAppError,
-  type CacheMode,
-  type ChatAck,
-  type ChatDone,
-  type ChatSendBody,
-  type HistoryMessage,
-  type TaskInfo,
-} from '../protocol/index.js';
+import { AppError, toAppError, type CacheMode, type ChatAck, type ChatDone, type ChatSendBody, type HistoryMessage, type TaskInfo } from '../protocol/index.js';
 import { Flight, type FlightListener, type FlightOutcome } from './flight.js';
 import type { ChatCache, ChatLimits, LimitDecision, TokenReservation } from './ports.js';
 import { createRetention } from './retention.js';
@@ -193,7 +184,10 @@ export function createChatService(options: ChatServiceOptions): ChatService {
     const answered = storedReplyId !== undefined && ending.status === 'done';
     const recorded = answered
       ? store.recordReplay(task.taskId, deltaEnds, timings).catch((err: unknown) => {
-          log.warn({ taskId: task.taskId, userId: task.userId, err }, 'storing the chunk boundaries of a cached reply failed; it is resumable only from memory');
+          log.warn(
+            { taskId: task.taskId, userId: task.userId, err },
+            'storing the chunk boundaries of a cached reply failed; it is resumable only from memory',
+          );
         })
       : undefined;
     const { status, result, error } = ending;
@@ -240,7 +234,8 @@ export function createChatService(options: ChatServiceOptions): ChatService {
     log.error({ taskId: task.taskId, userId: task.userId, err }, 'storing the reply failed');
     metrics.errors.inc({ code: 'internal' });
     const storage = describeStorageError(err);
-    const message = storage === undefined ? 'the reply could not be stored' : `the reply could not be stored (storage unavailable: ${storage}); the question is stored`;
+    const message =
+      storage === undefined ? 'the reply could not be stored' : `the reply could not be stored (storage unavailable: ${storage}); the question is stored`;
     task.end({ type: 'chat.error', taskId: task.taskId, code: 'internal', message, retryable: false }, 'error');
   }
 
@@ -330,7 +325,11 @@ export function createChatService(options: ChatServiceOptions): ChatService {
   }
 
   /** Model tokens (not for a hit), then one chat from the user's bucket; a refusal gives back what the plan holds. */
-  function takeLimits(userId: string, plan: ReplyPlan, request: ModelRequest): { reservation: TokenReservation | null; chat: Extract<LimitDecision, { ok: true }> } {
+  function takeLimits(
+    userId: string,
+    plan: ReplyPlan,
+    request: ModelRequest,
+  ): { reservation: TokenReservation | null; chat: Extract<LimitDecision, { ok: true }> } {
     const releasePlan = () => {
       if (plan.kind === 'run') plan.slot.release();
     };
@@ -357,7 +356,12 @@ export function createChatService(options: ChatServiceOptions): ChatService {
   async function commitChat(chat: Omit<BeginChat, 'knownReply'>, plan: ReplyPlan, undo: () => void): Promise<BeganChat> {
     const knownReply =
       plan.kind === 'cached'
-        ? { text: plan.chunks.join(''), finishReason: plan.result.finishReason, promptTokens: plan.result.usage.promptTokens, completionTokens: plan.result.usage.completionTokens }
+        ? {
+            text: plan.chunks.join(''),
+            finishReason: plan.result.finishReason,
+            promptTokens: plan.result.usage.promptTokens,
+            completionTokens: plan.result.usage.completionTokens,
+          }
         : undefined;
     try {
       return await store.beginChat({ ...chat, knownReply });
@@ -372,7 +376,14 @@ export function createChatService(options: ChatServiceOptions): ChatService {
   }
 
   /** After the commit: a hit replays its stored chunks, a run or a join streams from its flight, a send during shutdown is cancelled. */
-  function startReply(task: Task, plan: ReplyPlan, flight: Flight | null, reservation: TokenReservation | null, promptTokens: number, replyMessageId: string | undefined): void {
+  function startReply(
+    task: Task,
+    plan: ReplyPlan,
+    flight: Flight | null,
+    reservation: TokenReservation | null,
+    promptTokens: number,
+    replyMessageId: string | undefined,
+  ): void {
     if (closing && plan.kind !== 'cached') {
       flight?.letGo();
       finishTask(task, { kind: 'cancelled' }, reservation, promptTokens);
@@ -412,7 +423,8 @@ export function createChatService(options: ChatServiceOptions): ChatService {
       const plan = planReply(caller.userId, key, mode);
       const { reservation, chat } = takeLimits(caller.userId, plan, request);
       // Held from here (still in the tick the plan was made), so the flight is shared and kept alive through the commit.
-      const flight = plan.kind === 'join' ? plan.flight : plan.kind === 'run' ? openFlight(mode === 'bypass' ? null : key, request, plan.slot, mode !== 'bypass') : null;
+      const flight =
+        plan.kind === 'join' ? plan.flight : plan.kind === 'run' ? openFlight(mode === 'bypass' ? null : key, request, plan.slot, mode !== 'bypass') : null;
       flight?.hold();
 
       const taskId = newTaskId();

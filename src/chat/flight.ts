@@ -1,9 +1,7 @@
 import type { ModelResult } from '../llm/provider.js';
 import type { AppError } from '../protocol/index.js';
 
-export type FlightOutcome =
-  | { kind: 'end'; result: ModelResult | null; cancelled: boolean }
-  | { kind: 'error'; error: AppError };
+export type FlightOutcome = { kind: 'end'; result: ModelResult | null; cancelled: boolean } | { kind: 'error'; error: AppError };
 
 export interface FlightListener {
   /** A worker has started the call (told at once to a listener that attaches after). */

@@ -17,9 +17,7 @@ export interface ChatCache {
   put(key: string, reply: CachedReply): void;
 }
 
-export type LimitDecision =
-  | { ok: true; info: RateLimitInfo }
-  | { ok: false; bucket: string; retryAfterMs: number; info: RateLimitInfo };
+export type LimitDecision = { ok: true; info: RateLimitInfo } | { ok: false; bucket: string; retryAfterMs: number; info: RateLimitInfo };
 
 export interface TokenReservation {
   /** Settles with the tokens really used; the rest goes back to the bucket. Idempotent. */

@@ -103,12 +103,15 @@ export function createRetention(options: RetentionOptions): Retention {
   };
   const report = () => options.onBytes?.(bytes);
 
-  const sweep = setInterval(() => {
-    const cutoff = Date.now() - retentionMs;
-    const before = head;
-    while (head < queue.length && ((queue[head] as Task).endedAt ?? 0) <= cutoff) dropOldest();
-    if (head !== before) report();
-  }, Math.min(30_000, retentionMs));
+  const sweep = setInterval(
+    () => {
+      const cutoff = Date.now() - retentionMs;
+      const before = head;
+      while (head < queue.length && ((queue[head] as Task).endedAt ?? 0) <= cutoff) dropOldest();
+      if (head !== before) report();
+    },
+    Math.min(30_000, retentionMs),
+  );
   sweep.unref();
 
   return {
@@ -136,7 +139,14 @@ export function createRetention(options: RetentionOptions): Retention {
       const covers = ends !== undefined && (ends.length === 0 ? stored.text === '' : ends[ends.length - 1] === stored.text.length);
       if (replay === undefined || terminal === undefined || !covers || replay.finishedAt + retentionMs < Date.now()) return stored;
       const status = stored.status as 'done' | 'error' | 'cancelled';
-      const ids = { taskId, userId: stored.userId, conversationId: stored.conversationId, createdAt: stored.createdAt, endedAt: replay.finishedAt, cached: replay.cached };
+      const ids = {
+        taskId,
+        userId: stored.userId,
+        conversationId: stored.conversationId,
+        createdAt: stored.createdAt,
+        endedAt: replay.finishedAt,
+        cached: replay.cached,
+      };
       const task = Task.restored(ids, stored.text, replay.deltaEnds, terminal, status);
       restored.set(taskId, new WeakRef(task));
       collected.register(task, taskId);

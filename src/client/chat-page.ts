@@ -167,7 +167,10 @@ function newThread(conversationId: string | null): Thread {
   const root = el('div', 'thread');
   if (conversationId === null) {
     const hint = el('div', 'hint');
-    hint.append(el('strong', undefined, 'What can I help with?'), 'Replies stream in as the model writes them. Try asking the same thing twice: the second answer comes from the cache.');
+    hint.append(
+      el('strong', undefined, 'What can I help with?'),
+      'Replies stream in as the model writes them. Try asking the same thing twice: the second answer comes from the cache.',
+    );
     root.append(hint);
   }
   return { conversationId, root, loaded: conversationId === null, oldestMessageId: null };
@@ -181,7 +184,10 @@ function renderList(): void {
     button.dataset.conversationId = c.id;
     button.setAttribute('aria-current', String(c.id === current.conversationId));
     button.append(el('span', 'title', c.title), el('span', 'when', when(c.updatedAt)));
-    button.addEventListener('click', guard('Opening the conversation failed', () => showThread(c.id)));
+    button.addEventListener(
+      'click',
+      guard('Opening the conversation failed', () => showThread(c.id)),
+    );
     li.append(button);
     return li;
   });
@@ -241,7 +247,10 @@ async function loadHistory(thread: Thread): Promise<void> {
   if (page.hasMore) {
     const older = el('button', 'secondary older', 'Load earlier messages');
     older.type = 'button';
-    older.addEventListener('click', guard('Loading earlier messages failed', () => loadHistory(thread)));
+    older.addEventListener(
+      'click',
+      guard('Loading earlier messages failed', () => loadHistory(thread)),
+    );
     nodes.unshift(older);
   }
   thread.root.prepend(...nodes);
@@ -333,7 +342,9 @@ client.on(
   }),
 );
 
-client.on('resumed', (streams: ChatStream[]) => notice(`Reconnected: resumed ${streams.length === 1 ? 'the reply' : `${streams.length} replies`} where it left off.`));
+client.on('resumed', (streams: ChatStream[]) =>
+  notice(`Reconnected: resumed ${streams.length === 1 ? 'the reply' : `${streams.length} replies`} where it left off.`),
+);
 
 client.on('error', (err: ChatwireError) => {
   if (err.code === 'bad_frame') showError('The server sent a frame this page could not read, so it was skipped', err);
@@ -388,7 +399,10 @@ async function streamReply(thread: Thread, stream: ChatStream, sentAt: number): 
   const view = assistantMessage(thread);
   view.node.dataset.taskId = stream.taskId;
   view.node.dataset.state = 'waiting';
-  view.meta.replaceChildren(...(stream.ack.status === 'cached' ? [el('span', 'badge cached', '⚡ cached')] : []), el('span', 'ttft', 'waiting for the first token…'));
+  view.meta.replaceChildren(
+    ...(stream.ack.status === 'cached' ? [el('span', 'badge cached', '⚡ cached')] : []),
+    el('span', 'ttft', 'waiting for the first token…'),
+  );
   scrollToEnd(true);
   let ttftMs: number | null = null;
   try {
@@ -509,6 +523,9 @@ ui.stop.addEventListener(
   }),
 );
 ui.rateLimitCancel.addEventListener('click', () => pendingAbort?.abort());
-ui.newChat.addEventListener('click', guard('Starting a new chat failed', () => showThread(null)));
+ui.newChat.addEventListener(
+  'click',
+  guard('Starting a new chat failed', () => showThread(null)),
+);
 
 guard('Starting the page failed', () => showThread(null))();

@@ -66,7 +66,11 @@ export class ChatwireError extends Error {
   /** For `bad_request`: the failing paths. */
   readonly details: ErrorDetail[] | undefined;
 
-  constructor(code: ChatwireErrorCode, message: string, options: { retryable?: boolean; retryAfterMs?: number | undefined; details?: ErrorDetail[] | undefined } = {}) {
+  constructor(
+    code: ChatwireErrorCode,
+    message: string,
+    options: { retryable?: boolean; retryAfterMs?: number | undefined; details?: ErrorDetail[] | undefined } = {},
+  ) {
     super(message);
     this.name = 'ChatwireError';
     this.code = code;
@@ -530,15 +534,22 @@ class Client extends Emitter<ClientEvents> implements ChatwireClient {
     for (const w of this.readyWaiters.splice(0)) w.resolve(hello);
     const streams = [...this.streams.values()];
     for (const s of streams) this.resume(s);
-    if (resumed && streams.length > 0) this.emit('resumed', streams.map((s) => s.stream));
+    if (resumed && streams.length > 0)
+      this.emit(
+        'resumed',
+        streams.map((s) => s.stream),
+      );
     for (const [id, p] of this.pending) if (!p.written) this.write(id, p);
     this.lastFrameAt = Date.now();
     if (this.heartbeatMs > 0) {
-      this.heartbeat = setInterval(() => {
-        const idle = Date.now() - this.lastFrameAt;
-        if (idle >= 2 * this.heartbeatMs) this.abandon('no answer to ping');
-        else if (idle >= this.heartbeatMs) this.enqueue({ type: 'ping' }, { idempotent: false, onReply: () => {}, onError: () => {} });
-      }, Math.max(50, this.heartbeatMs / 2));
+      this.heartbeat = setInterval(
+        () => {
+          const idle = Date.now() - this.lastFrameAt;
+          if (idle >= 2 * this.heartbeatMs) this.abandon('no answer to ping');
+          else if (idle >= this.heartbeatMs) this.enqueue({ type: 'ping' }, { idempotent: false, onReply: () => {}, onError: () => {} });
+        },
+        Math.max(50, this.heartbeatMs / 2),
+      );
       (this.heartbeat as { unref?: () => void }).unref?.();
     }
   }
@@ -591,7 +602,8 @@ class Client extends Emitter<ClientEvents> implements ChatwireClient {
           this.pending.delete(frame.id);
           clearTimeout(p.timer);
           if (frame.type === 'error') p.onError(errorFromFrame(frame));
-          else if (frame.type !== REPLY_TYPE[p.message.type]) p.onError(new ChatwireError('bad_frame', `expected ${REPLY_TYPE[p.message.type]} in reply to ${p.message.type}, got ${frame.type}`));
+          else if (frame.type !== REPLY_TYPE[p.message.type])
+            p.onError(new ChatwireError('bad_frame', `expected ${REPLY_TYPE[p.message.type]} in reply to ${p.message.type}, got ${frame.type}`));
           else p.onReply(frame);
         } else if (frame.type === 'error' && frame.id === undefined) {
           // With an id it answers a call that already gave up (timed out); without one, nobody else will see it.
@@ -720,7 +732,11 @@ class Client extends Emitter<ClientEvents> implements ChatwireClient {
         // Synchronous on purpose: the task's deltas can follow the ack in the same turn of the event loop.
         onReply: (m) => {
           signal?.removeEventListener('abort', onAbort);
-          const stream = new ChatStream(m as ChatAck, (taskId) => this.cancelTask(taskId), (control) => this.streams.set(control.stream.taskId, control));
+          const stream = new ChatStream(
+            m as ChatAck,
+            (taskId) => this.cancelTask(taskId),
+            (control) => this.streams.set(control.stream.taskId, control),
+          );
           if (signal) {
             const cancel = () => void stream.cancel().catch(() => {});
             if (signal.aborted) cancel();

@@ -216,7 +216,10 @@ export function createChatStore(db: Database, hooks: { onCommit?: (seconds: numb
     unrecorded.set(taskId, at);
     scheduleRetry();
   };
-  const insertConversation = db.prepare('chat.insert_conversation', 'INSERT INTO conversations (conversation_id, user_id, created_at, updated_at) VALUES (?, ?, ?, ?)');
+  const insertConversation = db.prepare(
+    'chat.insert_conversation',
+    'INSERT INTO conversations (conversation_id, user_id, created_at, updated_at) VALUES (?, ?, ?, ?)',
+  );
   const touchConversation = db.prepare('chat.touch_conversation', 'UPDATE conversations SET updated_at = ? WHERE conversation_id = ?');
   const selectOwner = db.prepare<{ user_id: string }>('chat.conversation_owner', 'SELECT user_id FROM conversations WHERE conversation_id = ?');
   const insertMessage = db.prepare(
@@ -239,10 +242,7 @@ export function createChatStore(db: Database, hooks: { onCommit?: (seconds: numb
        completion_tokens = ?, cached = ?, finished_at = ?, delta_lengths = ?, queue_ms = ?, first_token_ms = ?, total_ms = ?,
        error_message = ?, failed_text = ? WHERE task_id = ?`,
   );
-  const updateReplay = db.prepare(
-    'chat.record_replay',
-    'UPDATE tasks SET delta_lengths = ?, queue_ms = ?, first_token_ms = ?, total_ms = ? WHERE task_id = ?',
-  );
+  const updateReplay = db.prepare('chat.record_replay', 'UPDATE tasks SET delta_lengths = ?, queue_ms = ?, first_token_ms = ?, total_ms = ? WHERE task_id = ?');
   const selectContext = db.prepare<{ role: 'user' | 'assistant'; text: string }>(
     'chat.context',
     'SELECT role, text FROM messages WHERE conversation_id = ? ORDER BY seq DESC LIMIT ?',
@@ -286,7 +286,18 @@ export function createChatStore(db: Database, hooks: { onCommit?: (seconds: numb
         else touchConversation.run(now, convId);
         insertMessage.run(messageId, convId, 'user', input.text, input.taskId, now);
         if (reply && replyId) {
-          insertAnsweredTask.run(input.taskId, convId, input.userId, messageId, reply.finishReason, replyId, reply.promptTokens, reply.completionTokens, now, now);
+          insertAnsweredTask.run(
+            input.taskId,
+            convId,
+            input.userId,
+            messageId,
+            reply.finishReason,
+            replyId,
+            reply.promptTokens,
+            reply.completionTokens,
+            now,
+            now,
+          );
           insertMessage.run(replyId, convId, 'assistant', reply.text, input.taskId, now);
           return { conversationId: convId, messageId, createdAt: now, replyMessageId: replyId };
         }

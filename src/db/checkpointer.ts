@@ -20,11 +20,7 @@ export interface CheckpointWorkerData {
   intervalMs: number;
 }
 
-export type CheckpointReport =
-  | { t: 'checkpointed'; frames: number }
-  | { t: 'failed'; message: string }
-  | { t: 'recovered' }
-  | { t: 'closed' };
+export type CheckpointReport = { t: 'checkpointed'; frames: number } | { t: 'failed'; message: string } | { t: 'recovered' } | { t: 'closed' };
 
 export interface Checkpointer {
   /** Runs a last checkpoint and stops the thread. */

@@ -10,9 +10,10 @@ export type IdKind = keyof typeof idPrefixes;
 
 const ID_DIGITS = 10;
 const MAX_ID = 10 ** ID_DIGITS - 1;
-const patterns = Object.fromEntries(
-  Object.entries(idPrefixes).map(([kind, prefix]) => [kind, new RegExp(`^${prefix}_(\\d{${ID_DIGITS}})$`)]),
-) as Record<IdKind, RegExp>;
+const patterns = Object.fromEntries(Object.entries(idPrefixes).map(([kind, prefix]) => [kind, new RegExp(`^${prefix}_(\\d{${ID_DIGITS}})$`)])) as Record<
+  IdKind,
+  RegExp
+>;
 
 const heads = Object.fromEntries(Object.entries(idPrefixes).map(([kind, prefix]) => [kind, `${prefix}_`])) as Record<IdKind, string>;
 const ZEROS = '0'.repeat(ID_DIGITS);

@@ -73,14 +73,84 @@ export function createRandom(seed: number): { next(): number; int(n: number): nu
 }
 
 const FIRST_NAMES = [
-  'Ada', 'Ben', 'Chloe', 'Dev', 'Elena', 'Farah', 'George', 'Hana', 'Ivan', 'Jade', 'Kofi', 'Lena', 'Marco', 'Nadia',
-  'Omar', 'Priya', 'Quinn', 'Rosa', 'Sam', 'Tariq', 'Uma', 'Victor', 'Wen', 'Ximena', 'Yusuf', 'Zoe', 'Liam', 'Maya',
-  'Noah', 'Olivia', 'Aisha', 'Mateo', 'Sofia', 'Kenji', 'Ingrid', 'Tomas', 'Leila', 'Oscar', 'Mei', 'Felix',
+  'Ada',
+  'Ben',
+  'Chloe',
+  'Dev',
+  'Elena',
+  'Farah',
+  'George',
+  'Hana',
+  'Ivan',
+  'Jade',
+  'Kofi',
+  'Lena',
+  'Marco',
+  'Nadia',
+  'Omar',
+  'Priya',
+  'Quinn',
+  'Rosa',
+  'Sam',
+  'Tariq',
+  'Uma',
+  'Victor',
+  'Wen',
+  'Ximena',
+  'Yusuf',
+  'Zoe',
+  'Liam',
+  'Maya',
+  'Noah',
+  'Olivia',
+  'Aisha',
+  'Mateo',
+  'Sofia',
+  'Kenji',
+  'Ingrid',
+  'Tomas',
+  'Leila',
+  'Oscar',
+  'Mei',
+  'Felix',
 ];
 const LAST_NAMES = [
-  'Adams', 'Bauer', 'Costa', 'Dubois', 'Evans', 'Fischer', 'Garcia', 'Hughes', 'Ito', 'Jensen', 'Kowalski', 'Lopez',
-  'Murphy', 'Nguyen', 'Okafor', 'Patel', 'Quintero', 'Rossi', 'Schmidt', 'Tanaka', 'Usman', 'Varga', 'Walsh', 'Xu',
-  'Yilmaz', 'Zhang', 'Silva', 'Novak', 'Haddad', 'Moreau', 'Kim', 'Larsen', 'Mendes', 'Brennan', 'Sato', 'Ahmed',
+  'Adams',
+  'Bauer',
+  'Costa',
+  'Dubois',
+  'Evans',
+  'Fischer',
+  'Garcia',
+  'Hughes',
+  'Ito',
+  'Jensen',
+  'Kowalski',
+  'Lopez',
+  'Murphy',
+  'Nguyen',
+  'Okafor',
+  'Patel',
+  'Quintero',
+  'Rossi',
+  'Schmidt',
+  'Tanaka',
+  'Usman',
+  'Varga',
+  'Walsh',
+  'Xu',
+  'Yilmaz',
+  'Zhang',
+  'Silva',
+  'Novak',
+  'Haddad',
+  'Moreau',
+  'Kim',
+  'Larsen',
+  'Mendes',
+  'Brennan',
+  'Sato',
+  'Ahmed',
 ];
 const PROVIDER_SUFFIXES = ['', ' Co.', ' & Sons', ' Ltd', ' Pros', ' Services', ' Group', ' & Daughters'];
 
@@ -96,18 +166,167 @@ interface Category {
 const PLACES = ['kitchen', 'bathroom', 'living room', 'bedroom', 'hallway', 'garage', 'office', 'basement'];
 
 const CATEGORIES: Category[] = [
-  { name: 'plumbing', weight: 16, trade: 'Plumbing', baseCents: 18_000, titles: ['Fix leaking tap in the {place}', 'Unclog {place} drain', 'Replace water heater', 'Install a new toilet', 'Repair burst pipe under the {place} floor', 'Fit a new shower'] },
-  { name: 'electrical', weight: 13, trade: 'Electrical', baseCents: 22_000, titles: ['Install ceiling fan in the {place}', 'Replace fuse box', 'Add sockets in the {place}', 'Fix flickering lights in the {place}', 'Wire outdoor lighting', 'Install EV charger'] },
-  { name: 'cleaning', weight: 15, trade: 'Cleaning', baseCents: 9_000, titles: ['Deep clean the {place}', 'End of tenancy clean', 'Carpet cleaning in the {place}', 'Window cleaning, two floors', 'Weekly home cleaning', 'Oven and {place} clean'] },
-  { name: 'moving', weight: 8, trade: 'Removals', baseCents: 45_000, titles: ['Move a two-bedroom flat across town', 'Move a piano to the {place}', 'Office move, ten desks', 'Single item delivery: sofa', 'Pack and move a studio', 'Clear out the {place} for moving'] },
-  { name: 'painting', weight: 10, trade: 'Painting', baseCents: 30_000, titles: ['Paint the {place} walls', 'Repaint exterior window frames', 'Wallpaper the {place}', 'Paint the fence', 'Ceiling repaint in the {place}', 'Varnish the {place} doors'] },
-  { name: 'gardening', weight: 10, trade: 'Gardens', baseCents: 12_000, titles: ['Mow lawn and trim hedges', 'Plant a vegetable bed', 'Remove an old tree stump', 'Autumn leaf clear-up', 'Lay new turf', 'Build raised flower beds'] },
-  { name: 'carpentry', weight: 7, trade: 'Carpentry', baseCents: 26_000, titles: ['Build shelves in the {place}', 'Hang a new {place} door', 'Repair the deck', 'Fit kitchen cabinets', 'Assemble flat-pack wardrobe', 'Replace skirting boards in the {place}'] },
-  { name: 'roofing', weight: 4, trade: 'Roofing', baseCents: 60_000, titles: ['Fix a roof leak over the {place}', 'Replace missing tiles', 'Clean and repair gutters', 'Re-felt the shed roof', 'Inspect roof after storm', 'Seal the chimney flashing'] },
-  { name: 'hvac', weight: 6, trade: 'Heating & Cooling', baseCents: 35_000, titles: ['Service the boiler', 'Install air conditioning in the {place}', 'Bleed and balance radiators', 'Replace the thermostat', 'Fix a noisy heat pump', 'Install a radiator in the {place}'] },
-  { name: 'appliance-repair', weight: 5, trade: 'Appliance Repair', baseCents: 11_000, titles: ['Washing machine does not drain', 'Fridge not cooling', 'Dishwasher leaks', 'Oven will not heat', 'Dryer makes a loud noise', 'Install a new hob'] },
-  { name: 'pest-control', weight: 3, trade: 'Pest Control', baseCents: 14_000, titles: ['Mice in the {place}', 'Wasp nest under the eaves', 'Ant problem in the {place}', 'Bed bug treatment', 'Pigeon proofing the balcony', 'Moth treatment in the {place}'] },
-  { name: 'handyman', weight: 3, trade: 'Handyman Services', baseCents: 8_000, titles: ['Mount a TV in the {place}', 'Hang pictures and mirrors', 'Fix a sticking {place} door', 'Put up curtain rails', 'Seal around the bath', 'Small repairs around the {place}'] },
+  {
+    name: 'plumbing',
+    weight: 16,
+    trade: 'Plumbing',
+    baseCents: 18_000,
+    titles: [
+      'Fix leaking tap in the {place}',
+      'Unclog {place} drain',
+      'Replace water heater',
+      'Install a new toilet',
+      'Repair burst pipe under the {place} floor',
+      'Fit a new shower',
+    ],
+  },
+  {
+    name: 'electrical',
+    weight: 13,
+    trade: 'Electrical',
+    baseCents: 22_000,
+    titles: [
+      'Install ceiling fan in the {place}',
+      'Replace fuse box',
+      'Add sockets in the {place}',
+      'Fix flickering lights in the {place}',
+      'Wire outdoor lighting',
+      'Install EV charger',
+    ],
+  },
+  {
+    name: 'cleaning',
+    weight: 15,
+    trade: 'Cleaning',
+    baseCents: 9_000,
+    titles: [
+      'Deep clean the {place}',
+      'End of tenancy clean',
+      'Carpet cleaning in the {place}',
+      'Window cleaning, two floors',
+      'Weekly home cleaning',
+      'Oven and {place} clean',
+    ],
+  },
+  {
+    name: 'moving',
+    weight: 8,
+    trade: 'Removals',
+    baseCents: 45_000,
+    titles: [
+      'Move a two-bedroom flat across town',
+      'Move a piano to the {place}',
+      'Office move, ten desks',
+      'Single item delivery: sofa',
+      'Pack and move a studio',
+      'Clear out the {place} for moving',
+    ],
+  },
+  {
+    name: 'painting',
+    weight: 10,
+    trade: 'Painting',
+    baseCents: 30_000,
+    titles: [
+      'Paint the {place} walls',
+      'Repaint exterior window frames',
+      'Wallpaper the {place}',
+      'Paint the fence',
+      'Ceiling repaint in the {place}',
+      'Varnish the {place} doors',
+    ],
+  },
+  {
+    name: 'gardening',
+    weight: 10,
+    trade: 'Gardens',
+    baseCents: 12_000,
+    titles: [
+      'Mow lawn and trim hedges',
+      'Plant a vegetable bed',
+      'Remove an old tree stump',
+      'Autumn leaf clear-up',
+      'Lay new turf',
+      'Build raised flower beds',
+    ],
+  },
+  {
+    name: 'carpentry',
+    weight: 7,
+    trade: 'Carpentry',
+    baseCents: 26_000,
+    titles: [
+      'Build shelves in the {place}',
+      'Hang a new {place} door',
+      'Repair the deck',
+      'Fit kitchen cabinets',
+      'Assemble flat-pack wardrobe',
+      'Replace skirting boards in the {place}',
+    ],
+  },
+  {
+    name: 'roofing',
+    weight: 4,
+    trade: 'Roofing',
+    baseCents: 60_000,
+    titles: [
+      'Fix a roof leak over the {place}',
+      'Replace missing tiles',
+      'Clean and repair gutters',
+      'Re-felt the shed roof',
+      'Inspect roof after storm',
+      'Seal the chimney flashing',
+    ],
+  },
+  {
+    name: 'hvac',
+    weight: 6,
+    trade: 'Heating & Cooling',
+    baseCents: 35_000,
+    titles: [
+      'Service the boiler',
+      'Install air conditioning in the {place}',
+      'Bleed and balance radiators',
+      'Replace the thermostat',
+      'Fix a noisy heat pump',
+      'Install a radiator in the {place}',
+    ],
+  },
+  {
+    name: 'appliance-repair',
+    weight: 5,
+    trade: 'Appliance Repair',
+    baseCents: 11_000,
+    titles: ['Washing machine does not drain', 'Fridge not cooling', 'Dishwasher leaks', 'Oven will not heat', 'Dryer makes a loud noise', 'Install a new hob'],
+  },
+  {
+    name: 'pest-control',
+    weight: 3,
+    trade: 'Pest Control',
+    baseCents: 14_000,
+    titles: [
+      'Mice in the {place}',
+      'Wasp nest under the eaves',
+      'Ant problem in the {place}',
+      'Bed bug treatment',
+      'Pigeon proofing the balcony',
+      'Moth treatment in the {place}',
+    ],
+  },
+  {
+    name: 'handyman',
+    weight: 3,
+    trade: 'Handyman Services',
+    baseCents: 8_000,
+    titles: [
+      'Mount a TV in the {place}',
+      'Hang pictures and mirrors',
+      'Fix a sticking {place} door',
+      'Put up curtain rails',
+      'Seal around the bath',
+      'Small repairs around the {place}',
+    ],
+  },
 ];
 export const SEED_CATEGORIES: readonly string[] = CATEGORIES.map((c) => c.name);
 
@@ -200,7 +419,10 @@ export interface SeedBatch {
 
 /** One SQLite insert per batch of the generated data set. */
 function load(db: Database, options: SeedOptions): SeedResult {
-  const insert = Object.fromEntries(Object.keys(SEED_COLUMNS).map((table) => [table, bulkInsert(db, table as SeedTable)])) as Record<SeedTable, (rows: unknown[][]) => void>;
+  const insert = Object.fromEntries(Object.keys(SEED_COLUMNS).map((table) => [table, bulkInsert(db, table as SeedTable)])) as Record<
+    SeedTable,
+    (rows: unknown[][]) => void
+  >;
   const batches = generateMarketplace(options);
   for (let next = batches.next(); ; next = batches.next()) {
     if (next.done) return next.value;
@@ -237,8 +459,14 @@ export function* generateMarketplace(options: SeedOptions): Generator<SeedBatch,
     yield { table: 'providers', rows };
   }
 
-  const pickCategory = weightedPicker(CATEGORIES.map((_, i) => i), (i) => CATEGORIES[i]!.weight);
-  const pickQuoteCount = weightedPicker(QUOTE_COUNT_WEIGHTS.map((_, i) => i), (i) => QUOTE_COUNT_WEIGHTS[i] as number);
+  const pickCategory = weightedPicker(
+    CATEGORIES.map((_, i) => i),
+    (i) => CATEGORIES[i]!.weight,
+  );
+  const pickQuoteCount = weightedPicker(
+    QUOTE_COUNT_WEIGHTS.map((_, i) => i),
+    (i) => QUOTE_COUNT_WEIGHTS[i] as number,
+  );
   // u^2 and u^1.5: a few heavy consumers and busy providers, a long tail of light ones.
   const pickConsumer = (): number => 1 + Math.floor(options.consumers * rnd.next() ** 2);
   const anyProvider = (): number => 1 + Math.floor(options.providers * rnd.next() ** 1.5);
@@ -283,8 +511,7 @@ export function* generateMarketplace(options: SeedOptions): Generator<SeedBatch,
           const day = earliestDay + rnd.int(21);
           const scheduledAt = day * DAY_MS + (8 * 60 + rnd.int(20) * 30) * 60_000; // 08:00-17:30, half-hour slots
           const u = rnd.next();
-          const status: BookingStatus =
-            scheduledAt < endMs ? (u < 0.9 ? 'completed' : 'cancelled') : u < 0.4 ? 'pending' : u < 0.9 ? 'confirmed' : 'cancelled';
+          const status: BookingStatus = scheduledAt < endMs ? (u < 0.9 ? 'completed' : 'cancelled') : u < 0.4 ? 'pending' : u < 0.9 ? 'confirmed' : 'cancelled';
           bookings.push({ providerId: chosen.providerId, status, scheduledAt, priceCents: chosen.priceCents });
           // Half of the cancelled bookings are rebooked with another quoting provider, later.
           if (status !== 'cancelled' || rnd.next() < 0.5) break;

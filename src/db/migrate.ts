@@ -36,7 +36,10 @@ export interface MigrationStatus {
 const FILE_RE = /^(\d{3,})_([a-z0-9_-]+)\.sql$/;
 
 export function readMigrations(dir: string): MigrationFile[] {
-  const files = fs.readdirSync(dir).filter((f) => f.endsWith('.sql')).sort();
+  const files = fs
+    .readdirSync(dir)
+    .filter((f) => f.endsWith('.sql'))
+    .sort();
   const seen = new Set<number>();
   return files.map((file) => {
     const m = FILE_RE.exec(file);

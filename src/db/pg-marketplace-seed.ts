@@ -1,4 +1,12 @@
-import { checkSeedOptions, generateMarketplace, SEED_COLUMNS, SeedTargetNotEmptyError, type SeedOptions, type SeedResult, type SeedTable } from './marketplace-seed.js';
+import {
+  checkSeedOptions,
+  generateMarketplace,
+  SEED_COLUMNS,
+  SeedTargetNotEmptyError,
+  type SeedOptions,
+  type SeedResult,
+  type SeedTable,
+} from './marketplace-seed.js';
 import type { Pg, PgTx } from './pg.js';
 
 /** The marketplace tables, and the PostgreSQL type of every column a seed gives (the arrays unnest binds). */

@@ -1,11 +1,5 @@
 import { formatId, isoTime } from './marketplace-ids.js';
-import {
-  MAX_IN_LIST,
-  type ConsumerRequestRow,
-  type KeysetPosition,
-  type MarketplaceStore,
-  type RequestBookingRow,
-} from './marketplace-store.js';
+import { MAX_IN_LIST, type ConsumerRequestRow, type KeysetPosition, type MarketplaceStore, type RequestBookingRow } from './marketplace-store.js';
 import type { Pg } from './pg.js';
 
 /**
@@ -36,7 +30,8 @@ type BookingColumns = [bookingId: number, status: string, scheduledAt: number, p
 const BOOKING_COLUMNS = 'b.booking_id, b.status, b.scheduled_at, b.price_cents';
 const bookingJsonHead = ([bookingId, status, scheduledAt, priceCents]: BookingColumns): string =>
   `{"bookingId":"${formatId('booking', bookingId)}","status":${quoted(status)},"scheduledAt":"${isoTime(scheduledAt)}","priceCents":${priceCents}`;
-const providerJson = (providerId: number, name: string, rating: number): string => `{"providerId":"${formatId('provider', providerId)}","name":${quoted(name)},"rating":${rating}}`;
+const providerJson = (providerId: number, name: string, rating: number): string =>
+  `{"providerId":"${formatId('provider', providerId)}","name":${quoted(name)},"rating":${rating}}`;
 
 /**
  * The page size is written into a page statement's text, not bound: with
@@ -56,7 +51,11 @@ const pageTakeFor = (take: number): number => {
 /** requests.list: one statement per filter combination (and page take), each answered by its own covering index. Parameters: [category], [status], sort key, id. */
 export function pgRequestsPageSql(filter: { status: boolean; category: boolean }, take: number): string {
   let n = 0;
-  const where = [filter.category ? `r.category = $${++n}` : null, filter.status ? `r.status = $${++n}` : null, `(r.created_at, r.request_id) < ($${++n}::bigint, $${++n}::bigint)`]
+  const where = [
+    filter.category ? `r.category = $${++n}` : null,
+    filter.status ? `r.status = $${++n}` : null,
+    `(r.created_at, r.request_id) < ($${++n}::bigint, $${++n}::bigint)`,
+  ]
     .filter((w) => w !== null)
     .join(' AND ');
   return `SELECT ${REQUEST_COLUMNS}, c.name, (SELECT count(*) FROM quotes q WHERE q.request_id = r.request_id)
@@ -75,7 +74,9 @@ WHERE r.consumer_id = $1::bigint AND (r.created_at, r.request_id) < ($2::bigint,
 ORDER BY r.created_at DESC, r.request_id DESC
 LIMIT ${take}`;
 
-export const pgConsumerBookingsPageSql = (take: number): string => `SELECT ${BOOKING_COLUMNS}, b.request_id, r.title, r.category, b.provider_id, p.name, p.rating
+export const pgConsumerBookingsPageSql = (
+  take: number,
+): string => `SELECT ${BOOKING_COLUMNS}, b.request_id, r.title, r.category, b.provider_id, p.name, p.rating
 FROM bookings b
   JOIN requests r ON r.request_id = b.request_id
   JOIN providers p ON p.provider_id = b.provider_id
@@ -159,7 +160,13 @@ export function createPgMarketplaceStore(sql: Pg, options: PgMarketplaceStoreOpt
       if (filter.category !== undefined) params.push(filter.category);
       if (filter.status !== undefined) params.push(filter.status);
       const shape = { status: filter.status !== undefined, category: filter.category !== undefined };
-      const rows = await page<ListedRequestColumns>('requests.page', `requests/${shape.status}/${shape.category}`, (t) => pgRequestsPageSql(shape, t), [...params, ...position(after)], take);
+      const rows = await page<ListedRequestColumns>(
+        'requests.page',
+        `requests/${shape.status}/${shape.category}`,
+        (t) => pgRequestsPageSql(shape, t),
+        [...params, ...position(after)],
+        take,
+      );
       return rows.map(listedRequestJson);
     },
     async consumerRequestsPage(consumerId, after, take) {
@@ -167,7 +174,13 @@ export function createPgMarketplaceStore(sql: Pg, options: PgMarketplaceStoreOpt
       return rows.map((row): ConsumerRequestRow => [row[0], `${requestJsonHead(row)}}`]);
     },
     async consumerBookingsPage(consumerId, after, take) {
-      const rows = await page<ConsumerBookingColumns>('consumer_bookings.page', 'consumer_bookings', pgConsumerBookingsPageSql, [consumerId, ...position(after)], take);
+      const rows = await page<ConsumerBookingColumns>(
+        'consumer_bookings.page',
+        'consumer_bookings',
+        pgConsumerBookingsPageSql,
+        [consumerId, ...position(after)],
+        take,
+      );
       return rows.map(consumerBookingJson);
     },
     bookingsOfRequests: async (ids) => (await relation<RequestBookingColumns>('bookings.by_request', ids)).map(requestBookingRow),

@@ -101,10 +101,18 @@ export async function migratePg(sql: Pg, dir = defaultPgMigrationsDir()): Promis
  * the database recorded (to flag an edited or vanished file the way a start
  * would refuse it). No schema_migrations table yet: everything is pending.
  */
-export async function pgMigrationStatus(sql: Pg, dir = defaultPgMigrationsDir()): Promise<{ files: MigrationStatus[]; recorded: { version: number; name: string; checksum: string }[] }> {
+export async function pgMigrationStatus(
+  sql: Pg,
+  dir = defaultPgMigrationsDir(),
+): Promise<{ files: MigrationStatus[]; recorded: { version: number; name: string; checksum: string }[] }> {
   const [{ exists }] = await sql<[{ exists: boolean }]>`SELECT to_regclass('schema_migrations') IS NOT NULL AS exists`;
   const recorded = exists ? await appliedRows(sql) : [];
   const applied = new Map(recorded.map((r) => [r.version, r]));
-  const files = readMigrations(dir).map((m) => ({ version: m.version, name: m.name, checksum: m.checksum, appliedAt: applied.get(m.version)?.applied_at ?? null }));
+  const files = readMigrations(dir).map((m) => ({
+    version: m.version,
+    name: m.name,
+    checksum: m.checksum,
+    appliedAt: applied.get(m.version)?.applied_at ?? null,
+  }));
   return { files, recorded };
 }

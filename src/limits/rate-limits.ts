@@ -32,9 +32,7 @@ export interface Reservation {
 
 export type ReserveResult = { ok: true; reservation: Reservation; info: RateLimitInfo } | Denied;
 
-export type ConnectionDecision =
-  | { ok: true; open: number; limit: number }
-  | { ok: false; open: number; limit: number; reason: string; retryAfterMs?: number };
+export type ConnectionDecision = { ok: true; open: number; limit: number } | { ok: false; open: number; limit: number; reason: string; retryAfterMs?: number };
 
 export interface RateLimitHeaders {
   'RateLimit-Policy': string;

@@ -29,9 +29,7 @@ export interface LimitField {
 }
 
 export function rateLimitPolicyField(policies: readonly PolicyField[]): string {
-  return policies
-    .map((p) => `"${p.name}";q=${p.quota};w=${p.windowSec}${p.unit === undefined ? '' : `;chatwire-unit="${p.unit}"`}`)
-    .join(', ');
+  return policies.map((p) => `"${p.name}";q=${p.quota};w=${p.windowSec}${p.unit === undefined ? '' : `;chatwire-unit="${p.unit}"`}`).join(', ');
 }
 
 export function rateLimitField(limits: readonly LimitField[]): string {

@@ -13,10 +13,7 @@ import type { ProviderSettings } from './provider.js';
  * - `local`: the model file's identity (validateLocalModel) and the context
  *   size, which cuts long prompts and replies.
  */
-export function backendFingerprint(
-  settings: Pick<ProviderSettings, 'llm' | 'openaiBaseUrl' | 'localContextSize'>,
-  localModel?: { identity: string },
-): string {
+export function backendFingerprint(settings: Pick<ProviderSettings, 'llm' | 'openaiBaseUrl' | 'localContextSize'>, localModel?: { identity: string }): string {
   switch (settings.llm) {
     case 'dev':
       return '';

@@ -94,7 +94,9 @@ export function isCustomProvider(value: unknown): value is CustomProvider {
 
 function iteratorOf(source: AsyncIterator<string, ModelResultOrNothing> | AsyncIterable<string>): AsyncIterator<string, ModelResultOrNothing> {
   const iterable = source as AsyncIterable<string>;
-  return typeof iterable[Symbol.asyncIterator] === 'function' && typeof (source as AsyncIterator<string>).next !== 'function' ? iterable[Symbol.asyncIterator]() : (source as AsyncIterator<string, ModelResultOrNothing>);
+  return typeof iterable[Symbol.asyncIterator] === 'function' && typeof (source as AsyncIterator<string>).next !== 'function'
+    ? iterable[Symbol.asyncIterator]()
+    : (source as AsyncIterator<string, ModelResultOrNothing>);
 }
 
 /**

@@ -42,11 +42,38 @@ export class GgufFormatError extends Error {
 
 // [block size, bytes per block] from ggml's type_traits, by ggml type id.
 const ggmlTypeSizes: Record<number, readonly [number, number]> = {
-  0: [1, 4], 1: [1, 2], 2: [32, 18], 3: [32, 20], 6: [32, 22], 7: [32, 24], 8: [32, 34], 9: [32, 36],
-  10: [256, 84], 11: [256, 110], 12: [256, 144], 13: [256, 176], 14: [256, 210], 15: [256, 292],
-  16: [256, 66], 17: [256, 74], 18: [256, 98], 19: [256, 50], 20: [32, 18], 21: [256, 110], 22: [256, 82],
-  23: [256, 136], 24: [1, 1], 25: [1, 2], 26: [1, 4], 27: [1, 8], 28: [1, 8], 29: [256, 56], 30: [1, 2],
-  34: [256, 54], 35: [256, 66], 39: [32, 17],
+  0: [1, 4],
+  1: [1, 2],
+  2: [32, 18],
+  3: [32, 20],
+  6: [32, 22],
+  7: [32, 24],
+  8: [32, 34],
+  9: [32, 36],
+  10: [256, 84],
+  11: [256, 110],
+  12: [256, 144],
+  13: [256, 176],
+  14: [256, 210],
+  15: [256, 292],
+  16: [256, 66],
+  17: [256, 74],
+  18: [256, 98],
+  19: [256, 50],
+  20: [32, 18],
+  21: [256, 110],
+  22: [256, 82],
+  23: [256, 136],
+  24: [1, 1],
+  25: [1, 2],
+  26: [1, 4],
+  27: [1, 8],
+  28: [1, 8],
+  29: [256, 56],
+  30: [1, 2],
+  34: [256, 54],
+  35: [256, 66],
+  39: [32, 17],
 };
 
 const MAX_COUNT = 100_000_000;
@@ -103,26 +130,50 @@ class Cursor {
   }
   scalar(type: number, what: string): GgufMetadataScalar {
     switch (type) {
-      case 0: return this.u8(what);
-      case 1: return this.need(1, what).readInt8(0);
-      case 2: return this.need(2, what).readUInt16LE(0);
-      case 3: return this.need(2, what).readInt16LE(0);
-      case 4: return this.u32(what);
-      case 5: return this.need(4, what).readInt32LE(0);
-      case 6: return this.need(4, what).readFloatLE(0);
-      case 7: return this.u8(what) !== 0;
-      case 8: return this.str(what);
-      case 10: return this.u64(what);
-      case 11: return this.need(8, what).readBigInt64LE(0);
-      case 12: return this.need(8, what).readDoubleLE(0);
-      default: throw new GgufFormatError(`${what} has unknown value type ${type}`);
+      case 0:
+        return this.u8(what);
+      case 1:
+        return this.need(1, what).readInt8(0);
+      case 2:
+        return this.need(2, what).readUInt16LE(0);
+      case 3:
+        return this.need(2, what).readInt16LE(0);
+      case 4:
+        return this.u32(what);
+      case 5:
+        return this.need(4, what).readInt32LE(0);
+      case 6:
+        return this.need(4, what).readFloatLE(0);
+      case 7:
+        return this.u8(what) !== 0;
+      case 8:
+        return this.str(what);
+      case 10:
+        return this.u64(what);
+      case 11:
+        return this.need(8, what).readBigInt64LE(0);
+      case 12:
+        return this.need(8, what).readDoubleLE(0);
+      default:
+        throw new GgufFormatError(`${what} has unknown value type ${type}`);
     }
   }
 }
 
 const scalarBytes: Record<number, number> = { 0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8 };
 const typeNames: Record<number, string> = {
-  0: 'uint8', 1: 'int8', 2: 'uint16', 3: 'int16', 4: 'uint32', 5: 'int32', 6: 'float32', 7: 'bool', 8: 'string', 10: 'uint64', 11: 'int64', 12: 'float64',
+  0: 'uint8',
+  1: 'int8',
+  2: 'uint16',
+  3: 'int16',
+  4: 'uint32',
+  5: 'int32',
+  6: 'float32',
+  7: 'bool',
+  8: 'string',
+  10: 'uint64',
+  11: 'int64',
+  12: 'float64',
 };
 
 /** Reads and checks the header of the GGUF file at `path`; throws GgufFormatError saying what is wrong. */

@@ -103,7 +103,19 @@ export function createInlinePool(provider: InlineProvider, options: InlinePoolOp
   }
 
   function run(owner: string, request: ModelRequest, handlers: ModelRunHandlers, release: () => void): ModelRun {
-    const call: Call = { owner, request, handlers, controller: new AbortController(), started: false, startedAt: 0, finished: false, cancelRequested: false, deadlineHit: false, timers: [], release };
+    const call: Call = {
+      owner,
+      request,
+      handlers,
+      controller: new AbortController(),
+      started: false,
+      startedAt: 0,
+      finished: false,
+      cancelRequested: false,
+      deadlineHit: false,
+      timers: [],
+      release,
+    };
     options.hooks?.onModelCall?.();
     call.timers.push(
       setTimeout(() => {

@@ -118,7 +118,9 @@ export async function createLocalProvider(options: LocalProviderOptions): Promis
       ...(threads === undefined ? {} : { maxThreads: threads }),
     });
   } catch (err) {
-    throw new Error(`the local provider cannot load llama.cpp (node-llama-cpp's prebuilt CPU binary for ${process.platform}-${process.arch}): ${errorText(err)}`);
+    throw new Error(
+      `the local provider cannot load llama.cpp (node-llama-cpp's prebuilt CPU binary for ${process.platform}-${process.arch}): ${errorText(err)}`,
+    );
   }
   let model: LlamaModel;
   let context: LlamaContext;

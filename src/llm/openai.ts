@@ -215,7 +215,10 @@ export function createOpenAIProvider(options: OpenAIProviderOptions): Provider {
       const completed = () => {
         // The body ended cleanly but before any finish_reason and before [DONE]: the reply is cut off.
         if (finishReason === undefined && !sawDone) {
-          finish({ kind: 'failure', failure: { error: new AppError('upstream_error', 'the upstream stream ended before the reply was finished'), retryable: true } }, false);
+          finish(
+            { kind: 'failure', failure: { error: new AppError('upstream_error', 'the upstream stream ended before the reply was finished'), retryable: true } },
+            false,
+          );
           return;
         }
         finish({ kind: 'result', result: resultOf(request, call.text, finishReason, usage) }, false);
@@ -316,7 +319,12 @@ export function createOpenAIProvider(options: OpenAIProviderOptions): Provider {
     // `stop`, but are not cached (a filtered or tool-call reply must not be replayed for the whole TTL).
     const extra = finishReason === undefined || finishReason === 'stop' || finishReason === 'length' ? {} : { uncacheable: `finish_reason ${finishReason}` };
     if (usage && isTokenCount(usage.prompt_tokens) && isTokenCount(usage.completion_tokens)) {
-      return { finishReason: finish, usage: { promptTokens: usage.prompt_tokens, completionTokens: usage.completion_tokens }, usageSource: 'reported', ...extra };
+      return {
+        finishReason: finish,
+        usage: { promptTokens: usage.prompt_tokens, completionTokens: usage.completion_tokens },
+        usageSource: 'reported',
+        ...extra,
+      };
     }
     return { ...counted(request, text, finish), ...extra };
   }

@@ -388,7 +388,13 @@ export function createModelPool(options: ModelPoolOptions): ModelPool {
       let timer: NodeJS.Timeout | undefined;
       const timeout = new Promise<never>((_, reject) => {
         timer = setTimeout(() => {
-          reject(new Error(warmedUp ? `no worker answered within ${timeoutMs} ms` : `${warmThreads.size} of ${options.threads} workers started and warmed within ${timeoutMs} ms`));
+          reject(
+            new Error(
+              warmedUp
+                ? `no worker answered within ${timeoutMs} ms`
+                : `${warmThreads.size} of ${options.threads} workers started and warmed within ${timeoutMs} ms`,
+            ),
+          );
         }, timeoutMs);
       });
       // Not ready before every worker is up with its provider warm: the first chats would pay for starting them.

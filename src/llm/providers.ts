@@ -44,7 +44,16 @@ async function loadProviderModule(spec: ProviderModule): Promise<Provider> {
   const exported = loaded.default;
   const made: unknown = typeof exported === 'function' ? await (exported as (options: unknown) => unknown)(spec.options) : exported;
   if (!isCustomProvider(made)) {
-    throw new Error(`provider module ${spec.href} does not export a provider: its default export must be a function returning { stream(request, signal) } or { streamTo(request, signal, onChunk) }, or such an object`);
+    throw new Error(
+      `provider module ${spec.href} does not export a provider: its default export must be a function returning { stream(request, signal) } or { streamTo(request, signal, onChunk) }, or such an object`,
+    );
   }
-  return asProvider({ ...made, name: spec.name, stream: made.stream?.bind(made), streamTo: made.streamTo?.bind(made), check: made.check?.bind(made), close: made.close?.bind(made) });
+  return asProvider({
+    ...made,
+    name: spec.name,
+    stream: made.stream?.bind(made),
+    streamTo: made.streamTo?.bind(made),
+    check: made.check?.bind(made),
+    close: made.close?.bind(made),
+  });
 }

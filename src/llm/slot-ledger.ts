@@ -62,7 +62,11 @@ export class SlotLedger<T> {
       // Its oldest waiting call is served within one turn of the ring: one call of each owner waiting, at the
       // rate the slots free up.
       const retryAfterMs = Math.min(this.options.taskTimeoutMs, Math.max(1, Math.ceil((this.waiting.owners * this.serviceMs) / this.options.slots)));
-      throw new AppError('rate_limited', `${queuedOfOwner} of your chats are waiting for a worker (at most ${this.maxQueuedPerOwner}); retry in ${retryAfterMs} ms`, { retryAfterMs });
+      throw new AppError(
+        'rate_limited',
+        `${queuedOfOwner} of your chats are waiting for a worker (at most ${this.maxQueuedPerOwner}); retry in ${retryAfterMs} ms`,
+        { retryAfterMs },
+      );
     }
     if (closed || this.held >= this.capacity) throw new AppError('overloaded', 'the model queue is full; retry shortly');
     this.held++;

@@ -103,7 +103,10 @@ export function createUpstreamHttp(baseUrl: string): UpstreamHttp {
       },
     };
     // Non-idempotent: undici does not retry it on its own (retries are the provider's, before the first token only).
-    connection.client.dispatch({ origin: base.origin, method: request.method, path: basePath + request.path, headers, body: request.body ?? null, idempotent: false }, handler);
+    connection.client.dispatch(
+      { origin: base.origin, method: request.method, path: basePath + request.path, headers, body: request.body ?? null, idempotent: false },
+      handler,
+    );
     return (reason) => {
       if (abortedWith) return;
       abortedWith = reason;

@@ -40,7 +40,10 @@ export function raiseFdLimit(log: Logger): FdLimits | null {
   try {
     execFileSync('prlimit', ['--pid', String(process.pid), `--nofile=${before.hard}:${before.hard}`], { stdio: 'ignore', timeout: 5000 });
   } catch (err) {
-    log.warn({ soft: before.soft, hard: before.hard, err: err instanceof Error ? err.message : String(err) }, 'could not raise the open-file limit (is prlimit from util-linux installed?); going on at the soft limit');
+    log.warn(
+      { soft: before.soft, hard: before.hard, err: err instanceof Error ? err.message : String(err) },
+      'could not raise the open-file limit (is prlimit from util-linux installed?); going on at the soft limit',
+    );
     return before;
   }
   const after = readFdLimits() ?? before;

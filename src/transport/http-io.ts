@@ -27,7 +27,9 @@ function decodePathSegment(segment: string): string {
 
 export function captureRequest(req: HttpRequest, res: HttpResponse, paramCount = 0): RequestInfo {
   const headers = new Map<string, string>();
-  req.forEach((k, v) => headers.set(k, v));
+  req.forEach((k, v) => {
+    headers.set(k, v);
+  });
   const params: string[] = [];
   for (let i = 0; i < paramCount; i++) params.push(decodePathSegment(req.getParameter(i) ?? ''));
   return {

@@ -30,7 +30,11 @@ import { renderStaticRoute, staticAssets } from './static.js';
  * ' 3', '1e2', '0x10' and '3.0' too, and z.coerce takes anything Number() takes.
  */
 function queryInteger<T extends z.ZodType<number, number>>(field: T) {
-  return z.string().regex(/^[0-9]+$/, 'expected an integer in decimal digits').transform(Number).pipe(field);
+  return z
+    .string()
+    .regex(/^[0-9]+$/, 'expected an integer in decimal digits')
+    .transform(Number)
+    .pipe(field);
 }
 
 const QueryLimit = queryInteger(LimitSchema).optional();
@@ -174,7 +178,14 @@ function createRoutes(app: TemplatedApp, deps: TransportDeps): Routes {
 }
 
 /** A /v1 route's answer: JSON with the RateLimit fields, and on reads an ETag (304 when the client has it). */
-function sendHandled(routes: Routes, responder: Responder, info: RequestInfo, method: 'get' | 'post', out: Handled, limitHeaders: Record<string, string>): void {
+function sendHandled(
+  routes: Routes,
+  responder: Responder,
+  info: RequestInfo,
+  method: 'get' | 'post',
+  out: Handled,
+  limitHeaders: Record<string, string>,
+): void {
   const body = toJson(out.body);
   const headers: Record<string, string> = { ...routes.commonHeaders(info), ...limitHeaders, 'content-type': 'application/json' };
   if (method === 'get') {
@@ -256,12 +267,20 @@ function attachV1Routes(routes: Routes): void {
 
   v1('get', '/v1/consumers/:consumerId/requests', 1, async (caller, info) => {
     const q = parseQuery(ConsumerPageQuerySchema, info.query);
-    return { status: 200, body: new JsonText(serializePage(await marketplace.consumerRequestsJson(caller, { consumerId: info.params[0] as string, ...q }))), cacheControl: FRESHNESS.listing };
+    return {
+      status: 200,
+      body: new JsonText(serializePage(await marketplace.consumerRequestsJson(caller, { consumerId: info.params[0] as string, ...q }))),
+      cacheControl: FRESHNESS.listing,
+    };
   });
 
   v1('get', '/v1/consumers/:consumerId/bookings', 1, async (caller, info) => {
     const q = parseQuery(ConsumerPageQuerySchema, info.query);
-    return { status: 200, body: new JsonText(serializePage(await marketplace.consumerBookingsJson(caller, { consumerId: info.params[0] as string, ...q }))), cacheControl: FRESHNESS.listing };
+    return {
+      status: 200,
+      body: new JsonText(serializePage(await marketplace.consumerBookingsJson(caller, { consumerId: info.params[0] as string, ...q }))),
+      cacheControl: FRESHNESS.listing,
+    };
   });
 }
 

@@ -407,14 +407,17 @@ function webSocketSide(behavior: WebSocketBehavior<unknown>, sockets: Set<NodeSo
   };
   // uWS's idleTimeout with sendPingsAutomatically: a socket silent for half the timeout is pinged, for all of it closed.
   const idleMs = (behavior.idleTimeout ?? 120) * 1000;
-  const idleSweep = setInterval(() => {
-    const now = Date.now();
-    for (const s of sockets) {
-      const silent = now - s.lastHeard;
-      if (silent > idleMs) s.ws.terminate();
-      else if (silent > idleMs / 2) s.ws.ping();
-    }
-  }, Math.max(1000, idleMs / 4));
+  const idleSweep = setInterval(
+    () => {
+      const now = Date.now();
+      for (const s of sockets) {
+        const silent = now - s.lastHeard;
+        if (silent > idleMs) s.ws.terminate();
+        else if (silent > idleMs / 2) s.ws.ping();
+      }
+    },
+    Math.max(1000, idleMs / 4),
+  );
   idleSweep.unref();
   return {
     accept(res: UpgradeResponse, userData: unknown, protocol: string): void {
@@ -447,7 +450,10 @@ function dispatchers(server: HttpServerNode, host: ReturnType<typeof snapshot>, 
       for (const l of host.request) (l as (req: IncomingMessage, res: ServerResponse) => void).call(server, req, res);
       return;
     }
-    void found.handler(new NodeResponse(req, res) as unknown as HttpResponse, new NodeRequest(req, inner as string, query, found.params) as unknown as HttpRequest);
+    void found.handler(
+      new NodeResponse(req, res) as unknown as HttpResponse,
+      new NodeRequest(req, inner as string, query, found.params) as unknown as HttpRequest,
+    );
   };
   const onUpgrade = (req: IncomingMessage, socket: Duplex, head: Buffer) => {
     const { path, query } = splitUrl(req.url);

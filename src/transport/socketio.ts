@@ -8,7 +8,16 @@ import { AppError, CLIENT_MESSAGE_BOUNDS, scanFrame, toAppError, toJson, type Fr
 import type { TransportDeps } from './deps.js';
 import { echoableId, holdRefusal, Session, type Admission, type Reply } from './session.js';
 import type { PendingSlot } from './admission.js';
-import { callerAddress, FRAME_TOO_LARGE_CLOSE, frameReadCeiling, frameTooLarge, helloFrame, newConnectionId, softBackpressureLimit, takeUserSlot } from './connection.js';
+import {
+  callerAddress,
+  FRAME_TOO_LARGE_CLOSE,
+  frameReadCeiling,
+  frameTooLarge,
+  helloFrame,
+  newConnectionId,
+  softBackpressureLimit,
+  takeUserSlot,
+} from './connection.js';
 import { refuseRequest } from './ws.js';
 
 interface SocketState {
@@ -78,7 +87,10 @@ function uwsSocketOf(socket: Socket): UwsSocketLike | undefined {
 /** Runs `fn` with the connection's frames written in one syscall where its transport allows. */
 function corked(socket: Socket, fn: () => void): void {
   const ws = uwsSocketOf(socket);
-  if (typeof ws?.cork !== 'function') return fn();
+  if (typeof ws?.cork !== 'function') {
+    fn();
+    return;
+  }
   let ran = false;
   try {
     ws.cork(() => {
@@ -155,13 +167,26 @@ function admittingApp(app: TemplatedApp, deps: TransportDeps, slots: WeakMap<obj
  * there: a bad one is refused (403, engine.io's only refusal) before a session exists. Without any, the session
  * gets the handshake timeout to bring them in socket.io's CONNECT.
  */
-async function checkHandshakeCredentials(deps: TransportDeps, req: { headers: Record<string, string | string[] | undefined>; _query?: Record<string, string> }): Promise<void> {
+async function checkHandshakeCredentials(
+  deps: TransportDeps,
+  req: { headers: Record<string, string | string[] | undefined>; _query?: Record<string, string> },
+): Promise<void> {
   const query = req._query ?? {};
   const token = query.token ?? tokenFromAuthorization(headerText(req.headers.authorization));
   const user = deps.auth.mode === 'open' ? query.user : undefined;
   if (token === undefined && user === undefined) return;
-  const address = callerAddress(deps, String((req as { connection?: { remoteAddress?: string } }).connection?.remoteAddress ?? ''), headerText(req.headers['x-forwarded-for']));
-  await deps.auth.identify({ token, user, connectionId: 'handshake', address, request: { transport: 'socket.io', headers: req.headers, query: socketIoQuery(query, undefined) } });
+  const address = callerAddress(
+    deps,
+    String((req as { connection?: { remoteAddress?: string } }).connection?.remoteAddress ?? ''),
+    headerText(req.headers['x-forwarded-for']),
+  );
+  await deps.auth.identify({
+    token,
+    user,
+    connectionId: 'handshake',
+    address,
+    request: { transport: 'socket.io', headers: req.headers, query: socketIoQuery(query, undefined) },
+  });
 }
 
 /**
@@ -449,12 +474,22 @@ function handleEvent(session: Session, json: string, reply: Reply): void {
   try {
     args = JSON.parse(json);
   } catch {
-    return session.reject('frame is not valid JSON', reply);
+    session.reject('frame is not valid JSON', reply);
+    return;
   }
-  if (!Array.isArray(args) || typeof args[0] !== 'string') return session.reject('an event is a JSON array of its name and one payload object', reply);
+  if (!Array.isArray(args) || typeof args[0] !== 'string') {
+    session.reject('an event is a JSON array of its name and one payload object', reply);
+    return;
+  }
   const payload: unknown = args[1] ?? {};
-  if (args.length > 2) return session.reject('send one payload object per event', reply, echoableId(payload));
-  if (typeof payload !== 'object' || payload === null || Array.isArray(payload)) return session.reject('the payload must be a JSON object', reply);
+  if (args.length > 2) {
+    session.reject('send one payload object per event', reply, echoableId(payload));
+    return;
+  }
+  if (typeof payload !== 'object' || payload === null || Array.isArray(payload)) {
+    session.reject('the payload must be a JSON object', reply);
+    return;
+  }
   session.handle({ ...(payload as Record<string, unknown>), type: args[0] }, reply);
 }
 
@@ -519,12 +554,16 @@ function serveSocket(shared: Shared, socket: Socket): void {
   socket.onAny((...args: unknown[]) => {
     if (writer.closed) return;
     const ack = typeof args.at(-1) === 'function' ? (args.pop() as (m: ServerMessage) => void) : undefined;
-    session.reject('events carry JSON, not binary data', (m) => {
-      if (writer.closed) return;
-      if (!ack) return void writer.write(eventPacketText(m.type, m));
-      framesOut.inc();
-      ack(m as ServerMessage);
-    }, echoableId(args[1]));
+    session.reject(
+      'events carry JSON, not binary data',
+      (m) => {
+        if (writer.closed) return;
+        if (!ack) return void writer.write(eventPacketText(m.type, m));
+        framesOut.inc();
+        ack(m as ServerMessage);
+      },
+      echoableId(args[1]),
+    );
   });
 
   socket.on('disconnect', () => {

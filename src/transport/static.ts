@@ -36,7 +36,13 @@ function builtAssets(): StaticAsset[] {
   return [
     { route: '/client.js', file: path.join(compiled, 'client.js'), contentType: TYPES['.js'] as string, cacheControl: REVALIDATE, headers: ANY_ORIGIN },
     { route: '/chat-page.js', file: path.join(compiled, 'chat-page.js'), contentType: TYPES['.js'] as string, cacheControl: REVALIDATE },
-    { route: '/openapi.json', file: path.join(projectRoot(), 'docs', 'openapi.json'), contentType: TYPES['.json'] as string, cacheControl: REVALIDATE, headers: ANY_ORIGIN },
+    {
+      route: '/openapi.json',
+      file: path.join(projectRoot(), 'docs', 'openapi.json'),
+      contentType: TYPES['.json'] as string,
+      cacheControl: REVALIDATE,
+      headers: ANY_ORIGIN,
+    },
   ];
 }
 
@@ -77,7 +83,13 @@ export function renderStaticRoute(responder: Responder, asset: StaticAsset, ifNo
     entry = { body, etag: strongEtag(body.toString('latin1')), mtimeMs: stat.mtimeMs };
     loaded.set(asset.file, entry);
   }
-  const headers = { ...asset.headers, 'content-type': asset.contentType, 'cache-control': asset.cacheControl, etag: entry.etag, 'x-content-type-options': 'nosniff' };
+  const headers = {
+    ...asset.headers,
+    'content-type': asset.contentType,
+    'cache-control': asset.cacheControl,
+    etag: entry.etag,
+    'x-content-type-options': 'nosniff',
+  };
   if (etagMatches(ifNoneMatch, entry.etag)) responder.send(304, headers);
   else responder.send(200, headers, entry.body);
 }

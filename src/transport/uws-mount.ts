@@ -33,7 +33,10 @@ function notFound(res: HttpResponse): void {
 
 /** The calls attachHttpRoutes and attachWebSocket make, registered on the host's app under the prefix. */
 function prefixedApp(app: TemplatedApp, prefix: string, gate: { open: boolean }): TemplatedApp {
-  const wrap = (handler: Handler): Handler => (res, req) => (gate.open ? handler(res, below(prefix, req)) : notFound(res));
+  const wrap =
+    (handler: Handler): Handler =>
+    (res, req) =>
+      gate.open ? handler(res, below(prefix, req)) : notFound(res);
   const patterns = (pattern: string): string[] => {
     // A catch-all under an empty prefix would take the host's own unknown paths: keep it to chatwire's /v1.
     if (pattern === '/*' && prefix === '') return ['/v1', '/v1/*'];

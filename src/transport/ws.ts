@@ -156,7 +156,13 @@ async function refuseUpgrade(deps: TransportDeps, res: HttpResponse, upgrade: { 
  * One frame from a client: refused past the size limit (then closed), charged before anything is decoded (the
  * scan bounds what JSON.parse may be handed, see scanFrame), then handed to the session; a flood closes the socket.
  */
-function receiveFrame(deps: TransportDeps, ws: Socket, session: Session, frame: { message: ArrayBuffer; isBinary: boolean }, send: (ws: Socket, m: OutgoingMessage) => boolean): void {
+function receiveFrame(
+  deps: TransportDeps,
+  ws: Socket,
+  session: Session,
+  frame: { message: ArrayBuffer; isBinary: boolean },
+  send: (ws: Socket, m: OutgoingMessage) => boolean,
+): void {
   const { config } = deps;
   const { message, isBinary } = frame;
   const data = ws.getUserData();

@@ -22,7 +22,9 @@ import { connect } from '../../src/client/client.js';
 import { startServer, type TestServer } from '../helpers/server.js';
 
 const CHROMIUM = process.env.CHATWIRE_CHROMIUM ?? '/usr/bin/chromium';
-const browserMissing = fs.existsSync(CHROMIUM) ? false : `no Chromium at ${CHROMIUM}: install it with \`apt-get install -y chromium\` (or set CHATWIRE_CHROMIUM) to run the browser tests`;
+const browserMissing = fs.existsSync(CHROMIUM)
+  ? false
+  : `no Chromium at ${CHROMIUM}: install it with \`apt-get install -y chromium\` (or set CHATWIRE_CHROMIUM) to run the browser tests`;
 const updateScreenshot = process.env.CHATWIRE_UPDATE_SCREENSHOT === '1';
 
 function projectRoot(): string {
@@ -42,7 +44,16 @@ async function launch(): Promise<{ context: BrowserContext; close(): Promise<voi
     executablePath: CHROMIUM,
     headless: true,
     viewport: { width: 1280, height: 800 },
-    args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run', '--disable-background-networking', '--disable-component-update', '--disable-sync'],
+    args: [
+      '--headless',
+      '--no-sandbox',
+      '--disable-gpu',
+      '--disable-quic',
+      '--no-first-run',
+      '--disable-background-networking',
+      '--disable-component-update',
+      '--disable-sync',
+    ],
   });
   await context.addInitScript(() => {
     const w = window as unknown as PageWindow & { WebSocket: typeof globalThis.WebSocket };
@@ -334,7 +345,11 @@ describe('the chat page under a rate limit', { skip: browserMissing }, () => {
     // Use up the user's chats over HTTP: the buckets are per user, whatever the transport.
     let limited = false;
     for (let i = 0; i < 20 && !limited; i++) {
-      const res = await fetch(`${server.http}/v1/chat?user=pw-limited`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ text: `burst ${i}`, params: { maxTokens: 1 } }) });
+      const res = await fetch(`${server.http}/v1/chat?user=pw-limited`, {
+        method: 'POST',
+        headers: { 'content-type': 'application/json' },
+        body: JSON.stringify({ text: `burst ${i}`, params: { maxTokens: 1 } }),
+      });
       await res.arrayBuffer();
       limited = res.status === 429;
     }

@@ -87,13 +87,17 @@ export function verifyLedger(file: string, ledger: Ledger): Verification {
   try {
     const raw = db.raw;
     const integrityRows = raw.pragma('integrity_check') as { integrity_check: string }[];
-    const integrity = integrityRows.map((r) => r.integrity_check).slice(0, 5).join('; ');
+    const integrity = integrityRows
+      .map((r) => r.integrity_check)
+      .slice(0, 5)
+      .join('; ');
     const foreignKeyViolations = (raw.pragma('foreign_key_check') as unknown[]).length;
     const byId = raw.prepare('SELECT conversation_id, role, text, task_id FROM messages WHERE message_id = ?');
     const lostAcked: string[] = [];
     for (const chat of ledger.acked.values()) {
       const row = byId.get(chat.messageId) as { conversation_id: string; role: string; text: string; task_id: string } | undefined;
-      if (!row || row.conversation_id !== chat.conversationId || row.role !== 'user' || row.text !== chat.text || row.task_id !== chat.taskId) lostAcked.push(chat.taskId);
+      if (!row || row.conversation_id !== chat.conversationId || row.role !== 'user' || row.text !== chat.text || row.task_id !== chat.taskId)
+        lostAcked.push(chat.taskId);
     }
     const lostReplies: string[] = [];
     let replies = 0;
@@ -142,7 +146,18 @@ export function verifyLedger(file: string, ledger: Ledger): Verification {
   }
 }
 
-type Frame = { type: string; id?: string; taskId?: string; conversationId?: string; messageId?: string; seq?: number; text?: string; code?: string; finishReason?: string; cached?: boolean };
+type Frame = {
+  type: string;
+  id?: string;
+  taskId?: string;
+  conversationId?: string;
+  messageId?: string;
+  seq?: number;
+  text?: string;
+  code?: string;
+  finishReason?: string;
+  cached?: boolean;
+};
 
 export interface ChattersOptions {
   /** http://127.0.0.1:<port> */
@@ -265,7 +280,8 @@ export async function startChatters(options: ChattersOptions): Promise<Chatters>
         if (!repeat) {
           frame.cache = 'bypass';
           frame.params = { maxTokens: minTokens + Math.floor(random() * (maxTokens - minTokens + 1)) };
-          if (conversations.length > 0 && random() < (options.continueRate ?? 0.5)) frame.conversationId = conversations[Math.floor(random() * conversations.length)];
+          if (conversations.length > 0 && random() < (options.continueRate ?? 0.5))
+            frame.conversationId = conversations[Math.floor(random() * conversations.length)];
         }
         sent.set(id, { text });
         pending++;
@@ -307,7 +323,15 @@ export async function startChatters(options: ChattersOptions): Promise<Chatters>
             }
             const s = streams.get(taskId) ?? { next: 0, text: '', complete: true };
             streams.delete(taskId);
-            ledger.end(taskId, { type: f.type, messageId: f.messageId, finishReason: f.finishReason, code: f.code, cached: f.cached, text: s.text, complete: s.complete });
+            ledger.end(taskId, {
+              type: f.type,
+              messageId: f.messageId,
+              finishReason: f.finishReason,
+              code: f.code,
+              cached: f.cached,
+              text: s.text,
+              complete: s.complete,
+            });
             finishOne();
             return;
           }

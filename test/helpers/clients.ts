@@ -140,7 +140,8 @@ export async function readSse(res: Response): Promise<{ event: string; id?: stri
       else if (line.startsWith('id: ')) id = line.slice(4);
       else if (line.startsWith('data: ')) data.push(line.slice(6));
     }
-    if (data.length > 0) events.push(id === undefined ? { event, data: JSON.parse(data.join('\n')) as Msg } : { event, id, data: JSON.parse(data.join('\n')) as Msg });
+    if (data.length > 0)
+      events.push(id === undefined ? { event, data: JSON.parse(data.join('\n')) as Msg } : { event, id, data: JSON.parse(data.join('\n')) as Msg });
   }
   return events;
 }
@@ -175,7 +176,11 @@ export function refusedUpgrade(url: string, protocols: string[] = [], headers: R
 }
 
 /** Tries a socket.io handshake and resolves with its connect_error (and every event received, which must be none). */
-export function refusedSocketIO(base: string, auth: Record<string, unknown>, extraHeaders: Record<string, string> = {}): Promise<{ error: Error & { data?: unknown }; events: string[] }> {
+export function refusedSocketIO(
+  base: string,
+  auth: Record<string, unknown>,
+  extraHeaders: Record<string, string> = {},
+): Promise<{ error: Error & { data?: unknown }; events: string[] }> {
   const socket = ioClient(base, { transports: ['websocket'], auth, extraHeaders, reconnection: false, forceNew: true });
   const events: string[] = [];
   socket.onAny((event: string) => events.push(event));
@@ -247,6 +252,10 @@ export class RawSocketIO {
 
   /** The payloads of the events named `event` received so far. */
   events(event: string): Record<string, unknown>[] {
-    return this.packets.filter((p) => p.startsWith('42')).map((p) => JSON.parse(p.slice(2)) as [string, Record<string, unknown>]).filter(([name]) => name === event).map(([, payload]) => payload);
+    return this.packets
+      .filter((p) => p.startsWith('42'))
+      .map((p) => JSON.parse(p.slice(2)) as [string, Record<string, unknown>])
+      .filter(([name]) => name === event)
+      .map(([, payload]) => payload);
   }
 }

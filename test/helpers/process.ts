@@ -26,7 +26,9 @@ export interface ServerProcess {
 /** `maxOpenFiles`: start it under that open-file limit (soft and hard, as `ulimit -n` sets both). */
 export function startProcess(env: Record<string, string>, options: { maxOpenFiles?: number } = {}): Promise<ServerProcess> {
   const [file, args] =
-    options.maxOpenFiles === undefined ? [process.execPath, [MAIN]] : ['sh', ['-c', `ulimit -n ${options.maxOpenFiles} && exec "$0" "$@"`, process.execPath, MAIN]];
+    options.maxOpenFiles === undefined
+      ? [process.execPath, [MAIN]]
+      : ['sh', ['-c', `ulimit -n ${options.maxOpenFiles} && exec "$0" "$@"`, process.execPath, MAIN]];
   const child = spawn(file, args, {
     env: { ...process.env, PORT: '0', HOST: '127.0.0.1', LOG_LEVEL: 'info', ...env },
     stdio: ['ignore', 'pipe', 'pipe'],
@@ -34,7 +36,9 @@ export function startProcess(env: Record<string, string>, options: { maxOpenFile
   let out = '';
   child.stdout?.on('data', (c: Buffer) => (out += c.toString()));
   child.stderr?.on('data', (c: Buffer) => (out += c.toString()));
-  const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((resolve) => child.once('exit', (code, signal) => resolve({ code, signal })));
+  const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((resolve) =>
+    child.once('exit', (code, signal) => resolve({ code, signal })),
+  );
   return new Promise((resolve, reject) => {
     const onData = () => {
       const m = /"port":(\d+)/.exec(out);

@@ -38,11 +38,19 @@ async function badTokens(): Promise<{ name: string; token: string | undefined }[
     { name: 'tampered payload', token: `${header}.${forgedPayload}.${signature}` },
     {
       name: 'HS512 with the right secret',
-      token: await new SignJWT({ role: 'staff' }).setProtectedHeader({ alg: 'HS512' }).setSubject('alice').setExpirationTime(nowSec() + 3600).sign(new TextEncoder().encode(SECRET)),
+      token: await new SignJWT({ role: 'staff' })
+        .setProtectedHeader({ alg: 'HS512' })
+        .setSubject('alice')
+        .setExpirationTime(nowSec() + 3600)
+        .sign(new TextEncoder().encode(SECRET)),
     },
     {
       name: 'unknown role',
-      token: await new SignJWT({ role: 'admin' }).setProtectedHeader({ alg: 'HS256' }).setSubject('alice').setExpirationTime(nowSec() + 3600).sign(new TextEncoder().encode(SECRET)),
+      token: await new SignJWT({ role: 'admin' })
+        .setProtectedHeader({ alg: 'HS256' })
+        .setSubject('alice')
+        .setExpirationTime(nowSec() + 3600)
+        .sign(new TextEncoder().encode(SECRET)),
     },
   ];
 }
@@ -149,7 +157,11 @@ describe('with CHATWIRE_JWT_SECRET set, every transport needs an HS256 token', (
   });
 
   test('a token without exp is accepted (the protocol requires only sub); CHATWIRE_JWT_REQUIRE_EXP refuses it', async () => {
-    const noExp = await new SignJWT({ role: 'consumer' }).setProtectedHeader({ alg: 'HS256' }).setSubject('alice').setIssuedAt().sign(new TextEncoder().encode(SECRET));
+    const noExp = await new SignJWT({ role: 'consumer' })
+      .setProtectedHeader({ alg: 'HS256' })
+      .setSubject('alice')
+      .setIssuedAt()
+      .sign(new TextEncoder().encode(SECRET));
     const c = await WsClient.connect(server.ws, { token: noExp });
     assert.equal((await c.nextOfType('hello')).userId, 'alice');
     await c.close();
@@ -169,7 +181,13 @@ describe('with CHATWIRE_JWT_SECRET set, every transport needs an HS256 token', (
     const scoped = await startServer({ jwtSecret: SECRET, jwtAudience: 'chatwire', jwtIssuer: 'https://id.example' });
     try {
       const mint = (aud: string) =>
-        new SignJWT({}).setProtectedHeader({ alg: 'HS256' }).setSubject('alice').setAudience(aud).setIssuer('https://id.example').setExpirationTime(nowSec() + 3600).sign(new TextEncoder().encode(SECRET));
+        new SignJWT({})
+          .setProtectedHeader({ alg: 'HS256' })
+          .setSubject('alice')
+          .setAudience(aud)
+          .setIssuer('https://id.example')
+          .setExpirationTime(nowSec() + 3600)
+          .sign(new TextEncoder().encode(SECRET));
       assert.equal((await fetch(`${scoped.http}/v1/requests?limit=1`, { headers: bearer(await mint('chatwire')) })).status, 200);
       const res = await fetch(`${scoped.http}/v1/requests?limit=1`, { headers: bearer(await mint('billing')) });
       assert.equal(res.status, 401);
@@ -182,7 +200,8 @@ describe('with CHATWIRE_JWT_SECRET set, every transport needs an HS256 token', (
   });
 
   test('CHATWIRE_JWT_MAX_TTL_SEC refuses a token valid for longer (exp 1e300) on HTTP and the /ws upgrade, and accepts one within it', async () => {
-    const mint = (exp: number) => new SignJWT({}).setProtectedHeader({ alg: 'HS256' }).setSubject('alice').setIssuedAt().setExpirationTime(exp).sign(new TextEncoder().encode(SECRET));
+    const mint = (exp: number) =>
+      new SignJWT({}).setProtectedHeader({ alg: 'HS256' }).setSubject('alice').setIssuedAt().setExpirationTime(exp).sign(new TextEncoder().encode(SECRET));
     const forever = await new SignJWT({ exp: 1e300 }).setProtectedHeader({ alg: 'HS256' }).setSubject('alice').sign(new TextEncoder().encode(SECRET));
     // Without the setting the lifetime is not bounded (as before).
     assert.equal((await fetch(`${server.http}/v1/requests?limit=1`, { headers: bearer(forever) })).status, 200);
@@ -224,11 +243,7 @@ describe('with CHATWIRE_JWT_SECRET set, every transport needs an HS256 token', (
   test('a bad token makes socket.io refuse the handshake with connect_error data unauthorized', async () => {
     for (const { name, token } of await badTokens()) {
       const { error, events } = await refusedSocketIO(server.http, token === undefined ? { user: 'alice' } : { token, user: 'alice' });
-      assert.deepEqual(
-        { code: (error.data as { code: string }).code, events },
-        { code: 'unauthorized', events: [] },
-        name,
-      );
+      assert.deepEqual({ code: (error.data as { code: string }).code, events }, { code: 'unauthorized', events: [] }, name);
       assert.equal(typeof (error.data as { message: string }).message, 'string', name);
     }
   });
@@ -370,7 +385,11 @@ describe('with CHATWIRE_JWT_SECRET set, every transport needs an HS256 token', (
     assert.equal(end.type, 'chat.done');
     assert.equal(end.finishReason, 'length');
     assert.equal(deltas.length > 0, true);
-    assert.equal(b.received.some((m) => m.type === 'chat.delta'), false, 'bob received none of her deltas');
+    assert.equal(
+      b.received.some((m) => m.type === 'chat.delta'),
+      false,
+      'bob received none of her deltas',
+    );
     const history = await a.request({ type: 'conversation.history', conversationId });
     assert.deepEqual(
       (history.messages as { text: string }[]).map((m) => m.text),

@@ -11,7 +11,13 @@ function tcp(client: WsClient): Socket {
 
 test('a reader that stops reading is not buffered without bound: its deltas coalesce and arrive complete once it reads again', async (t) => {
   const taskCount = 24;
-  const server = await startServer({ devTokenDelayMs: 1, maxBackpressureBytes: 64 * 1024, workerThreads: 1, modelTokensPerMinute: 100_000_000, maxRunningPerUser: taskCount });
+  const server = await startServer({
+    devTokenDelayMs: 1,
+    maxBackpressureBytes: 64 * 1024,
+    workerThreads: 1,
+    modelTokensPerMinute: 100_000_000,
+    maxRunningPerUser: taskCount,
+  });
   t.after(() => server.close());
   const slow = await WsClient.connect(server.ws, { user: 'slow' });
   await slow.nextOfType('hello');

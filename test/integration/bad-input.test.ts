@@ -45,7 +45,11 @@ describe('bad input', () => {
       assert.equal(reply.code, bad.code, bad.name);
       assert.equal(typeof reply.message, 'string', bad.name);
       assert.doesNotMatch(reply.message as string, /\n\s+at /, `${bad.name}: no stack trace`);
-      if (bad.path) assert.ok((reply.details as { path: string }[]).some((d) => d.path === bad.path), `${bad.name}: details name ${bad.path}`);
+      if (bad.path)
+        assert.ok(
+          (reply.details as { path: string }[]).some((d) => d.path === bad.path),
+          `${bad.name}: details name ${bad.path}`,
+        );
       const pong = await c.request({ type: 'ping' });
       assert.equal(pong.type, 'pong', `${bad.name}: still usable`);
     }
@@ -75,7 +79,11 @@ describe('bad input', () => {
         const name = JSON.stringify(m);
         const overWs = await c.request(m);
         assert.deepEqual([overWs.type, overWs.code], ['error', 'bad_request'], `/ws ${name}`);
-        assert.deepEqual((overWs.details as { path: string }[]).map((d) => d.path), ['limit'], `/ws ${name}`);
+        assert.deepEqual(
+          (overWs.details as { path: string }[]).map((d) => d.path),
+          ['limit'],
+          `/ws ${name}`,
+        );
         const { type, ...payload } = m;
         const overSio = await emitWithAck(s, type as string, payload);
         assert.deepEqual([overSio.type, overSio.code], ['error', 'bad_request'], `socket.io ${name}`);
@@ -105,7 +113,10 @@ describe('bad input', () => {
     await far.nextOfType('hello');
     far.send({ type: 'chat.send', text: 'x'.repeat(17_000) });
     assert.equal(await far.closed, 1006, 'past four times the limit the frame is not read: nothing is held for it');
-    assert.deepEqual(far.received.filter((m) => m.type !== 'hello'), []);
+    assert.deepEqual(
+      far.received.filter((m) => m.type !== 'hello'),
+      [],
+    );
     for (const size of [5000, 16_000]) {
       const c = await WsClient.connect(server.ws, { user: 'big' });
       await c.nextOfType('hello');
@@ -131,7 +142,11 @@ describe('bad input', () => {
       raw.emit('chat.send', { id: 'big', text: 'x'.repeat(size) });
       assert.equal(await raw.closed, 1009, String(size));
       const errors = raw.events('error');
-      assert.deepEqual(errors.map((e) => [e.type, e.code]), [['error', 'payload_too_large']], String(size));
+      assert.deepEqual(
+        errors.map((e) => [e.type, e.code]),
+        [['error', 'payload_too_large']],
+        String(size),
+      );
       assert.match(String(errors[0]!.message), /^frame of \d+ bytes is over the 4096-byte limit$/);
       // Refused before socket.io decoded it: no ack, no chat.
       assert.equal(raw.packets.filter((p) => p.startsWith('43') || p.includes('chat.ack')).length, 0, String(size));
@@ -141,7 +156,10 @@ describe('bad input', () => {
     const disconnected = new Promise<string>((resolve) => s.once('disconnect', resolve));
     s.emit('chat.send', { text: 'y'.repeat(5000) });
     assert.equal(await disconnected, 'transport close');
-    assert.deepEqual(s.received.filter((m) => m.type === 'error').map((m) => m.code), ['payload_too_large']);
+    assert.deepEqual(
+      s.received.filter((m) => m.type === 'error').map((m) => m.code),
+      ['payload_too_large'],
+    );
     s.close();
     const again = await connectSocketIO(server.http, { user: 'sio-big' });
     try {
@@ -206,7 +224,10 @@ describe('bad input', () => {
         assert.equal(res.status, 400, `${route} limit=${JSON.stringify(limit)}`);
         const error = ((await res.json()) as { error: { code: string; details: { path: string }[] } }).error;
         assert.equal(error.code, 'bad_request');
-        assert.deepEqual(error.details.map((d) => d.path), ['limit']);
+        assert.deepEqual(
+          error.details.map((d) => d.path),
+          ['limit'],
+        );
       }
     }
     for (const limit of ['1', '100', '007']) {

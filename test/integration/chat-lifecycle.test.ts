@@ -120,10 +120,7 @@ test('a full queue answers overloaded and stores nothing', async (t) => {
   await c.collect(a.taskId as string);
   await c.collect(b.taskId as string);
   const history = await c.request({ type: 'conversation.history', conversationId: a.conversationId });
-  assert.deepEqual(
-    (history.messages as { role: string; text: string }[]).map((m) => m.text).slice(0, 1),
-    ['first'],
-  );
+  assert.deepEqual((history.messages as { role: string; text: string }[]).map((m) => m.text).slice(0, 1), ['first']);
   assert.equal((history.messages as unknown[]).length, 2);
   // Once the queue drains, chats are accepted again.
   const later = await c.request({ type: 'chat.send', text: 'later' });

@@ -113,7 +113,13 @@ describe('socket.io and HTTP drive the same chat service', () => {
     const rest = await readSse(resumed);
     const restDeltas = rest.filter((e) => e.event === 'delta');
     assert.equal(restDeltas[0]?.id, String(lastSeen + 1));
-    assert.equal(restDeltas.map((e) => e.data.text).join(''), deltas.slice(lastSeen + 1).map((e) => e.data.text).join(''));
+    assert.equal(
+      restDeltas.map((e) => e.data.text).join(''),
+      deltas
+        .slice(lastSeen + 1)
+        .map((e) => e.data.text)
+        .join(''),
+    );
     assert.equal(rest.at(-1)?.event, 'done');
 
     const messages = (await (await fetch(`${server.http}/v1/conversations/${ack.conversationId as string}/messages?user=http-user`)).json()) as Msg;

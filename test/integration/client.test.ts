@@ -7,7 +7,16 @@ import WebSocket from 'ws';
 import { projectRoot } from '../../scripts/gen-docs.js';
 import { signToken } from '../../src/auth/sign.js';
 import { errorCatalogue, errorCodes } from '../../src/protocol/index.js';
-import { ChatwireError, connect, RETRYABLE, type ChatStream, type ChatwireClient, type ClientEvents, type ConnectOptions, type WebSocketConstructor } from '../../src/client/client.js';
+import {
+  ChatwireError,
+  connect,
+  RETRYABLE,
+  type ChatStream,
+  type ChatwireClient,
+  type ClientEvents,
+  type ConnectOptions,
+  type WebSocketConstructor,
+} from '../../src/client/client.js';
 import { startServer, type TestServer } from '../helpers/server.js';
 
 /** The `ws` WebSocket, remembering every socket the client opens, so a test can kill one. */
@@ -27,7 +36,11 @@ function open(server: TestServer, options: ConnectOptions = {}): ChatwireClient 
 }
 
 /** Resolves with the next event of that kind that matches. */
-function nextEvent<K extends keyof ClientEvents>(client: ChatwireClient, event: K, match: (v: ClientEvents[K]) => boolean = () => true): Promise<ClientEvents[K]> {
+function nextEvent<K extends keyof ClientEvents>(
+  client: ChatwireClient,
+  event: K,
+  match: (v: ClientEvents[K]) => boolean = () => true,
+): Promise<ClientEvents[K]> {
   return new Promise((resolve) => {
     const off = client.on(event, (v) => {
       if (!match(v)) return;

@@ -40,7 +40,13 @@ async function chat(c: WsClient, ledger: Ledger, text: string, conversationId?: 
   const taskId = reply.taskId as string;
   ledger.ack({ taskId, conversationId: reply.conversationId as string, messageId: reply.messageId as string, text });
   const { text: streamed, end } = await c.collect(taskId);
-  ledger.end(taskId, { type: end.type as 'chat.done' | 'chat.error', messageId: end.messageId as string | undefined, code: end.code as string | undefined, text: streamed, complete: true });
+  ledger.end(taskId, {
+    type: end.type as 'chat.done' | 'chat.error',
+    messageId: end.messageId as string | undefined,
+    code: end.code as string | undefined,
+    text: streamed,
+    complete: true,
+  });
   return { reply, end };
 }
 
@@ -131,7 +137,9 @@ test('a full disk makes /readyz 503 and chats fail with a retryable storage erro
   assert.deepEqual(v.lostAcked, []);
   assert.deepEqual(v.lostReplies, []);
   assert.deepEqual(v.corruptConversations, []);
-  t.diagnostic(`${ledger.acked.size} chats acknowledged around the full disk, ${failedReplies.length} replies refused, refusals ${JSON.stringify(ledger.refused)}`);
+  t.diagnostic(
+    `${ledger.acked.size} chats acknowledged around the full disk, ${failedReplies.length} replies refused, refusals ${JSON.stringify(ledger.refused)}`,
+  );
 });
 
 function setImmutable(paths: string[], on: boolean): { ok: boolean; out: string } {
@@ -171,7 +179,10 @@ test('a data dir that stops being writable makes /readyz 503 and chats fail with
   t.diagnostic(`readiness: ${notReady.body.failures?.disk}; chat: ${refused.reply.code} ${refused.reply.message}`);
   assert.equal(refused.reply.type, 'error');
   assert.equal(refused.reply.code, 'overloaded');
-  assert.match(refused.reply.message as string, /^storage unavailable: (I\/O error \(SQLITE_IOERR\w*\)|database not writable \(SQLITE_READONLY\)); the message was not stored, retry later$/);
+  assert.match(
+    refused.reply.message as string,
+    /^storage unavailable: (I\/O error \(SQLITE_IOERR\w*\)|database not writable \(SQLITE_READONLY\)); the message was not stored, retry later$/,
+  );
   const during = await c.request({ type: 'conversation.history', conversationId });
   assert.deepEqual(
     (during.messages as { role: string; text: string }[]).map((m) => m.text),

@@ -127,7 +127,7 @@ test('jwtAuthenticate: the JWT verifier as a hook, taking tokens where each tran
     assert.equal(bySubprotocol.socket.protocol, 'chatwire.v1');
     await bySubprotocol.close();
     const sio = await connectSocketIO(base, { token });
-    assert.equal((sio.received.find((m) => m.type === 'hello') ?? (await new Promise((r) => sio.once('hello', r))) as { userId: string }).userId, 'tok-user');
+    assert.equal((sio.received.find((m) => m.type === 'hello') ?? ((await new Promise((r) => sio.once('hello', r))) as { userId: string })).userId, 'tok-user');
     sio.close();
     assert.equal((await fetch(`${base}/v1/requests`, { headers: { authorization: `Bearer ${token}` } })).status, 200);
     const cookie = await WsClient.connect(`${wsBase}/ws`, { headers: { cookie: 'sid=ok' } });
@@ -206,7 +206,9 @@ export default function create(options) {
   try {
     const sio = await connectSocketIO(base, { user: 'u2' });
     const ack = await emitWithAck(sio, 'chat.send', { text: 'abc' });
-    const done = await new Promise<Record<string, unknown>>((resolve) => sio.on('chat.done', (m: Record<string, unknown>) => m.taskId === ack.taskId && resolve(m)));
+    const done = await new Promise<Record<string, unknown>>((resolve) =>
+      sio.on('chat.done', (m: Record<string, unknown>) => m.taskId === ack.taskId && resolve(m)),
+    );
     const deltas = sio.received.filter((m) => m.type === 'chat.delta' && m.taskId === ack.taskId).map((m) => m.text as string);
     assert.equal(deltas.join(''), '> cba worker');
     assert.equal(done.finishReason, 'stop');
@@ -215,8 +217,14 @@ export default function create(options) {
   } finally {
     await close();
   }
-  assert.throws(() => createChatwire({ provider: { name: 'x', module: path.join(dir, 'missing.mjs') } }), /invalid option provider: module .*missing\.mjs does not exist/);
-  assert.throws(() => createChatwire({ provider: { name: 'x', module: file, options: { f: () => 1 } } }), /invalid option provider: options must be plain data/);
+  assert.throws(
+    () => createChatwire({ provider: { name: 'x', module: path.join(dir, 'missing.mjs') } }),
+    /invalid option provider: module .*missing\.mjs does not exist/,
+  );
+  assert.throws(
+    () => createChatwire({ provider: { name: 'x', module: file, options: { f: () => 1 } } }),
+    /invalid option provider: options must be plain data/,
+  );
   assert.throws(() => createChatwire({ provider: { name: 'dev', module: file } }), /invalid option provider: name dev is a built-in/);
   assert.throws(() => createChatwire({ provider: { name: 'y' } as never }), /invalid option provider: expected/);
 });
@@ -227,7 +235,10 @@ test('logger: chatwire logs to the host logger; with none and no logLevel it wri
   const logged = await serve({ logger: { info: at('info'), warn: at('warn'), error: at('error'), debug: at('debug') } });
   await logged.close();
   // Open mode (no secret, no hook) warns at start.
-  assert.ok(records.some((r) => r.level === 'warn' && String(r.msg).includes('open mode')), JSON.stringify(records));
+  assert.ok(
+    records.some((r) => r.level === 'warn' && String(r.msg).includes('open mode')),
+    JSON.stringify(records),
+  );
 
   // pino writes to the file descriptor, not through process.stdout: look at a child's output.
   const silent = await startAndStop({});

@@ -60,7 +60,11 @@ async function chatEverywhere(base: string): Promise<void> {
   await waitFor(() => sio.received.some((m) => m.type === 'chat.done' && m.taskId === sack.taskId));
   sio.close();
 
-  const posted = await fetch(`${base}/v1/chat?user=carol`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ text: 'hello over http' }) });
+  const posted = await fetch(`${base}/v1/chat?user=carol`, {
+    method: 'POST',
+    headers: { 'content-type': 'application/json' },
+    body: JSON.stringify({ text: 'hello over http' }),
+  });
   assert.equal(posted.status, 202);
   const { taskId } = (await posted.json()) as { taskId: string };
   const events = await readSse(await fetch(`${base}/v1/tasks/${taskId}/stream?user=carol`));
@@ -70,7 +74,9 @@ async function chatEverywhere(base: string): Promise<void> {
 
 async function connectSocketIOAt(origin: string, path: string, auth: Record<string, unknown>) {
   const { io } = await import('socket.io-client');
-  const socket = io(origin, { path, transports: ['websocket'], auth, reconnection: false, forceNew: true }) as ReturnType<typeof io> & { received: Record<string, unknown>[] };
+  const socket = io(origin, { path, transports: ['websocket'], auth, reconnection: false, forceNew: true }) as ReturnType<typeof io> & {
+    received: Record<string, unknown>[];
+  };
   socket.received = [];
   socket.onAny((event: string, payload: Record<string, unknown>) => socket.received.push({ ...payload, type: event }));
   await new Promise<void>((resolve, reject) => {
@@ -155,7 +161,9 @@ test('attach(uwsApp, { prefix }): chatwire on the host uWS app, next to its own 
   });
   const chatwire = newChatwire();
   await chatwire.attach(app, { prefix: '/chat' });
-  const listenSocket = await new Promise<uWS.us_listen_socket>((resolve, reject) => app.listen('127.0.0.1', 0, (s) => (s ? resolve(s) : reject(new Error('no listen')))));
+  const listenSocket = await new Promise<uWS.us_listen_socket>((resolve, reject) =>
+    app.listen('127.0.0.1', 0, (s) => (s ? resolve(s) : reject(new Error('no listen')))),
+  );
   const port = uWS.us_socket_local_port(listenSocket as unknown as uWS.us_socket);
   const base = `http://127.0.0.1:${port}/chat`;
   try {
@@ -202,7 +210,10 @@ test('attach(httpServer): a frame over the limit is refused as on uWS, payload_t
     await raw.next((p) => p.startsWith('42["hello"'));
     raw.emit('chat.send', { text: 'x'.repeat(5000) });
     assert.equal(await raw.closed, 1009);
-    assert.deepEqual(raw.events('error').map((e) => e.code), ['payload_too_large']);
+    assert.deepEqual(
+      raw.events('error').map((e) => e.code),
+      ['payload_too_large'],
+    );
   } finally {
     await chatwire.close();
     wss.close();

@@ -19,7 +19,10 @@ after(() => {
 function run(name: string): Promise<{ child: ChildProcess; port: number; stop(): Promise<number | null> }> {
   const dataDir = tempDataDir();
   dirs.push(dataDir);
-  const child = spawn(process.execPath, [path.join(EXAMPLES, name)], { env: { ...process.env, PORT: '0', CHATWIRE_DATA_DIR: dataDir }, stdio: ['ignore', 'pipe', 'pipe'] });
+  const child = spawn(process.execPath, [path.join(EXAMPLES, name)], {
+    env: { ...process.env, PORT: '0', CHATWIRE_DATA_DIR: dataDir },
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
   let out = '';
   return new Promise((resolve, reject) => {
     const onData = (c: Buffer) => {

@@ -81,14 +81,19 @@ test('a CORS preflight from an anonymous address past the bound is answered, and
   const lines: Record<string, unknown>[] = [];
   const dataDir = tempDataDir();
   const config = loadConfig({}, { port: 0, host: '127.0.0.1', dataDir, workerThreads: 1, logLevel: 'info', trustProxy: '127.0.0.1', maxAnonymousUsers: 1 });
-  const app = await createApp(config, { log: pino({ level: 'info' }, { write: (line: string) => void lines.push(JSON.parse(line) as Record<string, unknown>) }) });
+  const app = await createApp(config, {
+    log: pino({ level: 'info' }, { write: (line: string) => void lines.push(JSON.parse(line) as Record<string, unknown>) }),
+  });
   t.after(async () => {
     await app.close();
     fs.rmSync(dataDir, { recursive: true, force: true });
   });
   const base = `http://127.0.0.1:${app.port}`;
   const preflight = (address: string) =>
-    fetch(`${base}/v1/requests`, { method: 'OPTIONS', headers: { origin: 'https://app.example', 'access-control-request-method': 'GET', 'x-forwarded-for': address } });
+    fetch(`${base}/v1/requests`, {
+      method: 'OPTIONS',
+      headers: { origin: 'https://app.example', 'access-control-request-method': 'GET', 'x-forwarded-for': address },
+    });
   assert.equal((await preflight('198.51.100.1')).status, 204);
   for (let i = 2; i <= 20; i++) assert.equal((await preflight(`198.51.100.${i}`)).status, 204);
   assert.equal((await fetch(`${base}/v1/requests?limit=1`, { headers: { 'x-forwarded-for': '198.51.100.2' } })).status, 503);
@@ -165,7 +170,9 @@ function flood(clients: WsClient[], perTick: number, intervalMs: number): { stop
 // A slow provider: 20 ms a token, 32 tokens, so 0.64 s a chat.
 const SLOW_TOKEN_MS = 20;
 
-test('open mode: one client flooding chats without ?user over many connections is refused rate_limited; a user sending one chat a second gets every one acked and answered', { timeout: 60_000 }, async (t) => {
+test('open mode: one client flooding chats without ?user over many connections is refused rate_limited; a user sending one chat a second gets every one acked and answered', {
+  timeout: 60_000,
+}, async (t) => {
   // 4 slots (6 chats a second), room for 32 waiting: one user per connection would fill it in a moment.
   const server = await startServer({ devTokenDelayMs: SLOW_TOKEN_MS, workerThreads: 1, tasksPerWorker: 4, maxQueue: 32 });
   t.after(() => server.close());
@@ -191,7 +198,9 @@ test('open mode: one client flooding chats without ?user over many connections i
   for (const c of flooders) await c.close();
 });
 
-test('twenty accounts each sending past their chat limit at a slow provider cannot fill the queue: a user sending one chat a second gets every one acked and answered', { timeout: 90_000 }, async (t) => {
+test('twenty accounts each sending past their chat limit at a slow provider cannot fill the queue: a user sending one chat a second gets every one acked and answered', {
+  timeout: 90_000,
+}, async (t) => {
   // 16 slots (25 chats a second), room for 200 waiting: the twenty accounts' shares (8 each) fit, their chat
   // allowances (60 each, 1,200 in all) would not.
   const server = await startServer({ devTokenDelayMs: SLOW_TOKEN_MS, workerThreads: 1, tasksPerWorker: 16, maxQueue: 200 });

@@ -64,7 +64,10 @@ describe('frames that cost more to decode than they are worth', () => {
     const PER_CONNECTION = 60;
     assert.ok(PER_CONNECTION < FLOOD_REFUSALS);
     const [codes] = await Promise.all([Promise.all(conns.map((c) => floodWs(c, NESTED, PER_CONNECTION))), bystanderServed(server)]);
-    assert.deepEqual(codes, conns.map(() => 1008));
+    assert.deepEqual(
+      codes,
+      conns.map(() => 1008),
+    );
     const replies = conns.flatMap((c) => c.received.filter((m) => m.type === 'error'));
     const refused = replies.filter((m) => m.code === 'rate_limited').length;
     const answered = replies.filter((m) => m.code === 'bad_request');
@@ -98,7 +101,10 @@ describe('frames that cost more to decode than they are worth', () => {
     const frame = JSON.stringify({ type: 'ping', id: 'p', pad: 'x'.repeat(FRAME_BYTES - 100) });
     assert.ok(frame.length <= FRAME_BYTES && frame.length > FRAME_BYTES - 100);
     const [codes] = await Promise.all([Promise.all(conns.map((c) => floodWs(c, frame, 200))), bystanderServed(server)]);
-    assert.deepEqual(codes, conns.map(() => 1008));
+    assert.deepEqual(
+      codes,
+      conns.map(() => 1008),
+    );
     for (const c of conns) {
       for (const m of c.received.filter((x) => x.type === 'error')) {
         assert.ok(JSON.stringify(m).length < 300, `a reply of ${JSON.stringify(m).length} bytes`);
@@ -118,12 +124,20 @@ describe('frames that cost more to decode than they are worth', () => {
     assert.ok(JSON.stringify(reply).length < 300, `${JSON.stringify(reply).length} bytes`);
     await c.close();
     // Over HTTP the body is refused before it is decoded, just as small.
-    const res = await fetch(`${server.http}/v1/chat?user=keys`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ text: 'hi', ...keys }) });
+    const res = await fetch(`${server.http}/v1/chat?user=keys`, {
+      method: 'POST',
+      headers: { 'content-type': 'application/json' },
+      body: JSON.stringify({ text: 'hi', ...keys }),
+    });
     assert.equal(res.status, 400);
     const body = await res.text();
     assert.ok(body.length < 300, `${body.length} bytes`);
     assert.match(body, /body holds more values than any message \(at most 10\)/);
-    const deep = await fetch(`${server.http}/v1/chat?user=keys`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: `{"text":"hi","params":${NESTED}}` });
+    const deep = await fetch(`${server.http}/v1/chat?user=keys`, {
+      method: 'POST',
+      headers: { 'content-type': 'application/json' },
+      body: `{"text":"hi","params":${NESTED}}`,
+    });
     assert.equal(deep.status, 400);
     assert.match(await deep.text(), /body nests deeper than any message \(at most 2 levels\)/);
   });

@@ -26,20 +26,25 @@ const MARK = 'qx7-canary-message-text';
 const EXPECTED_CODES = new Set<ErrorCode>(['bad_request', 'unauthorized', 'forbidden', 'not_found', 'payload_too_large', 'rate_limited', 'overloaded']);
 const DIRECT_REPLIES = new Set(['error', 'pong', 'ok', 'chat.ack', 'task', 'conversation.history', 'requests.list', 'consumer.requests', 'consumer.bookings']);
 const STACK_TRACE = /\n\s+at |\(file:|\.js:\d+:\d+|node:internal/;
-const CLIENT_TYPES = ['chat.send', 'chat.cancel', 'chat.resume', 'task.get', 'conversation.history', 'requests.list', 'consumer.requests', 'consumer.bookings', 'ping'];
+const CLIENT_TYPES = [
+  'chat.send',
+  'chat.cancel',
+  'chat.resume',
+  'task.get',
+  'conversation.history',
+  'requests.list',
+  'consumer.requests',
+  'consumer.bookings',
+  'ping',
+];
 // socket.io clients refuse to emit these names themselves.
 const RESERVED_EVENTS = new Set(['connect', 'connect_error', 'disconnect', 'disconnecting', 'newListener', 'removeListener']);
 
 function run<T>(name: string, arb: fc.Arbitrary<T>, numRuns: number, check: (value: T) => Promise<void>): Promise<void> {
-  return fc
-    .assert(
-      fc.asyncProperty(arb, check),
-      { numRuns, seed: SEED, endOnFailure: true },
-    )
-    .catch((err: unknown) => {
-      const cause = err instanceof Error && err.cause instanceof Error ? `\ncaused by: ${err.cause.message}` : '';
-      throw new Error(`${name} failed with FUZZ_SEED=${SEED}: ${err instanceof Error ? err.message : String(err)}${cause}`);
-    });
+  return fc.assert(fc.asyncProperty(arb, check), { numRuns, seed: SEED, endOnFailure: true }).catch((err: unknown) => {
+    const cause = err instanceof Error && err.cause instanceof Error ? `\ncaused by: ${err.cause.message}` : '';
+    throw new Error(`${name} failed with FUZZ_SEED=${SEED}: ${err instanceof Error ? err.message : String(err)}${cause}`);
+  });
 }
 
 /** Tally of answers, reported with t.diagnostic so a run shows how much got past validation. */
@@ -58,7 +63,7 @@ function assertErrorShape(reply: Record<string, unknown>, what: string): void {
 function nested(depth: number, leaf: unknown, kind: 'array' | 'object' | 'mixed', seed: number): unknown {
   let value = leaf;
   for (let i = 0; i < depth; i++) {
-    const asArray = kind === 'array' || (kind === 'mixed' && (seed >> i % 30) & 1);
+    const asArray = kind === 'array' || (kind === 'mixed' && (seed >> (i % 30)) & 1);
     value = asArray ? [value] : { a: value };
   }
   return value;
@@ -85,7 +90,10 @@ const anyValue = fc.oneof(
 const opt = <T>(arb: fc.Arbitrary<T>) => fc.option(arb, { nil: undefined, freq: 2 });
 const id = opt(fc.string({ minLength: 1, maxLength: 64 }));
 const taskRef = fc.oneof({ weight: 3, arbitrary: fc.constant('LAST') }, { weight: 1, arbitrary: fc.string({ minLength: 1, maxLength: 40 }) });
-const conversationRef = fc.oneof({ weight: 3, arbitrary: fc.constant('LAST_CONVERSATION') }, { weight: 1, arbitrary: fc.string({ minLength: 1, maxLength: 40 }) });
+const conversationRef = fc.oneof(
+  { weight: 3, arbitrary: fc.constant('LAST_CONVERSATION') },
+  { weight: 1, arbitrary: fc.string({ minLength: 1, maxLength: 40 }) },
+);
 const limit = opt(fc.integer({ min: 1, max: 100 }));
 const cursor = opt(fc.oneof(fc.string({ minLength: 1, maxLength: 40 }), fc.base64String({ minLength: 4, maxLength: 80 })));
 const consumerRef = fc.oneof(fc.constantFrom('c_0000000001', 'c_0000000002', 'fuzzer'), fc.string({ minLength: 1, maxLength: 20 }));
@@ -116,9 +124,19 @@ const chatSendBody = fc
 const validMessage: fc.Arbitrary<Record<string, unknown>> = fc.oneof(
   { weight: 3, arbitrary: chatSendBody.map((b) => ({ type: 'chat.send', ...b })) },
   { weight: 1, arbitrary: fc.record({ id, taskId: taskRef }).map((m) => compact({ type: 'chat.cancel', ...m })) },
-  { weight: 2, arbitrary: fc.record({ id, taskId: taskRef, fromSeq: fc.oneof(fc.nat({ max: 60 }), fc.constant(Number.MAX_SAFE_INTEGER)) }).map((m) => compact({ type: 'chat.resume', ...m })) },
+  {
+    weight: 2,
+    arbitrary: fc
+      .record({ id, taskId: taskRef, fromSeq: fc.oneof(fc.nat({ max: 60 }), fc.constant(Number.MAX_SAFE_INTEGER)) })
+      .map((m) => compact({ type: 'chat.resume', ...m })),
+  },
   { weight: 1, arbitrary: fc.record({ id, taskId: taskRef }).map((m) => compact({ type: 'task.get', ...m })) },
-  { weight: 1, arbitrary: fc.record({ id, conversationId: conversationRef, before: opt(fc.string({ minLength: 1, maxLength: 30 })), limit }).map((m) => compact({ type: 'conversation.history', ...m })) },
+  {
+    weight: 1,
+    arbitrary: fc
+      .record({ id, conversationId: conversationRef, before: opt(fc.string({ minLength: 1, maxLength: 30 })), limit })
+      .map((m) => compact({ type: 'conversation.history', ...m })),
+  },
   {
     weight: 1,
     arbitrary: fc
@@ -131,9 +149,33 @@ const validMessage: fc.Arbitrary<Record<string, unknown>> = fc.oneof(
 );
 
 type Mutation = { kind: 'set'; key: string; value: unknown } | { kind: 'drop'; index: number } | { kind: 'retype'; type: unknown };
-const fieldNames = fc.constantFrom('id', 'type', 'text', 'taskId', 'fromSeq', 'conversationId', 'consumerId', 'limit', 'cursor', 'before', 'status', 'params', 'cache', 'model', '__proto__', 'constructor');
+const fieldNames = fc.constantFrom(
+  'id',
+  'type',
+  'text',
+  'taskId',
+  'fromSeq',
+  'conversationId',
+  'consumerId',
+  'limit',
+  'cursor',
+  'before',
+  'status',
+  'params',
+  'cache',
+  'model',
+  '__proto__',
+  'constructor',
+);
 const mutation: fc.Arbitrary<Mutation> = fc.oneof(
-  { weight: 4, arbitrary: fc.record({ kind: fc.constant('set' as const), key: fc.oneof({ weight: 4, arbitrary: fieldNames }, { weight: 1, arbitrary: text }), value: anyValue }) },
+  {
+    weight: 4,
+    arbitrary: fc.record({
+      kind: fc.constant('set' as const),
+      key: fc.oneof({ weight: 4, arbitrary: fieldNames }, { weight: 1, arbitrary: text }),
+      value: anyValue,
+    }),
+  },
   { weight: 1, arbitrary: fc.record({ kind: fc.constant('drop' as const), index: fc.nat() }) },
   { weight: 1, arbitrary: fc.record({ kind: fc.constant('retype' as const), type: fc.oneof(text, anyValue) }) },
 );
@@ -346,8 +388,20 @@ describe('fuzzing every transport', () => {
       // The message's type as the event name, the rest as the payload: how a client sends each message.
       { weight: 6, arbitrary: messageLike.map(({ type, ...rest }): [string, unknown[]] => [usable(type), [rest]]) },
       { weight: 2, arbitrary: fc.tuple(event.map(usable), fc.array(anyValue, { maxLength: 3 })) },
-      { weight: 1, arbitrary: fc.tuple(event.map(usable), fc.uint8Array({ maxLength: 64 }).map((b) => [Buffer.from(b)])) },
-      { weight: 1, arbitrary: fc.tuple(event.map(usable), deepValue.map((v) => [{ id: 'deep', nested: v }])) },
+      {
+        weight: 1,
+        arbitrary: fc.tuple(
+          event.map(usable),
+          fc.uint8Array({ maxLength: 64 }).map((b) => [Buffer.from(b)]),
+        ),
+      },
+      {
+        weight: 1,
+        arbitrary: fc.tuple(
+          event.map(usable),
+          deepValue.map((v) => [{ id: 'deep', nested: v }]),
+        ),
+      },
     );
     await run('socket.io events', emitted, 1200, async ([name, payload]) => {
       if (!s.connected) s = await connectSocketIO(server.http, { token });
@@ -384,7 +438,10 @@ describe('fuzzing every transport', () => {
     const upgrade = fc.record({
       where: fc.constantFrom('query' as const, 'subprotocol' as const, 'both' as const),
       token: junkToken,
-      protocols: fc.array(fc.stringMatching(/^[\x21-\x7e]{1,30}$/).filter((p) => !p.includes(',')), { maxLength: 3 }),
+      protocols: fc.array(
+        fc.stringMatching(/^[\x21-\x7e]{1,30}$/).filter((p) => !p.includes(',')),
+        { maxLength: 3 },
+      ),
       origin: fc.option(fc.stringMatching(/^[\x20-\x7e]{0,40}$/), { nil: undefined }),
     });
     await run('upgrades', upgrade, 200, async (u) => {
@@ -480,17 +537,30 @@ describe('fuzzing every transport', () => {
       fc.constantFrom('/healthz', '/readyz', '/'),
     );
     const printable = fc.stringMatching(/^[\x20-\x7e]{0,40}$/);
-    const query = fc.array(fc.tuple(fc.constantFrom('limit', 'cursor', 'before', 'status', 'category', 'user', 'lastEventId', 'token', 'x'), fc.oneof(text, printable)), { maxLength: 4 });
-    const auth = fc.oneof({ weight: 8, arbitrary: fc.constant('good') }, { weight: 1, arbitrary: fc.constant('none') }, { weight: 1, arbitrary: printable.map((s) => `Bearer ${s}`) });
+    const query = fc.array(
+      fc.tuple(fc.constantFrom('limit', 'cursor', 'before', 'status', 'category', 'user', 'lastEventId', 'token', 'x'), fc.oneof(text, printable)),
+      { maxLength: 4 },
+    );
+    const auth = fc.oneof(
+      { weight: 8, arbitrary: fc.constant('good') },
+      { weight: 1, arbitrary: fc.constant('none') },
+      { weight: 1, arbitrary: printable.map((s) => `Bearer ${s}`) },
+    );
     const body = fc.oneof(
       { weight: 3, arbitrary: chatBodyLike.map((m) => JSON.stringify(m)) },
       { weight: 1, arbitrary: anyValue.map((v) => JSON.stringify(v) ?? '') },
       { weight: 1, arbitrary: fc.string({ unit: 'binary', maxLength: 200 }) },
-      { weight: 1, arbitrary: fc.integer({ min: MAX_FRAME_BYTES - 10, max: MAX_FRAME_BYTES * 4 }).map((n) => JSON.stringify({ text: `${MARK}${'z'.repeat(n)}` })) },
+      {
+        weight: 1,
+        arbitrary: fc.integer({ min: MAX_FRAME_BYTES - 10, max: MAX_FRAME_BYTES * 4 }).map((n) => JSON.stringify({ text: `${MARK}${'z'.repeat(n)}` })),
+      },
     );
     const request = fc.record({
       // The route's own method most of the time (POST for /v1/chat, GET elsewhere), sometimes any other.
-      method: fc.oneof({ weight: 5, arbitrary: fc.constant('own') }, { weight: 2, arbitrary: fc.constantFrom('GET', 'POST', 'PUT', 'DELETE', 'PATCH', 'OPTIONS', 'HEAD') }),
+      method: fc.oneof(
+        { weight: 5, arbitrary: fc.constant('own') },
+        { weight: 2, arbitrary: fc.constantFrom('GET', 'POST', 'PUT', 'DELETE', 'PATCH', 'OPTIONS', 'HEAD') },
+      ),
       route,
       query,
       auth,
@@ -519,7 +589,10 @@ describe('fuzzing every transport', () => {
       const payload = await res.text();
       tally(counts, String(res.status));
       assert.doesNotMatch(payload, STACK_TRACE);
-      assert.ok([200, 202, 204, 304, 400, 401, 403, 404, 405, 413, 429].includes(res.status), `${res.status} for ${method} ${url.pathname}: ${payload.slice(0, 200)}`);
+      assert.ok(
+        [200, 202, 204, 304, 400, 401, 403, 404, 405, 413, 429].includes(res.status),
+        `${res.status} for ${method} ${url.pathname}: ${payload.slice(0, 200)}`,
+      );
       if (url.pathname === '/v1' || url.pathname.startsWith('/v1/')) {
         assert.ok(res.headers.get('ratelimit-policy') && res.headers.get('ratelimit'), `RateLimit fields on ${res.status} for ${method} ${url.pathname}`);
       }

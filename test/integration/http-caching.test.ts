@@ -67,7 +67,7 @@ describe('HTTP caching of GET /v1 reads', () => {
     assert.notEqual(open.etag, all.etag, 'another page is another representation');
     const requests = await assertRevalidates(`${server.http}/v1/consumers/${consumerId}/requests?user=${consumerId}`, LISTING);
     const bookings = await assertRevalidates(`${server.http}/v1/consumers/${consumerId}/bookings?user=${consumerId}`, LISTING);
-    assert.ok(((JSON.parse(bookings.body) as { items: unknown[] }).items.length) > 0);
+    assert.ok((JSON.parse(bookings.body) as { items: unknown[] }).items.length > 0);
     assert.notEqual(requests.etag, bookings.etag);
   });
 
@@ -93,7 +93,9 @@ describe('HTTP caching of GET /v1 reads', () => {
     assert.equal((await fetch(url, { headers: { 'if-none-match': etag } })).status, 304);
 
     // An ETag never stands in for authorization: another user gets 403, not 304.
-    const other = await fetch(`${server.http}/v1/conversations/${ack.conversationId as string}/messages?user=someone-else`, { headers: { 'if-none-match': etag } });
+    const other = await fetch(`${server.http}/v1/conversations/${ack.conversationId as string}/messages?user=someone-else`, {
+      headers: { 'if-none-match': etag },
+    });
     assert.equal(other.status, 403);
     await c.close();
   });

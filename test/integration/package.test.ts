@@ -32,7 +32,16 @@ before(() => {
 });
 
 test('the tarball holds what runs, and nothing of the tests, scripts or sources', () => {
-  for (const file of ['dist/src/index.js', 'dist/src/index.d.ts', 'dist/src/client/client.js', 'dist/src/client/client.d.ts', 'dist/workers/llm-entry.cjs', 'dist/workers/llm.worker.js', 'src/client/public/index.html', 'docs/openapi.json']) {
+  for (const file of [
+    'dist/src/index.js',
+    'dist/src/index.d.ts',
+    'dist/src/client/client.js',
+    'dist/src/client/client.d.ts',
+    'dist/workers/llm-entry.cjs',
+    'dist/workers/llm.worker.js',
+    'src/client/public/index.html',
+    'docs/openapi.json',
+  ]) {
     assert.ok(fs.existsSync(path.join(installed, file)), file);
   }
   assert.ok(fs.readdirSync(path.join(installed, 'db', 'migrations')).length > 0);
@@ -128,9 +137,30 @@ export const made = [createChatwire(options), connect, wrong];
 `,
   );
   const tsc = (file: string) =>
-    execFileSync(process.execPath, [path.join(ROOT, 'node_modules', 'typescript', 'bin', 'tsc'), '--noEmit', '--strict', '--module', 'nodenext', '--moduleResolution', 'nodenext', '--target', 'es2022', '--skipLibCheck', '--types', 'node', file], { cwd: tmp, encoding: 'utf8' });
+    execFileSync(
+      process.execPath,
+      [
+        path.join(ROOT, 'node_modules', 'typescript', 'bin', 'tsc'),
+        '--noEmit',
+        '--strict',
+        '--module',
+        'nodenext',
+        '--moduleResolution',
+        'nodenext',
+        '--target',
+        'es2022',
+        '--skipLibCheck',
+        '--types',
+        'node',
+        file,
+      ],
+      { cwd: tmp, encoding: 'utf8' },
+    );
   tsc('typed.ts');
   // And the check can fail: an option chatwire does not have is a type error.
   fs.writeFileSync(path.join(tmp, 'mistyped.ts'), `import { createChatwire } from 'chatwire';\nexport const c = createChatwire({ dataPath: './x' });\n`);
-  assert.throws(() => tsc('mistyped.ts'), (err: unknown) => /dataPath/.test(String((err as { stdout?: string }).stdout)));
+  assert.throws(
+    () => tsc('mistyped.ts'),
+    (err: unknown) => /dataPath/.test(String((err as { stdout?: string }).stdout)),
+  );
 });

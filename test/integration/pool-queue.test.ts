@@ -100,11 +100,17 @@ test('chats cancelled while they wait for a worker give their place back at once
   }
   // Nothing reached the client for the cancelled calls after their chat.done, though a worker picked them up before
   // the admitted ones (the frames of one socket arrive in order).
-  for (const taskId of waiting) assert.deepEqual(framesOf(c, taskId).map((m) => m.type), ['chat.done']);
+  for (const taskId of waiting)
+    assert.deepEqual(
+      framesOf(c, taskId).map((m) => m.type),
+      ['chat.done'],
+    );
   await c.close();
 });
 
-test('chats that pass their deadline while they wait for a worker give their place back: the chats admitted in their place are queued, not failed', { timeout: 60_000 }, async (t) => {
+test('chats that pass their deadline while they wait for a worker give their place back: the chats admitted in their place are queued, not failed', {
+  timeout: 60_000,
+}, async (t) => {
   // taskTimeoutMs 1000: a call is asked to stop 1 s after it was queued, and its worker is terminated 2 s later.
   const server = await startServer({ devFaults: true, devTokenDelayMs: 0, workerThreads: 1, tasksPerWorker: 1, maxQueue: 2, taskTimeoutMs: 1000, ...LIMITS });
   t.after(() => server.close());

@@ -145,7 +145,10 @@ test('SIGTERM mid-stream cancels the running task, stores its partial text, and 
     const { end } = await c.collect(ack.taskId as string);
     assert.equal(end.type, 'chat.done');
     assert.equal(end.finishReason, 'cancelled');
-    const seen = c.received.filter((m) => m.type === 'chat.delta' && m.taskId === ack.taskId).map((m) => m.text as string).join('');
+    const seen = c.received
+      .filter((m) => m.type === 'chat.delta' && m.taskId === ack.taskId)
+      .map((m) => m.text as string)
+      .join('');
     assert.equal(await c.closed, 1001);
     const exit = await first.exited;
     assert.deepEqual(exit, { code: 0, signal: null });

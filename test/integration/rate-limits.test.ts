@@ -104,7 +104,10 @@ describe('frames: one bucket per user, shared by every connection and transport'
     assert.deepEqual(await a.request({ type: 'ping', id: 'p1' }), { type: 'pong', id: 'p1' });
     const overWs = await b.request({ type: 'ping', id: 'p2' });
     assert.deepEqual([overWs.type, overWs.code, overWs.id], ['error', 'rate_limited', 'p2']);
-    assert.ok(Number.isInteger(overWs.retryAfterMs) && (overWs.retryAfterMs as number) > 15_000 && (overWs.retryAfterMs as number) <= 20_000, String(overWs.retryAfterMs));
+    assert.ok(
+      Number.isInteger(overWs.retryAfterMs) && (overWs.retryAfterMs as number) > 15_000 && (overWs.retryAfterMs as number) <= 20_000,
+      String(overWs.retryAfterMs),
+    );
     const overSio = await emitWithAck(s, 'ping', { id: 'p3' });
     assert.deepEqual([overSio.type, overSio.code, overSio.id], ['error', 'rate_limited', 'p3']);
     assert.ok((overSio.retryAfterMs as number) > 15_000 && (overSio.retryAfterMs as number) <= 20_000);
@@ -115,7 +118,7 @@ describe('frames: one bucket per user, shared by every connection and transport'
     assert.equal(body.error.code, 'rate_limited');
     assert.ok((body.error.retryAfterMs as number) > 15_000 && (body.error.retryAfterMs as number) <= 20_000);
     assert.equal(rateLimitOf(overHttp).messages?.r, 0);
-    assert.equal(rateLimitOf(overHttp).messages?.t, 20, "on a 429 the effective window is Retry-After");
+    assert.equal(rateLimitOf(overHttp).messages?.t, 20, 'on a 429 the effective window is Retry-After');
 
     // Another user is not touched by any of it.
     const other = await WsClient.connect(server.ws, { user: 'bystander' });
@@ -136,9 +139,17 @@ describe('frames: one bucket per user, shared by every connection and transport'
     assert.equal(end.type, 'chat.done');
     assert.deepEqual(stored(server, 'chatter'), { tasks: ['done'], messages: ['first, allowed', text] });
 
-    const first = await fetch(`${server.http}/v1/chat?user=poster`, { method: 'POST', headers: json, body: JSON.stringify({ text: 'over HTTP, allowed', params: { maxTokens: 4 } }) });
+    const first = await fetch(`${server.http}/v1/chat?user=poster`, {
+      method: 'POST',
+      headers: json,
+      body: JSON.stringify({ text: 'over HTTP, allowed', params: { maxTokens: 4 } }),
+    });
     assert.equal(first.status, 202);
-    const second = await fetch(`${server.http}/v1/chat?user=poster`, { method: 'POST', headers: json, body: JSON.stringify({ text: 'over HTTP, refused', cache: 'bypass' }) });
+    const second = await fetch(`${server.http}/v1/chat?user=poster`, {
+      method: 'POST',
+      headers: json,
+      body: JSON.stringify({ text: 'over HTTP, refused', cache: 'bypass' }),
+    });
     assert.equal(second.status, 429);
     assert.equal(second.headers.get('retry-after'), '20');
     assert.equal(((await second.json()) as ErrorBody).error.code, 'rate_limited');
@@ -399,7 +410,11 @@ describe('RateLimit-Policy and RateLimit on every /v1 response', () => {
       ['202 chat', chat, 202],
       ['200 stream', stream, 200],
       ['200 task', read, 200],
-      ['304 not modified', await fetch(`${server.http}/v1/tasks/${taskId}?user=${user}`, { headers: { 'if-none-match': read.headers.get('etag') ?? '' } }), 304],
+      [
+        '304 not modified',
+        await fetch(`${server.http}/v1/tasks/${taskId}?user=${user}`, { headers: { 'if-none-match': read.headers.get('etag') ?? '' } }),
+        304,
+      ],
       ['200 history', await fetch(`${server.http}/v1/conversations/${conversationId}/messages?user=${user}`), 200],
       ['200 requests', await fetch(`${server.http}/v1/requests?user=${user}`), 200],
       ['400 bad body', await post('{"text":'), 400],
@@ -464,7 +479,9 @@ describe('RateLimit-Policy and RateLimit on every /v1 response', () => {
   test('HEAD on a /v1 route is a 405 without content, so the next response on the connection is read right', async () => {
     const raw = await new Promise<string>((resolve, reject) => {
       const sock = net.connect(server.port, '127.0.0.1', () => {
-        sock.write('HEAD /v1/requests?user=header HTTP/1.1\r\nHost: x\r\n\r\nGET /v1/requests?user=header&limit=1 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n');
+        sock.write(
+          'HEAD /v1/requests?user=header HTTP/1.1\r\nHost: x\r\n\r\nGET /v1/requests?user=header&limit=1 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n',
+        );
       });
       let text = '';
       sock.on('data', (d) => (text += d.toString('latin1')));
@@ -632,7 +649,10 @@ describe('connections per user and the origin policy', () => {
     assert.equal(miss.status, 404);
     assert.equal(rateLimitOf(miss).messages?.r, 49);
     // A preflight with a bad token is still answered (a browser would otherwise report a CORS failure), as unidentified.
-    const preflight = await fetch(`${server.http}/v1/chat?token=nope`, { method: 'OPTIONS', headers: { origin: 'https://app.example', 'access-control-request-method': 'POST' } });
+    const preflight = await fetch(`${server.http}/v1/chat?token=nope`, {
+      method: 'OPTIONS',
+      headers: { origin: 'https://app.example', 'access-control-request-method': 'POST' },
+    });
     assert.equal(preflight.status, 204);
     assert.equal(preflight.headers.get('ratelimit-policy'), policy);
     assert.equal(preflight.headers.get('ratelimit'), fresh);

@@ -116,7 +116,11 @@ test('a task dropped from memory by the budget resumes from storage over /ws, so
     assert.deepEqual(await sseData(server, id, 'ret'), expected, `SSE of ${id}`);
     assert.deepEqual(await sseData(server, id, 'ret', 4), expected.length > 5 ? expected.slice(5) : expected.slice(-1), `SSE of ${id} after Last-Event-ID 4`);
     const sio = await resumeSocketIO(server, 'ret', id, 2);
-    assert.deepEqual(sio, (expected.length > 2 ? expected.slice(2) : expected.slice(-1)).map((f) => JSON.parse(f) as Msg), `socket.io resume of ${id}`);
+    assert.deepEqual(
+      sio,
+      (expected.length > 2 ? expected.slice(2) : expected.slice(-1)).map((f) => JSON.parse(f) as Msg),
+      `socket.io resume of ${id}`,
+    );
     assert.deepEqual((await c.request({ type: 'task.get', taskId: id })).task, infos.get(id), `task.get of ${id}`);
   }
   // Another user's task stays theirs, from storage too.

@@ -23,7 +23,16 @@ test('SIGTERM under load drains: no new connections, running tasks end cancelled
   const server = await startProcess(env);
   const ledger = new Ledger();
   // No client cancels: every chat.done `cancelled` comes from the shutdown.
-  const chatters = await startChatters({ base: server.http, clients: 12, socketIoEvery: 3, userPrefix: 'drain', ledger, inFlight: 2, cancelRate: 0, maxTokens: [20, 200] });
+  const chatters = await startChatters({
+    base: server.http,
+    clients: 12,
+    socketIoEvery: 3,
+    userPrefix: 'drain',
+    ledger,
+    inFlight: 2,
+    cancelRate: 0,
+    maxTokens: [20, 200],
+  });
   // A reader that sees the whole shutdown from its own socket.
   const watcher = await WsClient.connect(server.ws, { user: 'watcher' });
   const long = await watcher.request({ type: 'chat.send', text: 'a reply longer than the shutdown', params: { maxTokens: 4000 }, cache: 'bypass' });
@@ -54,7 +63,10 @@ test('SIGTERM under load drains: no new connections, running tasks end cancelled
     ends.filter((e) => e.type !== 'chat.done'),
     [],
   );
-  assert.ok(ends.some((e) => e.finishReason === 'cancelled'), 'some chat was running when SIGTERM came');
+  assert.ok(
+    ends.some((e) => e.finishReason === 'cancelled'),
+    'some chat was running when SIGTERM came',
+  );
   assert.equal(ledger.duplicateEnds, 0);
   assert.equal(ledger.seqGaps, 0);
   for (const code of Object.keys(ledger.refused)) assert.equal(code, 'overloaded');
@@ -67,7 +79,9 @@ test('SIGTERM under load drains: no new connections, running tasks end cancelled
   assert.deepEqual(v.lostReplies, []);
   assert.deepEqual(v.corruptConversations, []);
   assert.equal(v.replies, ledger.ended.size);
-  t.diagnostic(`${v.acked} chats acknowledged, ${ends.filter((e) => e.finishReason === 'cancelled').length} cancelled by the shutdown, refused during the drain: ${JSON.stringify(ledger.refused)}`);
+  t.diagnostic(
+    `${v.acked} chats acknowledged, ${ends.filter((e) => e.finishReason === 'cancelled').length} cancelled by the shutdown, refused during the drain: ${JSON.stringify(ledger.refused)}`,
+  );
 
   // The next start finds nothing to recover.
   const next = await startProcess(env);

@@ -81,10 +81,7 @@ test('a chat that joins a call in flight gets the deltas so far at once, then th
   assertContiguous(lateDeltas);
   assert.deepEqual(texts(lateDeltas), texts(all));
   const taskReplyAt = late.received.findIndex((m) => m.type === 'task');
-  assert.ok(
-    late.received.slice(0, taskReplyAt).filter((m) => m.type === 'chat.delta').length >= 5,
-    'the deltas so far came before the task reply',
-  );
+  assert.ok(late.received.slice(0, taskReplyAt).filter((m) => m.type === 'chat.delta').length >= 5, 'the deltas so far came before the task reply');
   assert.equal(lateReply.end.type, 'chat.done');
   assert.equal(lateReply.end.cached, false);
   assert.equal(lateReply.end.finishReason, 'length');

@@ -15,7 +15,14 @@ import { WsClient } from '../helpers/clients.js';
 import { startServer } from '../helpers/server.js';
 
 // Every per-user limit out of the way, egress too: one user's hundred readers replay about 75 MB here.
-const LIMITS = { messagesPerSecond: 1_000_000, chatsPerMinute: 1_000_000, modelTokensPerMinute: 1_000_000_000, maxConnectionsPerUser: 10_000, egressBytesPerMinute: 1024 * 1024 * 1024, maxRunningPerUser: 10_000 };
+const LIMITS = {
+  messagesPerSecond: 1_000_000,
+  chatsPerMinute: 1_000_000,
+  modelTokensPerMinute: 1_000_000_000,
+  maxConnectionsPerUser: 10_000,
+  egressBytesPerMinute: 1024 * 1024 * 1024,
+  maxRunningPerUser: 10_000,
+};
 
 async function metric(base: string, name: string): Promise<number> {
   const text = await (await fetch(`${base}/metrics`)).text();
@@ -158,7 +165,10 @@ test('stopped readers that keep asking are closed by the backpressure limit (101
   // The close frames wait behind what the kernel holds: read again to see them.
   for (const c of dead) tcp(c).resume();
   const codes = await Promise.all(dead.map((c) => c.closed));
-  assert.deepEqual(codes, dead.map(() => 1013));
+  assert.deepEqual(
+    codes,
+    dead.map(() => 1013),
+  );
   for (const c of dead) assert.match(c.closeReason, /slow reader/);
   assert.equal(await chatting, 30);
   const metrics = await (await fetch(`${server.http}/metrics`)).text();

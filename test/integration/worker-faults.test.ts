@@ -63,7 +63,10 @@ for (const fault of ['exit', 'throw'] as const) {
       assert.equal(end.retryable, true);
       assert.equal(await storedStatus(c, ack.taskId), 'error');
       // The acknowledged question is stored; no reply is.
-      assert.deepEqual((await history(c, ack.conversationId)).map(([role]) => role), ['user']);
+      assert.deepEqual(
+        (await history(c, ack.conversationId)).map(([role]) => role),
+        ['user'],
+      );
     }
     await assertPoolServes(c);
     assert.equal(await metric(server, 'chatwire_worker_failures_total'), 4);

@@ -99,7 +99,10 @@ test('a token without sub is refused; one without exp is accepted unless require
   assert.deepEqual(await auth.identify({ token: noExp, connectionId: 'c1' }), { userId: 'alice', role: 'consumer' });
   const strict = createAuth({ secret: SECRET, now, requireExp: true });
   await assertUnauthorized(strict.identify({ token: noExp, connectionId: 'c1' }), 'token has no exp claim');
-  assert.deepEqual(await strict.identify({ token: await sign({ sub: 'alice', exp: NOW_SEC + 60 }), connectionId: 'c1' }), { userId: 'alice', role: 'consumer' });
+  assert.deepEqual(await strict.identify({ token: await sign({ sub: 'alice', exp: NOW_SEC + 60 }), connectionId: 'c1' }), {
+    userId: 'alice',
+    role: 'consumer',
+  });
   const badExp = await sign({ sub: 'alice', exp: 'soon' as unknown as number });
   await assertUnauthorized(auth.identify({ token: badExp, connectionId: 'c1' }), 'token claim exp is invalid');
 });
@@ -116,7 +119,11 @@ test('with maxTtlSec set, a token valid for longer than it is refused; unset, an
   const bounded = createAuth({ secret: SECRET, now, maxTtlSec: 3600 });
   const tooLong = /^token lifetime too long: exp is more than 3600 s after (iat|now); this server accepts tokens valid for at most 3600 s$/;
   const forever = await sign({ sub: 'alice', exp: 1e300 });
-  await assertUnauthorized(bounded.identify({ token: forever, connectionId: 'c1' }), 'token lifetime too long: exp is more than 3600 s after now; this server accepts tokens valid for at most 3600 s', forever);
+  await assertUnauthorized(
+    bounded.identify({ token: forever, connectionId: 'c1' }),
+    'token lifetime too long: exp is more than 3600 s after now; this server accepts tokens valid for at most 3600 s',
+    forever,
+  );
   await assertUnauthorized(bounded.identify({ token: await sign({ sub: 'alice', iat: NOW_SEC, exp: 1e300 }), connectionId: 'c1' }), tooLong);
   // exp - iat: an hour and a minute is too long even when most of it has passed.
   await assertUnauthorized(bounded.identify({ token: await sign({ sub: 'alice', iat: NOW_SEC - 3000, exp: NOW_SEC + 660 }), connectionId: 'c1' }), tooLong);
@@ -126,7 +133,10 @@ test('with maxTtlSec set, a token valid for longer than it is refused; unset, an
   await assertUnauthorized(bounded.identify({ token: signRaw(`{"sub":"alice","exp":1e309}`), connectionId: 'c1' }), tooLong);
   await assertUnauthorized(bounded.identify({ token: signRaw(`{"sub":"alice","iat":1e309,"exp":1e309}`), connectionId: 'c1' }), tooLong);
   // A token that never expires outlives any bound.
-  await assertUnauthorized(bounded.identify({ token: await sign({ sub: 'alice' }), connectionId: 'c1' }), 'token has no exp claim: this server accepts tokens valid for at most 3600 s');
+  await assertUnauthorized(
+    bounded.identify({ token: await sign({ sub: 'alice' }), connectionId: 'c1' }),
+    'token has no exp claim: this server accepts tokens valid for at most 3600 s',
+  );
 
   const hour = { userId: 'alice', role: 'consumer' };
   assert.deepEqual(await bounded.identify({ token: await sign({ sub: 'alice', iat: NOW_SEC, exp: NOW_SEC + 3600 }), connectionId: 'c1' }), hour);
@@ -183,7 +193,10 @@ test('garbage and oversized tokens are refused without echoing them', async () =
 test('open mode trusts a well-formed ?user= as a consumer; callers without one are one anonymous user per address', async () => {
   const auth = createAuth({});
   assert.equal(auth.mode, 'open');
-  assert.deepEqual(await auth.identify({ user: 'alice@example.com', connectionId: 'c1', address: '203.0.113.7' }), { userId: 'alice@example.com', role: 'consumer' });
+  assert.deepEqual(await auth.identify({ user: 'alice@example.com', connectionId: 'c1', address: '203.0.113.7' }), {
+    userId: 'alice@example.com',
+    role: 'consumer',
+  });
   const anon = await auth.identify({ connectionId: 'c7', address: '203.0.113.7' });
   assert.equal(anon.role, 'consumer');
   assert.match(anon.userId, /^anon-[0-9a-f]{16}$/);
@@ -228,7 +241,12 @@ test('an IPv4 address is one anonymous user however it is spelt, and an IPv6 cli
 
 test('open mode asks admitAnonymous before letting an anonymous caller in: refused, it is overloaded (503); named users are not asked', async () => {
   const asked: string[] = [];
-  const auth = createAuth({ admitAnonymous: (userId) => { asked.push(userId); return asked.length <= 1; } });
+  const auth = createAuth({
+    admitAnonymous: (userId) => {
+      asked.push(userId);
+      return asked.length <= 1;
+    },
+  });
   const first = await auth.identify({ connectionId: 'c1', address: '203.0.113.1' });
   await assert.rejects(auth.identify({ connectionId: 'c2', address: '203.0.113.2' }), (err: unknown) => {
     assert.ok(err instanceof AppError);

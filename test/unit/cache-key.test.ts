@@ -92,7 +92,13 @@ test('the backend fingerprint names the upstream or the model file, never a secr
     assert.equal(upstreamIdentity(spelled), 'https://api.openai.com/v1');
   }
   // Another scheme, host, port or path is another upstream.
-  const others = ['http://api.openai.com/v1', 'https://example.com/v1', 'https://api.openai.com:8443/v1', 'https://api.openai.com/v2', 'https://api.openai.com/v1?api-version=2'];
+  const others = [
+    'http://api.openai.com/v1',
+    'https://example.com/v1',
+    'https://api.openai.com:8443/v1',
+    'https://api.openai.com/v2',
+    'https://api.openai.com/v1?api-version=2',
+  ];
   assert.equal(new Set(others.map(upstreamIdentity)).size, others.length);
   assert.ok(!others.map(upstreamIdentity).includes('https://api.openai.com/v1'));
 });
@@ -119,7 +125,13 @@ test('a different history gives a different key', () => {
 });
 
 test('message boundaries are part of the key: two messages differ from their joined text', () => {
-  const split = cacheKey({ ...request(''), messages: [{ role: 'user', content: 'a' }, { role: 'user', content: 'b' }] });
+  const split = cacheKey({
+    ...request(''),
+    messages: [
+      { role: 'user', content: 'a' },
+      { role: 'user', content: 'b' },
+    ],
+  });
   const joined = cacheKey({ ...request(''), messages: [{ role: 'user', content: 'a b' }] });
   assert.notEqual(split, joined);
 });
@@ -148,7 +160,10 @@ test('the raw key uses the exact text: white space and Unicode form count', () =
 });
 
 test('normalization is idempotent and leaves no edge or doubled white space', () => {
-  const unit = fc.oneof(fc.constantFrom(' ', '\t', '\n', '\r', '\u00a0', '\u2028', 'e', '\u0301', '\u00e9', '\u{1F44B}', '.'), fc.string({ unit: 'grapheme-composite', maxLength: 1 }));
+  const unit = fc.oneof(
+    fc.constantFrom(' ', '\t', '\n', '\r', '\u00a0', '\u2028', 'e', '\u0301', '\u00e9', '\u{1F44B}', '.'),
+    fc.string({ unit: 'grapheme-composite', maxLength: 1 }),
+  );
   fc.assert(
     fc.property(fc.string({ unit }), (s) => {
       const n = normalizeText(s);
@@ -162,11 +177,15 @@ test('normalization is idempotent and leaves no edge or doubled white space', ()
 test('adding white space around words never changes the normalized key', () => {
   const space = fc.constantFrom(' ', '  ', '\t', '\n', '\r\n', '\u00a0');
   fc.assert(
-    fc.property(fc.array(fc.stringMatching(/^[A-Za-z0-9.,!?]{1,8}$/), { minLength: 1, maxLength: 6 }), fc.array(space, { minLength: 7, maxLength: 7 }), (words, spaces) => {
-      const plain = words.join(' ');
-      const spaced = spaces[0] + words.map((w, i) => w + (spaces[i + 1] ?? ' ')).join('');
-      assert.equal(keyOf(spaced), keyOf(plain));
-    }),
+    fc.property(
+      fc.array(fc.stringMatching(/^[A-Za-z0-9.,!?]{1,8}$/), { minLength: 1, maxLength: 6 }),
+      fc.array(space, { minLength: 7, maxLength: 7 }),
+      (words, spaces) => {
+        const plain = words.join(' ');
+        const spaced = spaces[0] + words.map((w, i) => w + (spaces[i + 1] ?? ' ')).join('');
+        assert.equal(keyOf(spaced), keyOf(plain));
+      },
+    ),
   );
 });
 

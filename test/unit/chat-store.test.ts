@@ -70,7 +70,15 @@ test('a finished task keeps what a resume needs: chunk boundaries, timings, and 
 
   const done = newTaskId();
   const began = await store.beginChat({ taskId: done, userId: 'u1', conversationId: undefined, text: 'hello' });
-  const messageId = await store.finishTask({ ...base, taskId: done, conversationId: began.conversationId, status: 'done', finishReason: 'length', text: 'abcdef', deltaEnds: Uint32Array.of(2, 3, 6) });
+  const messageId = await store.finishTask({
+    ...base,
+    taskId: done,
+    conversationId: began.conversationId,
+    status: 'done',
+    finishReason: 'length',
+    text: 'abcdef',
+    deltaEnds: Uint32Array.of(2, 3, 6),
+  });
   const stored = store.task(done);
   assert.equal(stored?.text, 'abcdef');
   assert.deepEqual(stored?.replay, {
@@ -88,11 +96,24 @@ test('a finished task keeps what a resume needs: chunk boundaries, timings, and 
 
   const failed = newTaskId();
   await store.beginChat({ taskId: failed, userId: 'u1', conversationId: began.conversationId, text: 'again' });
-  await store.finishTask({ ...base, taskId: failed, conversationId: began.conversationId, status: 'error', errorCode: 'upstream_error', errorMessage: 'the model failed', text: 'part', deltaEnds: Uint32Array.of(4) });
+  await store.finishTask({
+    ...base,
+    taskId: failed,
+    conversationId: began.conversationId,
+    status: 'error',
+    errorCode: 'upstream_error',
+    errorMessage: 'the model failed',
+    text: 'part',
+    deltaEnds: Uint32Array.of(4),
+  });
   const lost = store.task(failed);
   assert.equal(lost?.text, 'part');
   assert.equal(lost?.replay?.errorMessage, 'the model failed');
-  assert.deepEqual(store.history(began.conversationId, undefined, 10).messages.map((m) => m.text), ['hello', 'abcdef', 'again'], 'a failed task stores no message');
+  assert.deepEqual(
+    store.history(began.conversationId, undefined, 10).messages.map((m) => m.text),
+    ['hello', 'abcdef', 'again'],
+    'a failed task stores no message',
+  );
 
   // A cache hit is stored finished with its question; its boundaries and timings follow.
   const hit = newTaskId();

@@ -19,7 +19,13 @@ test('the defaults work with an empty environment', () => {
 });
 
 test('values come from the environment, coerced and validated', () => {
-  const config = loadConfig({ PORT: '9000', CHATWIRE_DEV_TOKEN_DELAY_MS: '0', CHATWIRE_LLM: 'openai', CHATWIRE_DEV_FAULTS: 'true', CHATWIRE_JWT_SECRET: 's3cret' });
+  const config = loadConfig({
+    PORT: '9000',
+    CHATWIRE_DEV_TOKEN_DELAY_MS: '0',
+    CHATWIRE_LLM: 'openai',
+    CHATWIRE_DEV_FAULTS: 'true',
+    CHATWIRE_JWT_SECRET: 's3cret',
+  });
   assert.equal(config.port, 9000);
   assert.equal(config.devTokenDelayMs, 0);
   assert.equal(config.llm, 'openai');
@@ -108,7 +114,8 @@ test('integer settings take plain decimal integers only, then their range', () =
 
 test('rate settings take positive decimals, and not an empty value', () => {
   assertRejected({ CHATWIRE_MESSAGES_PER_SECOND: '' }, 'expected a number above 0 and at most 1000000 (decimals like 0.5 allowed)');
-  for (const value of [' ', '0', '-1', '1e3', '0x10', 'NaN', '1,5', '1000001']) assertRejected({ CHATWIRE_CHATS_PER_MINUTE: value }, /^expected a number above 0 and at most 1000000 /);
+  for (const value of [' ', '0', '-1', '1e3', '0x10', 'NaN', '1,5', '1000001'])
+    assertRejected({ CHATWIRE_CHATS_PER_MINUTE: value }, /^expected a number above 0 and at most 1000000 /);
   assertRejected({ CHATWIRE_MODEL_TOKENS_PER_MINUTE: '' }, /^expected a number above 0 and at most 1000000000 /);
   const config = loadConfig({ CHATWIRE_MESSAGES_PER_SECOND: '0.5', CHATWIRE_CHATS_PER_MINUTE: ' 2.25 ', CHATWIRE_MODEL_TOKENS_PER_MINUTE: '1000000000' });
   assert.equal(config.messagesPerSecond, 0.5);
@@ -138,8 +145,20 @@ test('CHATWIRE_ALLOWED_ORIGINS is `*` or a list of origins, parsed once at start
   assertRejected({ CHATWIRE_ALLOWED_ORIGINS: '*, https://a.example' }, '`*` allows any origin and cannot be combined with a list of origins');
   assertRejected({ CHATWIRE_ALLOWED_ORIGINS: 'https://a.example,*' }, '`*` allows any origin and cannot be combined with a list of origins');
   assertRejected({ CHATWIRE_ALLOWED_ORIGINS: 'https://a.example,' }, 'has an empty entry: remove the stray comma');
-  for (const entry of ['app.example', 'https://app.example/', 'https://app.example/chat', 'https://app.example?x=1', 'https://user@app.example', 'https://', '*.example.com', 'https://app.example:port']) {
-    assertRejected({ CHATWIRE_ALLOWED_ORIGINS: `https://ok.example, ${entry}` }, `${JSON.stringify(entry)} is not an origin: expected scheme://host[:port] with no path, like https://app.example`);
+  for (const entry of [
+    'app.example',
+    'https://app.example/',
+    'https://app.example/chat',
+    'https://app.example?x=1',
+    'https://user@app.example',
+    'https://',
+    '*.example.com',
+    'https://app.example:port',
+  ]) {
+    assertRejected(
+      { CHATWIRE_ALLOWED_ORIGINS: `https://ok.example, ${entry}` },
+      `${JSON.stringify(entry)} is not an origin: expected scheme://host[:port] with no path, like https://app.example`,
+    );
   }
   assertRejected({ CHATWIRE_ALLOWED_ORIGINS: 'https://app.example:70000' }, '"https://app.example:70000" has a port outside 1..65535');
 });

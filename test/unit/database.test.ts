@@ -17,10 +17,13 @@ test('pluck statements return their one column on get as on all, and count every
     INSERT INTO t (id, name) VALUES (1, 'a "quoted" \\ name'), (2, 'zwei ü');`);
   const rows = db.prepare<string>('t.rows', 'SELECT json_array(id, name) FROM t WHERE id >= ? ORDER BY id', { pluck: true });
   assert.deepEqual(rows.all(1), ['[1,"a \\"quoted\\" \\\\ name"]', '[2,"zwei ü"]']);
-  assert.deepEqual(rows.all(1).map((row) => JSON.parse(row) as unknown), [
-    [1, 'a "quoted" \\ name'],
-    [2, 'zwei ü'],
-  ]);
+  assert.deepEqual(
+    rows.all(1).map((row) => JSON.parse(row) as unknown),
+    [
+      [1, 'a "quoted" \\ name'],
+      [2, 'zwei ü'],
+    ],
+  );
   assert.equal(rows.get(2), '[2,"zwei ü"]');
   assert.equal(rows.get(3), undefined);
   assert.deepEqual(ops, ['t.rows', 't.rows', 't.rows', 't.rows']);

@@ -25,7 +25,9 @@ test('the error table of docs/protocol.md has every code of the catalogue with i
 
 test('every error code has an example in docs/protocol.md and in the OpenAPI document', () => {
   const md = read('docs/protocol.md');
-  const api = JSON.parse(read('docs/openapi.json')) as { components: { responses: Record<string, { content: { 'application/json': { examples: Record<string, unknown> } } }> } };
+  const api = JSON.parse(read('docs/openapi.json')) as {
+    components: { responses: Record<string, { content: { 'application/json': { examples: Record<string, unknown> } } }> };
+  };
   const inApi = Object.values(api.components.responses).flatMap((r) => Object.keys(r.content['application/json'].examples));
   for (const code of errorCodes) {
     assert.ok(md.includes(`### \`${code}\``), `no example section for ${code}`);
@@ -65,7 +67,10 @@ test('the OpenAPI document is 3.1, every $ref in it resolves, and it covers the 
 
 test('a generated block that is missing from a doc is an error, not silently skipped', () => {
   assert.throws(() => fillSections('# no markers', { errors: 'x' }, 'doc.md'), /doc\.md has no <!-- generated:errors -->/);
-  assert.equal(fillSections('a\n<!-- generated:x -->\nold\n<!-- /generated:x -->\nb', { x: 'new' }, 'doc.md'), 'a\n<!-- generated:x -->\nnew\n<!-- /generated:x -->\nb');
+  assert.equal(
+    fillSections('a\n<!-- generated:x -->\nold\n<!-- /generated:x -->\nb', { x: 'new' }, 'doc.md'),
+    'a\n<!-- generated:x -->\nnew\n<!-- /generated:x -->\nb',
+  );
 });
 
 test('the client library stays tiny: under 8 KiB gzipped', () => {

@@ -96,11 +96,17 @@ test('whatever is pushed, removed and shifted: every item comes out once, each o
             servedSince.delete(owner);
           }
         }
-        assert.equal(q.size, [...model.values()].reduce((n, l) => n + l.length, 0));
+        assert.equal(
+          q.size,
+          [...model.values()].reduce((n, l) => n + l.length, 0),
+        );
         assert.equal(q.owners, model.size);
       }
       const rest = q.drain();
-      assert.deepEqual([...rest].sort((x, y) => x - y), [...model.values()].flat().sort((x, y) => x - y));
+      assert.deepEqual(
+        [...rest].sort((x, y) => x - y),
+        [...model.values()].flat().sort((x, y) => x - y),
+      );
       assert.equal(q.size, 0);
     }),
   );

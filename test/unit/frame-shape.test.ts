@@ -1,7 +1,15 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import fc from 'fast-check';
-import { badRequestFromZod, ChatSendSchema, CLIENT_MESSAGE_BOUNDS, ClientMessageSchema, PingSchema, scanFrame, validateClientMessage } from '../../src/protocol/index.js';
+import {
+  badRequestFromZod,
+  ChatSendSchema,
+  CLIENT_MESSAGE_BOUNDS,
+  ClientMessageSchema,
+  PingSchema,
+  scanFrame,
+  validateClientMessage,
+} from '../../src/protocol/index.js';
 
 const nested = (levels: number) => '['.repeat(levels) + ']'.repeat(levels);
 
@@ -59,12 +67,18 @@ test('every frame that passes the schema passes the scan (any message, any spaci
         text: fc.string({ minLength: 1, maxLength: 40 }),
         conversationId: fc.string({ minLength: 1, maxLength: 20 }),
         model: fc.string({ minLength: 1, maxLength: 20 }),
-        params: fc.record({ temperature: fc.double({ min: 0, max: 2, noNaN: true }), maxTokens: fc.integer({ min: 1, max: 4096 }), system: text }, { requiredKeys: [] }),
+        params: fc.record(
+          { temperature: fc.double({ min: 0, max: 2, noNaN: true }), maxTokens: fc.integer({ min: 1, max: 4096 }), system: text },
+          { requiredKeys: [] },
+        ),
         cache: fc.constantFrom('use', 'bypass', 'refresh'),
       },
       { requiredKeys: ['type', 'text'] },
     ),
-    fc.record({ type: fc.constant('chat.resume'), id, taskId: fc.string({ minLength: 1, maxLength: 20 }), fromSeq: fc.nat() }, { requiredKeys: ['type', 'taskId', 'fromSeq'] }),
+    fc.record(
+      { type: fc.constant('chat.resume'), id, taskId: fc.string({ minLength: 1, maxLength: 20 }), fromSeq: fc.nat() },
+      { requiredKeys: ['type', 'taskId', 'fromSeq'] },
+    ),
   );
   fc.assert(
     fc.property(message, fc.constantFrom(undefined, 1, '\t'), (m, space) => {
@@ -86,7 +100,16 @@ test('a refusal stays small: 6,400 unknown keys are named by the first five and 
   assert.ok(size < 1024, `error of ${size} bytes`);
   assert.match(err.details![0]!.message, /^Unrecognized keys: "key--0", "key-k-1", .* and 6395 more$/);
   // Many failing paths: ten listed, then how many more.
-  const many = ChatSendSchema.safeParse({ type: 'chat.send', id: 5, text: 5, conversationId: 5, model: 5, cache: 5, params: { temperature: 'a', maxTokens: 'b', system: 5 }, extra: 1 });
+  const many = ChatSendSchema.safeParse({
+    type: 'chat.send',
+    id: 5,
+    text: 5,
+    conversationId: 5,
+    model: 5,
+    cache: 5,
+    params: { temperature: 'a', maxTokens: 'b', system: 5 },
+    extra: 1,
+  });
   const details = badRequestFromZod(many.error!).details!;
   assert.ok(details.length <= 11, `${details.length} details`);
   for (const d of details) assert.ok(d.message.length <= 250 && d.path.length <= 250);

@@ -105,7 +105,10 @@ describe('GGUF fixture and model validation', () => {
     assert.equal(header.dataOffset % 32, 0);
     // The data ends with the last tensor, padded to the alignment.
     assert.equal(Math.ceil((header.dataOffset + header.dataBytes) / 32) * 32, model.bytes);
-    assert.equal(header.tensors.reduce((sum, t) => sum + t.dims.reduce((a, b) => a * b, 1), 0), model.parameters);
+    assert.equal(
+      header.tensors.reduce((sum, t) => sum + t.dims.reduce((a, b) => a * b, 1), 0),
+      model.parameters,
+    );
   });
 
   test('the same options write the same bytes', () => {
@@ -123,7 +126,9 @@ describe('GGUF fixture and model validation', () => {
     await assert.rejects(validateLocalModel(text), { message: `model file ${text} is not a valid GGUF file (it does not start with the GGUF magic)` });
     const fakeMagic = path.join(dir, 'fake-magic.gguf');
     fs.writeFileSync(fakeMagic, 'GGUF but not really');
-    await assert.rejects(validateLocalModel(fakeMagic), { message: `model file ${fakeMagic} is not a valid GGUF file (unsupported GGUF version ${Buffer.from(' but').readUInt32LE(0)})` });
+    await assert.rejects(validateLocalModel(fakeMagic), {
+      message: `model file ${fakeMagic} is not a valid GGUF file (unsupported GGUF version ${Buffer.from(' but').readUInt32LE(0)})`,
+    });
     const header = readGgufHeader(model.path);
     const cutHeader = path.join(dir, 'cut-header.gguf');
     fs.writeFileSync(cutHeader, fs.readFileSync(model.path).subarray(0, 1000));
@@ -133,7 +138,9 @@ describe('GGUF fixture and model validation', () => {
     const truncated = path.join(dir, 'truncated.gguf');
     const half = Math.floor(model.bytes / 2);
     fs.writeFileSync(truncated, fs.readFileSync(model.path).subarray(0, half));
-    await assert.rejects(validateLocalModel(truncated), { message: `model file ${truncated} is truncated (${half} bytes, its tensors need ${header.dataOffset + header.dataBytes})` });
+    await assert.rejects(validateLocalModel(truncated), {
+      message: `model file ${truncated} is truncated (${half} bytes, its tensors need ${header.dataOffset + header.dataBytes})`,
+    });
   });
 });
 
@@ -314,13 +321,16 @@ describe('local provider through the worker pool', () => {
       let chunks = 0;
       outcomes.push(
         new Promise((resolve) => {
-          slot.run({ ...request, maxTokens: 100_000 }, {
-            onChunk() {
-              if (++chunks === 1 && ++started === 4) allStarted();
+          slot.run(
+            { ...request, maxTokens: 100_000 },
+            {
+              onChunk() {
+                if (++chunks === 1 && ++started === 4) allStarted();
+              },
+              onEnd: () => resolve({ chunks }),
+              onError: (e) => resolve({ chunks, code: e.code, message: e.message }),
             },
-            onEnd: () => resolve({ chunks }),
-            onError: (e) => resolve({ chunks, code: e.code, message: e.message }),
-          });
+          );
         }),
       );
     }

@@ -43,83 +43,83 @@ function tally(ops: string[]): Record<string, number> {
 
 // The batching is the service's: it holds the same on either store.
 for (const engine of ENGINES) {
-const options = await engineOptions(engine);
-const test = (name: string, fn: (t: { after(fn: () => void | Promise<void>): void }) => Promise<void>) => nodeTest(`${name} [${engine}]`, options, fn);
+  const options = await engineOptions(engine);
+  const test = (name: string, fn: (t: { after(fn: () => void | Promise<void>): void }) => Promise<void>) => nodeTest(`${name} [${engine}]`, options, fn);
 
-test('concurrent lookups from many callers in one tick share queries, and each caller gets exactly its own result', async (t) => {
-  const fixture = await openStoreFixture(t, engine);
-  const service = createMarketplaceService({ store: fixture.store });
-  t.after(() => service.close());
-  const lookups = crowd();
+  test('concurrent lookups from many callers in one tick share queries, and each caller gets exactly its own result', async (t) => {
+    const fixture = await openStoreFixture(t, engine);
+    const service = createMarketplaceService({ store: fixture.store });
+    t.after(() => service.close());
+    const lookups = crowd();
 
-  // One at a time: nothing to merge with.
-  const alone: Outcome[] = [];
-  for (const lookup of lookups) alone.push(await outcome(lookup(service)));
-  const aloneQueries = fixture.ops.length;
+    // One at a time: nothing to merge with.
+    const alone: Outcome[] = [];
+    for (const lookup of lookups) alone.push(await outcome(lookup(service)));
+    const aloneQueries = fixture.ops.length;
 
-  fixture.ops.length = 0;
-  const together = await Promise.all(lookups.map((lookup) => outcome(lookup(service))));
-  assert.deepEqual(together, alone);
-  assert.deepEqual(
-    together.filter((o) => 'code' in o),
-    [{ code: 'forbidden' }, { code: 'not_found' }, { code: 'bad_request' }],
-  );
+    fixture.ops.length = 0;
+    const together = await Promise.all(lookups.map((lookup) => outcome(lookup(service))));
+    assert.deepEqual(together, alone);
+    assert.deepEqual(
+      together.filter((o) => 'code' in o),
+      [{ code: 'forbidden' }, { code: 'not_found' }, { code: 'bad_request' }],
+    );
 
-  assert.deepEqual(tally(fixture.ops), {
-    // One page query per distinct page: identical pages asked together are read once.
-    'requests.page': 3,
-    'consumer_bookings.page': FIXTURE.consumers,
-    'consumer_requests.page': FIXTURE.consumers + 2,
-    // One query for the bookings of every consumer.requests page, one for both existence checks.
-    'bookings.by_request': 1,
-    'consumers.by_id': 1,
+    assert.deepEqual(tally(fixture.ops), {
+      // One page query per distinct page: identical pages asked together are read once.
+      'requests.page': 3,
+      'consumer_bookings.page': FIXTURE.consumers,
+      'consumer_requests.page': FIXTURE.consumers + 2,
+      // One query for the bookings of every consumer.requests page, one for both existence checks.
+      'bookings.by_request': 1,
+      'consumers.by_id': 1,
+    });
+    assert.ok(fixture.ops.length < lookups.length / 2, `${fixture.ops.length} queries for ${lookups.length} lookups`);
+    assert.ok(aloneQueries > 3 * fixture.ops.length, `${aloneQueries} queries one at a time`);
   });
-  assert.ok(fixture.ops.length < lookups.length / 2, `${fixture.ops.length} queries for ${lookups.length} lookups`);
-  assert.ok(aloneQueries > 3 * fixture.ops.length, `${aloneQueries} queries one at a time`);
-});
 
-test('with batching off, concurrent lookups each run their own queries and still get the same results', async (t) => {
-  const fixture = await openStoreFixture(t, engine);
-  const batched = createMarketplaceService({ store: fixture.store });
-  const unbatched = createMarketplaceService({ store: fixture.store, batching: false });
-  t.after(() => {
-    batched.close();
-    unbatched.close();
+  test('with batching off, concurrent lookups each run their own queries and still get the same results', async (t) => {
+    const fixture = await openStoreFixture(t, engine);
+    const batched = createMarketplaceService({ store: fixture.store });
+    const unbatched = createMarketplaceService({ store: fixture.store, batching: false });
+    t.after(() => {
+      batched.close();
+      unbatched.close();
+    });
+    const lookups = crowd();
+
+    const alone: Outcome[] = [];
+    for (const lookup of lookups) alone.push(await outcome(lookup(batched)));
+    const aloneQueries = fixture.ops.length;
+
+    fixture.ops.length = 0;
+    const together = await Promise.all(lookups.map((lookup) => outcome(lookup(unbatched))));
+    assert.deepEqual(together, alone);
+    assert.equal(fixture.ops.length, aloneQueries);
   });
-  const lookups = crowd();
 
-  const alone: Outcome[] = [];
-  for (const lookup of lookups) alone.push(await outcome(lookup(batched)));
-  const aloneQueries = fixture.ops.length;
+  test('a lookup that fails does not fail the others merged with it', async (t) => {
+    const fixture = await openStoreFixture(t, engine);
+    const service = createMarketplaceService({ store: fixture.store });
+    t.after(() => service.close());
+    const [missing, present, forbidden] = await Promise.all([
+      outcome(service.consumerBookings(staff, { consumerId: wireId('c', 99_999) })),
+      outcome(service.consumerBookings(staff, { consumerId: wireId('c', FIXTURE.emptyConsumerId) })),
+      outcome(service.consumerBookings(consumer(3), { consumerId: wireId('c', 4) })),
+    ]);
+    assert.deepEqual(missing, { code: 'not_found' });
+    assert.deepEqual(present, { value: { items: [], nextCursor: null } });
+    assert.deepEqual(forbidden, { code: 'forbidden' });
+    // Both existence checks went out as one query.
+    assert.deepEqual(tally(fixture.ops), { 'consumer_bookings.page': 2, 'consumers.by_id': 1 });
+  });
 
-  fixture.ops.length = 0;
-  const together = await Promise.all(lookups.map((lookup) => outcome(lookup(unbatched))));
-  assert.deepEqual(together, alone);
-  assert.equal(fixture.ops.length, aloneQueries);
-});
-
-test('a lookup that fails does not fail the others merged with it', async (t) => {
-  const fixture = await openStoreFixture(t, engine);
-  const service = createMarketplaceService({ store: fixture.store });
-  t.after(() => service.close());
-  const [missing, present, forbidden] = await Promise.all([
-    outcome(service.consumerBookings(staff, { consumerId: wireId('c', 99_999) })),
-    outcome(service.consumerBookings(staff, { consumerId: wireId('c', FIXTURE.emptyConsumerId) })),
-    outcome(service.consumerBookings(consumer(3), { consumerId: wireId('c', 4) })),
-  ]);
-  assert.deepEqual(missing, { code: 'not_found' });
-  assert.deepEqual(present, { value: { items: [], nextCursor: null } });
-  assert.deepEqual(forbidden, { code: 'forbidden' });
-  // Both existence checks went out as one query.
-  assert.deepEqual(tally(fixture.ops), { 'consumer_bookings.page': 2, 'consumers.by_id': 1 });
-});
-
-test('close rejects lookups still waiting for their batch', async (t) => {
-  const fixture = await openStoreFixture(t, engine);
-  const service = createMarketplaceService({ store: fixture.store });
-  const pending = service.requestsList(staff, {});
-  service.close();
-  await assert.rejects(pending, { name: 'BatchLoaderClosedError' });
-  assert.deepEqual(fixture.ops, []);
-});
+  test('close rejects lookups still waiting for their batch', async (t) => {
+    const fixture = await openStoreFixture(t, engine);
+    const service = createMarketplaceService({ store: fixture.store });
+    const pending = service.requestsList(staff, {});
+    service.close();
+    await assert.rejects(pending, { name: 'BatchLoaderClosedError' });
+    assert.deepEqual(fixture.ops, []);
+  });
 }

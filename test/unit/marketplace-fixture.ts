@@ -123,8 +123,7 @@ export function readTables(db: Database): Tables {
 }
 
 const newestRequestFirst = (a: Tables['requests'][number], b: Tables['requests'][number]) => b.created_at - a.created_at || b.request_id - a.request_id;
-const newestBookingFirst = (a: Tables['bookings'][number], b: Tables['bookings'][number]) =>
-  b.scheduled_at - a.scheduled_at || b.booking_id - a.booking_id;
+const newestBookingFirst = (a: Tables['bookings'][number], b: Tables['bookings'][number]) => b.scheduled_at - a.scheduled_at || b.booking_id - a.booking_id;
 
 function providerRef(tables: Tables, providerId: number) {
   const p = tables.providers.find((x) => x.provider_id === providerId)!;
@@ -245,7 +244,7 @@ function buildPgTemplate(): Promise<{ name: string; tables: Tables }> {
 export async function openStoreFixture(t: Closable, engine: Engine, options: { inList?: InListStrategy } = {}): Promise<StoreFixture> {
   if (engine === 'sqlite') {
     const fixture = openFixture(t);
-    const insert = fixture.db.raw.prepare("INSERT INTO requests (consumer_id, title, category, status, created_at) VALUES (1, ?, ?, ?, ?)");
+    const insert = fixture.db.raw.prepare('INSERT INTO requests (consumer_id, title, category, status, created_at) VALUES (1, ?, ?, ?, ?)');
     return {
       engine,
       store: createSqliteMarketplaceStore(fixture.db, { inList: options.inList ?? 'params' }),
@@ -271,7 +270,8 @@ export async function openStoreFixture(t: Closable, engine: Engine, options: { i
     tables: template.tables,
     pg,
     insertRequests: async (rows) => {
-      for (const r of rows) await pg`INSERT INTO requests (request_id, consumer_id, title, category, status, created_at) VALUES ((SELECT max(request_id) + 1 FROM requests), 1, ${r.title}, ${r.category}, ${r.status}, ${r.createdAt})`;
+      for (const r of rows)
+        await pg`INSERT INTO requests (request_id, consumer_id, title, category, status, created_at) VALUES ((SELECT max(request_id) + 1 FROM requests), 1, ${r.title}, ${r.category}, ${r.status}, ${r.createdAt})`;
     },
   };
 }

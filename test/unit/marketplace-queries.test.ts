@@ -4,7 +4,17 @@ import type { Identity } from '../../src/auth/identity.js';
 import { Database, type CountedStatement, type StatementOptions } from '../../src/db/database.js';
 import { createMarketplaceService, type MarketplaceService } from '../../src/marketplace/marketplace-service.js';
 import { createSqliteMarketplaceStore, type InListStrategy } from '../../src/db/marketplace-queries.js';
-import { ENGINES, engineOptions, FIXTURE, openFixture, openStoreFixture, referenceConsumerBookings, referenceConsumerRequests, referenceRequestsList, wireId } from './marketplace-fixture.js';
+import {
+  ENGINES,
+  engineOptions,
+  FIXTURE,
+  openFixture,
+  openStoreFixture,
+  referenceConsumerBookings,
+  referenceConsumerRequests,
+  referenceRequestsList,
+  wireId,
+} from './marketplace-fixture.js';
 
 const staff: Identity = { userId: 'ops-1', role: 'staff' };
 const FILTERS = [{}, { status: 'open' }, { category: 'plumbing' }, { category: 'plumbing', status: 'booked' }] as const;
@@ -61,10 +71,13 @@ const ROWID_LOOKUPS = new Set(['requests.page', 'consumer_bookings.page', 'booki
 function checkPlans(db: RecordingDatabase, strategy: InListStrategy): Set<string> {
   const used = new Set<string>();
   const statements = [...db.prepared].filter(([, op]) => !op.startsWith('seed.'));
-  assert.deepEqual(
-    [...new Set(statements.map(([, op]) => op))].sort(),
-    ['bookings.by_request', 'consumer_bookings.page', 'consumer_requests.page', 'consumers.by_id', 'requests.page'],
-  );
+  assert.deepEqual([...new Set(statements.map(([, op]) => op))].sort(), [
+    'bookings.by_request',
+    'consumer_bookings.page',
+    'consumer_requests.page',
+    'consumers.by_id',
+    'requests.page',
+  ]);
   assert.equal(statements.filter(([, op]) => op === 'requests.page').length, 4, 'one page statement per filter combination');
   for (const [sql, op] of statements) {
     const params = (sql.match(/\?/g) ?? []).length;
@@ -113,40 +126,53 @@ for (const strategy of ['params', 'json'] as const) {
   });
 }
 
-for (const engine of ENGINES) for (const batching of [true, false]) {
-  test(`query counts do not grow with the page size: 1, 20 and 100 (batching ${batching}) [${engine}]`, await engineOptions(engine), async (t) => {
-    const fixture = await openStoreFixture(t, engine);
-    const service = createMarketplaceService({ store: fixture.store, batching });
-    t.after(() => service.close());
-    const tables = fixture.tables;
-    const count = async (lookup: () => Promise<unknown>): Promise<string[]> => {
-      fixture.ops.length = 0;
-      await lookup();
-      return [...fixture.ops];
-    };
+for (const engine of ENGINES)
+  for (const batching of [true, false]) {
+    test(`query counts do not grow with the page size: 1, 20 and 100 (batching ${batching}) [${engine}]`, await engineOptions(engine), async (t) => {
+      const fixture = await openStoreFixture(t, engine);
+      const service = createMarketplaceService({ store: fixture.store, batching });
+      t.after(() => service.close());
+      const tables = fixture.tables;
+      const count = async (lookup: () => Promise<unknown>): Promise<string[]> => {
+        fixture.ops.length = 0;
+        await lookup();
+        return [...fixture.ops];
+      };
 
-    for (const limit of [1, 20, 100]) {
-      for (const filter of FILTERS) {
-        assert.ok(referenceRequestsList(tables, filter).length > limit);
-        const first = await service.requestsList(staff, { ...filter, limit });
-        for (const cursor of [undefined, first.nextCursor!]) {
-          assert.deepEqual(await count(() => service.requestsList(staff, { ...filter, limit, cursor })), ['requests.page'], `requests.list ${JSON.stringify(filter)} limit ${limit}`);
+      for (const limit of [1, 20, 100]) {
+        for (const filter of FILTERS) {
+          assert.ok(referenceRequestsList(tables, filter).length > limit);
+          const first = await service.requestsList(staff, { ...filter, limit });
+          for (const cursor of [undefined, first.nextCursor!]) {
+            assert.deepEqual(
+              await count(() => service.requestsList(staff, { ...filter, limit, cursor })),
+              ['requests.page'],
+              `requests.list ${JSON.stringify(filter)} limit ${limit}`,
+            );
+          }
         }
+
+        const consumerId = wireId('c', 1);
+        assert.ok(referenceConsumerRequests(tables, 1).length > limit);
+        assert.deepEqual(
+          await count(() => service.consumerRequests(staff, { consumerId, limit })),
+          ['consumer_requests.page', 'bookings.by_request'],
+          `consumer.requests limit ${limit}`,
+        );
+        assert.ok(referenceConsumerBookings(tables, 1).length > limit);
+        assert.deepEqual(
+          await count(() => service.consumerBookings(staff, { consumerId, limit })),
+          ['consumer_bookings.page'],
+          `consumer.bookings limit ${limit}`,
+        );
+
+        // The existence check runs only when the page is empty, in place of the relation queries.
+        const empty = wireId('c', FIXTURE.emptyConsumerId);
+        assert.deepEqual(await count(() => service.consumerRequests(staff, { consumerId: empty, limit })), ['consumer_requests.page', 'consumers.by_id']);
+        assert.deepEqual(await count(() => service.consumerBookings(staff, { consumerId: empty, limit })), ['consumer_bookings.page', 'consumers.by_id']);
       }
-
-      const consumerId = wireId('c', 1);
-      assert.ok(referenceConsumerRequests(tables, 1).length > limit);
-      assert.deepEqual(await count(() => service.consumerRequests(staff, { consumerId, limit })), ['consumer_requests.page', 'bookings.by_request'], `consumer.requests limit ${limit}`);
-      assert.ok(referenceConsumerBookings(tables, 1).length > limit);
-      assert.deepEqual(await count(() => service.consumerBookings(staff, { consumerId, limit })), ['consumer_bookings.page'], `consumer.bookings limit ${limit}`);
-
-      // The existence check runs only when the page is empty, in place of the relation queries.
-      const empty = wireId('c', FIXTURE.emptyConsumerId);
-      assert.deepEqual(await count(() => service.consumerRequests(staff, { consumerId: empty, limit })), ['consumer_requests.page', 'consumers.by_id']);
-      assert.deepEqual(await count(() => service.consumerBookings(staff, { consumerId: empty, limit })), ['consumer_bookings.page', 'consumers.by_id']);
-    }
-  });
-}
+    });
+  }
 
 test('json id lists give the same results as bound parameters', async (t) => {
   const fixture = openFixture(t);
@@ -157,7 +183,8 @@ test('json id lists give the same results as bound parameters', async (t) => {
     byJson.close();
   });
   for (const limit of [1, 33, 100]) {
-    for (const filter of FILTERS) assert.deepEqual(await byJson.requestsList(staff, { ...filter, limit }), await byParams.requestsList(staff, { ...filter, limit }));
+    for (const filter of FILTERS)
+      assert.deepEqual(await byJson.requestsList(staff, { ...filter, limit }), await byParams.requestsList(staff, { ...filter, limit }));
     for (let c = 1; c <= FIXTURE.consumers; c++) {
       const q = { consumerId: wireId('c', c), limit };
       assert.deepEqual(await byJson.consumerRequests(staff, q), await byParams.consumerRequests(staff, q));

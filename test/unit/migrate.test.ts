@@ -69,22 +69,28 @@ test('a migration changed after it was applied stops the run with a message nami
   const { dir, db } = setup(t);
   migrate(db, dir);
   fs.appendFileSync(path.join(dir, '001_people.sql'), 'CREATE INDEX people_by_name ON people (name);\n');
-  assert.throws(() => migrate(db, dir), (err: unknown) => {
-    assert.ok(err instanceof MigrationError);
-    assert.match(err.message, /^migration 001_people\.sql was changed after it was applied .*add a new migration instead of editing an applied one$/);
-    return true;
-  });
+  assert.throws(
+    () => migrate(db, dir),
+    (err: unknown) => {
+      assert.ok(err instanceof MigrationError);
+      assert.match(err.message, /^migration 001_people\.sql was changed after it was applied .*add a new migration instead of editing an applied one$/);
+      return true;
+    },
+  );
 });
 
 test('a migration whose file disappeared after it was applied stops the run', (t) => {
   const { dir, db } = setup(t);
   migrate(db, dir);
   fs.rmSync(path.join(dir, '002_pets.sql'));
-  assert.throws(() => migrate(db, dir), (err: unknown) => {
-    assert.ok(err instanceof MigrationError);
-    assert.equal(err.message, `migration 002_pets.sql was applied to this database but its file is missing from ${dir}`);
-    return true;
-  });
+  assert.throws(
+    () => migrate(db, dir),
+    (err: unknown) => {
+      assert.ok(err instanceof MigrationError);
+      assert.equal(err.message, `migration 002_pets.sql was applied to this database but its file is missing from ${dir}`);
+      return true;
+    },
+  );
 });
 
 test('a failing migration is rolled back whole and not recorded', (t) => {
@@ -99,13 +105,22 @@ test('the project migrations apply to an empty database', (t) => {
   const root = tempDir(t);
   const db = new Database(path.join(root, 'chatwire.sqlite'));
   t.after(() => db.close());
-  assert.deepEqual(migrate(db), fs.readdirSync(defaultMigrationsDir()).filter((f) => f.endsWith('.sql')).sort());
+  assert.deepEqual(
+    migrate(db),
+    fs
+      .readdirSync(defaultMigrationsDir())
+      .filter((f) => f.endsWith('.sql'))
+      .sort(),
+  );
   assert.deepEqual(migrate(db), []);
 });
 
 test('npm run migrate -- --status lists pending migrations; plain migrate applies them', async (t) => {
   const dataDir = tempDir(t);
-  const files = fs.readdirSync(defaultMigrationsDir()).filter((f) => f.endsWith('.sql')).sort();
+  const files = fs
+    .readdirSync(defaultMigrationsDir())
+    .filter((f) => f.endsWith('.sql'))
+    .sort();
   const env = { ...process.env, CHATWIRE_DATA_DIR: dataDir };
 
   const before = await run(process.execPath, [migrateScript, '--status'], { env });
@@ -151,7 +166,10 @@ test('npm run migrate stops with exit code 1 and a clear message when an applied
 
   await assert.rejects(run(process.execPath, [migrateScript], { env }), (err: { code: number; stderr: string }) => {
     assert.equal(err.code, 1);
-    assert.match(err.stderr, /^migration stopped: migration 002_marketplace\.sql was changed after it was applied \(checksum feedfacefeed recorded, [0-9a-f]{12} on disk\)/);
+    assert.match(
+      err.stderr,
+      /^migration stopped: migration 002_marketplace\.sql was changed after it was applied \(checksum feedfacefeed recorded, [0-9a-f]{12} on disk\)/,
+    );
     return true;
   });
 });

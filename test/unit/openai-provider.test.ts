@@ -8,14 +8,7 @@ import { createModelPool, type ModelPool } from '../../src/llm/pool.js';
 import { createOpenAIProvider, retryAfterMsOf, type OpenAIProviderOptions } from '../../src/llm/openai.js';
 import { countTokens, providerSettingsFrom, type ModelRequest, type ModelResult, type Provider } from '../../src/llm/provider.js';
 import { AppError } from '../../src/protocol/index.js';
-import {
-  numberedTokens,
-  refusedBaseUrl,
-  replyError,
-  startFakeOpenAI,
-  streamReply,
-  type FakeOpenAI,
-} from '../fixtures/fake-openai.js';
+import { numberedTokens, refusedBaseUrl, replyError, startFakeOpenAI, streamReply, type FakeOpenAI } from '../fixtures/fake-openai.js';
 
 const request: ModelRequest = {
   model: 'fake-1',
@@ -48,7 +41,12 @@ interface Outcome {
   error?: unknown;
 }
 
-async function collect(provider: Provider, req: ModelRequest = request, signal = new AbortController().signal, onChunk?: (text: string) => void): Promise<Outcome> {
+async function collect(
+  provider: Provider,
+  req: ModelRequest = request,
+  signal = new AbortController().signal,
+  onChunk?: (text: string) => void,
+): Promise<Outcome> {
   const chunks: string[] = [];
   const it = provider.stream(req, signal);
   try {
@@ -172,9 +170,7 @@ describe('openai provider against a fake upstream', () => {
 
   test('an HTTP 500 is upstream_error with the status and none of the body, after maxRetries retries', async () => {
     reset();
-    fake.setHandler((ex) =>
-      replyError(ex.res, 500, { error: { message: 'db password hunter2 leaked', type: 'server_error', param: null, code: null } }),
-    );
+    fake.setHandler((ex) => replyError(ex.res, 500, { error: { message: 'db password hunter2 leaked', type: 'server_error', param: null, code: null } }));
     const out = await collect(openai(fake.baseUrl, { maxRetries: 2 }));
     assertAppError(out.error, 'upstream_error', 'the upstream answered HTTP 500');
     assert.equal(String((out.error as Error).message).includes('hunter2'), false);
@@ -191,7 +187,11 @@ describe('openai provider against a fake upstream', () => {
 
   test('an HTTP 401 says to check the API key', async () => {
     reset();
-    fake.setHandler((ex) => replyError(ex.res, 401, { error: { message: 'Incorrect API key provided: sk-te***key', type: 'invalid_request_error', param: null, code: 'invalid_api_key' } }));
+    fake.setHandler((ex) =>
+      replyError(ex.res, 401, {
+        error: { message: 'Incorrect API key provided: sk-te***key', type: 'invalid_request_error', param: null, code: 'invalid_api_key' },
+      }),
+    );
     const out = await collect(openai(fake.baseUrl, { maxRetries: 2 }));
     assertAppError(out.error, 'upstream_error', 'the upstream answered HTTP 401: check the API key');
     assert.equal(fake.requests.length, 1);
@@ -461,7 +461,9 @@ describe('openai provider against a fake upstream', () => {
     reset();
     fake.setHandler((ex) => {
       if (ex.req.body && 'stream_options' in ex.req.body) {
-        replyError(ex.res, 400, { error: { message: "Unrecognized request argument supplied: stream_options", type: 'invalid_request_error', param: null, code: null } });
+        replyError(ex.res, 400, {
+          error: { message: 'Unrecognized request argument supplied: stream_options', type: 'invalid_request_error', param: null, code: null },
+        });
         return;
       }
       return streamReply(ex, { tokens: ['Booked', '.'], usage: false });
@@ -527,15 +529,18 @@ describe('openai provider through the worker pool', () => {
   let pool: ModelPool;
   before(async () => {
     fake = await startFakeOpenAI();
-    const config = loadConfig({}, {
-      llm: 'openai',
-      model: 'fake-1',
-      openaiBaseUrl: fake.baseUrl,
-      openaiApiKey: 'sk-pool',
-      upstreamFirstTokenTimeoutMs: 10_000,
-      upstreamIdleTimeoutMs: 10_000,
-      upstreamMaxRetries: 0,
-    });
+    const config = loadConfig(
+      {},
+      {
+        llm: 'openai',
+        model: 'fake-1',
+        openaiBaseUrl: fake.baseUrl,
+        openaiApiKey: 'sk-pool',
+        upstreamFirstTokenTimeoutMs: 10_000,
+        upstreamIdleTimeoutMs: 10_000,
+        upstreamMaxRetries: 0,
+      },
+    );
     pool = createModelPool({ settings: providerSettingsFrom(config), threads: 2, tasksPerWorker: 32, maxQueue: 256, taskTimeoutMs: 60_000 });
   });
   after(async () => {
@@ -614,9 +619,7 @@ describe('openai provider through the worker pool', () => {
       return streamReply(ex, { tokens: numberedTokens(n, `s${n}-`), usage: { promptTokens: 1, completionTokens: n } });
     });
     const runs = Array.from({ length: 300 }, (_, i) => 1 + (i % 17));
-    const outcomes = await Promise.all(
-      runs.map((n) => run({ model: 'fake-1', messages: [{ role: 'user', content: String(n) }] })),
-    );
+    const outcomes = await Promise.all(runs.map((n) => run({ model: 'fake-1', messages: [{ role: 'user', content: String(n) }] })));
     outcomes.forEach((out, i) => {
       const n = runs[i] as number;
       assert.equal(out.error, undefined);

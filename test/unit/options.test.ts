@@ -23,7 +23,14 @@ test('options take typed values; the environment is not read', () => {
   const before = process.env.CHATWIRE_MAX_QUEUE;
   process.env.CHATWIRE_MAX_QUEUE = '7';
   try {
-    const config = configFromOptions({ port: 9000, devFaults: true, dataDir: '/tmp/x', allowedOrigins: ['https://App.example:443'], trustProxy: ['127.0.0.1'], messagesPerSecond: 0.5 });
+    const config = configFromOptions({
+      port: 9000,
+      devFaults: true,
+      dataDir: '/tmp/x',
+      allowedOrigins: ['https://App.example:443'],
+      trustProxy: ['127.0.0.1'],
+      messagesPerSecond: 0.5,
+    });
     assert.equal(config.port, 9000);
     assert.equal(config.devFaults, true);
     assert.equal(config.dataPath, path.resolve('/tmp/x'));

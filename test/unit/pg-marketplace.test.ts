@@ -53,53 +53,72 @@ function drivingIndex(op: string, sql: string): string {
     const status = sql.includes('r.status = $');
     return category ? (status ? 'requests_by_category_status' : 'requests_by_category') : status ? 'requests_by_status' : 'requests_by_created';
   }
-  return { 'consumer_requests.page': 'requests_by_consumer', 'consumer_bookings.page': 'bookings_by_consumer', 'bookings.by_request': 'bookings_by_request', 'consumers.by_id': 'consumers_pkey' }[op]!;
+  return {
+    'consumer_requests.page': 'requests_by_consumer',
+    'consumer_bookings.page': 'bookings_by_consumer',
+    'bookings.by_request': 'bookings_by_request',
+    'consumers.by_id': 'consumers_pkey',
+  }[op]!;
 }
 
-test('every statement of the PostgreSQL store is served by index-only scans of its covering indexes after VACUUM ANALYZE, as first planned and as the plan cache keeps it', options, async (t) => {
-  // Seeded as `npm run seed` seeds, at a size where the planner's choices are the ones production gets.
-  const pg = await emptyDatabase(t);
-  await seedMarketplacePg(pg, { consumers: 5000, providers: 1000, requests: 50_000 });
-  await pg.unsafe(`VACUUM ANALYZE ${MARKETPLACE_TABLES.join(', ')}`);
-  const [heaviest] = await pg<[{ consumer_id: number }]>`SELECT consumer_id FROM requests GROUP BY consumer_id ORDER BY count(*) DESC LIMIT 1`;
-  const pageIds = (await pg<{ request_id: number }[]>`SELECT request_id FROM requests WHERE consumer_id = ${heaviest.consumer_id} ORDER BY created_at DESC, request_id DESC LIMIT 100`).map((r) => r.request_id);
-  assert.equal(pageIds.length, 100);
-  const paramsOf = (op: string, sql: string): unknown[] => {
-    if (op === 'requests.page') return [...(sql.includes('r.category = $') ? ['plumbing'] : []), ...(sql.includes('r.status = $') ? ['open'] : []), FROM_NEWEST, FROM_NEWEST];
-    if (op === 'bookings.by_request') return [pageIds];
-    if (op === 'consumers.by_id') return [[heaviest.consumer_id, 2, 99_999]];
-    return [heaviest.consumer_id, FROM_NEWEST, FROM_NEWEST];
-  };
-  const conn = await pg.reserve();
-  t.after(() => conn.release());
-  const used = new Set<string>();
-  const statements = pgMarketplaceStatements();
-  // Every page statement at every page take (a page and the row past it), and the two relation statements.
-  assert.equal(statements.length, 6 * 5 + 2);
-  for (const [i, { op, sql }] of statements.entries()) {
-    await conn.unsafe(`PREPARE s${i} AS ${sql}`);
-    const execute = `EXECUTE s${i}(${paramsOf(op, sql).map(literal).join(', ')})`;
-    // The first runs get a plan for their own values; from the sixth on the plan cache may keep a generic one.
-    for (let run = 0; run < 7; run++) {
-      const [row] = await conn.unsafe(`EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF, FORMAT JSON) ${execute}`);
-      const nodes = nodesOf((row as unknown as { 'QUERY PLAN': [{ Plan: PlanNode }] })['QUERY PLAN'][0].Plan);
-      const where = `${op} (run ${run}): ${nodes.map((n) => `${n['Node Type']}${n['Index Name'] ? ` ${n['Index Name']}` : ''}`).join(' | ')}`;
-      const scans = nodes.filter((n) => /Scan/.test(n['Node Type']));
-      assert.ok(scans.length >= 1, where);
-      for (const scan of scans) {
-        assert.equal(scan['Node Type'], 'Index Only Scan', where);
-        assert.equal(scan['Heap Fetches'], 0, where);
-        used.add(scan['Index Name']!);
+test(
+  'every statement of the PostgreSQL store is served by index-only scans of its covering indexes after VACUUM ANALYZE, as first planned and as the plan cache keeps it',
+  options,
+  async (t) => {
+    // Seeded as `npm run seed` seeds, at a size where the planner's choices are the ones production gets.
+    const pg = await emptyDatabase(t);
+    await seedMarketplacePg(pg, { consumers: 5000, providers: 1000, requests: 50_000 });
+    await pg.unsafe(`VACUUM ANALYZE ${MARKETPLACE_TABLES.join(', ')}`);
+    const [heaviest] = await pg<[{ consumer_id: number }]>`SELECT consumer_id FROM requests GROUP BY consumer_id ORDER BY count(*) DESC LIMIT 1`;
+    const pageIds = (
+      await pg<
+        { request_id: number }[]
+      >`SELECT request_id FROM requests WHERE consumer_id = ${heaviest.consumer_id} ORDER BY created_at DESC, request_id DESC LIMIT 100`
+    ).map((r) => r.request_id);
+    assert.equal(pageIds.length, 100);
+    const paramsOf = (op: string, sql: string): unknown[] => {
+      if (op === 'requests.page')
+        return [...(sql.includes('r.category = $') ? ['plumbing'] : []), ...(sql.includes('r.status = $') ? ['open'] : []), FROM_NEWEST, FROM_NEWEST];
+      if (op === 'bookings.by_request') return [pageIds];
+      if (op === 'consumers.by_id') return [[heaviest.consumer_id, 2, 99_999]];
+      return [heaviest.consumer_id, FROM_NEWEST, FROM_NEWEST];
+    };
+    const conn = await pg.reserve();
+    t.after(() => conn.release());
+    const used = new Set<string>();
+    const statements = pgMarketplaceStatements();
+    // Every page statement at every page take (a page and the row past it), and the two relation statements.
+    assert.equal(statements.length, 6 * 5 + 2);
+    for (const [i, { op, sql }] of statements.entries()) {
+      await conn.unsafe(`PREPARE s${i} AS ${sql}`);
+      const execute = `EXECUTE s${i}(${paramsOf(op, sql).map(literal).join(', ')})`;
+      // The first runs get a plan for their own values; from the sixth on the plan cache may keep a generic one.
+      for (let run = 0; run < 7; run++) {
+        const [row] = await conn.unsafe(`EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF, FORMAT JSON) ${execute}`);
+        const nodes = nodesOf((row as unknown as { 'QUERY PLAN': [{ Plan: PlanNode }] })['QUERY PLAN'][0].Plan);
+        const where = `${op} (run ${run}): ${nodes.map((n) => `${n['Node Type']}${n['Index Name'] ? ` ${n['Index Name']}` : ''}`).join(' | ')}`;
+        const scans = nodes.filter((n) => /Scan/.test(n['Node Type']));
+        assert.ok(scans.length >= 1, where);
+        for (const scan of scans) {
+          assert.equal(scan['Node Type'], 'Index Only Scan', where);
+          assert.equal(scan['Heap Fetches'], 0, where);
+          used.add(scan['Index Name']!);
+        }
+        for (const node of nodes) assert.doesNotMatch(node['Node Type'], /Sort|Hash|Materialize|Merge/, where);
+        assert.equal(scans[0]!['Index Name'], drivingIndex(op, sql), where);
+        await conn.unsafe(execute);
       }
-      for (const node of nodes) assert.doesNotMatch(node['Node Type'], /Sort|Hash|Materialize|Merge/, where);
-      assert.equal(scans[0]!['Index Name'], drivingIndex(op, sql), where);
-      await conn.unsafe(execute);
     }
-  }
-  // No index that no statement uses, but the ones integrity needs (foreign keys point at primary keys; one quote per provider and request).
-  const indexes = (await pg<{ indexname: string }[]>`SELECT indexname FROM pg_indexes WHERE tablename = ANY(${MARKETPLACE_TABLES as string[]}) ORDER BY indexname`).map((r) => r.indexname);
-  assert.deepEqual([...used].sort(), indexes.filter((name) => !['bookings_pkey', 'quotes_pkey'].includes(name)));
-});
+    // No index that no statement uses, but the ones integrity needs (foreign keys point at primary keys; one quote per provider and request).
+    const indexes = (
+      await pg<{ indexname: string }[]>`SELECT indexname FROM pg_indexes WHERE tablename = ANY(${MARKETPLACE_TABLES as string[]}) ORDER BY indexname`
+    ).map((r) => r.indexname);
+    assert.deepEqual(
+      [...used].sort(),
+      indexes.filter((name) => !['bookings_pkey', 'quotes_pkey'].includes(name)),
+    );
+  },
+);
 
 test('the PostgreSQL store writes every item as the SQLite store does, to the character, up to the last millisecond a date holds', options, async (t) => {
   const [lite, pg] = await Promise.all([openStoreFixture(t, 'sqlite'), openStoreFixture(t, 'postgres')]);
@@ -124,7 +143,10 @@ test('the PostgreSQL store writes every item as the SQLite store does, to the ch
     await both((s) => s.consumerRequestsPage(c, null, 1000));
     await both((s) => s.consumerBookingsPage(c, null, 1000));
   }
-  const requestIds = lite.tables.requests.filter((r) => r.consumer_id <= 2).map((r) => r.request_id).slice(0, 256);
+  const requestIds = lite.tables.requests
+    .filter((r) => r.consumer_id <= 2)
+    .map((r) => r.request_id)
+    .slice(0, 256);
   await both((s) => s.bookingsOfRequests(requestIds));
   await both((s) => s.existingConsumers([1, 2, 99_999]));
 });
@@ -159,24 +181,39 @@ test('seeding PostgreSQL gives the rows seeding SQLite gives, and refuses a data
   const expected = seedMarketplace(lite, seed);
   const sql = await emptyDatabase(t);
   assert.deepEqual(await seedMarketplacePg(sql, seed), expected);
-  const orderBy: Record<string, string> = { consumers: 'consumer_id', providers: 'provider_id', requests: 'request_id', quotes: 'quote_id', bookings: 'booking_id' };
+  const orderBy: Record<string, string> = {
+    consumers: 'consumer_id',
+    providers: 'provider_id',
+    requests: 'request_id',
+    quotes: 'quote_id',
+    bookings: 'booking_id',
+  };
   for (const table of MARKETPLACE_TABLES) {
     const want = lite.raw.prepare(`SELECT * FROM ${table} ORDER BY ${orderBy[table]}`).all();
     const got = await sql.unsafe(`SELECT * FROM ${table} ORDER BY ${orderBy[table]}`);
-    assert.deepEqual([...got].map((row) => ({ ...row })), want, table);
+    assert.deepEqual(
+      [...got].map((row) => ({ ...row })),
+      want,
+      table,
+    );
   }
   await assert.rejects(seedMarketplacePg(sql, seed), SeedTargetNotEmptyError);
 });
 
 test("the PostgreSQL schema holds the SQLite schema's rules: statuses, a booking's consumer, a request's owner, the last date", options, async (t) => {
   const sql = await emptyDatabase(t);
-  await sql.unsafe(`
+  await sql
+    .unsafe(`
     INSERT INTO consumers (consumer_id, name) VALUES (1, 'Ada Adams'), (2, 'Ben Bauer');
     INSERT INTO providers (provider_id, name, rating) VALUES (1, 'Costa Plumbing', 4.5);
-    INSERT INTO requests (request_id, consumer_id, title, category, status, created_at) VALUES (1, 1, 'Fix tap', 'plumbing', 'open', 1700000000000);`).simple();
+    INSERT INTO requests (request_id, consumer_id, title, category, status, created_at) VALUES (1, 1, 'Fix tap', 'plumbing', 'open', 1700000000000);`)
+    .simple();
   const fails = (statement: string, pattern: RegExp) => assert.rejects(sql.unsafe(statement), pattern, statement);
   await fails("UPDATE requests SET status = 'pending' WHERE request_id = 1", /requests_status_check/);
-  await fails("INSERT INTO bookings (request_id, consumer_id, provider_id, status, scheduled_at, price_cents) VALUES (1, 2, 1, 'pending', 1, 100)", /bookings\.consumer_id must be the consumer of the booked request/);
+  await fails(
+    "INSERT INTO bookings (request_id, consumer_id, provider_id, status, scheduled_at, price_cents) VALUES (1, 2, 1, 'pending', 1, 100)",
+    /bookings\.consumer_id must be the consumer of the booked request/,
+  );
   await sql.unsafe("INSERT INTO bookings (request_id, consumer_id, provider_id, status, scheduled_at, price_cents) VALUES (1, 1, 1, 'pending', 1, 100)");
   await fails('UPDATE bookings SET consumer_id = 2', /bookings\.consumer_id must be the consumer of the booked request/);
   await fails('UPDATE requests SET consumer_id = 2 WHERE request_id = 1', /requests\.consumer_id cannot change/);

@@ -32,7 +32,10 @@ function migrationsDir(t: { after(fn: () => void): void }): string {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'chatwire-pg-migrations-'));
   t.after(() => fs.rmSync(dir, { recursive: true, force: true }));
   fs.writeFileSync(path.join(dir, '001_people.sql'), 'CREATE TABLE people (id bigint PRIMARY KEY, name text NOT NULL);\n');
-  fs.writeFileSync(path.join(dir, '002_pets.sql'), 'SELECT pg_sleep(0.2);\nCREATE TABLE pets (id bigint PRIMARY KEY, owner bigint NOT NULL REFERENCES people (id));\n');
+  fs.writeFileSync(
+    path.join(dir, '002_pets.sql'),
+    'SELECT pg_sleep(0.2);\nCREATE TABLE pets (id bigint PRIMARY KEY, owner bigint NOT NULL REFERENCES people (id));\n',
+  );
   fs.writeFileSync(path.join(dir, '003_counter.sql'), 'CREATE TABLE counter (n integer NOT NULL);\nINSERT INTO counter VALUES (1);\n');
   return dir;
 }
@@ -46,9 +49,15 @@ test('nodes starting together apply each migration once, in order, under the adv
   // Every migration was applied by exactly one node; the others found it done.
   assert.deepEqual(results.flat().sort(), ['001_people.sql', '002_pets.sql', '003_counter.sql']);
   const [sql] = nodes as [Pg];
-  assert.deepEqual((await sql`SELECT n FROM counter`).map((r) => r.n), [1]);
+  assert.deepEqual(
+    (await sql`SELECT n FROM counter`).map((r) => r.n),
+    [1],
+  );
   const rows = await sql`SELECT version, name, checksum FROM schema_migrations ORDER BY version`;
-  assert.deepEqual([...rows].map((r) => ({ ...r })), ['001_people.sql', '002_pets.sql', '003_counter.sql'].map((name, i) => ({ version: i + 1, name, checksum: sha256(path.join(dir, name)) })));
+  assert.deepEqual(
+    [...rows].map((r) => ({ ...r })),
+    ['001_people.sql', '002_pets.sql', '003_counter.sql'].map((name, i) => ({ version: i + 1, name, checksum: sha256(path.join(dir, name)) })),
+  );
   assert.deepEqual(await migratePg(sql, dir), []);
 });
 
@@ -63,7 +72,10 @@ test('a PostgreSQL migration changed or removed after it was applied stops the s
     return true;
   });
   fs.rmSync(path.join(dir, '001_people.sql'));
-  await assert.rejects(migratePg(sql, dir), { name: 'MigrationError', message: `migration 001_people.sql was applied to this database but its file is missing from ${dir}` });
+  await assert.rejects(migratePg(sql, dir), {
+    name: 'MigrationError',
+    message: `migration 001_people.sql was applied to this database but its file is missing from ${dir}`,
+  });
 });
 
 test('a failing PostgreSQL migration is rolled back whole and not recorded; the ones before it stay', options, async (t) => {
@@ -71,23 +83,38 @@ test('a failing PostgreSQL migration is rolled back whole and not recorded; the 
   fs.writeFileSync(path.join(dir, '004_broken.sql'), 'CREATE TABLE toys (id bigint PRIMARY KEY);\nINSERT INTO nowhere VALUES (1);\n');
   const [sql] = (await database(t)) as [Pg];
   await assert.rejects(migratePg(sql, dir), /relation "nowhere" does not exist/);
-  assert.deepEqual((await sql`SELECT version FROM schema_migrations ORDER BY version`).map((r) => r.version), [1, 2, 3]);
-  assert.deepEqual((await sql`SELECT to_regclass('toys') AS toys`).map((r) => r.toys), [null]);
+  assert.deepEqual(
+    (await sql`SELECT version FROM schema_migrations ORDER BY version`).map((r) => r.version),
+    [1, 2, 3],
+  );
+  assert.deepEqual(
+    (await sql`SELECT to_regclass('toys') AS toys`).map((r) => r.toys),
+    [null],
+  );
 });
 
 test('the project PostgreSQL migrations apply to an empty database, and again change nothing', options, async (t) => {
   const [sql] = (await database(t)) as [Pg];
-  const files = fs.readdirSync(defaultPgMigrationsDir()).filter((f) => f.endsWith('.sql')).sort();
+  const files = fs
+    .readdirSync(defaultPgMigrationsDir())
+    .filter((f) => f.endsWith('.sql'))
+    .sort();
   assert.deepEqual(await migratePg(sql), files);
   assert.deepEqual(await migratePg(sql), []);
   const tables = await sql`SELECT tablename FROM pg_tables WHERE schemaname = current_schema() ORDER BY tablename`;
-  assert.deepEqual(tables.map((r) => r.tablename), ['bookings', 'consumers', 'conversations', 'messages', 'providers', 'quotes', 'requests', 'schema_migrations', 'tasks']);
+  assert.deepEqual(
+    tables.map((r) => r.tablename),
+    ['bookings', 'consumers', 'conversations', 'messages', 'providers', 'quotes', 'requests', 'schema_migrations', 'tasks'],
+  );
 });
 
 test('npm run migrate -- --database-url shows, applies and checks the PostgreSQL migrations', options, async (t) => {
   const [sql] = (await database(t)) as [Pg];
   const url = databaseUrl((await sql`SELECT current_database() AS name`)[0]!.name as string);
-  const files = fs.readdirSync(defaultPgMigrationsDir()).filter((f) => f.endsWith('.sql')).sort();
+  const files = fs
+    .readdirSync(defaultPgMigrationsDir())
+    .filter((f) => f.endsWith('.sql'))
+    .sort();
   const env = { ...process.env, CHATWIRE_DATABASE_URL: '' };
   const before = await run(process.execPath, [migrateScript, '--status', '--database-url', url], { env });
   for (const file of files) assert.match(before.stdout, new RegExp(`^  ${file} +[0-9a-f]{12}  pending$`, 'm'));

@@ -71,7 +71,11 @@ test('a user with one call waiting is served after one call of the user with man
 test('three users waiting take turns, each in its own order', async () => {
   const order: string[] = [];
   const calls = [start(pool, 'x', 'x0', order)];
-  for (const [owner, n] of [['a', 3], ['b', 2], ['c', 1]] as const) {
+  for (const [owner, n] of [
+    ['a', 3],
+    ['b', 2],
+    ['c', 1],
+  ] as const) {
     for (let i = 0; i < n; i++) calls.push(start(pool, owner, `${owner}${i}`, order));
   }
   await Promise.all(calls.map((c) => c.ended));

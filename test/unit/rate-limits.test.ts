@@ -286,7 +286,10 @@ test('anonymous users are bounded: past maxAnonymousUsers new ones are refused u
   withLimits({}, (limits) => {
     for (let i = 0; i < 1000; i++) assert.equal(limits.admitAnonymous(`anon-${i}`), true);
   });
-  assert.throws(() => createRateLimits({ messagesPerSecond: 1, chatsPerMinute: 1, modelTokensPerMinute: 1, maxConnectionsPerUser: 1, maxAnonymousUsers: 0 }), RangeError);
+  assert.throws(
+    () => createRateLimits({ messagesPerSecond: 1, chatsPerMinute: 1, modelTokensPerMinute: 1, maxConnectionsPerUser: 1, maxAnonymousUsers: 0 }),
+    RangeError,
+  );
 });
 
 test('a user seen again is not dropped: idleness counts from the last check', () => {
@@ -470,7 +473,7 @@ test('the flood penalty lasts at least until the frame bucket is full again', ()
   });
 });
 
-test("refused frames are counted per user over all its connections, in windows of a second", () => {
+test('refused frames are counted per user over all its connections, in windows of a second', () => {
   withLimits({}, (limits, clock) => {
     for (let i = 1; i <= 300; i++) assert.equal(limits.frameRefused('flooder'), i);
     assert.equal(limits.frameRefused('bystander'), 1);

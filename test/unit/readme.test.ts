@@ -9,7 +9,10 @@ const read = (file: string) => fs.readFileSync(path.join(root, file), 'utf8');
 const pkg = JSON.parse(read('package.json')) as { description: string; scripts: Record<string, string> };
 const markdownFiles = [
   ...fs.readdirSync(root).filter((f) => f.endsWith('.md')),
-  ...fs.readdirSync(path.join(root, 'docs')).filter((f) => f.endsWith('.md')).map((f) => `docs/${f}`),
+  ...fs
+    .readdirSync(path.join(root, 'docs'))
+    .filter((f) => f.endsWith('.md'))
+    .map((f) => `docs/${f}`),
 ];
 
 test("package.json's description is the README's opening sentence", () => {

@@ -157,7 +157,10 @@ test('past the byte bound the least recently used entries are evicted, honouring
   await cache.put('e', reply('reply-e'));
   await cache.put('f', reply('reply-f'));
   assert.equal(cache.stats().evictions, 3);
-  assert.ok(totals.every((b) => b <= maxBytes), `a total passed the bound: ${totals.join(',')}`);
+  assert.ok(
+    totals.every((b) => b <= maxBytes),
+    `a total passed the bound: ${totals.join(',')}`,
+  );
   await cache.close();
   assert.deepEqual(await keysOnDisk(dir), { entries: ['c', 'e', 'f'], meta: ['c', 'e', 'f'] });
 });
@@ -200,7 +203,10 @@ test('a reply larger than the whole bound is not stored', async () => {
     assert.equal(cache.get('huge'), undefined);
     assert.ok(cache.get('small'));
     assert.equal(cache.stats().entries, 1);
-    assert.deepEqual(lines.map((l) => l.level), ['warn']);
+    assert.deepEqual(
+      lines.map((l) => l.level),
+      ['warn'],
+    );
   } finally {
     await cache.close();
   }
@@ -219,7 +225,10 @@ test('a reply larger than the whole bound removes the older reply of its key, in
   assert.deepEqual(cache.get('other'), reply('kept'));
   assert.equal(cache.stats().entries, 1);
   assert.equal(cache.stats().bytes, otherBytes);
-  assert.deepEqual(lines.map((l) => l.level), ['warn']);
+  assert.deepEqual(
+    lines.map((l) => l.level),
+    ['warn'],
+  );
   await cache.close();
   assert.deepEqual(await keysOnDisk(dir), { entries: ['other'], meta: ['other'] });
 });
@@ -311,7 +320,10 @@ test('an entry of garbage bytes is a miss and is removed, never served or thrown
   assert.deepEqual(second.cache.get('good'), reply('world'));
   const stats = second.cache.stats();
   assert.deepEqual([stats.entries, stats.hits, stats.misses, stats.corrupt], [1, 1, 1, 1]);
-  assert.deepEqual(lines.map((l) => l.level), ['warn']);
+  assert.deepEqual(
+    lines.map((l) => l.level),
+    ['warn'],
+  );
   await second.cache.close();
   assert.deepEqual(await keysOnDisk(dir), { entries: ['good'], meta: ['good'] });
 });
@@ -388,7 +400,10 @@ test('an unreadable store is moved aside and the cache starts empty', async () =
     assert.equal(cache.stats().entries, 0);
     await cache.put('k', reply('hello'));
     assert.deepEqual(cache.get('k'), reply('hello'));
-    assert.deepEqual(lines.map((l) => [l.level, l.msg]), [['error', 'response cache store unreadable; starting empty']]);
+    assert.deepEqual(
+      lines.map((l) => [l.level, l.msg]),
+      [['error', 'response cache store unreadable; starting empty']],
+    );
     assert.deepEqual(fs.readFileSync(path.join(`${cacheDir}.corrupt`, 'data.mdb')), Buffer.alloc(16_384, 7));
   } finally {
     await cache.close();
@@ -416,7 +431,10 @@ test('after a crash the store is verified and its entries are kept', async () =>
   const { log, lines } = collectLog();
   const cache = openResponseCache({ path: path.join(dir, 'cache'), ttlMs: 1e12, maxBytes: 1e8, log });
   try {
-    assert.deepEqual(lines.map((l) => l.level), ['info']);
+    assert.deepEqual(
+      lines.map((l) => l.level),
+      ['info'],
+    );
     assert.equal(cache.stats().entries, 2);
     assert.deepEqual(cache.get('b')?.chunks, ['b']);
     assert.equal(fs.existsSync(path.join(dir, 'cache.corrupt')), false);
@@ -427,7 +445,10 @@ test('after a crash the store is verified and its entries are kept', async () =>
 
 test('after a crash that left damaged pages the store is rebuilt instead of crashing the server', async () => {
   const dir = tempDir();
-  crashAfterPuts(dir, Array.from({ length: 50 }, (_, i) => `key-${i}`));
+  crashAfterPuts(
+    dir,
+    Array.from({ length: 50 }, (_, i) => `key-${i}`),
+  );
   // Keep both meta pages (so the header check passes) and overwrite every page after them.
   const file = path.join(dir, 'cache', 'data.mdb');
   const pageSize = fs.readFileSync(file).readUInt32LE(48);
@@ -439,7 +460,10 @@ test('after a crash that left damaged pages the store is rebuilt instead of cras
   const { log, lines } = collectLog();
   const cache = openResponseCache({ path: path.join(dir, 'cache'), ttlMs: 1e12, maxBytes: 1e8, log });
   try {
-    assert.deepEqual(lines.map((l) => l.level), ['info', 'error']);
+    assert.deepEqual(
+      lines.map((l) => l.level),
+      ['info', 'error'],
+    );
     assert.equal(cache.stats().entries, 0);
     await cache.put('k', reply('hello'));
     assert.deepEqual(cache.get('k'), reply('hello'));

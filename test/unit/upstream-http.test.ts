@@ -57,7 +57,8 @@ describe('upstream HTTP client and SSE reader', () => {
       { event: 'ping', data: 'two\nlines' },
       { event: null, data: '[DONE]' },
     ];
-    const body = (eol: string) => `: a comment${eol}data: {"a":1}${eol}${eol}event: ping${eol}data: two${eol}data:lines${eol}id: 7${eol}${eol}data: [DONE]${eol}${eol}`;
+    const body = (eol: string) =>
+      `: a comment${eol}data: {"a":1}${eol}${eol}event: ping${eol}data: two${eol}data:lines${eol}id: 7${eol}${eol}data: [DONE]${eol}${eol}`;
     for (const eol of ['\n', '\r\n', '\r']) {
       const text = body(eol);
       assert.deepEqual((await readEvents([text])).events, expected, `whole, ${JSON.stringify(eol)}`);
