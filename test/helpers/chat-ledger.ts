@@ -203,7 +203,7 @@ export interface Chatters {
  * frames through the client library's `message` event, because the library's
  * own stream hides seq and repairs a gap with a resume.
  */
-class WireStreams {
+export class WireStreams {
   private readonly streams = new Map<string, { next: number; text: string; complete: boolean }>();
   private readonly ends = new Map<string, EndedChat>();
   /** Tasks whose terminal has been seen on this connection. */
