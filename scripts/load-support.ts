@@ -4,8 +4,9 @@
  * with a seeded data dir, clients over /ws and socket.io that chat, cancel,
  * drop and resume, look up the marketplace, or stop reading; the open-loop
  * schedule that drives them; the statistics they keep; a /metrics sampler;
- * and the open-file limit check. scripts/bench-chat.ts shares the
- * connections (`wsConn`, `socketIoConn`) and `openClients`.
+ * and the open-file limit check. The /ws clients run on chatwire's client
+ * library (src/client); socket.io clients on socket.io-client. scripts/bench-chat.ts
+ * shares `socketIoConn`, `wsConn` (for its echo baseline) and `openClients`.
  */
 import fs from 'node:fs';
 import type { Socket as NetSocket } from 'node:net';
@@ -169,7 +170,7 @@ type Frame = {
   nextCursor?: string | null;
 };
 
-/** One connection over /ws or socket.io, the same to its user: frames out, frames in (socket.io replies and events alike). */
+/** One raw connection, a `ws` socket or socket.io, the same to its user: frames out, frames in (socket.io replies and events alike). */
 export interface Conn {
   /** Sends while the connection is open; a frame sent after it closed is dropped. */
   send(frame: Record<string, unknown>): void;
@@ -180,6 +181,10 @@ export interface Conn {
   closed: Promise<number>;
 }
 
+/**
+ * A raw `ws` socket, JSON frames in and out. Only for what is not chatwire's protocol (bench-chat's echo
+ * baseline server): chatwire's /ws clients go through src/client.
+ */
 export function wsConn<F>(url: string, onFrame: (f: F) => void): Promise<Conn> {
   const socket = new WebSocket(url, { perMessageDeflate: false });
   let open = false;
