@@ -4,8 +4,9 @@
  * with a seeded data dir, clients over /ws and socket.io that chat, cancel,
  * drop and resume, look up the marketplace, or stop reading; the open-loop
  * schedule that drives them; the statistics they keep; a /metrics sampler;
- * and the open-file limit check. scripts/bench-chat.ts shares the
- * connections (`wsConn`, `socketIoConn`) and `openClients`.
+ * and the open-file limit check. The /ws clients run on chatwire's client
+ * library (src/client); socket.io clients on socket.io-client. scripts/bench-chat.ts
+ * shares `socketIoConn`, `wsConn` (for its echo baseline) and `openClients`.
  */
 import fs from 'node:fs';
 import type { Socket as NetSocket } from 'node:net';
@@ -13,12 +14,22 @@ import os from 'node:os';
 import path from 'node:path';
 import { io as ioClient, type Socket } from 'socket.io-client';
 import WebSocket from 'ws';
+import {
+  type ChatStream,
+  ChatwireError,
+  type ChatwireClient,
+  type ChatwireErrorCode,
+  connect,
+  type RequestMessage,
+  type SendOptions,
+  type WebSocketConstructor,
+} from '../src/client/client.js';
 import { Database } from '../src/db/database.js';
 import { formatId } from '../src/db/marketplace-ids.js';
 import { SEED_CATEGORIES, seedMarketplace } from '../src/db/marketplace-seed.js';
 import { migrate } from '../src/db/migrate.js';
 import { DATABASE_FILE_NAME } from '../src/db/data-file.js';
-import { Ledger } from '../test/helpers/chat-ledger.js';
+import { Ledger, WireStreams } from '../test/helpers/chat-ledger.js';
 import { startChatwireIn, type Child } from './bench-support.js';
 
 // ---------- the server ----------
@@ -159,7 +170,7 @@ type Frame = {
   nextCursor?: string | null;
 };
 
-/** One connection over /ws or socket.io, the same to its user: frames out, frames in (socket.io replies and events alike). */
+/** One raw connection, a `ws` socket or socket.io, the same to its user: frames out, frames in (socket.io replies and events alike). */
 export interface Conn {
   /** Sends while the connection is open; a frame sent after it closed is dropped. */
   send(frame: Record<string, unknown>): void;
@@ -170,6 +181,10 @@ export interface Conn {
   closed: Promise<number>;
 }
 
+/**
+ * A raw `ws` socket, JSON frames in and out. Only for what is not chatwire's protocol (bench-chat's echo
+ * baseline server): chatwire's /ws clients go through src/client.
+ */
 export function wsConn<F>(url: string, onFrame: (f: F) => void): Promise<Conn> {
   const socket = new WebSocket(url, { perMessageDeflate: false });
   let open = false;
@@ -254,8 +269,67 @@ interface RunningTask {
   gotFirst: boolean;
 }
 
-/** One user's connection, reconnecting on purpose when a plan says so. */
-export class LoadClient {
+/** What load.ts and bench-soak.ts drive: one user's connection, over /ws or socket.io. */
+export interface LoadClient {
+  readonly user: string;
+  readonly transport: Transport;
+  /** Set when the server (or the network) closed the connection. */
+  readonly closedByServer: number | null;
+  /** Chats sent and not ended yet, acknowledged or not. */
+  readonly inFlight: number;
+  readonly open: boolean;
+  /** Connected and not in the middle of a reconnect: a send now will be answered. */
+  readonly ready: boolean;
+  chat(plan: ChatPlan): void;
+  /** One marketplace lookup: a requests.list page (sometimes the next page), or the caller's own requests or bookings. */
+  lookup(): void;
+  /** Sends a frame as is; its replies are not tracked. */
+  sendRaw(frame: Record<string, unknown>): void;
+  /** Stops reading (a reader that hangs mid-stream): what the server sends it piles up in the kernel, then in the server. /ws only. */
+  hang(): void;
+  /** The task ids this client has acknowledged and not seen end. */
+  runningTaskIds(): string[];
+  /** Drops the connection now, reconnects and resumes every task in flight (what a flaky network does). */
+  disconnectAndResume(): Promise<void>;
+  close(): Promise<void>;
+}
+
+export const LoadClient = {
+  /** /ws clients run on chatwire's client library; socket.io clients on socket.io-client (the library speaks only /ws). */
+  open(base: string, user: string, transport: Transport, stats: LoadStats, random: () => number): Promise<LoadClient> {
+    return transport === 'ws' ? WsLoadClient.open(base, user, stats, random) : SocketIoLoadClient.open(base, user, stats, random);
+  },
+};
+
+/** The lookup a load client sends next; `filters` is set for a requests.list page (its cursor is only valid with them). */
+function nextLookup(
+  random: () => number,
+  user: string,
+  lastPage: { filters: Record<string, unknown>; cursor: string } | null,
+): {
+  message: Record<string, unknown> & { type: 'requests.list' | 'consumer.requests' | 'consumer.bookings' };
+  filters?: Record<string, unknown>;
+  usedPage: boolean;
+} {
+  const r = random();
+  if (r >= 0.8) return { message: { type: 'consumer.bookings', consumerId: user, limit: 10 }, usedPage: false };
+  if (r >= 0.6) return { message: { type: 'consumer.requests', consumerId: user, limit: 10 }, usedPage: false };
+  if (lastPage !== null && random() < 0.3)
+    return { message: { type: 'requests.list', limit: 20, ...lastPage.filters, cursor: lastPage.cursor }, filters: lastPage.filters, usedPage: true };
+  const filters: Record<string, unknown> = {};
+  const s = random();
+  if (s < 0.5) filters.status = 'open';
+  else if (s < 0.6) filters.status = 'booked';
+  if (random() < 0.4) filters.category = SEED_CATEGORIES[Math.floor(random() * SEED_CATEGORIES.length)];
+  return { message: { type: 'requests.list', limit: 20, ...filters }, filters, usedPage: false };
+}
+
+/**
+ * A socket.io load client on raw socket.io-client: chatwire's client library speaks only the /ws protocol.
+ * It reconnects on purpose when a plan says so, and resumes its tasks itself.
+ */
+class SocketIoLoadClient implements LoadClient {
+  readonly transport: Transport = 'socket.io';
   private conn!: Conn;
   private n = 0;
   private readonly pendingChats = new Map<string, PendingChat>();
@@ -275,23 +349,18 @@ export class LoadClient {
   private constructor(
     private readonly base: string,
     readonly user: string,
-    readonly transport: Transport,
     private readonly stats: LoadStats,
     private readonly random: () => number,
   ) {}
 
-  static async open(base: string, user: string, transport: Transport, stats: LoadStats, random: () => number): Promise<LoadClient> {
-    const c = new LoadClient(base, user, transport, stats, random);
+  static async open(base: string, user: string, stats: LoadStats, random: () => number): Promise<LoadClient> {
+    const c = new SocketIoLoadClient(base, user, stats, random);
     await c.connect();
     return c;
   }
 
   private async connect(): Promise<void> {
-    const onFrame = (f: Frame) => this.onFrame(f);
-    this.conn =
-      this.transport === 'ws'
-        ? await wsConn(`${this.base.replace(/^http/, 'ws')}/ws?user=${encodeURIComponent(this.user)}`, onFrame)
-        : await socketIoConn(this.base, this.user, onFrame);
+    this.conn = await socketIoConn(this.base, this.user, (f: Frame) => this.onFrame(f));
     const conn = this.conn;
     void conn.closed.then((code) => {
       if (this.closing || this.reconnecting || conn !== this.conn) return;
@@ -327,30 +396,12 @@ export class LoadClient {
     this.conn.send(frame);
   }
 
-  /** One marketplace lookup: a requests.list page (sometimes the next page), or the caller's own requests or bookings. */
   lookup(): void {
     const id = `l${this.n++}`;
-    const r = this.random();
-    let frame: Record<string, unknown>;
-    if (r < 0.6) {
-      let filters: Record<string, unknown> = {};
-      if (this.lastPage !== null && this.random() < 0.3) {
-        filters = this.lastPage.filters;
-        frame = { type: 'requests.list', id, limit: 20, ...filters, cursor: this.lastPage.cursor };
-        this.lastPage = null;
-      } else {
-        const s = this.random();
-        if (s < 0.5) filters.status = 'open';
-        else if (s < 0.6) filters.status = 'booked';
-        if (this.random() < 0.4) filters.category = SEED_CATEGORIES[Math.floor(this.random() * SEED_CATEGORIES.length)];
-        frame = { type: 'requests.list', id, limit: 20, ...filters };
-      }
-      this.lookupFilters.set(id, filters);
-    } else if (r < 0.8) {
-      frame = { type: 'consumer.requests', id, consumerId: this.user, limit: 10 };
-    } else {
-      frame = { type: 'consumer.bookings', id, consumerId: this.user, limit: 10 };
-    }
+    const next = nextLookup(this.random, this.user, this.lastPage);
+    if (next.usedPage) this.lastPage = null;
+    if (next.filters !== undefined) this.lookupFilters.set(id, next.filters);
+    const frame = { ...next.message, id };
     this.pendingLookups.set(id, { sentAt: performance.now() });
     this.stats.lookupsSent++;
     this.conn.send(frame);
@@ -521,6 +572,245 @@ export class LoadClient {
         if (f.id !== undefined) this.pendingResumes.delete(f.id);
         return;
     }
+  }
+}
+
+/** Errors the client library raises itself: the server did not answer (the outcome is unknown to the client). */
+const CLIENT_SIDE: ReadonlySet<ChatwireErrorCode> = new Set<ChatwireErrorCode>(['connection_lost', 'closed', 'aborted', 'timeout', 'bad_frame']);
+
+/**
+ * A /ws load client on chatwire's client library, so that the library runs under the load too. The library
+ * reconnects and resumes by itself: a drop on purpose closes the current socket and lets it do so; a socket
+ * the server (or the network) closed is counted as dropped and the client stays down, as a dropped load
+ * client always has. The seq of each delta is checked on the wire (the library's `message` event), since
+ * the library's streams hide seq and repair a gap with a resume.
+ */
+class WsLoadClient implements LoadClient {
+  readonly transport: Transport = 'ws';
+  closedByServer: number | null = null;
+  private client!: ChatwireClient;
+  /** The library's current socket (the WebSocket class given to it records each one): for drops, hangs and raw frames. */
+  private socket: WebSocket | null = null;
+  private readonly wire: WireStreams;
+  private pendingChats = 0;
+  private readonly tasks = new Map<string, { sentAt: number; plan: ChatPlan; gotFirst: boolean }>();
+  private readonly conversations: string[] = [];
+  private lastPage: { filters: Record<string, unknown>; cursor: string } | null = null;
+  /** Set from a drop on purpose until the library is connected again; counts the failed attempts meanwhile. */
+  private dropping: { attempts: number; reconnected: () => void } | null = null;
+  private closing = false;
+  private opened = false;
+
+  private constructor(
+    readonly user: string,
+    private readonly stats: LoadStats,
+    private readonly random: () => number,
+  ) {
+    this.wire = new WireStreams(stats.ledger);
+  }
+
+  static async open(base: string, user: string, stats: LoadStats, random: () => number): Promise<LoadClient> {
+    const c = new WsLoadClient(user, stats, random);
+    await c.connect(base);
+    return c;
+  }
+
+  private async connect(base: string): Promise<void> {
+    const record = (socket: WebSocket) => {
+      this.socket = socket;
+    };
+    class RecordedWebSocket extends WebSocket {
+      constructor(url: string, protocols?: string | string[]) {
+        super(url, protocols, { perMessageDeflate: false });
+        record(this);
+      }
+    }
+    this.client = connect(`${base.replace(/^http/, 'ws')}/ws`, {
+      user: this.user,
+      WebSocket: RecordedWebSocket as unknown as WebSocketConstructor,
+      reconnect: { initialDelayMs: 50, maxDelayMs: 1000 },
+      heartbeatMs: 0,
+      // An ack slower than this under load is a result to see, not a reason to give up on the chat.
+      requestTimeoutMs: 600_000,
+    });
+    this.client.on('message', (f) => {
+      if (f.type === 'chat.delta') this.stats.deltas++;
+      this.wire.frame(f as Frame);
+    });
+    this.client.on('resumed', (streams) => (this.stats.resumes += streams.length));
+    this.client.on('state', (s) => this.onState(s.state, s.code));
+    await this.client.ready();
+    this.opened = true;
+  }
+
+  private onState(state: string, code: number | undefined): void {
+    if (state === 'open' && this.dropping) {
+      this.dropping.reconnected();
+      this.dropping = null;
+    }
+    if ((state !== 'reconnecting' && state !== 'connecting') || this.closing || this.closedByServer !== null) return;
+    if (!this.opened) {
+      // The first connection failed (an upgrade refused): open() rejects, as the handshake failed.
+      this.client.close();
+      return;
+    }
+    // The first loss after a drop on purpose is ours; a failed attempt to come back counts as a drop, as before.
+    if (this.dropping && this.dropping.attempts++ === 0) return;
+    this.closedByServer = this.dropping ? -1 : (code ?? 1006);
+    this.stats.dropped++;
+    this.stats.dropCodes[String(this.closedByServer)] = (this.stats.dropCodes[String(this.closedByServer)] ?? 0) + 1;
+    this.dropping?.reconnected();
+    this.dropping = null;
+    this.client.close();
+  }
+
+  get inFlight(): number {
+    return this.pendingChats + this.tasks.size;
+  }
+
+  get open(): boolean {
+    return this.client.state !== 'closed';
+  }
+
+  get ready(): boolean {
+    return this.client.state === 'open' && this.dropping === null && !this.closing;
+  }
+
+  chat(plan: ChatPlan): void {
+    const options: SendOptions = { cache: plan.cache };
+    if (plan.maxTokens !== undefined) options.params = { maxTokens: plan.maxTokens };
+    if (plan.continueConversation && this.conversations.length > 0)
+      options.conversationId = this.conversations[Math.floor(this.random() * this.conversations.length)] as string;
+    const sentAt = performance.now();
+    this.pendingChats++;
+    this.stats.chatsSent++;
+    this.client.chat.send(plan.text, options).then(
+      (stream) => {
+        this.pendingChats--;
+        this.onAck(stream, plan, sentAt);
+      },
+      (err: unknown) => {
+        this.pendingChats--;
+        this.failed(err, (code) => this.stats.ledger.refuse(code));
+      },
+    );
+  }
+
+  /** A call that failed: a server error is counted by code; one the library raised (the socket went) is abandoned. */
+  private failed(err: unknown, refused?: (code: string) => void): void {
+    const code = err instanceof ChatwireError ? err.code : 'internal';
+    if (CLIENT_SIDE.has(code)) {
+      this.stats.abandoned++;
+      return;
+    }
+    this.stats.error(code);
+    refused?.(code);
+  }
+
+  private onAck(stream: ChatStream, plan: ChatPlan, sentAt: number): void {
+    const now = performance.now();
+    const { stats } = this;
+    const { taskId, conversationId } = stream;
+    stats.chatsAcked++;
+    if (stream.ack.status === 'cached') stats.cachedAcks++;
+    stats.ack.add(now - sentAt, now);
+    stats.ledger.ack({ taskId, conversationId, messageId: stream.messageId, text: plan.text });
+    if (!this.conversations.includes(conversationId)) {
+      this.conversations.push(conversationId);
+      if (this.conversations.length > 8) this.conversations.shift();
+    }
+    const task = { sentAt, plan, gotFirst: false };
+    this.tasks.set(taskId, task);
+    const first = () => {
+      if (task.gotFirst) return;
+      task.gotFirst = true;
+      const at = performance.now();
+      stats.ttft.add(at - sentAt, at);
+      if (plan.dropAndResume) void this.disconnectAndResume();
+    };
+    // Deltas that came in the same read as the ack are in the stream already.
+    if (stream.chunks.length > 0) first();
+    else {
+      const off = stream.on('delta', () => {
+        off();
+        first();
+      });
+    }
+    if (plan.cancel) {
+      stats.cancelsSent++;
+      stream.cancel().catch(() => {});
+    }
+    stream.result.catch(() => {}).finally(() => this.onEnd(taskId));
+  }
+
+  /** The stream ended: record the terminal as it came on the wire (none came when the socket went first). */
+  private onEnd(taskId: string): void {
+    this.tasks.delete(taskId);
+    const end = this.wire.takeEnd(taskId);
+    if (end === undefined) return;
+    this.stats.ledger.end(taskId, end);
+    if (end.type === 'chat.done') {
+      this.stats.chatsDone++;
+      if (end.finishReason === 'cancelled') this.stats.chatsCancelled++;
+    } else {
+      this.stats.chatsFailed++;
+      this.stats.error(end.code as string);
+    }
+  }
+
+  lookup(): void {
+    const next = nextLookup(this.random, this.user, this.lastPage);
+    if (next.usedPage) this.lastPage = null;
+    const sentAt = performance.now();
+    this.stats.lookupsSent++;
+    this.client.request(next.message as RequestMessage).then(
+      (reply) => {
+        const now = performance.now();
+        this.stats.lookupsDone++;
+        this.stats.lookup.add(now - sentAt, now);
+        const cursor = (reply as { nextCursor?: unknown }).nextCursor;
+        if (next.filters !== undefined && typeof cursor === 'string') this.lastPage = { filters: next.filters, cursor };
+      },
+      (err: unknown) => this.failed(err),
+    );
+  }
+
+  /**
+   * Writes past the library onto its socket: the dead readers resume replies this connection did not send,
+   * which the library's API does not offer (its resumes are its own streams').
+   */
+  sendRaw(frame: Record<string, unknown>): void {
+    if (this.socket?.readyState === WebSocket.OPEN) this.socket.send(JSON.stringify(frame));
+  }
+
+  hang(): void {
+    (this.socket as unknown as { _socket: NetSocket })._socket.pause();
+  }
+
+  runningTaskIds(): string[] {
+    return [...this.tasks.keys()];
+  }
+
+  async disconnectAndResume(): Promise<void> {
+    if (!this.ready || !this.socket) return;
+    this.stats.reconnects++;
+    const back = new Promise<void>((resolve) => {
+      this.dropping = { attempts: 0, reconnected: resolve };
+    });
+    // What a flaky network does: the socket is gone without a close handshake; the library reconnects and resumes.
+    this.socket.terminate();
+    await back;
+  }
+
+  async close(): Promise<void> {
+    this.closing = true;
+    const socket = this.socket;
+    this.client.close();
+    if (!socket || socket.readyState === WebSocket.CLOSED) return;
+    const closed = new Promise<void>((resolve) => socket.once('close', () => resolve()));
+    // A reader that hangs never answers a close handshake.
+    socket.terminate();
+    await closed;
   }
 }
 

@@ -10,7 +10,7 @@
  * with the marketplace, starts chatwire on it as a child process (or, with
  * --port, drives one already listening on 127.0.0.1), then holds
  * --connections sockets open (a --socketio share of them socket.io, the rest
- * raw /ws), of which --active chat and the rest stay idle, and
+ * /ws through chatwire's client library, src/client), of which --active chat and the rest stay idle, and
  * --dead-readers more that stop reading mid-stream (of a chat and of the
  * replay of --dead-replays finished replies of --dead-replay-tokens tokens). The active ones send
  * --chats-per-second chats in all (open loop: the schedule does not wait for

@@ -7,6 +7,7 @@
  */
 import { io as ioClient, type Socket } from 'socket.io-client';
 import WebSocket from 'ws';
+import { type ChatStream, ChatwireError, type ChatwireErrorCode, connect, type WebSocketConstructor } from '../../src/client/client.js';
 import { Database } from '../../src/db/database.js';
 
 export interface AckedChat {
@@ -194,193 +195,278 @@ export interface Chatters {
   readonly pending: number;
 }
 
-interface Transport {
-  send(frame: Record<string, unknown>): void;
+/**
+ * The deltas and terminals of one connection as they came on the wire, before
+ * any client logic: a delta whose seq is not the next one expected is a gap
+ * (counted in the ledger, and the stream's text is no longer complete), a
+ * second terminal for one task is a duplicate end. The /ws clients see the
+ * frames through the client library's `message` event, because the library's
+ * own stream hides seq and repairs a gap with a resume.
+ */
+export class WireStreams {
+  private readonly streams = new Map<string, { next: number; text: string; complete: boolean }>();
+  private readonly ends = new Map<string, EndedChat>();
+  /** Tasks whose terminal has been seen on this connection. */
+  private readonly terminated = new Set<string>();
+
+  constructor(private readonly ledger: Ledger) {}
+
+  frame(f: Frame): void {
+    const taskId = f.taskId as string;
+    if (f.type === 'chat.delta') {
+      const s = this.streams.get(taskId) ?? { next: 0, text: '', complete: true };
+      this.streams.set(taskId, s);
+      if (f.seq !== s.next) {
+        this.ledger.seqGaps++;
+        s.complete = false;
+      }
+      s.next = (f.seq as number) + 1;
+      s.text += f.text as string;
+    } else if (f.type === 'chat.done' || f.type === 'chat.error') {
+      if (this.terminated.has(taskId) || this.ledger.ended.has(taskId)) {
+        this.ledger.duplicateEnds++;
+        return;
+      }
+      this.terminated.add(taskId);
+      const s = this.streams.get(taskId) ?? { next: 0, text: '', complete: true };
+      this.streams.delete(taskId);
+      const { messageId, finishReason, code, cached } = f;
+      this.ends.set(taskId, { type: f.type, messageId, finishReason, code, cached, text: s.text, complete: s.complete });
+    }
+  }
+
+  /** The task's terminal as it came (once), or undefined when none came. */
+  takeEnd(taskId: string): EndedChat | undefined {
+    const end = this.ends.get(taskId);
+    this.ends.delete(taskId);
+    return end;
+  }
+
+  clear(): void {
+    this.streams.clear();
+    this.ends.clear();
+  }
+}
+
+/** What every client of one startChatters shares: the options, the counters, and the next chat to send. */
+interface ChatterContext {
+  options: ChattersOptions;
+  ledger: Ledger;
+  random: () => number;
+  sending: boolean;
+  closing: boolean;
+  dropped: number;
+  pending: number;
+  changed(): void;
+}
+
+interface Chatter {
+  /** Sends the client's first chats; each answered chat is followed by another. */
+  start(): void;
   close(): void;
   closed: Promise<void>;
 }
 
-function openWs(url: string, onFrame: (f: Frame) => void): Promise<Transport> {
-  const socket = new WebSocket(url);
-  const closed = new Promise<void>((resolve) => socket.once('close', () => resolve()));
-  socket.on('message', (data) => onFrame(JSON.parse(data.toString()) as Frame));
-  socket.on('error', () => {});
-  return new Promise((resolve, reject) => {
-    socket.once('open', () =>
-      resolve({
-        send: (f) => {
-          if (socket.readyState === WebSocket.OPEN) socket.send(JSON.stringify(f));
-        },
-        close: () => socket.terminate(),
-        closed,
-      }),
-    );
-    socket.once('error', reject);
-  });
+/** The next chat of a client: a repeated cacheable question, or a fresh one (sometimes in one of its conversations). */
+function nextChat(ctx: ChatterContext, user: string, n: number, conversations: string[]): { text: string; fields: Record<string, unknown> } {
+  const { random, options } = ctx;
+  const [minTokens, maxTokens] = options.maxTokens ?? [8, 48];
+  const repeat = random() < (options.repeatRate ?? 0.2);
+  const text = repeat ? `a popular question number ${Math.floor(random() * 5)}` : `${user} asks question ${n} (${random().toString(36).slice(2, 8)})`;
+  const fields: Record<string, unknown> = {};
+  if (!repeat) {
+    fields.cache = 'bypass';
+    fields.params = { maxTokens: minTokens + Math.floor(random() * (maxTokens - minTokens + 1)) };
+    if (conversations.length > 0 && random() < (options.continueRate ?? 0.5))
+      fields.conversationId = conversations[Math.floor(random() * conversations.length)];
+  }
+  return { text, fields };
 }
 
-function openSocketIo(base: string, user: string, onFrame: (f: Frame) => void): Promise<Transport> {
-  const socket: Socket = ioClient(base, { transports: ['websocket'], auth: { user }, reconnection: false, forceNew: true });
+function remember(conversations: string[], conversationId: string): void {
+  if (!conversations.includes(conversationId)) conversations.push(conversationId);
+}
+
+/** Errors the client library raises itself: the chat was not answered by the server (its outcome is unknown). */
+const CLIENT_SIDE: ReadonlySet<ChatwireErrorCode> = new Set<ChatwireErrorCode>(['connection_lost', 'closed', 'aborted', 'timeout', 'bad_frame']);
+
+/** A /ws client on chatwire's client library (no reconnect: a socket the server dropped stays dropped, as the ledger expects). */
+async function wsChatter(ctx: ChatterContext, user: string): Promise<Chatter> {
+  const client = connect(`${ctx.options.base.replace(/^http/, 'ws')}/ws`, {
+    user,
+    WebSocket: WebSocket as unknown as WebSocketConstructor,
+    reconnect: false,
+    heartbeatMs: 0,
+  });
+  const wire = new WireStreams(ctx.ledger);
+  client.on('message', (f) => wire.frame(f as Frame));
+  const closed = new Promise<void>((resolve) => client.on('state', (s) => s.state === 'closed' && resolve()));
+  await client.ready();
+  const conversations: string[] = [];
+  let n = 0;
+  /** One chat from send to its end; true when the server answered it (a refusal, or a terminal). */
+  const chatOnce = async (text: string, fields: Record<string, unknown>): Promise<boolean> => {
+    let stream: ChatStream;
+    try {
+      stream = await client.chat.send(text, fields);
+    } catch (err) {
+      if (!(err instanceof ChatwireError) || CLIENT_SIDE.has(err.code)) return false;
+      ctx.ledger.refuse(err.code);
+      return true;
+    }
+    ctx.ledger.ack({ taskId: stream.taskId, conversationId: stream.conversationId, messageId: stream.messageId, text });
+    remember(conversations, stream.conversationId);
+    if (ctx.random() < (ctx.options.cancelRate ?? 0.1)) void stream.cancel().catch(() => {});
+    await stream.result.catch(() => {});
+    // The end as it came on the wire (a closed socket fails the stream without one: unanswered).
+    const end = wire.takeEnd(stream.taskId);
+    if (end === undefined) return false;
+    ctx.ledger.end(stream.taskId, end);
+    return true;
+  };
+  const sendChat = (): void => {
+    if (!ctx.sending || client.state === 'closed') return;
+    const { text, fields } = nextChat(ctx, user, ++n, conversations);
+    ctx.pending++;
+    void chatOnce(text, fields).then((answered) => {
+      ctx.pending--;
+      ctx.changed();
+      if (answered) sendChat();
+    });
+  };
+  void closed.then(() => {
+    if (!ctx.closing) ctx.dropped++;
+    wire.clear();
+    ctx.changed();
+  });
+  const start = () => {
+    for (let k = 0; k < (ctx.options.inFlight ?? 2); k++) sendChat();
+  };
+  return { start, close: () => client.close(), closed };
+}
+
+/**
+ * A socket.io client, on raw frames: chatwire's client library speaks only the /ws protocol (socket.io frames are
+ * Engine.IO packets with acks), so socket.io traffic goes through socket.io-client itself.
+ */
+async function socketIoChatter(ctx: ChatterContext, user: string): Promise<Chatter> {
+  const wire = new WireStreams(ctx.ledger);
+  const sent = new Map<string, { text: string }>();
+  // Acknowledged tasks whose chat.done / chat.error has not come yet.
+  const running = new Set<string>();
+  const conversations: string[] = [];
+  let n = 0;
+  let open = true;
+  const socket: Socket = ioClient(ctx.options.base, { transports: ['websocket'], auth: { user }, reconnection: false, forceNew: true });
+  const finishOne = () => {
+    ctx.pending--;
+    ctx.changed();
+    sendChat();
+  };
+  const sendChat = (): void => {
+    if (!ctx.sending || !open || !socket.connected) return;
+    const id = `c${n++}`;
+    const { text, fields } = nextChat(ctx, user, n, conversations);
+    sent.set(id, { text });
+    ctx.pending++;
+    socket.emit('chat.send', { id, text, ...fields }, (reply: Frame) => onFrame(reply));
+  };
+  const onFrame = (f: Frame): void => {
+    wire.frame(f);
+    const taskId = f.taskId as string;
+    if (f.type === 'chat.ack') {
+      const s = sent.get(f.id as string);
+      if (!s) return;
+      sent.delete(f.id as string);
+      ctx.ledger.ack({ taskId, conversationId: f.conversationId as string, messageId: f.messageId as string, text: s.text });
+      running.add(taskId);
+      remember(conversations, f.conversationId as string);
+      if (ctx.random() < (ctx.options.cancelRate ?? 0.1) && socket.connected) socket.emit('chat.cancel', { taskId }, () => {});
+      // The end may have come before the ack (socket.io acks and events race).
+      const early = wire.takeEnd(taskId);
+      if (early) {
+        running.delete(taskId);
+        ctx.ledger.end(taskId, early);
+        finishOne();
+      }
+    } else if (f.type === 'chat.done' || f.type === 'chat.error') {
+      // Before the ack, the wire keeps the end until the ack comes.
+      if (!running.delete(taskId)) return;
+      const end = wire.takeEnd(taskId);
+      if (end) ctx.ledger.end(taskId, end);
+      finishOne();
+    } else if (f.type === 'error' && f.id !== undefined && sent.delete(f.id)) {
+      ctx.ledger.refuse(f.code as string);
+      finishOne();
+    }
+  };
   const closed = new Promise<void>((resolve) => socket.once('disconnect', () => resolve()));
+  // Replies go through the ack callback, server-initiated frames arrive as events named by their type.
   socket.onAny((event: string, payload: Frame) => onFrame({ ...payload, type: event }));
-  return new Promise((resolve, reject) => {
-    socket.once('connect', () =>
-      resolve({
-        send: (f) => {
-          const { type, ...payload } = f;
-          if (socket.connected) socket.emit(type as string, payload, (reply: Frame) => onFrame(reply));
-        },
-        close: () => socket.disconnect(),
-        closed,
-      }),
-    );
+  await new Promise<void>((resolve, reject) => {
+    socket.once('connect', () => resolve());
     socket.once('connect_error', reject);
   });
+  void closed.then(() => {
+    open = false;
+    if (!ctx.closing) ctx.dropped++;
+    // Whatever was unanswered on this socket stays unanswered: the server is gone or dropped us.
+    ctx.pending -= sent.size + running.size;
+    sent.clear();
+    running.clear();
+    wire.clear();
+    ctx.changed();
+  });
+  const start = () => {
+    for (let k = 0; k < (ctx.options.inFlight ?? 2); k++) sendChat();
+  };
+  return { start, close: () => socket.disconnect(), closed };
 }
 
 /** Opens `clients` connections that chat continuously and record every ack and end in the ledger. */
 export async function startChatters(options: ChattersOptions): Promise<Chatters> {
-  const random = options.random ?? Math.random;
-  const inFlight = options.inFlight ?? 2;
-  const [minTokens, maxTokens] = options.maxTokens ?? [8, 48];
-  const { ledger } = options;
-  let sending = true;
-  let closing = false;
-  let dropped = 0;
-  let pending = 0;
   let wake: (() => void) | null = null;
-  const changed = () => {
-    const w = wake;
-    wake = null;
-    w?.();
+  const ctx: ChatterContext = {
+    options,
+    ledger: options.ledger,
+    random: options.random ?? Math.random,
+    sending: true,
+    closing: false,
+    dropped: 0,
+    pending: 0,
+    changed: () => {
+      const w = wake;
+      wake = null;
+      w?.();
+    },
   };
-
+  const every = options.socketIoEvery ?? 0;
   const clients = await Promise.all(
-    Array.from({ length: options.clients }, async (_, i) => {
+    Array.from({ length: options.clients }, (_, i) => {
       const user = `${options.userPrefix}-${i}`;
-      const conversations: string[] = [];
-      const sent = new Map<string, { text: string }>();
-      const streams = new Map<string, { next: number; text: string; complete: boolean }>();
-      // Acknowledged tasks whose chat.done / chat.error has not come yet.
-      const running = new Set<string>();
-      let n = 0;
-      let open = true;
-      let transport: Transport | undefined;
-      const finishOne = () => {
-        pending--;
-        changed();
-        sendChat();
-      };
-      const sendChat = () => {
-        if (!sending || !open || !transport) return;
-        const id = `c${n++}`;
-        const repeat = random() < (options.repeatRate ?? 0.2);
-        const text = repeat ? `a popular question number ${Math.floor(random() * 5)}` : `${user} asks question ${n} (${random().toString(36).slice(2, 8)})`;
-        const frame: Record<string, unknown> = { type: 'chat.send', id, text };
-        if (!repeat) {
-          frame.cache = 'bypass';
-          frame.params = { maxTokens: minTokens + Math.floor(random() * (maxTokens - minTokens + 1)) };
-          if (conversations.length > 0 && random() < (options.continueRate ?? 0.5))
-            frame.conversationId = conversations[Math.floor(random() * conversations.length)];
-        }
-        sent.set(id, { text });
-        pending++;
-        transport.send(frame);
-      };
-      const onFrame = (f: Frame) => {
-        switch (f.type) {
-          case 'chat.ack': {
-            const s = sent.get(f.id as string);
-            if (!s) return;
-            sent.delete(f.id as string);
-            const taskId = f.taskId as string;
-            ledger.ack({ taskId, conversationId: f.conversationId as string, messageId: f.messageId as string, text: s.text });
-            running.add(taskId);
-            if (!conversations.includes(f.conversationId as string)) conversations.push(f.conversationId as string);
-            // Deltas may already have arrived (socket.io acks and events race); keep what came.
-            if (!streams.has(taskId)) streams.set(taskId, { next: 0, text: '', complete: true });
-            if (random() < (options.cancelRate ?? 0.1)) transport?.send({ type: 'chat.cancel', taskId });
-            return;
-          }
-          case 'chat.delta': {
-            const taskId = f.taskId as string;
-            const s = streams.get(taskId) ?? { next: 0, text: '', complete: true };
-            streams.set(taskId, s);
-            if (f.seq !== s.next) {
-              ledger.seqGaps++;
-              s.complete = false;
-            }
-            s.next = (f.seq as number) + 1;
-            s.text += f.text as string;
-            return;
-          }
-          case 'chat.done':
-          case 'chat.error': {
-            const taskId = f.taskId as string;
-            if (!running.delete(taskId)) {
-              if (ledger.ended.has(taskId)) ledger.duplicateEnds++;
-              return;
-            }
-            const s = streams.get(taskId) ?? { next: 0, text: '', complete: true };
-            streams.delete(taskId);
-            ledger.end(taskId, {
-              type: f.type,
-              messageId: f.messageId,
-              finishReason: f.finishReason,
-              code: f.code,
-              cached: f.cached,
-              text: s.text,
-              complete: s.complete,
-            });
-            finishOne();
-            return;
-          }
-          case 'error': {
-            if (f.id === undefined || !sent.has(f.id)) return;
-            sent.delete(f.id);
-            ledger.refuse(f.code as string);
-            finishOne();
-            return;
-          }
-        }
-      };
-      const socketIo = (options.socketIoEvery ?? 0) > 0 && i % (options.socketIoEvery as number) === 0;
-      transport = socketIo
-        ? await openSocketIo(options.base, user, onFrame)
-        : await openWs(`${options.base.replace(/^http/, 'ws')}/ws?user=${encodeURIComponent(user)}`, onFrame);
-      void transport.closed.then(() => {
-        open = false;
-        if (!closing) dropped++;
-        // Whatever was unanswered on this socket stays unanswered: the server is gone or dropped us.
-        pending -= sent.size + running.size;
-        sent.clear();
-        running.clear();
-        streams.clear();
-        changed();
-      });
-      return { start: () => Array.from({ length: inFlight }, sendChat), transport };
+      return every > 0 && i % every === 0 ? socketIoChatter(ctx, user) : wsChatter(ctx, user);
     }),
   );
   for (const c of clients) c.start();
 
   return {
     stopSending() {
-      sending = false;
+      ctx.sending = false;
     },
     async settled() {
-      while (pending > 0) await new Promise<void>((resolve) => (wake = resolve));
+      while (ctx.pending > 0) await new Promise<void>((resolve) => (wake = resolve));
     },
     async close() {
-      closing = true;
-      sending = false;
-      for (const c of clients) c.transport.close();
-      await Promise.all(clients.map((c) => c.transport.closed));
+      ctx.closing = true;
+      ctx.sending = false;
+      for (const c of clients) c.close();
+      await Promise.all(clients.map((c) => c.closed));
     },
     get dropped() {
-      return dropped;
+      return ctx.dropped;
     },
     get pending() {
-      return pending;
+      return ctx.pending;
     },
   };
 }
