@@ -18,8 +18,6 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { CHATWIRE_PROGRAMS, DIST, parseArgs, printTable, scrape, settle, sleep, startChatwire, startChild, summarize } from './bench-support.js';
-import WebSocket from 'ws';
-import { ChatwireError, connect, type WebSocketConstructor } from '../src/client/client.js';
 import { openClients, socketIoConn, wsConn, type Conn, type Transport } from './load-support.js';
 
 const args = parseArgs({ connections: '100,1000', seconds: '8', warmup: '2', 'ping-interval-ms': '100', window: '32', servers: 'uws,node' });
@@ -65,18 +63,6 @@ function cpuMs(pid: number | undefined): number {
 
 type Frame = { type: string; id?: string; taskId?: string; seq?: number; text?: string; code?: string; usage?: { completionTokens: number } };
 
-/** A chat's end: its completion tokens, or the error code it failed with. */
-type ChatEnd = Promise<number>;
-
-/** What a chat loop needs from its connection, whatever the transport. */
-interface ChatPort {
-  /** Sends a chat; resolves at its ack with the reply's end, rejects with the error code of a refusal. */
-  send(text: string): Promise<{ end: ChatEnd }>;
-  ping(): Promise<void>;
-  readonly open: boolean;
-  terminate(): void;
-}
-
 /** One client's chat loop, transport-agnostic. */
 class ChatLoop {
   measuring = false;
@@ -89,65 +75,73 @@ class ChatLoop {
   lost = 0;
   inFlight = 0;
   readonly errors: Record<string, number> = {};
-  /** Per task, the seq expected next on the wire. */
   private nextSeq = new Map<string, number>();
+  private pending = new Map<string, number>();
   private n = 0;
   private pingTimer: NodeJS.Timeout | undefined;
-  port!: ChatPort;
 
-  constructor(private readonly id: number) {}
+  constructor(
+    private readonly id: number,
+    private readonly sendRaw: (m: Record<string, unknown>) => void,
+  ) {}
 
   start(): void {
     this.sendChat();
     this.pingTimer = setInterval(() => {
-      const t = performance.now();
-      this.port.ping().then(
-        () => {
-          if (this.measuring) this.pings.push(performance.now() - t);
-        },
-        (code: string) => {
-          this.errors[code] = (this.errors[code] ?? 0) + 1;
-        },
-      );
+      const id = `p${this.n++}`;
+      this.pending.set(id, performance.now());
+      this.sendRaw({ type: 'ping', id });
     }, PING_EVERY_MS);
   }
 
   private sendChat(): void {
     if (this.stopping) return;
-    const t = performance.now();
+    const id = `c${this.n++}`;
+    this.pending.set(id, performance.now());
     this.inFlight++;
-    this.n++;
-    this.port
-      .send(`client ${this.id} asks question ${this.n}`)
-      .then(({ end }) => {
-        if (this.measuring) this.acks.push(performance.now() - t);
-        return end;
-      })
-      .then(
-        (tokens) => {
-          this.inFlight--;
-          if (this.measuring) {
-            this.chats++;
-            this.tokens += tokens;
-          }
-          this.sendChat();
-        },
-        (code: string) => {
-          this.errors[code] = (this.errors[code] ?? 0) + 1;
-          this.inFlight--;
-          setTimeout(() => this.sendChat(), 50);
-        },
-      );
+    this.sendRaw({ type: 'chat.send', id, text: `client ${this.id} asks question ${this.n}`, cache: 'bypass' });
   }
 
-  /** Every delta and terminal as it came on the wire: a delta whose seq is not the next one is lost (or repeated). */
-  wire(m: Frame): void {
-    if (m.type === 'chat.delta') {
-      const expected = this.nextSeq.get(m.taskId as string) ?? 0;
-      if (m.seq !== expected) this.lost++;
-      this.nextSeq.set(m.taskId as string, (m.seq as number) + 1);
-      if (this.measuring) this.deltas++;
-    } else if (m.type === 'chat.done' || m.type === 'chat.error') this.nextSeq.delete(m.taskId as string);
+  onFrame(m: Frame): void {
+    switch (m.type) {
+      case 'pong': {
+        const t = this.pending.get(m.id as string);
+        this.pending.delete(m.id as string);
+        if (t !== undefined && this.measuring) this.pings.push(performance.now() - t);
+        break;
+      }
+      case 'chat.ack': {
+        const t = this.pending.get(m.id as string);
+        this.pending.delete(m.id as string);
+        if (t !== undefined && this.measuring) this.acks.push(performance.now() - t);
+        this.nextSeq.set(m.taskId as string, 0);
+        break;
+      }
+      case 'chat.delta': {
+        const expected = this.nextSeq.get(m.taskId as string) ?? 0;
+        if (m.seq !== expected) this.lost++;
+        this.nextSeq.set(m.taskId as string, (m.seq as number) + 1);
+        if (this.measuring) this.deltas++;
+        break;
+      }
+      case 'chat.done':
+        this.nextSeq.delete(m.taskId as string);
+        this.inFlight--;
+        if (this.measuring) {
+          this.chats++;
+          this.tokens += m.usage?.completionTokens ?? 0;
+        }
+        this.sendChat();
+        break;
+      case 'chat.error':
+      case 'error':
+        this.errors[m.code as string] = (this.errors[m.code as string] ?? 0) + 1;
+        if (m.type === 'chat.error' || (m.id ?? '').startsWith('c')) {
+          this.inFlight--;
+          setTimeout(() => this.sendChat(), 50);
+        }
+        break;
+    }
   }
 
   stop(): void {
@@ -156,107 +150,24 @@ class ChatLoop {
   }
 }
 
-/** The `ws` package without permessage-deflate, as the other clients of these benches (chatwire does not compress). */
-class PlainWebSocket extends WebSocket {
-  constructor(url: string, protocols?: string | string[]) {
-    super(url, protocols, { perMessageDeflate: false });
-  }
-}
-
-/** /ws through chatwire's client library: the bench measures chatwire as its users see it, library included. */
-async function libraryPort(port: number, i: number, loop: ChatLoop): Promise<ChatPort> {
-  const client = connect(`ws://127.0.0.1:${port}/ws`, {
-    user: `bench-${i}`,
-    WebSocket: PlainWebSocket as unknown as WebSocketConstructor,
-    reconnect: false,
-    heartbeatMs: 0,
-    requestTimeoutMs: 600_000,
-  });
-  client.on('message', (m) => loop.wire(m as Frame));
-  await client.ready();
-  const code = (err: unknown) => {
-    throw err instanceof ChatwireError ? err.code : 'internal';
-  };
-  return {
-    send: async (text) => {
-      const stream = await client.chat.send(text, { cache: 'bypass' }).catch(code);
-      return { end: stream.result.then((r) => r.usage?.completionTokens ?? 0, code) };
-    },
-    ping: async () => {
-      await client.request({ type: 'ping' }).catch(code);
-    },
-    get open() {
-      return client.state === 'open';
-    },
-    terminate: () => client.close(),
-  };
-}
-
-/**
- * socket.io on raw socket.io-client: chatwire's client library speaks only /ws. Replies come through the emit's
- * ack callback, the task's frames as events; a task's end can come before its ack (the two race), so ends wait by task id.
- */
-async function socketIoPort(port: number, i: number, loop: ChatLoop): Promise<ChatPort> {
-  let n = 0;
-  const replies = new Map<string, (m: Frame) => void>();
-  const ends = new Map<string, { settle?: (m: Frame) => void; early?: Frame }>();
-  const endOf = (taskId: string): ChatEnd =>
-    new Promise<Frame>((resolve) => {
-      const e = ends.get(taskId);
-      if (e?.early) {
-        ends.delete(taskId);
-        resolve(e.early);
-      } else ends.set(taskId, { settle: resolve });
-    }).then((m) => {
-      if (m.type === 'chat.error') throw m.code;
-      return m.usage?.completionTokens ?? 0;
-    });
-  const conn = await socketIoConn<Frame>(`http://127.0.0.1:${port}`, `bench-${i}`, (m) => {
-    loop.wire(m);
-    if (m.type === 'chat.done' || m.type === 'chat.error') {
-      const e = ends.get(m.taskId as string);
-      if (e?.settle) {
-        ends.delete(m.taskId as string);
-        e.settle(m);
-      } else ends.set(m.taskId as string, { early: m });
-    } else if (m.id !== undefined) {
-      replies.get(m.id)?.(m);
-      replies.delete(m.id);
-    }
-  });
-  const request = (frame: Record<string, unknown>) =>
-    new Promise<Frame>((resolve) => {
-      const id = `r${n++}`;
-      replies.set(id, resolve);
-      conn.send({ ...frame, id });
-    });
-  return {
-    send: async (text) => {
-      const m = await request({ type: 'chat.send', text, cache: 'bypass' });
-      if (m.type !== 'chat.ack') throw m.code ?? m.type;
-      return { end: endOf(m.taskId as string) };
-    },
-    ping: async () => {
-      const m = await request({ type: 'ping' });
-      if (m.type === 'error') throw m.code;
-    },
-    get open() {
-      return conn.open;
-    },
-    terminate: () => conn.terminate(),
-  };
-}
-
-async function connectLoop(transport: Transport, port: number, i: number): Promise<{ conn: ChatPort; loop: ChatLoop }> {
-  const loop = new ChatLoop(i);
-  loop.port = transport === 'ws' ? await libraryPort(port, i, loop) : await socketIoPort(port, i, loop);
-  return { conn: loop.port, loop };
+// The clients here are minimal on purpose, on both transports: this benchmark measures how many frames the server
+// delivers, and the client process shares the server's two cores. The client library (src/client) runs under load
+// in `npm run load`, bench:soak and the crash soak instead; here its own per-frame work would be measured too.
+async function connect(transport: Transport, port: number, i: number): Promise<{ conn: Conn; loop: ChatLoop }> {
+  let conn: Conn | undefined;
+  const loop = new ChatLoop(i, (m) => conn?.send(m));
+  const onFrame = (f: Frame) => loop.onFrame(f);
+  conn =
+    transport === 'ws'
+      ? await wsConn(`ws://127.0.0.1:${port}/ws?user=bench-${i}`, onFrame)
+      : await socketIoConn(`http://127.0.0.1:${port}`, `bench-${i}`, onFrame);
+  return { conn, loop };
 }
 
 async function runChat(kind: ServerKind, transport: Transport, connections: number): Promise<ChatRun> {
   const server = await startChatwire({}, CHATWIRE_PROGRAMS[kind]);
   try {
-    const clients = await openClients(connections, (i) => connectLoop(transport, server.port, i), { concurrency: 100 });
+    const clients = await openClients(connections, (i) => connect(transport, server.port, i), { concurrency: 100 });
     for (const c of clients) c.loop.start();
     await sleep(WARMUP * 1000);
     for (const c of clients) c.loop.measuring = true;
@@ -305,9 +216,7 @@ async function runEcho(connections: number): Promise<{ connections: number; perS
     let measuring = false;
     let count = 0;
     const rtts: number[] = [];
-    // Raw sockets on purpose: the echo server is the baseline of what uWS and `ws` move without any protocol, not
-    // chatwire, so chatwire's client library has nothing to speak to it. A delta-sized JSON frame, kept `window` at
-    // a time in flight per connection (one chat's worth of tokens).
+    // A delta-sized JSON frame, kept `window` at a time in flight per connection (one chat's worth of tokens).
     const frame = (t: number) => ({ type: 'chat.delta', taskId: 'task_0123456789abcdefghijkl', seq: 17, text: ' provider', t });
     const sockets = await openClients(
       connections,
