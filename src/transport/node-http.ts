@@ -23,12 +23,13 @@ import type { Duplex } from 'node:stream';
 import type { Server as SocketIOServer } from 'socket.io';
 import type { HttpRequest, HttpResponse, TemplatedApp, WebSocket as UwsWebSocket, WebSocketBehavior } from 'uWebSockets.js';
 import { WebSocket, WebSocketServer } from 'ws';
+import { AppError } from '../protocol/index.js';
 import type { TransportDeps } from './deps.js';
 import { attachHttpRoutes } from './http-routes.js';
 import { innerPath, mountsRoute, ownsPath } from './mount-paths.js';
 import type { HttpServer } from './server.js';
 import { attachSocketIO } from './socketio.js';
-import { attachWebSocket } from './ws.js';
+import { attachWebSocket, refuseRequest } from './ws.js';
 
 /** The named calls of a uWS interface, with the same parameters; what they return for chaining is not used. */
 type Surface<T, K extends keyof T> = { [P in K]: T[P] extends (...args: infer A) => infer R ? (...args: A) => R extends object ? unknown : R : T[P] };
@@ -423,7 +424,16 @@ function webSocketSide(behavior: WebSocketBehavior<unknown>, sockets: Set<NodeSo
     accept(res: UpgradeResponse, userData: unknown, protocol: string): void {
       const { req, socket, head } = res.raw;
       (req as ChosenProtocol).chosenProtocol = protocol;
-      wss.handleUpgrade(req, socket, head, (ws) => open(ws, socket, userData));
+      // `ws` may still refuse the handshake without calling back (the socket gone meanwhile): then open and close
+      // never run, and the user's connection slot taken at authentication is given back here instead.
+      let opened = false;
+      socket.once('close', () => {
+        if (!opened) (userData as { releaseSlot?: () => void }).releaseSlot?.();
+      });
+      wss.handleUpgrade(req, socket, head, (ws) => {
+        opened = true;
+        open(ws, socket, userData);
+      });
     },
     close(): void {
       clearInterval(idleSweep);
@@ -431,6 +441,24 @@ function webSocketSide(behavior: WebSocketBehavior<unknown>, sockets: Set<NodeSo
       for (const s of [...sockets]) s.ws.terminate();
     },
   };
+}
+
+/**
+ * The checks `ws` makes in handleUpgrade, where a failure is answered 400 without calling back: made before the
+ * upgrade is admitted and authenticated, so that one never holds a place or a user slot it cannot use.
+ */
+function validHandshake(req: IncomingMessage, socket: Duplex): boolean {
+  const key = req.headers['sec-websocket-key'];
+  const version = Number(req.headers['sec-websocket-version']);
+  return (
+    req.method === 'GET' &&
+    String(req.headers.upgrade ?? '').toLowerCase() === 'websocket' &&
+    typeof key === 'string' &&
+    /^[+/0-9A-Za-z]{22}==$/.test(key) &&
+    (version === 13 || version === 8) &&
+    socket.readable &&
+    socket.writable
+  );
 }
 
 interface Engine {
@@ -460,6 +488,7 @@ function dispatchers(server: HttpServerNode, host: ReturnType<typeof snapshot>, 
     if (path.startsWith(ioPath)) return engine.handleUpgrade(req, socket, head);
     if (innerPath(prefix, path) === '/ws') {
       const res = new UpgradeResponse(req, socket, head, accept);
+      if (!validHandshake(req, socket)) return refuseRequest(res as unknown as HttpResponse, new AppError('bad_request', 'not a valid WebSocket handshake'));
       void app.wsBehavior?.upgrade?.(res as unknown as HttpResponse, new NodeRequest(req, '/ws', query, []) as unknown as HttpRequest, {} as never);
       return;
     }
