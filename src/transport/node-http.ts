@@ -28,7 +28,7 @@ import type { TransportDeps } from './deps.js';
 import { attachHttpRoutes } from './http-routes.js';
 import { innerPath, mountsRoute, ownsPath } from './mount-paths.js';
 import type { HttpServer } from './server.js';
-import { attachSocketIO } from './socketio.js';
+import { attachSocketIO, type SocketIOMount } from './socketio.js';
 import { attachWebSocket, refuseRequest } from './ws.js';
 
 /** The named calls of a uWS interface, with the same parameters; what they return for chaining is not used. */
@@ -461,17 +461,36 @@ function validHandshake(req: IncomingMessage, socket: Duplex): boolean {
   );
 }
 
+type AdmitRequest = Parameters<SocketIOMount>[3];
+
 interface Engine {
   handleRequest(req: IncomingMessage, res: ServerResponse): void;
   handleUpgrade(req: IncomingMessage, socket: Duplex, head: Buffer): void;
 }
 
 /** The server's 'request' and 'upgrade' listeners: chatwire's paths here, every other one to the host's listeners. */
-function dispatchers(server: HttpServerNode, host: ReturnType<typeof snapshot>, prefix: string, app: NodeApp, engine: Engine, accept: Accept) {
+function dispatchers(
+  server: HttpServerNode,
+  host: ReturnType<typeof snapshot>,
+  prefix: string,
+  app: NodeApp,
+  engine: Engine,
+  accept: Accept,
+  admit: AdmitRequest,
+) {
   const ioPath = `${prefix}/socket.io/`;
+  // A socket.io request that would start a session takes a place among those waiting to authenticate, as on uWS.
+  const admitted = (req: IncomingMessage, query: string, res: () => NodeResponse | UpgradeResponse) => {
+    if (new URLSearchParams(query).has('sid')) return true;
+    const forwarded = req.headers['x-forwarded-for'];
+    return admit(res() as unknown as HttpResponse, req, Array.isArray(forwarded) ? forwarded.join(', ') : forwarded);
+  };
   const onRequest = (req: IncomingMessage, res: ServerResponse) => {
     const { path, query } = splitUrl(req.url);
-    if (path.startsWith(ioPath)) return engine.handleRequest(req, res);
+    if (path.startsWith(ioPath)) {
+      if (admitted(req, query, () => new NodeResponse(req, res))) engine.handleRequest(req, res);
+      return;
+    }
     const inner = innerPath(prefix, path);
     const found = inner !== null && ownsPath(prefix, inner) ? app.route(req.method ?? 'GET', inner) : null;
     if (found === null) {
@@ -485,7 +504,10 @@ function dispatchers(server: HttpServerNode, host: ReturnType<typeof snapshot>, 
   };
   const onUpgrade = (req: IncomingMessage, socket: Duplex, head: Buffer) => {
     const { path, query } = splitUrl(req.url);
-    if (path.startsWith(ioPath)) return engine.handleUpgrade(req, socket, head);
+    if (path.startsWith(ioPath)) {
+      if (admitted(req, query, () => new UpgradeResponse(req, socket, head, accept))) engine.handleUpgrade(req, socket, head);
+      return;
+    }
     if (innerPath(prefix, path) === '/ws') {
       const res = new UpgradeResponse(req, socket, head, accept);
       if (!validHandshake(req, socket)) return refuseRequest(res as unknown as HttpResponse, new AppError('bad_request', 'not a valid WebSocket handshake'));
@@ -510,11 +532,15 @@ export function attachToNodeServer(server: HttpServerNode, deps: TransportDeps, 
   });
   const http = attachHttpRoutes(app as unknown as TemplatedApp, deps);
   // destroyUpgrade: false: engine.io would otherwise end every upgrade that is not its own after a second, the host's too.
-  const io: SocketIOServer = attachSocketIO((s) => s.attach(server, { path: `${prefix}/socket.io`, destroyUpgrade: false }), deps);
+  let admitRequest: AdmitRequest = () => true;
+  const io: SocketIOServer = attachSocketIO((s, _admitting, _uwsOptions, admit) => {
+    admitRequest = admit;
+    s.attach(server, { path: `${prefix}/socket.io`, destroyUpgrade: false });
+  }, deps);
   // engine.io took the server's listeners over for its own dispatch: put them back, this file dispatches instead.
   restore(server, hostListeners, new Set(EVENTS.flatMap((e) => (server.listeners(e) as Listener[]).filter((l) => !hostListeners[e].includes(l)))));
   const ws = webSocketSide(app.wsBehavior as WebSocketBehavior<unknown>, sockets);
-  const { onRequest, onUpgrade } = dispatchers(server, hostListeners, prefix, app, io.engine as unknown as Engine, ws.accept);
+  const { onRequest, onUpgrade } = dispatchers(server, hostListeners, prefix, app, io.engine as unknown as Engine, ws.accept, admitRequest);
   server.removeAllListeners('request');
   server.on('request', onRequest);
   server.removeAllListeners('upgrade');

@@ -43,3 +43,33 @@ describe('/ws on the node:http mount', () => {
     for (const c of clients) await c.close();
   });
 });
+
+/** One GET on a fresh connection: its status and Retry-After. */
+async function get(server: TestServer, path: string, headers: Record<string, string> = {}): Promise<{ status: number; retryAfter: string | null }> {
+  const res = await fetch(`${server.http}${path}`, { headers });
+  await res.arrayBuffer();
+  return { status: res.status, retryAfter: res.headers.get('retry-after') };
+}
+
+describe('socket.io on the node:http mount', () => {
+  let server: TestServer;
+  before(async () => {
+    server = await startServer({ trustProxy: '127.0.0.1', maxPendingPerAddress: 4, maxPendingConnections: 64, handshakeTimeoutMs: 60_000 });
+  });
+  after(() => server.close());
+
+  test('handshakes without credentials from one address hold at most its share of the places waiting to authenticate', async () => {
+    const handshake = '/socket.io/?EIO=4&transport=polling';
+    const answers = [];
+    for (let i = 0; i < 10; i++) answers.push(await get(server, handshake, { 'x-forwarded-for': '10.0.0.1' }));
+    assert.deepEqual(
+      answers.map((a) => a.status),
+      [200, 200, 200, 200, 429, 429, 429, 429, 429, 429],
+    );
+    assert.equal(answers.at(-1)?.retryAfter, '1');
+    const upgrade = await refusedUpgrade(`${server.ws.replace('/ws', '/socket.io/')}?EIO=4&transport=websocket`, [], { 'x-forwarded-for': '10.0.0.1' });
+    assert.equal(upgrade.status, 429);
+    // Another address is still let in.
+    assert.equal((await get(server, handshake, { 'x-forwarded-for': '10.0.0.2' })).status, 200);
+  });
+});
