@@ -290,6 +290,7 @@ function screenPackets(io: SocketIOServer, shared: Shared): void {
   io.engine.on('connection', (conn: EngineConnection) => {
     const slot = shared.pendingSlots.get(conn.request);
     if (slot) conn.once('close', () => slot.release());
+    let connecting = false;
     conn.on('packet', (packet: EnginePacket) => {
       if (packet.type !== 'message') return;
       if (oversized(packet.data, shared.deps.config.maxFrameBytes)) {
@@ -301,7 +302,11 @@ function screenPackets(io: SocketIOServer, shared: Shared): void {
       }
       const handle = shared.packetHandlers.get(conn);
       if (handle) return handle(packet);
-      if (typeof packet.data === 'string' && !scanFrame(packet.data, HANDSHAKE_BOUNDS).ok) {
+      // Before the socket is authenticated one CONNECT is all a client sends: socket.io would authenticate every
+      // further one (a single polling POST can carry thousands), so any further packet closes the connection.
+      const first = !connecting && typeof packet.data === 'string' && packet.data.charCodeAt(0) === 0x30;
+      connecting = true;
+      if (!first || !scanFrame(packet.data as string, HANDSHAKE_BOUNDS).ok) {
         packet.type = 'noop';
         conn.close();
       }
@@ -510,6 +515,11 @@ function handleEvent(session: Session, json: string, reply: Reply): void {
  * socket.io would write. Anything else but a DISCONNECT (an attachment, an ACK, a packet for another namespace) is
  * charged and, if the rate allows, left to socket.io.
  */
+/** A socket.io CONNECT packet for the main namespace: `0`, `0{...}` or `0/,...`. */
+function connectsToMain(text: string): boolean {
+  return text.charCodeAt(0) === 0x30 && (text.charCodeAt(1) !== 0x2f || text.startsWith('0/,') || text === '0/');
+}
+
 function createPacketHandler(shared: Shared, socket: Socket, writer: SocketWriter, session: Session): PacketHandler {
   /** The user's charge for one packet; past its rate the packet is dropped, and a flood closes the socket. */
   const admit = (packet: EnginePacket, reply: Reply, id?: string): boolean => {
@@ -533,6 +543,8 @@ function createPacketHandler(shared: Shared, socket: Socket, writer: SocketWrite
     if (event === null) {
       if (text.charCodeAt(0) === 0x31) return;
       admit(packet, () => {});
+      // Another CONNECT to `/` once connected: socket.io would run the authentication again for it.
+      if (connectsToMain(text)) packet.type = 'noop';
       return;
     }
     packet.type = 'noop';
