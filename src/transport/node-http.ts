@@ -104,7 +104,7 @@ type Accept = (res: UpgradeResponse, userData: unknown, protocol: string) => voi
 type ResponseCalls = 'writeStatus' | 'writeHeader' | 'write' | 'end' | 'cork' | 'onAborted' | 'onData' | 'onWritable' | 'getRemoteAddressAsText';
 
 /** uWS's HttpResponse over a ServerResponse: status and headers are held until the first write or end. */
-class NodeResponse implements Surface<HttpResponse, ResponseCalls> {
+export class NodeResponse implements Surface<HttpResponse, ResponseCalls> {
   private status = 200;
   private statusMessage: string | undefined;
   private readonly headers: [string, string][] = [];
@@ -144,10 +144,15 @@ class NodeResponse implements Surface<HttpResponse, ResponseCalls> {
     this.flushHead();
     return this.res.write(toBuffer(chunk));
   }
-  end(body?: RecognizedString): this {
+  /** `closeConnection`, as uWS's: the connection is closed after this answer, not kept alive (see Responder.send). */
+  end(body?: RecognizedString, closeConnection?: boolean): this {
     if (this.finished) return this;
     this.finished = true;
     this.flushHead();
+    if (closeConnection === true) {
+      if (!this.res.headersSent) this.res.setHeader('connection', 'close');
+      this.res.once('finish', () => this.req.socket.destroySoon());
+    }
     this.res.end(toBuffer(body));
     return this;
   }
