@@ -118,6 +118,7 @@ const serverExamples: { [K in ServerMessage['type']]: Extract<ServerMessage, { t
     provider: 'dev',
     model: 'dev-1',
     limits: { maxFrameBytes: 65536, messagesPerSecond: 50, chatsPerMinute: 60 },
+    nodeId: 'n3Qx8ZkLp0aT',
   },
   'chat.ack': { type: 'chat.ack', id: 'q1', taskId: TASK, conversationId: CONV, messageId: 'msg_rMxBFqvEW0iTb-vc', status: 'queued', rateLimit: RATE },
   'chat.delta': { type: 'chat.delta', taskId: TASK, seq: 0, text: 'A licensed plumber' },

@@ -12,6 +12,7 @@ import { cacheReadiness, createChatCache } from './cache/chat-cache.js';
 import { openResponseCache, type ResponseCache } from './cache/response-cache.js';
 import { createChatService, type ChatService } from './chat/chat-service.js';
 import type { Config } from './config.js';
+import { randomBase64url } from './random-id.js';
 import { createChatStore, type ChatStore } from './db/chat-store.js';
 import { databaseFile } from './db/data-file.js';
 import { startCheckpointer } from './db/checkpointer.js';
@@ -161,6 +162,7 @@ function transportDeps(parts: Parts): TransportDeps {
   return {
     config,
     providerName,
+    nodeId: randomBase64url(9),
     metrics,
     log,
     auth,

@@ -166,10 +166,12 @@ export function createInlinePool(provider: InlineProvider, options: InlinePoolOp
     async close() {
       if (closed) return;
       closed = true;
+      // Every call is failed now, its deadline timers cleared: a provider that ignores its signal would otherwise
+      // keep the host process alive until the deadline.
       for (const call of [...waiting.drain(), ...active]) {
         call.cancelRequested = true;
-        if (!call.started && finish(call)) call.handlers.onError(new AppError('worker_failed', 'the server is shutting down'));
-        else call.controller.abort();
+        call.controller.abort();
+        if (finish(call)) call.handlers.onError(new AppError('worker_failed', 'the server is shutting down'));
       }
       await provider.close?.();
     },

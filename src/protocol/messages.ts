@@ -120,6 +120,8 @@ export const HelloSchema = z.object({
     messagesPerSecond: z.number(),
     chatsPerMinute: z.number(),
   }),
+  /** The serving process: one per chatwire instance, so in cluster mode each node has its own. */
+  nodeId: z.string(),
 });
 
 export const ChatAckSchema = z.object({

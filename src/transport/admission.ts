@@ -1,4 +1,5 @@
 import { AppError } from '../protocol/index.js';
+import { addressKey } from './client-address.js';
 
 /**
  * A connection, socket.io session or request that has not proven who it is yet. `release()` frees its place once
@@ -13,7 +14,7 @@ export type Refusal = { ok: false; error: AppError; closeConnection: boolean };
 export type Admission = { ok: true; slot: PendingSlot } | Refusal;
 
 export interface PendingAdmission {
-  /** Takes a place for one unauthenticated connection from `address`, or refuses it (503 past the total, 429 past the address's share). */
+  /** Takes a place for one unauthenticated connection from `address` (its IPv6 /64, see addressKey), or refuses it (503 past the total, 429 past the address's share). */
   admit(address: string): Admission;
   /** Whether `err` is this admission's refusal near the fd limit, whose answer also closes the connection. */
   closesConnection(err: unknown): boolean;
@@ -60,8 +61,10 @@ export function createPendingAdmission(options: PendingAdmissionOptions): Pendin
     closeConnection: true,
   };
 
-  function admit(address: string): Admission {
+  function admit(peer: string): Admission {
     if (nearFdLimit()) return noDescriptors;
+    // An IPv6 host is routinely given a whole /64: counted per address, one client would have 2^64 shares.
+    const address = addressKey(peer);
     if (total >= maxPending) return full;
     const mine = byAddress.get(address) ?? 0;
     if (mine >= maxPendingPerAddress) return addressFull;
@@ -86,7 +89,7 @@ export function createPendingAdmission(options: PendingAdmissionOptions): Pendin
   return {
     admit,
     closesConnection: (err) => err === noDescriptors.error,
-    pending: (address) => (address === undefined ? total : (byAddress.get(address) ?? 0)),
+    pending: (address) => (address === undefined ? total : (byAddress.get(addressKey(address)) ?? 0)),
     close() {
       byAddress.clear();
       total = 0;

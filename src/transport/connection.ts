@@ -17,7 +17,7 @@ export function newConnectionId(): string {
 }
 
 /** The first frame of every /ws and socket.io connection (PROTOCOL.md, hello). */
-export function helloFrame(deps: Pick<TransportDeps, 'config' | 'providerName'>, connectionId: string, identity: Identity): Hello {
+export function helloFrame(deps: Pick<TransportDeps, 'config' | 'providerName' | 'nodeId'>, connectionId: string, identity: Identity): Hello {
   const { config } = deps;
   return {
     type: 'hello',
@@ -27,6 +27,7 @@ export function helloFrame(deps: Pick<TransportDeps, 'config' | 'providerName'>,
     provider: deps.providerName,
     model: config.model,
     limits: { maxFrameBytes: config.maxFrameBytes, messagesPerSecond: config.messagesPerSecond, chatsPerMinute: config.chatsPerMinute },
+    nodeId: deps.nodeId,
   };
 }
 

@@ -31,6 +31,8 @@ export interface TransportDeps {
   config: Config;
   /** The model provider the hello frame names: config.llm, or a custom provider's name. */
   providerName: string;
+  /** This process's id in the hello frame, made once per chatwire instance (in a cluster each node has its own). */
+  nodeId: string;
   metrics: Metrics;
   log: Logger;
   auth: Authenticator;

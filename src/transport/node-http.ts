@@ -23,12 +23,13 @@ import type { Duplex } from 'node:stream';
 import type { Server as SocketIOServer } from 'socket.io';
 import type { HttpRequest, HttpResponse, TemplatedApp, WebSocket as UwsWebSocket, WebSocketBehavior } from 'uWebSockets.js';
 import { WebSocket, WebSocketServer } from 'ws';
+import { AppError } from '../protocol/index.js';
 import type { TransportDeps } from './deps.js';
 import { attachHttpRoutes } from './http-routes.js';
 import { innerPath, mountsRoute, ownsPath } from './mount-paths.js';
 import type { HttpServer } from './server.js';
-import { attachSocketIO } from './socketio.js';
-import { attachWebSocket } from './ws.js';
+import { attachSocketIO, type SocketIOMount } from './socketio.js';
+import { attachWebSocket, refuseRequest } from './ws.js';
 
 /** The named calls of a uWS interface, with the same parameters; what they return for chaining is not used. */
 type Surface<T, K extends keyof T> = { [P in K]: T[P] extends (...args: infer A) => infer R ? (...args: A) => R extends object ? unknown : R : T[P] };
@@ -103,7 +104,7 @@ type Accept = (res: UpgradeResponse, userData: unknown, protocol: string) => voi
 type ResponseCalls = 'writeStatus' | 'writeHeader' | 'write' | 'end' | 'cork' | 'onAborted' | 'onData' | 'onWritable' | 'getRemoteAddressAsText';
 
 /** uWS's HttpResponse over a ServerResponse: status and headers are held until the first write or end. */
-class NodeResponse implements Surface<HttpResponse, ResponseCalls> {
+export class NodeResponse implements Surface<HttpResponse, ResponseCalls> {
   private status = 200;
   private statusMessage: string | undefined;
   private readonly headers: [string, string][] = [];
@@ -143,10 +144,15 @@ class NodeResponse implements Surface<HttpResponse, ResponseCalls> {
     this.flushHead();
     return this.res.write(toBuffer(chunk));
   }
-  end(body?: RecognizedString): this {
+  /** `closeConnection`, as uWS's: the connection is closed after this answer, not kept alive (see Responder.send). */
+  end(body?: RecognizedString, closeConnection?: boolean): this {
     if (this.finished) return this;
     this.finished = true;
     this.flushHead();
+    if (closeConnection === true) {
+      if (!this.res.headersSent) this.res.setHeader('connection', 'close');
+      this.res.once('finish', () => this.req.socket.destroySoon());
+    }
     this.res.end(toBuffer(body));
     return this;
   }
@@ -423,7 +429,16 @@ function webSocketSide(behavior: WebSocketBehavior<unknown>, sockets: Set<NodeSo
     accept(res: UpgradeResponse, userData: unknown, protocol: string): void {
       const { req, socket, head } = res.raw;
       (req as ChosenProtocol).chosenProtocol = protocol;
-      wss.handleUpgrade(req, socket, head, (ws) => open(ws, socket, userData));
+      // `ws` may still refuse the handshake without calling back (the socket gone meanwhile): then open and close
+      // never run, and the user's connection slot taken at authentication is given back here instead.
+      let opened = false;
+      socket.once('close', () => {
+        if (!opened) (userData as { releaseSlot?: () => void }).releaseSlot?.();
+      });
+      wss.handleUpgrade(req, socket, head, (ws) => {
+        opened = true;
+        open(ws, socket, userData);
+      });
     },
     close(): void {
       clearInterval(idleSweep);
@@ -433,17 +448,54 @@ function webSocketSide(behavior: WebSocketBehavior<unknown>, sockets: Set<NodeSo
   };
 }
 
+/**
+ * The checks `ws` makes in handleUpgrade, where a failure is answered 400 without calling back: made before the
+ * upgrade is admitted and authenticated, so that one never holds a place or a user slot it cannot use.
+ */
+function validHandshake(req: IncomingMessage, socket: Duplex): boolean {
+  const key = req.headers['sec-websocket-key'];
+  const version = Number(req.headers['sec-websocket-version']);
+  return (
+    req.method === 'GET' &&
+    String(req.headers.upgrade ?? '').toLowerCase() === 'websocket' &&
+    typeof key === 'string' &&
+    /^[+/0-9A-Za-z]{22}==$/.test(key) &&
+    (version === 13 || version === 8) &&
+    socket.readable &&
+    socket.writable
+  );
+}
+
+type AdmitRequest = Parameters<SocketIOMount>[3];
+
 interface Engine {
   handleRequest(req: IncomingMessage, res: ServerResponse): void;
   handleUpgrade(req: IncomingMessage, socket: Duplex, head: Buffer): void;
 }
 
 /** The server's 'request' and 'upgrade' listeners: chatwire's paths here, every other one to the host's listeners. */
-function dispatchers(server: HttpServerNode, host: ReturnType<typeof snapshot>, prefix: string, app: NodeApp, engine: Engine, accept: Accept) {
+function dispatchers(
+  server: HttpServerNode,
+  host: ReturnType<typeof snapshot>,
+  prefix: string,
+  app: NodeApp,
+  engine: Engine,
+  accept: Accept,
+  admit: AdmitRequest,
+) {
   const ioPath = `${prefix}/socket.io/`;
+  // A socket.io request that would start a session takes a place among those waiting to authenticate, as on uWS.
+  const admitted = (req: IncomingMessage, query: string, res: () => NodeResponse | UpgradeResponse) => {
+    if (new URLSearchParams(query).has('sid')) return true;
+    const forwarded = req.headers['x-forwarded-for'];
+    return admit(res() as unknown as HttpResponse, req, Array.isArray(forwarded) ? forwarded.join(', ') : forwarded);
+  };
   const onRequest = (req: IncomingMessage, res: ServerResponse) => {
     const { path, query } = splitUrl(req.url);
-    if (path.startsWith(ioPath)) return engine.handleRequest(req, res);
+    if (path.startsWith(ioPath)) {
+      if (admitted(req, query, () => new NodeResponse(req, res))) engine.handleRequest(req, res);
+      return;
+    }
     const inner = innerPath(prefix, path);
     const found = inner !== null && ownsPath(prefix, inner) ? app.route(req.method ?? 'GET', inner) : null;
     if (found === null) {
@@ -457,9 +509,13 @@ function dispatchers(server: HttpServerNode, host: ReturnType<typeof snapshot>, 
   };
   const onUpgrade = (req: IncomingMessage, socket: Duplex, head: Buffer) => {
     const { path, query } = splitUrl(req.url);
-    if (path.startsWith(ioPath)) return engine.handleUpgrade(req, socket, head);
+    if (path.startsWith(ioPath)) {
+      if (admitted(req, query, () => new UpgradeResponse(req, socket, head, accept))) engine.handleUpgrade(req, socket, head);
+      return;
+    }
     if (innerPath(prefix, path) === '/ws') {
       const res = new UpgradeResponse(req, socket, head, accept);
+      if (!validHandshake(req, socket)) return refuseRequest(res as unknown as HttpResponse, new AppError('bad_request', 'not a valid WebSocket handshake'));
       void app.wsBehavior?.upgrade?.(res as unknown as HttpResponse, new NodeRequest(req, '/ws', query, []) as unknown as HttpRequest, {} as never);
       return;
     }
@@ -481,11 +537,15 @@ export function attachToNodeServer(server: HttpServerNode, deps: TransportDeps, 
   });
   const http = attachHttpRoutes(app as unknown as TemplatedApp, deps);
   // destroyUpgrade: false: engine.io would otherwise end every upgrade that is not its own after a second, the host's too.
-  const io: SocketIOServer = attachSocketIO((s) => s.attach(server, { path: `${prefix}/socket.io`, destroyUpgrade: false }), deps);
+  let admitRequest: AdmitRequest = () => true;
+  const io: SocketIOServer = attachSocketIO((s, _admitting, _uwsOptions, admit) => {
+    admitRequest = admit;
+    s.attach(server, { path: `${prefix}/socket.io`, destroyUpgrade: false });
+  }, deps);
   // engine.io took the server's listeners over for its own dispatch: put them back, this file dispatches instead.
   restore(server, hostListeners, new Set(EVENTS.flatMap((e) => (server.listeners(e) as Listener[]).filter((l) => !hostListeners[e].includes(l)))));
   const ws = webSocketSide(app.wsBehavior as WebSocketBehavior<unknown>, sockets);
-  const { onRequest, onUpgrade } = dispatchers(server, hostListeners, prefix, app, io.engine as unknown as Engine, ws.accept);
+  const { onRequest, onUpgrade } = dispatchers(server, hostListeners, prefix, app, io.engine as unknown as Engine, ws.accept, admitRequest);
   server.removeAllListeners('request');
   server.on('request', onRequest);
   server.removeAllListeners('upgrade');

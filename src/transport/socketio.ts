@@ -119,27 +119,32 @@ type HttpHandler = (res: HttpResponse, req: HttpRequest) => void;
 type UpgradeHandler = NonNullable<WebSocketBehavior<unknown>['upgrade']>;
 
 /**
+ * Takes a place for a handshake that would start a new engine.io session, kept under `key` (the request object
+ * engine.io keeps as `conn.request`), or refuses it on `res`: false when refused.
+ */
+function admitHandshake(deps: TransportDeps, slots: WeakMap<object, PendingSlot>, res: HttpResponse, key: object, forwardedFor: string | undefined): boolean {
+  const peer = Buffer.from(res.getRemoteAddressAsText()).toString();
+  const admitted = deps.admission.admit(callerAddress(deps, peer, forwardedFor));
+  if (!admitted.ok) {
+    refuseRequest(res, admitted.error, admitted.closeConnection);
+    return false;
+  }
+  slots.set(key, admitted.slot);
+  // A place is given back when the session authenticates, closes or is refused; this is the bound in case none
+  // of those ever happens (a handshake aborted half-way): socket.io closes such a session by then anyway.
+  setTimeout(() => admitted.slot.release(), deps.config.handshakeTimeoutMs + 1000).unref();
+  return true;
+}
+
+/**
  * The uWS app as engine.io sees it: every request that would start a new session (no `sid`) first takes a place
  * among the connections waiting to authenticate, and past the bound is refused here, before engine.io builds
  * anything for it. The place is found again through the request object, which engine.io keeps as `conn.request`.
  */
 function admittingApp(app: TemplatedApp, deps: TransportDeps, slots: WeakMap<object, PendingSlot>): TemplatedApp {
-  const { config } = deps;
-  // A place is given back when the session authenticates, closes or is refused; this is the bound in case none
-  // of those ever happens (a handshake aborted half-way): socket.io closes such a session by then anyway.
-  const backstopMs = config.handshakeTimeoutMs + 1000;
   const admit = (res: HttpResponse, req: HttpRequest): boolean => {
     if (req.getQuery('sid') !== undefined) return true;
-    const peer = Buffer.from(res.getRemoteAddressAsText()).toString();
-    const address = callerAddress(deps, peer, req.getHeader('x-forwarded-for') || undefined);
-    const admitted = deps.admission.admit(address);
-    if (!admitted.ok) {
-      refuseRequest(res, admitted.error, admitted.closeConnection);
-      return false;
-    }
-    slots.set(req, admitted.slot);
-    setTimeout(() => admitted.slot.release(), backstopMs).unref();
-    return true;
+    return admitHandshake(deps, slots, res, req, req.getHeader('x-forwarded-for') || undefined);
   };
   const wrapped = {
     any(pattern: string, handler: HttpHandler) {
@@ -194,7 +199,13 @@ async function checkHandshakeCredentials(
  * elsewhere: on a host's uWS app under a prefix (through `admitting`, behind the same admission, with `uwsOptions`),
  * or on a node:http server (node-http.ts).
  */
-export type SocketIOMount = (io: SocketIOServer, admitting: (app: TemplatedApp) => TemplatedApp, uwsOptions: Record<string, unknown>) => void;
+export type SocketIOMount = (
+  io: SocketIOServer,
+  admitting: (app: TemplatedApp) => TemplatedApp,
+  uwsOptions: Record<string, unknown>,
+  /** The same admission for a node:http request (the IncomingMessage as `key`), answered on `res` when refused. */
+  admitRequest: (res: HttpResponse, key: object, forwardedFor: string | undefined) => boolean,
+) => void;
 
 /** Handles one message packet of a connected socket before socket.io decodes it (see onPacket in serveSocket). */
 type PacketHandler = (packet: EnginePacket) => void;
@@ -279,6 +290,7 @@ function screenPackets(io: SocketIOServer, shared: Shared): void {
   io.engine.on('connection', (conn: EngineConnection) => {
     const slot = shared.pendingSlots.get(conn.request);
     if (slot) conn.once('close', () => slot.release());
+    let connecting = false;
     conn.on('packet', (packet: EnginePacket) => {
       if (packet.type !== 'message') return;
       if (oversized(packet.data, shared.deps.config.maxFrameBytes)) {
@@ -290,7 +302,11 @@ function screenPackets(io: SocketIOServer, shared: Shared): void {
       }
       const handle = shared.packetHandlers.get(conn);
       if (handle) return handle(packet);
-      if (typeof packet.data === 'string' && !scanFrame(packet.data, HANDSHAKE_BOUNDS).ok) {
+      // Before the socket is authenticated one CONNECT is all a client sends: socket.io would authenticate every
+      // further one (a single polling POST can carry thousands), so any further packet closes the connection.
+      const first = !connecting && typeof packet.data === 'string' && packet.data.charCodeAt(0) === 0x30;
+      connecting = true;
+      if (!first || !scanFrame(packet.data as string, HANDSHAKE_BOUNDS).ok) {
         packet.type = 'noop';
         conn.close();
       }
@@ -499,6 +515,11 @@ function handleEvent(session: Session, json: string, reply: Reply): void {
  * socket.io would write. Anything else but a DISCONNECT (an attachment, an ACK, a packet for another namespace) is
  * charged and, if the rate allows, left to socket.io.
  */
+/** A socket.io CONNECT packet for the main namespace: `0`, `0{...}` or `0/,...`. */
+function connectsToMain(text: string): boolean {
+  return text.charCodeAt(0) === 0x30 && (text.charCodeAt(1) !== 0x2f || text.startsWith('0/,') || text === '0/');
+}
+
 function createPacketHandler(shared: Shared, socket: Socket, writer: SocketWriter, session: Session): PacketHandler {
   /** The user's charge for one packet; past its rate the packet is dropped, and a flood closes the socket. */
   const admit = (packet: EnginePacket, reply: Reply, id?: string): boolean => {
@@ -522,6 +543,8 @@ function createPacketHandler(shared: Shared, socket: Socket, writer: SocketWrite
     if (event === null) {
       if (text.charCodeAt(0) === 0x31) return;
       admit(packet, () => {});
+      // Another CONNECT to `/` once connected: socket.io would run the authentication again for it.
+      if (connectsToMain(text)) packet.type = 'noop';
       return;
     }
     packet.type = 'noop';
@@ -599,7 +622,8 @@ export function attachSocketIO(target: TemplatedApp | SocketIOMount, deps: Trans
   // is dropped, and the socket closed past its budget instead (see createSocketWriter). No compression: see
   // docs/backpressure.md (its per-socket deflate state would cost more than a stalled reader's whole budget).
   const uwsOptions = { maxBackpressure: config.maxBackpressureBytes * 2, compression: uWS.DISABLED };
-  if (typeof target === 'function') target(io, admitting, uwsOptions);
+  const admitRequest = (res: HttpResponse, key: object, forwardedFor: string | undefined) => admitHandshake(deps, shared.pendingSlots, res, key, forwardedFor);
+  if (typeof target === 'function') target(io, admitting, uwsOptions, admitRequest);
   else io.attachApp(admitting(target), uwsOptions as Parameters<SocketIOServer['attachApp']>[1]);
   io.engine.on('connection_error', (err: { req?: object }) => {
     if (err.req) shared.pendingSlots.get(err.req)?.release();

@@ -180,3 +180,21 @@ describe('credentials in the handshake request are checked there', () => {
     agent.destroy();
   });
 });
+
+test('the addresses of one IPv6 /64 share one address share of the places waiting to authenticate', async () => {
+  const server = await startServer({ trustProxy: '127.0.0.1', maxPendingPerAddress: 4, maxPendingConnections: 64, handshakeTimeoutMs: 60_000 });
+  try {
+    const agent = new http.Agent({ keepAlive: true });
+    const statuses: number[] = [];
+    for (let i = 1; i <= 10; i++) statuses.push((await request(server, HANDSHAKE, agent, { 'x-forwarded-for': `2001:db8:1:2::${i.toString(16)}` })).status);
+    assert.deepEqual(statuses, [200, 200, 200, 200, 429, 429, 429, 429, 429, 429]);
+    const upgrade = await refusedUpgrade(`${server.ws}?user=someone`, [], { 'x-forwarded-for': '2001:db8:1:2:ffff::1' });
+    assert.equal(upgrade.status, 429);
+    // The next /64 is another client.
+    assert.equal((await request(server, HANDSHAKE, agent, { 'x-forwarded-for': '2001:db8:1:3::1' })).status, 200);
+    assert.equal(await pendingGauge(server), 5);
+    agent.destroy();
+  } finally {
+    await server.close();
+  }
+});

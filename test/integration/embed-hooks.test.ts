@@ -302,3 +302,25 @@ test('chat handle: send on a user behalf, subscribe to its deltas, cancel; the u
     await close();
   }
 });
+
+test('authenticate: a socket.io session is authenticated once however many CONNECT packets it sends', async () => {
+  let calls = 0;
+  const { base, close } = await serve({
+    authenticate: () => {
+      calls += 1;
+      return null;
+    },
+  });
+  try {
+    const handshake = await fetch(`${base}/socket.io/?EIO=4&transport=polling`);
+    const sid = (JSON.parse((await handshake.text()).slice(1)) as { sid: string }).sid;
+    const body = Array.from({ length: 5000 }, (_, i) => `40{"token":"t${i}"}`).join('\x1e');
+    const posted = await fetch(`${base}/socket.io/?EIO=4&transport=polling&sid=${sid}`, { method: 'POST', body, headers: { 'content-type': 'text/plain' } });
+    await posted.arrayBuffer();
+    // Whatever authentication the POST started has had time to run.
+    await new Promise((r) => setTimeout(r, 200));
+    assert.ok(calls <= 1, `authenticate ran ${calls} times`);
+  } finally {
+    await close();
+  }
+});
