@@ -4,15 +4,20 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import type { Database } from './database.js';
 
-/** db/migrations at the project root, from both src/db (tsx) and dist/src/db (compiled). */
-export function defaultMigrationsDir(): string {
+/** db/<name> at the project root, from both src/db (tsx) and dist/src/db (compiled). */
+export function projectMigrationsDir(name: 'migrations' | 'migrations-pg'): string {
   let dir = path.dirname(fileURLToPath(import.meta.url));
   for (let i = 0; i < 5; i++) {
-    const candidate = path.join(dir, 'db', 'migrations');
+    const candidate = path.join(dir, 'db', name);
     if (fs.existsSync(path.join(dir, 'package.json')) && fs.existsSync(candidate)) return candidate;
     dir = path.dirname(dir);
   }
-  throw new Error(`db/migrations not found above ${fileURLToPath(import.meta.url)}`);
+  throw new Error(`db/${name} not found above ${fileURLToPath(import.meta.url)}`);
+}
+
+/** db/migrations: the SQLite migrations. */
+export function defaultMigrationsDir(): string {
+  return projectMigrationsDir('migrations');
 }
 
 export class MigrationError extends Error {

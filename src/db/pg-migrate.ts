@@ -1,18 +1,9 @@
-import fs from 'node:fs';
-import path from 'node:path';
-import { fileURLToPath } from 'node:url';
-import { MigrationError, readMigrations, type MigrationFile, type MigrationStatus } from './migrate.js';
+import { MigrationError, projectMigrationsDir, readMigrations, type MigrationFile, type MigrationStatus } from './migrate.js';
 import type { Pg, PgTx } from './pg.js';
 
-/** db/migrations-pg at the project root, from both src/db (tsx) and dist/src/db (compiled). */
+/** db/migrations-pg: the PostgreSQL migrations. */
 export function defaultPgMigrationsDir(): string {
-  let dir = path.dirname(fileURLToPath(import.meta.url));
-  for (let i = 0; i < 5; i++) {
-    const candidate = path.join(dir, 'db', 'migrations-pg');
-    if (fs.existsSync(path.join(dir, 'package.json')) && fs.existsSync(candidate)) return candidate;
-    dir = path.dirname(dir);
-  }
-  throw new Error(`db/migrations-pg not found above ${fileURLToPath(import.meta.url)}`);
+  return projectMigrationsDir('migrations-pg');
 }
 
 /**

@@ -147,14 +147,7 @@ export function createInlinePool(provider: InlineProvider, options: InlinePoolOp
 
   return {
     reserve(owner) {
-      const place = ledger.reserve(owner, closed);
-      return {
-        run: (request, handlers) => {
-          place.run();
-          return run(owner, request, handlers, place.release);
-        },
-        release: place.release,
-      };
+      return ledger.slot(owner, closed, (request, handlers, release) => run(owner, request, handlers, release));
     },
     stats() {
       return { threads: 0, running: active.size, queued: waiting.size, inFlight: ledger.inFlight, capacity: ledger.capacity };

@@ -361,14 +361,7 @@ export function createModelPool(options: ModelPoolOptions): ModelPool {
 
   return {
     reserve(owner) {
-      const place = ledger.reserve(owner, closed);
-      return {
-        run: (request, handlers) => {
-          place.run();
-          return startRun(owner, request, handlers, place.release);
-        },
-        release: place.release,
-      };
+      return ledger.slot(owner, closed, (request, handlers, release) => startRun(owner, request, handlers, release));
     },
     stats() {
       // Waiting are the calls in the pool's queue, and any Piscina holds while a worker starts; Piscina's queue may

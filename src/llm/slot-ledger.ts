@@ -1,4 +1,6 @@
 import { AppError } from '../protocol/index.js';
+import type { ModelRequest } from './provider.js';
+import type { ModelRun, ModelRunHandlers, PoolSlot } from './pool.js';
 import { FairQueue } from './fair-queue.js';
 
 // What a call is taken to hold a slot for until one has been timed: only used to estimate a retry.
@@ -52,6 +54,18 @@ export class SlotLedger<T> {
   /** A call held its slot `ms`: feeds the estimate an owner whose share is full is told to wait. */
   timed(ms: number): void {
     this.serviceMs += (ms - this.serviceMs) * SERVICE_MS_WEIGHT;
+  }
+
+  /** A pool's slot for `owner` over reserve(): run() starts the call with `start`, which must call `release` when it ends. */
+  slot(owner: string, closed: boolean, start: (request: ModelRequest, handlers: ModelRunHandlers, release: () => void) => ModelRun): PoolSlot {
+    const place = this.reserve(owner, closed);
+    return {
+      run: (request, handlers) => {
+        place.run();
+        return start(request, handlers, place.release);
+      },
+      release: place.release,
+    };
   }
 
   /** Throws `rate_limited` (with retryAfterMs) when the owner's share is full, `overloaded` when the pool is full or closed. */
