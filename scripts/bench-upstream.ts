@@ -418,17 +418,10 @@ async function benchUpstream() {
  * temperature. What the local provider's tokens per second are measured against.
  */
 async function localDirect(modelPath: string, threads: number, streams: number, maxTokens: number, budgetMs: number) {
-  const { getLlama, LlamaChat, LlamaLogLevel } = await import('node-llama-cpp');
+  const { getLlama, LlamaChat } = await import('node-llama-cpp');
+  const { llamaCpuOptions } = await import('../src/llm/local.js');
   const config = loadConfig({}, { llm: 'local', modelPath, localThreads: threads, localContextSize: 1024 });
-  const llama = await getLlama({
-    gpu: false,
-    build: 'never',
-    usePrebuiltBinaries: true,
-    skipDownload: true,
-    progressLogs: false,
-    logLevel: LlamaLogLevel.error,
-    ...(threads > 0 ? { maxThreads: threads } : {}),
-  });
+  const llama = await getLlama(llamaCpuOptions(threads > 0 ? threads : undefined));
   const model = await llama.loadModel({ modelPath, gpuLayers: 0 });
   const context = await model.createContext({ contextSize: config.localContextSize, sequences: config.localSequences, ...(threads > 0 ? { threads } : {}) });
   const runOnce = async (i: number, n: number, limitMs = Infinity) => {

@@ -101,22 +101,30 @@ function toChatHistory(messages: readonly ModelMessage[]): ChatHistoryItem[] {
  * loaded, so a bad model fails the worker's first task (pool.check()) rather
  * than a chat.
  */
+/**
+ * How chatwire loads llama.cpp: only the prebuilt CPU binary from the npm package, never downloaded or compiled at
+ * run time, quiet; `threads` caps its threads (undefined = the library's default). bench:upstream's direct run uses
+ * the same, so that the two are compared on equal terms.
+ */
+export function llamaCpuOptions(threads: number | undefined) {
+  return {
+    gpu: false as const,
+    build: 'never' as const,
+    usePrebuiltBinaries: true,
+    skipDownload: true,
+    progressLogs: false,
+    logLevel: LlamaLogLevel.error,
+    ...(threads === undefined ? {} : { maxThreads: threads }),
+  };
+}
+
 export async function createLocalProvider(options: LocalProviderOptions): Promise<Provider> {
   await validateLocalModel(options.modelPath);
   const sequences = options.sequences ?? LOCAL_DEFAULT_SEQUENCES;
   const threads = options.threads > 0 ? options.threads : undefined;
   let llama: Llama;
   try {
-    llama = await getLlama({
-      gpu: false,
-      // Only the prebuilt CPU binary from the npm package: never download or compile llama.cpp at run time.
-      build: 'never',
-      usePrebuiltBinaries: true,
-      skipDownload: true,
-      progressLogs: false,
-      logLevel: LlamaLogLevel.error,
-      ...(threads === undefined ? {} : { maxThreads: threads }),
-    });
+    llama = await getLlama(llamaCpuOptions(threads));
   } catch (err) {
     throw new Error(
       `the local provider cannot load llama.cpp (node-llama-cpp's prebuilt CPU binary for ${process.platform}-${process.arch}): ${errorText(err)}`,
