@@ -22,6 +22,7 @@ import { migratePg } from '../src/db/pg-migrate.js';
 import { decodeCursor, encodeCursor } from '../src/marketplace/cursor.js';
 import { createMarketplaceService, DEFAULT_PAGE_LIMIT, type MarketplaceService } from '../src/marketplace/marketplace-service.js';
 import { AppError, serializePage, type ConsumerPageQuery, type RequestsListQuery } from '../src/protocol/index.js';
+import { lookupTable, type LookupResult } from './bench-support.js';
 import { redactUrl } from './command-line.js';
 
 export interface PgBenchOptions {
@@ -223,15 +224,7 @@ async function casesOf(sql: Pg, service: MarketplaceService): Promise<Case[]> {
   return cases;
 }
 
-interface Result {
-  lookup: string;
-  limit: number;
-  impl: string;
-  queriesPerCall: number;
-  p50Ms: number;
-  p99Ms: number;
-  callsPerSec: number;
-}
+type Result = LookupResult;
 
 /** Calls per case spread over interleaved rounds, so that the noise of a shared machine hits every implementation alike. */
 async function measure(c: Case, implementations: { name: string; service: FrameLookups }[], options: PgBenchOptions, queries: () => number): Promise<Result[]> {
@@ -276,21 +269,7 @@ function report(results: Result[], header: string): void {
     batchedAtLeast20xFasterAt100: batchedAt100.every((r) => speedup(r).p50 >= 20),
     batchedP99Under5msAt100: batchedAt100.every((r) => r.p99Ms < 5),
   };
-  const cols = ['lookup', 'limit', 'implementation', 'queries/call', 'p50 ms', 'p99 ms', 'calls/s', 'speed-up p50', 'speed-up calls/s'];
-  const rows = results.map((r) => [
-    r.lookup,
-    String(r.limit),
-    r.impl,
-    r.queriesPerCall.toFixed(2),
-    r.p50Ms.toFixed(3),
-    r.p99Ms.toFixed(3),
-    String(r.callsPerSec),
-    `${speedup(r).p50.toFixed(2)}x`,
-    `${speedup(r).throughput.toFixed(2)}x`,
-  ]);
-  const widths = cols.map((h, i) => Math.max(h.length, ...rows.map((row) => row[i]!.length)));
-  const line = (cells: string[]) => cells.map((cell, i) => (i < 3 ? cell.padEnd(widths[i]!) : cell.padStart(widths[i]!))).join('  ');
-  process.stdout.write(`${header}\n\n${line(cols)}\n${widths.map((w) => '-'.repeat(w)).join('  ')}\n${rows.map(line).join('\n')}\n\n`);
+  process.stdout.write(`${header}\n\n${lookupTable(results, speedup)}`);
   process.stdout.write(
     `targets at page size 100: batched >= 20x n+1 (median latency): ${targets.batchedAtLeast20xFasterAt100 ? 'met' : 'MISSED'}; batched p99 < 5 ms: ${targets.batchedP99Under5msAt100 ? 'met' : 'MISSED'}\n`,
   );

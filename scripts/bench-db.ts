@@ -35,7 +35,7 @@ import { createMarketplaceService, DEFAULT_PAGE_LIMIT, type MarketplaceService }
 import { formatId, isoTime, parseId } from '../src/db/marketplace-ids.js';
 import { seedMarketplace } from '../src/db/marketplace-seed.js';
 import { migrate } from '../src/db/migrate.js';
-import { DIST, sleep, startChild, summarize } from './bench-support.js';
+import { DIST, lookupTable, sleep, startChild, summarize } from './bench-support.js';
 import { benchDbPostgres } from './bench-db-pg.js';
 import { databaseUrlOf, fail, parseCommandLine } from './command-line.js';
 import {
@@ -430,26 +430,12 @@ const targets = {
   batchedP99Under2msAt100: at100.every((s) => find(s.lookup, 100, 'batched').p99Ms < 2),
 };
 
-const header = ['lookup', 'limit', 'implementation', 'queries/call', 'p50 ms', 'p99 ms', 'calls/s', 'speed-up p50', 'speed-up calls/s'];
-const rows = results.map((r) => [
-  r.lookup,
-  String(r.limit),
-  r.impl,
-  r.queriesPerCall.toFixed(2),
-  r.p50Ms.toFixed(3),
-  r.p99Ms.toFixed(3),
-  String(r.callsPerSec),
-  `${speedup(r).p50.toFixed(2)}x`,
-  `${speedup(r).throughput.toFixed(2)}x`,
-]);
-const widths = header.map((h, i) => Math.max(h.length, ...rows.map((row) => row[i]!.length)));
-const line = (cells: string[]) => cells.map((cell, i) => (i < 3 ? cell.padEnd(widths[i]!) : cell.padStart(widths[i]!))).join('  ');
 // The load average says how much of the machine the run had: the p99 column is mostly other processes' doing when it is high.
 const loadAverage = os.loadavg().map((l) => round(l, 2));
 process.stdout.write(
   `chatwire bench:db, ${datasetRequests.toLocaleString('en-US')} requests, node ${process.version}, ${os.cpus().length} cpus, load average ${loadAverage.join(' ')}, ${callsPerCase} calls per case\n\n`,
 );
-process.stdout.write(`${line(header)}\n${widths.map((w) => '-'.repeat(w)).join('  ')}\n${rows.map(line).join('\n')}\n\n`);
+process.stdout.write(lookupTable(results, speedup));
 process.stdout.write(
   `targets at page size 100: batched >= 5x n+1 (median latency): ${targets.batchedAtLeast5xFasterAt100 ? 'met' : 'MISSED'}; batched p99 < 2 ms: ${targets.batchedP99Under2msAt100 ? 'met' : 'MISSED'}\n`,
 );

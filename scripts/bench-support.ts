@@ -143,3 +143,33 @@ export async function settle(clients: readonly { readonly inFlight: number }[], 
   while (clients.some((c) => c.inFlight > 0) && performance.now() < until) await sleep(100);
   return clients.reduce((n, c) => n + c.inFlight, 0);
 }
+
+/** One case of bench:db's lookups (SQLite or PostgreSQL), as its table prints it. */
+export interface LookupResult {
+  lookup: string;
+  limit: number;
+  impl: string;
+  queriesPerCall: number;
+  p50Ms: number;
+  p99Ms: number;
+  callsPerSec: number;
+}
+
+/** bench:db's lookup table, the same for both engines: the first three columns left-aligned, the figures right-aligned. */
+export function lookupTable<R extends LookupResult>(results: R[], speedup: (r: R) => { p50: number; throughput: number }): string {
+  const header = ['lookup', 'limit', 'implementation', 'queries/call', 'p50 ms', 'p99 ms', 'calls/s', 'speed-up p50', 'speed-up calls/s'];
+  const rows = results.map((r) => [
+    r.lookup,
+    String(r.limit),
+    r.impl,
+    r.queriesPerCall.toFixed(2),
+    r.p50Ms.toFixed(3),
+    r.p99Ms.toFixed(3),
+    String(r.callsPerSec),
+    `${speedup(r).p50.toFixed(2)}x`,
+    `${speedup(r).throughput.toFixed(2)}x`,
+  ]);
+  const widths = header.map((h, i) => Math.max(h.length, ...rows.map((row) => row[i]!.length)));
+  const line = (cells: string[]) => cells.map((cell, i) => (i < 3 ? cell.padEnd(widths[i]!) : cell.padStart(widths[i]!))).join('  ');
+  return `${line(header)}\n${widths.map((w) => '-'.repeat(w)).join('  ')}\n${rows.map(line).join('\n')}\n\n`;
+}
