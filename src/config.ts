@@ -61,6 +61,19 @@ const addresses = z
     return Object.freeze(out);
   });
 const httpUrl = z.url({ protocol: /^https?$/, error: 'expected an http:// or https:// URL' });
+/** An optional URL of a service with one of `schemes` (checked after optionalText: undefined passes). */
+const serviceUrl = (schemes: readonly string[], what: string) =>
+  z
+    .string()
+    .optional()
+    .refine((v) => {
+      if (v === undefined) return true;
+      try {
+        return schemes.includes(new URL(v).protocol.slice(0, -1));
+      } catch {
+        return false;
+      }
+    }, `expected ${what}`);
 
 // An origin as a browser sends it in the Origin header: scheme://host[:port], nothing after.
 const ORIGIN = /^([a-z][a-z0-9+.-]*):\/\/([a-z0-9_.-]+|\[[0-9a-f:.]+\])(?::(\d{1,5}))?$/i;
@@ -351,6 +364,24 @@ export const settings = {
     default: undefined,
     doc: 'when set, a token whose `exp` is further than this past its `iat` (or past now, without `iat`) is refused (unset = any lifetime)',
   },
+  databaseUrl: {
+    env: 'CHATWIRE_DATABASE_URL',
+    schema: optionalText('CHATWIRE_DATABASE_URL', 'unset', 'embedded storage').pipe(serviceUrl(['postgres', 'postgresql'], 'a postgres:// URL')),
+    default: undefined,
+    doc: 'cluster mode: PostgreSQL for conversations, tasks and the marketplace (with `CHATWIRE_REDIS_URL`; unset = SQLite in the data dir)',
+  },
+  redisUrl: {
+    env: 'CHATWIRE_REDIS_URL',
+    schema: optionalText('CHATWIRE_REDIS_URL', 'unset', 'embedded storage').pipe(serviceUrl(['redis', 'rediss'], 'a redis:// or rediss:// URL')),
+    default: undefined,
+    doc: 'cluster mode: Redis for task logs, leases, buckets, the shared reply cache and single-flight (with `CHATWIRE_DATABASE_URL`)',
+  },
+  redisPrefix: {
+    env: 'CHATWIRE_REDIS_PREFIX',
+    schema: nonBlank('a key prefix').pipe(z.string().max(64)),
+    default: 'chatwire:',
+    doc: 'cluster mode: the prefix of every Redis key and channel (nodes of one cluster share it)',
+  },
   logLevel: { env: 'LOG_LEVEL', schema: z.enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']), default: 'info', doc: 'pino log level' },
 } as const;
 
@@ -359,6 +390,11 @@ export type Config = { readonly [K in keyof Settings]: z.output<Settings[K]['sch
   /** Absolute path of CHATWIRE_DATA_DIR. */
   readonly dataPath: string;
 };
+
+/** Cluster mode: both CHATWIRE_DATABASE_URL and CHATWIRE_REDIS_URL set (loadConfig refuses one without the other). */
+export function clusterMode(config: Config): config is Config & { databaseUrl: string; redisUrl: string } {
+  return config.databaseUrl !== undefined && config.redisUrl !== undefined;
+}
 
 export class ConfigError extends Error {
   override name = 'ConfigError';
@@ -386,6 +422,11 @@ export function loadConfig(
     }
   }
   if (problems.length > 0) throw new ConfigError(`invalid configuration: ${problems.join('; ')}`);
+  // Cluster mode needs both services: one alone is a half-configured cluster, not a mode.
+  if ((out.databaseUrl === undefined) !== (out.redisUrl === undefined)) {
+    const [set, unset] = out.databaseUrl === undefined ? ['CHATWIRE_REDIS_URL', 'CHATWIRE_DATABASE_URL'] : ['CHATWIRE_DATABASE_URL', 'CHATWIRE_REDIS_URL'];
+    throw new ConfigError(`invalid configuration: ${set} is set but ${unset} is not; cluster mode needs both (PostgreSQL and Redis), embedded mode neither`);
+  }
   out.dataPath = path.resolve(out.dataDir as string);
   return Object.freeze(out) as Config;
 }

@@ -3,7 +3,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { test } from 'node:test';
-import { ConfigError, loadConfig, settings } from '../../src/config.js';
+import { ConfigError, clusterMode, loadConfig, settings } from '../../src/config.js';
 
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..', '..');
 
@@ -179,4 +179,26 @@ test("every setting has a row in the README's configuration table, with its defa
     const row = `| \`${setting.env}\` | \`${shown}\` | ${setting.doc.replaceAll('|', '\\|')} |`;
     assert.ok(readme.split('\n').includes(row), `README lacks the row\n${row}`);
   }
+});
+
+test('cluster mode needs both CHATWIRE_DATABASE_URL and CHATWIRE_REDIS_URL; one alone stops the start, naming both', () => {
+  assert.equal(clusterMode(loadConfig({})), false);
+  assert.equal(clusterMode(loadConfig({ CHATWIRE_DATABASE_URL: '', CHATWIRE_REDIS_URL: '' })), false);
+  const both = loadConfig({ CHATWIRE_DATABASE_URL: 'postgres://db.internal/chatwire', CHATWIRE_REDIS_URL: 'redis://cache.internal:6379' });
+  assert.equal(clusterMode(both), true);
+  assert.equal(both.redisPrefix, 'chatwire:');
+  assert.throws(
+    () => loadConfig({ CHATWIRE_DATABASE_URL: 'postgres://db/chatwire' }),
+    /CHATWIRE_DATABASE_URL is set but CHATWIRE_REDIS_URL is not; cluster mode needs both/,
+  );
+  assert.throws(() => loadConfig({ CHATWIRE_REDIS_URL: 'redis://cache' }), /CHATWIRE_REDIS_URL is set but CHATWIRE_DATABASE_URL is not/);
+  assert.throws(
+    () => loadConfig({ CHATWIRE_DATABASE_URL: 'mysql://db/x', CHATWIRE_REDIS_URL: 'redis://cache' }),
+    /CHATWIRE_DATABASE_URL="mysql:\/\/db\/x": expected a postgres:\/\/ URL/,
+  );
+  assert.throws(
+    () => loadConfig({ CHATWIRE_DATABASE_URL: 'postgres://db/x', CHATWIRE_REDIS_URL: 'http://cache' }),
+    /CHATWIRE_REDIS_URL=.*expected a redis:\/\/ or rediss:\/\/ URL/,
+  );
+  assert.throws(() => loadConfig({ CHATWIRE_DATABASE_URL: ' ', CHATWIRE_REDIS_URL: 'redis://cache' }), /CHATWIRE_DATABASE_URL=" ": set but only whitespace/);
 });
