@@ -26,3 +26,30 @@ export function openPostgres(url: string, options: OpenPostgresOptions = {}): Pg
     types: { int8: { to: 20, from: [20], serialize: (n: number) => String(n), parse: (s: string) => Number(s) } },
   });
 }
+
+/**
+ * Creates the database a `postgres://` URL names when it does not exist yet, through the server's `postgres`
+ * database (the URL's credentials must be allowed to create databases). True when it was created.
+ */
+export async function createDatabaseIfMissing(url: string): Promise<boolean> {
+  const target = new URL(url);
+  const name = decodeURIComponent(target.pathname.replace(/^\//, ''));
+  if (name === '' || name === 'postgres') return false;
+  const admin = new URL(url);
+  admin.pathname = '/postgres';
+  const sql = openPostgres(admin.toString(), { max: 1, applicationName: 'chatwire-setup' });
+  try {
+    const found = await sql`SELECT 1 FROM pg_database WHERE datname = ${name}`;
+    if (found.length > 0) return false;
+    try {
+      await sql.unsafe(`CREATE DATABASE "${name.replaceAll('"', '""')}"`);
+    } catch (err) {
+      // Another node or script created it between the check and here.
+      if ((err as { code?: string }).code === '42P04') return false;
+      throw err;
+    }
+    return true;
+  } finally {
+    await sql.end({ timeout: 1 });
+  }
+}
