@@ -24,6 +24,11 @@ export interface Authenticator {
 export interface ReadinessCheck {
   name: string;
   check(): Promise<void> | void;
+  /**
+   * A part the node can serve without (cluster mode's Redis): its failure leaves /readyz at 200 and shows as
+   * `"<name>": "degraded"` in the body, with the reason under `degraded`.
+   */
+  optional?: boolean;
 }
 
 /** Everything the transport layer talks to; wired in app.ts. */

@@ -457,17 +457,20 @@ function attachProbes(routes: Routes): void {
     const responder = new Responder(res);
     void (async () => {
       const failures: Record<string, string> = {};
+      const degraded: Record<string, string> = {};
       await Promise.all(
         deps.readiness.map(async (r) => {
           try {
             await r.check();
           } catch (err) {
-            failures[r.name] = err instanceof Error ? err.message : String(err);
+            (r.optional ? degraded : failures)[r.name] = err instanceof Error ? err.message : String(err);
           }
         }),
       );
       const ok = Object.keys(failures).length === 0;
-      const body = JSON.stringify(ok ? { status: 'ready' } : { status: 'not ready', failures });
+      const marks = Object.fromEntries(Object.keys(degraded).map((name) => [name, 'degraded']));
+      const soft = Object.keys(degraded).length > 0 ? { ...marks, degraded } : {};
+      const body = JSON.stringify(ok ? { status: 'ready', ...soft } : { status: 'not ready', failures, ...soft });
       responder.send(ok ? 200 : 503, { 'content-type': 'application/json', 'cache-control': 'no-store' }, body);
     })();
   });
