@@ -19,7 +19,7 @@ export const AiSdkTriggerSchema = z.enum(['submit-message', 'regenerate-message'
 
 export const AiSdkTextPartSchema = z.looseObject({ type: z.literal('text'), text: z.string() });
 /** Any other part (file, reasoning, tool, data, step-start, …): ignored. */
-export const AiSdkOtherPartSchema = z.looseObject({ type: z.string().refine((t) => t !== 'text', 'a text part needs its text') });
+export const AiSdkOtherPartSchema = z.looseObject({ type: z.string().refine((t) => t !== 'text', 'a text part needs its text, a string') });
 export const AiSdkMessagePartSchema = z.union([AiSdkTextPartSchema, AiSdkOtherPartSchema]);
 
 export const AiSdkUIMessageSchema = z.looseObject({
