@@ -16,6 +16,8 @@ import { gzipSync } from 'node:zlib';
 import ts from 'typescript';
 import { z } from 'zod';
 import {
+  AiSdkChatBodySchema,
+  AiSdkStreamChunkSchema,
   ChatAckSchema,
   ChatDeltaSchema,
   ChatDoneSchema,
@@ -41,6 +43,8 @@ import {
   RequestsListReplySchema,
   ServerMessageSchema,
   TaskInfoSchema,
+  type AiSdkChatBody,
+  type AiSdkStreamChunk,
   type ClientMessage,
   type ClientMessageType,
   type ErrorCode,
@@ -258,6 +262,43 @@ const errorExamples: Record<ErrorCode, ErrorExample> = {
   internal: { trigger: 'anything unexpected; the server logs the cause, the message never holds a stack trace', message: 'internal error', ws: 'error' },
 };
 
+/** What useChat's DefaultChatTransport sends for a second message of a chat. */
+const aiSdkBody: AiSdkChatBody = {
+  id: CONV,
+  messages: [
+    { id: 'Xq2fV7kPz0LmN3bC', role: 'user', parts: [{ type: 'text', text: 'Can someone fix a leaking tap tomorrow?' }] },
+    { id: TASK, role: 'assistant', parts: [{ type: 'text', text: 'A licensed plumber can…' }] },
+    { id: 'p8dRt4WzY1cVb6Ha', role: 'user', parts: [{ type: 'text', text: 'And on Friday?' }] },
+  ],
+  trigger: 'submit-message',
+};
+
+type AiSdkChunkType = AiSdkStreamChunk['type'];
+const aiSdkChunks: { [K in AiSdkChunkType]: Extract<AiSdkStreamChunk, { type: K }> } = {
+  start: { type: 'start', messageId: TASK },
+  'text-start': { type: 'text-start', id: 'text-0' },
+  'text-delta': { type: 'text-delta', id: 'text-0', delta: 'A licensed plumber' },
+  'text-end': { type: 'text-end', id: 'text-0' },
+  finish: { type: 'finish', finishReason: 'stop' },
+  abort: { type: 'abort' },
+  error: { type: 'error', errorText: 'upstream_timeout: the upstream sent no token within 30000 ms' },
+};
+
+const aiSdkChunkPurpose: { [K in AiSdkChunkType]: string } = {
+  start: 'First: the reply message; its id is the task id (also in `x-chatwire-task-id`).',
+  'text-start': "Opens the reply's one text part.",
+  'text-delta': 'One chatwire delta, in seq order.',
+  'text-end': 'Closes the text part, before `finish` or `abort`.',
+  finish: 'The task is done; then `[DONE]`.',
+  abort: 'The task was cancelled (`POST /api/chat/:chatId/stop`) instead of `finish`; then `[DONE]`.',
+  error: 'The task failed after the start: `<code>: <message>` of its chat.error; then `[DONE]`.',
+};
+
+/** The SSE text of a stream of these chunks. */
+function uiMessageStreamText(types: AiSdkChunkType[]): string {
+  return `${types.map((t) => `data: ${JSON.stringify(AiSdkStreamChunkSchema.parse(aiSdkChunks[t]))}\n\n`).join('')}data: [DONE]\n\n`;
+}
+
 // ---------- JSON Schema helpers ----------
 
 const SAFE = Number.MAX_SAFE_INTEGER;
@@ -302,8 +343,11 @@ function describe(s: Json): string {
       const r = range(s.minimum, s.maximum);
       return r ? `${s.type} ${r}` : String(s.type);
     }
-    case 'array':
-      return (s.items as Json | undefined)?.type === 'object' ? 'array of objects' : `array of ${describe((s.items ?? {}) as Json)}`;
+    case 'array': {
+      const items = (s.items ?? {}) as Json;
+      const objects = items.type === 'object' || (Array.isArray(items.anyOf) && (items.anyOf as Json[]).every((o) => o.type === 'object'));
+      return objects ? 'array of objects' : `array of ${describe(items)}`;
+    }
     case 'object':
       return 'object';
     case 'null':
@@ -427,6 +471,31 @@ function httpSection(api: Json): string {
   return rows.join('\n');
 }
 
+function aiSdkSection(): string {
+  const chunkRows = AiSdkStreamChunkSchema.options.map((option) => {
+    const type = option.shape.type.value as AiSdkChunkType;
+    const fields = Object.keys(option.shape).filter((k) => k !== 'type');
+    return `| \`${type}\` | ${fields.map((f) => `\`${f}\``).join(', ') || '–'} | ${cell(aiSdkChunkPurpose[type])} |`;
+  });
+  return [
+    '### `POST /api/chat` body',
+    '',
+    fieldTable(jsonSchema(AiSdkChatBodySchema, 'input')),
+    '',
+    codeBlock(AiSdkChatBodySchema.parse(aiSdkBody)),
+    '',
+    '### The UI message stream',
+    '',
+    'One `data: <part JSON>` event per part, then `data: [DONE]`.',
+    '',
+    '| part `type` | fields | when |',
+    '|---|---|---|',
+    ...chunkRows,
+    '',
+    `\`\`\`text\n${uiMessageStreamText(['start', 'text-start', 'text-delta', 'text-end', 'finish']).trimEnd()}\n\`\`\``,
+  ].join('\n');
+}
+
 // ---------- docs/openapi.json ----------
 
 const ROUTE_ERRORS = {
@@ -436,6 +505,8 @@ const ROUTE_ERRORS = {
   history: ['bad_request', 'unauthorized', 'forbidden', 'not_found', 'rate_limited', 'internal'],
   requests: ['bad_request', 'unauthorized', 'rate_limited', 'internal'],
   consumer: ['bad_request', 'unauthorized', 'forbidden', 'not_found', 'rate_limited', 'internal'],
+  aiSdkChat: ['bad_request', 'unauthorized', 'forbidden', 'not_found', 'payload_too_large', 'rate_limited', 'overloaded', 'internal'],
+  aiSdkChatId: ['bad_request', 'unauthorized', 'forbidden', 'rate_limited', 'internal'],
 } as const satisfies Record<string, readonly ErrorCode[]>;
 
 const ref = (name: string) => ({ $ref: `#/components/schemas/${name}` });
@@ -460,6 +531,8 @@ function componentSchemas(): Json {
   add(ChatDoneSchema, 'ChatDone');
   add(ChatErrorSchema, 'ChatError');
   add(HttpErrorBodySchema, 'ErrorBody');
+  add(AiSdkChatBodySchema, 'AiSdkChatBody');
+  add(AiSdkStreamChunkSchema, 'AiSdkStreamChunk');
   // Input mode: request bodies stay closed (strict schemas refuse unknown fields), responses stay open to fields a later version adds.
   const out = z.toJSONSchema(registry, { io: 'input', uri: (id) => `#/components/schemas/${id}` }) as { schemas: Json };
   return clean(out.schemas) as Json;
@@ -483,7 +556,7 @@ function responseComponents(): Json {
   for (const [status, codes] of [...byStatus].sort((a, b) => a[0] - b[0])) {
     const examples: Json = {};
     for (const code of codes) examples[code] = { summary: errorCatalogue[code].when, value: httpErrorBody(code) };
-    // Only /v1 routes use these, and every /v1 response carries the RateLimit fields, errors and 401s included.
+    // Only the /v1 and /api/chat routes use these, and every response of theirs carries the RateLimit fields, errors and 401s included.
     const response: Json = {
       description: codes.map((c) => `\`${c}\``).join(', '),
       headers: status === 429 ? { 'Retry-After': { $ref: '#/components/headers/Retry-After' }, ...rateLimitHeaders() } : rateLimitHeaders(),
@@ -498,6 +571,25 @@ const rateLimitHeaders = () => ({
   RateLimit: { $ref: '#/components/headers/RateLimit' },
   'RateLimit-Policy': { $ref: '#/components/headers/RateLimit-Policy' },
 });
+
+function uiMessageStreamResponse(): Json {
+  return {
+    description:
+      'The UI message stream: `data: <part JSON>` events (`start`, `text-start`, `text-delta`…, `text-end`, then `finish`, or `abort` for a cancelled task), then `data: [DONE]`; a failure after the start is an `error` part, then `[DONE]`. Comment lines (`: keep-alive`) keep proxies from timing out.',
+    headers: {
+      ...rateLimitHeaders(),
+      'x-vercel-ai-ui-message-stream': { description: 'the stream format', schema: { const: 'v1' } },
+      'x-chatwire-task-id': { description: "the task answering (also the `start` part's messageId)", schema: { type: 'string' } },
+    },
+    content: {
+      'text/event-stream': {
+        schema: { type: 'string' },
+        example: uiMessageStreamText(['start', 'text-start', 'text-delta', 'text-end', 'finish']),
+        'x-events': { message: ref('AiSdkStreamChunk') },
+      },
+    },
+  };
+}
 
 function jsonResponse(description: string, schema: string, example: unknown, headers: Json = {}): Json {
   return { description, headers: { ...rateLimitHeaders(), ...headers }, content: { 'application/json': { schema: ref(schema), example } } };
@@ -534,13 +626,14 @@ export function buildOpenApi(version: string): Json {
       version,
       summary: 'Realtime LLM chat: the HTTP side of the chatwire protocol.',
       description:
-        'Generated from the zod schemas in src/protocol by scripts/gen-docs.ts; do not edit by hand. The WebSocket protocol (`GET /ws`, socket.io at `/socket.io/`) carries the same messages and is described in docs/protocol.md. Every `/v1` response carries the IETF draft `RateLimit-Policy` and `RateLimit` fields; a 429 carries `Retry-After` (seconds).',
+        "Generated from the zod schemas in src/protocol by scripts/gen-docs.ts; do not edit by hand. The WebSocket protocol (`GET /ws`, socket.io at `/socket.io/`) carries the same messages and is described in docs/protocol.md. Every `/v1` and `/api/chat` response carries the IETF draft `RateLimit-Policy` and `RateLimit` fields; a 429 carries `Retry-After` (seconds). The `/api/chat` routes speak the Vercel AI SDK's UI message stream (docs/ai-sdk.md).",
       license: { name: 'MIT', identifier: 'MIT' },
     },
     servers: [{ url: '/', description: 'the chatwire server itself (default port 8080)' }],
     security: [{ bearerAuth: [] }, { tokenQuery: [] }, { openModeUser: [] }, {}],
     tags: [
       { name: 'chat', description: 'send a chat, read its task, stream its deltas, read a conversation' },
+      { name: 'ai-sdk', description: "the Vercel AI SDK's chat stream, what useChat's default transport speaks (docs/ai-sdk.md)" },
       { name: 'marketplace', description: 'service requests and bookings' },
       { name: 'operations', description: 'health, readiness, metrics' },
       { name: 'browser', description: 'the chat page and the client library' },
@@ -659,6 +752,41 @@ export function buildOpenApi(version: string): Json {
             '200': jsonResponse('A page; `nextCursor` is null at the end', 'ConsumerBookingsPage', strip(serverExamples['consumer.bookings']), conditional),
             ...notModified,
             ...errorResponses(ROUTE_ERRORS.consumer),
+          },
+        },
+      },
+      '/api/chat': {
+        post: {
+          tags: ['ai-sdk'],
+          operationId: 'aiSdkChat',
+          summary:
+            "useChat's request: the chat id is the caller's conversation (made on first use); submit-message sends the last message's text, regenerate-message answers the last stored user message again; the answer is the task's UI message stream",
+          requestBody: { required: true, content: { 'application/json': { schema: ref('AiSdkChatBody'), example: AiSdkChatBodySchema.parse(aiSdkBody) } } },
+          responses: { '200': uiMessageStreamResponse(), ...errorResponses(ROUTE_ERRORS.aiSdkChat) },
+        },
+      },
+      '/api/chat/{chatId}/stream': {
+        get: {
+          tags: ['ai-sdk'],
+          operationId: 'aiSdkResume',
+          summary: "The chat's latest task while it streams, from its start and then live (useChat's resume); 204 when none streams",
+          parameters: [idParam('chatId', "useChat's chat id")],
+          responses: {
+            '200': uiMessageStreamResponse(),
+            '204': { description: 'No task of this chat is streaming', headers: rateLimitHeaders() },
+            ...errorResponses(ROUTE_ERRORS.aiSdkChatId),
+          },
+        },
+      },
+      '/api/chat/{chatId}/stop': {
+        post: {
+          tags: ['ai-sdk'],
+          operationId: 'aiSdkStop',
+          summary: "Cancels the chat's streaming task: its stream ends with an `abort` part and the text so far is stored",
+          parameters: [idParam('chatId', "useChat's chat id")],
+          responses: {
+            '204': { description: 'Cancelled, or nothing was streaming', headers: rateLimitHeaders() },
+            ...errorResponses(ROUTE_ERRORS.aiSdkChatId),
           },
         },
       },
@@ -841,6 +969,7 @@ export function renderDocs(root: string): DocFiles {
         'server-messages': serverMessagesSection(),
         errors: errorsSection(),
         'http-routes': httpSection(api),
+        'ai-sdk': aiSdkSection(),
       },
       'docs/protocol.md',
     ),

@@ -1,11 +1,21 @@
 import type { Logger } from 'pino';
 import type { Identity } from '../auth/identity.js';
-import { newTaskId, type BeganChat, type BeginChat, type ChatStore, type StoredTask } from '../db/chat-store.js';
+import { newTaskId, type BeganChat, type BeginChat, type ChatStore, type LastUserTurn, type StoredTask } from '../db/chat-store.js';
 import { describeStorageError } from '../db/storage-health.js';
 import type { ModelPool, ModelRun, PoolSlot } from '../llm/pool.js';
 import { countTokens, type ModelMessage, type ModelRequest, type ModelResult } from '../llm/provider.js';
 import type { Metrics } from '../metrics/metrics.js';
-import { AppError, toAppError, type CacheMode, type ChatAck, type ChatDone, type ChatSendBody, type HistoryMessage, type TaskInfo } from '../protocol/index.js';
+import {
+  AppError,
+  isAppError,
+  toAppError,
+  type CacheMode,
+  type ChatAck,
+  type ChatDone,
+  type ChatSendBody,
+  type HistoryMessage,
+  type TaskInfo,
+} from '../protocol/index.js';
 import { Flight, type FlightListener, type FlightOutcome } from './flight.js';
 import type { ChatCache, ChatLimits, LimitDecision, TokenReservation } from './ports.js';
 import { createRetention } from './retention.js';
@@ -33,6 +43,17 @@ export interface ChatServiceOptions {
   maxRunningPerUser: number;
 }
 
+/** What a transport that names its conversations itself (the AI SDK's chat ids) asks of send() beyond a chat.send body. */
+export interface SendOptions {
+  /** Create `conversationId` for the caller when it does not exist (see BeginChat.createConversation). */
+  createConversation?: boolean;
+  /**
+   * A new reply to the conversation's last user message instead of a new message: `text` is not used, no user
+   * message is stored, and the context is the stored history before that message.
+   */
+  regenerate?: boolean;
+}
+
 export interface SendResult {
   ack: Omit<ChatAck, 'type' | 'id'>;
   task: Task;
@@ -40,12 +61,17 @@ export interface SendResult {
 
 export interface ChatService {
   /** Validated, limited and committed; resolves with the ack. The model call starts at once, alongside the commit; the ack never waits for it. */
-  send(caller: Identity, body: Omit<ChatSendBody, 'id'>, receivedAt?: number): Promise<SendResult>;
+  send(caller: Identity, body: Omit<ChatSendBody, 'id'>, receivedAt?: number, options?: SendOptions): Promise<SendResult>;
   cancel(caller: Identity, taskId: string): void;
   /** Streams a task to `sink` from `fromSeq`: replays, then live, then its chat.done or chat.error. Call pump() to start. */
   subscribe(caller: Identity, taskId: string, fromSeq: number, sink: Sink): Subscription;
   task(caller: Identity, taskId: string): TaskInfo;
   history(caller: Identity, conversationId: string, before: string | undefined, limit: number): { messages: HistoryMessage[]; hasMore: boolean };
+  /**
+   * The id of the conversation's latest task while it streams (until its chat.done or chat.error is sent), else
+   * null; also null for a conversation that does not exist. Another user's conversation: forbidden.
+   */
+  streamingTask(caller: Identity, conversationId: string): string | null;
   /** Stops taking chats, cancels running tasks, and resolves when their outcomes are stored. */
   close(): Promise<void>;
 }
@@ -73,6 +99,8 @@ export function createChatService(options: ChatServiceOptions): ChatService {
   const deltasSent = metrics.deltasSent.tally();
   const countDelta = () => deltasSent.inc();
   const tasks = new Map<string, Task>();
+  // The latest task of each conversation, while it streams (streamingTask).
+  const latestByConversation = new Map<string, Task>();
   const running = new Set<Task>();
   const flights = new Map<string, Flight>();
   const pendingFinishes = new Set<Promise<unknown>>();
@@ -124,6 +152,13 @@ export function createChatService(options: ChatServiceOptions): ChatService {
     return found;
   }
 
+  /** The last user message of the caller's conversation (checked already) and its context, for a regenerated reply. */
+  function lastUserTurn(conversationId: string | undefined): LastUserTurn {
+    const turn = conversationId === undefined ? undefined : store.lastUserTurn(conversationId, options.contextMessages);
+    if (turn === undefined) throw new AppError('not_found', 'the conversation has no user message to answer again');
+    return turn;
+  }
+
   function buildRequest(body: Omit<ChatSendBody, 'id'>, earlier: { role: 'user' | 'assistant'; content: string }[]): ModelRequest {
     const messages: ModelMessage[] = [];
     if (body.params?.system) messages.push({ role: 'system', content: body.params.system });
@@ -161,6 +196,7 @@ export function createChatService(options: ChatServiceOptions): ChatService {
     };
     const stored = storeEnd(task, ending, usage, timings, storedReplyId).finally(() => {
       pendingFinishes.delete(stored);
+      if (latestByConversation.get(task.conversationId) === task) latestByConversation.delete(task.conversationId);
       retention.keepEnded(task);
     });
     pendingFinishes.add(stored);
@@ -307,8 +343,10 @@ export function createChatService(options: ChatServiceOptions): ChatService {
     flight.attach(listener);
   }
 
-  function checkConversationOwner(caller: Identity, conversationId: string): void {
+  /** `creatable`: a conversation that does not exist yet passes (the commit creates it). */
+  function checkConversationOwner(caller: Identity, conversationId: string, creatable = false): void {
     const owner = store.conversationOwner(conversationId);
+    if (owner === undefined && creatable) return;
     if (owner === undefined) throw new AppError('not_found', `no conversation ${conversationId}`);
     if (owner !== caller.userId) throw new AppError('forbidden', 'this conversation belongs to another user');
   }
@@ -367,6 +405,8 @@ export function createChatService(options: ChatServiceOptions): ChatService {
       return await store.beginChat({ ...chat, knownReply });
     } catch (err) {
       undo();
+      // The store's own refusal (a conversation another user made meanwhile) is the client's answer.
+      if (isAppError(err)) throw err;
       log.error({ err, userId: chat.userId }, 'storing a chat failed');
       // Full, read-only or failing storage is a state the server recovers from: retryable, and nothing was stored.
       const storage = describeStorageError(err);
@@ -409,15 +449,19 @@ export function createChatService(options: ChatServiceOptions): ChatService {
   const cancels = new WeakMap<Task, () => void>();
 
   return {
-    async send(caller, body, receivedAt = performance.now()) {
+    async send(caller, body, receivedAt = performance.now(), sendOptions = {}) {
       if (closing) throw new AppError('overloaded', 'the server is shutting down');
       checkRunningCap(caller.userId);
       const conversationId = body.conversationId;
-      if (conversationId !== undefined) checkConversationOwner(caller, conversationId);
-      const earlier = conversationId === undefined || options.contextMessages === 0 ? [] : store.context(conversationId, options.contextMessages);
-      const request = buildRequest(body, earlier);
+      if (conversationId !== undefined) checkConversationOwner(caller, conversationId, sendOptions.createConversation === true && !sendOptions.regenerate);
+      const turn = sendOptions.regenerate ? lastUserTurn(conversationId) : undefined;
+      const earlier =
+        turn?.context ?? (conversationId === undefined || options.contextMessages === 0 ? [] : store.context(conversationId, options.contextMessages));
+      const text = turn?.text ?? body.text;
+      const request = buildRequest({ ...body, text }, earlier);
       const promptTokens = request.messages.reduce((n, m) => n + countTokens(m.content), 0);
-      const mode = body.cache ?? 'use';
+      // A regenerated reply is a new one: never the cached or in-flight answer to the same question (refresh replaces it).
+      const mode = sendOptions.regenerate ? 'refresh' : (body.cache ?? 'use');
       const key = cache.keyOf(request);
       // Decide how the reply will be produced before anything is stored, so refusals store nothing.
       const plan = planReply(caller.userId, key, mode);
@@ -430,13 +474,15 @@ export function createChatService(options: ChatServiceOptions): ChatService {
       const taskId = newTaskId();
       // Counted from here, in the tick of the check above: sends racing in one tick cannot pass the cap together.
       chatsInFlight.set(caller.userId, (chatsInFlight.get(caller.userId) ?? 0) + 1);
-      const began = await commitChat({ taskId, userId: caller.userId, conversationId, text: body.text }, plan, () => {
+      const chatToStore = { taskId, userId: caller.userId, conversationId, text, createConversation: sendOptions.createConversation, replyTo: turn?.messageId };
+      const began = await commitChat(chatToStore, plan, () => {
         releaseInFlight(caller.userId);
         reservation?.release();
         flight?.letGo();
       });
       const task = new Task(taskId, caller.userId, began.conversationId, receivedAt, began.createdAt, plan.kind === 'cached', pumps);
       tasks.set(taskId, task);
+      latestByConversation.set(began.conversationId, task);
       running.add(task);
       metrics.ackLatency.observe((performance.now() - receivedAt) / 1000);
       startReply(task, plan, flight, reservation, promptTokens, began.replyMessageId);
@@ -481,6 +527,14 @@ export function createChatService(options: ChatServiceOptions): ChatService {
     history(caller, conversationId, before, limit) {
       checkConversationOwner(caller, conversationId);
       return store.history(conversationId, before, limit);
+    },
+
+    streamingTask(caller, conversationId) {
+      const owner = store.conversationOwner(conversationId);
+      if (owner === undefined) return null;
+      if (owner !== caller.userId) throw new AppError('forbidden', 'this conversation belongs to another user');
+      const task = latestByConversation.get(conversationId);
+      return task !== undefined && task.terminal === null ? task.taskId : null;
     },
 
     async close() {

@@ -10,6 +10,17 @@ export interface BeginChat {
   text: string;
   /** A reply known before the model runs (a cache hit): stored, and the task finished, in the same commit. */
   knownReply?: { text: string; finishReason: FinishReason; promptTokens: number; completionTokens: number } | undefined;
+  /**
+   * `conversationId` is named by the client (an AI SDK chat id): the conversation is created, owned by `userId`, when
+   * it does not exist. Checked again inside the commit: when another user's exists by then, AppError forbidden and
+   * nothing is stored.
+   */
+  createConversation?: boolean | undefined;
+  /**
+   * Regenerate: the stored user message of the conversation that this task answers again. No user message is stored
+   * (`text` is not stored); the reply is stored after the conversation's last message, like any reply.
+   */
+  replyTo?: string | undefined;
 }
 
 export interface BeganChat {
@@ -71,6 +82,13 @@ export interface ContextMessage {
   content: string;
 }
 
+/** A conversation's last user message and the `limit` messages before it, oldest first: a regenerated reply's context. */
+export interface LastUserTurn {
+  messageId: string;
+  text: string;
+  context: ContextMessage[];
+}
+
 export interface ChatStore {
   /** Stores the user message (creating the conversation if needed) and the queued task, in the next group commit. */
   beginChat(input: BeginChat): Promise<BeganChat>;
@@ -82,6 +100,8 @@ export interface ChatStore {
   conversationOwner(conversationId: string): string | undefined;
   /** The latest `limit` messages of the conversation, oldest first (the model's context). */
   context(conversationId: string, limit: number): ContextMessage[];
+  /** The conversation's last user message with its context (see LastUserTurn); undefined when it has none. */
+  lastUserTurn(conversationId: string, limit: number): LastUserTurn | undefined;
   history(conversationId: string, before: string | undefined, limit: number): { messages: HistoryMessage[]; hasMore: boolean };
   task(taskId: string): StoredTask | undefined;
   /** Marks tasks a previous process left queued or running as failed; returns how many. */
@@ -220,6 +240,10 @@ export function createChatStore(db: Database, hooks: { onCommit?: (seconds: numb
     'chat.insert_conversation',
     'INSERT INTO conversations (conversation_id, user_id, created_at, updated_at) VALUES (?, ?, ?, ?)',
   );
+  const insertConversationIfMissing = db.prepare(
+    'chat.insert_conversation_if_missing',
+    'INSERT INTO conversations (conversation_id, user_id, created_at, updated_at) VALUES (?, ?, ?, ?) ON CONFLICT (conversation_id) DO NOTHING',
+  );
   const touchConversation = db.prepare('chat.touch_conversation', 'UPDATE conversations SET updated_at = ? WHERE conversation_id = ?');
   const selectOwner = db.prepare<{ user_id: string }>('chat.conversation_owner', 'SELECT user_id FROM conversations WHERE conversation_id = ?');
   const insertMessage = db.prepare(
@@ -247,6 +271,14 @@ export function createChatStore(db: Database, hooks: { onCommit?: (seconds: numb
     'chat.context',
     'SELECT role, text FROM messages WHERE conversation_id = ? ORDER BY seq DESC LIMIT ?',
   );
+  const selectLastUserMessage = db.prepare<{ seq: number; message_id: string; text: string }>(
+    'chat.last_user_message',
+    "SELECT seq, message_id, text FROM messages WHERE conversation_id = ? AND role = 'user' ORDER BY seq DESC LIMIT 1",
+  );
+  const selectContextBefore = db.prepare<{ role: 'user' | 'assistant'; text: string }>(
+    'chat.context_before',
+    'SELECT role, text FROM messages WHERE conversation_id = ? AND seq < ? ORDER BY seq DESC LIMIT ?',
+  );
   const selectSeq = db.prepare<{ seq: number }>('chat.message_seq', 'SELECT seq FROM messages WHERE message_id = ? AND conversation_id = ?');
   const selectHistory = db.prepare<{ message_id: string; role: 'user' | 'assistant'; text: string; created_at: number }>(
     'chat.history',
@@ -271,7 +303,7 @@ export function createChatStore(db: Database, hooks: { onCommit?: (seconds: numb
   return {
     beginChat(input) {
       const now = Date.now();
-      const messageId = newId('msg_', 12);
+      const messageId = input.replyTo ?? newId('msg_', 12);
       let conversationId = input.conversationId;
       let isNew = false;
       if (conversationId === undefined) {
@@ -283,8 +315,14 @@ export function createChatStore(db: Database, hooks: { onCommit?: (seconds: numb
       const replyId = reply ? newId('msg_', 12) : undefined;
       return batcher.enqueue(() => {
         if (isNew) insertConversation.run(convId, input.userId, now, now);
-        else touchConversation.run(now, convId);
-        insertMessage.run(messageId, convId, 'user', input.text, input.taskId, now);
+        else if (!input.createConversation || insertConversationIfMissing.run(convId, input.userId, now, now).changes === 0) {
+          // A conversation the client named may have been made by another user since the caller checked.
+          if (input.createConversation && selectOwner.get(convId)?.user_id !== input.userId) {
+            throw new AppError('forbidden', 'this conversation belongs to another user');
+          }
+          touchConversation.run(now, convId);
+        }
+        if (input.replyTo === undefined) insertMessage.run(messageId, convId, 'user', input.text, input.taskId, now);
         if (reply && replyId) {
           insertAnsweredTask.run(
             input.taskId,
@@ -353,6 +391,13 @@ export function createChatStore(db: Database, hooks: { onCommit?: (seconds: numb
         .all(conversationId, limit)
         .reverse()
         .map((r) => ({ role: r.role, content: r.text }));
+    },
+
+    lastUserTurn(conversationId, limit) {
+      const last = selectLastUserMessage.get(conversationId);
+      if (last === undefined) return undefined;
+      const context = limit === 0 ? [] : selectContextBefore.all(conversationId, last.seq, limit);
+      return { messageId: last.message_id, text: last.text, context: context.reverse().map((r) => ({ role: r.role, content: r.text })) };
     },
 
     history(conversationId, before, limit) {

@@ -2,7 +2,6 @@ import type { HttpRequest, HttpResponse, TemplatedApp } from 'uWebSockets.js';
 import { z } from 'zod';
 import { tokenFromAuthorization } from '../auth/credentials.js';
 import type { Identity } from '../auth/identity.js';
-import type { Sink, Subscription } from '../chat/task.js';
 import {
   AppError,
   badRequestFromZod,
@@ -17,13 +16,14 @@ import {
   serializePage,
   toAppError,
   toJson,
-  type ServerMessage,
 } from '../protocol/index.js';
 import { callerAddress, identifyPending, takeUserSlot } from './connection.js';
 import type { TransportDeps } from './deps.js';
 import { captureRequest, errorBody, etagMatches, parseJsonBody, readBody, Responder, strongEtag, type RequestInfo } from './http-io.js';
-import { chargeEgress, historyBytes, replayBytes, taskBytes } from './session.js';
+import { attachAiSdkRoutes } from './ai-sdk-routes.js';
+import { chargeEgress, historyBytes, taskBytes } from './session.js';
 import { renderStaticRoute, staticAssets } from './static.js';
+import { TaskEventStream, type SseEncoding } from './task-event-stream.js';
 
 /**
  * An integer in a query string: decimal digits only, then the field's own schema. Number() alone would take '',
@@ -89,7 +89,7 @@ interface Handled {
 type V1Handler = (caller: Identity, info: RequestInfo, body: Promise<Buffer>) => Promise<Handled | null>;
 
 /** What every route shares: the app, the deps, the open task streams and the helpers that identify, charge and answer. */
-interface Routes {
+export interface Routes {
   app: TemplatedApp;
   deps: TransportDeps;
   /** The task streams open now, ended by closeStreams(). */
@@ -293,95 +293,14 @@ function streamStart(info: RequestInfo): number {
   return n + 1;
 }
 
-/**
- * One task's Server-Sent Events stream: deltas as `delta` events whose `id:` is the seq, then `done` or `error`,
- * after which the stream ends. It holds one of the user's connection slots until it ends.
- */
-class TaskEventStream {
-  private backedUp = false;
-  private ended = false;
-  private heartbeat: NodeJS.Timeout | undefined;
-  private subscription: Subscription | null = null;
-
-  constructor(
-    private readonly res: HttpResponse,
-    private readonly responder: Responder,
-    private readonly streams: Set<{ end(): void }>,
-    private readonly releaseSlot: () => void,
-  ) {}
-
-  readonly sink: Sink = {
-    congested: () => this.backedUp || !this.responder.open,
-    deliver: (m: ServerMessage) => {
-      if (!this.responder.open || this.ended) return false;
-      if (m.type === 'chat.delta') this.write(`id: ${m.seq}\nevent: delta\ndata: ${JSON.stringify(m)}\n\n`);
-      else if (m.type === 'chat.done' || m.type === 'chat.error') {
-        this.write(`event: ${m.type === 'chat.done' ? 'done' : 'error'}\ndata: ${JSON.stringify(m)}\n\n`);
-        setImmediate(this.end);
-      }
-      return true;
-    },
-  };
-
-  /** Subscribes to the task from `fromSeq` and charges the replay; on a refusal nothing is left held. */
-  subscribe(chat: TransportDeps['chat'], caller: Identity, taskId: string, fromSeq: number, charge: (replay: number) => void): void {
-    try {
-      this.subscription = chat.subscribe(caller, taskId, fromSeq, this.sink);
-      charge(replayBytes(this.subscription.task, fromSeq));
-    } catch (err) {
-      this.subscription?.close();
-      this.releaseSlot();
-      throw err;
-    }
-  }
-
-  /** Writes the head and starts streaming. */
-  start(headers: Record<string, string>): void {
-    const res = this.res;
-    res.cork(() => {
-      res.writeStatus('200 OK');
-      for (const [k, v] of Object.entries(headers)) res.writeHeader(k, v);
-      res.write(': chatwire task stream\n\n');
-    });
-    // Keeps proxies from timing the stream out while the model is quiet.
-    this.heartbeat = setInterval(() => {
-      if (this.responder.open && !this.backedUp) this.write(': keep-alive\n\n');
-    }, 15_000);
-    this.heartbeat.unref();
-    this.streams.add(this);
-    this.responder.onAbort(this.end);
-    this.subscription?.pump();
-  }
-
-  private write(chunk: string): boolean {
-    let ok = true;
-    this.res.cork(() => {
-      ok = this.res.write(chunk);
-    });
-    if (!ok && !this.backedUp) {
-      this.backedUp = true;
-      this.res.onWritable(() => {
-        this.backedUp = false;
-        this.subscription?.pump();
-        return true;
-      });
-    }
-    return true;
-  }
-
-  readonly end = (): void => {
-    if (this.ended) return;
-    this.ended = true;
-    this.releaseSlot();
-    clearInterval(this.heartbeat);
-    this.streams.delete(this);
-    this.subscription?.close();
-    if (this.responder.open) {
-      this.responder.done = true;
-      this.res.cork(() => this.res.end());
-    }
-  };
-}
+/** chatwire's own task stream: deltas as `delta` events whose `id:` is the seq, then `done` or `error`. */
+const V1_TASK_EVENTS: SseEncoding = {
+  opening: ': chatwire task stream\n\n',
+  events: (m) =>
+    m.type === 'chat.delta'
+      ? `id: ${m.seq}\nevent: delta\ndata: ${JSON.stringify(m)}\n\n`
+      : `event: ${m.type === 'chat.done' ? 'done' : 'error'}\ndata: ${JSON.stringify(m)}\n\n`,
+};
 
 /** Server-Sent Events: `id:` is the seq, Last-Event-ID resumes after it, the stream ends after done or error. */
 function attachTaskStream(routes: Routes): void {
@@ -397,8 +316,8 @@ function attachTaskStream(routes: Routes): void {
         const fromSeq = streamStart(info);
         if (!responder.open) return;
         // A stream holds a connection as long as a WebSocket does: it takes one of the user's connection slots.
-        const stream = new TaskEventStream(res, responder, routes.streams, takeUserSlot(deps, caller.userId));
-        stream.subscribe(deps.chat, caller, info.params[0] as string, fromSeq, (bytes) => chargeEgress(deps.session, caller.userId, bytes));
+        const stream = new TaskEventStream(res, responder, routes.streams, takeUserSlot(deps, caller.userId), V1_TASK_EVENTS);
+        await stream.subscribe(deps.chat, caller, info.params[0] as string, fromSeq, (bytes) => chargeEgress(deps.session, caller.userId, bytes));
         stream.start({
           ...routes.commonHeaders(info),
           ...limitHeaders,
@@ -522,6 +441,7 @@ export function attachHttpRoutes(app: TemplatedApp, deps: TransportDeps): { clos
   const routes = createRoutes(app, deps);
   attachV1Routes(routes);
   attachTaskStream(routes);
+  attachAiSdkRoutes(routes);
   attachPreflight(routes);
   attachProbes(routes);
   for (const asset of staticAssets()) {

@@ -5,8 +5,14 @@
  * icon) is served only by listen(): it connects to the origin's `/ws`, which under a prefix is not chatwire's.
  */
 
-/** The routes of attachHttpRoutes that a mount serves besides /v1/...: health, metrics, the client library, the API description. */
-const NAMED = new Set(['/ws', '/v1', '/healthz', '/readyz', '/metrics', '/client.js', '/openapi.json']);
+/**
+ * The routes of attachHttpRoutes that a mount serves besides /v1/... and /api/chat/...: health, metrics, the client
+ * library, the API description, the AI SDK chat stream.
+ */
+const NAMED = new Set(['/ws', '/v1', '/healthz', '/readyz', '/metrics', '/client.js', '/openapi.json', '/api/chat']);
+
+/** The path prefixes whose every path is chatwire's on a mount. */
+const OWNED_PREFIXES = ['/v1/', '/api/chat/'];
 
 /** A prefix as given (`/chat`, `/chat/`, `` or `/`) normalised to `/chat` or ``; null when it is not a path. */
 export function normalizePrefix(prefix: string | undefined): string | null {
@@ -25,10 +31,10 @@ export function innerPath(prefix: string, path: string): string | null {
 /** Whether chatwire answers `inner` (a path below the prefix); socket.io's own path is engine.io's to check. */
 export function ownsPath(prefix: string, inner: string): boolean {
   if (prefix !== '') return true;
-  return NAMED.has(inner) || inner.startsWith('/v1/');
+  return NAMED.has(inner) || OWNED_PREFIXES.some((p) => inner.startsWith(p));
 }
 
 /** Whether a route of attachHttpRoutes is served on a mount: everything but the browser page's files. */
 export function mountsRoute(pattern: string): boolean {
-  return pattern.includes('*') || pattern.includes(':') || NAMED.has(pattern) || pattern.startsWith('/v1/');
+  return pattern.includes('*') || pattern.includes(':') || NAMED.has(pattern) || OWNED_PREFIXES.some((p) => pattern.startsWith(p));
 }

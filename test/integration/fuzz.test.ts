@@ -532,6 +532,9 @@ describe('fuzzing every transport', () => {
       fc.constant('/v1/requests'),
       segment.map((s) => `/v1/consumers/${s}/requests`),
       segment.map((s) => `/v1/consumers/${s}/bookings`),
+      fc.constant('/api/chat'),
+      segment.map((s) => `/api/chat/${s}/stream`),
+      segment.map((s) => `/api/chat/${s}/stop`),
       segment.map((s) => `/v1/${s}`),
       segment.map((s) => `/${s}`),
       fc.constantFrom('/healthz', '/readyz', '/'),
@@ -556,7 +559,7 @@ describe('fuzzing every transport', () => {
       },
     );
     const request = fc.record({
-      // The route's own method most of the time (POST for /v1/chat, GET elsewhere), sometimes any other.
+      // The route's own method most of the time (POST for /v1/chat, /api/chat and its stop, GET elsewhere), sometimes any other.
       method: fc.oneof(
         { weight: 5, arbitrary: fc.constant('own') },
         { weight: 2, arbitrary: fc.constantFrom('GET', 'POST', 'PUT', 'DELETE', 'PATCH', 'OPTIONS', 'HEAD') },
@@ -582,7 +585,8 @@ describe('fuzzing every transport', () => {
       if (r.contentType !== '') headers['content-type'] = r.contentType;
       if (r.ifNoneMatch !== undefined) headers['if-none-match'] = r.ifNoneMatch;
       if (r.lastEventId !== undefined) headers['last-event-id'] = r.lastEventId;
-      const method = r.method === 'own' ? (r.route === '/v1/chat' ? 'POST' : 'GET') : r.method;
+      const posted = r.route === '/v1/chat' || (r.route.startsWith('/api/chat') && !r.route.endsWith('/stream'));
+      const method = r.method === 'own' ? (posted ? 'POST' : 'GET') : r.method;
       const init: RequestInit = { method, headers, signal: AbortSignal.timeout(15_000) };
       if (method !== 'GET' && method !== 'HEAD') init.body = resolveIds(r.body, last);
       const res = await fetch(url, init);

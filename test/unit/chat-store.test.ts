@@ -7,6 +7,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { createChatStore, decodeDeltaEnds, encodeDeltaEnds, newTaskId } from '../../src/db/chat-store.js';
 import { Database } from '../../src/db/database.js';
 import { migrate } from '../../src/db/migrate.js';
+import type { AppError } from '../../src/protocol/index.js';
 
 test('a task whose end could not be written is marked failed once storage takes writes again', async (t) => {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'chatwire-store-'));
@@ -123,4 +124,101 @@ test('a finished task keeps what a resume needs: chunk boundaries, timings, and 
   await store.recordReplay(hit, Uint32Array.of(1, 3), timings);
   assert.deepEqual(store.task(hit)?.replay?.deltaEnds, Uint32Array.of(1, 3));
   assert.equal(store.task(hit)?.replay?.cached, true);
+});
+
+function openStore(t: { after(fn: () => void): void }) {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'chatwire-store-'));
+  const db = new Database(path.join(dir, 'chat.sqlite'));
+  migrate(db);
+  const store = createChatStore(db);
+  t.after(() => {
+    store.close();
+    db.close();
+    fs.rmSync(dir, { recursive: true, force: true });
+  });
+  return store;
+}
+
+test('a conversation named by the client is made on first use; another user naming it is refused inside the commit', async (t) => {
+  const store = openStore(t);
+  const chat = (userId: string, conversationId: string, text: string) =>
+    store.beginChat({ taskId: newTaskId(), userId, conversationId, text, createConversation: true });
+  const began = await chat('u1', 'chat-1', 'first');
+  assert.equal(began.conversationId, 'chat-1');
+  assert.equal(store.conversationOwner('chat-1'), 'u1');
+  await chat('u1', 'chat-1', 'second');
+  await assert.rejects(chat('u2', 'chat-1', 'not yours'), (err: AppError) => err.code === 'forbidden');
+
+  // Two users naming a new id in the same commit: the first one makes it, the second is refused, nothing of its stored.
+  const [first, second] = await Promise.allSettled([chat('u1', 'chat-2', 'mine'), chat('u2', 'chat-2', 'mine too')]);
+  assert.equal(first.status, 'fulfilled');
+  assert.equal(second.status === 'rejected' && (second.reason as AppError).code, 'forbidden');
+  assert.equal(store.conversationOwner('chat-2'), 'u1');
+  assert.deepEqual(
+    store.history('chat-1', undefined, 10).messages.map((m) => m.text),
+    ['first', 'second'],
+  );
+  assert.deepEqual(
+    store.history('chat-2', undefined, 10).messages.map((m) => m.text),
+    ['mine'],
+  );
+});
+
+test('a regenerated reply stores no user message; lastUserTurn gives the last user message and the history before it', async (t) => {
+  const store = openStore(t);
+  const turn = async (text: string, reply: string, conversationId?: string) => {
+    const taskId = newTaskId();
+    const began = await store.beginChat({ taskId, userId: 'u1', conversationId, text });
+    await store.finishTask({
+      taskId,
+      conversationId: began.conversationId,
+      status: 'done',
+      finishReason: 'stop',
+      text: reply,
+      promptTokens: 1,
+      completionTokens: 1,
+      cached: false,
+    });
+    return began;
+  };
+  const first = await turn('q1', 'a1');
+  const conv = first.conversationId;
+  const second = await turn('q2', 'a2', conv);
+  assert.deepEqual(store.lastUserTurn(conv, 10), {
+    messageId: second.messageId,
+    text: 'q2',
+    context: [
+      { role: 'user', content: 'q1' },
+      { role: 'assistant', content: 'a1' },
+    ],
+  });
+  assert.deepEqual(store.lastUserTurn(conv, 1)?.context, [{ role: 'assistant', content: 'a1' }]);
+  assert.deepEqual(store.lastUserTurn(conv, 0)?.context, []);
+
+  const taskId = newTaskId();
+  const again = await store.beginChat({ taskId, userId: 'u1', conversationId: conv, text: 'q2', replyTo: second.messageId });
+  assert.equal(again.messageId, second.messageId);
+  await store.finishTask({
+    taskId,
+    conversationId: conv,
+    status: 'done',
+    finishReason: 'stop',
+    text: 'a2 again',
+    promptTokens: 1,
+    completionTokens: 1,
+    cached: false,
+  });
+  assert.deepEqual(
+    store.history(conv, undefined, 10).messages.map((m) => [m.role, m.text]),
+    [
+      ['user', 'q1'],
+      ['assistant', 'a1'],
+      ['user', 'q2'],
+      ['assistant', 'a2'],
+      ['assistant', 'a2 again'],
+    ],
+  );
+  // The regenerated reply is still an answer to q2: it is the last user message, with the same context.
+  assert.equal(store.lastUserTurn(conv, 10)?.messageId, second.messageId);
+  assert.equal(store.lastUserTurn('no-such-conversation', 10), undefined);
 });

@@ -36,7 +36,7 @@ test('every error code has an example in docs/protocol.md and in the OpenAPI doc
   }
 });
 
-test('the OpenAPI document is 3.1, every $ref in it resolves, and it covers the /v1 routes the server registers', () => {
+test('the OpenAPI document is 3.1, every $ref in it resolves, and it covers the /v1 and /api/chat routes the server registers', () => {
   const api = JSON.parse(read('docs/openapi.json')) as Record<string, unknown> & { openapi: string; paths: Record<string, unknown> };
   assert.equal(api.openapi, '3.1.0');
   const refs: string[] = [];
@@ -63,6 +63,11 @@ test('the OpenAPI document is 3.1, every $ref in it resolves, and it covers the 
   const registered = [...source.matchAll(/(?:v1\('(?:get|post)',|app\.get\()\s*'(\/v1\/[^']+)'/g)].map((m) => (m[1] as string).replace(/:(\w+)/g, '{$1}'));
   assert.ok(registered.length >= 7);
   for (const route of registered) assert.ok(route in api.paths, `${route} is not in docs/openapi.json`);
+  const aiSdk = [...read('src/transport/ai-sdk-routes.ts').matchAll(/aiSdkRoute\(routes, '(?:get|post)', '(\/api\/chat[^']*)'/g)].map((m) =>
+    (m[1] as string).replace(/:(\w+)/g, '{$1}'),
+  );
+  assert.equal(aiSdk.length, 3);
+  for (const route of aiSdk) assert.ok(route in api.paths, `${route} is not in docs/openapi.json`);
 });
 
 test('a generated block that is missing from a doc is an error, not silently skipped', () => {
