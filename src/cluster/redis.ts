@@ -54,7 +54,15 @@ export function openRedis(url: string, options: OpenRedisOptions = {}): RedisHub
   };
   const command = new Redis(url, { ...settings, connectionName: 'chatwire' });
   // The subscriber queues its SUBSCRIBE commands until it is ready: they are not requests a caller waits on.
-  const subscriber = new Redis(url, { ...settings, enableOfflineQueue: true, maxRetriesPerRequest: null, connectionName: 'chatwire-bus' });
+  // No ready check on it: its INFO could land on a connection already in subscriber mode, where only subscriber
+  // commands may be sent.
+  const subscriber = new Redis(url, {
+    ...settings,
+    enableOfflineQueue: true,
+    enableReadyCheck: false,
+    maxRetriesPerRequest: null,
+    connectionName: 'chatwire-bus',
+  });
   const listeners = new Set<(state: RedisState) => void>();
   let up = false;
   const setState = (next: boolean) => {

@@ -18,9 +18,12 @@ export function createChatLimits(limits: RateLimits, refused: (bucket: string) =
   };
 }
 
+/** A connection let in, or the refusal to send. */
+export type ConnectionAdmission = { ok: true } | { ok: false; error: AppError };
+
 /** The per-user connection cap as the transports ask for it: a refusal is an AppError ready to send. */
 export function connectionQuota(limits: RateLimits): {
-  opened(userId: string): { ok: true } | { ok: false; error: AppError };
+  opened(userId: string): ConnectionAdmission;
   closed(userId: string): void;
 } {
   return {

@@ -126,7 +126,7 @@ export function attachAiSdkRoutes(routes: Routes): void {
   aiSdkRoute(routes, 'post', '/api/chat', 0, true, async (caller, info, res, responder, body) => {
     const { id: chatId, messages, trigger } = await chatBody(info, body);
     // Taken before the chat is sent: a user at its connection cap is refused before anything is stored or run.
-    const releaseSlot = takeUserSlot(deps, caller.userId);
+    const releaseSlot = await takeUserSlot(deps, caller.userId);
     let taskId: string;
     try {
       const regenerate = trigger === 'regenerate-message';
@@ -146,7 +146,7 @@ export function attachAiSdkRoutes(routes: Routes): void {
       responder.send(204, headers(routes, info, caller));
       return;
     }
-    await streamTask(routes, info, res, responder, caller, taskId, takeUserSlot(deps, caller.userId));
+    await streamTask(routes, info, res, responder, caller, taskId, await takeUserSlot(deps, caller.userId));
   });
 
   aiSdkRoute(routes, 'post', '/api/chat/:chatId/stop', 1, false, async (caller, info, _res, responder) => {

@@ -84,10 +84,10 @@ export async function identifyPending(deps: Pick<TransportDeps, 'auth'>, slot: {
 
 /**
  * Takes one of the user's connection slots (a /ws or socket.io connection, an SSE stream); throws the refusal past
- * the user's cap. The returned release is idempotent.
+ * the user's cap. The returned release is idempotent. Async: in a cluster the cap is counted across nodes.
  */
-export function takeUserSlot(deps: Pick<TransportDeps, 'connections'>, userId: string): () => void {
-  const admitted = deps.connections.opened(userId);
+export async function takeUserSlot(deps: Pick<TransportDeps, 'connections'>, userId: string): Promise<() => void> {
+  const admitted = await deps.connections.opened(userId);
   if (!admitted.ok) throw admitted.error;
   let held = true;
   return () => {

@@ -2,8 +2,8 @@ import type { Logger } from 'pino';
 import type { Identity } from '../auth/identity.js';
 import type { ChatService } from '../chat/chat-service.js';
 import type { Config } from '../config.js';
+import type { ConnectionAdmission } from '../limits/chat-limits.js';
 import type { Metrics } from '../metrics/metrics.js';
-import type { AppError } from '../protocol/index.js';
 import type { PendingAdmission } from './admission.js';
 import type { BufferBudget } from './buffer-budget.js';
 import type { MarketplaceLookups, SessionDeps } from './session.js';
@@ -46,9 +46,9 @@ export interface TransportDeps {
   session: SessionDeps;
   /** The server-wide bound on bytes held for slow readers, which every socket reports to. */
   buffers: BufferBudget;
-  /** Per-user connection cap. */
+  /** Per-user connection cap (across nodes in a cluster: then opened answers with a Promise). */
   connections: {
-    opened(userId: string): { ok: true } | { ok: false; error: AppError };
+    opened(userId: string): ConnectionAdmission | Promise<ConnectionAdmission>;
     closed(userId: string): void;
   };
   /** Connections not authenticated yet, bounded in total and per client address (and refused near the fd limit). */

@@ -316,7 +316,10 @@ function attachTaskStream(routes: Routes): void {
         const fromSeq = streamStart(info);
         if (!responder.open) return;
         // A stream holds a connection as long as a WebSocket does: it takes one of the user's connection slots.
-        const stream = new TaskEventStream(res, responder, routes.streams, takeUserSlot(deps, caller.userId), V1_TASK_EVENTS);
+        const releaseSlot = await takeUserSlot(deps, caller.userId);
+        // The client may have gone while the slot was taken.
+        if (!responder.open) return releaseSlot();
+        const stream = new TaskEventStream(res, responder, routes.streams, releaseSlot, V1_TASK_EVENTS);
         await stream.subscribe(deps.chat, caller, info.params[0] as string, fromSeq, (bytes) => chargeEgress(deps.session, caller.userId, bytes));
         stream.start({
           ...routes.commonHeaders(info),

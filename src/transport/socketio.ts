@@ -343,13 +343,18 @@ function authenticateSockets(io: SocketIOServer, shared: Shared): void {
         address: callerAddress(deps, socket.handshake.address, headerText(socket.handshake.headers['x-forwarded-for'])),
         request: { transport: 'socket.io', headers: socket.handshake.headers, query: socketIoQuery(query, auth) },
       })
-      .then((identity) => {
+      .then(async (identity) => {
         // The client may have gone while the token was checked: socket.io then drops the socket without a
         // 'disconnect', so a slot counted now would never be freed.
         if (socket.conn.readyState !== 'open') throw new AppError('bad_request', 'the client went away');
         // Authenticated: no longer one of the connections waiting to.
         pendingSlots.get(socket.conn.request)?.release();
-        const release = takeUserSlot(deps, identity.userId);
+        const release = await takeUserSlot(deps, identity.userId);
+        // Or while the slot was taken.
+        if (socket.conn.readyState !== 'open') {
+          release();
+          throw new AppError('bad_request', 'the client went away');
+        }
         // Also covers a close between next() and 'connection' (socket.io checks readyState a tick later).
         socket.conn.once('close', release);
         (socket.data as SocketState) = { connectionId, identity, release };

@@ -136,7 +136,7 @@ async function authenticateUpgrade(deps: TransportDeps, info: RequestInfo, addre
     address,
     request: { transport: 'ws', headers: info.headers, query: info.query },
   });
-  const releaseSlot = takeUserSlot(deps, identity.userId);
+  const releaseSlot = await takeUserSlot(deps, identity.userId);
   return { connectionId, identity, session: null, closed: false, releaseSlot, buffered: null };
 }
 

@@ -83,3 +83,22 @@ after(async () => {
     cleaner.disconnect();
   }
 });
+
+/** Cuts a hub's command connection, as when Redis stops answering this node; resolves once the hub reports it down. */
+export async function cutRedis(hub: RedisHub): Promise<void> {
+  const down = new Promise<void>((resolve) => {
+    const off = hub.onState((state) => {
+      if (state !== 'down') return;
+      off();
+      resolve();
+    });
+  });
+  hub.command.disconnect();
+  await down;
+}
+
+/** Reconnects a hub cut by cutRedis; resolves once its commands are answered again. */
+export async function restoreRedis(hub: RedisHub): Promise<void> {
+  hub.command.connect().catch(() => {});
+  await hub.ready(5000);
+}
