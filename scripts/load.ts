@@ -24,6 +24,9 @@
  * the server with SIGTERM and checks in its SQLite file that every
  * acknowledged message and every reply a chat.done announced is stored.
  *
+ * With --nodes N (and --kill-node-every S), the run is the cluster one instead: scripts/load-cluster.ts,
+ * with its own flags (N nodes in cluster mode, a node SIGKILLed and restarted every S seconds).
+ *
  * Bounded: at most 60,000 sockets, 3,600 s, 50,000 chats/s. Each socket is a
  * file descriptor in this process and in the server: `ulimit -n` must exceed
  * connections + dead readers (+ a margin); `npm run load` raises the soft limit
@@ -33,6 +36,7 @@ import { monitorEventLoopDelay } from 'node:perf_hooks';
 import { createRandom } from '../src/db/marketplace-seed.js';
 import { verifyLedger, type Verification } from '../test/helpers/chat-ledger.js';
 import { parseArgs, printTable, settle, sleep, summarize } from './bench-support.js';
+import { runClusterLoad } from './load-cluster.js';
 import {
   LoadClient,
   LoadStats,
@@ -48,6 +52,9 @@ import {
   type LoadServer,
   type ServerSample,
 } from './load-support.js';
+
+// --nodes: the cluster run, with its own flags.
+if (process.argv.slice(2).includes('--nodes')) process.exit(await runClusterLoad());
 
 const args = parseArgs({
   connections: '1000',
