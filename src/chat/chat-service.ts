@@ -33,14 +33,26 @@ export interface ChatServiceOptions {
   maxRunningPerUser: number;
 }
 
+export interface SendOptions {
+  /**
+   * The model's whole context before the user message, given by the caller (the OpenAI-compatible route): the
+   * conversation's stored history is then not read. Only the user message and the reply are stored.
+   */
+  context?: readonly ModelMessage[];
+}
+
+/** How a send's reply is produced: a cache hit, a model call of its own, or a call in flight that it joined. */
+export type ReplySource = 'cache' | 'model' | 'joined';
+
 export interface SendResult {
   ack: Omit<ChatAck, 'type' | 'id'>;
   task: Task;
+  source: ReplySource;
 }
 
 export interface ChatService {
   /** Validated, limited and committed; resolves with the ack. The model call starts at once, alongside the commit; the ack never waits for it. */
-  send(caller: Identity, body: Omit<ChatSendBody, 'id'>, receivedAt?: number): Promise<SendResult>;
+  send(caller: Identity, body: Omit<ChatSendBody, 'id'>, receivedAt?: number, sendOptions?: SendOptions): Promise<SendResult>;
   cancel(caller: Identity, taskId: string): void;
   /** Streams a task to `sink` from `fromSeq`: replays, then live, then its chat.done or chat.error. Call pump() to start. */
   subscribe(caller: Identity, taskId: string, fromSeq: number, sink: Sink): Subscription;
@@ -124,7 +136,7 @@ export function createChatService(options: ChatServiceOptions): ChatService {
     return found;
   }
 
-  function buildRequest(body: Omit<ChatSendBody, 'id'>, earlier: { role: 'user' | 'assistant'; content: string }[]): ModelRequest {
+  function buildRequest(body: Omit<ChatSendBody, 'id'>, earlier: readonly ModelMessage[]): ModelRequest {
     const messages: ModelMessage[] = [];
     if (body.params?.system) messages.push({ role: 'system', content: body.params.system });
     messages.push(...earlier, { role: 'user', content: body.text });
@@ -409,12 +421,13 @@ export function createChatService(options: ChatServiceOptions): ChatService {
   const cancels = new WeakMap<Task, () => void>();
 
   return {
-    async send(caller, body, receivedAt = performance.now()) {
+    async send(caller, body, receivedAt = performance.now(), sendOptions = {}) {
       if (closing) throw new AppError('overloaded', 'the server is shutting down');
       checkRunningCap(caller.userId);
       const conversationId = body.conversationId;
       if (conversationId !== undefined) checkConversationOwner(caller, conversationId);
-      const earlier = conversationId === undefined || options.contextMessages === 0 ? [] : store.context(conversationId, options.contextMessages);
+      const earlier =
+        sendOptions.context ?? (conversationId === undefined || options.contextMessages === 0 ? [] : store.context(conversationId, options.contextMessages));
       const request = buildRequest(body, earlier);
       const promptTokens = request.messages.reduce((n, m) => n + countTokens(m.content), 0);
       const mode = body.cache ?? 'use';
@@ -442,6 +455,7 @@ export function createChatService(options: ChatServiceOptions): ChatService {
       startReply(task, plan, flight, reservation, promptTokens, began.replyMessageId);
       return {
         task,
+        source: plan.kind === 'cached' ? 'cache' : plan.kind === 'join' ? 'joined' : 'model',
         ack: {
           taskId,
           conversationId: began.conversationId,
