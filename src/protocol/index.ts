@@ -2,3 +2,4 @@ export * from './errors.js';
 export * from './messages.js';
 export * from './parse.js';
 export * from './frame-shape.js';
+export * from './openai.js';

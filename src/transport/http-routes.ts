@@ -2,7 +2,7 @@ import type { HttpRequest, HttpResponse, TemplatedApp } from 'uWebSockets.js';
 import { z } from 'zod';
 import { tokenFromAuthorization } from '../auth/credentials.js';
 import type { Identity } from '../auth/identity.js';
-import type { Sink, Subscription } from '../chat/task.js';
+import type { Sink, Subscription, TaskTerminal } from '../chat/task.js';
 import {
   AppError,
   badRequestFromZod,
@@ -17,11 +17,13 @@ import {
   serializePage,
   toAppError,
   toJson,
+  type ChatDelta,
   type ServerMessage,
 } from '../protocol/index.js';
 import { callerAddress, identifyPending, takeUserSlot } from './connection.js';
 import type { TransportDeps } from './deps.js';
 import { captureRequest, errorBody, etagMatches, parseJsonBody, readBody, Responder, strongEtag, type RequestInfo } from './http-io.js';
+import { attachOpenAIRoutes } from './openai-routes.js';
 import { chargeEgress, historyBytes, replayBytes, taskBytes } from './session.js';
 import { renderStaticRoute, staticAssets } from './static.js';
 
@@ -89,7 +91,7 @@ interface Handled {
 type V1Handler = (caller: Identity, info: RequestInfo, body: Promise<Buffer>) => Promise<Handled | null>;
 
 /** What every route shares: the app, the deps, the open task streams and the helpers that identify, charge and answer. */
-interface Routes {
+export interface Routes {
   app: TemplatedApp;
   deps: TransportDeps;
   /** The task streams open now, ended by closeStreams(). */
@@ -102,10 +104,13 @@ interface Routes {
    */
   unidentifiedLimitHeaders: Record<string, string>;
   commonHeaders(info: RequestInfo): Record<string, string>;
-  /** Who the caller is; while its token is checked the request holds a place among the unauthenticated (deps.admission). */
-  identify(info: RequestInfo): Promise<Identity>;
+  /**
+   * Who the caller is; while its token is checked the request holds a place among the unauthenticated (deps.admission).
+   * `user`: the open-mode user id a route read from its body, in place of `?user=`.
+   */
+  identify(info: RequestInfo, user?: string): Promise<Identity>;
   /** Identifies the caller and takes one request from its bucket; `onHeaders` gets the RateLimit fields either way. */
-  admit(info: RequestInfo, onHeaders: (headers: Record<string, string>) => void): Promise<Identity>;
+  admit(info: RequestInfo, onHeaders: (headers: Record<string, string>) => void, user?: string): Promise<Identity>;
   /** `status` overrides the code's own HTTP status: only the 405 does, whose condition the code table has no row for. */
   sendError(responder: Responder, info: RequestInfo, err: unknown, extra?: Record<string, string>, status?: number): void;
 }
@@ -121,7 +126,8 @@ function commonHeaders(deps: TransportDeps, info: RequestInfo): Record<string, s
   const allow = corsOrigin(deps, info.headers.get('origin'));
   if (allow) {
     h['access-control-allow-origin'] = allow;
-    h['access-control-expose-headers'] = 'RateLimit, RateLimit-Policy, Retry-After, ETag';
+    h['access-control-expose-headers'] =
+      'RateLimit, RateLimit-Policy, Retry-After, ETag, retry-after-ms, x-request-id, Cache-Status, x-chatwire-conversation-id';
     if (allow !== '*') h.vary = 'Origin';
   }
   return h;
@@ -137,20 +143,20 @@ function createRoutes(app: TemplatedApp, deps: TransportDeps): Routes {
     v1Routes: [],
     unidentifiedLimitHeaders: deps.rateLimitHeaders(null),
     commonHeaders: (info) => commonHeaders(deps, info),
-    identify(info) {
+    identify(info, user) {
       const address = callerAddress(deps, info.remoteAddress, info.headers.get('x-forwarded-for'));
       const pending = deps.admission.admit(address);
       if (!pending.ok) return Promise.reject(pending.error);
       return identifyPending(deps, pending.slot, {
         token: tokenFromAuthorization(info.headers.get('authorization')) ?? info.query.get('token') ?? undefined,
-        user: info.query.get('user') ?? undefined,
+        user: user ?? info.query.get('user') ?? undefined,
         connectionId: `http${++nextAnon}`,
         address,
         request: { transport: 'http', headers: info.headers, query: info.query },
       });
     },
-    async admit(info, onHeaders) {
-      const caller = await routes.identify(info);
+    async admit(info, onHeaders, user) {
+      const caller = await routes.identify(info, user);
       const limited = deps.httpLimit(caller.userId);
       onHeaders(deps.rateLimitHeaders(caller.userId));
       if (!limited.ok) {
@@ -293,11 +299,21 @@ function streamStart(info: RequestInfo): number {
   return n + 1;
 }
 
+/** The text a task stream writes for one of its task's messages: a delta, or the chat.done / chat.error it ends with. */
+export type TaskEventFormat = (m: ChatDelta | TaskTerminal) => string;
+
+/** The events of GET /v1/tasks/:taskId/stream: `delta` with `id:` = seq, then `done` or `error`. */
+const taskEvent: TaskEventFormat = (m) =>
+  m.type === 'chat.delta'
+    ? `id: ${m.seq}\nevent: delta\ndata: ${JSON.stringify(m)}\n\n`
+    : `event: ${m.type === 'chat.done' ? 'done' : 'error'}\ndata: ${JSON.stringify(m)}\n\n`;
+
 /**
- * One task's Server-Sent Events stream: deltas as `delta` events whose `id:` is the seq, then `done` or `error`,
- * after which the stream ends. It holds one of the user's connection slots until it ends.
+ * One task's Server-Sent Events stream: its deltas, then its chat.done or chat.error, after which the stream ends,
+ * each written as `format` says (by default the events of GET /v1/tasks/:taskId/stream). It holds one of the user's
+ * connection slots until it ends.
  */
-class TaskEventStream {
+export class TaskEventStream {
   private backedUp = false;
   private ended = false;
   private heartbeat: NodeJS.Timeout | undefined;
@@ -308,15 +324,16 @@ class TaskEventStream {
     private readonly responder: Responder,
     private readonly streams: Set<{ end(): void }>,
     private readonly releaseSlot: () => void,
+    private readonly format: TaskEventFormat = taskEvent,
   ) {}
 
   readonly sink: Sink = {
     congested: () => this.backedUp || !this.responder.open,
     deliver: (m: ServerMessage) => {
       if (!this.responder.open || this.ended) return false;
-      if (m.type === 'chat.delta') this.write(`id: ${m.seq}\nevent: delta\ndata: ${JSON.stringify(m)}\n\n`);
+      if (m.type === 'chat.delta') this.write(this.format(m));
       else if (m.type === 'chat.done' || m.type === 'chat.error') {
-        this.write(`event: ${m.type === 'chat.done' ? 'done' : 'error'}\ndata: ${JSON.stringify(m)}\n\n`);
+        this.write(this.format(m));
         setImmediate(this.end);
       }
       return true;
@@ -426,7 +443,7 @@ function attachPreflight(routes: Routes): void {
     const headers = {
       ...routes.commonHeaders(info),
       'access-control-allow-methods': 'GET, POST, OPTIONS',
-      'access-control-allow-headers': 'authorization, content-type, last-event-id, if-none-match',
+      'access-control-allow-headers': 'authorization, content-type, last-event-id, if-none-match, x-chatwire-conversation-id, x-chatwire-cache',
       'access-control-max-age': '600',
     };
     if (!isV1Path(info.url)) {
@@ -519,6 +536,7 @@ export function attachHttpRoutes(app: TemplatedApp, deps: TransportDeps): { clos
   const routes = createRoutes(app, deps);
   attachV1Routes(routes);
   attachTaskStream(routes);
+  attachOpenAIRoutes(routes, TaskEventStream);
   attachPreflight(routes);
   attachProbes(routes);
   for (const asset of staticAssets()) {
