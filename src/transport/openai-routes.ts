@@ -167,8 +167,9 @@ class CompletionExchange {
 
   async run(completion: Completion, receivedAt: number): Promise<void> {
     const { deps } = this.routes;
-    // A request waiting on its reply holds a connection as long as a stream does: one of the user's connection slots.
-    const release = takeUserSlot(deps, this.caller.userId);
+    // A stream holds one of the user's connection slots, as /v1/tasks/:taskId/stream does; a request waiting for the
+    // whole reply is bounded by the user's chats in flight (CHATWIRE_MAX_RUNNING_PER_USER) instead.
+    const release = completion.stream ? takeUserSlot(deps, this.caller.userId) : () => {};
     let sent: SendResult;
     try {
       sent = await deps.chat.send(this.caller, completion.body, receivedAt, { context: completion.context });
@@ -191,7 +192,7 @@ class CompletionExchange {
       'x-chatwire-conversation-id': sent.ack.conversationId,
     };
     if (completion.stream) await this.stream(taskId, ids, headers, completion.includeUsage, release);
-    else await this.whole(taskId, ids, headers, release);
+    else await this.whole(taskId, ids, headers);
   }
 
   private async cancel(taskId: string): Promise<void> {
@@ -224,7 +225,7 @@ class CompletionExchange {
     });
   }
 
-  private async whole(taskId: string, ids: ReplyIds, headers: Record<string, string>, release: () => void): Promise<void> {
+  private async whole(taskId: string, ids: ReplyIds, headers: Record<string, string>): Promise<void> {
     const { deps } = this.routes;
     const texts: string[] = [];
     let settle: (end: TaskTerminal | null) => void = () => {};
@@ -241,15 +242,10 @@ class CompletionExchange {
       },
     };
     this.responder.onAbort(() => settle(null));
-    let end: TaskTerminal | null;
-    try {
-      const subscription = await deps.chat.subscribe(this.caller, taskId, 0, sink);
-      subscription.pump();
-      end = await settled;
-      subscription.close();
-    } finally {
-      release();
-    }
+    const subscription = await deps.chat.subscribe(this.caller, taskId, 0, sink);
+    subscription.pump();
+    const end = await settled;
+    subscription.close();
     if (end === null || !this.responder.open) return;
     const extra = { ...deps.rateLimitHeaders(this.caller.userId), ...headers };
     if (end.type === 'chat.error') {
