@@ -43,20 +43,29 @@ export interface ChatServiceOptions {
   maxRunningPerUser: number;
 }
 
-/** What a transport that names its conversations itself (the AI SDK's chat ids) asks of send() beyond a chat.send body. */
+/** What a transport asks of send() beyond a chat.send body. */
 export interface SendOptions {
-  /** Create `conversationId` for the caller when it does not exist (see BeginChat.createConversation). */
+  /** Create `conversationId` for the caller when it does not exist (see BeginChat.createConversation): the AI SDK's chat ids. */
   createConversation?: boolean;
   /**
    * A new reply to the conversation's last user message instead of a new message: `text` is not used, no user
    * message is stored, and the context is the stored history before that message.
    */
   regenerate?: boolean;
+  /**
+   * The model's whole context before the user message, given by the caller (the OpenAI-compatible route): the
+   * conversation's stored history is then not read. Only the user message and the reply are stored.
+   */
+  context?: readonly ModelMessage[];
 }
+
+/** How a send's reply is produced: a cache hit, a model call of its own, or a call in flight that it joined. */
+export type ReplySource = 'cache' | 'model' | 'joined';
 
 export interface SendResult {
   ack: Omit<ChatAck, 'type' | 'id'>;
   task: Task;
+  source: ReplySource;
 }
 
 export interface ChatService {
@@ -159,7 +168,7 @@ export function createChatService(options: ChatServiceOptions): ChatService {
     return turn;
   }
 
-  function buildRequest(body: Omit<ChatSendBody, 'id'>, earlier: { role: 'user' | 'assistant'; content: string }[]): ModelRequest {
+  function buildRequest(body: Omit<ChatSendBody, 'id'>, earlier: readonly ModelMessage[]): ModelRequest {
     const messages: ModelMessage[] = [];
     if (body.params?.system) messages.push({ role: 'system', content: body.params.system });
     messages.push(...earlier, { role: 'user', content: body.text });
@@ -456,7 +465,9 @@ export function createChatService(options: ChatServiceOptions): ChatService {
       if (conversationId !== undefined) checkConversationOwner(caller, conversationId, sendOptions.createConversation === true && !sendOptions.regenerate);
       const turn = sendOptions.regenerate ? lastUserTurn(conversationId) : undefined;
       const earlier =
-        turn?.context ?? (conversationId === undefined || options.contextMessages === 0 ? [] : store.context(conversationId, options.contextMessages));
+        turn?.context ??
+        sendOptions.context ??
+        (conversationId === undefined || options.contextMessages === 0 ? [] : store.context(conversationId, options.contextMessages));
       const text = turn?.text ?? body.text;
       const request = buildRequest({ ...body, text }, earlier);
       const promptTokens = request.messages.reduce((n, m) => n + countTokens(m.content), 0);
@@ -488,6 +499,7 @@ export function createChatService(options: ChatServiceOptions): ChatService {
       startReply(task, plan, flight, reservation, promptTokens, began.replyMessageId);
       return {
         task,
+        source: plan.kind === 'cached' ? 'cache' : plan.kind === 'join' ? 'joined' : 'model',
         ack: {
           taskId,
           conversationId: began.conversationId,
