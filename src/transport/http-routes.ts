@@ -247,7 +247,7 @@ function attachV1Routes(routes: Routes): void {
   });
 
   v1('get', '/v1/tasks/:taskId', 1, async (caller, info) => {
-    const task = chat.task(caller, info.params[0] as string);
+    const task = await chat.task(caller, info.params[0] as string);
     chargeEgress(deps.session, caller.userId, taskBytes(task));
     const final = task.status === 'done' || task.status === 'error' || task.status === 'cancelled';
     return { status: 200, body: task, cacheControl: final ? FRESHNESS.final : FRESHNESS.live };
@@ -255,7 +255,7 @@ function attachV1Routes(routes: Routes): void {
 
   v1('get', '/v1/conversations/:conversationId/messages', 1, async (caller, info) => {
     const q = parseQuery(HistoryQuerySchema, info.query);
-    const page = chat.history(caller, info.params[0] as string, q.before, q.limit ?? 50);
+    const page = await chat.history(caller, info.params[0] as string, q.before, q.limit ?? 50);
     chargeEgress(deps.session, caller.userId, historyBytes(page));
     return { status: 200, body: page };
   });
@@ -324,9 +324,9 @@ class TaskEventStream {
   };
 
   /** Subscribes to the task from `fromSeq` and charges the replay; on a refusal nothing is left held. */
-  subscribe(chat: TransportDeps['chat'], caller: Identity, taskId: string, fromSeq: number, charge: (replay: number) => void): void {
+  async subscribe(chat: TransportDeps['chat'], caller: Identity, taskId: string, fromSeq: number, charge: (replay: number) => void): Promise<void> {
     try {
-      this.subscription = chat.subscribe(caller, taskId, fromSeq, this.sink);
+      this.subscription = await chat.subscribe(caller, taskId, fromSeq, this.sink);
       charge(replayBytes(this.subscription.task, fromSeq));
     } catch (err) {
       this.subscription?.close();
@@ -398,7 +398,9 @@ function attachTaskStream(routes: Routes): void {
         if (!responder.open) return;
         // A stream holds a connection as long as a WebSocket does: it takes one of the user's connection slots.
         const stream = new TaskEventStream(res, responder, routes.streams, takeUserSlot(deps, caller.userId));
-        stream.subscribe(deps.chat, caller, info.params[0] as string, fromSeq, (bytes) => chargeEgress(deps.session, caller.userId, bytes));
+        await stream.subscribe(deps.chat, caller, info.params[0] as string, fromSeq, (bytes) => chargeEgress(deps.session, caller.userId, bytes));
+        // The client may have gone while the task was looked up: let go of its slot and subscription.
+        if (!responder.open) return stream.end();
         stream.start({
           ...routes.commonHeaders(info),
           ...limitHeaders,

@@ -13,14 +13,14 @@ test('a task whose end could not be written is marked failed once storage takes 
   const db = new Database(path.join(dir, 'chat.sqlite'));
   migrate(db);
   const store = createChatStore(db);
-  t.after(() => {
-    store.close();
+  t.after(async () => {
+    await store.close();
     db.close();
     fs.rmSync(dir, { recursive: true, force: true });
   });
   const taskId = newTaskId();
   const began = await store.beginChat({ taskId, userId: 'u1', conversationId: undefined, text: 'hello' });
-  assert.equal(store.task(taskId)?.status, 'queued');
+  assert.equal((await store.task(taskId))?.status, 'queued');
 
   // Storage refuses the reply: a real SQLite failure (a trigger aborting every write to messages and tasks).
   db.raw.exec(`
@@ -32,7 +32,7 @@ test('a task whose end could not be written is marked failed once storage takes 
   assert.equal(store.unrecordedEnds, 1);
   // Still failing at the first retry: kept.
   await sleep(1300);
-  assert.equal(store.task(taskId)?.status, 'queued');
+  assert.equal((await store.task(taskId))?.status, 'queued');
   assert.equal(store.unrecordedEnds, 1);
 
   db.raw.exec('DROP TRIGGER refuse_messages; DROP TRIGGER refuse_tasks;');
@@ -40,7 +40,7 @@ test('a task whose end could not be written is marked failed once storage takes 
   while (store.unrecordedEnds > 0 && Date.now() < deadline) await sleep(50);
   assert.equal(store.unrecordedEnds, 0);
   // What its client was told: the task failed; the reply was not stored.
-  const stored = store.task(taskId);
+  const stored = await store.task(taskId);
   assert.equal(stored?.status, 'error');
   assert.equal(stored?.text, '');
 });
@@ -60,8 +60,8 @@ test('a finished task keeps what a resume needs: chunk boundaries, timings, and 
   const db = new Database(path.join(dir, 'chat.sqlite'));
   migrate(db);
   const store = createChatStore(db);
-  t.after(() => {
-    store.close();
+  t.after(async () => {
+    await store.close();
     db.close();
     fs.rmSync(dir, { recursive: true, force: true });
   });
@@ -79,7 +79,7 @@ test('a finished task keeps what a resume needs: chunk boundaries, timings, and 
     text: 'abcdef',
     deltaEnds: Uint32Array.of(2, 3, 6),
   });
-  const stored = store.task(done);
+  const stored = await store.task(done);
   assert.equal(stored?.text, 'abcdef');
   assert.deepEqual(stored?.replay, {
     deltaEnds: Uint32Array.of(2, 3, 6),
@@ -106,11 +106,11 @@ test('a finished task keeps what a resume needs: chunk boundaries, timings, and 
     text: 'part',
     deltaEnds: Uint32Array.of(4),
   });
-  const lost = store.task(failed);
+  const lost = await store.task(failed);
   assert.equal(lost?.text, 'part');
   assert.equal(lost?.replay?.errorMessage, 'the model failed');
   assert.deepEqual(
-    store.history(began.conversationId, undefined, 10).messages.map((m) => m.text),
+    (await store.history(began.conversationId, undefined, 10)).messages.map((m) => m.text),
     ['hello', 'abcdef', 'again'],
     'a failed task stores no message',
   );
@@ -119,8 +119,8 @@ test('a finished task keeps what a resume needs: chunk boundaries, timings, and 
   const hit = newTaskId();
   const knownReply = { text: 'xyz', finishReason: 'stop' as const, promptTokens: 1, completionTokens: 1 };
   await store.beginChat({ taskId: hit, userId: 'u1', conversationId: undefined, text: 'cached?', knownReply });
-  assert.equal(store.task(hit)?.replay, undefined);
+  assert.equal((await store.task(hit))?.replay, undefined);
   await store.recordReplay(hit, Uint32Array.of(1, 3), timings);
-  assert.deepEqual(store.task(hit)?.replay?.deltaEnds, Uint32Array.of(1, 3));
-  assert.equal(store.task(hit)?.replay?.cached, true);
+  assert.deepEqual((await store.task(hit))?.replay?.deltaEnds, Uint32Array.of(1, 3));
+  assert.equal((await store.task(hit))?.replay?.cached, true);
 });
