@@ -90,7 +90,7 @@ export async function createApp(config: Config, options: AppOptions): Promise<Ap
   const dataDirLock = lockDataDir(config.dataPath);
   closers.add(() => dataDirLock.release());
   try {
-    const storage = openStorage(config, metrics, log, closers);
+    const storage = await openStorage(config, metrics, log, closers);
     const cache = openCache(config, metrics, log, closers);
     const models = await openModels(config, options, metrics, closers);
     const { limits, egress } = openLimits(config, closers);
@@ -216,7 +216,7 @@ function appHandle(server: HttpServer, metrics: Metrics, chat: ChatService, clos
 }
 
 /** The database (migrated, checkpointed) and the chat store on it; tasks the last process left running are marked failed. */
-function openStorage(config: Config, metrics: Metrics, log: Logger, closers: Closers): { db: Database; store: ChatStore } {
+async function openStorage(config: Config, metrics: Metrics, log: Logger, closers: Closers): Promise<{ db: Database; store: ChatStore }> {
   const db = new Database(databaseFile(config.dataPath), { onQuery: (op) => metrics.dbQueries.tally(op).inc() });
   closers.add(() => db.close());
   const applied = migrate(db);
@@ -225,7 +225,7 @@ function openStorage(config: Config, metrics: Metrics, log: Logger, closers: Clo
   closers.add(() => checkpointer.close());
   const store = createChatStore(db, { onCommit: (seconds) => metrics.dbCommitSeconds.observe(seconds) });
   closers.add(() => store.close());
-  const recovered = store.recoverUnfinished();
+  const recovered = await store.recoverUnfinished();
   if (recovered > 0) log.warn({ tasks: recovered }, 'tasks left unfinished by the previous process were marked failed');
   return { db, store };
 }

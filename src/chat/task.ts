@@ -19,6 +19,7 @@ export type TaskTerminal = ChatDone | ChatError;
 export class Subscription {
   private cursor: number;
   private finished = false;
+  private pumped = false;
 
   constructor(
     readonly task: Task,
@@ -33,8 +34,17 @@ export class Subscription {
     return this.finished;
   }
 
+  /**
+   * True once its owner has pumped it. Until then the task sends it nothing, not its new text and not its end:
+   * the owner may still be replying (chat.resume's ok goes out before the replay, whenever the task ends).
+   */
+  get started(): boolean {
+    return this.pumped;
+  }
+
   /** Sends what the peer has not seen yet, as far as its buffer allows; then the terminal message. */
   pump(): void {
+    this.pumped = true;
     if (this.finished) return;
     if (this.sink.cork) this.sink.cork(() => this.pumpNow());
     else this.pumpNow();
@@ -104,6 +114,7 @@ export class PumpScheduler {
     const bySink = new Map<Sink, Subscription[]>();
     for (const task of this.dirty) {
       for (const sub of task.subscribers) {
+        if (!sub.started) continue;
         const subs = bySink.get(sub.sink);
         if (subs) subs.push(sub);
         else bySink.set(sub.sink, [sub]);
@@ -237,7 +248,7 @@ export class Task {
     this._terminal = terminal;
     this._status = status;
     this._endedAt = Date.now();
-    for (const sub of this.subscribers) sub.pump();
+    for (const sub of this.subscribers) if (sub.started) sub.pump();
     this.compact();
   }
 
@@ -299,7 +310,7 @@ export class Task {
     this.sealed = ends.length;
   }
 
-  /** Adds a subscriber; nothing is sent until its first pump(), so the caller can reply first. */
+  /** Adds a subscriber; nothing is sent until its first pump() (see Subscription.started), so the caller can reply first. */
   subscribe(sink: Sink, fromSeq: number, onDelta?: () => void): Subscription {
     const sub = new Subscription(this, sink, fromSeq, onDelta);
     this.subscribers.add(sub);

@@ -252,7 +252,7 @@ function attachV1Routes(routes: Routes): void {
   });
 
   v1('get', '/v1/tasks/:taskId', 1, async (caller, info) => {
-    const task = chat.task(caller, info.params[0] as string);
+    const task = await chat.task(caller, info.params[0] as string);
     chargeEgress(deps.session, caller.userId, taskBytes(task));
     const final = task.status === 'done' || task.status === 'error' || task.status === 'cancelled';
     return { status: 200, body: task, cacheControl: final ? FRESHNESS.final : FRESHNESS.live };
@@ -260,7 +260,7 @@ function attachV1Routes(routes: Routes): void {
 
   v1('get', '/v1/conversations/:conversationId/messages', 1, async (caller, info) => {
     const q = parseQuery(HistoryQuerySchema, info.query);
-    const page = chat.history(caller, info.params[0] as string, q.before, q.limit ?? 50);
+    const page = await chat.history(caller, info.params[0] as string, q.before, q.limit ?? 50);
     chargeEgress(deps.session, caller.userId, historyBytes(page));
     return { status: 200, body: page };
   });
@@ -326,6 +326,8 @@ function attachTaskStream(routes: Routes): void {
         if (!responder.open) return releaseSlot();
         const stream = new TaskEventStream(res, responder, routes.streams, releaseSlot, V1_TASK_EVENTS);
         await stream.subscribe(deps.chat, caller, info.params[0] as string, fromSeq, (bytes) => chargeEgress(deps.session, caller.userId, bytes));
+        // The client may have gone while the task was looked up: let go of its slot and subscription.
+        if (!responder.open) return stream.end();
         stream.start({
           ...routes.commonHeaders(info),
           ...limitHeaders,
