@@ -19,6 +19,7 @@ import {
 import { Flight, type FlightListener, type FlightOutcome } from './flight.js';
 import type { ChatCache, ChatLimits, LimitDecision, TokenReservation } from './ports.js';
 import { createRetention } from './retention.js';
+import { statusOf, type TaskLog, type TaskLogWriter } from '../cluster/task-log.js';
 import { PumpScheduler, Task, type Sink, type Subscription } from './task.js';
 
 export interface ChatServiceOptions {
@@ -41,6 +42,11 @@ export interface ChatServiceOptions {
   taskRetentionMaxBytes: number;
   /** Chats of one user in flight (acknowledged or being stored, and not ended); past it: rate_limited. */
   maxRunningPerUser: number;
+  /**
+   * Cluster mode: the task log that readers on other nodes follow. Every task of this node is published to it, and
+   * a task this node does not have in memory is looked for in it (resume, task.get, cancel on any node).
+   */
+  taskLog?: TaskLog;
 }
 
 /** What a transport asks of send() beyond a chat.send body. */
@@ -135,6 +141,8 @@ export function createChatService(options: ChatServiceOptions): ChatService {
   const deltasSent = metrics.deltasSent.tally();
   const countDelta = () => deltasSent.inc();
   const tasks = new Map<string, Task>();
+  // Cluster mode: tasks of other nodes that readers here follow (see followRemote).
+  const remote = new Map<string, Task>();
   // The latest task of each conversation, while it streams (streamingTask).
   const latestByConversation = new Map<string, Task>();
   const running = new Set<Task>();
@@ -177,17 +185,57 @@ export function createChatService(options: ChatServiceOptions): ChatService {
 
   /** The caller's task: from memory without touching storage, or else from storage (a Task that replays, or the stored row past its window). */
   async function ownTask(caller: Identity, taskId: string): Promise<Task | StoredTask> {
-    const found = tasks.get(taskId) ?? (await retention.restore(taskId));
+    const found = tasks.get(taskId) ?? remote.get(taskId) ?? (await retention.restore(taskId));
     if (!found) throw new AppError('not_found', `no task ${taskId}`);
     if (found.userId !== caller.userId) throw new AppError('forbidden', 'this task belongs to another user');
     return found;
   }
 
+  /** A stored task that has not ended runs on another node (cluster mode): only the task log can stream it. */
+  const unfinished = (found: Task | StoredTask): found is StoredTask => !(found instanceof Task) && (found.status === 'queued' || found.status === 'running');
+
   /** The caller's task as one that can be streamed (subscribed to, cancelled). */
   async function visibleTask(caller: Identity, taskId: string): Promise<Task> {
     const found = await ownTask(caller, taskId);
-    if (!(found instanceof Task)) throw new AppError('not_found', `task ${taskId} is no longer resumable (past its retention window)`);
-    return found;
+    if (found instanceof Task) return found;
+    if (unfinished(found)) {
+      const mirror = await followRemote(taskId);
+      if (mirror !== undefined) return mirror;
+      throw new AppError('not_found', `task ${taskId} runs on a node this one cannot reach now`);
+    }
+    throw new AppError('not_found', `task ${taskId} is no longer resumable (past its retention window)`);
+  }
+
+  /**
+   * A task running on another node, as a local Task fed from its log: its deltas with their seqs, then its end.
+   * One per task on this node however many readers it has; forgotten at its end (storage has it from then on).
+   */
+  async function followRemote(taskId: string): Promise<Task | undefined> {
+    const log = options.taskLog;
+    if (log === undefined) return undefined;
+    const meta = await log.meta(taskId);
+    const known = remote.get(taskId);
+    if (known !== undefined) return known;
+    if (meta === undefined) return undefined;
+    const mirror = new Task(taskId, meta.userId, meta.conversationId, performance.now(), meta.createdAt, false, pumps);
+    if (meta.status === 'running') mirror.markRunning();
+    remote.set(taskId, mirror);
+    const stop = log.follow(taskId, 0, {
+      delta: (_seq, text) => mirror.pushDelta(text, false),
+      end: (terminal) => {
+        remote.delete(taskId);
+        mirror.beginEnding();
+        mirror.end(terminal, statusOf(terminal));
+        queueMicrotask(stop);
+      },
+      gone: () => {
+        remote.delete(taskId);
+        mirror.beginEnding();
+        const message = 'the task log is gone (past its retention window, or Redis lost it)';
+        mirror.end({ type: 'chat.error', taskId, code: 'not_found', message, retryable: false }, 'error');
+      },
+    });
+    return mirror;
   }
 
   /** The last user message of the caller's conversation (checked already) and its context, for a regenerated reply. */
@@ -378,7 +426,8 @@ export function createChatService(options: ChatServiceOptions): ChatService {
       },
       cancel: () => {
         flight.letGo(listener);
-        finishTask(task, { kind: 'cancelled' }, reservation, promptTokens);
+        const lost = lapsed.get(task);
+        finishTask(task, lost === undefined ? { kind: 'cancelled' } : { kind: 'error', error: lost }, reservation, promptTokens);
       },
     };
     cancels.set(task, listener.cancel);
@@ -553,6 +602,32 @@ export function createChatService(options: ChatServiceOptions): ChatService {
   }
 
   /** A send counted in flight: checked, committed and acknowledged; a refusal gives back its place in the count. */
+  /**
+   * Cluster mode: the task's log, which readers on other nodes follow, holding this node's lease on it. A cancel
+   * from another node cancels it here; a lease this node lost (Redis gone for longer than it) ends it as the other
+   * nodes saw it end: node_lost.
+   */
+  function publish(task: Task): void {
+    const log = options.taskLog;
+    if (log === undefined) return;
+    const writer: TaskLogWriter = log.open(
+      { taskId: task.taskId, userId: task.userId, conversationId: task.conversationId, createdAt: task.createdAt },
+      {
+        onCancel: () => {
+          if (!task.ending) cancels.get(task)?.();
+        },
+        onLapsed: (terminal) => {
+          const lost = new AppError('node_lost', terminal.message);
+          const cancel = cancels.get(task);
+          cancels.delete(task);
+          if (cancel !== undefined && !task.ending) lapsed.set(task, lost);
+          cancel?.();
+        },
+      },
+    );
+    task.publishTo(writer);
+  }
+
   async function sendCounted(caller: Identity, body: Omit<ChatSendBody, 'id'>, receivedAt: number, sendOptions: SendOptions): Promise<SendResult> {
     const userId = caller.userId;
     let prepared: PreparedSend;
@@ -572,6 +647,7 @@ export function createChatService(options: ChatServiceOptions): ChatService {
     });
     const task = new Task(taskId, userId, began.conversationId, receivedAt, began.createdAt, plan.kind === 'cached', pumps);
     tasks.set(taskId, task);
+    publish(task);
     latestByConversation.set(began.conversationId, task);
     running.add(task);
     metrics.ackLatency.observe((performance.now() - receivedAt) / 1000);
@@ -591,6 +667,8 @@ export function createChatService(options: ChatServiceOptions): ChatService {
   }
 
   const cancels = new WeakMap<Task, () => void>();
+  // Tasks whose lease lapsed (see publish): their cancel ends them node_lost instead of cancelled.
+  const lapsed = new WeakMap<Task, AppError>();
 
   return {
     send(caller, body, receivedAt = performance.now(), sendOptions = {}) {
@@ -611,7 +689,12 @@ export function createChatService(options: ChatServiceOptions): ChatService {
 
     async cancel(caller, taskId) {
       const task = await visibleTask(caller, taskId);
-      if (task.ending) return;
+      if (task.ending || task.terminal !== null) return;
+      if (remote.get(taskId) === task) {
+        // Another node runs it: the cancel goes to that node, and its end reaches the readers here through the log.
+        if (!(await options.taskLog?.requestCancel(taskId))) throw new AppError('not_found', `task ${taskId} runs on a node this one cannot reach now`);
+        return;
+      }
       cancels.get(task)?.();
     },
 
@@ -623,6 +706,11 @@ export function createChatService(options: ChatServiceOptions): ChatService {
     async task(caller, taskId) {
       const found = await ownTask(caller, taskId);
       if (found instanceof Task) return found.info();
+      const snapshot = unfinished(found) ? await options.taskLog?.snapshot(taskId) : undefined;
+      if (snapshot !== undefined) {
+        const { conversationId, status, seq, text, createdAt } = snapshot;
+        return { taskId, conversationId, status, seq, text, createdAt: new Date(createdAt).toISOString() };
+      }
       const stored = found;
       return {
         taskId: stored.taskId,
