@@ -6,12 +6,15 @@
  *   token stamped with the moment it was written. chatwire runs in its own
  *   process (CHATWIRE_LLM=openai, pointed at that upstream). The clients, here,
  *   run rounds of N concurrent chats in turn: directly against the upstream
- *   (keep-alive HTTP, the SSE events parsed to tokens) and through chatwire over
- *   /ws (one socket each, the frames parsed to tokens). Both clients do the same
- *   work per token (one JSON.parse per event or frame, the stamps read out of
- *   the text), so the difference between the two paths is what chatwire adds.
- *   Rounds alternate (direct, chatwire, chatwire, direct, ...) so that a change
- *   in the machine's load falls on both. Two arrival patterns, each its own rounds:
+ *   (keep-alive HTTP, the SSE events parsed to tokens), through chatwire over
+ *   /ws (one socket each, the frames parsed to tokens) and through chatwire's
+ *   OpenAI-compatible route (POST /v1/chat/completions, streamed, keep-alive HTTP,
+ *   parsed as the direct path parses). The clients do the same work per token
+ *   (one JSON.parse per event or frame, the stamps read out of the text), so the
+ *   difference between a path through chatwire and the direct one is what chatwire
+ *   adds. Rounds alternate (direct, /ws, openai, then openai, /ws, direct, ...) so
+ *   that a change in the machine's load falls on every path. Two arrival patterns,
+ *   each its own rounds:
  *   - burst: all N chats of a round sent at the same moment (the worst case: the
  *     N requests queue behind each other for the CPU on every hop);
  *   - steady: N users in a closed loop, each sending its next chat when its
@@ -28,7 +31,8 @@
  *                             [--local-embd 256] [--local-layers 4] [--local-streams 4] [--local-tokens 64] [--local-seconds 8]
  *
  * Figures (p50 and p99 over every chat, or every token, of every measured round):
- * - first token: the client sending its request (POST / chat.send) to the client holding the first token;
+ * - first token: the client sending its request (POST / chat.send) to the client holding the first token (the
+ *   /v1/chat/completions row next to the /ws one: the same through the OpenAI-compatible route);
  * - token latency: the upstream writing a token to the client holding it (the token's stamp against the
  *   client's clock: process.hrtime, one monotonic clock for the whole machine);
  * - end: the upstream writing the reply's last token to the reply finished in the client's hands ([DONE] / chat.done);
@@ -163,6 +167,7 @@ class Reply {
 }
 
 const directAgent = new http.Agent({ keepAlive: true, maxSockets: Infinity });
+const openaiAgent = new http.Agent({ keepAlive: true, maxSockets: Infinity });
 
 /** The request chatwire's openai provider sends for the same chat. */
 function completionBody(content: string): string {
@@ -177,8 +182,18 @@ function completionBody(content: string): string {
 
 /** One chat read directly from the upstream: SSE events split and parsed to tokens. */
 function directChat(upstreamPort: number, content: string, side: Side): Promise<void> {
+  return sseChat(directAgent, upstreamPort, completionBody(content), { authorization: 'Bearer bench' }, side);
+}
+
+/** The same request through chatwire's OpenAI-compatible route, for a user of its own, past the reply cache. */
+function openaiChat(port: number, user: number, content: string, side: Side): Promise<void> {
+  const body = JSON.stringify({ ...(JSON.parse(completionBody(content)) as object), user: `bench-openai-${user}` });
+  return sseChat(openaiAgent, port, body, { 'x-chatwire-cache': 'bypass' }, side);
+}
+
+/** One streamed chat completion over keep-alive HTTP: SSE events split and parsed to tokens (comment lines skipped). */
+function sseChat(agent: http.Agent, port: number, body: string, headers: Record<string, string>, side: Side): Promise<void> {
   return new Promise((resolve) => {
-    const body = completionBody(content);
     const reply = new Reply(performance.now());
     const failed = () => {
       side.errors++;
@@ -186,12 +201,12 @@ function directChat(upstreamPort: number, content: string, side: Side): Promise<
     };
     const req = http.request(
       {
-        agent: directAgent,
+        agent,
         host: '127.0.0.1',
-        port: upstreamPort,
+        port,
         path: '/v1/chat/completions',
         method: 'POST',
-        headers: { 'content-type': 'application/json', 'content-length': Buffer.byteLength(body), authorization: 'Bearer bench' },
+        headers: { 'content-type': 'application/json', 'content-length': Buffer.byteLength(body), ...headers },
       },
       (res) => {
         if (res.statusCode !== 200) {
@@ -306,10 +321,14 @@ async function benchUpstream() {
   const hopEcho = await startChild(path.join(DIST, 'scripts', 'bench-hops.js'), { BENCH_HOPS_ROLE: 'echo' });
   const hops = await startHopProbe(hopEcho.port, intervalMs);
   const patterns: Arrivals[] = ['burst', 'steady'];
-  const sides = Object.fromEntries(patterns.map((a) => [a, { direct: newSide(), through: newSide() }])) as Record<Arrivals, { direct: Side; through: Side }>;
+  const sides = Object.fromEntries(patterns.map((a) => [a, { direct: newSide(), through: newSide(), openai: newSide() }])) as Record<
+    Arrivals,
+    { direct: Side; through: Side; openai: Side }
+  >;
   const sockets = await Promise.all(Array.from({ length: chats }, (_, i) => openSocket(`ws://127.0.0.1:${server.port}/ws?user=bench-${i}`)));
   const directChatFn: ChatFn = (user, label, side) => directChat(upstream.port, `direct chat ${label} ${user}`, side);
   const serverChatFn: ChatFn = (user, label, side) => serverChat(sockets[user] as WebSocket, user, label, side);
+  const openaiChatFn: ChatFn = (user, label, side) => openaiChat(server.port, user, `openai chat ${label} ${user}`, side);
   const cpuNow = () => {
     const own = process.cpuUsage();
     return { upstream: cpuMs(upstream.child.pid as number), clients: (own.user + own.system) / 1000, chatwire: cpuMs(server.child.pid as number) };
@@ -329,24 +348,25 @@ async function benchUpstream() {
     for (let w = 0; w < 2; w++) {
       await measured('burst', directChatFn, newSide(), `warm${w}`);
       await measured('burst', serverChatFn, newSide(), `warm${w}`);
+      await measured('burst', openaiChatFn, newSide(), `warm${w}`);
     }
     for (const arrivals of patterns) {
-      const { direct, through } = sides[arrivals];
+      const { direct, through, openai } = sides[arrivals];
+      const order: [ChatFn, Side][] = [
+        [directChatFn, direct],
+        [serverChatFn, through],
+        [openaiChatFn, openai],
+      ];
       for (let r = 0; r < rounds; r++) {
         const label = `${arrivals}${r}`;
-        // direct, chatwire, chatwire, direct, ...: a drift in the machine's load falls on both sides alike.
-        if (r % 2 === 0) {
-          await measured(arrivals, directChatFn, direct, label);
-          await measured(arrivals, serverChatFn, through, label);
-        } else {
-          await measured(arrivals, serverChatFn, through, label);
-          await measured(arrivals, directChatFn, direct, label);
-        }
+        // direct, /ws, openai, then openai, /ws, direct, ...: a drift in the machine's load falls on every path alike.
+        for (const [chat, side] of r % 2 === 0 ? order : [...order].reverse()) await measured(arrivals, chat, side, label);
       }
     }
   } finally {
     for (const s of sockets) s.close();
     directAgent.destroy();
+    openaiAgent.destroy();
     await hops.stop();
     await server.stop();
     await upstream.stop();
@@ -378,21 +398,25 @@ async function benchUpstream() {
       hops: { socketRttMs: pick(side.socketRttMs), threadRttMs: pick(side.threadRttMs) },
     };
   };
-  const compare = ({ direct, through }: { direct: Side; through: Side }) => {
+  const compare = ({ direct, through, openai }: { direct: Side; through: Side; openai: Side }) => {
     const d = summary(direct);
     const s = summary(through);
+    const o = summary(openai);
     const minus = (a: { p50: number; p99: number }, b: { p50: number; p99: number }) => ({ p50: round2(a.p50 - b.p50), p99: round2(a.p99 - b.p99) });
+    const added = (x: ReturnType<typeof summary>) => ({
+      firstTokenMs: minus(x.firstTokenMs, d.firstTokenMs),
+      tokenLatencyMs: minus(x.tokenLatencyMs, d.tokenLatencyMs),
+      startTokenLatencyMs: minus(x.startTokenLatencyMs, d.startTokenLatencyMs),
+      restTokenLatencyMs: minus(x.restTokenLatencyMs, d.restTokenLatencyMs),
+      endMs: minus(x.endMs, d.endMs),
+      totalMs: minus(x.totalMs, d.totalMs),
+    });
     return {
       direct: d,
       throughChatwire: { ...s, ackMs: pick(through.ackMs) },
-      added: {
-        firstTokenMs: minus(s.firstTokenMs, d.firstTokenMs),
-        tokenLatencyMs: minus(s.tokenLatencyMs, d.tokenLatencyMs),
-        startTokenLatencyMs: minus(s.startTokenLatencyMs, d.startTokenLatencyMs),
-        restTokenLatencyMs: minus(s.restTokenLatencyMs, d.restTokenLatencyMs),
-        endMs: minus(s.endMs, d.endMs),
-        totalMs: minus(s.totalMs, d.totalMs),
-      },
+      added: added(s),
+      throughOpenAI: o,
+      addedOpenAI: added(o),
       // A first token through chatwire crosses two socket hops and two thread hops more than the direct path.
       hopFloorP50Ms: round2(s.hops.socketRttMs.p50 + s.hops.threadRttMs.p50),
     };
@@ -610,7 +634,13 @@ if (part === 'upstream' || part === 'all') {
         'total',
         'p99',
       ],
-      [row('direct to upstream', c.direct), row('through chatwire /ws', c.throughChatwire), row('added by chatwire', c.added)],
+      [
+        row('direct to upstream', c.direct),
+        row('through chatwire /ws', c.throughChatwire),
+        row('added by chatwire', c.added),
+        row('through chatwire /v1/chat/completions', c.throughOpenAI),
+        row('added by chatwire (/v1/chat/completions)', c.addedOpenAI),
+      ],
     );
   }
   console.log(
@@ -625,8 +655,9 @@ if (part === 'upstream' || part === 'all') {
     ].join('\n'),
   );
   const paths = (['burst', 'steady'] as const).flatMap((arrivals) => [
-    { name: `${arrivals}, direct to upstream`, x: u[arrivals].direct, ack: null },
-    { name: `${arrivals}, through chatwire /ws`, x: u[arrivals].throughChatwire, ack: u[arrivals].throughChatwire.ackMs },
+    { name: `${arrivals}, direct to upstream`, x: u[arrivals].direct, ack: null, chatwire: false },
+    { name: `${arrivals}, through chatwire /ws`, x: u[arrivals].throughChatwire, ack: u[arrivals].throughChatwire.ackMs, chatwire: true },
+    { name: `${arrivals}, through chatwire /v1/chat/completions`, x: u[arrivals].throughOpenAI, ack: null, chatwire: true },
   ]);
   printTable(
     'throughput',
@@ -636,9 +667,9 @@ if (part === 'upstream' || part === 'all') {
   printTable(
     'CPU time per token over the measured rounds (µs; user + system, per process)',
     ['path', 'fake upstream', 'clients', 'chatwire', 'all'],
-    paths.map(({ name, x, ack }) => {
+    paths.map(({ name, x, chatwire }) => {
       const cpu = x.cpuUsPerToken;
-      return ack === null
+      return !chatwire
         ? [name, cpu.upstream, cpu.clients, '-', round1(cpu.upstream + cpu.clients)]
         : [name, cpu.upstream, cpu.clients, cpu.chatwire, round1(cpu.upstream + cpu.clients + cpu.chatwire)];
     }),

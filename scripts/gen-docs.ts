@@ -18,6 +18,7 @@ import { z } from 'zod';
 import {
   AiSdkChatBodySchema,
   AiSdkStreamChunkSchema,
+  AppError,
   ChatAckSchema,
   ChatDeltaSchema,
   ChatDoneSchema,
@@ -37,6 +38,13 @@ import {
   HistoryMessageSchema,
   HistoryQueryFields,
   HttpErrorBodySchema,
+  OpenAIAppError,
+  OpenAIChatChunkSchema,
+  OpenAIChatCompletionSchema,
+  OpenAIChatRequestSchema,
+  OpenAIErrorBodySchema,
+  OpenAIModelListSchema,
+  openAIErrorBody,
   RateLimitInfoSchema,
   RequestItemSchema,
   RequestsListFields,
@@ -533,6 +541,11 @@ function componentSchemas(): Json {
   add(HttpErrorBodySchema, 'ErrorBody');
   add(AiSdkChatBodySchema, 'AiSdkChatBody');
   add(AiSdkStreamChunkSchema, 'AiSdkStreamChunk');
+  add(OpenAIChatRequestSchema, 'OpenAIChatRequest');
+  add(OpenAIChatCompletionSchema, 'OpenAIChatCompletion');
+  add(OpenAIChatChunkSchema, 'OpenAIChatChunk');
+  add(OpenAIModelListSchema, 'OpenAIModelList');
+  add(OpenAIErrorBodySchema, 'OpenAIErrorBody');
   // Input mode: request bodies stay closed (strict schemas refuse unknown fields), responses stay open to fields a later version adds.
   const out = z.toJSONSchema(registry, { io: 'input', uri: (id) => `#/components/schemas/${id}` }) as { schemas: Json };
   return clean(out.schemas) as Json;
@@ -600,6 +613,149 @@ const strip = <T extends { type?: unknown; id?: unknown }>(m: T): Omit<T, 'type'
   return rest;
 };
 
+// ---------- the OpenAI-compatible routes ----------
+
+const OPENAI_ROUTE_ERRORS = {
+  models: ['unauthorized', 'rate_limited', 'internal'],
+  completions: [
+    'bad_request',
+    'unauthorized',
+    'forbidden',
+    'not_found',
+    'payload_too_large',
+    'rate_limited',
+    'overloaded',
+    'node_lost',
+    'upstream_error',
+    'upstream_timeout',
+    'worker_failed',
+    'internal',
+  ],
+} as const satisfies Record<string, readonly ErrorCode[]>;
+
+/** An OpenAI-shaped error body per code, from the chatwire examples; a bad_request names its field. */
+function openAIErrorExample(code: ErrorCode): Json {
+  if (code === 'bad_request')
+    return OpenAIErrorBodySchema.parse(openAIErrorBody(new OpenAIAppError('bad_request', 'n: only n = 1 is supported', { param: 'n' }))) as Json;
+  return OpenAIErrorBodySchema.parse(openAIErrorBody(new AppError(code, errorExamples[code].message))) as Json;
+}
+
+const MODEL_NOT_FOUND = openAIErrorBody(
+  new OpenAIAppError('not_found', 'the model gpt-4o does not exist; GET /v1/models lists the one served here', { param: 'model', code: 'model_not_found' }),
+);
+
+function openAIResponseComponents(): Json {
+  const codes = [...new Set<ErrorCode>([...OPENAI_ROUTE_ERRORS.models, ...OPENAI_ROUTE_ERRORS.completions])];
+  const byStatus = new Map<number, ErrorCode[]>();
+  for (const code of codes) byStatus.set(errorCatalogue[code].status, [...(byStatus.get(errorCatalogue[code].status) ?? []), code]);
+  const out: Json = {};
+  for (const [status, list] of [...byStatus].sort((a, b) => a[0] - b[0])) {
+    const examples: Json = {};
+    for (const code of list) examples[code] = { summary: errorCatalogue[code].when, value: openAIErrorExample(code) };
+    if (status === 404) examples.model_not_found = { summary: 'a model that GET /v1/models does not list', value: MODEL_NOT_FOUND };
+    const retry =
+      status === 429 ? { 'Retry-After': { $ref: '#/components/headers/Retry-After' }, 'retry-after-ms': { $ref: '#/components/headers/retry-after-ms' } } : {};
+    out[`OpenAIError${status}`] = {
+      description: `${list.map((c) => `\`${c}\``).join(', ')}${status === 404 ? ', `model_not_found`' : ''} in the OpenAI error shape (\`type\` from the status); \`x-should-retry\` says whether a retry can succeed`,
+      headers: { ...retry, ...rateLimitHeaders() },
+      content: { 'application/json': { schema: ref('OpenAIErrorBody'), examples } },
+    };
+  }
+  return out;
+}
+
+function openAIErrorResponses(codes: readonly ErrorCode[]): Json {
+  const out: Json = {};
+  for (const code of codes) out[String(errorCatalogue[code].status)] = { $ref: `#/components/responses/OpenAIError${errorCatalogue[code].status}` };
+  return out;
+}
+
+function openAIPaths(): Json {
+  const ids = { id: `chatcmpl-${TASK}`, created: 1_767_605_400, model: 'dev-1' };
+  const completion = OpenAIChatCompletionSchema.parse({
+    ...ids,
+    object: 'chat.completion',
+    choices: [{ index: 0, message: { role: 'assistant', content: 'A licensed plumber can come tomorrow morning.' }, finish_reason: 'stop' }],
+    usage: { prompt_tokens: 9, completion_tokens: 8, total_tokens: 17 },
+  });
+  const chunk = (choices: unknown[], usage?: unknown) =>
+    `data: ${JSON.stringify(OpenAIChatChunkSchema.parse({ ...ids, object: 'chat.completion.chunk', choices, ...(usage === undefined ? {} : { usage }) }))}\n\n`;
+  const stream =
+    chunk([{ index: 0, delta: { role: 'assistant', content: 'A licensed' }, finish_reason: null }], null) +
+    chunk([{ index: 0, delta: { content: ' plumber' }, finish_reason: null }], null) +
+    chunk([{ index: 0, delta: {}, finish_reason: 'stop' }], null) +
+    chunk([], { prompt_tokens: 9, completion_tokens: 2, total_tokens: 11 }) +
+    'data: [DONE]\n\n';
+  const header = (name: string) => ({ $ref: `#/components/headers/${name}` });
+  const request = OpenAIChatRequestSchema.parse({
+    model: 'dev-1',
+    messages: [
+      { role: 'system', content: 'You help people book home services.' },
+      { role: 'user', content: 'Can someone fix a leaking tap tomorrow?' },
+    ],
+    stream: true,
+    stream_options: { include_usage: true },
+    max_tokens: 64,
+  });
+  return {
+    '/v1/models': {
+      get: {
+        tags: ['openai'],
+        operationId: 'openaiListModels',
+        summary: 'OpenAI-compatible: the model chatwire serves',
+        responses: {
+          '200': jsonResponse('The model list', 'OpenAIModelList', {
+            object: 'list',
+            data: [{ id: 'dev-1', object: 'model', created: 1_767_605_400, owned_by: 'chatwire' }],
+          }),
+          ...openAIErrorResponses(OPENAI_ROUTE_ERRORS.models),
+        },
+      },
+    },
+    '/v1/chat/completions': {
+      post: {
+        tags: ['openai'],
+        operationId: 'openaiChatCompletion',
+        summary: 'OpenAI-compatible chat completion, streamed or not: a chatwire task (see docs/openai.md)',
+        description:
+          'The last message (role `user`) is the stored user message; the others are its whole context (the stored history is not added). `n` other than 1, `tools`, `tool_choice`, `functions`, `audio`, a `response_format` other than text, or a content part other than text: 400 naming the field; other fields are ignored; null is a field left out. In open mode the `user` field is the user id.',
+        parameters: [
+          {
+            name: 'x-chatwire-conversation-id',
+            in: 'header',
+            required: false,
+            description: "append the exchange to this conversation of the caller's (else a new one)",
+            schema: { type: 'string', minLength: 1, maxLength: 128 },
+          },
+          { name: 'x-chatwire-cache', in: 'header', required: false, description: 'as `cache` on chat.send', schema: { enum: ['use', 'bypass', 'refresh'] } },
+        ],
+        requestBody: { required: true, content: { 'application/json': { schema: ref('OpenAIChatRequest'), example: request } } },
+        responses: {
+          '200': {
+            description:
+              '`stream` false: the completion. `stream` true: an event stream of `data: <chat.completion.chunk>` (one per delta, the first with the role, then one with `finish_reason`; with `stream_options.include_usage` every chunk has `usage: null` and one more chunk with no choices carries the usage), then `data: [DONE]`; a failure after the start is one `data: {"error": …}` event and no `[DONE]`.',
+            headers: {
+              ...rateLimitHeaders(),
+              'x-request-id': header('x-request-id'),
+              'Cache-Status': header('Cache-Status'),
+              'x-chatwire-conversation-id': header('x-chatwire-conversation-id'),
+            },
+            content: {
+              'application/json': { schema: ref('OpenAIChatCompletion'), example: completion },
+              'text/event-stream': {
+                schema: { type: 'string' },
+                example: stream,
+                'x-events': { chunk: ref('OpenAIChatChunk'), error: ref('OpenAIErrorBody') },
+              },
+            },
+          },
+          ...openAIErrorResponses(OPENAI_ROUTE_ERRORS.completions),
+        },
+      },
+    },
+  };
+}
+
 function readPackageVersion(root: string): string {
   return (JSON.parse(fs.readFileSync(path.join(root, 'package.json'), 'utf8')) as { version: string }).version;
 }
@@ -634,6 +790,7 @@ export function buildOpenApi(version: string): Json {
     tags: [
       { name: 'chat', description: 'send a chat, read its task, stream its deltas, read a conversation' },
       { name: 'ai-sdk', description: "the Vercel AI SDK's chat stream, what useChat's default transport speaks (docs/ai-sdk.md)" },
+      { name: 'openai', description: 'the OpenAI chat completions API, for the official OpenAI clients (docs/openai.md)' },
       { name: 'marketplace', description: 'service requests and bookings' },
       { name: 'operations', description: 'health, readiness, metrics' },
       { name: 'browser', description: 'the chat page and the client library' },
@@ -716,6 +873,7 @@ export function buildOpenApi(version: string): Json {
           },
         },
       },
+      ...openAIPaths(),
       '/v1/requests': {
         get: {
           tags: ['marketplace'],
@@ -861,7 +1019,7 @@ export function buildOpenApi(version: string): Json {
     },
     components: {
       schemas: componentSchemas(),
-      responses: responseComponents(),
+      responses: { ...responseComponents(), ...openAIResponseComponents() },
       headers: {
         RateLimit: {
           description:
@@ -878,6 +1036,20 @@ export function buildOpenApi(version: string): Json {
           description: 'seconds until the same call can succeed (retryAfterMs rounded up, at least 1)',
           schema: { type: 'integer', minimum: 1 },
         },
+        'retry-after-ms': {
+          description: 'OpenAI-compatible routes: milliseconds until the same call can succeed (the official clients wait this long before their retry)',
+          schema: { type: 'integer', minimum: 1 },
+        },
+        'x-request-id': {
+          description: 'the task id of the completion: `GET /v1/tasks/{taskId}` reads it, its stream route streams it',
+          schema: { type: 'string' },
+        },
+        'Cache-Status': {
+          description:
+            'RFC 9211: `chatwire; hit` (a cached reply), `chatwire; fwd=miss` (a model call), `chatwire; fwd=miss; collapsed` (joined an identical call in flight)',
+          schema: { type: 'string' },
+        },
+        'x-chatwire-conversation-id': { description: 'the conversation the exchange is stored in', schema: { type: 'string' } },
         ETag: { description: 'strong validator of the body; send it back as If-None-Match for a 304', schema: { type: 'string' } },
         'Cache-Control': {
           description: '`private, no-cache` for live reads, `private, max-age=300` for a finished task, `private, max-age=5, must-revalidate` for listings',

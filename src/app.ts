@@ -11,7 +11,9 @@ import { originPolicy } from './auth/origin-policy.js';
 import { cacheReadiness, createChatCache } from './cache/chat-cache.js';
 import { openResponseCache, type ResponseCache } from './cache/response-cache.js';
 import { createChatService, type ChatService } from './chat/chat-service.js';
-import type { Config } from './config.js';
+import { clusterMode, type Config } from './config.js';
+import { openCluster, type ClusterParts } from './cluster/wiring.js';
+import type { MarketplaceStore } from './db/marketplace-store.js';
 import { randomBase64url } from './random-id.js';
 import { createChatStore, type ChatStore } from './db/chat-store.js';
 import { databaseFile } from './db/data-file.js';
@@ -19,7 +21,7 @@ import { startCheckpointer } from './db/checkpointer.js';
 import { Database } from './db/database.js';
 import { createSqliteMarketplaceStore } from './db/marketplace-queries.js';
 import { migrate } from './db/migrate.js';
-import { storageReadiness } from './db/storage-health.js';
+import { probeDataDir, storageReadiness } from './db/storage-health.js';
 import { backendFingerprint } from './llm/backend.js';
 import { DEV_DEFAULT_MAX_TOKENS } from './llm/dev.js';
 import { createModelPool, type ModelPool } from './llm/pool.js';
@@ -30,7 +32,7 @@ import { createEgressLimits, type EgressLimits } from './limits/egress.js';
 import { createRateLimits, type RateLimits } from './limits/rate-limits.js';
 import { createMetrics, type Metrics } from './metrics/metrics.js';
 import { createPendingAdmission, type PendingAdmission } from './transport/admission.js';
-import type { Authenticator, TransportDeps } from './transport/deps.js';
+import type { Authenticator, ReadinessCheck, TransportDeps } from './transport/deps.js';
 import { createFdGuard, raiseFdLimit } from './transport/fd-limit.js';
 import { asProvider, choiceFingerprint, choiceName, type ProviderChoice } from './llm/custom-provider.js';
 import { createInlinePool } from './llm/inline-pool.js';
@@ -90,19 +92,26 @@ export async function createApp(config: Config, options: AppOptions): Promise<Ap
   const dataDirLock = lockDataDir(config.dataPath);
   closers.add(() => dataDirLock.release());
   try {
-    const storage = openStorage(config, metrics, log, closers);
+    const nodeId = randomBase64url(9);
+    // Cluster mode (PostgreSQL + Redis) or embedded (SQLite + LMDB + memory): chosen here, once.
+    const cluster = clusterMode(config) ? await openCluster(config, { nodeId, metrics, log }) : null;
+    if (cluster !== null) closers.add(() => cluster.close());
+    const storage = cluster === null ? await openStorage(config, metrics, log, closers) : clusterStorage(cluster, config);
     const cache = openCache(config, metrics, log, closers);
     const models = await openModels(config, options, metrics, closers);
     const { limits, egress } = openLimits(config, closers);
     const auth = createConfiguredAuth(config, (userId) => limits.admitAnonymous(userId));
     warnAboutAuthSettings(config, auth, log, options.auth !== undefined);
-    const marketplace = createMarketplaceService({ store: createSqliteMarketplaceStore(storage.db), batching: config.dbBatching });
+    const marketplace = createMarketplaceService({ store: storage.marketplaceStore, batching: config.dbBatching });
     closers.add(() => marketplace.close());
+    const refused = (bucket: string) => metrics.rateLimited.inc({ bucket });
+    const firstLevel = createChatCache({ cache, provider: models.providerName, backend: models.backend, model: config.model, log });
     const chat = createChatService({
       store: storage.store,
       pool: models.pool,
-      cache: createChatCache({ cache, provider: models.providerName, backend: models.backend, model: config.model, log }),
-      limits: createChatLimits(limits, (bucket) => metrics.rateLimited.inc({ bucket })),
+      cache: cluster === null ? firstLevel : cluster.cache(firstLevel),
+      limits: cluster === null ? createChatLimits(limits, refused) : cluster.limits(limits, refused),
+      taskLog: cluster?.taskLog,
       metrics,
       log,
       provider: models.providerName,
@@ -130,6 +139,8 @@ export async function createApp(config: Config, options: AppOptions): Promise<Ap
       cache,
       pool: models.pool,
       providerName: models.providerName,
+      nodeId,
+      connections: cluster === null ? connectionQuota(limits) : cluster.connections(limits),
     });
     const server = await (options.serve ?? ((d: TransportDeps) => startHttpServer(d, config.host, config.port)))(deps);
     return appHandle(server, metrics, chat, closers);
@@ -150,19 +161,21 @@ interface Parts {
   egress: EgressLimits;
   admission: PendingAdmission;
   buffers: BufferBudget;
-  storage: { db: Database };
+  storage: Storage;
   cache: ResponseCache;
   pool: ModelPool;
   providerName: string;
+  nodeId: string;
+  connections: TransportDeps['connections'];
 }
 
 /** What the transports are connected to: the chat and marketplace services and, per user, the limits around them. */
 function transportDeps(parts: Parts): TransportDeps {
-  const { config, metrics, log, auth, chat, marketplace, limits, egress, admission, buffers, storage, cache, pool, providerName } = parts;
+  const { config, metrics, log, auth, chat, marketplace, limits, egress, admission, buffers, storage, cache, pool, providerName, nodeId, connections } = parts;
   return {
     config,
     providerName,
-    nodeId: randomBase64url(9),
+    nodeId,
     metrics,
     log,
     auth,
@@ -179,12 +192,12 @@ function transportDeps(parts: Parts): TransportDeps {
       log,
     },
     buffers,
-    connections: connectionQuota(limits),
+    connections,
     admission,
     checkOrigin: originPolicy(config.allowedOrigins),
     rateLimitHeaders: rateLimitHeaders(limits),
     httpLimit: (userId) => limits.frame(userId),
-    readiness: [...storageReadiness(storage.db, config.dataPath), { name: 'workers', check: () => pool.check() }, cacheReadiness(cache)],
+    readiness: [...storage.readiness, { name: 'workers', check: () => pool.check() }, cacheReadiness(cache)],
     beforeScrape: () => {
       const s = pool.stats();
       metrics.queueDepth.set(s.queued);
@@ -216,7 +229,20 @@ function appHandle(server: HttpServer, metrics: Metrics, chat: ChatService, clos
 }
 
 /** The database (migrated, checkpointed) and the chat store on it; tasks the last process left running are marked failed. */
-function openStorage(config: Config, metrics: Metrics, log: Logger, closers: Closers): { db: Database; store: ChatStore } {
+/** Where conversations, tasks and the marketplace are kept, and how /readyz checks it. */
+interface Storage {
+  store: ChatStore;
+  marketplaceStore: MarketplaceStore;
+  readiness: ReadinessCheck[];
+}
+
+/** Cluster mode's storage: PostgreSQL and Redis (see src/cluster/wiring.ts), and the data dir LMDB (the first-level cache) writes to. */
+function clusterStorage(cluster: ClusterParts, config: Config): Storage {
+  const disk = { name: 'disk', check: () => probeDataDir(config.dataPath) };
+  return { store: cluster.store, marketplaceStore: cluster.marketplaceStore, readiness: [...cluster.readiness, disk] };
+}
+
+async function openStorage(config: Config, metrics: Metrics, log: Logger, closers: Closers): Promise<Storage> {
   const db = new Database(databaseFile(config.dataPath), { onQuery: (op) => metrics.dbQueries.tally(op).inc() });
   closers.add(() => db.close());
   const applied = migrate(db);
@@ -225,9 +251,9 @@ function openStorage(config: Config, metrics: Metrics, log: Logger, closers: Clo
   closers.add(() => checkpointer.close());
   const store = createChatStore(db, { onCommit: (seconds) => metrics.dbCommitSeconds.observe(seconds) });
   closers.add(() => store.close());
-  const recovered = store.recoverUnfinished();
+  const recovered = await store.recoverUnfinished();
   if (recovered > 0) log.warn({ tasks: recovered }, 'tasks left unfinished by the previous process were marked failed');
-  return { db, store };
+  return { store, marketplaceStore: createSqliteMarketplaceStore(db), readiness: storageReadiness(db, config.dataPath) };
 }
 
 function openCache(config: Config, metrics: Metrics, log: Logger, closers: Closers): ResponseCache {

@@ -36,12 +36,12 @@ export type TaskMessage = ChatDelta | ChatDone | ChatError;
 export interface ChatHandle {
   /** Sends a chat as `identity`; resolves with the ack (taskId, conversationId, ...) or rejects with a ChatwireError-coded AppError. */
   send(identity: ChatIdentity, body: ChatRequest): Promise<ChatAckInfo>;
-  /** Streams a task's messages from `fromSeq` (default 0) to `onMessage`; returns the function that stops it. */
-  subscribe(identity: ChatIdentity, taskId: string, onMessage: (message: TaskMessage) => void, options?: { fromSeq?: number }): () => void;
+  /** Streams a task's messages from `fromSeq` (default 0) to `onMessage`; resolves with the function that stops it. */
+  subscribe(identity: ChatIdentity, taskId: string, onMessage: (message: TaskMessage) => void, options?: { fromSeq?: number }): Promise<() => void>;
   /** Cancels a running task of `identity`'s: its subscribers get chat.done with finishReason `cancelled`. */
-  cancel(identity: ChatIdentity, taskId: string): void;
+  cancel(identity: ChatIdentity, taskId: string): Promise<void>;
   /** The task's status and usage. */
-  task(identity: ChatIdentity, taskId: string): TaskInfo;
+  task(identity: ChatIdentity, taskId: string): Promise<TaskInfo>;
 }
 
 const IdentitySchema = z.object({ userId: OpenUserIdSchema, role: RoleSchema.optional() });
@@ -61,10 +61,10 @@ export function createChatHandle(chat: ChatService, log: Logger): ChatHandle {
       if (!parsed.success) throw badRequestFromZod(parsed.error, 'chat');
       return (await chat.send(caller, parsed.data)).ack;
     },
-    subscribe(identity, taskId, onMessage, options = {}) {
+    async subscribe(identity, taskId, onMessage, options = {}) {
       const fromSeq = options.fromSeq ?? 0;
       if (!Number.isSafeInteger(fromSeq) || fromSeq < 0) throw new AppError('bad_request', 'fromSeq must be an integer >= 0');
-      const subscription = chat.subscribe(identityOf(identity), taskId, fromSeq, {
+      const subscription = await chat.subscribe(identityOf(identity), taskId, fromSeq, {
         // A server-side listener is never congested: it gets every delta as it is produced.
         congested: () => false,
         deliver: (message) => {
@@ -79,10 +79,10 @@ export function createChatHandle(chat: ChatService, log: Logger): ChatHandle {
       subscription.pump();
       return () => subscription.close();
     },
-    cancel(identity, taskId) {
-      chat.cancel(identityOf(identity), taskId);
+    async cancel(identity, taskId) {
+      await chat.cancel(identityOf(identity), taskId);
     },
-    task(identity, taskId) {
+    async task(identity, taskId) {
       return chat.task(identityOf(identity), taskId);
     },
   };

@@ -24,7 +24,8 @@ export function createChatCache(options: ChatCacheOptions): ChatCache {
       isCacheable({ provider, temperature: request.temperature })
         ? cacheKey({ provider, backend, model: request.model, temperature: request.temperature, maxTokens: request.maxTokens, messages: request.messages })
         : null,
-    get: (key) => cache.get(key),
+    // An LMDB read is synchronous (memory-mapped): answered at once.
+    get: (key) => Promise.resolve(cache.get(key)),
     put: (key, reply) => {
       cache.put(key, { ...reply, model, createdAt: Date.now() }).catch((err: unknown) => log.warn({ err }, 'writing the response cache failed'));
     },

@@ -1,6 +1,6 @@
 import type { Logger } from 'pino';
 import type { Identity } from '../auth/identity.js';
-import { newTaskId, type BeganChat, type BeginChat, type ChatStore, type LastUserTurn, type StoredTask } from '../db/chat-store.js';
+import { newTaskId, type BeganChat, type BeginChat, type ChatStore, type ContextMessage, type LastUserTurn, type StoredTask } from '../db/chat-store.js';
 import { describeStorageError } from '../db/storage-health.js';
 import type { ModelPool, ModelRun, PoolSlot } from '../llm/pool.js';
 import { countTokens, type ModelMessage, type ModelRequest, type ModelResult } from '../llm/provider.js';
@@ -19,6 +19,7 @@ import {
 import { Flight, type FlightListener, type FlightOutcome } from './flight.js';
 import type { ChatCache, ChatLimits, LimitDecision, TokenReservation } from './ports.js';
 import { createRetention } from './retention.js';
+import { statusOf, type TaskLog, type TaskLogWriter } from '../cluster/task-log.js';
 import { PumpScheduler, Task, type Sink, type Subscription } from './task.js';
 
 export interface ChatServiceOptions {
@@ -41,45 +42,86 @@ export interface ChatServiceOptions {
   taskRetentionMaxBytes: number;
   /** Chats of one user in flight (acknowledged or being stored, and not ended); past it: rate_limited. */
   maxRunningPerUser: number;
+  /**
+   * Cluster mode: the task log that readers on other nodes follow. Every task of this node is published to it, and
+   * a task this node does not have in memory is looked for in it (resume, task.get, cancel on any node).
+   */
+  taskLog?: TaskLog;
 }
 
-/** What a transport that names its conversations itself (the AI SDK's chat ids) asks of send() beyond a chat.send body. */
+/** What a transport asks of send() beyond a chat.send body. */
 export interface SendOptions {
-  /** Create `conversationId` for the caller when it does not exist (see BeginChat.createConversation). */
+  /** Create `conversationId` for the caller when it does not exist (see BeginChat.createConversation): the AI SDK's chat ids. */
   createConversation?: boolean;
   /**
    * A new reply to the conversation's last user message instead of a new message: `text` is not used, no user
    * message is stored, and the context is the stored history before that message.
    */
   regenerate?: boolean;
+  /**
+   * The model's whole context before the user message, given by the caller (the OpenAI-compatible route): the
+   * conversation's stored history is then not read. Only the user message and the reply are stored.
+   */
+  context?: readonly ModelMessage[];
 }
+
+/** How a send's reply is produced: a cache hit, a model call of its own, or a call in flight that it joined. */
+export type ReplySource = 'cache' | 'model' | 'joined';
 
 export interface SendResult {
   ack: Omit<ChatAck, 'type' | 'id'>;
   task: Task;
+  source: ReplySource;
+  /** The sender's stream of its own task from seq 0, with no lookup: the ack and what the task has can leave in one write. */
+  subscribe(sink: Sink): Subscription;
 }
 
+/**
+ * The chat service. Every store it calls answers asynchronously (SQLite at once, PostgreSQL and Redis across the
+ * network); what must not interleave with another chat's steps (the running cap, single-flight) is done with no
+ * await in between, and a task in memory is answered without touching storage.
+ */
 export interface ChatService {
   /** Validated, limited and committed; resolves with the ack. The model call starts at once, alongside the commit; the ack never waits for it. */
   send(caller: Identity, body: Omit<ChatSendBody, 'id'>, receivedAt?: number, options?: SendOptions): Promise<SendResult>;
-  cancel(caller: Identity, taskId: string): void;
+  cancel(caller: Identity, taskId: string): Promise<void>;
   /** Streams a task to `sink` from `fromSeq`: replays, then live, then its chat.done or chat.error. Call pump() to start. */
-  subscribe(caller: Identity, taskId: string, fromSeq: number, sink: Sink): Subscription;
-  task(caller: Identity, taskId: string): TaskInfo;
-  history(caller: Identity, conversationId: string, before: string | undefined, limit: number): { messages: HistoryMessage[]; hasMore: boolean };
+  subscribe(caller: Identity, taskId: string, fromSeq: number, sink: Sink): Promise<Subscription>;
+  task(caller: Identity, taskId: string): Promise<TaskInfo>;
+  history(caller: Identity, conversationId: string, before: string | undefined, limit: number): Promise<{ messages: HistoryMessage[]; hasMore: boolean }>;
   /**
    * The id of the conversation's latest task while it streams (until its chat.done or chat.error is sent), else
    * null; also null for a conversation that does not exist. Another user's conversation: forbidden.
    */
-  streamingTask(caller: Identity, conversationId: string): string | null;
+  streamingTask(caller: Identity, conversationId: string): Promise<string | null>;
   /** Stops taking chats, cancels running tasks, and resolves when their outcomes are stored. */
   close(): Promise<void>;
 }
 
 const round = (ms: number) => Math.max(0, Math.round(ms * 100) / 100);
+const shuttingDown = () => new AppError('overloaded', 'the server is shutting down');
 
-/** How a send's reply will be produced, decided before anything is stored. */
-type ReplyPlan = { kind: 'cached'; chunks: string[]; result: ModelResult } | { kind: 'join'; flight: Flight } | { kind: 'run'; slot: PoolSlot };
+/**
+ * How a send's reply will be produced, decided before anything is stored: a hit, a call in flight to join (held from
+ * the tick it was found), or a call of its own with a place in the pool (its flight open to joiners, not started).
+ */
+type ReplyPlan =
+  | { kind: 'cached'; chunks: string[]; result: ModelResult }
+  | { kind: 'join'; flight: Flight }
+  | { kind: 'run'; flight: Flight; slot: PoolSlot; request: ModelRequest; writeCache: boolean };
+
+/** A send that passed every check, before its commit: what it holds, given back if the commit fails. */
+interface PreparedSend {
+  plan: ReplyPlan;
+  /** The call it streams from (held), or null for a hit. */
+  flight: Flight | null;
+  reservation: TokenReservation | null;
+  chat: Extract<LimitDecision, { ok: true }>;
+  promptTokens: number;
+  /** The user message: the send's text, or for a regenerated reply the stored one it answers again (replyTo). */
+  text: string;
+  replyTo: string | undefined;
+}
 
 /** How a task ended, from its flight's outcome (or a cancel). */
 interface Ending {
@@ -99,11 +141,15 @@ export function createChatService(options: ChatServiceOptions): ChatService {
   const deltasSent = metrics.deltasSent.tally();
   const countDelta = () => deltasSent.inc();
   const tasks = new Map<string, Task>();
+  // Cluster mode: tasks of other nodes that readers here follow (see followRemote).
+  const remote = new Map<string, Task>();
   // The latest task of each conversation, while it streams (streamingTask).
   const latestByConversation = new Map<string, Task>();
   const running = new Set<Task>();
   const flights = new Map<string, Flight>();
   const pendingFinishes = new Set<Promise<unknown>>();
+  // Sends from their first check to their ack or refusal: shutdown waits for them.
+  const pendingSends = new Set<Promise<unknown>>();
   // Live deltas of this service's tasks go out once per event-loop turn (see PumpScheduler).
   const pumps = new PumpScheduler();
   // Finished tasks stay in memory up to a byte budget and their retention window; past either, from storage.
@@ -137,29 +183,71 @@ export function createChatService(options: ChatServiceOptions): ChatService {
     throw new AppError('rate_limited', `${held} chats in flight, the most one user may have; retry in ${retryAfterMs} ms`, { retryAfterMs });
   }
 
-  /** The caller's task, from memory or else from storage (a Task that replays, or the stored row past its window). */
-  function ownTask(caller: Identity, taskId: string): Task | StoredTask {
-    const found = tasks.get(taskId) ?? retention.restore(taskId);
+  /** The caller's task: from memory without touching storage, or else from storage (a Task that replays, or the stored row past its window). */
+  async function ownTask(caller: Identity, taskId: string): Promise<Task | StoredTask> {
+    const found = tasks.get(taskId) ?? remote.get(taskId) ?? (await retention.restore(taskId));
     if (!found) throw new AppError('not_found', `no task ${taskId}`);
     if (found.userId !== caller.userId) throw new AppError('forbidden', 'this task belongs to another user');
     return found;
   }
 
+  /** A stored task that has not ended runs on another node (cluster mode): only the task log can stream it. */
+  const unfinished = (found: Task | StoredTask): found is StoredTask => !(found instanceof Task) && (found.status === 'queued' || found.status === 'running');
+
   /** The caller's task as one that can be streamed (subscribed to, cancelled). */
-  function visibleTask(caller: Identity, taskId: string): Task {
-    const found = ownTask(caller, taskId);
-    if (!(found instanceof Task)) throw new AppError('not_found', `task ${taskId} is no longer resumable (past its retention window)`);
-    return found;
+  async function visibleTask(caller: Identity, taskId: string): Promise<Task> {
+    const found = await ownTask(caller, taskId);
+    if (found instanceof Task) return found;
+    if (unfinished(found)) {
+      const mirror = await followRemote(taskId);
+      if (mirror !== undefined) return mirror;
+      throw new AppError('not_found', `task ${taskId} runs on a node this one cannot reach now`);
+    }
+    throw new AppError('not_found', `task ${taskId} is no longer resumable (past its retention window)`);
+  }
+
+  /**
+   * A task running on another node, as a local Task fed from its log: its deltas with their seqs, then its end.
+   * One per task on this node however many readers it has; forgotten at its end (storage has it from then on).
+   */
+  async function followRemote(taskId: string): Promise<Task | undefined> {
+    const log = options.taskLog;
+    if (log === undefined) return undefined;
+    const meta = await log.meta(taskId);
+    const known = remote.get(taskId);
+    if (known !== undefined) return known;
+    if (meta === undefined) return undefined;
+    const mirror = new Task(taskId, meta.userId, meta.conversationId, performance.now(), meta.createdAt, false, pumps);
+    if (meta.status === 'running') mirror.markRunning();
+    remote.set(taskId, mirror);
+    const stop = log.follow(taskId, 0, {
+      delta: (_seq, text) => mirror.pushDelta(text, false),
+      end: (terminal) => {
+        remote.delete(taskId);
+        mirror.beginEnding();
+        mirror.end(terminal, statusOf(terminal));
+        queueMicrotask(stop);
+      },
+      gone: () => {
+        remote.delete(taskId);
+        mirror.beginEnding();
+        const message = 'the task log is gone (past its retention window, or Redis lost it)';
+        mirror.end({ type: 'chat.error', taskId, code: 'not_found', message, retryable: false }, 'error');
+      },
+    });
+    return mirror;
   }
 
   /** The last user message of the caller's conversation (checked already) and its context, for a regenerated reply. */
-  function lastUserTurn(conversationId: string | undefined): LastUserTurn {
-    const turn = conversationId === undefined ? undefined : store.lastUserTurn(conversationId, options.contextMessages);
+  async function lastUserTurn(caller: Identity, conversationId: string | undefined): Promise<LastUserTurn> {
+    if (conversationId === undefined) throw new AppError('bad_request', 'a regenerated reply needs its conversation');
+    const [owner, turn] = await Promise.all([store.conversationOwner(conversationId), store.lastUserTurn(conversationId, options.contextMessages)]);
+    checkConversationOwner(caller, conversationId, owner);
     if (turn === undefined) throw new AppError('not_found', 'the conversation has no user message to answer again');
     return turn;
   }
 
-  function buildRequest(body: Omit<ChatSendBody, 'id'>, earlier: { role: 'user' | 'assistant'; content: string }[]): ModelRequest {
+  function buildRequest(body: Omit<ChatSendBody, 'id'>, earlier: readonly ModelMessage[]): ModelRequest {
     const messages: ModelMessage[] = [];
     if (body.params?.system) messages.push({ role: 'system', content: body.params.system });
     messages.push(...earlier, { role: 'user', content: body.text });
@@ -276,22 +364,24 @@ export function createChatService(options: ChatServiceOptions): ChatService {
   }
 
   /**
-   * Opens a flight for `key` and starts its model call at once, in the tick the
-   * chat arrived: handing the call to a worker and the upstream's first bytes
-   * overlap the group commit of the question instead of waiting for it. The chat
-   * is acknowledged only after its commit, as ever; if the commit fails the chat
-   * lets go of the flight, and a call nobody else holds is cancelled. Identical
-   * chats arriving while it runs join it. `key` null: not shared (bypass, or not
-   * cacheable).
+   * A flight for `key`, registered at once so that identical chats join it, and held for the chat that opens it.
+   * Its model call starts (startCall) as soon as that chat passes its limits, before its commit: handing the call
+   * to a worker and the upstream's first bytes overlap the group commit of the question instead of waiting for it.
+   * The chat is acknowledged only after its commit, as ever; if the commit fails the chat lets go of the flight,
+   * and a call nobody else holds is cancelled. `key` null: not shared (bypass, or not cacheable).
    */
-  function openFlight(key: string | null, request: ModelRequest, slot: PoolSlot, writeCache: boolean): Flight {
+  function openFlight(key: string | null): Flight {
     const flight = new Flight(key, (f) => {
       if (f.key !== null && flights.get(f.key) === f) flights.delete(f.key);
     });
     if (key !== null) flights.set(key, flight);
-    const run = startRun(flight, request, slot, writeCache);
-    flight.setCancel(() => run.cancel());
+    flight.hold();
     return flight;
+  }
+
+  function startCall(plan: Extract<ReplyPlan, { kind: 'run' }>): void {
+    const run = startRun(plan.flight, plan.request, plan.slot, plan.writeCache);
+    plan.flight.setCancel(() => run.cancel());
   }
 
   function startRun(flight: Flight, request: ModelRequest, slot: PoolSlot, writeCache: boolean): ModelRun {
@@ -336,58 +426,123 @@ export function createChatService(options: ChatServiceOptions): ChatService {
       },
       cancel: () => {
         flight.letGo(listener);
-        finishTask(task, { kind: 'cancelled' }, reservation, promptTokens);
+        const lost = lapsed.get(task);
+        finishTask(task, lost === undefined ? { kind: 'cancelled' } : { kind: 'error', error: lost }, reservation, promptTokens);
       },
     };
     cancels.set(task, listener.cancel);
     flight.attach(listener);
   }
 
-  /** `creatable`: a conversation that does not exist yet passes (the commit creates it). */
-  function checkConversationOwner(caller: Identity, conversationId: string, creatable = false): void {
-    const owner = store.conversationOwner(conversationId);
-    if (owner === undefined && creatable) return;
+  function checkConversationOwner(caller: Identity, conversationId: string, owner: string | undefined): void {
     if (owner === undefined) throw new AppError('not_found', `no conversation ${conversationId}`);
     if (owner !== caller.userId) throw new AppError('forbidden', 'this conversation belongs to another user');
   }
 
-  /** A cache hit, a call already in flight to join, or a new call with a place in the pool (refused: throws). */
-  function planReply(userId: string, key: string | null, mode: CacheMode): ReplyPlan {
-    const hit = key !== null && mode === 'use' ? cache.get(key) : undefined;
-    const inFlight = key !== null && mode === 'use' && !hit ? flights.get(key) : undefined;
+  /**
+   * The conversation's earlier messages for the model, once its owner is checked. Both reads go out at once (one
+   * round trip to a remote store); the context of a conversation that is not the caller's is read and dropped.
+   */
+  async function earlierMessages(caller: Identity, conversationId: string | undefined, creatable: boolean): Promise<ContextMessage[]> {
+    if (conversationId === undefined) return [];
+    const wanted = options.contextMessages;
+    const [owner, earlier] = await Promise.all([store.conversationOwner(conversationId), wanted === 0 ? [] : store.context(conversationId, wanted)]);
+    // A conversation the client names and that does not exist yet is created by the commit (checked again there).
+    if (owner === undefined && creatable) return [];
+    checkConversationOwner(caller, conversationId, owner);
+    return earlier;
+  }
+
+  /**
+   * A cache hit, a call already in flight to join, or a call of its own with a place in the pool (refused: throws,
+   * holding nothing). From the look at `flights` to the new flight's set there is no await: identical sends share
+   * one call however their steps interleave, and a joiner never takes a place in the pool.
+   */
+  async function planReply(userId: string, key: string | null, mode: CacheMode, request: ModelRequest): Promise<ReplyPlan> {
+    const hit = key !== null && mode === 'use' ? await cache.get(key) : undefined;
     if (key !== null && mode !== 'bypass') (hit ? metrics.cacheHits : metrics.cacheMisses).inc();
     if (hit) return { kind: 'cached', chunks: hit.chunks, result: { finishReason: hit.finishReason, usage: hit.usage, usageSource: 'reported' } };
-    if (inFlight?.joinable) return { kind: 'join', flight: inFlight };
+    const inFlight = key !== null && mode === 'use' ? flights.get(key) : undefined;
+    if (inFlight?.joinable) {
+      inFlight.hold();
+      return { kind: 'join', flight: inFlight };
+    }
     // Refused (nothing held yet): rate_limited when this user's share of the queue is full, else overloaded.
-    return { kind: 'run', slot: pool.reserve(userId) };
+    const slot = pool.reserve(userId);
+    return { kind: 'run', flight: openFlight(mode === 'bypass' ? null : key), slot, request, writeCache: mode !== 'bypass' };
+  }
+
+  /**
+   * Gives back what a refused send's plan holds. A call of its own that others joined while this send waited on
+   * its limits is started for them all the same (on this send's place in the pool); one nobody joined is dropped.
+   */
+  function releasePlan(plan: ReplyPlan): void {
+    if (plan.kind === 'cached') return;
+    plan.flight.letGo();
+    if (plan.kind !== 'run') return;
+    if (plan.flight.joinable) {
+      startCall(plan);
+      return;
+    }
+    plan.slot.release();
+    plan.flight.settle({ kind: 'end', result: null, cancelled: true });
   }
 
   /** Model tokens (not for a hit), then one chat from the user's bucket; a refusal gives back what the plan holds. */
-  function takeLimits(
+  async function takeLimits(
     userId: string,
     plan: ReplyPlan,
     request: ModelRequest,
-  ): { reservation: TokenReservation | null; chat: Extract<LimitDecision, { ok: true }> } {
-    const releasePlan = () => {
-      if (plan.kind === 'run') plan.slot.release();
-    };
+  ): Promise<{ reservation: TokenReservation | null; chat: Extract<LimitDecision, { ok: true }> }> {
     // Tokens first: a reservation can be handed back whole, a chat taken from its bucket cannot.
     let reservation: TokenReservation | null = null;
     if (plan.kind !== 'cached') {
-      const reserved = limits.reserveModelTokens(userId, request.maxTokens ?? options.defaultMaxTokens);
+      const reserved = await limits.reserveModelTokens(userId, request.maxTokens ?? options.defaultMaxTokens).catch((err: unknown) => {
+        releasePlan(plan);
+        throw err;
+      });
       if (!reserved.ok) {
-        releasePlan();
+        releasePlan(plan);
         throw new AppError('rate_limited', `model token budget used up; retry in ${reserved.retryAfterMs} ms`, { retryAfterMs: reserved.retryAfterMs });
       }
       reservation = reserved.reservation;
     }
-    const chat = limits.chat(userId);
+    const chat = await limits.chat(userId).catch((err: unknown) => ({ ok: false as const, err }));
     if (!chat.ok) {
-      releasePlan();
+      releasePlan(plan);
       reservation?.release();
+      if ('err' in chat) throw chat.err;
       throw new AppError('rate_limited', `too many chats; retry in ${chat.retryAfterMs} ms`, { retryAfterMs: chat.retryAfterMs });
     }
     return { reservation, chat };
+  }
+
+  /** Every check of a send, in order, up to the commit; a refusal throws having given back what it took. */
+  async function prepareSend(caller: Identity, body: Omit<ChatSendBody, 'id'>, sendOptions: SendOptions): Promise<PreparedSend> {
+    const turn = sendOptions.regenerate ? await lastUserTurn(caller, body.conversationId) : undefined;
+    const earlier =
+      turn?.context ??
+      (sendOptions.context !== undefined
+        ? // The caller's own context (the OpenAI route): the conversation, when named, must still be the caller's.
+          (await earlierMessages(caller, body.conversationId, false), sendOptions.context)
+        : await earlierMessages(caller, body.conversationId, sendOptions.createConversation === true));
+    const text = turn?.text ?? body.text;
+    const request = buildRequest({ ...body, text }, earlier);
+    const promptTokens = request.messages.reduce((n, m) => n + countTokens(m.content), 0);
+    // A regenerated reply is a new one: never the cached or in-flight answer to the same question (refresh replaces it).
+    const mode = sendOptions.regenerate ? 'refresh' : (body.cache ?? 'use');
+    const key = cache.keyOf(request);
+    // Decide how the reply will be produced before anything is stored, so refusals store nothing.
+    const plan = await planReply(caller.userId, key, mode, request);
+    const { reservation, chat } = await takeLimits(caller.userId, plan, request);
+    if (closing) {
+      releasePlan(plan);
+      reservation?.release();
+      throw shuttingDown();
+    }
+    if (plan.kind === 'run') startCall(plan);
+    // Held until the task attaches after its commit (or lets go if the commit fails).
+    return { plan, flight: plan.kind === 'cached' ? null : plan.flight, reservation, chat, promptTokens, text, replyTo: turn?.messageId };
   }
 
   /** Stores the question (and a hit's reply, in the same commit); on failure `undo` lets go of what the send holds. */
@@ -446,72 +601,116 @@ export function createChatService(options: ChatServiceOptions): ChatService {
     }
   }
 
+  /** A send counted in flight: checked, committed and acknowledged; a refusal gives back its place in the count. */
+  /**
+   * Cluster mode: the task's log, which readers on other nodes follow, holding this node's lease on it. A cancel
+   * from another node cancels it here; a lease this node lost (Redis gone for longer than it) ends it as the other
+   * nodes saw it end: node_lost.
+   */
+  function publish(task: Task): void {
+    const log = options.taskLog;
+    if (log === undefined) return;
+    const writer: TaskLogWriter = log.open(
+      { taskId: task.taskId, userId: task.userId, conversationId: task.conversationId, createdAt: task.createdAt },
+      {
+        onCancel: () => {
+          if (!task.ending) cancels.get(task)?.();
+        },
+        onLapsed: (terminal) => {
+          const lost = new AppError('node_lost', terminal.message);
+          const cancel = cancels.get(task);
+          cancels.delete(task);
+          if (cancel !== undefined && !task.ending) lapsed.set(task, lost);
+          cancel?.();
+        },
+      },
+    );
+    task.publishTo(writer);
+  }
+
+  async function sendCounted(caller: Identity, body: Omit<ChatSendBody, 'id'>, receivedAt: number, sendOptions: SendOptions): Promise<SendResult> {
+    const userId = caller.userId;
+    let prepared: PreparedSend;
+    try {
+      prepared = await prepareSend(caller, body, sendOptions);
+    } catch (err) {
+      releaseInFlight(userId);
+      throw err;
+    }
+    const { plan, flight, reservation, chat, promptTokens, text, replyTo } = prepared;
+    const taskId = newTaskId();
+    const toStore = { taskId, userId, conversationId: body.conversationId, text, createConversation: sendOptions.createConversation, replyTo };
+    const began = await commitChat(toStore, plan, () => {
+      releaseInFlight(userId);
+      reservation?.release();
+      flight?.letGo();
+    });
+    const task = new Task(taskId, userId, began.conversationId, receivedAt, began.createdAt, plan.kind === 'cached', pumps);
+    tasks.set(taskId, task);
+    publish(task);
+    latestByConversation.set(began.conversationId, task);
+    running.add(task);
+    metrics.ackLatency.observe((performance.now() - receivedAt) / 1000);
+    startReply(task, plan, flight, reservation, promptTokens, began.replyMessageId);
+    return {
+      task,
+      source: plan.kind === 'cached' ? 'cache' : plan.kind === 'join' ? 'joined' : 'model',
+      subscribe: (sink) => task.subscribe(sink, 0, countDelta),
+      ack: {
+        taskId,
+        conversationId: began.conversationId,
+        messageId: began.messageId,
+        status: plan.kind === 'cached' ? 'cached' : 'queued',
+        rateLimit: chat.info,
+      },
+    };
+  }
+
   const cancels = new WeakMap<Task, () => void>();
+  // Tasks whose lease lapsed (see publish): their cancel ends them node_lost instead of cancelled.
+  const lapsed = new WeakMap<Task, AppError>();
 
   return {
-    async send(caller, body, receivedAt = performance.now(), sendOptions = {}) {
-      if (closing) throw new AppError('overloaded', 'the server is shutting down');
-      checkRunningCap(caller.userId);
-      const conversationId = body.conversationId;
-      if (conversationId !== undefined) checkConversationOwner(caller, conversationId, sendOptions.createConversation === true && !sendOptions.regenerate);
-      const turn = sendOptions.regenerate ? lastUserTurn(conversationId) : undefined;
-      const earlier =
-        turn?.context ?? (conversationId === undefined || options.contextMessages === 0 ? [] : store.context(conversationId, options.contextMessages));
-      const text = turn?.text ?? body.text;
-      const request = buildRequest({ ...body, text }, earlier);
-      const promptTokens = request.messages.reduce((n, m) => n + countTokens(m.content), 0);
-      // A regenerated reply is a new one: never the cached or in-flight answer to the same question (refresh replaces it).
-      const mode = sendOptions.regenerate ? 'refresh' : (body.cache ?? 'use');
-      const key = cache.keyOf(request);
-      // Decide how the reply will be produced before anything is stored, so refusals store nothing.
-      const plan = planReply(caller.userId, key, mode);
-      const { reservation, chat } = takeLimits(caller.userId, plan, request);
-      // Held from here (still in the tick the plan was made), so the flight is shared and kept alive through the commit.
-      const flight =
-        plan.kind === 'join' ? plan.flight : plan.kind === 'run' ? openFlight(mode === 'bypass' ? null : key, request, plan.slot, mode !== 'bypass') : null;
-      flight?.hold();
-
-      const taskId = newTaskId();
-      // Counted from here, in the tick of the check above: sends racing in one tick cannot pass the cap together.
+    send(caller, body, receivedAt = performance.now(), sendOptions = {}) {
+      if (closing) return Promise.reject(shuttingDown());
+      try {
+        checkRunningCap(caller.userId);
+      } catch (err) {
+        return Promise.reject(err);
+      }
+      // Counted before the first await, in the tick of the check above: sends racing in one tick cannot pass the cap together.
       chatsInFlight.set(caller.userId, (chatsInFlight.get(caller.userId) ?? 0) + 1);
-      const chatToStore = { taskId, userId: caller.userId, conversationId, text, createConversation: sendOptions.createConversation, replyTo: turn?.messageId };
-      const began = await commitChat(chatToStore, plan, () => {
-        releaseInFlight(caller.userId);
-        reservation?.release();
-        flight?.letGo();
-      });
-      const task = new Task(taskId, caller.userId, began.conversationId, receivedAt, began.createdAt, plan.kind === 'cached', pumps);
-      tasks.set(taskId, task);
-      latestByConversation.set(began.conversationId, task);
-      running.add(task);
-      metrics.ackLatency.observe((performance.now() - receivedAt) / 1000);
-      startReply(task, plan, flight, reservation, promptTokens, began.replyMessageId);
-      return {
-        task,
-        ack: {
-          taskId,
-          conversationId: began.conversationId,
-          messageId: began.messageId,
-          status: plan.kind === 'cached' ? 'cached' : 'queued',
-          rateLimit: chat.info,
-        },
-      };
+      const sending = sendCounted(caller, body, receivedAt, sendOptions);
+      pendingSends.add(sending);
+      const settled = () => pendingSends.delete(sending);
+      sending.then(settled, settled);
+      return sending;
     },
 
-    cancel(caller, taskId) {
-      const task = visibleTask(caller, taskId);
-      if (task.ending) return;
+    async cancel(caller, taskId) {
+      const task = await visibleTask(caller, taskId);
+      if (task.ending || task.terminal !== null) return;
+      if (remote.get(taskId) === task) {
+        // Another node runs it: the cancel goes to that node, and its end reaches the readers here through the log.
+        if (!(await options.taskLog?.requestCancel(taskId))) throw new AppError('not_found', `task ${taskId} runs on a node this one cannot reach now`);
+        return;
+      }
       cancels.get(task)?.();
     },
 
-    subscribe(caller, taskId, fromSeq, sink) {
-      const task = visibleTask(caller, taskId);
+    async subscribe(caller, taskId, fromSeq, sink) {
+      const task = await visibleTask(caller, taskId);
       return task.subscribe(sink, fromSeq, countDelta);
     },
 
-    task(caller, taskId) {
-      const found = ownTask(caller, taskId);
+    async task(caller, taskId) {
+      const found = await ownTask(caller, taskId);
       if (found instanceof Task) return found.info();
+      const snapshot = unfinished(found) ? await options.taskLog?.snapshot(taskId) : undefined;
+      if (snapshot !== undefined) {
+        const { conversationId, status, seq, text, createdAt } = snapshot;
+        return { taskId, conversationId, status, seq, text, createdAt: new Date(createdAt).toISOString() };
+      }
       const stored = found;
       return {
         taskId: stored.taskId,
@@ -524,13 +723,22 @@ export function createChatService(options: ChatServiceOptions): ChatService {
       };
     },
 
-    history(caller, conversationId, before, limit) {
-      checkConversationOwner(caller, conversationId);
-      return store.history(conversationId, before, limit);
+    async history(caller, conversationId, before, limit) {
+      // Both reads at once (one round trip to a remote store); the owner is checked first, then the page's own refusal.
+      const [owner, page] = await Promise.all([
+        store.conversationOwner(conversationId),
+        store.history(conversationId, before, limit).then(
+          (ok) => ({ ok }),
+          (err: unknown) => ({ err }),
+        ),
+      ]);
+      checkConversationOwner(caller, conversationId, owner);
+      if ('err' in page) throw page.err;
+      return page.ok;
     },
 
-    streamingTask(caller, conversationId) {
-      const owner = store.conversationOwner(conversationId);
+    async streamingTask(caller, conversationId) {
+      const owner = await store.conversationOwner(conversationId);
       if (owner === undefined) return null;
       if (owner !== caller.userId) throw new AppError('forbidden', 'this conversation belongs to another user');
       const task = latestByConversation.get(conversationId);
@@ -546,13 +754,14 @@ export function createChatService(options: ChatServiceOptions): ChatService {
           log.warn({ err: toAppError(err).message, taskId: task.taskId }, 'cancelling a task at shutdown failed');
         }
       }
-      // A chat whose commit is in this flush is acknowledged, then ended `cancelled`, in continuations that run
-      // after it: keep flushing and waiting until no write and no ending is left, or its ack would go out with no end.
+      // A send still being checked is refused (see prepareSend); one whose commit is in this flush is acknowledged,
+      // then ended `cancelled`, in continuations that run after it: keep flushing and waiting until no send, no write
+      // and no ending is left, or its ack would go out with no end.
       do {
         store.flush();
-        await Promise.allSettled([...pendingFinishes]);
+        await Promise.allSettled([...pendingSends, ...pendingFinishes]);
         await new Promise<void>((resolve) => setImmediate(resolve));
-      } while (pendingFinishes.size > 0 || store.pendingWrites > 0);
+      } while (pendingSends.size > 0 || pendingFinishes.size > 0 || store.pendingWrites > 0);
       retention.close();
     },
   };

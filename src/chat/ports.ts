@@ -1,7 +1,9 @@
 /**
  * What the chat service needs from the stores around it. The embedded
  * implementations (LMDB cache, in-memory token buckets) are adapted to these in
- * main wiring; a Redis-backed one would implement the same shapes.
+ * main wiring; a Redis-backed one would implement the same shapes. Reads answer
+ * with Promises, as a store across the network does; the embedded adapters
+ * resolve at once.
  */
 import type { CachedReply as StoredReply } from '../cache/response-cache.js';
 import type { ModelRequest } from '../llm/provider.js';
@@ -13,7 +15,7 @@ export type CachedReply = Pick<StoredReply, 'chunks' | 'finishReason' | 'usage'>
 export interface ChatCache {
   /** The key of a request, or null when its output is not reproducible (never cached). */
   keyOf(request: ModelRequest): string | null;
-  get(key: string): CachedReply | undefined;
+  get(key: string): Promise<CachedReply | undefined>;
   put(key: string, reply: CachedReply): void;
 }
 
@@ -28,9 +30,9 @@ export interface TokenReservation {
 
 export interface ChatLimits {
   /** Takes one chat from the user's chats bucket. */
-  chat(userId: string): LimitDecision;
+  chat(userId: string): Promise<LimitDecision>;
   /** Reserves `maxTokens` model tokens; settled when the task ends. */
-  reserveModelTokens(userId: string, maxTokens: number): { ok: true; reservation: TokenReservation } | Extract<LimitDecision, { ok: false }>;
+  reserveModelTokens(userId: string, maxTokens: number): Promise<{ ok: true; reservation: TokenReservation } | Extract<LimitDecision, { ok: false }>>;
 }
 
 export type { CacheMode };

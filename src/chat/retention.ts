@@ -44,7 +44,7 @@ export interface Retention {
    * A task not in memory, from storage: a Task that replays as it streamed (shared while anyone streams it), the
    * stored row when it cannot be replayed (no recorded boundaries, unfinished, or past the window), or undefined.
    */
-  restore(taskId: string): Task | StoredTask | undefined;
+  restore(taskId: string): Promise<Task | StoredTask | undefined>;
   stats(): RetentionStats;
   close(): void;
 }
@@ -127,10 +127,10 @@ export function createRetention(options: RetentionOptions): Retention {
       report();
     },
 
-    restore(taskId) {
+    async restore(taskId) {
       const shared = restored.get(taskId)?.deref();
       if (shared !== undefined) return shared;
-      const stored = store.task(taskId);
+      const stored = await store.task(taskId);
       if (stored === undefined) return undefined;
       const replay = stored.replay;
       const terminal = terminalOf(stored);
@@ -138,6 +138,9 @@ export function createRetention(options: RetentionOptions): Retention {
       // The boundaries must cover the stored text exactly, or the replay would not be the stream that went out.
       const covers = ends !== undefined && (ends.length === 0 ? stored.text === '' : ends[ends.length - 1] === stored.text.length);
       if (replay === undefined || terminal === undefined || !covers || replay.finishedAt + retentionMs < Date.now()) return stored;
+      // Another resume may have rebuilt it while this one read the row: keep the one copy.
+      const sharedMeanwhile = restored.get(taskId)?.deref();
+      if (sharedMeanwhile !== undefined) return sharedMeanwhile;
       const status = stored.status as 'done' | 'error' | 'cancelled';
       const ids = {
         taskId,

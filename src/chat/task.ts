@@ -15,10 +15,21 @@ export interface Sink {
 
 export type TaskTerminal = ChatDone | ChatError;
 
+/**
+ * Where a task's sealed deltas go besides its subscribers: cluster mode's task log, which readers on other nodes
+ * follow. Deltas are handed over once each, in seq order, once sealed (they never change after); then the terminal.
+ */
+export interface TaskPublisher {
+  markRunning(): void;
+  append(seq: number, text: string): void;
+  end(terminal: TaskTerminal): void;
+}
+
 /** One peer's view of a task: a cursor into the task's deltas. Memory per subscriber is O(1). */
 export class Subscription {
   private cursor: number;
   private finished = false;
+  private pumped = false;
 
   constructor(
     readonly task: Task,
@@ -33,8 +44,17 @@ export class Subscription {
     return this.finished;
   }
 
+  /**
+   * True once its owner has pumped it. Until then the task sends it nothing, not its new text and not its end:
+   * the owner may still be replying (chat.resume's ok goes out before the replay, whenever the task ends).
+   */
+  get started(): boolean {
+    return this.pumped;
+  }
+
   /** Sends what the peer has not seen yet, as far as its buffer allows; then the terminal message. */
   pump(): void {
+    this.pumped = true;
     if (this.finished) return;
     if (this.sink.cork) this.sink.cork(() => this.pumpNow());
     else this.pumpNow();
@@ -104,11 +124,13 @@ export class PumpScheduler {
     const bySink = new Map<Sink, Subscription[]>();
     for (const task of this.dirty) {
       for (const sub of task.subscribers) {
+        if (!sub.started) continue;
         const subs = bySink.get(sub.sink);
         if (subs) subs.push(sub);
         else bySink.set(sub.sink, [sub]);
       }
     }
+    for (const task of this.dirty) task.publish();
     this.dirty.clear();
     for (const [sink, subs] of bySink) {
       const pumpAll = () => {
@@ -145,6 +167,9 @@ export class Task {
   private _startedAt: number | null = null;
   private _endedAt: number | null = null;
   private _ending = false;
+  private publisher: TaskPublisher | null = null;
+  /** Deltas handed to the publisher so far. */
+  private published = 0;
 
   /** `pumps`: the owner's scheduler of live deltas; null for an ended task rebuilt from storage, which takes no text. */
   constructor(
@@ -189,7 +214,25 @@ export class Task {
 
   /** A worker has started the model call: `task.get` says running from now on, before the first token. */
   markRunning(): void {
-    if (this._status === 'queued' && !this._ending) this._status = 'running';
+    if (this._status !== 'queued' || this._ending) return;
+    this._status = 'running';
+    this.publisher?.markRunning();
+  }
+
+  /** Hands every sealed delta, from now on, to `publisher` too (at the end of each loop turn, as subscribers get them). */
+  publishTo(publisher: TaskPublisher): void {
+    this.publisher = publisher;
+    if (this._status === 'running') publisher.markRunning();
+    if (this.deltaCount > 0) this.pumps?.pumpLater(this);
+  }
+
+  /** Seals the deltas the publisher has not had and hands them over (PumpScheduler calls it once per loop turn). */
+  publish(): void {
+    const publisher = this.publisher;
+    const deltas = this.live;
+    if (publisher === null || deltas === null || this.published >= deltas.length) return;
+    this.sealed = deltas.length;
+    for (; this.published < deltas.length; this.published++) publisher.append(this.published, deltas[this.published] as string);
   }
 
   /** Starts ending it: false when it is ending already (the caller must not end it twice). */
@@ -203,7 +246,7 @@ export class Task {
   pushDelta(text: string, coalesce = true): void {
     if (this._ending || text.length === 0) return;
     if (this._firstTokenAt === null) this._firstTokenAt = performance.now();
-    if (this._status === 'queued') this._status = 'running';
+    if (this._status === 'queued') this.markRunning();
     const deltas = this.live;
     if (deltas === null) return;
     const last = deltas.length - 1;
@@ -220,7 +263,10 @@ export class Task {
       void Number(this._text);
       void Number(deltas[deltas.length - 1]);
     }
-    if (this.subscribers.size === 0) return;
+    if (this.subscribers.size === 0) {
+      if (this.publisher !== null) this.pumps?.pumpLater(this);
+      return;
+    }
     // A peer that is not backed up gets this chunk as a frame of its own at the end of the turn.
     for (const sub of this.subscribers) {
       if (!sub.sink.congested()) {
@@ -234,10 +280,14 @@ export class Task {
   /** Ends the task: every subscriber is sent what it has not seen, then the terminal message, now. */
   end(terminal: TaskTerminal, status: Extract<TaskStatus, 'done' | 'error' | 'cancelled'>): void {
     if (this._terminal !== null) return;
+    // The log gets every delta, then the terminal, before the subscribers are sent it.
+    this.publish();
+    this.publisher?.end(terminal);
+    this.publisher = null;
     this._terminal = terminal;
     this._status = status;
     this._endedAt = Date.now();
-    for (const sub of this.subscribers) sub.pump();
+    for (const sub of this.subscribers) if (sub.started) sub.pump();
     this.compact();
   }
 
@@ -299,7 +349,7 @@ export class Task {
     this.sealed = ends.length;
   }
 
-  /** Adds a subscriber; nothing is sent until its first pump(), so the caller can reply first. */
+  /** Adds a subscriber; nothing is sent until its first pump() (see Subscription.started), so the caller can reply first. */
   subscribe(sink: Sink, fromSeq: number, onDelta?: () => void): Subscription {
     const sub = new Subscription(this, sink, fromSeq, onDelta);
     this.subscribers.add(sub);

@@ -89,6 +89,12 @@ export interface LastUserTurn {
   context: ContextMessage[];
 }
 
+/**
+ * Where conversations, messages and tasks are stored: SQLite (createChatStore, embedded) or PostgreSQL
+ * (createPgChatStore, cluster mode). Writes go in group commits and resolve once committed; reads answer
+ * asynchronously, as a server across the network does. The contract tests (test/unit/chat-store.test.ts) run
+ * against both.
+ */
 export interface ChatStore {
   /** Stores the user message (creating the conversation if needed) and the queued task, in the next group commit. */
   beginChat(input: BeginChat): Promise<BeganChat>;
@@ -97,21 +103,25 @@ export interface ChatStore {
   /** Records the chunk boundaries and timings of a task stored finished by beginChat (a cache hit), once it has streamed. */
   recordReplay(taskId: string, deltaEnds: Uint32Array, timings: Timings): Promise<void>;
   /** The owner of a conversation, or undefined when it does not exist. */
-  conversationOwner(conversationId: string): string | undefined;
+  conversationOwner(conversationId: string): Promise<string | undefined>;
   /** The latest `limit` messages of the conversation, oldest first (the model's context). */
-  context(conversationId: string, limit: number): ContextMessage[];
+  context(conversationId: string, limit: number): Promise<ContextMessage[]>;
   /** The conversation's last user message with its context (see LastUserTurn); undefined when it has none. */
-  lastUserTurn(conversationId: string, limit: number): LastUserTurn | undefined;
-  history(conversationId: string, before: string | undefined, limit: number): { messages: HistoryMessage[]; hasMore: boolean };
-  task(taskId: string): StoredTask | undefined;
-  /** Marks tasks a previous process left queued or running as failed; returns how many. */
-  recoverUnfinished(): number;
+  lastUserTurn(conversationId: string, limit: number): Promise<LastUserTurn | undefined>;
+  history(conversationId: string, before: string | undefined, limit: number): Promise<{ messages: HistoryMessage[]; hasMore: boolean }>;
+  task(taskId: string): Promise<StoredTask | undefined>;
+  /** Marks tasks a previous run left queued or running as failed; returns how many. */
+  recoverUnfinished(): Promise<number>;
+  /** Marks one task still queued or running as failed with `code` and `message` (its node is gone); true when it did. */
+  failUnfinished(taskId: string, code: string, message: string): Promise<boolean>;
+  /** Starts the pending group commit now. */
   flush(): void;
+  /** Writes not committed yet. */
   readonly pendingWrites: number;
   /** Task ends that could not be written yet (storage failing) and are being retried. */
   readonly unrecordedEnds: number;
-  /** Stops retrying unwritten task ends (the next start's recoverUnfinished() marks those tasks failed). */
-  close(): void;
+  /** Commits what is pending and stops retrying unwritten task ends (the next start's recoverUnfinished() marks those tasks failed). */
+  close(): Promise<void>;
 }
 
 /** Unwritten task ends kept for retry at most; past it the oldest is left to the next start's recovery. */
@@ -125,6 +135,76 @@ const newId = timeOrderedId;
 /** The time, then 128 random bits: task ids are unguessable. */
 export function newTaskId(): string {
   return newId('task_', 16);
+}
+
+export const newMessageId = (): string => newId('msg_', 12);
+
+/**
+ * The rows one beginChat writes, decided the same way for every store: a new kind of send (a conversation id the
+ * client chose, a regenerated reply with no new user message) changes what this returns, and each store writes
+ * whatever rows it is given.
+ */
+export interface BeginRows {
+  /** `create`: the client named a conversation that may not exist yet (BeginChat.createConversation). */
+  conversation: { conversationId: string; userId: string; isNew: boolean; create: boolean };
+  /** In the order they are inserted (their seq order). */
+  messages: { messageId: string; role: 'user' | 'assistant'; text: string }[];
+  /** A knownReply's task is stored finished (status done, cached), never in the unfinished index. */
+  task: {
+    taskId: string;
+    userId: string;
+    userMessageId: string;
+    status: 'queued' | 'done';
+    finishReason: FinishReason | null;
+    replyMessageId: string | null;
+    promptTokens: number;
+    completionTokens: number;
+    cached: boolean;
+    finishedAt: number | null;
+  };
+  createdAt: number;
+  began: BeganChat;
+}
+
+export function beginRows(input: BeginChat, now: number): BeginRows {
+  const conversationId = input.conversationId ?? newId('conv_', 12);
+  // A regenerated reply answers the stored user message again: no new one.
+  const messageId = input.replyTo ?? newMessageId();
+  const rows: BeginRows = {
+    conversation: { conversationId, userId: input.userId, isNew: input.conversationId === undefined, create: input.createConversation === true },
+    messages: input.replyTo === undefined ? [{ messageId, role: 'user', text: input.text }] : [],
+    task: {
+      taskId: input.taskId,
+      userId: input.userId,
+      userMessageId: messageId,
+      status: 'queued',
+      finishReason: null,
+      replyMessageId: null,
+      promptTokens: 0,
+      completionTokens: 0,
+      cached: false,
+      finishedAt: null,
+    },
+    createdAt: now,
+    began: { conversationId, messageId, createdAt: now },
+  };
+  const reply = input.knownReply;
+  if (reply) {
+    const replyMessageId = newMessageId();
+    rows.messages.push({ messageId: replyMessageId, role: 'assistant', text: reply.text });
+    rows.task = {
+      ...rows.task,
+      status: 'done',
+      finishReason: reply.finishReason,
+      replyMessageId,
+      promptTokens: reply.promptTokens,
+      completionTokens: reply.completionTokens,
+      cached: true,
+      finishedAt: now,
+    };
+    rows.began.replyMessageId = replyMessageId;
+  }
+  return rows;
 }
 
 const iso = (ms: number) => new Date(ms).toISOString();
@@ -167,7 +247,8 @@ export function decodeDeltaEnds(bytes: Uint8Array): Uint32Array {
   return ends;
 }
 
-interface TaskRow {
+/** A task as both stores read it (chat.task below): one row, the reply's text joined in. */
+export interface TaskRow {
   task_id: string;
   conversation_id: string;
   user_id: string;
@@ -181,12 +262,18 @@ interface TaskRow {
   error_message: string | null;
   prompt_tokens: number;
   completion_tokens: number;
-  cached: number;
-  delta_lengths: Buffer | null;
+  /** 0 or 1 in SQLite, a boolean in PostgreSQL. */
+  cached: number | boolean;
+  delta_lengths: Uint8Array | null;
   queue_ms: number | null;
   first_token_ms: number | null;
   total_ms: number | null;
 }
+
+/** The columns of a TaskRow, from tasks `t` and the reply message `m` (a failed task keeps its streamed text in failed_text). */
+export const TASK_ROW_COLUMNS = `t.task_id, t.conversation_id, t.user_id, t.status, t.created_at, coalesce(m.text, t.failed_text) AS text,
+       t.finished_at, t.reply_message_id, t.finish_reason, t.error_code, t.error_message, t.prompt_tokens,
+       t.completion_tokens, t.cached, t.delta_lengths, t.queue_ms, t.first_token_ms, t.total_ms`;
 
 function replayOf(row: TaskRow): StoredReplay | undefined {
   if (row.delta_lengths === null || row.finished_at === null || row.queue_ms === null || row.total_ms === null) return undefined;
@@ -199,43 +286,93 @@ function replayOf(row: TaskRow): StoredReplay | undefined {
     errorMessage: row.error_message,
     promptTokens: row.prompt_tokens,
     completionTokens: row.completion_tokens,
-    cached: row.cached === 1,
+    cached: row.cached === 1 || row.cached === true,
     timings: { queueMs: row.queue_ms, firstTokenMs: row.first_token_ms, totalMs: row.total_ms },
+  };
+}
+
+export function storedTaskOf(row: TaskRow): StoredTask {
+  const task: StoredTask = {
+    taskId: row.task_id,
+    conversationId: row.conversation_id,
+    userId: row.user_id,
+    status: row.status,
+    text: row.text ?? '',
+    createdAt: row.created_at,
+  };
+  const replay = replayOf(row);
+  if (replay !== undefined) task.replay = replay;
+  return task;
+}
+
+/** A history page from the rows read newest first, one past `limit` (whether there is more). */
+export function historyPage(
+  rows: { message_id: string; role: 'user' | 'assistant'; text: string; created_at: number }[],
+  limit: number,
+): { messages: HistoryMessage[]; hasMore: boolean } {
+  const page = rows.slice(0, limit).reverse();
+  return {
+    messages: page.map((r) => ({ messageId: r.message_id, role: r.role, text: r.text, createdAt: iso(r.created_at) })),
+    hasMore: rows.length > limit,
+  };
+}
+
+export const noMessageBefore = (before: string) => new AppError('not_found', `no message ${before} in this conversation`);
+
+/**
+ * Task ends that could not be written (full, failing or unreachable storage): such a task would stay `queued` until
+ * the next start. `failAll` marks them failed (what their clients were told) once storage takes writes again, retried
+ * with backoff.
+ */
+export function createUnrecordedEnds(failAll: (ends: Map<string, number>) => Promise<void>) {
+  const unrecorded = new Map<string, number>();
+  let retryTimer: NodeJS.Timeout | undefined;
+  let retryDelayMs = RECORD_RETRY_FIRST_MS;
+  let closed = false;
+  const retry = () => {
+    retryTimer = undefined;
+    if (closed || unrecorded.size === 0) return;
+    const batch = new Map(unrecorded);
+    failAll(batch).then(
+      () => {
+        for (const [taskId, at] of batch) if (unrecorded.get(taskId) === at) unrecorded.delete(taskId);
+        retryDelayMs = RECORD_RETRY_FIRST_MS;
+        if (unrecorded.size > 0) schedule();
+      },
+      () => {
+        retryDelayMs = Math.min(RECORD_RETRY_MAX_MS, retryDelayMs * 2);
+        schedule();
+      },
+    );
+  };
+  const schedule = () => {
+    if (retryTimer !== undefined || closed) return;
+    retryTimer = setTimeout(retry, retryDelayMs);
+    retryTimer.unref();
+  };
+  return {
+    remember(taskId: string, at: number): void {
+      if (unrecorded.size >= MAX_UNRECORDED_ENDS) unrecorded.delete(unrecorded.keys().next().value as string);
+      unrecorded.set(taskId, at);
+      schedule();
+    },
+    get size(): number {
+      return unrecorded.size;
+    },
+    close(): void {
+      closed = true;
+      clearTimeout(retryTimer);
+    },
   };
 }
 
 export function createChatStore(db: Database, hooks: { onCommit?: (seconds: number, size: number) => void } = {}): ChatStore {
   const batcher = createWriteBatcher(db, hooks.onCommit);
-  // A task whose end could not be written (full or failing storage) would stay `queued` in SQLite until the next
-  // start. It is marked failed (what its client was told) as soon as storage takes writes again.
-  const unrecorded = new Map<string, number>();
-  let retryTimer: NodeJS.Timeout | undefined;
-  let retryDelayMs = RECORD_RETRY_FIRST_MS;
-  let closed = false;
-  const retryUnrecorded = () => {
-    retryTimer = undefined;
-    if (closed || unrecorded.size === 0) return;
-    try {
-      db.transaction(() => {
-        for (const [taskId, at] of unrecorded) failTask.run(at, taskId);
-      });
-      unrecorded.clear();
-      retryDelayMs = RECORD_RETRY_FIRST_MS;
-    } catch {
-      retryDelayMs = Math.min(RECORD_RETRY_MAX_MS, retryDelayMs * 2);
-      scheduleRetry();
-    }
-  };
-  const scheduleRetry = () => {
-    if (retryTimer !== undefined || closed) return;
-    retryTimer = setTimeout(retryUnrecorded, retryDelayMs);
-    retryTimer.unref();
-  };
-  const rememberUnrecorded = (taskId: string, at: number) => {
-    if (unrecorded.size >= MAX_UNRECORDED_ENDS) unrecorded.delete(unrecorded.keys().next().value as string);
-    unrecorded.set(taskId, at);
-    scheduleRetry();
-  };
+  const unrecorded = createUnrecordedEnds(async (ends) => {
+    db.transaction(() => {
+      for (const [taskId, at] of ends) failTask.run(at, taskId);
+    });
+  });
   const insertConversation = db.prepare(
     'chat.insert_conversation',
     'INSERT INTO conversations (conversation_id, user_id, created_at, updated_at) VALUES (?, ?, ?, ?)',
@@ -252,13 +389,8 @@ export function createChatStore(db: Database, hooks: { onCommit?: (seconds: numb
   );
   const insertTask = db.prepare(
     'chat.insert_task',
-    "INSERT INTO tasks (task_id, conversation_id, user_id, user_message_id, status, created_at) VALUES (?, ?, ?, ?, 'queued', ?)",
-  );
-  // A cache hit's task is stored already finished: one row written once, never in the unfinished index.
-  const insertAnsweredTask = db.prepare(
-    'chat.insert_answered_task',
     `INSERT INTO tasks (task_id, conversation_id, user_id, user_message_id, status, finish_reason, reply_message_id, prompt_tokens,
-       completion_tokens, cached, created_at, finished_at) VALUES (?, ?, ?, ?, 'done', ?, ?, ?, ?, 1, ?, ?)`,
+       completion_tokens, cached, created_at, finished_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`,
   );
   const updateTask = db.prepare(
     'chat.finish_task',
@@ -286,67 +418,57 @@ export function createChatStore(db: Database, hooks: { onCommit?: (seconds: numb
   );
   const selectTask = db.prepare<TaskRow>(
     'chat.task',
-    `SELECT t.task_id, t.conversation_id, t.user_id, t.status, t.created_at, coalesce(m.text, t.failed_text) AS text,
-       t.finished_at, t.reply_message_id, t.finish_reason, t.error_code, t.error_message, t.prompt_tokens,
-       t.completion_tokens, t.cached, t.delta_lengths, t.queue_ms, t.first_token_ms, t.total_ms
-       FROM tasks t LEFT JOIN messages m ON m.message_id = t.reply_message_id WHERE t.task_id = ?`,
+    `SELECT ${TASK_ROW_COLUMNS} FROM tasks t LEFT JOIN messages m ON m.message_id = t.reply_message_id WHERE t.task_id = ?`,
   );
   const failTask = db.prepare(
     'chat.fail_task',
     "UPDATE tasks SET status = 'error', error_code = 'internal', finished_at = ? WHERE task_id = ? AND status IN ('queued', 'running')",
   );
-  const failUnfinished = db.prepare(
+  const failUnfinishedTask = db.prepare(
+    'chat.fail_unfinished',
+    "UPDATE tasks SET status = 'error', error_code = ?, error_message = ?, finished_at = ? WHERE task_id = ? AND status IN ('queued', 'running')",
+  );
+  const recoverUnfinished = db.prepare(
     'chat.recover_unfinished',
     "UPDATE tasks SET status = 'error', error_code = 'internal', finished_at = ? WHERE status IN ('queued', 'running')",
   );
 
+  /** Writes the rows of one beginChat (see BeginRows), inside the group commit. */
+  function writeBegin(rows: BeginRows): BeganChat {
+    const { conversation: c, task: t, createdAt: now } = rows;
+    if (c.isNew) insertConversation.run(c.conversationId, c.userId, now, now);
+    else if (!c.create || insertConversationIfMissing.run(c.conversationId, c.userId, now, now).changes === 0) {
+      // A conversation the client named may have been made by another user since the caller checked.
+      if (c.create && selectOwner.get(c.conversationId)?.user_id !== c.userId) throw new AppError('forbidden', 'this conversation belongs to another user');
+      touchConversation.run(now, c.conversationId);
+    }
+    for (const m of rows.messages) insertMessage.run(m.messageId, c.conversationId, m.role, m.text, t.taskId, now);
+    insertTask.run(
+      t.taskId,
+      c.conversationId,
+      t.userId,
+      t.userMessageId,
+      t.status,
+      t.finishReason,
+      t.replyMessageId,
+      t.promptTokens,
+      t.completionTokens,
+      t.cached ? 1 : 0,
+      now,
+      t.finishedAt,
+    );
+    return rows.began;
+  }
+
   return {
     beginChat(input) {
-      const now = Date.now();
-      const messageId = input.replyTo ?? newId('msg_', 12);
-      let conversationId = input.conversationId;
-      let isNew = false;
-      if (conversationId === undefined) {
-        conversationId = newId('conv_', 12);
-        isNew = true;
-      }
-      const convId = conversationId;
-      const reply = input.knownReply;
-      const replyId = reply ? newId('msg_', 12) : undefined;
-      return batcher.enqueue(() => {
-        if (isNew) insertConversation.run(convId, input.userId, now, now);
-        else if (!input.createConversation || insertConversationIfMissing.run(convId, input.userId, now, now).changes === 0) {
-          // A conversation the client named may have been made by another user since the caller checked.
-          if (input.createConversation && selectOwner.get(convId)?.user_id !== input.userId) {
-            throw new AppError('forbidden', 'this conversation belongs to another user');
-          }
-          touchConversation.run(now, convId);
-        }
-        if (input.replyTo === undefined) insertMessage.run(messageId, convId, 'user', input.text, input.taskId, now);
-        if (reply && replyId) {
-          insertAnsweredTask.run(
-            input.taskId,
-            convId,
-            input.userId,
-            messageId,
-            reply.finishReason,
-            replyId,
-            reply.promptTokens,
-            reply.completionTokens,
-            now,
-            now,
-          );
-          insertMessage.run(replyId, convId, 'assistant', reply.text, input.taskId, now);
-          return { conversationId: convId, messageId, createdAt: now, replyMessageId: replyId };
-        }
-        insertTask.run(input.taskId, convId, input.userId, messageId, now);
-        return { conversationId: convId, messageId, createdAt: now };
-      });
+      const rows = beginRows(input, Date.now());
+      return batcher.enqueue(() => writeBegin(rows));
     },
 
     finishTask(input) {
       const now = Date.now();
-      const replyId = input.status === 'error' ? null : newId('msg_', 12);
+      const replyId = input.status === 'error' ? null : newMessageId();
       const written = batcher.enqueue(() => {
         if (replyId !== null) {
           insertMessage.run(replyId, input.conversationId, 'assistant', input.text, input.taskId, now);
@@ -372,7 +494,7 @@ export function createChatStore(db: Database, hooks: { onCommit?: (seconds: numb
         );
         return replyId;
       });
-      written.catch(() => rememberUnrecorded(input.taskId, now));
+      written.catch(() => unrecorded.remember(input.taskId, now));
       return written;
     },
 
@@ -382,58 +504,45 @@ export function createChatStore(db: Database, hooks: { onCommit?: (seconds: numb
       });
     },
 
-    conversationOwner(conversationId) {
+    async conversationOwner(conversationId) {
       return selectOwner.get(conversationId)?.user_id;
     },
 
-    context(conversationId, limit) {
+    async context(conversationId, limit) {
       return selectContext
         .all(conversationId, limit)
         .reverse()
         .map((r) => ({ role: r.role, content: r.text }));
     },
 
-    lastUserTurn(conversationId, limit) {
+    async lastUserTurn(conversationId, limit) {
       const last = selectLastUserMessage.get(conversationId);
       if (last === undefined) return undefined;
       const context = limit === 0 ? [] : selectContextBefore.all(conversationId, last.seq, limit);
       return { messageId: last.message_id, text: last.text, context: context.reverse().map((r) => ({ role: r.role, content: r.text })) };
     },
 
-    history(conversationId, before, limit) {
+    async history(conversationId, before, limit) {
       let beforeSeq = Number.MAX_SAFE_INTEGER;
       if (before !== undefined) {
         const row = selectSeq.get(before, conversationId);
-        if (!row) throw new AppError('not_found', `no message ${before} in this conversation`);
+        if (!row) throw noMessageBefore(before);
         beforeSeq = row.seq;
       }
-      const rows = selectHistory.all(conversationId, beforeSeq, limit + 1);
-      const hasMore = rows.length > limit;
-      const page = rows.slice(0, limit).reverse();
-      return {
-        messages: page.map((r) => ({ messageId: r.message_id, role: r.role, text: r.text, createdAt: iso(r.created_at) })),
-        hasMore,
-      };
+      return historyPage(selectHistory.all(conversationId, beforeSeq, limit + 1), limit);
     },
 
-    task(taskId) {
+    async task(taskId) {
       const row = selectTask.get(taskId);
-      if (!row) return undefined;
-      const task: StoredTask = {
-        taskId: row.task_id,
-        conversationId: row.conversation_id,
-        userId: row.user_id,
-        status: row.status,
-        text: row.text ?? '',
-        createdAt: row.created_at,
-      };
-      const replay = replayOf(row);
-      if (replay !== undefined) task.replay = replay;
-      return task;
+      return row ? storedTaskOf(row) : undefined;
     },
 
-    recoverUnfinished() {
-      return failUnfinished.run(Date.now()).changes;
+    async recoverUnfinished() {
+      return recoverUnfinished.run(Date.now()).changes;
+    },
+
+    async failUnfinished(taskId, code, message) {
+      return failUnfinishedTask.run(code, message, Date.now(), taskId).changes > 0;
     },
 
     flush: () => batcher.flush(),
@@ -443,9 +552,9 @@ export function createChatStore(db: Database, hooks: { onCommit?: (seconds: numb
     get unrecordedEnds() {
       return unrecorded.size;
     },
-    close() {
-      closed = true;
-      clearTimeout(retryTimer);
+    async close() {
+      batcher.flush();
+      unrecorded.close();
     },
   };
 }

@@ -2,18 +2,18 @@ import type { ChatLimits } from '../chat/ports.js';
 import { AppError } from '../protocol/index.js';
 import type { RateLimits } from './rate-limits.js';
 
-/** The rate limits in the shape the chat service asks for; every refusal is counted by bucket (`refused`). */
+/** The rate limits in the shape the chat service asks for (answered at once); every refusal is counted by bucket (`refused`). */
 export function createChatLimits(limits: RateLimits, refused: (bucket: string) => void): ChatLimits {
   return {
     chat: (userId) => {
       const d = limits.chat(userId);
       if (!d.ok) refused(d.bucket);
-      return d;
+      return Promise.resolve(d);
     },
     reserveModelTokens: (userId, maxTokens) => {
       const d = limits.reserveModelTokens(userId, maxTokens);
       if (!d.ok) refused(d.bucket);
-      return d;
+      return Promise.resolve(d);
     },
   };
 }

@@ -82,6 +82,22 @@ export function createMetrics() {
     cacheHits: new Counter({ name: 'chatwire_cache_hits_total', help: 'Replies served from the response cache', registers: [registry] }),
     cacheMisses: new Counter({ name: 'chatwire_cache_misses_total', help: 'Cacheable requests not found in the response cache', registers: [registry] }),
     cacheBytes: new Gauge({ name: 'chatwire_cache_bytes', help: 'Bytes held by the response cache', registers: [registry] }),
+    redisUp: new Gauge({
+      name: 'chatwire_redis_up',
+      help: 'Cluster mode: 1 while Redis answers, 0 while the node runs degraded on its own buckets, cache and single-flight',
+      registers: [registry],
+    }),
+    redisFallbacks: new Counter({
+      name: 'chatwire_redis_fallbacks_total',
+      help: 'Cluster mode: operations answered by the node alone because Redis did not (by part)',
+      labelNames: ['part'],
+      registers: [registry],
+    }),
+    nodesLost: new Counter({
+      name: 'chatwire_tasks_node_lost_total',
+      help: 'Cluster mode: tasks this node ended node_lost because the node running them stopped renewing its lease',
+      registers: [registry],
+    }),
     retainedTaskBytes: new Gauge({
       name: 'chatwire_retained_task_bytes',
       help: 'Heap bytes held by finished tasks kept in memory for resume (bounded by CHATWIRE_TASK_RETENTION_MAX_BYTES)',

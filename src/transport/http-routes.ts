@@ -21,6 +21,7 @@ import { callerAddress, identifyPending, takeUserSlot } from './connection.js';
 import type { TransportDeps } from './deps.js';
 import { captureRequest, errorBody, etagMatches, parseJsonBody, readBody, Responder, strongEtag, type RequestInfo } from './http-io.js';
 import { attachAiSdkRoutes } from './ai-sdk-routes.js';
+import { attachOpenAIRoutes } from './openai-routes.js';
 import { chargeEgress, historyBytes, taskBytes } from './session.js';
 import { renderStaticRoute, staticAssets } from './static.js';
 import { TaskEventStream, type SseEncoding } from './task-event-stream.js';
@@ -102,10 +103,13 @@ export interface Routes {
    */
   unidentifiedLimitHeaders: Record<string, string>;
   commonHeaders(info: RequestInfo): Record<string, string>;
-  /** Who the caller is; while its token is checked the request holds a place among the unauthenticated (deps.admission). */
-  identify(info: RequestInfo): Promise<Identity>;
+  /**
+   * Who the caller is; while its token is checked the request holds a place among the unauthenticated (deps.admission).
+   * `user`: the open-mode user id a route read from its body, in place of `?user=`.
+   */
+  identify(info: RequestInfo, user?: string): Promise<Identity>;
   /** Identifies the caller and takes one request from its bucket; `onHeaders` gets the RateLimit fields either way. */
-  admit(info: RequestInfo, onHeaders: (headers: Record<string, string>) => void): Promise<Identity>;
+  admit(info: RequestInfo, onHeaders: (headers: Record<string, string>) => void, user?: string): Promise<Identity>;
   /** `status` overrides the code's own HTTP status: only the 405 does, whose condition the code table has no row for. */
   sendError(responder: Responder, info: RequestInfo, err: unknown, extra?: Record<string, string>, status?: number): void;
 }
@@ -121,7 +125,8 @@ function commonHeaders(deps: TransportDeps, info: RequestInfo): Record<string, s
   const allow = corsOrigin(deps, info.headers.get('origin'));
   if (allow) {
     h['access-control-allow-origin'] = allow;
-    h['access-control-expose-headers'] = 'RateLimit, RateLimit-Policy, Retry-After, ETag';
+    h['access-control-expose-headers'] =
+      'RateLimit, RateLimit-Policy, Retry-After, ETag, retry-after-ms, x-request-id, Cache-Status, x-chatwire-conversation-id';
     if (allow !== '*') h.vary = 'Origin';
   }
   return h;
@@ -137,20 +142,20 @@ function createRoutes(app: TemplatedApp, deps: TransportDeps): Routes {
     v1Routes: [],
     unidentifiedLimitHeaders: deps.rateLimitHeaders(null),
     commonHeaders: (info) => commonHeaders(deps, info),
-    identify(info) {
+    identify(info, user) {
       const address = callerAddress(deps, info.remoteAddress, info.headers.get('x-forwarded-for'));
       const pending = deps.admission.admit(address);
       if (!pending.ok) return Promise.reject(pending.error);
       return identifyPending(deps, pending.slot, {
         token: tokenFromAuthorization(info.headers.get('authorization')) ?? info.query.get('token') ?? undefined,
-        user: info.query.get('user') ?? undefined,
+        user: user ?? info.query.get('user') ?? undefined,
         connectionId: `http${++nextAnon}`,
         address,
         request: { transport: 'http', headers: info.headers, query: info.query },
       });
     },
-    async admit(info, onHeaders) {
-      const caller = await routes.identify(info);
+    async admit(info, onHeaders, user) {
+      const caller = await routes.identify(info, user);
       const limited = deps.httpLimit(caller.userId);
       onHeaders(deps.rateLimitHeaders(caller.userId));
       if (!limited.ok) {
@@ -247,7 +252,7 @@ function attachV1Routes(routes: Routes): void {
   });
 
   v1('get', '/v1/tasks/:taskId', 1, async (caller, info) => {
-    const task = chat.task(caller, info.params[0] as string);
+    const task = await chat.task(caller, info.params[0] as string);
     chargeEgress(deps.session, caller.userId, taskBytes(task));
     const final = task.status === 'done' || task.status === 'error' || task.status === 'cancelled';
     return { status: 200, body: task, cacheControl: final ? FRESHNESS.final : FRESHNESS.live };
@@ -255,7 +260,7 @@ function attachV1Routes(routes: Routes): void {
 
   v1('get', '/v1/conversations/:conversationId/messages', 1, async (caller, info) => {
     const q = parseQuery(HistoryQuerySchema, info.query);
-    const page = chat.history(caller, info.params[0] as string, q.before, q.limit ?? 50);
+    const page = await chat.history(caller, info.params[0] as string, q.before, q.limit ?? 50);
     chargeEgress(deps.session, caller.userId, historyBytes(page));
     return { status: 200, body: page };
   });
@@ -321,6 +326,8 @@ function attachTaskStream(routes: Routes): void {
         if (!responder.open) return releaseSlot();
         const stream = new TaskEventStream(res, responder, routes.streams, releaseSlot, V1_TASK_EVENTS);
         await stream.subscribe(deps.chat, caller, info.params[0] as string, fromSeq, (bytes) => chargeEgress(deps.session, caller.userId, bytes));
+        // The client may have gone while the task was looked up: let go of its slot and subscription.
+        if (!responder.open) return stream.end();
         stream.start({
           ...routes.commonHeaders(info),
           ...limitHeaders,
@@ -348,7 +355,7 @@ function attachPreflight(routes: Routes): void {
     const headers = {
       ...routes.commonHeaders(info),
       'access-control-allow-methods': 'GET, POST, OPTIONS',
-      'access-control-allow-headers': 'authorization, content-type, last-event-id, if-none-match',
+      'access-control-allow-headers': 'authorization, content-type, last-event-id, if-none-match, x-chatwire-conversation-id, x-chatwire-cache',
       'access-control-max-age': '600',
     };
     if (!isV1Path(info.url)) {
@@ -445,6 +452,7 @@ export function attachHttpRoutes(app: TemplatedApp, deps: TransportDeps): { clos
   attachV1Routes(routes);
   attachTaskStream(routes);
   attachAiSdkRoutes(routes);
+  attachOpenAIRoutes(routes);
   attachPreflight(routes);
   attachProbes(routes);
   for (const asset of staticAssets()) {

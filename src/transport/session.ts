@@ -222,12 +222,12 @@ export class Session {
     const caller = this.identity;
     const { type: _type, id, ...body } = message;
     const receivedAt = performance.now();
-    return chat.send(caller, body, receivedAt).then(({ ack, task }) => {
+    return chat.send(caller, body, receivedAt).then((sent) => {
       // The ack and whatever the task already has (all of a cache hit) leave in one write.
       const ackAndStream = () => {
-        reply(this.withId({ type: 'chat.ack', ...ack }, id));
+        reply(this.withId({ type: 'chat.ack', ...sent.ack }, id));
         if (this.closed) return;
-        this.track(task.taskId, chat.subscribe(caller, task.taskId, 0, this.sink));
+        this.track(sent.task.taskId, sent.subscribe(this.sink));
       };
       if (this.sink.cork && !this.closed) this.sink.cork(ackAndStream);
       else ackAndStream();
@@ -235,9 +235,13 @@ export class Session {
   }
 
   /** chat.resume: the replay from `fromSeq` is charged to the user's egress, then streamed with what follows. */
-  private resume(message: Extract<ClientMessage, { type: 'chat.resume' }>, reply: Reply): void {
+  private async resume(message: Extract<ClientMessage, { type: 'chat.resume' }>, reply: Reply): Promise<void> {
     const caller = this.identity;
-    const sub = this.deps.chat.subscribe(caller, message.taskId, message.fromSeq, this.sink);
+    const sub = await this.deps.chat.subscribe(caller, message.taskId, message.fromSeq, this.sink);
+    if (this.closed) {
+      sub.close();
+      return;
+    }
     try {
       chargeEgress(this.deps, caller.userId, replayBytes(sub.task, message.fromSeq));
     } catch (err) {
@@ -255,23 +259,19 @@ export class Session {
       case 'chat.send':
         return this.send(message, reply);
       case 'chat.cancel':
-        chat.cancel(caller, message.taskId);
-        reply(this.withId({ type: 'ok' }, message.id));
-        return;
+        return chat.cancel(caller, message.taskId).then(() => reply(this.withId({ type: 'ok' }, message.id)));
       case 'chat.resume':
         return this.resume(message, reply);
-      case 'task.get': {
-        const task = chat.task(caller, message.taskId);
-        chargeEgress(this.deps, caller.userId, taskBytes(task));
-        reply(this.withId({ type: 'task', task }, message.id));
-        return;
-      }
-      case 'conversation.history': {
-        const page = chat.history(caller, message.conversationId, message.before, message.limit ?? 50);
-        chargeEgress(this.deps, caller.userId, historyBytes(page));
-        reply(this.withId({ type: 'conversation.history', ...page }, message.id));
-        return;
-      }
+      case 'task.get':
+        return chat.task(caller, message.taskId).then((task) => {
+          chargeEgress(this.deps, caller.userId, taskBytes(task));
+          reply(this.withId({ type: 'task', task }, message.id));
+        });
+      case 'conversation.history':
+        return chat.history(caller, message.conversationId, message.before, message.limit ?? 50).then((page) => {
+          chargeEgress(this.deps, caller.userId, historyBytes(page));
+          reply(this.withId({ type: 'conversation.history', ...page }, message.id));
+        });
       case 'requests.list': {
         const { type, id, ...query } = message;
         return marketplace.requestsListJson(caller, query).then((page) => reply(pageReply(type, page, id)));

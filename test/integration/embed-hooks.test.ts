@@ -270,11 +270,11 @@ test('chat handle: send on a user behalf, subscribe to its deltas, cancel; the u
     const ack = await chatwire.chat.send({ userId: 'dora' }, { text: 'from the server' });
     assert.match(ack.taskId, /^task_/);
     const messages: TaskMessage[] = [];
-    const finished = new Promise<void>((resolve) => {
-      chatwire.chat.subscribe({ userId: 'dora' }, ack.taskId, (m) => {
-        messages.push(m);
-        if (m.type !== 'chat.delta') resolve();
-      });
+    let done = () => {};
+    const finished = new Promise<void>((resolve) => (done = resolve));
+    await chatwire.chat.subscribe({ userId: 'dora' }, ack.taskId, (m) => {
+      messages.push(m);
+      if (m.type !== 'chat.delta') done();
     });
     // The user's own connection can follow the same task.
     const ws = await WsClient.connect(`${base.replace('http', 'ws')}/ws`, { user: 'dora' });
@@ -284,13 +284,15 @@ test('chat handle: send on a user behalf, subscribe to its deltas, cancel; the u
     assert.equal(messages.at(-1)?.type, 'chat.done');
     const text = messages.flatMap((m) => (m.type === 'chat.delta' ? [m.text] : [])).join('');
     assert.equal(text, seen.text);
-    assert.equal(chatwire.chat.task({ userId: 'dora' }, ack.taskId).status, 'done');
+    assert.equal((await chatwire.chat.task({ userId: 'dora' }, ack.taskId)).status, 'done');
     // Another user may not see it.
-    assert.throws(() => chatwire.chat.task({ userId: 'eve' }, ack.taskId), /belongs to another user/);
+    await assert.rejects(chatwire.chat.task({ userId: 'eve' }, ack.taskId), /belongs to another user/);
 
     const long = await chatwire.chat.send({ userId: 'dora' }, { text: 'a long one', params: { maxTokens: 500 } });
-    const ended = new Promise<TaskMessage>((resolve) => chatwire.chat.subscribe({ userId: 'dora' }, long.taskId, (m) => m.type !== 'chat.delta' && resolve(m)));
-    chatwire.chat.cancel({ userId: 'dora' }, long.taskId);
+    let ending: (m: TaskMessage) => void = () => {};
+    const ended = new Promise<TaskMessage>((resolve) => (ending = resolve));
+    await chatwire.chat.subscribe({ userId: 'dora' }, long.taskId, (m) => m.type !== 'chat.delta' && ending(m));
+    await chatwire.chat.cancel({ userId: 'dora' }, long.taskId);
     const end = await ended;
     assert.equal(end.type, 'chat.done');
     assert.equal((end as { finishReason: string }).finishReason, 'cancelled');

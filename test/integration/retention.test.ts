@@ -48,8 +48,11 @@ async function sseData(server: TestServer, taskId: string, user: string, lastEve
 
 async function resumeWs(c: WsClient, frames: string[], taskId: string, fromSeq: number): Promise<string[]> {
   const start = frames.length;
-  assert.equal((await c.request({ type: 'chat.resume', taskId, fromSeq })).type, 'ok');
+  const id = `resume-${fromSeq}`;
+  assert.equal((await c.request({ type: 'chat.resume', id, taskId, fromSeq })).type, 'ok');
   await c.collect(taskId);
+  // The ok goes out before the replay, also when the task had to be read from storage first.
+  assert.equal((JSON.parse(frames[start] as string) as Msg).id, id);
   return taskFrames(frames.slice(start), taskId);
 }
 

@@ -58,10 +58,12 @@ test('the OpenAPI document is 3.1, every $ref in it resolves, and it covers the 
       .reduce<unknown>((node, key) => (node as Record<string, unknown> | undefined)?.[key], api);
     assert.ok(target !== undefined, `unresolved ${r}`);
   }
-  // The routes as http-routes.ts registers them (`:param` there, `{param}` here).
-  const source = read('src/transport/http-routes.ts');
-  const registered = [...source.matchAll(/(?:v1\('(?:get|post)',|app\.get\()\s*'(\/v1\/[^']+)'/g)].map((m) => (m[1] as string).replace(/:(\w+)/g, '{$1}'));
-  assert.ok(registered.length >= 7);
+  // The routes as http-routes.ts and openai-routes.ts register them (`:param` there, `{param}` here).
+  const source = read('src/transport/http-routes.ts') + read('src/transport/openai-routes.ts');
+  const registered = [...source.matchAll(/(?:v1\('(?:get|post)',|app\.(?:get|post)\()\s*'(\/v1\/[^']+)'/g)].map((m) =>
+    (m[1] as string).replace(/:(\w+)/g, '{$1}'),
+  );
+  assert.ok(registered.length >= 9);
   for (const route of registered) assert.ok(route in api.paths, `${route} is not in docs/openapi.json`);
   const aiSdk = [...read('src/transport/ai-sdk-routes.ts').matchAll(/aiSdkRoute\(routes, '(?:get|post)', '(\/api\/chat[^']*)'/g)].map((m) =>
     (m[1] as string).replace(/:(\w+)/g, '{$1}'),

@@ -149,3 +149,20 @@ test('an ended task replays from any seq exactly the deltas a live subscriber wa
     assert.equal(later.frames().at(-1)?.type, 'chat.done');
   }
 });
+
+test("a subscription is sent nothing, not its task's text and not its end, before its owner's first pump", async () => {
+  const task = newTask();
+  const p = peer();
+  // The owner subscribes, then replies to its client (chat.resume's ok) before it pumps.
+  const sub = task.subscribe(p.sink, 0);
+  task.pushDelta('early');
+  await nextTurn();
+  task.end(doneOf('t1'), 'done');
+  assert.deepEqual(p.frames(), []);
+  sub.pump();
+  assert.deepEqual(
+    p.frames().map((m) => m.type),
+    ['chat.delta', 'chat.done'],
+  );
+  assert.equal(sub.closed, true);
+});
