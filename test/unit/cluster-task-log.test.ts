@@ -283,6 +283,27 @@ function contract(name: string, makeCluster: () => Promise<Cluster>, options: ()
       }
     });
 
+    it('a log longer than one write or one read carries (appended in one turn, read in pages)', opts, async () => {
+      const cluster = await makeCluster();
+      try {
+        const [a, b] = [await cluster.node(), await cluster.node()];
+        const { writer, meta } = await openTask(a);
+        const early = follow(b, meta.taskId, 0);
+        const count = 2600;
+        for (let seq = 0; seq < count; seq++) writer.append(seq, textOf(seq));
+        writer.end(done(meta.taskId));
+        assert.equal(await a.flush(), true);
+        const late = [0, 999, 1001, 2599].map((from) => follow(b, meta.taskId, from));
+        for (const reader of [early, ...late]) {
+          await ended(reader);
+          assertExact(reader, count, done(meta.taskId));
+        }
+        assert.equal((await b.snapshot(meta.taskId))?.seq, count);
+      } finally {
+        await cluster.close();
+      }
+    });
+
     it('the terminal message is written once: a second end and later appends are ignored', opts, async () => {
       const cluster = await makeCluster();
       try {
