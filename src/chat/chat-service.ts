@@ -607,9 +607,9 @@ export function createChatService(options: ChatServiceOptions): ChatService {
    * from another node cancels it here; a lease this node lost (Redis gone for longer than it) ends it as the other
    * nodes saw it end: node_lost.
    */
-  function publish(task: Task): void {
+  function publish(task: Task): Promise<boolean> | undefined {
     const log = options.taskLog;
-    if (log === undefined) return;
+    if (log === undefined) return undefined;
     const writer: TaskLogWriter = log.open(
       { taskId: task.taskId, userId: task.userId, conversationId: task.conversationId, createdAt: task.createdAt },
       {
@@ -626,6 +626,7 @@ export function createChatService(options: ChatServiceOptions): ChatService {
       },
     );
     task.publishTo(writer);
+    return writer.opened;
   }
 
   async function sendCounted(caller: Identity, body: Omit<ChatSendBody, 'id'>, receivedAt: number, sendOptions: SendOptions): Promise<SendResult> {
@@ -647,11 +648,14 @@ export function createChatService(options: ChatServiceOptions): ChatService {
     });
     const task = new Task(taskId, userId, began.conversationId, receivedAt, began.createdAt, plan.kind === 'cached', pumps);
     tasks.set(taskId, task);
-    publish(task);
+    // Readers on other nodes can find the task once its log is open: the ack waits for that (not for Redis being
+    // up: `opened` says false at once when it is down).
+    const logged = publish(task);
     latestByConversation.set(began.conversationId, task);
     running.add(task);
-    metrics.ackLatency.observe((performance.now() - receivedAt) / 1000);
     startReply(task, plan, flight, reservation, promptTokens, began.replyMessageId);
+    if (logged !== undefined) await logged;
+    metrics.ackLatency.observe((performance.now() - receivedAt) / 1000);
     return {
       task,
       source: plan.kind === 'cached' ? 'cache' : plan.kind === 'join' ? 'joined' : 'model',

@@ -53,14 +53,14 @@ export function openRedis(url: string, options: OpenRedisOptions = {}): RedisHub
     autoResubscribe: true,
   };
   const command = new Redis(url, { ...settings, connectionName: 'chatwire' });
-  // The subscriber queues its SUBSCRIBE commands until it is ready: they are not requests a caller waits on.
-  // No ready check on it: its INFO could land on a connection already in subscriber mode, where only subscriber
-  // commands may be sent.
+  // The subscriber queues its SUBSCRIBE commands until it is ready: they are not requests a caller waits on. No ready
+  // check: ioredis sends a SUBSCRIBE as soon as the socket connects, and the INFO of a ready check sent after it fails
+  // (subscriber mode), which cut the connection and lost what was published until it was back.
   const subscriber = new Redis(url, {
     ...settings,
     enableOfflineQueue: true,
-    enableReadyCheck: false,
     maxRetriesPerRequest: null,
+    enableReadyCheck: false,
     connectionName: 'chatwire-bus',
   });
   const listeners = new Set<(state: RedisState) => void>();

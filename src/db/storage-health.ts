@@ -41,7 +41,28 @@ const ERRNO_CAUSES: Record<string, string> = {
   EACCES: 'permission denied (EACCES)',
   EPERM: 'operation not permitted (EPERM)',
   EIO: 'I/O error (EIO)',
+  // A database across the network (PostgreSQL in cluster mode) that cannot be reached.
+  ECONNREFUSED: 'database unreachable (ECONNREFUSED)',
+  ECONNRESET: 'database connection reset (ECONNRESET)',
+  ETIMEDOUT: 'database unreachable (ETIMEDOUT)',
+  EHOSTUNREACH: 'database unreachable (EHOSTUNREACH)',
+  ENOTFOUND: 'database host not found (ENOTFOUND)',
+  EPIPE: 'database connection broken (EPIPE)',
+  // The `postgres` package's own connection errors.
+  CONNECTION_CLOSED: 'database connection closed',
+  CONNECTION_DESTROYED: 'database connection destroyed',
+  CONNECTION_ENDED: 'database connection ended',
+  CONNECT_TIMEOUT: 'database unreachable (connect timeout)',
 };
+
+// PostgreSQL SQLSTATEs whose cause is the server's state, not the statement: connection exceptions (class 08),
+// insufficient resources (53), the server shutting down or starting (57P01-57P03), a read-only replica (25006).
+const PG_CAUSES: [prefix: string, cause: string][] = [
+  ['08', 'database connection failed'],
+  ['53', 'database out of resources'],
+  ['57P0', 'database shutting down or starting'],
+  ['25006', 'database read-only'],
+];
 
 // SQLite result codes (better-sqlite3's SqliteError.code) whose cause is the storage, not the statement.
 const SQLITE_CAUSES: [prefix: string, cause: string][] = [
@@ -61,6 +82,10 @@ export function describeStorageError(err: unknown): string | undefined {
   const code = (err as { code?: unknown } | null)?.code;
   if (typeof code !== 'string') return undefined;
   if (code in ERRNO_CAUSES) return ERRNO_CAUSES[code];
+  if (/^[0-9A-Z]{5}$/.test(code)) {
+    for (const [prefix, cause] of PG_CAUSES) if (code.startsWith(prefix)) return `${cause} (${code})`;
+    return undefined;
+  }
   for (const [prefix, cause] of SQLITE_CAUSES) {
     if (code === prefix || code.startsWith(`${prefix}_`)) return cause === 'I/O error' ? `I/O error (${code})` : cause;
   }

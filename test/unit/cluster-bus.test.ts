@@ -90,6 +90,31 @@ describe('node bus over Redis: one subscription per node', async () => {
     bus.close();
   });
 
+  it('a subscribe made the moment the subscriber connection comes up takes effect without cutting it', opts, async () => {
+    const hub = await openTestRedis();
+    const bus = createRedisBus(hub);
+    const errors: string[] = [];
+    hub.subscriber.on('error', (err: Error) => errors.push(err.message));
+    let cuts = 0;
+    const offResync = bus.onResync(() => cuts++);
+    // Subscribed between the socket's connect and its ready: ioredis sends the SUBSCRIBE at once.
+    const early = await new Promise<ReturnType<typeof collect>>((resolve) => {
+      hub.subscriber.once('connect', () => resolve(collect(bus, 'early')));
+      hub.subscriber.disconnect(true);
+    });
+    await bus.subscribed();
+    const arrived = early.next();
+    assert.equal(await bus.publish('early', 'first message'), true);
+    assert.equal(await arrived, 'first message');
+    await settle();
+    assert.deepEqual(errors, []);
+    // The one reconnect is the one this test made.
+    assert.equal(cuts, 1);
+    early.off();
+    offResync();
+    bus.close();
+  });
+
   it('tells its listeners to resync after the subscriber connection is cut and comes back', opts, async () => {
     const hub = await openTestRedis();
     const bus = createRedisBus(hub);
