@@ -236,9 +236,13 @@ export async function runClusterLoad(): Promise<number> {
             counts.resentAfterConnectionLost++;
             continue;
           }
-          if (code !== 'closed') countError(code);
+          if (code === 'connection_lost' || code === 'closed') {
+            // Not acknowledged: its outcome is unknown to the client, and nothing was promised.
+            counts.unanswered++;
+            return;
+          }
+          countError(code);
           ledger.refuse(code);
-          counts.unanswered++;
           return;
         }
       }
@@ -430,7 +434,10 @@ export async function runClusterLoad(): Promise<number> {
       ['client reconnects / moved to another node / streams resumed', `${counts.reconnects} / ${counts.movedToAnotherNode} / ${counts.resumedStreams}`],
       ['node_lost ends / retried as new chats', `${counts.nodeLost} / ${counts.retriedAfterNodeLost}`],
       ['node_lost heard after the kill ms p50 / max', counts.nodeLost > 0 ? `${lostAfterKill.p50} / ${Math.max(...nodeLostAfterKillMs)}` : '-'],
-      ['sends repeated after connection_lost / answered as duplicates', `${counts.resentAfterConnectionLost} / ${counts.duplicateAcks}`],
+      [
+        'sends cut off before their ack: sent again (same clientMessageId) / answered as duplicates / left unanswered',
+        `${counts.resentAfterConnectionLost} / ${counts.duplicateAcks} / ${counts.unanswered}`,
+      ],
       ['cache hits (acks with status cached)', String(counts.cachedAcks)],
       ['cancels sent / chats ended cancelled', `${counts.cancelsSent} / ${counts.cancelled}`],
       ['errors by code', errorList],
@@ -465,6 +472,7 @@ export async function runClusterLoad(): Promise<number> {
       retriedAfterNodeLost: counts.retriedAfterNodeLost,
       resentAfterConnectionLost: counts.resentAfterConnectionLost,
       duplicateAcks: counts.duplicateAcks,
+      unansweredSends: counts.unanswered,
       cachedAcks: counts.cachedAcks,
       cancels: { sent: counts.cancelsSent, ended: counts.cancelled },
       errors,
