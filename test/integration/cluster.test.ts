@@ -418,12 +418,15 @@ describe('cluster mode: Redis stopped and started again under traffic', options,
     await deltas(a, long.taskId as string, 2);
     await redis.stop();
 
+    // Ready all along: every /readyz answer from here to Redis's return is a 200.
+    const notReady: string[] = [];
+    const watched = (n: ClusterNode) => async () => {
+      const r = await readyz(n);
+      if (r.status !== 200) notReady.push(`node ${n.name}: ${r.status} ${r.body}`);
+      return r;
+    };
     for (const n of nodes) {
-      const r = await waitFor(
-        `node ${n.name}: /readyz 200 with redis degraded`,
-        () => readyz(n),
-        (x) => x.status === 200 && /"redis":"degraded"/.test(x.body),
-      );
+      const r = await waitFor(`node ${n.name}: /readyz 200 with redis degraded`, watched(n), (x) => /"redis":"degraded"/.test(x.body));
       assert.equal(r.status, 200);
     }
     // Every node still takes and answers chats.
@@ -437,6 +440,8 @@ describe('cluster mode: Redis stopped and started again under traffic', options,
     assert.equal(tail.end.type, 'chat.done', `the chat on A through the outage ended with ${JSON.stringify(tail.end)}`);
     const all = a.received.filter((m) => m.type === 'chat.delta' && m.taskId === long.taskId) as Msg[];
     assertContiguous(all, 0, 'the reader on A through the outage');
+    for (const n of nodes) assert.match((await watched(n)()).body, /"redis":"degraded"/, `node ${n.name} while Redis is still down`);
+    assert.deepEqual(notReady, [], '/readyz stays 200 while Redis is down');
 
     await redis.start();
     for (const n of nodes) {
