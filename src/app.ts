@@ -112,6 +112,8 @@ export async function createApp(config: Config, options: AppOptions): Promise<Ap
       cache: cluster === null ? firstLevel : cluster.cache(firstLevel),
       limits: cluster === null ? createChatLimits(limits, refused) : cluster.limits(limits, refused),
       taskLog: cluster?.taskLog,
+      // A claim outlives the longest call a worker may run (the task timeout), so it never lapses under a live call.
+      sharedFlights: cluster === null ? undefined : { claims: cluster.claims, claimMs: config.taskTimeoutMs + 60_000 },
       metrics,
       log,
       provider: models.providerName,

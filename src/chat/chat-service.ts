@@ -13,13 +13,16 @@ import {
   type ChatAck,
   type ChatDone,
   type ChatSendBody,
+  type ErrorCode,
   type HistoryMessage,
   type TaskInfo,
 } from '../protocol/index.js';
 import { Flight, type FlightListener, type FlightOutcome } from './flight.js';
 import type { ChatCache, ChatLimits, LimitDecision, TokenReservation } from './ports.js';
 import { createRetention } from './retention.js';
-import { statusOf, type TaskLog, type TaskLogWriter } from '../cluster/task-log.js';
+import type { ClaimStore } from '../cluster/claims.js';
+import { statusOf, type TaskLog, type TaskLogTerminal, type TaskLogWriter } from '../cluster/task-log.js';
+import { randomBase64url } from '../random-id.js';
 import { PumpScheduler, Task, type Sink, type Subscription } from './task.js';
 
 export interface ChatServiceOptions {
@@ -47,6 +50,12 @@ export interface ChatServiceOptions {
    * a task this node does not have in memory is looked for in it (resume, task.get, cancel on any node).
    */
   taskLog?: TaskLog;
+  /**
+   * Cluster mode: single-flight across nodes. The first node to claim a request's key runs the call and publishes
+   * its chunks to a log of their own (in `taskLog`); identical requests on other nodes follow that log instead of
+   * calling the model. `claimMs` bounds a claim (the longest a model call may run).
+   */
+  sharedFlights?: { claims: ClaimStore; claimMs: number };
 }
 
 /** What a transport asks of send() beyond a chat.send body. */
@@ -134,6 +143,29 @@ function endingOf(outcome: FlightOutcome | { kind: 'cancelled' }): Ending {
   if (outcome.kind === 'error') return { status: 'error', result: null, error: outcome.error };
   if (outcome.kind === 'cancelled' || outcome.cancelled) return { status: 'cancelled', result: null, error: null };
   return { status: 'done', result: outcome.result, error: null };
+}
+
+/** A flight's outcome as the terminal message of its flight log. */
+function flightTerminal(id: string, outcome: FlightOutcome): TaskLogTerminal {
+  if (outcome.kind === 'error')
+    return { type: 'chat.error', taskId: id, code: outcome.error.code, message: outcome.error.message, retryable: outcome.error.retryable };
+  const { result, cancelled } = outcome;
+  return {
+    type: 'chat.done',
+    taskId: id,
+    messageId: id,
+    finishReason: cancelled || result === null ? 'cancelled' : result.finishReason,
+    usage: result?.usage ?? { promptTokens: 0, completionTokens: 0 },
+    cached: false,
+    timings: { queueMs: 0, firstTokenMs: null, totalMs: 0 },
+  };
+}
+
+/** The outcome a flight log's terminal message stands for. */
+function outcomeOf(terminal: TaskLogTerminal): FlightOutcome {
+  if (terminal.type === 'chat.error') return { kind: 'error', error: new AppError(terminal.code as ErrorCode, terminal.message) };
+  if (terminal.finishReason === 'cancelled') return { kind: 'end', result: null, cancelled: true };
+  return { kind: 'end', result: { finishReason: terminal.finishReason, usage: terminal.usage, usageSource: 'reported' }, cancelled: false };
 }
 
 export function createChatService(options: ChatServiceOptions): ChatService {
@@ -469,7 +501,78 @@ export function createChatService(options: ChatServiceOptions): ChatService {
     }
     // Refused (nothing held yet): rate_limited when this user's share of the queue is full, else overloaded.
     const slot = pool.reserve(userId);
-    return { kind: 'run', flight: openFlight(mode === 'bypass' ? null : key), slot, request, writeCache: mode !== 'bypass' };
+    const flight = openFlight(mode === 'bypass' ? null : key);
+    if (key !== null && mode === 'use' && (await followsOtherNode(flight, key))) {
+      // Another node runs the identical call: this one streams from its log, and needs no place in the pool.
+      slot.release();
+      return { kind: 'join', flight };
+    }
+    return { kind: 'run', flight, slot, request, writeCache: mode !== 'bypass' };
+  }
+
+  /**
+   * Cluster mode's single-flight across nodes, for a flight just opened here (local identical sends join it
+   * meanwhile): true when another node holds the call of this key, and the flight now streams from that node's
+   * flight log; false when this node claimed it (and publishes its chunks) or there is nothing to share.
+   */
+  async function followsOtherNode(flight: Flight, key: string): Promise<boolean> {
+    const shared = options.sharedFlights;
+    const log = options.taskLog;
+    if (shared === undefined || log === undefined) return false;
+    const id = `flight_${randomBase64url(16)}`;
+    const claimKey = `flight:${key}`;
+    const claim = await shared.claims.claim(claimKey, id, shared.claimMs).catch(() => ({ won: true as const }));
+    if (claim.won) {
+      publishFlight(log, flight, id, () => void shared.claims.release(claimKey, id).catch(() => {}));
+      return false;
+    }
+    // The holder opens its flight log right after its claim: give it a moment to appear before following it.
+    for (let tries = 0; tries < 20; tries++) {
+      if ((await log.meta(claim.holder)) !== undefined) {
+        followFlight(log, flight, claim.holder);
+        return true;
+      }
+      await new Promise((resolve) => setTimeout(resolve, 50));
+    }
+    // Never appeared (its node failed before its call started): this node calls the model itself.
+    publishFlight(log, flight, id, () => {});
+    return false;
+  }
+
+  /**
+   * Publishes a flight's chunks and outcome to a log of its own, for the nodes that follow it; `done` at its end.
+   * The log's lease is the flight's: when this node dies, its followers end node_lost.
+   */
+  function publishFlight(log: TaskLog, flight: Flight, id: string, done: () => void): void {
+    const writer = log.open({ taskId: id, userId: '', conversationId: '', createdAt: Date.now() }, { onCancel: () => {}, onLapsed: () => {} });
+    let seq = 0;
+    // Readers on other nodes are not holders here: a published call runs to its end (its reply is cached too),
+    // however many of this node's chats let go of it.
+    flight.hold();
+    flight.attach({
+      onStart: () => writer.markRunning(),
+      onChunk: (text) => writer.append(seq++, text),
+      onOutcome: (outcome) => {
+        writer.end(flightTerminal(id, outcome));
+        done();
+      },
+    });
+  }
+
+  /** Feeds a flight from another node's flight log: its chunks, then its outcome (node_lost when that node died). */
+  function followFlight(log: TaskLog, flight: Flight, id: string): void {
+    const stop = log.follow(id, 0, {
+      delta: (_seq, text) => {
+        flight.started();
+        flight.chunk(text);
+      },
+      end: (terminal) => {
+        flight.started();
+        flight.settle(outcomeOf(terminal));
+      },
+      gone: () => flight.settle({ kind: 'error', error: new AppError('node_lost', 'the node running the shared model call is gone') }),
+    });
+    flight.setCancel(stop);
   }
 
   /**
