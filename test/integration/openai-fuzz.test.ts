@@ -155,7 +155,7 @@ const spoiled: fc.Arbitrary<{ body: Record<string, unknown>; param: string }> = 
   fc
     .tuple(
       fc.constantFrom('max_tokens', 'max_completion_tokens'),
-      fc.oneof(fc.integer({ min: 4097 }), fc.integer({ max: 0 }), fc.double({ min: 1.1, max: 4000, noInteger: true }), fc.string()),
+      fc.oneof(fc.integer({ min: 4097 }), fc.integer({ max: 0 }), fc.double({ min: 1.1, max: 4000, noInteger: true, noNaN: true }), fc.string()),
     )
     .map(([field, value]) => ({ body: { ...VALID, max_tokens: undefined, [field]: value }, param: field })),
   fc.oneof(fc.string(), fc.integer(), fc.constant({})).map((stream) => ({ body: { ...VALID, stream }, param: 'stream' })),
