@@ -623,12 +623,10 @@ export function createChatService(options: ChatServiceOptions): ChatService {
   /** Every check of a send, in order, up to the commit; a refusal throws having given back what it took. */
   async function prepareSend(caller: Identity, body: Omit<ChatSendBody, 'id'>, sendOptions: SendOptions): Promise<PreparedSend> {
     const turn = sendOptions.regenerate ? await lastUserTurn(caller, body.conversationId) : undefined;
-    const earlier =
-      turn?.context ??
-      (sendOptions.context !== undefined
-        ? // The caller's own context (the OpenAI route): the conversation, when named, must still be the caller's.
-          (await earlierMessages(caller, body.conversationId, false), sendOptions.context)
-        : await earlierMessages(caller, body.conversationId, sendOptions.createConversation === true));
+    // The caller's own context (the OpenAI route) replaces the stored one; the conversation, when named, must
+    // still be the caller's.
+    const stored = turn === undefined ? await earlierMessages(caller, body.conversationId, sendOptions.createConversation === true) : undefined;
+    const earlier = turn?.context ?? sendOptions.context ?? stored ?? [];
     const text = turn?.text ?? body.text;
     const request = buildRequest({ ...body, text }, earlier);
     const promptTokens = request.messages.reduce((n, m) => n + countTokens(m.content), 0);
