@@ -145,6 +145,9 @@ function endingOf(outcome: FlightOutcome | { kind: 'cancelled' }): Ending {
   return { status: 'done', result: outcome.result, error: null };
 }
 
+/** How many times (50 ms apart) a reader looks for the log of a task that storage says is running. */
+const LOG_OPEN_TRIES = 20;
+
 /** A flight's outcome as the terminal message of its flight log. */
 function flightTerminal(id: string, outcome: FlightOutcome): TaskLogTerminal {
   if (outcome.kind === 'error')
@@ -245,7 +248,13 @@ export function createChatService(options: ChatServiceOptions): ChatService {
   async function followRemote(taskId: string): Promise<Task | undefined> {
     const log = options.taskLog;
     if (log === undefined) return undefined;
-    const meta = await log.meta(taskId);
+    // Storage says it runs: its node acknowledged it, and opens its log without holding the ack for it. A reader
+    // as quick as the ack gives the log a moment to appear.
+    let meta = await log.meta(taskId);
+    for (let tries = 0; meta === undefined && tries < LOG_OPEN_TRIES && !remote.has(taskId); tries++) {
+      await new Promise((resolve) => setTimeout(resolve, 50));
+      meta = await log.meta(taskId);
+    }
     const known = remote.get(taskId);
     if (known !== undefined) return known;
     if (meta === undefined) return undefined;
@@ -527,7 +536,7 @@ export function createChatService(options: ChatServiceOptions): ChatService {
       return false;
     }
     // The holder opens its flight log right after its claim: give it a moment to appear before following it.
-    for (let tries = 0; tries < 20; tries++) {
+    for (let tries = 0; tries < LOG_OPEN_TRIES; tries++) {
       if ((await log.meta(claim.holder)) !== undefined) {
         followFlight(log, flight, claim.holder);
         return true;
@@ -708,9 +717,9 @@ export function createChatService(options: ChatServiceOptions): ChatService {
    * from another node cancels it here; a lease this node lost (Redis gone for longer than it) ends it as the other
    * nodes saw it end: node_lost.
    */
-  function publish(task: Task): Promise<boolean> | undefined {
+  function publish(task: Task): void {
     const log = options.taskLog;
-    if (log === undefined) return undefined;
+    if (log === undefined) return;
     const writer: TaskLogWriter = log.open(
       { taskId: task.taskId, userId: task.userId, conversationId: task.conversationId, createdAt: task.createdAt },
       {
@@ -727,7 +736,6 @@ export function createChatService(options: ChatServiceOptions): ChatService {
       },
     );
     task.publishTo(writer);
-    return writer.opened;
   }
 
   async function sendCounted(caller: Identity, body: Omit<ChatSendBody, 'id'>, receivedAt: number, sendOptions: SendOptions): Promise<SendResult> {
@@ -749,13 +757,12 @@ export function createChatService(options: ChatServiceOptions): ChatService {
     });
     const task = new Task(taskId, userId, began.conversationId, receivedAt, began.createdAt, plan.kind === 'cached', pumps);
     tasks.set(taskId, task);
-    // Readers on other nodes can find the task once its log is open: the ack waits for that (not for Redis being
-    // up: `opened` says false at once when it is down).
-    const logged = publish(task);
+    // Not awaited: the ack does not wait for Redis. A reader on another node that comes before the log is open
+    // waits for it (see followRemote).
+    publish(task);
     latestByConversation.set(began.conversationId, task);
     running.add(task);
     startReply(task, plan, flight, reservation, promptTokens, began.replyMessageId);
-    if (logged !== undefined) await logged;
     metrics.ackLatency.observe((performance.now() - receivedAt) / 1000);
     return {
       task,
