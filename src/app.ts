@@ -11,6 +11,7 @@ import { originPolicy } from './auth/origin-policy.js';
 import { cacheReadiness, createChatCache } from './cache/chat-cache.js';
 import { openResponseCache, type ResponseCache } from './cache/response-cache.js';
 import { createChatService, type ChatService } from './chat/chat-service.js';
+import { createLocalBus, type NodeBus } from './cluster/bus.js';
 import type { Config } from './config.js';
 import { randomBase64url } from './random-id.js';
 import { createChatStore, type ChatStore } from './db/chat-store.js';
@@ -96,6 +97,9 @@ export async function createApp(config: Config, options: AppOptions): Promise<Ap
     const { limits, egress } = openLimits(config, closers);
     const auth = createConfiguredAuth(config, (userId) => limits.admitAnonymous(userId));
     warnAboutAuthSettings(config, auth, log, options.auth !== undefined);
+    // chat.started reaches a user's other connections through the node bus (the embedded one: this process).
+    const bus = createLocalBus();
+    closers.add(() => bus.close());
     const marketplace = createMarketplaceService({ store: createSqliteMarketplaceStore(storage.db), batching: config.dbBatching });
     closers.add(() => marketplace.close());
     const chat = createChatService({
@@ -113,6 +117,7 @@ export async function createApp(config: Config, options: AppOptions): Promise<Ap
       taskRetentionMs: config.taskRetentionMs,
       taskRetentionMaxBytes: config.taskRetentionMaxBytes,
       maxRunningPerUser: config.maxRunningPerUser,
+      bus,
     });
     const { admission, buffers } = openConnectionGuards(config, log, closers);
     const deps = transportDeps({
@@ -130,6 +135,7 @@ export async function createApp(config: Config, options: AppOptions): Promise<Ap
       cache,
       pool: models.pool,
       providerName: models.providerName,
+      bus,
     });
     const server = await (options.serve ?? ((d: TransportDeps) => startHttpServer(d, config.host, config.port)))(deps);
     return appHandle(server, metrics, chat, closers);
@@ -154,11 +160,12 @@ interface Parts {
   cache: ResponseCache;
   pool: ModelPool;
   providerName: string;
+  bus: NodeBus;
 }
 
 /** What the transports are connected to: the chat and marketplace services and, per user, the limits around them. */
 function transportDeps(parts: Parts): TransportDeps {
-  const { config, metrics, log, auth, chat, marketplace, limits, egress, admission, buffers, storage, cache, pool, providerName } = parts;
+  const { config, metrics, log, auth, chat, marketplace, limits, egress, admission, buffers, storage, cache, pool, providerName, bus } = parts;
   return {
     config,
     providerName,
@@ -175,6 +182,7 @@ function transportDeps(parts: Parts): TransportDeps {
       frameRefused: (userId) => limits.frameRefused(userId),
       flooded: (userId) => limits.floodClosed(userId),
       egress: (userId, bytes) => egress.charge(userId, bytes),
+      bus,
       metrics,
       log,
     },

@@ -95,7 +95,8 @@ export const ConsumerBookingsSchema = z.strictObject({
 });
 export const ConversationsListFields = {
   limit: LimitSchema.optional(),
-  cursor: Cursor.optional(),
+  // Longer than the marketplace's: it holds a conversation id (up to 128 chars of any kind, the AI SDK's chat ids).
+  cursor: z.string().min(1).max(1500).optional(),
 };
 export const ConversationsListSchema = z.strictObject({
   type: z.literal('conversations.list'),
