@@ -2,7 +2,16 @@ import type { Logger } from 'pino';
 import type { Identity } from '../auth/identity.js';
 import type { NodeBus } from '../cluster/bus.js';
 import type { ClaimStore } from '../cluster/claims.js';
-import { IdempotencyKeyTaken, newTaskId, type BeganChat, type BeginChat, type ChatStore, type ContextMessage, type LastUserTurn, type StoredTask } from '../db/chat-store.js';
+import {
+  IdempotencyKeyTaken,
+  newTaskId,
+  type BeganChat,
+  type BeginChat,
+  type ChatStore,
+  type ContextMessage,
+  type LastUserTurn,
+  type StoredTask,
+} from '../db/chat-store.js';
 import { describeStorageError } from '../db/storage-health.js';
 import type { ModelPool, ModelRun, PoolSlot } from '../llm/pool.js';
 import { countTokens, type ModelMessage, type ModelRequest, type ModelResult } from '../llm/provider.js';

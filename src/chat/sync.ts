@@ -82,7 +82,12 @@ export async function conversationsPage(store: ChatStore, caller: Identity, quer
   const page = rows.slice(0, limit);
   const last = page.at(-1);
   return {
-    items: page.map((r) => ({ conversationId: r.conversationId, title: r.title, lastMessageAt: new Date(r.updatedAt).toISOString(), messageCount: r.messageCount })),
+    items: page.map((r) => ({
+      conversationId: r.conversationId,
+      title: r.title,
+      lastMessageAt: new Date(r.updatedAt).toISOString(),
+      messageCount: r.messageCount,
+    })),
     nextCursor: rows.length > limit && last !== undefined ? encodeConversationCursor(caller.userId, last) : null,
   };
 }

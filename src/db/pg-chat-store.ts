@@ -216,7 +216,9 @@ export function createPgChatStore(sql: Pg, options: PgChatStoreOptions): ChatSto
       const [last] = (await run(sql, 'chat.last_user_message', [conversationId])) as unknown as { seq: number; message_id: string; text: string }[];
       if (last === undefined) return undefined;
       const context =
-        limit === 0 ? [] : ((await run(sql, 'chat.context_before', [conversationId, last.seq, limit])) as unknown as { role: 'user' | 'assistant'; text: string }[]);
+        limit === 0
+          ? []
+          : ((await run(sql, 'chat.context_before', [conversationId, last.seq, limit])) as unknown as { role: 'user' | 'assistant'; text: string }[]);
       return { messageId: last.message_id, text: last.text, context: context.reverse().map((r) => ({ role: r.role, content: r.text })) };
     },
 

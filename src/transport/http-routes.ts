@@ -46,7 +46,6 @@ const RequestsQuerySchema = z.strictObject({ ...RequestsListFields, limit: Query
 const ConsumerPageQuerySchema = z.strictObject({ limit: QueryLimit, cursor: ConsumerPageFields.cursor });
 const ConversationsQuerySchema = z.strictObject({ limit: QueryLimit, cursor: ConversationsListFields.cursor });
 
-
 /** How fresh each kind of read may be kept by a client or a private cache. */
 const FRESHNESS = {
   // Conversations and tasks change whenever a chat runs: always revalidate (cheap with ETags).
@@ -372,7 +371,8 @@ function attachPreflight(routes: Routes): void {
     const headers = {
       ...routes.commonHeaders(info),
       'access-control-allow-methods': 'GET, POST, OPTIONS',
-      'access-control-allow-headers': 'authorization, content-type, last-event-id, if-none-match, x-chatwire-conversation-id, x-chatwire-cache, idempotency-key',
+      'access-control-allow-headers':
+        'authorization, content-type, last-event-id, if-none-match, x-chatwire-conversation-id, x-chatwire-cache, idempotency-key',
       'access-control-max-age': '600',
     };
     if (!isV1Path(info.url)) {

@@ -18,7 +18,7 @@ export function idempotencyKey(info: RequestInfo, inBody?: string): string | und
     });
   }
   if (inBody !== undefined && inBody !== parsed.data) {
-    throw new AppError('bad_request', 'the Idempotency-Key header and the body\'s clientMessageId differ', {
+    throw new AppError('bad_request', "the Idempotency-Key header and the body's clientMessageId differ", {
       details: [{ path: 'clientMessageId', message: 'differs from the Idempotency-Key header' }],
     });
   }
