@@ -54,9 +54,10 @@ export interface IdempotentSend {
 }
 
 /** The key of a BeginChat's idempotency record is held by another send of the user (from the last 24 hours). */
-export class IdempotencyKeyTaken extends Error {
+export class IdempotencyKeyTaken extends AppError {
   constructor() {
-    super('this idempotency key names another send');
+    // An AppError: a refusal of one write, so a group commit holding it is retried without it (see the write batchers).
+    super('idempotency_conflict', 'this idempotency key names another send');
     this.name = 'IdempotencyKeyTaken';
   }
 }
