@@ -27,6 +27,8 @@ import {
   ClientMessageSchema,
   ConsumerBookingItemSchema,
   ConsumerBookingsReplySchema,
+  ConversationsListFields,
+  ConversationsListReplySchema,
   ConsumerPageFields,
   ConsumerRequestItemSchema,
   ConsumerRequestsReplySchema,
@@ -76,6 +78,7 @@ const clientExamples: { [K in ClientMessageType]: Extract<ClientMessage, { type:
   'requests.list': { type: 'requests.list', id: 'q6', status: 'open', category: 'plumbing', limit: 20 },
   'consumer.requests': { type: 'consumer.requests', id: 'q7', consumerId: 'c_0000000001', limit: 10 },
   'consumer.bookings': { type: 'consumer.bookings', id: 'q8', consumerId: 'c_0000000001', limit: 10 },
+  'conversations.list': { type: 'conversations.list', id: 'q10', limit: 20 },
   ping: { type: 'ping', id: 'q9' },
 };
 
@@ -89,6 +92,7 @@ const directReply: { [K in ClientMessageType]: ServerMessage['type'] } = {
   'requests.list': 'requests.list',
   'consumer.requests': 'consumer.requests',
   'consumer.bookings': 'consumer.bookings',
+  'conversations.list': 'conversations.list',
   ping: 'pong',
 };
 
@@ -101,6 +105,8 @@ const clientPurpose: { [K in ClientMessageType]: string } = {
   'requests.list': 'Service requests, newest first, with their consumer and quote count.',
   'consumer.requests': "A consumer's requests with their bookings (a consumer reads only its own; staff any).",
   'consumer.bookings': "A consumer's bookings with their request and provider.",
+  'conversations.list':
+    "The caller's conversations, newest activity first (`lastMessageAt` then `conversationId`, both descending); `title` is the first user message cut to at most 80 characters; `cursor` is the previous page's `nextCursor`.",
   ping: 'Keep-alive and round-trip check.',
 };
 
@@ -115,6 +121,9 @@ const serverPurpose: { [K in ServerMessage['type']]: string } = {
   'requests.list': 'The direct reply to `requests.list`; `nextCursor` is null at the end.',
   'consumer.requests': 'The direct reply to `consumer.requests`.',
   'consumer.bookings': 'The direct reply to `consumer.bookings`.',
+  'conversations.list': 'The direct reply to `conversations.list`; `nextCursor` is null at the end.',
+  'chat.started':
+    'Sent by the server, not a reply: a chat of this user was acknowledged on another connection (any transport, any node; over HTTP too). Follow its reply with `chat.resume` from seq 0. The connection that sent the chat does not get it.',
   ok: 'The direct reply to `chat.cancel` and `chat.resume`.',
   pong: 'The direct reply to `ping`.',
   error: 'The direct reply to a message that failed; the connection stays open (except after `payload_too_large`).',
@@ -134,6 +143,20 @@ const serverExamples: { [K in ServerMessage['type']]: Extract<ServerMessage, { t
   },
   'chat.ack': { type: 'chat.ack', id: 'q1', taskId: TASK, conversationId: CONV, messageId: 'msg_rMxBFqvEW0iTb-vc', status: 'queued', rateLimit: RATE },
   'chat.delta': { type: 'chat.delta', taskId: TASK, seq: 0, text: 'A licensed plumber' },
+  'chat.started': {
+    type: 'chat.started',
+    taskId: TASK,
+    conversationId: CONV,
+    messageId: 'msg_rMxBFqvEW0iTb-vc',
+    text: 'Can someone fix a leaking tap tomorrow?',
+    createdAt: '2026-01-05T09:30:00.000Z',
+  },
+  'conversations.list': {
+    type: 'conversations.list',
+    id: 'q10',
+    items: [{ conversationId: CONV, title: 'Can someone fix a leaking tap tomorrow?', lastMessageAt: '2026-01-05T09:30:01.000Z', messageCount: 2 }],
+    nextCursor: null,
+  },
   'chat.done': {
     type: 'chat.done',
     taskId: TASK,
@@ -507,15 +530,26 @@ function aiSdkSection(): string {
 // ---------- docs/openapi.json ----------
 
 const ROUTE_ERRORS = {
-  chat: ['bad_request', 'unauthorized', 'forbidden', 'not_found', 'payload_too_large', 'rate_limited', 'overloaded', 'internal'],
+  chat: ['bad_request', 'unauthorized', 'forbidden', 'not_found', 'payload_too_large', 'rate_limited', 'idempotency_conflict', 'overloaded', 'internal'],
+  conversations: ['bad_request', 'unauthorized', 'rate_limited', 'internal'],
   task: ['unauthorized', 'forbidden', 'not_found', 'rate_limited', 'internal'],
   stream: ['bad_request', 'unauthorized', 'forbidden', 'not_found', 'rate_limited', 'internal'],
   history: ['bad_request', 'unauthorized', 'forbidden', 'not_found', 'rate_limited', 'internal'],
   requests: ['bad_request', 'unauthorized', 'rate_limited', 'internal'],
   consumer: ['bad_request', 'unauthorized', 'forbidden', 'not_found', 'rate_limited', 'internal'],
-  aiSdkChat: ['bad_request', 'unauthorized', 'forbidden', 'not_found', 'payload_too_large', 'rate_limited', 'overloaded', 'internal'],
+  aiSdkChat: ['bad_request', 'unauthorized', 'forbidden', 'not_found', 'payload_too_large', 'rate_limited', 'idempotency_conflict', 'overloaded', 'internal'],
   aiSdkChatId: ['bad_request', 'unauthorized', 'forbidden', 'rate_limited', 'internal'],
 } as const satisfies Record<string, readonly ErrorCode[]>;
+
+/** The Idempotency-Key request header of the routes that start a chat (PROTOCOL.md, "Sync and idempotency"). */
+const IDEMPOTENCY_KEY_PARAM = {
+  name: 'Idempotency-Key',
+  in: 'header',
+  required: false,
+  description:
+    'makes the request safe to retry: for 24 hours a repeat with the same key and the same message gets the first answer again (a stream from its start), with `Idempotent-Replayed: true`, and nothing is stored, run or charged again; the same key for another message is 422 `idempotency_conflict`',
+  schema: { type: 'string', pattern: '^[A-Za-z0-9._:-]{1,64}$' },
+};
 
 const ref = (name: string) => ({ $ref: `#/components/schemas/${name}` });
 
@@ -535,6 +569,7 @@ function componentSchemas(): Json {
   add(RequestsListReplySchema.omit({ type: true, id: true }), 'RequestsPage');
   add(ConsumerRequestsReplySchema.omit({ type: true, id: true }), 'ConsumerRequestsPage');
   add(ConsumerBookingsReplySchema.omit({ type: true, id: true }), 'ConsumerBookingsPage');
+  add(ConversationsListReplySchema.omit({ type: true, id: true }), 'ConversationsPage');
   add(ChatDeltaSchema, 'ChatDelta');
   add(ChatDoneSchema, 'ChatDone');
   add(ChatErrorSchema, 'ChatError');
@@ -727,6 +762,7 @@ function openAIPaths(): Json {
             description: "append the exchange to this conversation of the caller's (else a new one)",
             schema: { type: 'string', minLength: 1, maxLength: 128 },
           },
+          IDEMPOTENCY_KEY_PARAM,
           { name: 'x-chatwire-cache', in: 'header', required: false, description: 'as `cache` on chat.send', schema: { enum: ['use', 'bypass', 'refresh'] } },
         ],
         requestBody: { required: true, content: { 'application/json': { schema: ref('OpenAIChatRequest'), example: request } } },
@@ -801,9 +837,14 @@ export function buildOpenApi(version: string): Json {
           tags: ['chat'],
           operationId: 'sendChat',
           summary: 'Stores the message and acks at once (before the model runs); read the reply from the task stream',
+          parameters: [IDEMPOTENCY_KEY_PARAM],
           requestBody: { required: true, content: { 'application/json': { schema: ref('ChatSendBody'), example: strip(clientExamples['chat.send']) } } },
           responses: {
-            '202': jsonResponse('Accepted: the chat.ack fields (with `id` when the body had one)', 'ChatAck', strip(serverExamples['chat.ack'])),
+            '202': jsonResponse(
+              'Accepted: the chat.ack fields (with `id` when the body had one). A repeated `Idempotency-Key` (or `clientMessageId`) gets the first answer again, with `Idempotent-Replayed: true`',
+              'ChatAck',
+              strip(serverExamples['chat.ack']),
+            ),
             ...errorResponses(ROUTE_ERRORS.chat),
           },
         },
@@ -857,6 +898,19 @@ export function buildOpenApi(version: string): Json {
               },
             },
             ...errorResponses(ROUTE_ERRORS.stream),
+          },
+        },
+      },
+      '/v1/conversations': {
+        get: {
+          tags: ['chat'],
+          operationId: 'listConversations',
+          summary: "The caller's conversations, newest activity first, as `conversations.list`",
+          parameters: queryParameters(ConversationsListFields, ['limit', 'cursor']),
+          responses: {
+            '200': jsonResponse('A page; `nextCursor` is null at the end', 'ConversationsPage', strip(serverExamples['conversations.list']), conditional),
+            ...notModified,
+            ...errorResponses(ROUTE_ERRORS.conversations),
           },
         },
       },
@@ -919,6 +973,7 @@ export function buildOpenApi(version: string): Json {
           operationId: 'aiSdkChat',
           summary:
             "useChat's request: the chat id is the caller's conversation (made on first use); submit-message sends the last message's text, regenerate-message answers the last stored user message again; the answer is the task's UI message stream",
+          parameters: [IDEMPOTENCY_KEY_PARAM],
           requestBody: { required: true, content: { 'application/json': { schema: ref('AiSdkChatBody'), example: AiSdkChatBodySchema.parse(aiSdkBody) } } },
           responses: { '200': uiMessageStreamResponse(), ...errorResponses(ROUTE_ERRORS.aiSdkChat) },
         },

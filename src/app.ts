@@ -14,6 +14,7 @@ import { createChatService, type ChatService } from './chat/chat-service.js';
 import { clusterMode, type Config } from './config.js';
 import { openCluster, type ClusterParts } from './cluster/wiring.js';
 import type { MarketplaceStore } from './db/marketplace-store.js';
+import { createLocalBus, type NodeBus } from './cluster/bus.js';
 import { randomBase64url } from './random-id.js';
 import { createChatStore, type ChatStore } from './db/chat-store.js';
 import { databaseFile } from './db/data-file.js';
@@ -102,6 +103,9 @@ export async function createApp(config: Config, options: AppOptions): Promise<Ap
     const { limits, egress } = openLimits(config, closers);
     const auth = createConfiguredAuth(config, (userId) => limits.admitAnonymous(userId));
     warnAboutAuthSettings(config, auth, log, options.auth !== undefined);
+    // chat.started reaches a user's other connections through the node bus: this process's, or Redis in a cluster.
+    const bus = cluster?.bus ?? createLocalBus();
+    if (cluster === null) closers.add(() => bus.close());
     const marketplace = createMarketplaceService({ store: storage.marketplaceStore, batching: config.dbBatching });
     closers.add(() => marketplace.close());
     const refused = (bucket: string) => metrics.rateLimited.inc({ bucket });
@@ -124,6 +128,8 @@ export async function createApp(config: Config, options: AppOptions): Promise<Ap
       taskRetentionMs: config.taskRetentionMs,
       taskRetentionMaxBytes: config.taskRetentionMaxBytes,
       maxRunningPerUser: config.maxRunningPerUser,
+      bus,
+      claims: cluster?.claims,
     });
     const { admission, buffers } = openConnectionGuards(config, log, closers);
     const deps = transportDeps({
@@ -143,6 +149,7 @@ export async function createApp(config: Config, options: AppOptions): Promise<Ap
       providerName: models.providerName,
       nodeId,
       connections: cluster === null ? connectionQuota(limits) : cluster.connections(limits),
+      bus,
     });
     const server = await (options.serve ?? ((d: TransportDeps) => startHttpServer(d, config.host, config.port)))(deps);
     return appHandle(server, metrics, chat, closers);
@@ -169,11 +176,13 @@ interface Parts {
   providerName: string;
   nodeId: string;
   connections: TransportDeps['connections'];
+  bus: NodeBus;
 }
 
 /** What the transports are connected to: the chat and marketplace services and, per user, the limits around them. */
 function transportDeps(parts: Parts): TransportDeps {
-  const { config, metrics, log, auth, chat, marketplace, limits, egress, admission, buffers, storage, cache, pool, providerName, nodeId, connections } = parts;
+  const { config, metrics, log, auth, chat, marketplace, limits, egress, admission, buffers, storage, cache, pool, providerName, nodeId, connections, bus } =
+    parts;
   return {
     config,
     providerName,
@@ -190,6 +199,7 @@ function transportDeps(parts: Parts): TransportDeps {
       frameRefused: (userId) => limits.frameRefused(userId),
       flooded: (userId) => limits.floodClosed(userId),
       egress: (userId, bytes) => egress.charge(userId, bytes),
+      bus,
       metrics,
       log,
     },

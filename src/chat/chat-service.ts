@@ -1,6 +1,17 @@
 import type { Logger } from 'pino';
 import type { Identity } from '../auth/identity.js';
-import { newTaskId, type BeganChat, type BeginChat, type ChatStore, type ContextMessage, type LastUserTurn, type StoredTask } from '../db/chat-store.js';
+import type { NodeBus } from '../cluster/bus.js';
+import type { ClaimStore } from '../cluster/claims.js';
+import {
+  IdempotencyKeyTaken,
+  newTaskId,
+  type BeganChat,
+  type BeginChat,
+  type ChatStore,
+  type ContextMessage,
+  type LastUserTurn,
+  type StoredTask,
+} from '../db/chat-store.js';
 import { describeStorageError } from '../db/storage-health.js';
 import type { ModelPool, ModelRun, PoolSlot } from '../llm/pool.js';
 import { countTokens, type ModelMessage, type ModelRequest, type ModelResult } from '../llm/provider.js';
@@ -14,15 +25,19 @@ import {
   type ChatDone,
   type ChatSendBody,
   type ErrorCode,
+  type ConversationItem,
+  type ConversationsListQuery,
   type HistoryMessage,
+  type Page,
   type TaskInfo,
 } from '../protocol/index.js';
 import { Flight, type FlightListener, type FlightOutcome } from './flight.js';
+import { createIdempotentSends, idempotencyRecord, keyedRequest, type KeyedRequest, type RepeatedAck } from './idempotency.js';
 import type { ChatCache, ChatLimits, LimitDecision, TokenReservation } from './ports.js';
 import { createRetention } from './retention.js';
-import type { ClaimStore } from '../cluster/claims.js';
 import { statusOf, type TaskLog, type TaskLogTerminal, type TaskLogWriter } from '../cluster/task-log.js';
 import { randomBase64url } from '../random-id.js';
+import { announceStarted, conversationsPage } from './sync.js';
 import { PumpScheduler, Task, type Sink, type Subscription } from './task.js';
 
 export interface ChatServiceOptions {
@@ -56,6 +71,10 @@ export interface ChatServiceOptions {
    * calling the model. `claimMs` bounds a claim (the longest a model call may run).
    */
   sharedFlights?: { claims: ClaimStore; claimMs: number };
+  /** Where chat.started goes to the user's other connections (src/chat/sync.ts); none: not announced. */
+  bus?: NodeBus | undefined;
+  /** Claims on idempotency keys across nodes (src/chat/idempotency.ts); none: this process's map and the store. */
+  claims?: ClaimStore | undefined;
 }
 
 /** What a transport asks of send() beyond a chat.send body. */
@@ -72,12 +91,23 @@ export interface SendOptions {
    * conversation's stored history is then not read. Only the user message and the reply are stored.
    */
   context?: readonly ModelMessage[];
+  /** The connection that sends the chat: every other connection of the user hears chat.started (none: all of them). */
+  origin?: string;
 }
 
 /** How a send's reply is produced: a cache hit, a model call of its own, or a call in flight that it joined. */
 export type ReplySource = 'cache' | 'model' | 'joined';
 
-export interface SendResult {
+/** A send: a new chat (FreshSend), or a repeat of a clientMessageId / Idempotency-Key answered with the first's ack. */
+export type SendResult = FreshSend | RepeatedSend;
+
+/** A repeated key: nothing was stored or run; the first send's task is followed with subscribe(). */
+export interface RepeatedSend extends RepeatedAck {
+  duplicate: true;
+}
+
+export interface FreshSend {
+  duplicate: false;
   ack: Omit<ChatAck, 'type' | 'id'>;
   task: Task;
   source: ReplySource;
@@ -103,6 +133,8 @@ export interface ChatService {
    * null; also null for a conversation that does not exist. Another user's conversation: forbidden.
    */
   streamingTask(caller: Identity, conversationId: string): Promise<string | null>;
+  /** The caller's conversations, newest activity first (src/chat/sync.ts). */
+  conversations(caller: Identity, query: ConversationsListQuery): Promise<Page<ConversationItem>>;
   /** Stops taking chats, cancels running tasks, and resolves when their outcomes are stored. */
   close(): Promise<void>;
 }
@@ -202,6 +234,7 @@ export function createChatService(options: ChatServiceOptions): ChatService {
   // Moving average of how long a model chat takes, for the retryAfterMs of a send refused by the running cap.
   let avgChatMs = 1000;
   let closing = false;
+  const idempotent = createIdempotentSends({ store, claims: options.claims });
 
   function releaseInFlight(userId: string): void {
     const n = (chatsInFlight.get(userId) ?? 1) - 1;
@@ -670,8 +703,8 @@ export function createChatService(options: ChatServiceOptions): ChatService {
       return await store.beginChat({ ...chat, knownReply });
     } catch (err) {
       undo();
-      // The store's own refusal (a conversation another user made meanwhile) is the client's answer.
-      if (isAppError(err)) throw err;
+      // The store's own refusal (a conversation another user made meanwhile, a key another send holds) is the client's answer.
+      if (isAppError(err) || err instanceof IdempotencyKeyTaken) throw err;
       log.error({ err, userId: chat.userId }, 'storing a chat failed');
       // Full, read-only or failing storage is a state the server recovers from: retryable, and nothing was stored.
       const storage = describeStorageError(err);
@@ -738,7 +771,13 @@ export function createChatService(options: ChatServiceOptions): ChatService {
     task.publishTo(writer);
   }
 
-  async function sendCounted(caller: Identity, body: Omit<ChatSendBody, 'id'>, receivedAt: number, sendOptions: SendOptions): Promise<SendResult> {
+  async function sendCounted(
+    caller: Identity,
+    body: Omit<ChatSendBody, 'id'>,
+    receivedAt: number,
+    sendOptions: SendOptions,
+    keyed: KeyedRequest | undefined,
+  ): Promise<FreshSend> {
     const userId = caller.userId;
     let prepared: PreparedSend;
     try {
@@ -749,7 +788,10 @@ export function createChatService(options: ChatServiceOptions): ChatService {
     }
     const { plan, flight, reservation, chat, promptTokens, text, replyTo } = prepared;
     const taskId = newTaskId();
-    const toStore = { taskId, userId, conversationId: body.conversationId, text, createConversation: sendOptions.createConversation, replyTo };
+    const status = plan.kind === 'cached' ? 'cached' : 'queued';
+    const source: ReplySource = plan.kind === 'cached' ? 'cache' : plan.kind === 'join' ? 'joined' : 'model';
+    const idempotency = keyed === undefined ? undefined : idempotencyRecord(keyed, { status, rateLimit: chat.info }, source);
+    const toStore = { taskId, userId, conversationId: body.conversationId, text, createConversation: sendOptions.createConversation, replyTo, idempotency };
     const began = await commitChat(toStore, plan, () => {
       releaseInFlight(userId);
       reservation?.release();
@@ -764,17 +806,17 @@ export function createChatService(options: ChatServiceOptions): ChatService {
     running.add(task);
     startReply(task, plan, flight, reservation, promptTokens, began.replyMessageId);
     metrics.ackLatency.observe((performance.now() - receivedAt) / 1000);
+    if (options.bus !== undefined) {
+      const createdAt = new Date(began.createdAt).toISOString();
+      const started = { type: 'chat.started' as const, taskId, conversationId: began.conversationId, messageId: began.messageId, text, createdAt };
+      announceStarted(options.bus, userId, started, sendOptions.origin).catch((err: unknown) => log.warn({ err, taskId }, 'announcing chat.started failed'));
+    }
     return {
+      duplicate: false,
       task,
-      source: plan.kind === 'cached' ? 'cache' : plan.kind === 'join' ? 'joined' : 'model',
+      source,
       subscribe: (sink) => task.subscribe(sink, 0, countDelta),
-      ack: {
-        taskId,
-        conversationId: began.conversationId,
-        messageId: began.messageId,
-        status: plan.kind === 'cached' ? 'cached' : 'queued',
-        rateLimit: chat.info,
-      },
+      ack: { taskId, conversationId: began.conversationId, messageId: began.messageId, status, rateLimit: chat.info },
     };
   }
 
@@ -782,21 +824,39 @@ export function createChatService(options: ChatServiceOptions): ChatService {
   // Tasks whose lease lapsed (see publish): their cancel ends them node_lost instead of cancelled.
   const lapsed = new WeakMap<Task, AppError>();
 
+  /** A send with nothing to repeat: the running cap, then checked, committed and acknowledged. */
+  function sendFresh(
+    caller: Identity,
+    body: Omit<ChatSendBody, 'id'>,
+    receivedAt: number,
+    sendOptions: SendOptions,
+    keyed: KeyedRequest | undefined,
+  ): Promise<FreshSend> {
+    if (closing) return Promise.reject(shuttingDown());
+    try {
+      checkRunningCap(caller.userId);
+    } catch (err) {
+      return Promise.reject(err);
+    }
+    // Counted before the first await, in the tick of the check above: sends racing in one tick cannot pass the cap together.
+    chatsInFlight.set(caller.userId, (chatsInFlight.get(caller.userId) ?? 0) + 1);
+    const sending = sendCounted(caller, body, receivedAt, sendOptions, keyed);
+    pendingSends.add(sending);
+    const settled = () => pendingSends.delete(sending);
+    sending.then(settled, settled);
+    return sending;
+  }
+
   return {
     send(caller, body, receivedAt = performance.now(), sendOptions = {}) {
       if (closing) return Promise.reject(shuttingDown());
-      try {
-        checkRunningCap(caller.userId);
-      } catch (err) {
-        return Promise.reject(err);
-      }
-      // Counted before the first await, in the tick of the check above: sends racing in one tick cannot pass the cap together.
-      chatsInFlight.set(caller.userId, (chatsInFlight.get(caller.userId) ?? 0) + 1);
-      const sending = sendCounted(caller, body, receivedAt, sendOptions);
-      pendingSends.add(sending);
-      const settled = () => pendingSends.delete(sending);
-      sending.then(settled, settled);
-      return sending;
+      const key = body.clientMessageId;
+      if (key === undefined) return sendFresh(caller, body, receivedAt, sendOptions, undefined);
+      // A repeated key gets the first send's ack, before any limit is taken (src/chat/idempotency.ts).
+      const keyed = keyedRequest(key, body.text, body.conversationId, sendOptions.regenerate === true);
+      return idempotent
+        .send(caller.userId, keyed, () => sendFresh(caller, body, receivedAt, sendOptions, keyed))
+        .then((sent): SendResult => ('task' in sent ? sent : { ...sent, duplicate: true }));
     },
 
     async cancel(caller, taskId) {
@@ -848,6 +908,8 @@ export function createChatService(options: ChatServiceOptions): ChatService {
       if ('err' in page) throw page.err;
       return page.ok;
     },
+
+    conversations: (caller, query) => conversationsPage(store, caller, query),
 
     async streamingTask(caller, conversationId) {
       const owner = await store.conversationOwner(conversationId);

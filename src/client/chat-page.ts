@@ -265,6 +265,8 @@ async function showThread(conversationId: string | null): Promise<void> {
     threads.set(conversationId as string, thread);
   }
   current = thread;
+  // Chats of this user started elsewhere (another tab or device) in the conversation shown stream here too.
+  client.chat.follow(thread.conversationId);
   ui.messages.replaceChildren(thread.root);
   setTitle();
   renderList();
@@ -344,6 +346,20 @@ client.on(
 
 client.on('resumed', (streams: ChatStream[]) =>
   notice(`Reconnected: resumed ${streams.length === 1 ? 'the reply' : `${streams.length} replies`} where it left off.`),
+);
+
+client.on(
+  'started',
+  guard('Showing a chat sent from elsewhere failed', ({ message, stream }: ClientEvents['started']) => {
+    touchConversation(message.conversationId, message.text.length > 60 ? `${message.text.slice(0, 57)}…` : message.text);
+    const thread = threads.get(message.conversationId);
+    if (stream === null || thread === undefined || current !== thread) return;
+    const theirs = userMessage(thread, message.text);
+    theirs.dataset.state = 'sent';
+    theirs.dataset.messageId = message.messageId;
+    theirs.dataset.from = 'elsewhere';
+    return streamReply(thread, stream, performance.now());
+  }),
 );
 
 client.on('error', (err: ChatwireError) => {
@@ -485,6 +501,7 @@ async function submit(): Promise<void> {
     if (thread.conversationId === null) {
       thread.conversationId = stream.conversationId;
       threads.set(stream.conversationId, thread);
+      if (current === thread) client.chat.follow(stream.conversationId);
     }
     touchConversation(stream.conversationId, text.length > 60 ? `${text.slice(0, 57)}…` : text);
     if (current === thread) setTitle();

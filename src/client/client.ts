@@ -258,6 +258,11 @@ export interface ClientEvents {
   resumed: ChatStream[];
   /** An error not tied to a call: a frame the client could not read, an error reply without an id. */
   error: ChatwireError;
+  /**
+   * A chat of this user was started on another connection (another tab, device, or over HTTP). `stream` follows its
+   * reply from the start when it is in the conversation given to chat.follow(), else it is null.
+   */
+  started: { message: ReplyOf<'chat.started'>; stream: ChatStream | null };
   /** Every frame from the server, after the client's own handling. */
   message: ServerMessage;
 }
@@ -305,6 +310,7 @@ export interface Replies {
   'requests.list': ReplyOf<'requests.list'>;
   'consumer.requests': ReplyOf<'consumer.requests'>;
   'consumer.bookings': ReplyOf<'consumer.bookings'>;
+  'conversations.list': ReplyOf<'conversations.list'>;
   ping: ReplyOf<'pong'>;
 }
 const REPLY_TYPE: { [K in ClientMessageType]: Replies[K]['type'] } = {
@@ -316,6 +322,7 @@ const REPLY_TYPE: { [K in ClientMessageType]: Replies[K]['type'] } = {
   'requests.list': 'requests.list',
   'consumer.requests': 'consumer.requests',
   'consumer.bookings': 'consumer.bookings',
+  'conversations.list': 'conversations.list',
   ping: 'pong',
 };
 
@@ -327,8 +334,17 @@ export interface ChatwireClient {
   /** The `hello` of the current connection (null while not connected). */
   readonly hello: Hello | null;
   readonly chat: {
-    /** Resolves at the ack (the model has not run yet) with the reply's stream. */
+    /**
+     * Resolves at the ack (the model has not run yet) with the reply's stream. Every send carries a clientMessageId
+     * (options.clientMessageId, else a random one) and is sent again with it after a reconnect: the server answers a
+     * repeat with the first ack, so a retry never stores or runs the chat twice.
+     */
     send(text: string, options?: SendOptions): Promise<ChatStream>;
+    /**
+     * The conversation being shown (null: none): chats of this user started elsewhere in it are followed from their
+     * first delta, as the `started` event's stream.
+     */
+    follow(conversationId: string | null): void;
   };
   /** Resolves with the next (or current) connection's hello; rejects once the client is closed. */
   ready(): Promise<Hello>;
@@ -379,6 +395,15 @@ function socketUrl(url: string, user: string | undefined): string {
   return u.toString();
 }
 
+/** 128 random bits, base64url: a clientMessageId no other send of the user will have. */
+function newClientMessageId(): string {
+  const bytes = new Uint8Array(16);
+  globalThis.crypto.getRandomValues(bytes);
+  let binary = '';
+  for (const b of bytes) binary += String.fromCharCode(b);
+  return btoa(binary).replace(/\+/g, '-').replace(/\//g, '_').replace(/=+$/, '');
+}
+
 function abortError(): ChatwireError {
   return new ChatwireError('aborted', 'aborted by the caller');
 }
@@ -401,7 +426,13 @@ function sleep(ms: number, signal: AbortSignal | undefined): Promise<void> {
 class Client extends Emitter<ClientEvents> implements ChatwireClient {
   state: ConnectionState = 'connecting';
   hello: Hello | null = null;
-  readonly chat = { send: (text: string, options?: SendOptions) => this.send(text, options) };
+  readonly chat = {
+    send: (text: string, options?: SendOptions) => this.send(text, options),
+    follow: (conversationId: string | null) => {
+      this.followed = conversationId;
+    },
+  };
+  private followed: string | null = null;
   private socket: WebSocketLike | null = null;
   private readonly Ctor: WebSocketConstructor;
   private readonly pending = new Map<string, Pending>();
@@ -596,6 +627,9 @@ class Client extends Emitter<ClientEvents> implements ChatwireClient {
       case 'chat.error':
         this.onTaskFrame(frame);
         break;
+      case 'chat.started':
+        this.onStarted(frame);
+        break;
       default: {
         const p = typeof frame.id === 'string' ? this.pending.get(frame.id) : undefined;
         if (p && typeof frame.id === 'string') {
@@ -629,6 +663,43 @@ class Client extends Emitter<ClientEvents> implements ChatwireClient {
     this.streams.delete(frame.taskId);
     if (frame.type === 'chat.done') s.done(frame);
     else s.fail(errorFromFrame(frame));
+  }
+
+  /** A chat started elsewhere: followed from seq 0 when it is in the conversation shown. */
+  private onStarted(frame: ReplyOf<'chat.started'>): void {
+    if (typeof frame.taskId !== 'string' || typeof frame.conversationId !== 'string') {
+      this.badFrame('a malformed chat.started');
+      return;
+    }
+    let stream: ChatStream | null = null;
+    if (frame.conversationId === this.followed && !this.streams.has(frame.taskId)) {
+      const ack: ChatAck = {
+        type: 'chat.ack',
+        taskId: frame.taskId,
+        conversationId: frame.conversationId,
+        messageId: frame.messageId,
+        status: 'queued',
+        // Not this connection's send: nothing was taken from its bucket here.
+        rateLimit: { limit: 0, remaining: 0, resetMs: 0 },
+      };
+      stream = this.adoptStream(ack);
+    }
+    this.emit('started', { message: frame, stream });
+  }
+
+  /** A stream for a task this connection is not subscribed to (a repeated send's, another connection's): chat.resume from seq 0. */
+  private adoptStream(ack: ChatAck): ChatStream {
+    let control: StreamControl | undefined;
+    const stream = new ChatStream(
+      ack,
+      (taskId) => this.cancelTask(taskId),
+      (c) => {
+        control = c;
+        this.streams.set(c.stream.taskId, c);
+      },
+    );
+    if (control !== undefined && this.connected()) this.resume(control);
+    return stream;
   }
 
   /** chat.resume from the first seq this stream has not seen. */
@@ -728,15 +799,21 @@ class Client extends Emitter<ClientEvents> implements ChatwireClient {
         }
       };
       const id = this.enqueue(message, {
-        idempotent: false,
+        // Written again after a reconnect with the same clientMessageId: a repeat is answered with the first ack.
+        idempotent: true,
         // Synchronous on purpose: the task's deltas can follow the ack in the same turn of the event loop.
         onReply: (m) => {
           signal?.removeEventListener('abort', onAbort);
-          const stream = new ChatStream(
-            m as ChatAck,
-            (taskId) => this.cancelTask(taskId),
-            (control) => this.streams.set(control.stream.taskId, control),
-          );
+          const ack = m as ChatAck;
+          // A repeat's connection is not subscribed to the task: it follows it from seq 0.
+          const stream =
+            ack.duplicate === true
+              ? this.adoptStream(ack)
+              : new ChatStream(
+                  ack,
+                  (taskId) => this.cancelTask(taskId),
+                  (control) => this.streams.set(control.stream.taskId, control),
+                );
           if (signal) {
             const cancel = () => void stream.cancel().catch(() => {});
             if (signal.aborted) cancel();
@@ -759,7 +836,7 @@ class Client extends Emitter<ClientEvents> implements ChatwireClient {
 
   private async send(text: string, options: SendOptions = {}): Promise<ChatStream> {
     const { retryOnRateLimit, onRateLimited, signal, ...fields } = options;
-    const message: Pending['message'] = { type: 'chat.send', text };
+    const message: Pending['message'] = { type: 'chat.send', text, clientMessageId: newClientMessageId() };
     for (const [k, v] of Object.entries(fields)) if (v !== undefined) message[k] = v;
     const maxWaitMs = typeof retryOnRateLimit === 'object' ? (retryOnRateLimit.maxWaitMs ?? 60_000) : 60_000;
     let waited = 0;

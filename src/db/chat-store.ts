@@ -21,6 +21,70 @@ export interface BeginChat {
    * (`text` is not stored); the reply is stored after the conversation's last message, like any reply.
    */
   replyTo?: string | undefined;
+  /**
+   * The send's clientMessageId / Idempotency-Key, stored in the same commit (see IdempotentSend). When the user has a
+   * send with this key from the last IDEMPOTENCY_WINDOW_MS already, IdempotencyKeyTaken is thrown and nothing is stored.
+   */
+  idempotency?: IdempotencyRecord | undefined;
+}
+
+/** How long a clientMessageId / Idempotency-Key names its first send. */
+export const IDEMPOTENCY_WINDOW_MS = 24 * 60 * 60 * 1000;
+
+/** What a send with a key stores about itself besides its message: how a repeat is told apart and answered. */
+export interface IdempotencyRecord {
+  key: string;
+  /** A hash of what the send asked for (its text, whether it regenerated). */
+  requestHash: string;
+  /** The conversation the send named; null: a new one. */
+  requestedConversationId: string | null;
+  /** The rest of the ack the first send got, as JSON (the store keeps it as it is). */
+  ack: string;
+}
+
+/** A user's stored send with a key: the record and the ids its commit gave it. */
+export interface IdempotentSend {
+  requestHash: string;
+  requestedConversationId: string | null;
+  taskId: string;
+  conversationId: string;
+  messageId: string;
+  ack: string;
+  createdAt: number;
+}
+
+/** The key of a BeginChat's idempotency record is held by another send of the user (from the last 24 hours). */
+export class IdempotencyKeyTaken extends AppError {
+  constructor() {
+    // An AppError: a refusal of one write, so a group commit holding it is retried without it (see the write batchers).
+    super('idempotency_conflict', 'this idempotency key names another send');
+    this.name = 'IdempotencyKeyTaken';
+  }
+}
+
+/** One conversation of a list page, as stored: lastMessageAt is updated_at. */
+export interface ConversationRow {
+  conversationId: string;
+  title: string;
+  updatedAt: number;
+  messageCount: number;
+}
+
+/** A keyset position in a user's conversations: the page goes on from the ones before (updatedAt, conversationId). */
+export interface ConversationPosition {
+  updatedAt: number;
+  conversationId: string;
+}
+
+/** A conversation's title: its first user message, cut to at most 80 characters (code points, as SQL's substr counts). */
+export function conversationTitle(text: string): string {
+  if (text.length <= 80) return text;
+  let end = 0;
+  for (let n = 0; n < 80 && end < text.length; n++) {
+    const code = text.codePointAt(end) as number;
+    end += code > 0xffff ? 2 : 1;
+  }
+  return text.slice(0, end);
 }
 
 export interface BeganChat {
@@ -109,6 +173,13 @@ export interface ChatStore {
   /** The conversation's last user message with its context (see LastUserTurn); undefined when it has none. */
   lastUserTurn(conversationId: string, limit: number): Promise<LastUserTurn | undefined>;
   history(conversationId: string, before: string | undefined, limit: number): Promise<{ messages: HistoryMessage[]; hasMore: boolean }>;
+  /**
+   * The user's conversations after `after` (all when undefined), newest activity first (updated_at then
+   * conversation_id, both descending), at most `limit`: one range of the conversations_by_user index.
+   */
+  conversations(userId: string, after: ConversationPosition | undefined, limit: number): Promise<ConversationRow[]>;
+  /** The user's send with this key, if it was stored at or after `since` (ms since the epoch). */
+  idempotentSend(userId: string, key: string, since: number): Promise<IdempotentSend | undefined>;
   task(taskId: string): Promise<StoredTask | undefined>;
   /** Marks tasks a previous run left queued or running as failed; returns how many. */
   recoverUnfinished(): Promise<number>;
@@ -146,7 +217,7 @@ export const newMessageId = (): string => newId('msg_', 12);
  */
 export interface BeginRows {
   /** `create`: the client named a conversation that may not exist yet (BeginChat.createConversation). */
-  conversation: { conversationId: string; userId: string; isNew: boolean; create: boolean };
+  conversation: { conversationId: string; userId: string; isNew: boolean; create: boolean; title: string };
   /** In the order they are inserted (their seq order). */
   messages: { messageId: string; role: 'user' | 'assistant'; text: string }[];
   /** A knownReply's task is stored finished (status done, cached), never in the unfinished index. */
@@ -164,6 +235,7 @@ export interface BeginRows {
   };
   createdAt: number;
   began: BeganChat;
+  idempotency: IdempotencyRecord | undefined;
 }
 
 export function beginRows(input: BeginChat, now: number): BeginRows {
@@ -171,7 +243,14 @@ export function beginRows(input: BeginChat, now: number): BeginRows {
   // A regenerated reply answers the stored user message again: no new one.
   const messageId = input.replyTo ?? newMessageId();
   const rows: BeginRows = {
-    conversation: { conversationId, userId: input.userId, isNew: input.conversationId === undefined, create: input.createConversation === true },
+    conversation: {
+      conversationId,
+      userId: input.userId,
+      isNew: input.conversationId === undefined,
+      create: input.createConversation === true,
+      // Kept only while the conversation has none ('' when this send stores no user message).
+      title: input.replyTo === undefined ? conversationTitle(input.text) : '',
+    },
     messages: input.replyTo === undefined ? [{ messageId, role: 'user', text: input.text }] : [],
     task: {
       taskId: input.taskId,
@@ -187,6 +266,7 @@ export function beginRows(input: BeginChat, now: number): BeginRows {
     },
     createdAt: now,
     began: { conversationId, messageId, createdAt: now },
+    idempotency: input.idempotency,
   };
   const reply = input.knownReply;
   if (reply) {
@@ -317,6 +397,43 @@ export function historyPage(
   };
 }
 
+/** A conversations.list row as both stores read it. */
+export interface ConversationDbRow {
+  conversation_id: string;
+  title: string;
+  updated_at: number | string;
+  message_count: number;
+}
+
+export function conversationOf(row: ConversationDbRow): ConversationRow {
+  return { conversationId: row.conversation_id, title: row.title, updatedAt: Number(row.updated_at), messageCount: Number(row.message_count) };
+}
+
+/** An idempotency_keys row as both stores read it. */
+export interface IdempotencyDbRow {
+  request_hash: string;
+  requested_conversation_id: string | null;
+  task_id: string;
+  conversation_id: string;
+  message_id: string;
+  ack: string;
+  created_at: number | string;
+}
+
+export const IDEMPOTENCY_COLUMNS = 'request_hash, requested_conversation_id, task_id, conversation_id, message_id, ack, created_at';
+
+export function idempotentSendOf(row: IdempotencyDbRow): IdempotentSend {
+  return {
+    requestHash: row.request_hash,
+    requestedConversationId: row.requested_conversation_id,
+    taskId: row.task_id,
+    conversationId: row.conversation_id,
+    messageId: row.message_id,
+    ack: row.ack,
+    createdAt: Number(row.created_at),
+  };
+}
+
 export const noMessageBefore = (before: string) => new AppError('not_found', `no message ${before} in this conversation`);
 
 /**
@@ -375,13 +492,36 @@ export function createChatStore(db: Database, hooks: { onCommit?: (seconds: numb
   });
   const insertConversation = db.prepare(
     'chat.insert_conversation',
-    'INSERT INTO conversations (conversation_id, user_id, created_at, updated_at) VALUES (?, ?, ?, ?)',
+    'INSERT INTO conversations (conversation_id, user_id, created_at, updated_at, title, message_count) VALUES (?, ?, ?, ?, ?, ?)',
   );
   const insertConversationIfMissing = db.prepare(
     'chat.insert_conversation_if_missing',
-    'INSERT INTO conversations (conversation_id, user_id, created_at, updated_at) VALUES (?, ?, ?, ?) ON CONFLICT (conversation_id) DO NOTHING',
+    `INSERT INTO conversations (conversation_id, user_id, created_at, updated_at, title, message_count) VALUES (?, ?, ?, ?, ?, ?)
+       ON CONFLICT (conversation_id) DO NOTHING`,
   );
-  const touchConversation = db.prepare('chat.touch_conversation', 'UPDATE conversations SET updated_at = ? WHERE conversation_id = ?');
+  // New messages: the activity time, the count, and the title while the conversation has none.
+  const touchConversation = db.prepare(
+    'chat.touch_conversation',
+    "UPDATE conversations SET updated_at = ?, message_count = message_count + ?, title = CASE WHEN title = '' THEN ? ELSE title END WHERE conversation_id = ?",
+  );
+  const selectConversations = db.prepare<ConversationDbRow>(
+    'chat.conversations',
+    `SELECT conversation_id, title, updated_at, message_count FROM conversations
+       WHERE user_id = ? AND (updated_at, conversation_id) < (?, ?) ORDER BY updated_at DESC, conversation_id DESC LIMIT ?`,
+  );
+  const insertIdempotencyKey = db.prepare(
+    'chat.insert_idempotency_key',
+    `INSERT INTO idempotency_keys (user_id, client_key, request_hash, requested_conversation_id, task_id, conversation_id, message_id, ack, created_at)
+       VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+       ON CONFLICT (user_id, client_key) DO UPDATE SET request_hash = excluded.request_hash,
+         requested_conversation_id = excluded.requested_conversation_id, task_id = excluded.task_id,
+         conversation_id = excluded.conversation_id, message_id = excluded.message_id, ack = excluded.ack, created_at = excluded.created_at
+       WHERE idempotency_keys.created_at < ?`,
+  );
+  const selectIdempotencyKey = db.prepare<IdempotencyDbRow>(
+    'chat.idempotency_key',
+    `SELECT ${IDEMPOTENCY_COLUMNS} FROM idempotency_keys WHERE user_id = ? AND client_key = ? AND created_at >= ?`,
+  );
   const selectOwner = db.prepare<{ user_id: string }>('chat.conversation_owner', 'SELECT user_id FROM conversations WHERE conversation_id = ?');
   const insertMessage = db.prepare(
     'chat.insert_message',
@@ -436,11 +576,31 @@ export function createChatStore(db: Database, hooks: { onCommit?: (seconds: numb
   /** Writes the rows of one beginChat (see BeginRows), inside the group commit. */
   function writeBegin(rows: BeginRows): BeganChat {
     const { conversation: c, task: t, createdAt: now } = rows;
-    if (c.isNew) insertConversation.run(c.conversationId, c.userId, now, now);
-    else if (!c.create || insertConversationIfMissing.run(c.conversationId, c.userId, now, now).changes === 0) {
+    const k = rows.idempotency;
+    // First: a key another send holds stops this one before anything of it is written.
+    if (
+      k !== undefined &&
+      insertIdempotencyKey.run(
+        c.userId,
+        k.key,
+        k.requestHash,
+        k.requestedConversationId,
+        t.taskId,
+        c.conversationId,
+        rows.began.messageId,
+        k.ack,
+        now,
+        now - IDEMPOTENCY_WINDOW_MS,
+      ).changes === 0
+    ) {
+      throw new IdempotencyKeyTaken();
+    }
+    const added = rows.messages.length;
+    if (c.isNew) insertConversation.run(c.conversationId, c.userId, now, now, c.title, added);
+    else if (!c.create || insertConversationIfMissing.run(c.conversationId, c.userId, now, now, c.title, added).changes === 0) {
       // A conversation the client named may have been made by another user since the caller checked.
       if (c.create && selectOwner.get(c.conversationId)?.user_id !== c.userId) throw new AppError('forbidden', 'this conversation belongs to another user');
-      touchConversation.run(now, c.conversationId);
+      touchConversation.run(now, added, c.title, c.conversationId);
     }
     for (const m of rows.messages) insertMessage.run(m.messageId, c.conversationId, m.role, m.text, t.taskId, now);
     insertTask.run(
@@ -472,7 +632,7 @@ export function createChatStore(db: Database, hooks: { onCommit?: (seconds: numb
       const written = batcher.enqueue(() => {
         if (replyId !== null) {
           insertMessage.run(replyId, input.conversationId, 'assistant', input.text, input.taskId, now);
-          touchConversation.run(now, input.conversationId);
+          touchConversation.run(now, 1, '', input.conversationId);
         }
         const ends = input.deltaEnds;
         updateTask.run(
@@ -530,6 +690,16 @@ export function createChatStore(db: Database, hooks: { onCommit?: (seconds: numb
         beforeSeq = row.seq;
       }
       return historyPage(selectHistory.all(conversationId, beforeSeq, limit + 1), limit);
+    },
+
+    async conversations(userId, after, limit) {
+      const rows = selectConversations.all(userId, after?.updatedAt ?? Number.MAX_SAFE_INTEGER, after?.conversationId ?? '', limit);
+      return rows.map(conversationOf);
+    },
+
+    async idempotentSend(userId, key, since) {
+      const row = selectIdempotencyKey.get(userId, key, since);
+      return row === undefined ? undefined : idempotentSendOf(row);
     },
 
     async task(taskId) {

@@ -2,7 +2,12 @@ import {
   beginRows,
   createUnrecordedEnds,
   encodeDeltaEnds,
+  conversationOf,
   historyPage,
+  IDEMPOTENCY_COLUMNS,
+  IDEMPOTENCY_WINDOW_MS,
+  IdempotencyKeyTaken,
+  idempotentSendOf,
   newMessageId,
   noMessageBefore,
   storedTaskOf,
@@ -10,6 +15,8 @@ import {
   type BeganChat,
   type BeginRows,
   type ChatStore,
+  type ConversationDbRow,
+  type IdempotencyDbRow,
   type TaskRow,
 } from './chat-store.js';
 import type { Pg, PgTx } from './pg.js';
@@ -25,10 +32,26 @@ import { createPgWriteBatcher } from './pg-write-batcher.js';
 
 /** Every statement, by the op name it is counted under (chatwire_db_queries_total). */
 const SQL = {
-  'chat.insert_conversation': 'INSERT INTO conversations (conversation_id, user_id, created_at, updated_at) VALUES ($1, $2, $3, $3)',
-  'chat.touch_conversation': 'UPDATE conversations SET updated_at = $1 WHERE conversation_id = $2',
-  'chat.insert_conversation_if_missing': `INSERT INTO conversations (conversation_id, user_id, created_at, updated_at) VALUES ($1, $2, $3, $3)
-  ON CONFLICT (conversation_id) DO UPDATE SET updated_at = EXCLUDED.updated_at RETURNING user_id`,
+  'chat.insert_conversation':
+    'INSERT INTO conversations (conversation_id, user_id, created_at, updated_at, title, message_count) VALUES ($1, $2, $3, $3, $4, $5)',
+  // New messages: the activity time, the count, and the title while the conversation has none.
+  'chat.touch_conversation': `UPDATE conversations SET updated_at = $1, message_count = message_count + $2,
+  title = CASE WHEN title = '' THEN $3 ELSE title END WHERE conversation_id = $4`,
+  'chat.insert_conversation_if_missing': `INSERT INTO conversations (conversation_id, user_id, created_at, updated_at, title, message_count)
+  VALUES ($1, $2, $3, $3, $4, $5)
+  ON CONFLICT (conversation_id) DO UPDATE SET updated_at = EXCLUDED.updated_at,
+  message_count = conversations.message_count + EXCLUDED.message_count,
+  title = CASE WHEN conversations.title = '' THEN EXCLUDED.title ELSE conversations.title END RETURNING user_id`,
+  'chat.conversations': `SELECT conversation_id, title, updated_at, message_count FROM conversations
+  WHERE user_id = $1 AND (updated_at, conversation_id COLLATE "C") < ($2, $3)
+  ORDER BY updated_at DESC, conversation_id COLLATE "C" DESC LIMIT $4`,
+  'chat.insert_idempotency_key': `INSERT INTO idempotency_keys (user_id, client_key, request_hash, requested_conversation_id, task_id,
+  conversation_id, message_id, ack, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+  ON CONFLICT (user_id, client_key) DO UPDATE SET request_hash = EXCLUDED.request_hash,
+  requested_conversation_id = EXCLUDED.requested_conversation_id, task_id = EXCLUDED.task_id,
+  conversation_id = EXCLUDED.conversation_id, message_id = EXCLUDED.message_id, ack = EXCLUDED.ack, created_at = EXCLUDED.created_at
+  WHERE idempotency_keys.created_at < $10 RETURNING 1`,
+  'chat.idempotency_key': `SELECT ${IDEMPOTENCY_COLUMNS} FROM idempotency_keys WHERE user_id = $1 AND client_key = $2 AND created_at >= $3`,
   'chat.last_user_message': "SELECT seq, message_id, text FROM messages WHERE conversation_id = $1 AND role = 'user' ORDER BY seq DESC LIMIT 1",
   'chat.context_before': 'SELECT role, text FROM messages WHERE conversation_id = $1 AND seq < $2 ORDER BY seq DESC LIMIT $3',
   'chat.insert_message': 'INSERT INTO messages (message_id, conversation_id, role, text, task_id, created_at) VALUES ($1, $2, $3, $4, $5, $6)',
@@ -78,18 +101,38 @@ export function createPgChatStore(sql: Pg, options: PgChatStoreOptions): ChatSto
   /** Writes the rows of one beginChat (see BeginRows), pipelined inside the group commit's transaction. */
   async function writeBegin(tx: PgTx, rows: BeginRows): Promise<BeganChat> {
     const { conversation: c, task: t, createdAt: now } = rows;
+    const k = rows.idempotency;
+    const added = rows.messages.length;
+    // Thrown here, the batch is retried one write per transaction, so only this send fails (and nothing of it is stored).
+    if (k !== undefined) {
+      // A key another send holds (this node's or another's, committed first) stops this one: the unique key decides.
+      const claimed = await run(tx, 'chat.insert_idempotency_key', [
+        c.userId,
+        k.key,
+        k.requestHash,
+        k.requestedConversationId,
+        t.taskId,
+        c.conversationId,
+        rows.began.messageId,
+        k.ack,
+        now,
+        now - IDEMPOTENCY_WINDOW_MS,
+      ]);
+      if (claimed.count === 0) throw new IdempotencyKeyTaken();
+    }
     if (c.create && !c.isNew) {
-      // A conversation the client named may have been made by another user since the caller checked. Thrown here,
-      // the batch is retried one write per transaction, so only this send fails (and nothing of it is stored).
-      const [owner] = (await run(tx, 'chat.insert_conversation_if_missing', [c.conversationId, c.userId, now])) as unknown as { user_id: string }[];
+      // A conversation the client named may have been made by another user since the caller checked.
+      const [owner] = (await run(tx, 'chat.insert_conversation_if_missing', [c.conversationId, c.userId, now, c.title, added])) as unknown as {
+        user_id: string;
+      }[];
       if (owner?.user_id !== c.userId) throw new AppError('forbidden', 'this conversation belongs to another user');
     }
     const writes = [
       c.isNew
-        ? run(tx, 'chat.insert_conversation', [c.conversationId, c.userId, now])
+        ? run(tx, 'chat.insert_conversation', [c.conversationId, c.userId, now, c.title, added])
         : c.create
           ? Promise.resolve()
-          : run(tx, 'chat.touch_conversation', [now, c.conversationId]),
+          : run(tx, 'chat.touch_conversation', [now, added, c.title, c.conversationId]),
       ...rows.messages.map((m) => run(tx, 'chat.insert_message', [m.messageId, c.conversationId, m.role, m.text, t.taskId, now])),
       run(tx, 'chat.insert_task', [
         t.taskId,
@@ -124,7 +167,7 @@ export function createPgChatStore(sql: Pg, options: PgChatStoreOptions): ChatSto
         const writes = [];
         if (replyId !== null) {
           writes.push(run(tx, 'chat.insert_message', [replyId, input.conversationId, 'assistant', input.text, input.taskId, now]));
-          writes.push(run(tx, 'chat.touch_conversation', [now, input.conversationId]));
+          writes.push(run(tx, 'chat.touch_conversation', [now, 1, '', input.conversationId]));
         }
         const ends = input.deltaEnds;
         writes.push(
@@ -188,6 +231,21 @@ export function createPgChatStore(sql: Pg, options: PgChatStoreOptions): ChatSto
       }
       const rows = await run(sql, 'chat.history', [conversationId, beforeSeq, limit + 1]);
       return historyPage(rows as unknown as Parameters<typeof historyPage>[0], limit);
+    },
+
+    async conversations(userId, after, limit) {
+      const rows = (await run(sql, 'chat.conversations', [
+        userId,
+        after?.updatedAt ?? Number.MAX_SAFE_INTEGER,
+        after?.conversationId ?? '',
+        limit,
+      ])) as unknown as ConversationDbRow[];
+      return rows.map(conversationOf);
+    },
+
+    async idempotentSend(userId, key, since) {
+      const [row] = (await run(sql, 'chat.idempotency_key', [userId, key, since])) as unknown as IdempotencyDbRow[];
+      return row === undefined ? undefined : idempotentSendOf(row);
     },
 
     async task(taskId) {

@@ -29,12 +29,21 @@ const Cursor = z.string().min(1).max(256);
 
 // ---------- client to server ----------
 
+/** A `clientMessageId` or `Idempotency-Key`: 1..64 chars of `A-Za-z0-9._:-`. */
+export const ClientMessageIdSchema = z
+  .string()
+  .min(1)
+  .max(64)
+  .regex(/^[A-Za-z0-9._:-]+$/, 'expected 1..64 chars of A-Za-z0-9._:-');
+
 export const ChatSendFields = {
   text: z.string().min(1).max(16000),
   conversationId: OpaqueId.optional(),
   model: z.string().min(1).max(128).optional(),
   params: ChatParamsSchema.optional(),
   cache: CacheModeSchema.optional(),
+  /** Makes the send safe to retry (PROTOCOL.md, "Sync and idempotency"). */
+  clientMessageId: ClientMessageIdSchema.optional(),
 };
 
 export const ChatSendSchema = z.strictObject({ type: z.literal('chat.send'), id: Id.optional(), ...ChatSendFields });
@@ -84,6 +93,16 @@ export const ConsumerBookingsSchema = z.strictObject({
   id: Id.optional(),
   ...ConsumerPageFields,
 });
+export const ConversationsListFields = {
+  limit: LimitSchema.optional(),
+  // Longer than the marketplace's: it holds a conversation id (up to 128 chars of any kind, the AI SDK's chat ids).
+  cursor: z.string().min(1).max(1500).optional(),
+};
+export const ConversationsListSchema = z.strictObject({
+  type: z.literal('conversations.list'),
+  id: Id.optional(),
+  ...ConversationsListFields,
+});
 export const PingSchema = z.strictObject({ type: z.literal('ping'), id: Id.optional() });
 
 export const ClientMessageSchema = z.discriminatedUnion('type', [
@@ -95,6 +114,7 @@ export const ClientMessageSchema = z.discriminatedUnion('type', [
   RequestsListSchema,
   ConsumerRequestsSchema,
   ConsumerBookingsSchema,
+  ConversationsListSchema,
   PingSchema,
 ]);
 
@@ -132,6 +152,18 @@ export const ChatAckSchema = z.object({
   messageId: z.string(),
   status: z.enum(['queued', 'cached']),
   rateLimit: RateLimitInfoSchema,
+  /** `true` when this answers a repeated `clientMessageId` / `Idempotency-Key`: the first send's ack again. */
+  duplicate: z.literal(true).optional(),
+});
+
+/** Server-initiated: a chat of this user was acknowledged on another connection (or over HTTP). */
+export const ChatStartedSchema = z.object({
+  type: z.literal('chat.started'),
+  taskId: z.string(),
+  conversationId: z.string(),
+  messageId: z.string(),
+  text: z.string(),
+  createdAt: IsoTime,
 });
 
 export const ChatDeltaSchema = z.object({
@@ -249,6 +281,19 @@ export const ConsumerBookingsReplySchema = z.object({
   nextCursor: z.string().nullable(),
 });
 
+export const ConversationItemSchema = z.object({
+  conversationId: z.string(),
+  title: z.string(),
+  lastMessageAt: IsoTime,
+  messageCount: z.number().int().min(0),
+});
+export const ConversationsListReplySchema = z.object({
+  type: z.literal('conversations.list'),
+  id: Id.optional(),
+  items: z.array(ConversationItemSchema),
+  nextCursor: z.string().nullable(),
+});
+
 export const OkSchema = z.object({ type: z.literal('ok'), id: Id.optional() });
 export const PongSchema = z.object({ type: z.literal('pong'), id: Id.optional() });
 
@@ -273,6 +318,8 @@ export const ServerMessageSchema = z.discriminatedUnion('type', [
   RequestsListReplySchema,
   ConsumerRequestsReplySchema,
   ConsumerBookingsReplySchema,
+  ConversationsListReplySchema,
+  ChatStartedSchema,
   OkSchema,
   PongSchema,
   ErrorMessageSchema,
@@ -301,6 +348,9 @@ export type ChatSend = z.infer<typeof ChatSendSchema>;
 export type ChatSendBody = z.infer<typeof ChatSendBodySchema>;
 export type RequestsListQuery = Omit<z.infer<typeof RequestsListSchema>, 'type' | 'id'>;
 export type ConsumerPageQuery = Omit<z.infer<typeof ConsumerRequestsSchema>, 'type' | 'id'>;
+export type ConversationsListQuery = Omit<z.infer<typeof ConversationsListSchema>, 'type' | 'id'>;
+export type ConversationItem = z.infer<typeof ConversationItemSchema>;
+export type ChatStarted = z.infer<typeof ChatStartedSchema>;
 export type HistoryQuery = Omit<z.infer<typeof ConversationHistorySchema>, 'type' | 'id'>;
 export type ServerMessage = z.infer<typeof ServerMessageSchema>;
 export type Hello = z.infer<typeof HelloSchema>;

@@ -26,6 +26,7 @@ import {
 import { takeUserSlot } from './connection.js';
 import { captureRequest, parseJsonBody, readBody, Responder, type RequestInfo } from './http-io.js';
 import type { Routes } from './http-routes.js';
+import { idempotencyKey, REPLAYED_HEADER } from './idempotency-key.js';
 import { chargeEgress } from './session.js';
 import { TaskEventStream, type SseEncoding } from './task-event-stream.js';
 
@@ -107,6 +108,7 @@ async function streamTask(
   caller: Identity,
   taskId: string,
   releaseSlot: () => void,
+  replayed = false,
 ) {
   const { deps } = routes;
   const stream = new TaskEventStream(res, responder, routes.streams, releaseSlot, uiMessageStream(taskId));
@@ -117,6 +119,7 @@ async function streamTask(
     'x-accel-buffering': 'no',
     'x-vercel-ai-ui-message-stream': 'v1',
     'x-chatwire-task-id': taskId,
+    ...(replayed ? { [REPLAYED_HEADER]: 'true' } : {}),
   });
 }
 
@@ -125,19 +128,24 @@ export function attachAiSdkRoutes(routes: Routes): void {
 
   aiSdkRoute(routes, 'post', '/api/chat', 0, true, async (caller, info, res, responder, body) => {
     const { id: chatId, messages, trigger } = await chatBody(info, body);
+    const clientMessageId = idempotencyKey(info);
     // Taken before the chat is sent: a user at its connection cap is refused before anything is stored or run.
     const releaseSlot = await takeUserSlot(deps, caller.userId);
     let taskId: string;
+    let replayed = false;
     try {
       const regenerate = trigger === 'regenerate-message';
       const text = regenerate ? '' : uiMessageText(messages[messages.length - 1] as AiSdkChatBody['messages'][number]);
-      const { ack } = await deps.chat.send(caller, { text, conversationId: chatId }, undefined, regenerate ? { regenerate } : { createConversation: true });
-      taskId = ack.taskId;
+      const message = { text, conversationId: chatId, ...(clientMessageId === undefined ? {} : { clientMessageId }) };
+      const sent = await deps.chat.send(caller, message, undefined, regenerate ? { regenerate } : { createConversation: true });
+      taskId = sent.ack.taskId;
+      // A repeated Idempotency-Key: the first request's task, streamed from its start.
+      replayed = sent.duplicate;
     } catch (err) {
       releaseSlot();
       throw err;
     }
-    await streamTask(routes, info, res, responder, caller, taskId, releaseSlot);
+    await streamTask(routes, info, res, responder, caller, taskId, releaseSlot, replayed);
   });
 
   aiSdkRoute(routes, 'get', '/api/chat/:chatId/stream', 1, false, async (caller, info, res, responder) => {

@@ -9,6 +9,7 @@ import {
   isAppError,
   ChatSendBodySchema,
   ConsumerPageFields,
+  ConversationsListFields,
   HistoryQueryFields,
   RequestsListFields,
   JsonText,
@@ -21,6 +22,7 @@ import { callerAddress, identifyPending, takeUserSlot } from './connection.js';
 import type { TransportDeps } from './deps.js';
 import { captureRequest, errorBody, etagMatches, parseJsonBody, readBody, Responder, strongEtag, type RequestInfo } from './http-io.js';
 import { attachAiSdkRoutes } from './ai-sdk-routes.js';
+import { idempotencyKey, REPLAYED_HEADER } from './idempotency-key.js';
 import { attachOpenAIRoutes } from './openai-routes.js';
 import { chargeEgress, historyBytes, taskBytes } from './session.js';
 import { renderStaticRoute, staticAssets } from './static.js';
@@ -42,6 +44,7 @@ const QueryLimit = queryInteger(LimitSchema).optional();
 const HistoryQuerySchema = z.strictObject({ before: HistoryQueryFields.before, limit: QueryLimit });
 const RequestsQuerySchema = z.strictObject({ ...RequestsListFields, limit: QueryLimit });
 const ConsumerPageQuerySchema = z.strictObject({ limit: QueryLimit, cursor: ConsumerPageFields.cursor });
+const ConversationsQuerySchema = z.strictObject({ limit: QueryLimit, cursor: ConversationsListFields.cursor });
 
 /** How fresh each kind of read may be kept by a client or a private cache. */
 const FRESHNESS = {
@@ -84,6 +87,7 @@ interface Handled {
   /** Sent as JSON.stringify(body), or as it is when it is JsonText. */
   body: unknown;
   cacheControl?: string;
+  headers?: Record<string, string>;
 }
 
 /** A /v1 JSON route's handler: the identified caller, the request, and its body (empty for a GET). */
@@ -126,7 +130,7 @@ function commonHeaders(deps: TransportDeps, info: RequestInfo): Record<string, s
   if (allow) {
     h['access-control-allow-origin'] = allow;
     h['access-control-expose-headers'] =
-      'RateLimit, RateLimit-Policy, Retry-After, ETag, retry-after-ms, x-request-id, Cache-Status, x-chatwire-conversation-id';
+      'RateLimit, RateLimit-Policy, Retry-After, ETag, retry-after-ms, x-request-id, Cache-Status, x-chatwire-conversation-id, Idempotent-Replayed';
     if (allow !== '*') h.vary = 'Origin';
   }
   return h;
@@ -192,7 +196,7 @@ function sendHandled(
   limitHeaders: Record<string, string>,
 ): void {
   const body = toJson(out.body);
-  const headers: Record<string, string> = { ...routes.commonHeaders(info), ...limitHeaders, 'content-type': 'application/json' };
+  const headers: Record<string, string> = { ...routes.commonHeaders(info), ...limitHeaders, ...out.headers, 'content-type': 'application/json' };
   if (method === 'get') {
     const etag = strongEtag(body);
     headers.etag = etag;
@@ -247,8 +251,20 @@ function attachV1Routes(routes: Routes): void {
     const parsed = ChatSendBodySchema.safeParse(raw);
     if (!parsed.success) throw badRequestFromZod(parsed.error, 'chat');
     const { id, ...message } = parsed.data;
-    const { ack } = await chat.send(caller, message);
-    return { status: 202, body: id === undefined ? ack : { id, ...ack } };
+    const clientMessageId = idempotencyKey(info, message.clientMessageId);
+    const sent = await chat.send(caller, clientMessageId === undefined ? message : { ...message, clientMessageId });
+    // A repeat: the first answer's status and body, marked by the header.
+    const { duplicate: _duplicate, ...ack } = sent.ack;
+    return {
+      status: 202,
+      body: id === undefined ? ack : { id, ...ack },
+      headers: sent.duplicate ? { [REPLAYED_HEADER]: 'true' } : undefined,
+    };
+  });
+
+  v1('get', '/v1/conversations', 0, async (caller, info) => {
+    const q = parseQuery(ConversationsQuerySchema, info.query);
+    return { status: 200, body: await chat.conversations(caller, q) };
   });
 
   v1('get', '/v1/tasks/:taskId', 1, async (caller, info) => {
@@ -355,7 +371,8 @@ function attachPreflight(routes: Routes): void {
     const headers = {
       ...routes.commonHeaders(info),
       'access-control-allow-methods': 'GET, POST, OPTIONS',
-      'access-control-allow-headers': 'authorization, content-type, last-event-id, if-none-match, x-chatwire-conversation-id, x-chatwire-cache',
+      'access-control-allow-headers':
+        'authorization, content-type, last-event-id, if-none-match, x-chatwire-conversation-id, x-chatwire-cache, idempotency-key',
       'access-control-max-age': '600',
     };
     if (!isV1Path(info.url)) {

@@ -11,6 +11,7 @@ import {
   AppError,
   CacheModeSchema,
   ChatSendFields,
+  ClientMessageIdSchema,
   messageText,
   OpenAIAppError,
   OpenAIChatRequestSchema,
@@ -27,6 +28,7 @@ import {
 import { takeUserSlot } from './connection.js';
 import { captureRequest, parseJsonBody, readBody, Responder, type RequestInfo } from './http-io.js';
 import type { Routes } from './http-routes.js';
+import { REPLAYED_HEADER } from './idempotency-key.js';
 import { TaskEventStream, type SseEncoding } from './task-event-stream.js';
 
 /** RFC 9211 Cache-Status of each way a reply is produced. */
@@ -108,11 +110,12 @@ function completionOf(raw: unknown, info: RequestInfo, servedModel: string): Com
   }
   const conversationId = headerValue(info, 'x-chatwire-conversation-id', ChatSendFields.conversationId.unwrap());
   const cache = headerValue(info, 'x-chatwire-cache', CacheModeSchema);
+  const clientMessageId = headerValue(info, 'idempotency-key', ClientMessageIdSchema);
   const last = req.messages.at(-1) as (typeof req.messages)[number];
   const maxTokens = req.max_completion_tokens ?? req.max_tokens ?? undefined;
   const params = { ...(req.temperature != null ? { temperature: req.temperature } : {}), ...(maxTokens !== undefined ? { maxTokens } : {}) };
   return {
-    body: { text: messageText(last), conversationId, cache, params },
+    body: { text: messageText(last), conversationId, cache, params, ...(clientMessageId === undefined ? {} : { clientMessageId }) },
     context: req.messages.slice(0, -1).map((m) => ({ role: m.role === 'developer' ? 'system' : m.role, content: messageText(m) })),
     stream: req.stream === true,
     includeUsage: req.stream === true && req.stream_options?.include_usage === true,
@@ -178,7 +181,7 @@ class CompletionExchange {
       release();
       throw err;
     }
-    const taskId = sent.task.taskId;
+    const taskId = sent.ack.taskId;
     // The client closing the connection before the end cancels the task (a model call it shares goes on for the others).
     this.responder.onAbort(() => this.cancel(taskId));
     if (!this.responder.open) {
@@ -187,11 +190,13 @@ class CompletionExchange {
       return;
     }
     const ids: ReplyIds = { id: `chatcmpl-${taskId}`, created: Math.floor(Date.now() / 1000), model: deps.config.model };
-    const headers = {
+    const headers: Record<string, string> = {
       'x-request-id': taskId,
       'cache-status': CACHE_STATUS[sent.source],
       'x-chatwire-conversation-id': sent.ack.conversationId,
     };
+    // A repeated Idempotency-Key: the first request's task, its reply whole or streamed from its start.
+    if (sent.duplicate) headers[REPLAYED_HEADER] = 'true';
     if (completion.stream) await this.stream(taskId, ids, headers, completion.includeUsage, release);
     else await this.whole(taskId, ids, headers);
   }

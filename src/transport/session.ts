@@ -1,6 +1,8 @@
 import type { Logger } from 'pino';
 import type { Identity } from '../auth/identity.js';
 import type { ChatService } from '../chat/chat-service.js';
+import { followStarted } from '../chat/sync.js';
+import type { NodeBus } from '../cluster/bus.js';
 import type { LimitDecision } from '../chat/ports.js';
 import type { Sink, Subscription, Task } from '../chat/task.js';
 import type { Metrics } from '../metrics/metrics.js';
@@ -17,6 +19,7 @@ import {
   type RequestsListQuery,
   type SerializedPage,
 } from '../protocol/index.js';
+import { randomBase64url } from '../random-id.js';
 
 /** The marketplace lookups, as the db layer serves them: pages whose items are JSON text already (MarketplaceJsonLookups). */
 export interface MarketplaceLookups {
@@ -35,6 +38,8 @@ export interface SessionDeps {
   flooded?: (userId: string) => void;
   /** Takes the bytes a replay, history page or task snapshot sends from the user's egress bucket (none: not charged). */
   egress?: (userId: string, bytes: number) => { ok: true } | { ok: false; retryAfterMs: number };
+  /** Where the user's chat.started notices arrive (src/chat/sync.ts): the chat service's bus. None: not heard. */
+  bus?: NodeBus | undefined;
   metrics: Metrics;
   log: Logger;
 }
@@ -132,12 +137,23 @@ export class Session {
   // Frames refused since refusalsSince (a window of FLOOD_WINDOW_MS).
   private refusals = 0;
   private refusalsSince = 0;
+  /** This connection among all of the user's (on every node): its own chats are not announced to it. */
+  private readonly origin = randomBase64url(12);
+  private readonly stopFollowing: () => void;
 
   constructor(
     private readonly deps: SessionDeps,
     readonly identity: Identity,
     private readonly sink: Sink,
-  ) {}
+  ) {
+    const bus = deps.bus;
+    this.stopFollowing =
+      bus === undefined
+        ? () => {}
+        : followStarted(bus, identity.userId, this.origin, (started) => {
+            if (!this.closed) this.sink.deliver(started);
+          });
+  }
 
   /**
    * Handles one decoded frame that admit() let through. `reply` carries the direct reply (the ack callback on
@@ -222,7 +238,12 @@ export class Session {
     const caller = this.identity;
     const { type: _type, id, ...body } = message;
     const receivedAt = performance.now();
-    return chat.send(caller, body, receivedAt).then((sent) => {
+    return chat.send(caller, body, receivedAt, { origin: this.origin }).then((sent) => {
+      // A repeated clientMessageId: the first send's ack again; the connection follows the task with chat.resume.
+      if (sent.duplicate) {
+        reply(this.withId({ type: 'chat.ack', ...sent.ack }, id));
+        return;
+      }
       // The ack and whatever the task already has (all of a cache hit) leave in one write.
       const ackAndStream = () => {
         reply(this.withId({ type: 'chat.ack', ...sent.ack }, id));
@@ -284,6 +305,10 @@ export class Session {
         const { type, id, ...query } = message;
         return marketplace.consumerBookingsJson(caller, query).then((page) => reply(pageReply(type, page, id)));
       }
+      case 'conversations.list': {
+        const { type, id, ...query } = message;
+        return chat.conversations(caller, query).then((page) => reply(this.withId({ type, ...page }, id)));
+      }
       case 'ping':
         reply(this.withId({ type: 'pong' }, message.id));
         return;
@@ -301,6 +326,7 @@ export class Session {
   /** The connection closed: stop streaming. Tasks go on and stay resumable from another connection. */
   close(): void {
     this.closed = true;
+    this.stopFollowing();
     for (const sub of this.subscriptions.values()) sub.close();
     this.subscriptions.clear();
   }

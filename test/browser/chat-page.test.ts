@@ -376,3 +376,50 @@ describe('the chat page under a rate limit', { skip: browserMissing }, () => {
     await page.close();
   });
 });
+
+describe('the chat page on two pages of one user', { skip: browserMissing }, () => {
+  let server: TestServer;
+  let browser: { context: BrowserContext; close(): Promise<void> };
+  before(async () => {
+    server = await startServer({ devTokenDelayMs: 20 });
+    browser = await launch();
+  });
+  after(async () => {
+    await browser?.close();
+    await server?.close();
+  });
+
+  test('two pages of one user: the second shows, streaming, the reply to what the first asked in the conversation it shows', async () => {
+    const first = await openPage(browser.context, server, 'pw-sync');
+    const second = await openPage(browser.context, server, 'pw-sync');
+    await send(first.page, 'Who can fix a leaking tap?', { maxTokens: 4 });
+    await first.page.waitForSelector('.assistant[data-state="done"]');
+    const conversationId = await currentConversation(first.page);
+    // The second page heard of the chat: the conversation is in its list; it opens it.
+    const entry = second.page.locator(`#conversations button[data-conversation-id="${conversationId}"]`);
+    await entry.waitFor();
+    await entry.click();
+    // Its history: the question and the reply.
+    await second.page.waitForSelector('.assistant');
+
+    await send(first.page, 'And tomorrow morning?', { maxTokens: 60 });
+    const mirrored = second.page.locator('.user[data-from="elsewhere"]');
+    await mirrored.waitFor();
+    assert.equal(await mirrored.locator('.bubble').textContent(), 'And tomorrow morning?');
+    const partial = await partialText(second.page);
+    await second.page.waitForSelector('.assistant[data-state="done"]');
+    await first.page.waitForFunction(() => document.querySelectorAll('.assistant[data-state="done"]').length === 2);
+    const shown = (await lastReply(second.page).locator('.text').textContent()) ?? '';
+    const asked = (await lastReply(first.page).locator('.text').textContent()) ?? '';
+    assert.equal(shown, asked);
+    assert.ok(shown.startsWith(partial) && partial.length < shown.length, `streamed: "${partial}" before "${shown}"`);
+    const stored = await storedMessages(server, 'pw-sync', conversationId);
+    assert.deepEqual(stored.at(-1), { role: 'assistant', text: shown });
+    // Stored once, though two pages show it.
+    assert.equal(stored.filter((m) => m.text === 'And tomorrow morning?').length, 1);
+    assert.deepEqual(first.errors, []);
+    assert.deepEqual(second.errors, []);
+    await first.page.close();
+    await second.page.close();
+  });
+});

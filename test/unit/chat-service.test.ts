@@ -136,6 +136,8 @@ const user = (userId: string): Identity => ({ userId, role: 'consumer' });
 
 /** Every message of a sent task's stream, to its end. */
 function streamOf(sent: SendResult): Promise<ServerMessage[]> {
+  assert.equal(sent.duplicate, false);
+  if (sent.duplicate) throw new Error('a repeated send has no stream of its own');
   const messages: ServerMessage[] = [];
   return new Promise((resolve) => {
     sent

@@ -8,7 +8,15 @@ import os from 'node:os';
 import path from 'node:path';
 import { test as nodeTest } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { createChatStore, decodeDeltaEnds, encodeDeltaEnds, newTaskId, type ChatStore } from '../../src/db/chat-store.js';
+import {
+  createChatStore,
+  decodeDeltaEnds,
+  encodeDeltaEnds,
+  IDEMPOTENCY_WINDOW_MS,
+  IdempotencyKeyTaken,
+  newTaskId,
+  type ChatStore,
+} from '../../src/db/chat-store.js';
 import { Database } from '../../src/db/database.js';
 import { migrate } from '../../src/db/migrate.js';
 import { openPostgres, type Pg } from '../../src/db/pg.js';
@@ -575,5 +583,131 @@ for (const engine of ENGINES) {
     // The regenerated reply is still an answer to q2: it is the last user message, with the same context.
     assert.equal((await store.lastUserTurn(conv, 10))?.messageId, second.messageId);
     assert.equal(await store.lastUserTurn('no-such-conversation', 10), undefined);
+  });
+}
+
+// Sync and idempotency: the conversation list and the stored idempotency keys, the same on both stores.
+for (const engine of ENGINES) {
+  const options = engine === 'postgres' ? await pgTestOptions() : {};
+  const contract = (name: string, fn: (t: Closable) => Promise<void>) => nodeTest(`${name} [${engine}]`, options, fn);
+
+  contract('conversations list newest activity first, with title and message count kept by the writes, paged by keyset', async (t) => {
+    const { store } = await openStore(t, engine);
+    const long = `${'é'.repeat(70)}${'🙂'.repeat(20)}`;
+    const a = await store.beginChat({ taskId: newTaskId(), userId: 'u1', text: long });
+    await sleep(3);
+    const b = await store.beginChat({ taskId: newTaskId(), userId: 'u1', text: 'second conversation' });
+    await sleep(3);
+    const other = await store.beginChat({ taskId: newTaskId(), userId: 'u2', text: 'not yours' });
+    await sleep(3);
+    // A reply in a: it becomes the newest activity; its count takes the reply; its title stays the first question.
+    const reply = newTaskId();
+    const again = await store.beginChat({ taskId: reply, userId: 'u1', conversationId: a.conversationId, text: 'a follow-up' });
+    await store.finishTask({ ...finishOf(reply, a.conversationId), status: 'done', finishReason: 'stop', text: 'an answer' });
+    await sleep(3);
+    const named = await store.beginChat({ taskId: newTaskId(), userId: 'u1', conversationId: 'chat-x', text: 'named by the client', createConversation: true });
+
+    const all = await store.conversations('u1', undefined, 10);
+    assert.deepEqual(
+      all.map((c) => [c.conversationId, c.title, c.messageCount]),
+      [
+        ['chat-x', 'named by the client', 1],
+        [a.conversationId, `${'é'.repeat(70)}${'🙂'.repeat(10)}`, 3],
+        [b.conversationId, 'second conversation', 1],
+      ],
+    );
+    assert.ok(all[1] !== undefined && all[1].updatedAt >= again.createdAt);
+    assert.equal(all[0]?.updatedAt, named.createdAt);
+    assert.deepEqual(
+      (await store.conversations('u2', undefined, 10)).map((c) => c.conversationId),
+      [other.conversationId],
+    );
+    // Pages of one: each starts after the position of the last one, and the walk ends.
+    const walked: string[] = [];
+    let after: { updatedAt: number; conversationId: string } | undefined;
+    for (;;) {
+      const page = await store.conversations('u1', after, 1);
+      if (page.length === 0) break;
+      const last = page[0] as (typeof page)[number];
+      walked.push(last.conversationId);
+      after = { updatedAt: last.updatedAt, conversationId: last.conversationId };
+    }
+    assert.deepEqual(
+      walked,
+      all.map((c) => c.conversationId),
+    );
+  });
+
+  contract('conversations with the same last activity are ordered by conversation id, descending, across pages', async (t) => {
+    const { store } = await openStore(t, engine);
+    const ids = ['c-a', 'c-B', 'c-b', 'c-Z', 'c-1'];
+    // One group commit: the same created_at for all.
+    await Promise.all(ids.map((id) => store.beginChat({ taskId: newTaskId(), userId: 'u1', conversationId: id, text: id, createConversation: true })));
+    const all = await store.conversations('u1', undefined, 10);
+    assert.equal(new Set(all.map((c) => c.updatedAt)).size, 1);
+    const expected = [...ids].sort().reverse();
+    assert.deepEqual(
+      all.map((c) => c.conversationId),
+      expected,
+    );
+    const first = await store.conversations('u1', undefined, 2);
+    const last = first[1] as (typeof first)[number];
+    const rest = await store.conversations('u1', { updatedAt: last.updatedAt, conversationId: last.conversationId }, 10);
+    assert.deepEqual(
+      rest.map((c) => c.conversationId),
+      expected.slice(2),
+    );
+  });
+
+  contract('an idempotency key is stored with its send; a second send with it stores nothing, until 24 hours have passed', async (t) => {
+    const { store, count } = await openStore(t, engine);
+    const record = (ack: string) => ({ key: 'k-1', requestHash: 'h1', requestedConversationId: null, ack });
+    const taskId = newTaskId();
+    const began = await store.beginChat({ taskId, userId: 'u1', text: 'once', idempotency: record('{"first":true}') });
+    const stored = await store.idempotentSend('u1', 'k-1', Date.now() - IDEMPOTENCY_WINDOW_MS);
+    assert.deepEqual(stored, {
+      requestHash: 'h1',
+      requestedConversationId: null,
+      taskId,
+      conversationId: began.conversationId,
+      messageId: began.messageId,
+      ack: '{"first":true}',
+      createdAt: began.createdAt,
+    });
+    assert.equal(await store.idempotentSend('u2', 'k-1', 0), undefined);
+    assert.equal(await store.idempotentSend('u1', 'k-2', 0), undefined);
+    // Past its window the record is not found.
+    assert.equal(await store.idempotentSend('u1', 'k-1', began.createdAt + 1), undefined);
+
+    const [messages, tasks, conversations] = [await count('messages'), await count('tasks'), await count('conversations')];
+    await assert.rejects(store.beginChat({ taskId: newTaskId(), userId: 'u1', text: 'twice', idempotency: record('{}') }), IdempotencyKeyTaken);
+    // Two at once with a new key: one commits, the other stores nothing.
+    const both = await Promise.allSettled([
+      store.beginChat({ taskId: newTaskId(), userId: 'u1', text: 'race', idempotency: { ...record('{}'), key: 'k-3' } }),
+      store.beginChat({ taskId: newTaskId(), userId: 'u1', text: 'race', idempotency: { ...record('{}'), key: 'k-3' } }),
+    ]);
+    assert.deepEqual(both.map((r) => r.status).sort(), ['fulfilled', 'rejected']);
+    assert.equal(await count('messages'), messages + 1);
+    assert.equal(await count('tasks'), tasks + 1);
+    assert.equal(await count('conversations'), conversations + 1);
+    // Another user's key of the same name is its own.
+    await store.beginChat({ taskId: newTaskId(), userId: 'u2', text: 'mine', idempotency: record('{}') });
+  });
+
+  contract('a key older than 24 hours is taken over by the next send with it', async (t) => {
+    const { store } = await openStore(t, engine);
+    const record = { key: 'old', requestHash: 'h', requestedConversationId: null, ack: '{}' };
+    const realNow = Date.now;
+    Date.now = () => realNow() - IDEMPOTENCY_WINDOW_MS - 60_000;
+    try {
+      await store.beginChat({ taskId: newTaskId(), userId: 'u1', text: 'long ago', idempotency: record });
+    } finally {
+      Date.now = realNow;
+    }
+    const taskId = newTaskId();
+    await store.beginChat({ taskId, userId: 'u1', text: 'today', idempotency: { ...record, requestHash: 'h2' } });
+    const stored = await store.idempotentSend('u1', 'old', Date.now() - IDEMPOTENCY_WINDOW_MS);
+    assert.equal(stored?.taskId, taskId);
+    assert.equal(stored?.requestHash, 'h2');
   });
 }

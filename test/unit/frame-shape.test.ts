@@ -13,8 +13,8 @@ import {
 
 const nested = (levels: number) => '['.repeat(levels) + ']'.repeat(levels);
 
-test('the bounds are those of the largest client message: chat.send with params, 2 levels and 10 values', () => {
-  assert.deepEqual(CLIENT_MESSAGE_BOUNDS, { depth: 2, values: 10 });
+test('the bounds are those of the largest client message: chat.send with params, 2 levels and 11 values', () => {
+  assert.deepEqual(CLIENT_MESSAGE_BOUNDS, { depth: 2, values: 11 });
   const largest = {
     type: 'chat.send',
     id: 'a',
@@ -23,6 +23,7 @@ test('the bounds are those of the largest client message: chat.send with params,
     model: 'm',
     params: { temperature: 0, maxTokens: 5, system: 's' },
     cache: 'use',
+    clientMessageId: 'k',
   };
   assert.equal(ClientMessageSchema.safeParse(largest).success, true);
   assert.deepEqual(scanFrame(JSON.stringify(largest), CLIENT_MESSAGE_BOUNDS), { ok: true, id: 'a' });
@@ -34,11 +35,11 @@ test('a 64 KiB frame of 32,000 nested arrays, a flat array of 32,000 values and 
   assert.match(deep.ok ? '' : deep.reason, /nests deeper than any message \(at most 2 levels\)/);
   const flat = scanFrame(`[${Array.from({ length: 32_000 }, () => '0').join(',')}]`, CLIENT_MESSAGE_BOUNDS);
   assert.equal(flat.ok, false);
-  assert.match(flat.ok ? '' : flat.reason, /more values than any message \(at most 10\)/);
+  assert.match(flat.ok ? '' : flat.reason, /more values than any message \(at most 11\)/);
   const keys: Record<string, number> = {};
   for (let i = 0; i < 6400; i++) keys[`k${i}`] = i;
   const many = scanFrame(JSON.stringify({ id: 'x1', type: 'ping', ...keys }), CLIENT_MESSAGE_BOUNDS);
-  assert.deepEqual(many, { ok: false, id: 'x1', reason: 'frame holds more values than any message (at most 10)' });
+  assert.deepEqual(many, { ok: false, id: 'x1', reason: 'frame holds more values than any message (at most 11)' });
   const viaParse = scanFrame(`{"id":"deep","type":"ping","a":${nested(100)}}`, CLIENT_MESSAGE_BOUNDS);
   assert.equal(viaParse.ok, false);
   assert.equal(viaParse.ok ? '' : viaParse.id, 'deep');

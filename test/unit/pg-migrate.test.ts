@@ -104,7 +104,7 @@ test('the project PostgreSQL migrations apply to an empty database, and again ch
   const tables = await sql`SELECT tablename FROM pg_tables WHERE schemaname = current_schema() ORDER BY tablename`;
   assert.deepEqual(
     tables.map((r) => r.tablename),
-    ['bookings', 'consumers', 'conversations', 'messages', 'providers', 'quotes', 'requests', 'schema_migrations', 'tasks'],
+    ['bookings', 'consumers', 'conversations', 'idempotency_keys', 'messages', 'providers', 'quotes', 'requests', 'schema_migrations', 'tasks'],
   );
 });
 
