@@ -641,8 +641,18 @@ for (const engine of ENGINES) {
   contract('conversations with the same last activity are ordered by conversation id, descending, across pages', async (t) => {
     const { store } = await openStore(t, engine);
     const ids = ['c-a', 'c-B', 'c-b', 'c-Z', 'c-1'];
-    // One group commit: the same created_at for all.
-    await Promise.all(ids.map((id) => store.beginChat({ taskId: newTaskId(), userId: 'u1', conversationId: id, text: id, createConversation: true })));
+    // The same time for all (a send takes its time when it is begun, synchronously: a loaded machine may cross a
+    // millisecond between two sends of one tick).
+    const realNow = Date.now;
+    const frozen = realNow();
+    Date.now = () => frozen;
+    let begun: Promise<unknown>[];
+    try {
+      begun = ids.map((id) => store.beginChat({ taskId: newTaskId(), userId: 'u1', conversationId: id, text: id, createConversation: true }));
+    } finally {
+      Date.now = realNow;
+    }
+    await Promise.all(begun);
     const all = await store.conversations('u1', undefined, 10);
     assert.equal(new Set(all.map((c) => c.updatedAt)).size, 1);
     const expected = [...ids].sort().reverse();
