@@ -189,7 +189,9 @@ class CompletionExchange {
       await this.cancel(taskId);
       return;
     }
-    const ids: ReplyIds = { id: `chatcmpl-${taskId}`, created: Math.floor(Date.now() / 1000), model: deps.config.model };
+    // `created` is the task's: a repeated Idempotency-Key gets the first answer's body, byte for byte.
+    const createdMs = sent.duplicate ? Date.parse((await deps.chat.task(this.caller, taskId)).createdAt) : sent.task.createdAt;
+    const ids: ReplyIds = { id: `chatcmpl-${taskId}`, created: Math.floor(createdMs / 1000), model: deps.config.model };
     const headers: Record<string, string> = {
       'x-request-id': taskId,
       'cache-status': CACHE_STATUS[sent.source],

@@ -179,7 +179,12 @@ describe('idempotent sends', () => {
     assert.equal(c1.headers.get('x-request-id'), c2.headers.get('x-request-id'));
     assert.deepEqual([c1.headers.get('idempotent-replayed'), c2.headers.get('idempotent-replayed')].sort(), [null, 'true']);
     const [j1, j2] = [(await c1.json()) as Msg, (await c2.json()) as Msg];
-    assert.deepEqual(j1.choices, j2.choices);
+    assert.deepEqual(j1, j2);
+    // A retry a while later (past a second of `created`) still gets the first answer's body, whole.
+    await new Promise((resolve) => setTimeout(resolve, 1100));
+    const c3 = await completion(false);
+    assert.equal(c3.headers.get('idempotent-replayed'), 'true');
+    assert.deepEqual(await c3.json(), j1);
     const s1 = await completion(true);
     const whole = await s1.text();
     const s2 = await completion(true);
