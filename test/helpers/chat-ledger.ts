@@ -83,6 +83,33 @@ export interface Verification {
  * Checks the ledger against the SQLite file directly (opening it runs SQLite's
  * own WAL recovery, as a restart would). Call it with no server running on the file.
  */
+/** A stored message of a conversation, in seq order, as the ledger checks read it. */
+export interface StoredMessageRow {
+  message_id: string;
+  role: string;
+  task_id: string | null;
+}
+
+/**
+ * A conversation's stored messages against what was acknowledged in it: true when an acknowledged message is
+ * missing or out of order, or a reply does not follow its own question, or a task has more than one reply.
+ */
+export function conversationCorrupt(ackedIds: readonly string[], rows: readonly StoredMessageRow[]): boolean {
+  const position = new Map(rows.map((r, i) => [r.message_id, i]));
+  const positions = ackedIds.map((id) => position.get(id) ?? -1);
+  const inOrder = positions.every((p, i) => p >= 0 && (i === 0 || p > (positions[i - 1] as number)));
+  const asked = new Set<string>();
+  const answered = new Set<string>();
+  for (const r of rows) {
+    if (r.role === 'user' && r.task_id !== null) asked.add(r.task_id);
+    if (r.role === 'assistant') {
+      if (r.task_id === null || !asked.has(r.task_id) || answered.has(r.task_id)) return true;
+      answered.add(r.task_id);
+    }
+  }
+  return !inOrder;
+}
+
 export function verifyLedger(file: string, ledger: Ledger): Verification {
   const db = new Database(file);
   try {
@@ -111,22 +138,8 @@ export function verifyLedger(file: string, ledger: Ledger): Verification {
     const inConversation = raw.prepare('SELECT message_id, role, task_id FROM messages WHERE conversation_id = ? ORDER BY seq');
     const corruptConversations: string[] = [];
     for (const [conversationId, ackedIds] of ledger.conversations) {
-      const rows = inConversation.all(conversationId) as { message_id: string; role: string; task_id: string | null }[];
-      const position = new Map(rows.map((r, i) => [r.message_id, i]));
-      const positions = ackedIds.map((id) => position.get(id) ?? -1);
-      const inOrder = positions.every((p, i) => p >= 0 && (i === 0 || p > (positions[i - 1] as number)));
-      // Every reply follows its own question, and a task has at most one reply.
-      const asked = new Set<string>();
-      const answered = new Set<string>();
-      let repliesFollow = true;
-      for (const r of rows) {
-        if (r.role === 'user' && r.task_id !== null) asked.add(r.task_id);
-        if (r.role === 'assistant') {
-          if (r.task_id === null || !asked.has(r.task_id) || answered.has(r.task_id)) repliesFollow = false;
-          if (r.task_id !== null) answered.add(r.task_id);
-        }
-      }
-      if (!inOrder || !repliesFollow) corruptConversations.push(conversationId);
+      const rows = inConversation.all(conversationId) as StoredMessageRow[];
+      if (conversationCorrupt(ackedIds, rows)) corruptConversations.push(conversationId);
     }
     const unfinishedTasks = (raw.prepare("SELECT count(*) AS n FROM tasks WHERE status IN ('queued', 'running')").get() as { n: number }).n;
     const messages = (raw.prepare('SELECT count(*) AS n FROM messages').get() as { n: number }).n;

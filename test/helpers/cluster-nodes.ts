@@ -21,7 +21,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { Redis } from 'ioredis';
 import { openPostgres } from '../../src/db/pg.js';
-import type { Ledger } from './chat-ledger.js';
+import { conversationCorrupt, type Ledger } from './chat-ledger.js';
 import { startProcess, type ServerProcess } from './process.js';
 
 export interface ClusterOptions {
@@ -506,21 +506,7 @@ export async function verifyLedgerInPostgres(databaseUrl: string, ledger: Ledger
       }
     }
     for (const [conversationId, ackedIds] of ledger.conversations) {
-      const rows = byConversation.get(conversationId) ?? [];
-      const position = new Map(rows.map((r, i) => [r.message_id, i]));
-      const positions = ackedIds.map((id) => position.get(id) ?? -1);
-      const inOrder = positions.every((p, i) => p >= 0 && (i === 0 || p > (positions[i - 1] as number)));
-      const asked = new Set<string>();
-      const answered = new Set<string>();
-      let repliesFollow = true;
-      for (const r of rows) {
-        if (r.role === 'user' && r.task_id !== null) asked.add(r.task_id);
-        if (r.role === 'assistant') {
-          if (r.task_id === null || !asked.has(r.task_id) || answered.has(r.task_id)) repliesFollow = false;
-          if (r.task_id !== null) answered.add(r.task_id);
-        }
-      }
-      if (!inOrder || !repliesFollow) corruptConversations.push(conversationId);
+      if (conversationCorrupt(ackedIds, byConversation.get(conversationId) ?? [])) corruptConversations.push(conversationId);
     }
     const [unfinished] = await sql<{ n: number }[]>`SELECT count(*)::int AS n FROM tasks WHERE status IN ('queued', 'running')`;
     const [total] = await sql<{ n: number }[]>`SELECT count(*)::int AS n FROM messages`;
