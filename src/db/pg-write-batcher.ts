@@ -2,9 +2,9 @@ import postgres from 'postgres';
 import { AppError } from '../protocol/index.js';
 import type { Pg, PgTx } from './pg.js';
 
-export interface PgWriteBatcher {
-  /** Runs `op` inside the next group commit; resolves after that commit. `op` issues its statements on `tx` without awaiting each, so they pipeline. */
-  enqueue<T>(op: (tx: PgTx) => Promise<T>): Promise<T>;
+export interface PgWriteBatcher<W> {
+  /** Queues `write` for the next group commit; resolves after that commit. */
+  enqueue(write: W): Promise<void>;
   /** Starts the commit of what is queued now, or, while a commit is under way, as soon as it ends. */
   flush(): void;
   /** Writes not committed yet: queued, and in the commit under way. */
@@ -13,24 +13,24 @@ export interface PgWriteBatcher {
   drain(): Promise<void>;
 }
 
-interface Pending {
-  op: (tx: PgTx) => Promise<unknown>;
-  resolve: (value: unknown) => void;
-  reject: (err: unknown) => void;
-}
+/**
+ * Writes a batch inside its transaction, set-based (a few statements for the whole batch, not a few per write);
+ * throws when any write of it is refused.
+ */
+export type WriteAll<W> = (tx: PgTx, writes: readonly W[]) => Promise<void>;
 
-/** Runs every op of a batch on the transaction, in order (their statements pipeline); throws the first failure. */
-async function runAll(tx: PgTx, batch: Pending[]): Promise<unknown[]> {
-  const settled = await Promise.allSettled(batch.map((p) => p.op(tx)));
-  const failed = settled.find((r): r is PromiseRejectedResult => r.status === 'rejected');
-  if (failed) throw failed.reason;
-  return settled.map((r) => (r as PromiseFulfilledResult<unknown>).value);
+interface Pending<W> {
+  write: W;
+  resolve: () => void;
+  reject: (err: unknown) => void;
 }
 
 /**
  * Group commit on PostgreSQL, as createWriteBatcher does on SQLite: the writes
- * queued during one turn of the event loop go into one transaction, their
- * statements pipelined on one connection, committed once.
+ * queued during one turn of the event loop go into one transaction, written by
+ * `writeAll` in a few set-based statements (the cost of a statement, on this
+ * node's main thread and on the server, is paid per batch, not per write),
+ * committed once.
  *
  * One commit at a time: writes queued while a commit is under way go into the
  * next one, started as soon as it ends. So under load the batches grow instead
@@ -43,29 +43,34 @@ async function runAll(tx: PgTx, batch: Pending[]): Promise<unknown[]> {
  * maybe during COMMIT, so whether it committed is unknown) is not retried:
  * every write of it rejects.
  */
-export function createPgWriteBatcher(sql: Pg, onCommit?: (seconds: number, size: number) => void): PgWriteBatcher {
-  let queue: Pending[] = [];
+export function createPgWriteBatcher<W>(sql: Pg, writeAll: WriteAll<W>, onCommit?: (seconds: number, size: number) => void): PgWriteBatcher<W> {
+  let queue: Pending<W>[] = [];
   let scheduled = false;
   let committing: Promise<void> | null = null;
   let inCommit = 0;
 
-  async function commit(batch: Pending[]): Promise<void> {
+  async function commit(batch: Pending<W>[]): Promise<void> {
     const started = process.hrtime.bigint();
     // Each write stops counting as pending as its caller is told, before its caller's continuation runs.
     try {
-      const results = await sql.begin((tx) => runAll(tx, batch));
+      await sql.begin((tx) =>
+        writeAll(
+          tx,
+          batch.map((p) => p.write),
+        ),
+      );
       inCommit = 0;
-      for (const [i, p] of batch.entries()) p.resolve(results[i]);
+      for (const p of batch) p.resolve();
     } catch (err) {
       // A refusal of one write (the server's, or chatwire's own AppError, e.g. forbidden) rolled the batch back.
       if (batch.length > 1 && (err instanceof postgres.PostgresError || err instanceof AppError)) {
-        const alone = (p: Pending) =>
+        const alone = (p: Pending<W>) =>
           sql
-            .begin((tx) => p.op(tx))
+            .begin((tx) => writeAll(tx, [p.write]))
             .then(
-              (value) => {
+              () => {
                 inCommit--;
-                p.resolve(value);
+                p.resolve();
               },
               (failure: unknown) => {
                 inCommit--;
@@ -94,9 +99,9 @@ export function createPgWriteBatcher(sql: Pg, onCommit?: (seconds: number, size:
   }
 
   return {
-    enqueue<T>(op: (tx: PgTx) => Promise<T>): Promise<T> {
-      return new Promise<T>((resolve, reject) => {
-        queue.push({ op, resolve: resolve as (v: unknown) => void, reject });
+    enqueue(write: W): Promise<void> {
+      return new Promise<void>((resolve, reject) => {
+        queue.push({ write, resolve, reject });
         if (!scheduled) {
           scheduled = true;
           setImmediate(flush);
