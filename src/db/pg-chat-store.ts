@@ -184,7 +184,8 @@ export function createPgChatStore(sql: Pg, options: PgChatStoreOptions): ChatSto
     for (const w of writes) {
       if (w.kind === 'begin') {
         const { conversation: c, task: t, createdAt: now, idempotency: k } = w.rows;
-        if (k !== undefined) keys.add(c.userId, k.key, k.requestHash, k.requestedConversationId, t.taskId, c.conversationId, w.rows.began.messageId, k.ack, now);
+        if (k !== undefined)
+          keys.add(c.userId, k.key, k.requestHash, k.requestedConversationId, t.taskId, c.conversationId, w.rows.began.messageId, k.ack, now);
         if (c.isNew) conversations.add(c.conversationId, c.userId, now, c.title, w.rows.messages.length);
         else if (c.create) named.push(w.rows);
         else touch(c.conversationId, now, w.rows.messages.length, c.title);
@@ -254,14 +255,7 @@ export function createPgChatStore(sql: Pg, options: PgChatStoreOptions): ChatSto
     if (touches.size > 0) {
       const ids = [...touches.keys()].sort();
       const rows = ids.map((id) => touches.get(id) as { at: number; added: number; title: string });
-      statements.push(
-        run(tx, 'chat.touch_conversations', [
-          ids,
-          rows.map((r) => r.at),
-          rows.map((r) => r.added),
-          rows.map((r) => r.title),
-        ]),
-      );
+      statements.push(run(tx, 'chat.touch_conversations', [ids, rows.map((r) => r.at), rows.map((r) => r.added), rows.map((r) => r.title)]));
     }
     if (messages.size > 0) statements.push(run(tx, 'chat.insert_messages', messages.params(sql)));
     if (tasks.size > 0) statements.push(run(tx, 'chat.insert_tasks', [...tasks.params(sql), nodeId]));

@@ -496,6 +496,36 @@ nodeTest("[postgres] each task records the node that began it, and recoverUnfini
   assert.equal((await store.task(theirs))?.status, 'queued');
 });
 
+nodeTest('[postgres] a group commit writes with a few set-based statements, however many writes it holds', await pgTestOptions(), async (t) => {
+  const { store, pg } = await openPg(t);
+  const statements: string[] = [];
+  const counted = createPgChatStore(pg as Pg, { nodeId: NODE, onQuery: (op) => statements.push(op) });
+  t.after(() => counted.close());
+  const first = await store.beginChat({ taskId: newTaskId(), userId: 'u1', conversationId: undefined, text: 'first' });
+  const endedTask = newTaskId();
+  const ended = await store.beginChat({ taskId: endedTask, userId: 'u1', conversationId: undefined, text: 'ends' });
+  // One tick: 30 questions in one conversation, 10 new conversations, a task ending (its reply touches its conversation too).
+  const writes = [
+    ...Array.from({ length: 30 }, (_, i) => counted.beginChat({ taskId: newTaskId(), userId: 'u1', conversationId: first.conversationId, text: `m${i}` })),
+    ...Array.from({ length: 10 }, (_, i) => counted.beginChat({ taskId: newTaskId(), userId: 'u2', conversationId: undefined, text: `new ${i}` })),
+    counted.finishTask({ ...finishOf(endedTask, ended.conversationId), status: 'done', finishReason: 'stop', text: 'reply' }),
+  ];
+  await Promise.all(writes);
+  assert.deepEqual(statements.sort(), [
+    'chat.finish_tasks',
+    'chat.insert_conversations',
+    'chat.insert_messages',
+    'chat.insert_tasks',
+    'chat.touch_conversations',
+  ]);
+  // The 30 touches of one conversation add up on its row.
+  const [row] = await (pg as Pg).unsafe('SELECT message_count, title FROM conversations WHERE conversation_id = $1', [first.conversationId]);
+  assert.equal(row?.message_count, 31);
+  assert.equal(row?.title, 'first');
+  assert.equal((await store.history(ended.conversationId, undefined, 10)).messages.at(-1)?.text, 'reply');
+  assert.equal((await store.task(endedTask))?.status, 'done');
+});
+
 // What the AI SDK route needs of both stores: conversations named by the client, and regenerated replies.
 for (const engine of ENGINES) {
   const options = engine === 'postgres' ? await pgTestOptions() : {};
