@@ -9,12 +9,16 @@
  *   (keep-alive HTTP, the SSE events parsed to tokens), through chatwire over
  *   /ws (one socket each, the frames parsed to tokens) and through chatwire's
  *   OpenAI-compatible route (POST /v1/chat/completions, streamed, keep-alive HTTP,
- *   parsed as the direct path parses). The clients do the same work per token
- *   (one JSON.parse per event or frame, the stamps read out of the text), so the
- *   difference between a path through chatwire and the direct one is what chatwire
- *   adds. Rounds alternate (direct, /ws, openai, then openai, /ws, direct, ...) so
- *   that a change in the machine's load falls on every path. Two arrival patterns,
- *   each its own rounds:
+ *   parsed as the direct path parses). Next to chatwire, the relay's floor
+ *   (scripts/bench-relay-floor.ts, two processes of its own): the same upstream
+ *   request on chatwire's HTTP client and SSE parser, the same /ws frames, and
+ *   nothing else, read on its main thread (floor, inline) or in one worker thread
+ *   (floor, worker), each read over /ws as chatwire is. The clients do the same
+ *   work per token (one JSON.parse per event or frame, the stamps read out of the
+ *   text), so the difference between a relayed path and the direct one is what the
+ *   relay adds. Rounds alternate (direct, /ws, openai, floor inline, floor worker,
+ *   then the reverse, ...) so that a change in the machine's load falls on every
+ *   path. Two arrival patterns, each its own rounds:
  *   - burst: all N chats of a round sent at the same moment (the worst case: the
  *     N requests queue behind each other for the CPU on every hop);
  *   - steady: N users in a closed loop, each sending its next chat when its
@@ -26,6 +30,7 @@
  *   default threads per worker: tokens per second.
  *
  *   npm run bench:upstream -- [--part upstream|local|all] [--chats 100] [--tokens 50] [--interval-ms 10] [--rounds 6]
+ *                             [--paths ws,openai,floor-inline,floor-worker] (the relayed paths to run; direct always runs)
  *                             [--steady-replies 3] (replies per user in a steady round)
  *                             [--workers <CHATWIRE_WORKER_THREADS, default: cores>]
  *                             [--local-embd 256] [--local-layers 4] [--local-streams 4] [--local-tokens 64] [--local-seconds 8]
@@ -37,9 +42,9 @@
  *   client's clock: process.hrtime, one monotonic clock for the whole machine);
  * - end: the upstream writing the reply's last token to the reply finished in the client's hands ([DONE] / chat.done);
  * - total: the request sent to the reply finished ([DONE] / chat.done); it also holds the upstream's own pacing;
- * - added: through chatwire minus direct, percentile by percentile (p50 minus p50, p99 minus p99);
+ * - added: through chatwire (or the floor) minus direct, percentile by percentile (p50 minus p50, p99 minus p99);
  * - tokens/s: tokens received over the wall time of the rounds (first request to last reply);
- * - chatwire CPU: the server process's user + system CPU time over its rounds, per token;
+ * - CPU: each process's user + system CPU time over a path's rounds, per token (the relay's: chatwire's or the floor's);
  * - hops: round trips of a socket and of a thread message, pinged alongside every round (scripts/bench-hops.ts):
  *   the floor under what any extra hop adds on this machine at that moment.
  *
@@ -57,7 +62,7 @@ import { writeTinyLlamaGguf } from '../test/fixtures/gguf-tiny-llama.js';
 import { createModelPool } from '../src/llm/pool.js';
 import { providerSettingsFrom, type ModelRequest } from '../src/llm/provider.js';
 import { startHopProbe } from './bench-hops.js';
-import { DIST, printTable, sleep, startChatwire, startChild, summarize } from './bench-support.js';
+import { type Child, DIST, printTable, sleep, startChatwire, startChild, summarize } from './bench-support.js';
 
 const { values: args } = parseArgs({
   options: {
@@ -66,6 +71,7 @@ const { values: args } = parseArgs({
     tokens: { type: 'string', default: '50' },
     'interval-ms': { type: 'string', default: '10' },
     rounds: { type: 'string', default: '6' },
+    paths: { type: 'string', default: 'ws,openai,floor-inline,floor-worker' },
     'steady-replies': { type: 'string', default: '3' },
     workers: { type: 'string' },
     'local-embd': { type: 'string', default: '256' },
@@ -81,6 +87,14 @@ const tokens = Number(args.tokens);
 const intervalMs = Number(args['interval-ms']);
 const rounds = Number(args.rounds);
 const steadyReplies = Number(args['steady-replies']);
+
+/** The relayed paths a run may measure; the direct one always runs (every "added" figure is against it). */
+const RELAYED = ['ws', 'openai', 'floor-inline', 'floor-worker'] as const;
+type Relayed = (typeof RELAYED)[number];
+const relayed = (args.paths as string).split(',').map((p) => p.trim()) as Relayed[];
+for (const p of relayed) if (!RELAYED.includes(p)) throw new Error(`--paths: unknown path ${p} (known: ${RELAYED.join(', ')})`);
+/** The processes whose CPU time is counted: the fake upstream, this one (the clients), and the relays. */
+type Proc = 'upstream' | 'clients' | 'chatwire' | 'floorInline' | 'floorWorker';
 
 const round1 = (n: number) => Math.round(n * 10) / 10;
 const round2 = (n: number) => Math.round(n * 100) / 100;
@@ -104,8 +118,8 @@ interface Side {
   /** Wall time of each round: first request sent to last reply finished. */
   wallMs: number[];
   errors: number;
-  /** CPU time (ms) over the measured rounds of this path: the upstream's process, the clients' (this one), chatwire's. */
-  cpuMs: { upstream: number; clients: number; chatwire: number };
+  /** CPU time (ms) of each running process over the measured rounds of this path. */
+  cpuMs: Partial<Record<Proc, number>>;
   /** Replies whose tokens were not exactly w0..w(n-1) in order. */
   corrupted: number;
   /** Round trips of the hop probe (scripts/bench-hops.ts) during this path's rounds, ms. */
@@ -124,7 +138,7 @@ const newSide = (): Side => ({
   tokens: 0,
   wallMs: [],
   errors: 0,
-  cpuMs: { upstream: 0, clients: 0, chatwire: 0 },
+  cpuMs: {},
   corrupted: 0,
   socketRttMs: [],
   threadRttMs: [],
@@ -307,68 +321,130 @@ function cpuMs(pid: number): number {
   }
 }
 
+/** How a relayed path is run and reported: the process that relays it, its rows and its keys in the JSON line. */
+interface RelayedSpec {
+  proc: Proc;
+  name: string;
+  addedName: string;
+  throughKey: string;
+  addedKey: string;
+  /** Read over /ws (chat.send, chat.ack, chat.delta, chat.done): its acks are timed too. */
+  ws: boolean;
+}
+
+const RELAYED_SPECS: Record<Relayed, RelayedSpec> = {
+  ws: { proc: 'chatwire', name: 'through chatwire /ws', addedName: 'added by chatwire', throughKey: 'throughChatwire', addedKey: 'added', ws: true },
+  openai: {
+    proc: 'chatwire',
+    name: 'through chatwire /v1/chat/completions',
+    addedName: 'added by chatwire (/v1/chat/completions)',
+    throughKey: 'throughOpenAI',
+    addedKey: 'addedOpenAI',
+    ws: false,
+  },
+  'floor-inline': {
+    proc: 'floorInline',
+    name: 'through the floor, inline',
+    addedName: 'added by the floor, inline',
+    throughKey: 'throughFloorInline',
+    addedKey: 'addedFloorInline',
+    ws: true,
+  },
+  'floor-worker': {
+    proc: 'floorWorker',
+    name: 'through the floor, worker',
+    addedName: 'added by the floor, worker',
+    throughKey: 'throughFloorWorker',
+    addedKey: 'addedFloorWorker',
+    ws: true,
+  },
+};
+
 async function benchUpstream() {
   const upstream = await startChild(path.join(DIST, 'scripts', 'bench-upstream-server.js'), { BENCH_INTERVAL_MS: String(intervalMs) });
+  const upstreamUrl = `http://127.0.0.1:${upstream.port}/v1`;
   const workers = args.workers ?? String(os.availableParallelism());
-  const server = await startChatwire({
-    CHATWIRE_LLM: 'openai',
-    CHATWIRE_MODEL: 'fake-1',
-    CHATWIRE_OPENAI_BASE_URL: `http://127.0.0.1:${upstream.port}/v1`,
-    CHATWIRE_UPSTREAM_MAX_RETRIES: '0',
-    CHATWIRE_WORKER_THREADS: workers,
-  });
+  const runs = (p: Relayed) => relayed.includes(p);
+  const server =
+    runs('ws') || runs('openai')
+      ? await startChatwire({
+          CHATWIRE_LLM: 'openai',
+          CHATWIRE_MODEL: 'fake-1',
+          CHATWIRE_OPENAI_BASE_URL: upstreamUrl,
+          CHATWIRE_UPSTREAM_MAX_RETRIES: '0',
+          CHATWIRE_WORKER_THREADS: workers,
+        })
+      : null;
+  const floor = (mode: 'inline' | 'worker') =>
+    startChild(path.join(DIST, 'scripts', 'bench-relay-floor.js'), { BENCH_FLOOR_MODE: mode, BENCH_UPSTREAM_URL: upstreamUrl }, `floor ${mode}`);
+  const floorInline = runs('floor-inline') ? await floor('inline') : null;
+  const floorWorker = runs('floor-worker') ? await floor('worker') : null;
+  const processes: Array<[Proc, Child | null]> = [
+    ['upstream', upstream],
+    ['chatwire', server],
+    ['floorInline', floorInline],
+    ['floorWorker', floorWorker],
+  ];
+  const running = processes.filter((p): p is [Proc, Child] => p[1] !== null);
   const config = loadConfig({ CHATWIRE_WORKER_THREADS: workers });
   const hopEcho = await startChild(path.join(DIST, 'scripts', 'bench-hops.js'), { BENCH_HOPS_ROLE: 'echo' });
   const hops = await startHopProbe(hopEcho.port, intervalMs);
   const patterns: Arrivals[] = ['burst', 'steady'];
-  const sides = Object.fromEntries(patterns.map((a) => [a, { direct: newSide(), through: newSide(), openai: newSide() }])) as Record<
-    Arrivals,
-    { direct: Side; through: Side; openai: Side }
-  >;
-  const sockets = await Promise.all(Array.from({ length: chats }, (_, i) => openSocket(`ws://127.0.0.1:${server.port}/ws?user=bench-${i}`)));
-  const directChatFn: ChatFn = (user, label, side) => directChat(upstream.port, `direct chat ${label} ${user}`, side);
-  const serverChatFn: ChatFn = (user, label, side) => serverChat(sockets[user] as WebSocket, user, label, side);
-  const openaiChatFn: ChatFn = (user, label, side) => openaiChat(server.port, user, `openai chat ${label} ${user}`, side);
-  const cpuNow = () => {
+  const keys = ['direct', ...relayed] as const;
+  type Key = (typeof keys)[number];
+  const sides = Object.fromEntries(patterns.map((a) => [a, Object.fromEntries(keys.map((k) => [k, newSide()]))])) as Record<Arrivals, Record<Key, Side>>;
+  /** One open /ws connection per user on a relay, as a chat client keeps one. */
+  const openSockets = (port: number) => Promise.all(Array.from({ length: chats }, (_, i) => openSocket(`ws://127.0.0.1:${port}/ws?user=bench-${i}`)));
+  const wsChat =
+    (sockets: WebSocket[]): ChatFn =>
+    (user, label, side) =>
+      serverChat(sockets[user] as WebSocket, user, label, side);
+  const allSockets: WebSocket[] = [];
+  const chatFns = {} as Record<Key, ChatFn>;
+  chatFns.direct = (user, label, side) => directChat(upstream.port, `direct chat ${label} ${user}`, side);
+  for (const p of relayed) {
+    if (p === 'openai') {
+      const port = (server as Child).port;
+      chatFns.openai = (user, label, side) => openaiChat(port, user, `openai chat ${label} ${user}`, side);
+      continue;
+    }
+    const relay = p === 'ws' ? server : p === 'floor-inline' ? floorInline : floorWorker;
+    const sockets = await openSockets((relay as Child).port);
+    allSockets.push(...sockets);
+    chatFns[p] = wsChat(sockets);
+  }
+  const cpuNow = (): Partial<Record<Proc, number>> => {
     const own = process.cpuUsage();
-    return { upstream: cpuMs(upstream.child.pid as number), clients: (own.user + own.system) / 1000, chatwire: cpuMs(server.child.pid as number) };
+    return { clients: (own.user + own.system) / 1000, ...Object.fromEntries(running.map(([proc, child]) => [proc, cpuMs(child.child.pid as number)])) };
   };
   const measured = async (arrivals: Arrivals, chat: ChatFn, side: Side, label: string) => {
     await hops.take();
     const before = cpuNow();
     await round(arrivals, chat, side, label);
     const after = cpuNow();
-    for (const k of ['upstream', 'clients', 'chatwire'] as const) side.cpuMs[k] += after[k] - before[k];
+    for (const [proc, ms] of Object.entries(after) as Array<[Proc, number]>) side.cpuMs[proc] = (side.cpuMs[proc] ?? 0) + ms - (before[proc] as number);
     const hopped = await hops.take();
     side.socketRttMs.push(...hopped.socketRttMs);
     side.threadRttMs.push(...hopped.threadRttMs);
   };
   try {
-    // Warm up both paths (JIT, worker threads, keep-alive connections on both sides) outside the measurement.
-    for (let w = 0; w < 2; w++) {
-      await measured('burst', directChatFn, newSide(), `warm${w}`);
-      await measured('burst', serverChatFn, newSide(), `warm${w}`);
-      await measured('burst', openaiChatFn, newSide(), `warm${w}`);
-    }
+    // Warm up every path (JIT, worker threads, keep-alive connections on both sides) outside the measurement.
+    for (let w = 0; w < 2; w++) for (const k of keys) await measured('burst', chatFns[k], newSide(), `warm${w}`);
     for (const arrivals of patterns) {
-      const { direct, through, openai } = sides[arrivals];
-      const order: [ChatFn, Side][] = [
-        [directChatFn, direct],
-        [serverChatFn, through],
-        [openaiChatFn, openai],
-      ];
+      const order: [ChatFn, Side][] = keys.map((k) => [chatFns[k], sides[arrivals][k]]);
       for (let r = 0; r < rounds; r++) {
         const label = `${arrivals}${r}`;
-        // direct, /ws, openai, then openai, /ws, direct, ...: a drift in the machine's load falls on every path alike.
+        // direct, /ws, openai, floor inline, floor worker, then the reverse, ...: a drift in the machine's load falls
+        // on every path alike.
         for (const [chat, side] of r % 2 === 0 ? order : [...order].reverse()) await measured(arrivals, chat, side, label);
       }
     }
   } finally {
-    for (const s of sockets) s.close();
+    for (const s of allSockets) s.close();
     directAgent.destroy();
     openaiAgent.destroy();
     await hops.stop();
-    await server.stop();
+    await Promise.all([server?.stop(), floorInline?.stop(), floorWorker?.stop()]);
     await upstream.stop();
     await hopEcho.stop();
   }
@@ -390,20 +466,17 @@ async function benchUpstream() {
       tokens: side.tokens,
       errors: side.errors,
       corrupted: side.corrupted,
-      cpuUsPerToken: {
-        upstream: round1((side.cpuMs.upstream * 1000) / side.tokens),
-        clients: round1((side.cpuMs.clients * 1000) / side.tokens),
-        chatwire: round1((side.cpuMs.chatwire * 1000) / side.tokens),
-      },
+      cpuUsPerToken: Object.fromEntries(Object.entries(side.cpuMs).map(([proc, ms]) => [proc, round1((ms * 1000) / side.tokens)])) as Partial<
+        Record<Proc, number>
+      >,
       hops: { socketRttMs: pick(side.socketRttMs), threadRttMs: pick(side.threadRttMs) },
     };
   };
-  const compare = ({ direct, through, openai }: { direct: Side; through: Side; openai: Side }) => {
-    const d = summary(direct);
-    const s = summary(through);
-    const o = summary(openai);
+  type Summary = ReturnType<typeof summary> & { ackMs?: { p50: number; p99: number } };
+  const compare = (bySide: Record<Key, Side>) => {
+    const d = summary(bySide.direct);
     const minus = (a: { p50: number; p99: number }, b: { p50: number; p99: number }) => ({ p50: round2(a.p50 - b.p50), p99: round2(a.p99 - b.p99) });
-    const added = (x: ReturnType<typeof summary>) => ({
+    const added = (x: Summary) => ({
       firstTokenMs: minus(x.firstTokenMs, d.firstTokenMs),
       tokenLatencyMs: minus(x.tokenLatencyMs, d.tokenLatencyMs),
       startTokenLatencyMs: minus(x.startTokenLatencyMs, d.startTokenLatencyMs),
@@ -411,15 +484,17 @@ async function benchUpstream() {
       endMs: minus(x.endMs, d.endMs),
       totalMs: minus(x.totalMs, d.totalMs),
     });
-    return {
-      direct: d,
-      throughChatwire: { ...s, ackMs: pick(through.ackMs) },
-      added: added(s),
-      throughOpenAI: o,
-      addedOpenAI: added(o),
-      // A first token through chatwire crosses two socket hops and two thread hops more than the direct path.
-      hopFloorP50Ms: round2(s.hops.socketRttMs.p50 + s.hops.threadRttMs.p50),
-    };
+    const through: Partial<Record<Relayed, Summary>> = {};
+    const addedBy: Partial<Record<Relayed, ReturnType<typeof added>>> = {};
+    for (const p of relayed) {
+      const side = bySide[p];
+      const s: Summary = RELAYED_SPECS[p].ws ? { ...summary(side), ackMs: pick(side.ackMs) } : summary(side);
+      through[p] = s;
+      addedBy[p] = added(s);
+    }
+    // A first token through chatwire crosses two socket hops and two thread hops more than the direct path.
+    const hopped = (through.ws ?? d).hops;
+    return { direct: d, through, addedBy, hopFloorP50Ms: round2(hopped.socketRttMs.p50 + hopped.threadRttMs.p50) };
   };
   return {
     setup: {
@@ -430,10 +505,21 @@ async function benchUpstream() {
       steadyRepliesPerUser: steadyReplies,
       workerThreads: config.workerThreads,
       tasksPerWorker: config.tasksPerWorker,
+      paths: relayed,
     },
     burst: compare(sides.burst),
     steady: compare(sides.steady),
   };
+}
+
+/** One pattern's figures as the JSON line gives them: each relayed path under its own keys (RELAYED_SPECS). */
+function comparisonJson(c: Awaited<ReturnType<typeof benchUpstream>>['steady']): Record<string, unknown> {
+  const out: Record<string, unknown> = { direct: c.direct };
+  for (const p of relayed) {
+    out[RELAYED_SPECS[p].throughKey] = c.through[p];
+    out[RELAYED_SPECS[p].addedKey] = c.addedBy[p];
+  }
+  return { ...out, hopFloorP50Ms: c.hopFloorP50Ms };
 }
 
 /**
@@ -600,7 +686,7 @@ const out: Record<string, unknown> = { cores: os.availableParallelism(), loadAve
 console.log(`cores: ${os.availableParallelism()}, load average: ${os.loadavg().map(round1).join(' ')}`);
 if (part === 'upstream' || part === 'all') {
   const u = await benchUpstream();
-  out.upstream = u;
+  out.upstream = { setup: u.setup, burst: comparisonJson(u.burst), steady: comparisonJson(u.steady) };
   type Pair = { p50: number; p99: number };
   type Latencies = { firstTokenMs: Pair; tokenLatencyMs: Pair; startTokenLatencyMs: Pair; restTokenLatencyMs: Pair; endMs: Pair; totalMs: Pair };
   const row = (name: string, x: Latencies) => [
@@ -613,7 +699,7 @@ if (part === 'upstream' || part === 'all') {
   };
   console.log(
     `upstream: ${u.setup.tokensPerReply} tokens per reply at ${u.setup.intervalMs} ms; chatwire with ${u.setup.workerThreads} workers x ${u.setup.tasksPerWorker} tasks. ` +
-      'Milliseconds, p50 / p99; added = through chatwire minus direct',
+      'Milliseconds, p50 / p99; added = through the relay (chatwire or the floor) minus direct',
   );
   for (const arrivals of ['burst', 'steady'] as const) {
     const c = u[arrivals];
@@ -636,10 +722,7 @@ if (part === 'upstream' || part === 'all') {
       ],
       [
         row('direct to upstream', c.direct),
-        row('through chatwire /ws', c.throughChatwire),
-        row('added by chatwire', c.added),
-        row('through chatwire /v1/chat/completions', c.throughOpenAI),
-        row('added by chatwire (/v1/chat/completions)', c.addedOpenAI),
+        ...relayed.flatMap((p) => [row(RELAYED_SPECS[p].name, c.through[p] as Latencies), row(RELAYED_SPECS[p].addedName, c.addedBy[p] as Latencies)]),
       ],
     );
   }
@@ -651,41 +734,45 @@ if (part === 'upstream' || part === 'all') {
       "reply complete in the client's hands ([DONE] / chat.done: through chatwire, after the reply is stored). total: the request sent to [DONE] /",
       "chat.done; it also holds the upstream's own pacing, which drifts with its load (50 timers of 10 ms per reply), so a difference in total",
       'is first token + per-token + end differences plus that drift.',
-      'added: through chatwire minus direct, percentile by percentile (p50 - p50, p99 - p99), over the same alternating rounds.',
+      'added: through the relay minus direct, percentile by percentile (p50 - p50, p99 - p99), over the same alternating rounds.',
+      "the floor (scripts/bench-relay-floor.ts): the same upstream request on chatwire's HTTP client and SSE parser and the same /ws frames,",
+      'and nothing else; inline: all on its main thread; worker: the upstream read and parsed in one worker thread, one message per turn to the main thread.',
     ].join('\n'),
   );
-  const paths = (['burst', 'steady'] as const).flatMap((arrivals) => [
-    { name: `${arrivals}, direct to upstream`, x: u[arrivals].direct, ack: null, chatwire: false },
-    { name: `${arrivals}, through chatwire /ws`, x: u[arrivals].throughChatwire, ack: u[arrivals].throughChatwire.ackMs, chatwire: true },
-    { name: `${arrivals}, through chatwire /v1/chat/completions`, x: u[arrivals].throughOpenAI, ack: null, chatwire: true },
+  type Summary = NonNullable<(typeof u)['steady']['through'][Relayed]>;
+  const rows = (['burst', 'steady'] as const).flatMap((arrivals) => [
+    { name: `${arrivals}, direct to upstream`, x: u[arrivals].direct as Summary, relay: null as Proc | null },
+    ...relayed.map((p) => ({ name: `${arrivals}, ${RELAYED_SPECS[p].name}`, x: u[arrivals].through[p] as Summary, relay: RELAYED_SPECS[p].proc })),
   ]);
   printTable(
     'throughput',
     ['path', 'tokens/s', 'chats', 'errors', 'corrupted replies', 'chat.ack p50', 'p99'],
-    paths.map(({ name, x, ack }) => [name, x.tokensPerSecond, String(x.chats), String(x.errors), String(x.corrupted), ack?.p50 ?? '-', ack?.p99 ?? '-']),
+    rows.map(({ name, x }) => [name, x.tokensPerSecond, String(x.chats), String(x.errors), String(x.corrupted), x.ackMs?.p50 ?? '-', x.ackMs?.p99 ?? '-']),
   );
   printTable(
-    'CPU time per token over the measured rounds (µs; user + system, per process)',
-    ['path', 'fake upstream', 'clients', 'chatwire', 'all'],
-    paths.map(({ name, x, chatwire }) => {
+    'CPU time per token over the measured rounds (µs; user + system, per process; relay: the process the path goes through, chatwire or the floor)',
+    ['path', 'fake upstream', 'clients', 'relay', 'all'],
+    rows.map(({ name, x, relay }) => {
       const cpu = x.cpuUsPerToken;
-      return !chatwire
-        ? [name, cpu.upstream, cpu.clients, '-', round1(cpu.upstream + cpu.clients)]
-        : [name, cpu.upstream, cpu.clients, cpu.chatwire, round1(cpu.upstream + cpu.clients + cpu.chatwire)];
+      const own = round1((cpu.upstream ?? NaN) + (cpu.clients ?? NaN));
+      return relay === null
+        ? [name, cpu.upstream ?? NaN, cpu.clients ?? NaN, '-', own]
+        : [name, cpu.upstream ?? NaN, cpu.clients ?? NaN, cpu[relay] ?? NaN, round1(own + (cpu[relay] ?? NaN))];
     }),
   );
   printTable(
     `one hop and back, pinged every ${u.setup.intervalMs} ms during the rounds (ms): socket = loopback TCP to an echo process, thread = MessagePort to a worker thread`,
     ['path', 'socket round trip', 'p99', 'thread round trip', 'p99'],
-    paths.map(({ name, x }) => [name, x.hops.socketRttMs.p50, x.hops.socketRttMs.p99, x.hops.threadRttMs.p50, x.hops.threadRttMs.p99]),
+    rows.map(({ name, x }) => [name, x.hops.socketRttMs.p50, x.hops.socketRttMs.p99, x.hops.threadRttMs.p50, x.hops.threadRttMs.p99]),
   );
-  console.log(
-    [
-      'Through chatwire a first token crosses two socket hops and two thread hops more than the direct path (client -> main thread -> worker',
-      '-> upstream against client -> upstream; upstream -> worker -> main thread -> client against upstream -> client): one socket round trip',
-      `plus one thread round trip, p50 during the rounds through chatwire, is the floor under "added" before any of its work: burst ${u.burst.hopFloorP50Ms}, steady ${u.steady.hopFloorP50Ms} ms.`,
-    ].join('\n'),
-  );
+  if (relayed.includes('ws'))
+    console.log(
+      [
+        'Through chatwire a first token crosses two socket hops and two thread hops more than the direct path (client -> main thread -> worker',
+        '-> upstream against client -> upstream; upstream -> worker -> main thread -> client against upstream -> client): one socket round trip',
+        `plus one thread round trip, p50 during the rounds through chatwire, is the floor under "added" before any of its work: burst ${u.burst.hopFloorP50Ms}, steady ${u.steady.hopFloorP50Ms} ms.`,
+      ].join('\n'),
+    );
 }
 if (part === 'local' || part === 'all') {
   const l = await benchLocal();
