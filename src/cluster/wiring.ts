@@ -16,7 +16,7 @@ import type { Config } from '../config.js';
 import type { ChatStore } from '../db/chat-store.js';
 import type { MarketplaceStore } from '../db/marketplace-store.js';
 import { openPostgres, type Pg } from '../db/pg.js';
-import { createPgChatStore } from '../db/pg-chat-store.js';
+import { createPgChatStore, type PgChatStore } from '../db/pg-chat-store.js';
 import { createPgMarketplaceStore } from '../db/pg-marketplace-store.js';
 import { migratePg } from '../db/pg-migrate.js';
 import { describeStorageError } from '../db/storage-health.js';
@@ -30,7 +30,7 @@ import { createRedisChatLimits } from './redis-buckets.js';
 import { createRedisConnectionQuota, type SharedConnectionQuota } from './redis-connections.js';
 import { openRedis, redact, type RedisHub } from './redis.js';
 import { createRedisTaskLog } from './redis-task-log.js';
-import type { TaskLog } from './task-log.js';
+import { nodeLost, type TaskLog } from './task-log.js';
 import { createTieredChatCache, type FirstLevelCache } from './tiered-cache.js';
 
 export interface ClusterParts {
@@ -50,6 +50,9 @@ export interface ClusterParts {
   cache(first: FirstLevelCache): ChatCache;
   close(): Promise<void>;
 }
+
+/** How often each node looks in PostgreSQL for tasks whose end was lost with their node (see staleTaskSweep). */
+export const STALE_TASK_SWEEP_MS = 30_000;
 
 export interface OpenClusterOptions {
   nodeId: string;
@@ -98,6 +101,7 @@ export async function openCluster(config: Config & { databaseUrl: string; redisU
         });
       },
     });
+    const staleSweep = staleTaskSweep(store, config.taskTimeoutMs, metrics, log);
     const claims = createRedisClaimStore({ hub: redis, onFallback });
     const readiness: ReadinessCheck[] = [
       {
@@ -142,6 +146,7 @@ export async function openCluster(config: Config & { databaseUrl: string; redisU
       async close() {
         if (closed) return;
         closed = true;
+        clearInterval(staleSweep);
         await taskLog.close();
         bus.close();
         claims.close();
@@ -155,6 +160,44 @@ export async function openCluster(config: Config & { databaseUrl: string; redisU
     await sql.end({ timeout: 1 });
     throw err;
   }
+}
+
+/**
+ * The backstop under the lease sweep: a node that sees another's lease lapse marks its tasks node_lost in
+ * PostgreSQL, but if that node dies too before it does, or PostgreSQL is unreachable then, nobody else would (the
+ * lease is gone from Redis). Every node therefore ends, every STALE_TASK_SWEEP_MS, the tasks still unfinished in
+ * PostgreSQL that began more than twice the model call's deadline ago, plus a minute: no task runs that long (its
+ * call is stopped at the deadline, waiting for a worker included), so such a row is one whose end was lost.
+ * The update is idempotent: nodes sweeping at once end each row once.
+ */
+export function staleTaskSweep(
+  store: Pick<PgChatStore, 'failStale'>,
+  taskTimeoutMs: number,
+  metrics: Pick<Metrics, 'nodesLost'>,
+  log: Pick<Logger, 'warn'>,
+  everyMs = STALE_TASK_SWEEP_MS,
+): NodeJS.Timeout {
+  const maxAgeMs = 2 * taskTimeoutMs + 60_000;
+  const { message } = nodeLost('');
+  let sweeping = false;
+  const timer = setInterval(() => {
+    if (sweeping) return;
+    sweeping = true;
+    store
+      .failStale(Date.now() - maxAgeMs, 'node_lost', message)
+      .then((ended) => {
+        if (ended.length === 0) return;
+        metrics.nodesLost.inc(ended.length);
+        log.warn({ taskIds: ended.slice(0, 20), count: ended.length }, 'tasks left unfinished by a lost node were ended node_lost');
+      })
+      // PostgreSQL unreachable: /readyz says so; the next sweep looks again.
+      .catch(() => {})
+      .finally(() => {
+        sweeping = false;
+      });
+  }, everyMs);
+  timer.unref();
+  return timer;
 }
 
 /** The redis_up gauge and one log line per change of state. */

@@ -95,6 +95,8 @@ const SQL = {
   WHERE task_id = $4 AND status IN ('queued', 'running')`,
   'chat.recover_unfinished': `UPDATE tasks SET status = 'error', error_code = 'internal', finished_at = $1
   WHERE node_id = $2 AND status IN ('queued', 'running')`,
+  'chat.fail_stale': `UPDATE tasks SET status = 'error', error_code = $1, error_message = $2, finished_at = $3
+  WHERE status IN ('queued', 'running') AND created_at < $4 RETURNING task_id`,
 } as const;
 type Op = keyof typeof SQL;
 
@@ -147,7 +149,18 @@ export interface PgChatStoreOptions {
   onQuery?: (op: string) => void;
 }
 
-export function createPgChatStore(sql: Pg, options: PgChatStoreOptions): ChatStore {
+/** The PostgreSQL store, with what only a store shared by several nodes needs. */
+export interface PgChatStore extends ChatStore {
+  /**
+   * Ends as `code` (node_lost) every task still queued or running that began before `createdBefore`, whatever node
+   * began it; returns their ids. A task cannot run past its model call's deadline, so one begun long enough ago
+   * that is still unfinished here lost its end: its node died, and the node that saw its lease lapse could not
+   * write that either (it died too, or PostgreSQL was unreachable then).
+   */
+  failStale(createdBefore: number, code: string, message: string): Promise<string[]>;
+}
+
+export function createPgChatStore(sql: Pg, options: PgChatStoreOptions): PgChatStore {
   const { nodeId } = options;
   const onQuery = options.onQuery ?? (() => {});
   const batcher = createPgWriteBatcher<Write>(sql, (tx, writes) => writeBatch(tx, writes), options.onCommit);
@@ -347,6 +360,11 @@ export function createPgChatStore(sql: Pg, options: PgChatStoreOptions): ChatSto
 
     async failUnfinished(taskId, code, message) {
       return (await run(sql, 'chat.fail_unfinished', [code, message, Date.now(), taskId])).count > 0;
+    },
+
+    async failStale(createdBefore, code, message) {
+      const rows = (await run(sql, 'chat.fail_stale', [code, message, Date.now(), createdBefore])) as unknown as { task_id: string }[];
+      return rows.map((r) => r.task_id);
     },
 
     flush: () => batcher.flush(),

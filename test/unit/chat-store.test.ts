@@ -496,6 +496,46 @@ nodeTest("[postgres] each task records the node that began it, and recoverUnfini
   assert.equal((await store.task(theirs))?.status, 'queued');
 });
 
+nodeTest(
+  '[postgres] failStale ends the tasks left unfinished before a time, of any node, once; finished and newer ones stay',
+  await pgTestOptions(),
+  async (t) => {
+    const { pg } = await openPg(t);
+    const a = createPgChatStore(pg as Pg, { nodeId: NODE });
+    const b = createPgChatStore(pg as Pg, { nodeId: 'node-b' });
+    t.after(async () => {
+      await a.close();
+      await b.close();
+    });
+    const lostA = newTaskId();
+    const lostB = newTaskId();
+    const done = newTaskId();
+    await a.beginChat({ taskId: lostA, userId: 'u1', conversationId: undefined, text: 'on a' });
+    await b.beginChat({ taskId: lostB, userId: 'u2', conversationId: undefined, text: 'on b' });
+    const finished = await a.beginChat({ taskId: done, userId: 'u1', conversationId: undefined, text: 'answered' });
+    await a.finishTask({ ...finishOf(done, finished.conversationId), status: 'done', finishReason: 'stop', text: 'reply' });
+    const cutoff = Date.now() + 1;
+    await new Promise((resolve) => setTimeout(resolve, 5));
+    const newer = newTaskId();
+    await a.beginChat({ taskId: newer, userId: 'u3', conversationId: undefined, text: 'just now' });
+
+    assert.deepEqual((await b.failStale(cutoff, 'node_lost', 'lost')).sort(), [lostA, lostB].sort());
+    for (const taskId of [lostA, lostB]) assert.equal((await a.task(taskId))?.status, 'error');
+    const codes = await (pg as Pg).unsafe('SELECT error_code, error_message FROM tasks WHERE task_id IN ($1, $2)', [lostA, lostB]);
+    assert.deepEqual(
+      codes.map((r) => [r.error_code, r.error_message]),
+      [
+        ['node_lost', 'lost'],
+        ['node_lost', 'lost'],
+      ],
+    );
+    assert.equal((await a.task(done))?.status, 'done');
+    assert.equal((await a.task(newer))?.status, 'queued');
+    // A second sweep (another node's, at the same time) finds nothing left to end.
+    assert.deepEqual(await a.failStale(cutoff, 'node_lost', 'lost'), []);
+  },
+);
+
 nodeTest('[postgres] a group commit writes with a few set-based statements, however many writes it holds', await pgTestOptions(), async (t) => {
   const { store, pg } = await openPg(t);
   const statements: string[] = [];
