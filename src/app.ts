@@ -25,7 +25,7 @@ import { migrate } from './db/migrate.js';
 import { probeDataDir, storageReadiness } from './db/storage-health.js';
 import { backendFingerprint } from './llm/backend.js';
 import { DEV_DEFAULT_MAX_TOKENS } from './llm/dev.js';
-import { createModelPool, type ModelPool } from './llm/pool.js';
+import { createModelPool, workerBalance, type ModelPool } from './llm/pool.js';
 import { createMarketplaceService, type MarketplaceService } from './marketplace/marketplace-service.js';
 import { providerSettingsFrom } from './llm/provider.js';
 import { connectionQuota, createChatLimits, rateLimitHeaders } from './limits/chat-limits.js';
@@ -311,6 +311,7 @@ async function openModels(
     maxQueue: config.maxQueue,
     maxQueuedPerOwner: config.maxQueuedPerUser,
     taskTimeoutMs: config.taskTimeoutMs,
+    balance: workerBalance(config.workerBalance, config.llm),
     hooks: {
       onModelCall: () => metrics.modelCalls.inc(),
       onWorkerFailure: () => metrics.workerFailures.inc(),

@@ -138,6 +138,12 @@ export const settings = {
     default: '64',
     doc: 'concurrent model tasks per worker (streaming providers are I/O-bound)',
   },
+  workerBalance: {
+    env: 'CHATWIRE_WORKER_BALANCE',
+    schema: z.enum(['auto', 'pack', 'spread']),
+    default: 'auto',
+    doc: 'how model calls go to workers: `pack` fills one worker before the next (streams share its wake-ups), `spread` evens them out; `auto`: spread for local, pack otherwise',
+  },
   maxQueue: {
     env: 'CHATWIRE_MAX_QUEUE',
     schema: int(0, 1_000_000),

@@ -19,6 +19,10 @@ export interface ModelPoolOptions {
   maxQueuedPerOwner?: number;
   /** Hard deadline of one model call; past it the worker is terminated and replaced. */
   taskTimeoutMs: number;
+  /**
+   * How calls are spread over the workers (see WorkerBalance). Default `spread`.
+   */
+  balance?: WorkerBalance;
   /** Compiled worker entry; defaults to dist/workers/llm-entry.cjs (which imports llm.worker.js) next to this build. */
   workerFile?: string | URL;
   hooks?: {
@@ -26,6 +30,35 @@ export interface ModelPoolOptions {
     onWorkerFailure?: () => void;
     /** reserve() refused an owner whose share of the queue is full. */
     onOwnerQueueFull?: () => void;
+  };
+}
+
+/**
+ * `spread`: each call goes to the worker running the fewest (Piscina's own balancer): the calls of a CPU-bound
+ * provider (llama.cpp) share the cores. `pack`: each call goes to the busiest worker that still has room for it
+ * (tasksPerWorker), the next worker taking calls only once the first is full: the streams of an I/O-bound provider
+ * (a relay) share one worker's wake-ups and one message per turn to the main thread, instead of each worker waking
+ * for its own few (docs/relay.md).
+ */
+export type WorkerBalance = 'spread' | 'pack';
+
+/** CHATWIRE_WORKER_BALANCE: `auto` spreads a local model's calls (they share the cores) and packs the others (relays). */
+export function workerBalance(setting: WorkerBalance | 'auto', llm: string): WorkerBalance {
+  if (setting !== 'auto') return setting;
+  return llm === 'local' ? 'spread' : 'pack';
+}
+
+type LoadBalancer = NonNullable<NonNullable<ConstructorParameters<typeof Piscina>[0]>['loadBalancer']>;
+
+/** The `pack` balancer: the busiest worker with room left; ties go to the first in Piscina's order (stable). */
+export function packingBalancer(maximumUsage: number): LoadBalancer {
+  return (_task, workers) => {
+    let chosen: (typeof workers)[number] | null = null;
+    for (const worker of workers) {
+      if (worker.terminating || worker.destroyed || worker.isRunningAbortableTask || worker.currentUsage >= maximumUsage) continue;
+      if (chosen === null || worker.currentUsage > chosen.currentUsage) chosen = worker;
+    }
+    return chosen;
   };
 }
 
@@ -108,6 +141,7 @@ export function createModelPool(options: ModelPoolOptions): ModelPool {
     minThreads: options.threads,
     maxThreads: options.threads,
     concurrentTasksPerWorker: options.tasksPerWorker,
+    ...(options.balance === 'pack' ? { loadBalancer: packingBalancer(options.tasksPerWorker) } : {}),
     // Admission and queueing are ours: Piscina gets a stream task only for a free slot (see dispatch), so its queue
     // holds at most `slots` of them (while a worker starts or is replaced) plus one health check (check() never has
     // two waiting). It refuses a task only once it holds maxQueue, which it never does.
