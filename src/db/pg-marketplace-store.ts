@@ -30,7 +30,7 @@ const requestJsonHead = ([requestId, consumerId, title, category, status, create
 
 type BookingColumns = [bookingId: number, status: string, scheduledAt: number, priceCents: number];
 const BOOKING_COLUMNS = 'b.booking_id, b.status, b.scheduled_at, b.price_cents';
-const bookingJsonHead = ([bookingId, status, scheduledAt, priceCents]: BookingColumns): string =>
+const bookingJsonHead = (bookingId: number, status: string, scheduledAt: number, priceCents: number): string =>
   `{"bookingId":"${formatId('booking', bookingId)}","status":${quoted(status)},"scheduledAt":"${isoTime(scheduledAt)}","priceCents":${priceCents}`;
 const providerJson = (providerId: number, name: string, rating: number): string =>
   `{"providerId":"${formatId('provider', providerId)}","name":${quoted(name)},"rating":${rating}}`;
@@ -96,8 +96,16 @@ type PagedRequestColumns = [...RequestColumns, ...Nullable<BookingColumns>, prov
 type Nullable<T extends unknown[]> = { [K in keyof T]: T[K] | null };
 
 /** A booking's JSON text with its provider (consumer.requests and bookings.by_request). */
-const requestBookingJson = (booking: BookingColumns, providerId: number, providerName: string, rating: number): string =>
-  `${bookingJsonHead(booking)},"provider":${providerJson(providerId, providerName, rating)}}`;
+const requestBookingJson = (
+  bookingId: number,
+  status: string,
+  scheduledAt: number,
+  priceCents: number,
+  providerId: number,
+  providerName: string,
+  rating: number,
+): string => `${bookingJsonHead(bookingId, status, scheduledAt, priceCents)},"provider":${providerJson(providerId, providerName, rating)}}`;
+const pagedBookingJson = (row: PagedRequestColumns): string => requestBookingJson(row[6]!, row[7]!, row[8]!, row[9]!, row[10]!, row[11]!, row[12]!);
 /** Bookings of one request as the SQLite store orders them: newest scheduled_at first, the id breaking ties. */
 const byScheduleDescending = (a: PagedRequestColumns, b: PagedRequestColumns): number => b[8]! - a[8]! || b[6]! - a[6]!;
 
@@ -108,9 +116,10 @@ function consumerRequestRows(rows: PagedRequestColumns[], take: number): Consume
     const first = rows[start]!;
     let end = start + 1;
     while (end < rows.length && rows[end]![0] === first[0]) end++;
-    const bookings = first[6] === null ? [] : rows.slice(start, end).sort(byScheduleDescending);
-    const bookingsJson = bookings.map((row) => requestBookingJson([row[6]!, row[7]!, row[8]!, row[9]!], row[10]!, row[11]!, row[12]!));
-    page.push([first[0], `${requestJsonHead(first as unknown as RequestColumns)}}`, `[${bookingsJson.join(',')}]`]);
+    // Most requests have no booking or one: nothing to sort.
+    const bookings =
+      first[6] === null ? '' : end - start === 1 ? pagedBookingJson(first) : rows.slice(start, end).sort(byScheduleDescending).map(pagedBookingJson).join(',');
+    page.push([first[0], `${requestJsonHead(first as unknown as RequestColumns)}}`, `[${bookings}]`]);
     start = end;
   }
   return page;
@@ -127,7 +136,7 @@ ORDER BY b.scheduled_at DESC, b.booking_id DESC
 LIMIT ${take}`;
 type ConsumerBookingColumns = [...BookingColumns, requestId: number, title: string, category: string, providerId: number, providerName: string, rating: number];
 const consumerBookingJson = (row: ConsumerBookingColumns): string =>
-  `${bookingJsonHead(row as unknown as BookingColumns)},"request":{"requestId":"${formatId('request', row[4])}","title":${quoted(row[5])},"category":${quoted(row[6])}},"provider":${providerJson(row[7], row[8], row[9])}}`;
+  `${bookingJsonHead(row[0], row[1], row[2], row[3])},"request":{"requestId":"${formatId('request', row[4])}","title":${quoted(row[5])},"category":${quoted(row[6])}},"provider":${providerJson(row[7], row[8], row[9])}}`;
 
 /** The relation queries: one bound array of ids each, whatever its length. */
 export const pgRelationSql = {
@@ -144,7 +153,7 @@ ORDER BY b.request_id DESC, b.scheduled_at DESC, b.booking_id DESC`,
 type RequestBookingColumns = [requestId: number, ...BookingColumns, providerId: number, providerName: string, rating: number];
 const requestBookingRow = (row: RequestBookingColumns): RequestBookingRow => [
   row[0],
-  requestBookingJson([row[1], row[2], row[3], row[4]], row[5], row[6], row[7]),
+  requestBookingJson(row[1], row[2], row[3], row[4], row[5], row[6], row[7]),
 ];
 
 /** Every statement the store runs at these page takes, by op name: the EXPLAIN test checks each one's plan. */
