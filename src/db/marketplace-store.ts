@@ -60,7 +60,7 @@ export type MaybePromise<T> = T | Promise<T>;
 export interface MarketplaceStore {
   /** [requests.page] Rows of requests.list after `after` (null: from the newest), newest first, the id breaking ties. */
   requestsPage(filter: RequestsFilter, after: KeysetPosition | null, take: number): MaybePromise<ListedRequestRow[]>;
-  /** [consumer_requests.page] A consumer's requests, ordered as requestsPage; each with its bookings (as bookingsOfRequests orders them) or none of them without. */
+  /** [consumer_requests.page] A consumer's requests, ordered as requestsPage: every row with its bookings' text (ordered as bookingsOfRequests orders them), or no row with it. */
   consumerRequestsPage(consumerId: number, after: KeysetPosition | null, take: number): MaybePromise<ConsumerRequestRow[]>;
   /** [consumer_bookings.page] A consumer's bookings, newest scheduled_at first, the id breaking ties. */
   consumerBookingsPage(consumerId: number, after: KeysetPosition | null, take: number): MaybePromise<ConsumerBookingRow[]>;
