@@ -25,8 +25,12 @@ export interface KeysetPosition {
 
 /** requests.list row: the JSON text of one RequestItem. */
 export type ListedRequestRow = string;
-/** consumer.requests page row: the request's key, and the JSON text of its ConsumerRequestItem without `bookings` (the item's last member, spliced in after the relation query). */
-export type ConsumerRequestRow = [requestId: number, itemJson: string];
+/**
+ * consumer.requests page row: the request's key, the JSON text of its ConsumerRequestItem without `bookings`
+ * (the item's last member, spliced in by the service), and the JSON text of its bookings array when the store
+ * reads the bookings with the page (PostgreSQL); without it, the service asks bookingsOfRequests (SQLite).
+ */
+export type ConsumerRequestRow = [requestId: number, itemJson: string, bookingsJson?: string];
 /** consumer.bookings page row: the JSON text of one ConsumerBookingItem, with its request and provider. */
 export type ConsumerBookingRow = string;
 /** A booking of one of the requests of a consumer.requests page: the request's key, and the JSON text of the booking with its provider. */
@@ -56,7 +60,7 @@ export type MaybePromise<T> = T | Promise<T>;
 export interface MarketplaceStore {
   /** [requests.page] Rows of requests.list after `after` (null: from the newest), newest first, the id breaking ties. */
   requestsPage(filter: RequestsFilter, after: KeysetPosition | null, take: number): MaybePromise<ListedRequestRow[]>;
-  /** [consumer_requests.page] A consumer's requests, ordered as requestsPage. */
+  /** [consumer_requests.page] A consumer's requests, ordered as requestsPage: every row with its bookings' text (ordered as bookingsOfRequests orders them), or no row with it. */
   consumerRequestsPage(consumerId: number, after: KeysetPosition | null, take: number): MaybePromise<ConsumerRequestRow[]>;
   /** [consumer_bookings.page] A consumer's bookings, newest scheduled_at first, the id breaking ties. */
   consumerBookingsPage(consumerId: number, after: KeysetPosition | null, take: number): MaybePromise<ConsumerBookingRow[]>;

@@ -7,8 +7,10 @@ import type { Pg } from './pg.js';
  * the SQLite one (marketplace-queries.ts) over db/migrations-pg: each page
  * query is one backward index-only walk of a covering index from the cursor,
  * the to-one relations are joined in (their primary keys INCLUDE what is
- * read, so those are index-only too), and a page's bookings are one
- * `= ANY($1)` query. So the query counts are SQLite's.
+ * read, so those are index-only too). One difference: a consumer.requests
+ * page comes with its bookings in the same statement, where SQLite reads them
+ * with a second one (pgConsumerRequestsPageSql says why). So the query counts
+ * are SQLite's, or one fewer.
  *
  * PostgreSQL returns the columns and the store writes each row's JSON text
  * (formatId, isoTime, JSON.stringify: the very text SQLite's printf writes).
@@ -28,7 +30,7 @@ const requestJsonHead = ([requestId, consumerId, title, category, status, create
 
 type BookingColumns = [bookingId: number, status: string, scheduledAt: number, priceCents: number];
 const BOOKING_COLUMNS = 'b.booking_id, b.status, b.scheduled_at, b.price_cents';
-const bookingJsonHead = ([bookingId, status, scheduledAt, priceCents]: BookingColumns): string =>
+const bookingJsonHead = (bookingId: number, status: string, scheduledAt: number, priceCents: number): string =>
   `{"bookingId":"${formatId('booking', bookingId)}","status":${quoted(status)},"scheduledAt":"${isoTime(scheduledAt)}","priceCents":${priceCents}`;
 const providerJson = (providerId: number, name: string, rating: number): string =>
   `{"providerId":"${formatId('provider', providerId)}","name":${quoted(name)},"rating":${rating}}`;
@@ -58,8 +60,11 @@ export function pgRequestsPageSql(filter: { status: boolean; category: boolean }
   ]
     .filter((w) => w !== null)
     .join(' AND ');
-  return `SELECT ${REQUEST_COLUMNS}, c.name, (SELECT count(*) FROM quotes q WHERE q.request_id = r.request_id)
-FROM requests r JOIN consumers c ON c.consumer_id = r.consumer_id
+  // The consumer's name as a correlated subquery, not a join: the join got a Memoize node whose generic-plan
+  // cost came out above the custom plans' with a category filter, so the plan cache re-planned every such page.
+  return `SELECT ${REQUEST_COLUMNS}, (SELECT c.name FROM consumers c WHERE c.consumer_id = r.consumer_id),
+  (SELECT count(*) FROM quotes q WHERE q.request_id = r.request_id)
+FROM requests r
 WHERE ${where}
 ORDER BY r.created_at DESC, r.request_id DESC
 LIMIT ${take}`;
@@ -68,11 +73,57 @@ type ListedRequestColumns = [...RequestColumns, consumerName: string, quoteCount
 const listedRequestJson = (row: ListedRequestColumns): string =>
   `${requestJsonHead(row as unknown as RequestColumns)},"consumer":{"consumerId":"${formatId('consumer', row[1])}","name":${quoted(row[6])}},"quoteCount":${row[7]}}`;
 
-export const pgConsumerRequestsPageSql = (take: number): string => `SELECT ${REQUEST_COLUMNS}
-FROM requests r
-WHERE r.consumer_id = $1::bigint AND (r.created_at, r.request_id) < ($2::bigint, $3::bigint)
-ORDER BY r.created_at DESC, r.request_id DESC
-LIMIT ${take}`;
+/**
+ * consumer.requests: the page and its requests' bookings (with their provider) in one statement, one row per
+ * booking, or one with NULL booking columns for a request without any. Over a network a second round trip
+ * costs more than the probes of the bookings, which are the same in either form; so the page is one query,
+ * not the page and then one `= ANY($1)` query (bookings.by_request, which the SQLite store keeps: there the
+ * service merges the bookings of every page of a turn into one query). Rows come in page order; a request's
+ * bookings are put in order by the store (consumerRequestRows), not by an ORDER BY, which would cost a sort.
+ */
+export const pgConsumerRequestsPageSql = (take: number): string => `SELECT ${REQUEST_COLUMNS}, ${BOOKING_COLUMNS}, b.provider_id, p.name, p.rating
+FROM (
+  SELECT ${REQUEST_COLUMNS}
+  FROM requests r
+  WHERE r.consumer_id = $1::bigint AND (r.created_at, r.request_id) < ($2::bigint, $3::bigint)
+  ORDER BY r.created_at DESC, r.request_id DESC
+  LIMIT ${take}
+) r
+  LEFT JOIN bookings b ON b.request_id = r.request_id
+  LEFT JOIN providers p ON p.provider_id = b.provider_id
+ORDER BY r.created_at DESC, r.request_id DESC`;
+type PagedRequestColumns = [...RequestColumns, ...Nullable<BookingColumns>, providerId: number | null, providerName: string | null, rating: number | null];
+type Nullable<T extends unknown[]> = { [K in keyof T]: T[K] | null };
+
+/** A booking's JSON text with its provider (consumer.requests and bookings.by_request). */
+const requestBookingJson = (
+  bookingId: number,
+  status: string,
+  scheduledAt: number,
+  priceCents: number,
+  providerId: number,
+  providerName: string,
+  rating: number,
+): string => `${bookingJsonHead(bookingId, status, scheduledAt, priceCents)},"provider":${providerJson(providerId, providerName, rating)}}`;
+const pagedBookingJson = (row: PagedRequestColumns): string => requestBookingJson(row[6]!, row[7]!, row[8]!, row[9]!, row[10]!, row[11]!, row[12]!);
+/** Bookings of one request as the SQLite store orders them: newest scheduled_at first, the id breaking ties. */
+const byScheduleDescending = (a: PagedRequestColumns, b: PagedRequestColumns): number => b[8]! - a[8]! || b[6]! - a[6]!;
+
+/** The first `take` requests of consumer.requests rows, each with the JSON text of its bookings array. */
+function consumerRequestRows(rows: PagedRequestColumns[], take: number): ConsumerRequestRow[] {
+  const page: ConsumerRequestRow[] = [];
+  for (let start = 0; start < rows.length && page.length < take; ) {
+    const first = rows[start]!;
+    let end = start + 1;
+    while (end < rows.length && rows[end]![0] === first[0]) end++;
+    // Most requests have no booking or one: nothing to sort.
+    const bookings =
+      first[6] === null ? '' : end - start === 1 ? pagedBookingJson(first) : rows.slice(start, end).sort(byScheduleDescending).map(pagedBookingJson).join(',');
+    page.push([first[0], `${requestJsonHead(first as unknown as RequestColumns)}}`, `[${bookings}]`]);
+    start = end;
+  }
+  return page;
+}
 
 export const pgConsumerBookingsPageSql = (
   take: number,
@@ -85,7 +136,7 @@ ORDER BY b.scheduled_at DESC, b.booking_id DESC
 LIMIT ${take}`;
 type ConsumerBookingColumns = [...BookingColumns, requestId: number, title: string, category: string, providerId: number, providerName: string, rating: number];
 const consumerBookingJson = (row: ConsumerBookingColumns): string =>
-  `${bookingJsonHead(row as unknown as BookingColumns)},"request":{"requestId":"${formatId('request', row[4])}","title":${quoted(row[5])},"category":${quoted(row[6])}},"provider":${providerJson(row[7], row[8], row[9])}}`;
+  `${bookingJsonHead(row[0], row[1], row[2], row[3])},"request":{"requestId":"${formatId('request', row[4])}","title":${quoted(row[5])},"category":${quoted(row[6])}},"provider":${providerJson(row[7], row[8], row[9])}}`;
 
 /** The relation queries: one bound array of ids each, whatever its length. */
 export const pgRelationSql = {
@@ -102,7 +153,7 @@ ORDER BY b.request_id DESC, b.scheduled_at DESC, b.booking_id DESC`,
 type RequestBookingColumns = [requestId: number, ...BookingColumns, providerId: number, providerName: string, rating: number];
 const requestBookingRow = (row: RequestBookingColumns): RequestBookingRow => [
   row[0],
-  `${bookingJsonHead(row.slice(1, 5) as BookingColumns)},"provider":${providerJson(row[5], row[6], row[7])}}`,
+  requestBookingJson(row[1], row[2], row[3], row[4], row[5], row[6], row[7]),
 ];
 
 /** Every statement the store runs at these page takes, by op name: the EXPLAIN test checks each one's plan. */
@@ -170,8 +221,12 @@ export function createPgMarketplaceStore(sql: Pg, options: PgMarketplaceStoreOpt
       return rows.map(listedRequestJson);
     },
     async consumerRequestsPage(consumerId, after, take) {
-      const rows = await page<RequestColumns>('consumer_requests.page', 'consumer_requests', pgConsumerRequestsPageSql, [consumerId, ...position(after)], take);
-      return rows.map((row): ConsumerRequestRow => [row[0], `${requestJsonHead(row)}}`]);
+      // Several rows per request: the page is cut by requests (consumerRequestRows), not by rows.
+      const rows = await run<PagedRequestColumns>('consumer_requests.page', pageSql('consumer_requests', pageTakeFor(take), pgConsumerRequestsPageSql), [
+        consumerId,
+        ...position(after),
+      ]);
+      return consumerRequestRows(rows, take);
     },
     async consumerBookingsPage(consumerId, after, take) {
       const rows = await page<ConsumerBookingColumns>(

@@ -190,6 +190,12 @@ export { wireId };
 export type Engine = 'sqlite' | 'postgres';
 export const ENGINES: readonly Engine[] = ['sqlite', 'postgres'];
 
+/**
+ * The queries a non-empty consumer.requests page runs after its page query: SQLite reads the page's bookings
+ * with a second query (merged across the lookups of a turn), PostgreSQL's page query brings them along.
+ */
+export const PAGE_BOOKINGS_OPS: Readonly<Record<Engine, readonly string[]>> = { sqlite: ['bookings.by_request'], postgres: [] };
+
 /** Test options per engine: PostgreSQL's tests skip with a message where no server answers (and CI is not set). */
 export async function engineOptions(engine: Engine): Promise<{ skip?: string }> {
   return engine === 'postgres' ? pgTestOptions() : {};

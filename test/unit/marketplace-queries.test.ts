@@ -10,6 +10,7 @@ import {
   FIXTURE,
   openFixture,
   openStoreFixture,
+  PAGE_BOOKINGS_OPS,
   referenceConsumerBookings,
   referenceConsumerRequests,
   referenceRequestsList,
@@ -156,7 +157,7 @@ for (const engine of ENGINES)
         assert.ok(referenceConsumerRequests(tables, 1).length > limit);
         assert.deepEqual(
           await count(() => service.consumerRequests(staff, { consumerId, limit })),
-          ['consumer_requests.page', 'bookings.by_request'],
+          ['consumer_requests.page', ...PAGE_BOOKINGS_OPS[engine]],
           `consumer.requests limit ${limit}`,
         );
         assert.ok(referenceConsumerBookings(tables, 1).length > limit);
