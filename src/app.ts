@@ -11,6 +11,7 @@ import { originPolicy } from './auth/origin-policy.js';
 import { cacheReadiness, createChatCache } from './cache/chat-cache.js';
 import { openResponseCache, type ResponseCache } from './cache/response-cache.js';
 import { createChatService, type ChatService } from './chat/chat-service.js';
+import { startIdempotencyPruning } from './chat/idempotency.js';
 import { clusterMode, type Config } from './config.js';
 import { openCluster, type ClusterParts } from './cluster/wiring.js';
 import type { MarketplaceStore } from './db/marketplace-store.js';
@@ -131,6 +132,8 @@ export async function createApp(config: Config, options: AppOptions): Promise<Ap
       bus,
       claims: cluster?.claims,
     });
+    const pruning = startIdempotencyPruning(storage.store, { onError: (err) => log.warn({ err }, 'deleting expired idempotency keys failed') });
+    closers.add(() => pruning.stop());
     const { admission, buffers } = openConnectionGuards(config, log, closers);
     const deps = transportDeps({
       config,

@@ -193,3 +193,59 @@ export function createIdempotentSends(options: IdempotentSendsOptions): Idempote
     },
   };
 }
+
+/** How often stored keys past their window are deleted, and how many per statement (a short write, often). */
+export const IDEMPOTENCY_PRUNE_EVERY_MS = 10 * 60 * 1000;
+export const IDEMPOTENCY_PRUNE_BATCH = 1000;
+
+export interface IdempotencyPruning {
+  /** One pass: deletes the keys past their window, a batch at a time until a batch comes back short; returns how many. */
+  pruneNow(): Promise<number>;
+  /** No more passes; resolves once a pass under way has stopped (after its current batch). */
+  stop(): Promise<void>;
+}
+
+/**
+ * Keeps the stored keys to the window: every `everyMs`, the keys stored more than IDEMPOTENCY_WINDOW_MS ago are
+ * deleted, `batch` per statement (a statement's write stays short next to the chats' group commits, and the loop
+ * yields to the event loop between batches). Without it the table would grow by one row per keyed send, for good.
+ * In a cluster every node prunes; the deletes are idempotent.
+ */
+export function startIdempotencyPruning(
+  store: Pick<ChatStore, 'pruneIdempotencyKeys'>,
+  options: { everyMs?: number; batch?: number; onError?: (err: unknown) => void } = {},
+): IdempotencyPruning {
+  const batch = options.batch ?? IDEMPOTENCY_PRUNE_BATCH;
+  let running: Promise<number> | null = null;
+  let stopped = false;
+  const pass = async (): Promise<number> => {
+    const before = Date.now() - IDEMPOTENCY_WINDOW_MS;
+    let total = 0;
+    for (;;) {
+      const deleted = await store.pruneIdempotencyKeys(before, batch);
+      total += deleted;
+      if (deleted < batch || stopped) return total;
+      await new Promise((resolve) => setImmediate(resolve));
+    }
+  };
+  const pruneNow = () => {
+    running ??= pass().finally(() => {
+      running = null;
+    });
+    return running;
+  };
+  const timer = setInterval(() => {
+    if (running !== null) return;
+    // A store that cannot be written now (full disk, PostgreSQL unreachable) is reported by /readyz; the next pass retries.
+    pruneNow().catch((err: unknown) => options.onError?.(err));
+  }, options.everyMs ?? IDEMPOTENCY_PRUNE_EVERY_MS);
+  timer.unref();
+  return {
+    pruneNow,
+    async stop() {
+      stopped = true;
+      clearInterval(timer);
+      await running?.catch(() => {});
+    },
+  };
+}

@@ -180,6 +180,11 @@ export interface ChatStore {
   conversations(userId: string, after: ConversationPosition | undefined, limit: number): Promise<ConversationRow[]>;
   /** The user's send with this key, if it was stored at or after `since` (ms since the epoch). */
   idempotentSend(userId: string, key: string, since: number): Promise<IdempotentSend | undefined>;
+  /**
+   * Deletes at most `limit` idempotency keys stored before `before` (ms since the epoch), oldest first; returns how
+   * many. A key past its window answers nothing any more (idempotentSend ignores it, the next send takes it over).
+   */
+  pruneIdempotencyKeys(before: number, limit: number): Promise<number>;
   task(taskId: string): Promise<StoredTask | undefined>;
   /** Marks tasks a previous run left queued or running as failed; returns how many. */
   recoverUnfinished(): Promise<number>;
@@ -522,6 +527,11 @@ export function createChatStore(db: Database, hooks: { onCommit?: (seconds: numb
     'chat.idempotency_key',
     `SELECT ${IDEMPOTENCY_COLUMNS} FROM idempotency_keys WHERE user_id = ? AND client_key = ? AND created_at >= ?`,
   );
+  const deleteOldIdempotencyKeys = db.prepare(
+    'chat.prune_idempotency_keys',
+    `DELETE FROM idempotency_keys WHERE (user_id, client_key) IN
+       (SELECT user_id, client_key FROM idempotency_keys WHERE created_at < ? ORDER BY created_at LIMIT ?)`,
+  );
   const selectOwner = db.prepare<{ user_id: string }>('chat.conversation_owner', 'SELECT user_id FROM conversations WHERE conversation_id = ?');
   const insertMessage = db.prepare(
     'chat.insert_message',
@@ -700,6 +710,10 @@ export function createChatStore(db: Database, hooks: { onCommit?: (seconds: numb
     async idempotentSend(userId, key, since) {
       const row = selectIdempotencyKey.get(userId, key, since);
       return row === undefined ? undefined : idempotentSendOf(row);
+    },
+
+    async pruneIdempotencyKeys(before, limit) {
+      return deleteOldIdempotencyKeys.run(before, limit).changes;
     },
 
     async task(taskId) {

@@ -95,6 +95,8 @@ const SQL = {
   WHERE task_id = $4 AND status IN ('queued', 'running')`,
   'chat.recover_unfinished': `UPDATE tasks SET status = 'error', error_code = 'internal', finished_at = $1
   WHERE node_id = $2 AND status IN ('queued', 'running')`,
+  'chat.prune_idempotency_keys': `DELETE FROM idempotency_keys WHERE (user_id, client_key) IN
+  (SELECT user_id, client_key FROM idempotency_keys WHERE created_at < $1 ORDER BY created_at LIMIT $2)`,
   'chat.fail_stale': `UPDATE tasks SET status = 'error', error_code = $1, error_message = $2, finished_at = $3
   WHERE status IN ('queued', 'running') AND created_at < $4 RETURNING task_id`,
 } as const;
@@ -360,6 +362,10 @@ export function createPgChatStore(sql: Pg, options: PgChatStoreOptions): PgChatS
 
     async failUnfinished(taskId, code, message) {
       return (await run(sql, 'chat.fail_unfinished', [code, message, Date.now(), taskId])).count > 0;
+    },
+
+    async pruneIdempotencyKeys(before, limit) {
+      return (await run(sql, 'chat.prune_idempotency_keys', [before, limit])).count;
     },
 
     async failStale(createdBefore, code, message) {

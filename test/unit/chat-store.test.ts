@@ -41,7 +41,7 @@ interface StoreFixture {
   /** Makes the database refuse every new message and every task update (a real failure of the engine's own); returns what undoes it. */
   refuseWrites(): Promise<() => Promise<void>>;
   /** Rows in a table, read past the store. */
-  count(table: 'conversations' | 'messages' | 'tasks'): Promise<number>;
+  count(table: 'conversations' | 'messages' | 'tasks' | 'idempotency_keys'): Promise<number>;
   /** PostgreSQL: how many transactions wrote the messages stored now (rows of one transaction share its xmin). */
   messageTransactions?(): Promise<number>;
   pg?: Pg;
@@ -789,5 +789,41 @@ for (const engine of ENGINES) {
     const stored = await store.idempotentSend('u1', 'old', Date.now() - IDEMPOTENCY_WINDOW_MS);
     assert.equal(stored?.taskId, taskId);
     assert.equal(stored?.requestHash, 'h2');
+  });
+
+  contract('pruneIdempotencyKeys deletes the keys stored before a time, oldest first, at most a batch at a time', async (t) => {
+    const { store, count } = await openStore(t, engine);
+    const realNow = Date.now;
+    const base = realNow() - IDEMPOTENCY_WINDOW_MS - 60_000;
+    // Five keys a second apart, all past the window; then one of today.
+    for (let i = 0; i < 5; i++) {
+      Date.now = () => base + i * 1000;
+      try {
+        await store.beginChat({
+          taskId: newTaskId(),
+          userId: 'u1',
+          text: `old ${i}`,
+          idempotency: { key: `k-${i}`, requestHash: 'h', requestedConversationId: null, ack: '{}' },
+        });
+      } finally {
+        Date.now = realNow;
+      }
+    }
+    await store.beginChat({
+      taskId: newTaskId(),
+      userId: 'u1',
+      text: 'today',
+      idempotency: { key: 'k-today', requestHash: 'h', requestedConversationId: null, ack: '{}' },
+    });
+    const cutoff = realNow() - IDEMPOTENCY_WINDOW_MS;
+    assert.equal(await store.pruneIdempotencyKeys(cutoff, 2), 2);
+    // The two oldest went first.
+    assert.deepEqual(await Promise.all([0, 1, 2].map(async (i) => (await store.idempotentSend('u1', `k-${i}`, 0)) !== undefined)), [false, false, true]);
+    assert.equal(await store.pruneIdempotencyKeys(cutoff, 10), 3);
+    assert.equal(await store.pruneIdempotencyKeys(cutoff, 10), 0);
+    assert.equal(await count('idempotency_keys'), 1);
+    assert.notEqual(await store.idempotentSend('u1', 'k-today', 0), undefined);
+    // The messages and tasks of those sends stay.
+    assert.equal(await count('messages'), 6);
   });
 }
