@@ -50,13 +50,33 @@ export function workerBalance(setting: WorkerBalance | 'auto', llm: string): Wor
 
 type LoadBalancer = NonNullable<NonNullable<ConstructorParameters<typeof Piscina>[0]>['loadBalancer']>;
 
-/** The `pack` balancer: the busiest worker with room left; ties go to the first in Piscina's order (stable). */
+/**
+ * The `pack` balancer: the busiest worker with room left (ties: the first in Piscina's order). But a worker starts
+ * one call per turn of its event loop (workers/llm.worker.ts), so calls that arrive together (a burst, handed over
+ * in one turn of the main thread's loop) are spread instead: a worker already handed a call in this turn takes
+ * another only when every worker has been, and then the least busy one does.
+ */
 export function packingBalancer(maximumUsage: number): LoadBalancer {
+  const handedThisTurn = new Set<number>();
+  let clearing = false;
   return (_task, workers) => {
-    let chosen: (typeof workers)[number] | null = null;
+    let packed: (typeof workers)[number] | null = null;
+    let spread: (typeof workers)[number] | null = null;
     for (const worker of workers) {
       if (worker.terminating || worker.destroyed || worker.isRunningAbortableTask || worker.currentUsage >= maximumUsage) continue;
-      if (chosen === null || worker.currentUsage > chosen.currentUsage) chosen = worker;
+      if (!handedThisTurn.has(worker.id) && (packed === null || worker.currentUsage > packed.currentUsage)) packed = worker;
+      if (spread === null || worker.currentUsage < spread.currentUsage) spread = worker;
+    }
+    const chosen = packed ?? spread;
+    if (chosen !== null) {
+      handedThisTurn.add(chosen.id);
+      if (!clearing) {
+        clearing = true;
+        setImmediate(() => {
+          handedThisTurn.clear();
+          clearing = false;
+        });
+      }
     }
     return chosen;
   };
