@@ -142,7 +142,7 @@ export const settings = {
     env: 'CHATWIRE_WORKER_BALANCE',
     schema: z.enum(['auto', 'pack', 'spread']),
     default: 'auto',
-    doc: 'how model calls go to workers: `pack` fills one worker before the next (streams share its wake-ups), `spread` evens them out; `auto`: spread for local, pack otherwise',
+    doc: 'how model calls go to workers: `pack` fills one worker before the next (streams share its wake-ups), `spread` evens them out; `auto`: pack for openai, spread otherwise',
   },
   maxQueue: {
     env: 'CHATWIRE_MAX_QUEUE',

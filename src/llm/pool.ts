@@ -42,10 +42,14 @@ export interface ModelPoolOptions {
  */
 export type WorkerBalance = 'spread' | 'pack';
 
-/** CHATWIRE_WORKER_BALANCE: `auto` spreads a local model's calls (they share the cores) and packs the others (relays). */
+/**
+ * CHATWIRE_WORKER_BALANCE: `auto` packs the calls of the `openai` provider (a relay: waiting on the upstream, a few
+ * µs of work per token) and spreads the others': `local` computes its tokens, `dev` without a delay makes them as
+ * fast as a worker can, and a custom provider may do either.
+ */
 export function workerBalance(setting: WorkerBalance | 'auto', llm: string): WorkerBalance {
   if (setting !== 'auto') return setting;
-  return llm === 'local' ? 'spread' : 'pack';
+  return llm === 'openai' ? 'pack' : 'spread';
 }
 
 type LoadBalancer = NonNullable<NonNullable<ConstructorParameters<typeof Piscina>[0]>['loadBalancer']>;

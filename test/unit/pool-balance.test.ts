@@ -57,9 +57,9 @@ it('pack: a worker being terminated, destroyed or running an abortable task take
   assert.equal(pick(task, [worker(1, 0, { terminating: true })]), null);
 });
 
-it('auto packs the calls of a relay (openai, dev) and spreads those of a local model; a setting overrides it', () => {
+it('auto packs the calls of the openai relay and spreads the others (local, dev); a setting overrides it', () => {
   assert.equal(workerBalance('auto', 'openai'), 'pack');
-  assert.equal(workerBalance('auto', 'dev'), 'pack');
+  assert.equal(workerBalance('auto', 'dev'), 'spread');
   assert.equal(workerBalance('auto', 'local'), 'spread');
   assert.equal(workerBalance('spread', 'openai'), 'spread');
   assert.equal(workerBalance('pack', 'local'), 'pack');
