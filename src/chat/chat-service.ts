@@ -633,33 +633,23 @@ export function createChatService(options: ChatServiceOptions): ChatService {
     plan.flight.settle({ kind: 'end', result: null, cancelled: true });
   }
 
-  /** Model tokens (not for a hit), then one chat from the user's bucket; a refusal gives back what the plan holds. */
+  /** Model tokens (not for a hit), then one chat from the user's bucket, in one step; a refusal gives back what the plan holds. */
   async function takeLimits(
     userId: string,
     plan: ReplyPlan,
     request: ModelRequest,
   ): Promise<{ reservation: TokenReservation | null; chat: Extract<LimitDecision, { ok: true }> }> {
-    // Tokens first: a reservation can be handed back whole, a chat taken from its bucket cannot.
-    let reservation: TokenReservation | null = null;
-    if (plan.kind !== 'cached') {
-      const reserved = await limits.reserveModelTokens(userId, request.maxTokens ?? options.defaultMaxTokens).catch((err: unknown) => {
-        releasePlan(plan);
-        throw err;
-      });
-      if (!reserved.ok) {
-        releasePlan(plan);
-        throw new AppError('rate_limited', `model token budget used up; retry in ${reserved.retryAfterMs} ms`, { retryAfterMs: reserved.retryAfterMs });
-      }
-      reservation = reserved.reservation;
-    }
-    const chat = await limits.chat(userId).catch((err: unknown) => ({ ok: false as const, err }));
-    if (!chat.ok) {
+    const maxTokens = plan.kind === 'cached' ? null : (request.maxTokens ?? options.defaultMaxTokens);
+    const admitted = await limits.admit(userId, maxTokens).catch((err: unknown) => {
       releasePlan(plan);
-      reservation?.release();
-      if ('err' in chat) throw chat.err;
-      throw new AppError('rate_limited', `too many chats; retry in ${chat.retryAfterMs} ms`, { retryAfterMs: chat.retryAfterMs });
+      throw err;
+    });
+    if (!admitted.ok) {
+      releasePlan(plan);
+      const what = admitted.bucket === 'tokens' ? 'model token budget used up' : 'too many chats';
+      throw new AppError('rate_limited', `${what}; retry in ${admitted.retryAfterMs} ms`, { retryAfterMs: admitted.retryAfterMs });
     }
-    return { reservation, chat };
+    return { reservation: admitted.reservation, chat: { ok: true, info: admitted.info } };
   }
 
   /** Every check of a send, in order, up to the commit; a refusal throws having given back what it took. */

@@ -28,11 +28,20 @@ export interface TokenReservation {
   release(): void;
 }
 
+/** A send let through: its token reservation (null when it reserved none) and the chats bucket's state (the ack's `rateLimit`). */
+export type Admission = { ok: true; reservation: TokenReservation | null; info: RateLimitInfo } | Extract<LimitDecision, { ok: false }>;
+
 export interface ChatLimits {
   /** Takes one chat from the user's chats bucket. */
   chat(userId: string): Promise<LimitDecision>;
   /** Reserves `maxTokens` model tokens; settled when the task ends. */
   reserveModelTokens(userId: string, maxTokens: number): Promise<{ ok: true; reservation: TokenReservation } | Extract<LimitDecision, { ok: false }>>;
+  /**
+   * The limits of one send as one step (one round trip to a shared store): `maxTokens` model tokens (none when null,
+   * as for a cache hit), then one chat. Tokens first: a refused chat gives the reservation back whole, while a refused
+   * reservation takes no chat.
+   */
+  admit(userId: string, maxTokens: number | null): Promise<Admission>;
 }
 
 export type { CacheMode };

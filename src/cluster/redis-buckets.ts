@@ -1,7 +1,8 @@
 /**
  * Per-user chat and model-token buckets shared by every node: the buckets of src/limits/rate-limits.ts (the same
  * refill, burst, retryAfterMs and reserve → settle / release), kept in Redis and charged by one Lua script per
- * operation, so that a check and its charge are one step however many nodes ask at once.
+ * operation, so that a check and its charge are one step however many nodes ask at once. A send's two checks (its
+ * model tokens, then its chat) are one script: one round trip on the ack's path.
  *
  * Time is Redis's (TIME), so the nodes' clocks do not matter. A bucket is a hash {c: content, t: last drip}; a
  * missing one is full, and each key expires when its bucket is full again, so Redis holds only users who are
@@ -9,6 +10,8 @@
  * each node limits alone until Redis answers again.
  */
 import type { RateLimitInfo } from '../protocol/index.js';
+import type { Admission } from '../chat/ports.js';
+import { admitLocally } from '../limits/chat-limits.js';
 import type { RateLimits } from '../limits/rate-limits.js';
 import { policy, type BucketPolicy } from '../limits/token-bucket.js';
 import type { AsyncChatLimits, LimitDecision, Refusal } from './ports.js';
@@ -17,25 +20,28 @@ import { downReason, failureReason, LUA_NOW_MS, redisScript, type FallbackHook }
 
 /**
  * The ClockedBucket of src/limits/token-bucket.ts in Lua: drip (with its snap to whole units), the least whole wait
- * (leastWait) and ms until full. ARGV[1..3]: rate per interval, interval ms, capacity. Lua numbers are doubles like
- * JavaScript's, and the content is stored with 17 significant digits, so the figures are the embedded ones.
+ * (leastWait) and ms until full, over a bucket read by `open(key, rate per interval, interval ms, capacity)`. Lua
+ * numbers are doubles like JavaScript's, and the content is stored with 17 significant digits, so the figures are
+ * the embedded ones.
  */
 const BUCKET_LUA = `
-local rate, interval, cap = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local t = redis.call('TIME')
 local now = ${LUA_NOW_MS}
-local state = redis.call('HMGET', KEYS[1], 'c', 't')
-local c = tonumber(state[1]) or cap
-local last = tonumber(state[2]) or now
 
 local function tolerance(units) return math.max(1e-9, math.abs(units) * 1e-12) end
 
-c = math.min(cap, c + (math.max(0, now - last) * rate) / interval)
-local whole = math.floor(c + 0.5)
-if math.abs(c - whole) < tolerance(whole) then c = whole end
+local function open(key, rate, interval, cap)
+  local state = redis.call('HMGET', key, 'c', 't')
+  local c = tonumber(state[1]) or cap
+  local last = tonumber(state[2]) or now
+  c = math.min(cap, c + (math.max(0, now - last) * rate) / interval)
+  local whole = math.floor(c + 0.5)
+  if math.abs(c - whole) < tolerance(whole) then c = whole end
+  return {key = key, rate = rate, interval = interval, cap = cap, c = c}
+end
 
-local function least_wait(estimate, target)
-  local function reaches(ms) return c + (ms * rate) / interval >= target - tolerance(target) end
+local function least_wait(b, estimate, target)
+  local function reaches(ms) return b.c + (ms * b.rate) / b.interval >= target - tolerance(target) end
   local wait = math.max(0, estimate)
   if wait >= 9007199254740991 then return 9007199254740991 end
   for _ = 1, 16 do
@@ -48,43 +54,74 @@ local function least_wait(estimate, target)
   return wait
 end
 
-local function ms_until_full()
-  if c >= cap then return 0 end
-  return least_wait(math.ceil(((cap - c) * interval) / rate), cap)
+local function ms_until_full(b)
+  if b.c >= b.cap then return 0 end
+  return least_wait(b, math.ceil(((b.cap - b.c) * b.interval) / b.rate), b.cap)
 end
 
-local function remaining() return math.max(0, math.floor(c)) end
+local function remaining(b) return math.max(0, math.floor(b.c)) end
 
 -- A full bucket is no key; any other expires when it is full again, when it would read as full anyway.
-local function save(reset_ms)
-  if c >= cap then
-    redis.call('DEL', KEYS[1])
-    return
+local function save(b)
+  local reset_ms = ms_until_full(b)
+  if b.c >= b.cap then
+    redis.call('DEL', b.key)
+  else
+    redis.call('HSET', b.key, 'c', string.format('%.17g', b.c), 't', string.format('%.17g', now))
+    redis.call('PEXPIRE', b.key, math.max(1, reset_ms))
   end
-  redis.call('HSET', KEYS[1], 'c', string.format('%.17g', c), 't', string.format('%.17g', now))
-  redis.call('PEXPIRE', KEYS[1], math.max(1, reset_ms))
+  return reset_ms
+end
+
+-- Takes count units: {1, remaining, resetMs} or {0, remaining, resetMs, retryAfterMs}.
+local function take(b, count)
+  if count <= b.cap and count <= b.c then
+    b.c = b.c - count
+    local reset_ms = save(b)
+    return {1, remaining(b), reset_ms}
+  end
+  local estimate = 0
+  if count > b.c then estimate = math.ceil((count - b.c) / (b.rate / b.interval)) end
+  return {0, remaining(b), ms_until_full(b), least_wait(b, estimate, count)}
+end
+
+-- Puts units back (never past the capacity) or, when negative, takes them as debt.
+local function adjust(b, units)
+  b.c = math.min(b.cap, b.c + units)
+  save(b)
 end
 `;
 
-/** Takes ARGV[4] units: {1, remaining, resetMs} or {0, remaining, resetMs, retryAfterMs}. */
+/** KEYS[1] the bucket. ARGV rate per interval, interval ms, capacity, units: take's answer. */
 const takeScript = redisScript(`${BUCKET_LUA}
-local count = tonumber(ARGV[4])
-if count <= cap and count <= c then
-  c = c - count
-  local reset_ms = ms_until_full()
-  save(reset_ms)
-  return {1, remaining(), reset_ms}
-end
-local estimate = 0
-if count > c then estimate = math.ceil((count - c) / (rate / interval)) end
-return {0, remaining(), ms_until_full(), least_wait(estimate, count)}
+return take(open(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])), tonumber(ARGV[4]))
 `);
 
-/** Puts ARGV[4] units back (never past the capacity) or, when negative, takes them as debt. */
+/** KEYS[1] the bucket. ARGV rate per interval, interval ms, capacity, units: adjust. */
 const adjustScript = redisScript(`${BUCKET_LUA}
-c = math.min(cap, c + tonumber(ARGV[4]))
-save(ms_until_full())
+adjust(open(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])), tonumber(ARGV[4]))
 return 1
+`);
+
+/**
+ * The checks of one send in one step: ARGV[4] model tokens (none when 0) from KEYS[1], then one chat from KEYS[2];
+ * a refused chat puts the tokens back. ARGV[1..3] and ARGV[5..7]: the two buckets' rate, interval and capacity.
+ * Returns {'ok', the chat's take answer} or {the refusing bucket's name, its take answer}.
+ */
+const admitScript = redisScript(`${BUCKET_LUA}
+local amount = tonumber(ARGV[4])
+local tokens = nil
+if amount > 0 then
+  tokens = open(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]))
+  local taken = take(tokens, amount)
+  if taken[1] == 0 then return {'tokens', taken} end
+end
+local taken = take(open(KEYS[2], tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])), 1)
+if taken[1] == 0 then
+  if tokens then adjust(tokens, amount) end
+  return {'chats', taken}
+end
+return {'ok', taken}
 `);
 
 export type SharedBucketName = 'chats' | 'tokens';
@@ -127,10 +164,11 @@ export function createRedisChatLimits(options: RedisChatLimitsOptions): SharedCh
     tokens: policy(options.modelTokensPerMinute, 60_000),
   };
   const keyOf = (name: SharedBucketName, userId: string) => hub.key(`bucket:${name}:${userId}`);
-  const argsOf = (name: SharedBucketName, units: number) => {
+  const policyArgs = (name: SharedBucketName) => {
     const p = policies[name];
-    return [p.tokensPerInterval, p.intervalMs, p.capacity, units];
+    return [p.tokensPerInterval, p.intervalMs, p.capacity];
   };
+  const argsOf = (name: SharedBucketName, units: number) => [...policyArgs(name), units];
 
   /** The decision of `viaRedis`, or of `locally` while Redis cannot answer. */
   async function decide<T>(viaRedis: () => Promise<T>, locally: () => T): Promise<T> {
@@ -146,11 +184,15 @@ export function createRedisChatLimits(options: RedisChatLimitsOptions): SharedCh
     }
   }
 
-  async function take(userId: string, name: SharedBucketName, count: number): Promise<LimitDecision> {
-    const reply = (await takeScript(hub.command, [keyOf(name, userId)], argsOf(name, count))) as number[];
+  /** The decision in a take answer of the Lua script of bucket `name`. */
+  function decisionOf(name: SharedBucketName, reply: unknown[]): LimitDecision {
     const [ok, remaining, resetMs, retryAfterMs] = reply.map(Number);
     const info = { limit: policies[name].capacity, remaining: remaining!, resetMs: resetMs! };
     return ok === 1 ? { ok: true, info } : { ok: false, bucket: name, retryAfterMs: retryAfterMs!, info };
+  }
+
+  async function take(userId: string, name: SharedBucketName, count: number): Promise<LimitDecision> {
+    return decisionOf(name, (await takeScript(hub.command, [keyOf(name, userId)], argsOf(name, count))) as unknown[]);
   }
 
   /** Gives `units` back to (or takes them as debt from) a bucket; a failure leaves the bucket to refill on its own. */
@@ -179,7 +221,29 @@ export function createRedisChatLimits(options: RedisChatLimitsOptions): SharedCh
     };
   }
 
+  /** The model tokens a reservation of `maxTokens` takes: more than the bucket holds is taken as a full bucket. */
+  function amountOf(maxTokens: number): number {
+    if (!Number.isInteger(maxTokens) || maxTokens < 1) throw new RangeError(`maxTokens must be an integer >= 1, got ${maxTokens}`);
+    return Math.min(maxTokens, policies.tokens.capacity);
+  }
+
   return {
+    async admit(userId, maxTokens) {
+      const amount = maxTokens === null ? 0 : amountOf(maxTokens);
+      return decide<Admission>(
+        async () => {
+          const keys = [keyOf('tokens', userId), keyOf('chats', userId)];
+          const [verdict, taken] = (await admitScript(hub.command, keys, [...argsOf('tokens', amount), ...policyArgs('chats')])) as [string, unknown[]];
+          const d = decisionOf(verdict === 'tokens' ? 'tokens' : 'chats', taken);
+          if (!d.ok) {
+            refused(d.bucket);
+            return d;
+          }
+          return { ok: true, reservation: maxTokens === null ? null : sharedReservation(userId, amount, maxTokens), info: d.info };
+        },
+        () => admitLocally(local, refused, userId, maxTokens),
+      );
+    },
     async chat(userId) {
       const d = await decide(
         () => take(userId, 'chats', 1),
@@ -189,8 +253,7 @@ export function createRedisChatLimits(options: RedisChatLimitsOptions): SharedCh
       return d;
     },
     async reserveModelTokens(userId, maxTokens) {
-      if (!Number.isInteger(maxTokens) || maxTokens < 1) throw new RangeError(`maxTokens must be an integer >= 1, got ${maxTokens}`);
-      const amount = Math.min(maxTokens, policies.tokens.capacity);
+      const amount = amountOf(maxTokens);
       const d = await decide<SharedReserveResult>(
         async () => {
           const d = await take(userId, 'tokens', amount);

@@ -62,55 +62,54 @@ local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
 if #last > 0 then nextSeq = tonumber(string.match(last[1][1], '^(%d+)')) + 1 end`;
 
 const SCRIPTS = {
-  // KEYS meta, lease, index. ARGV userId, conversationId, createdAt, nodeId, leaseMs, runningExpiryMs, taskId.
-  // Returns 1, or the terminal message when the task has ended already.
-  tasklogOpen: {
-    numberOfKeys: 3,
-    lua: `local ended = redis.call('HGET', KEYS[1], 'end')
-if ended then return ended end
-redis.call('HSET', KEYS[1], 'u', ARGV[1], 'c', ARGV[2], 't', ARGV[3], 'n', ARGV[4])
-redis.call('HSETNX', KEYS[1], 's', 'queued')
-redis.call('PEXPIRE', KEYS[1], ARGV[6])
-redis.call('SET', KEYS[2], ARGV[4], 'PX', ARGV[5])
-${NOW_MS}
-redis.call('ZADD', KEYS[3], now + tonumber(ARGV[5]), ARGV[7])
-return 1`,
-  },
-  // KEYS stream, meta, lease, index. ARGV firstSeq, terminal JSON or '', its status, retentionMs, runningExpiryMs,
-  // channel, taskId, '1' to mark it running, then the deltas from firstSeq on.
+  // KEYS stream, meta, lease, index. ARGV '1' to open the record first (its first write), userId, conversationId,
+  // createdAt, nodeId, leaseMs, then firstSeq, terminal JSON or '', its status, retentionMs, runningExpiryMs, channel,
+  // taskId, '1' to mark it running, then the deltas from firstSeq on.
   // Returns {'ok', deltas in the stream}, {'gap', deltas in the stream}, {'ended', terminal} or {'missing'}.
   tasklogAppend: {
     numberOfKeys: 4,
-    lua: `if redis.call('EXISTS', KEYS[2]) == 0 then return {'missing'} end
-local ended = redis.call('HGET', KEYS[2], 'end')
-if ended then return {'ended', ended} end
+    lua: `local A = 6
+if ARGV[1] == '1' then
+  local ended = redis.call('HGET', KEYS[2], 'end')
+  if ended then return {'ended', ended} end
+  redis.call('HSET', KEYS[2], 'u', ARGV[2], 'c', ARGV[3], 't', ARGV[4], 'n', ARGV[5])
+  redis.call('HSETNX', KEYS[2], 's', 'queued')
+  redis.call('PEXPIRE', KEYS[2], ARGV[A + 5])
+  redis.call('SET', KEYS[3], ARGV[5], 'PX', ARGV[6])
+  ${NOW_MS}
+  redis.call('ZADD', KEYS[4], now + tonumber(ARGV[6]), ARGV[A + 7])
+elseif redis.call('EXISTS', KEYS[2]) == 0 then return {'missing'}
+else
+  local ended = redis.call('HGET', KEYS[2], 'end')
+  if ended then return {'ended', ended} end
+end
 ${NEXT_SEQ}
-local first = tonumber(ARGV[1])
+local first = tonumber(ARGV[A + 1])
 if first > nextSeq then return {'gap', nextSeq} end
 local parts = {}
-for i = 9, #ARGV do
-  local seq = first + i - 9
+for i = A + 9, #ARGV do
+  local seq = first + i - (A + 9)
   if seq >= nextSeq then
     redis.call('XADD', KEYS[1], seq .. '-1', 'd', ARGV[i])
     parts[#parts + 1] = cjson.encode(ARGV[i])
   end
 end
-local count = math.max(nextSeq, first + #ARGV - 8)
-if ARGV[2] ~= '' then
-  redis.call('XADD', KEYS[1], '${TERMINAL_ID}', 'e', ARGV[2])
-  redis.call('HSET', KEYS[2], 'end', ARGV[2], 's', ARGV[3])
-  redis.call('PEXPIRE', KEYS[1], ARGV[4])
-  redis.call('PEXPIRE', KEYS[2], ARGV[4])
+local count = math.max(nextSeq, first + #ARGV - (A + 8))
+if ARGV[A + 2] ~= '' then
+  redis.call('XADD', KEYS[1], '${TERMINAL_ID}', 'e', ARGV[A + 2])
+  redis.call('HSET', KEYS[2], 'end', ARGV[A + 2], 's', ARGV[A + 3])
+  redis.call('PEXPIRE', KEYS[1], ARGV[A + 4])
+  redis.call('PEXPIRE', KEYS[2], ARGV[A + 4])
   redis.call('DEL', KEYS[3])
-  redis.call('ZREM', KEYS[4], ARGV[7])
+  redis.call('ZREM', KEYS[4], ARGV[A + 7])
 else
-  if #parts > 0 or ARGV[8] == '1' then redis.call('HSET', KEYS[2], 's', 'running') end
-  if #parts > 0 then redis.call('PEXPIRE', KEYS[1], ARGV[5]) end
+  if #parts > 0 or ARGV[A + 8] == '1' then redis.call('HSET', KEYS[2], 's', 'running') end
+  if #parts > 0 then redis.call('PEXPIRE', KEYS[1], ARGV[A + 5]) end
 end
-if #parts > 0 or ARGV[2] ~= '' then
+if #parts > 0 or ARGV[A + 2] ~= '' then
   local notice = '{"s":' .. nextSeq .. ',"t":[' .. table.concat(parts, ',') .. ']'
-  if ARGV[2] ~= '' then notice = notice .. ',"e":' .. ARGV[2] end
-  redis.call('PUBLISH', ARGV[6], notice .. '}')
+  if ARGV[A + 2] ~= '' then notice = notice .. ',"e":' .. ARGV[A + 2] end
+  redis.call('PUBLISH', ARGV[A + 6], notice .. '}')
 end
 return {'ok', count}`,
   },
@@ -322,7 +321,7 @@ export function createRedisTaskLog(options: RedisTaskLogOptions): TaskLog {
     private endJson: string | null = null;
     private endStatus = '';
     private endedAt = 0;
-    /** The record exists in Redis (the open script answered). */
+    /** The record exists in Redis (the script that opened it answered). */
     isOpen = false;
     /** Nothing left to do: its end is written, it lapsed, or it was given up. */
     done = false;
@@ -380,21 +379,25 @@ export function createRedisTaskLog(options: RedisTaskLogOptions): TaskLog {
       }
       const calls = pipeline as unknown as ScriptCalls<ChainableCommander>;
       const k = this.keys;
-      if (!this.isOpen) {
-        const m = this.meta;
-        calls.tasklogOpen(k.meta, k.lease, index, m.userId, m.conversationId, m.createdAt, nodeId, timings.leaseMs, timings.runningExpiryMs, m.taskId);
-        replies.push((err, result) => this.onOpen(err, result, sentAt));
-      }
+      const m = this.meta;
+      // The record is opened by the first script that writes it (not yet open: it was never written, or lost).
+      let opening = !this.isOpen;
       let from = this.written;
       do {
         const to = Math.min(this.texts.length, from + APPEND_CHUNK);
         const end = to === this.texts.length && this.endJson !== null ? this.endJson : '';
-        if (from === to && end === '' && !this.runningPending) break;
+        if (!opening && from === to && end === '' && !this.runningPending) break;
         calls.tasklogAppend(
           k.stream,
           k.meta,
           k.lease,
           index,
+          opening ? '1' : '',
+          m.userId,
+          m.conversationId,
+          m.createdAt,
+          nodeId,
+          timings.leaseMs,
           from,
           end,
           end === '' ? '' : this.endStatus,
@@ -405,19 +408,22 @@ export function createRedisTaskLog(options: RedisTaskLogOptions): TaskLog {
           this.runningPending ? '1' : '',
           ...this.texts.slice(from, to),
         );
-        replies.push((err, result) => this.onAppend(err, result, end !== '', sentAt));
+        const opened = opening;
+        replies.push((err, result) => {
+          if (opened) this.onOpen(err, result, sentAt);
+          this.onAppend(err, result, end !== '', sentAt);
+        });
+        opening = false;
         from = to;
       } while (from < this.texts.length);
     }
 
+    /** The answer of the script that opened the record (the same answer then goes to onAppend). */
     private onOpen(err: Error | null, result: unknown, sentAt: number): void {
       if (this.done) return;
       if (err !== null) {
         this.settleOpened(false);
-        markDirty(this);
-      } else if (typeof result === 'string') {
-        this.ended(result);
-      } else {
+      } else if ((result as [string])[0] !== 'ended') {
         this.isOpen = true;
         this.leaseAt = sentAt;
         this.settleOpened(true);

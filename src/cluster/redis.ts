@@ -52,7 +52,10 @@ export function openRedis(url: string, options: OpenRedisOptions = {}): RedisHub
     // A subscriber that reconnects subscribes again to its channels.
     autoResubscribe: true,
   };
-  const command = new Redis(url, { ...settings, connectionName: 'chatwire' });
+  // Auto-pipelining: the commands of one event-loop turn (every chat's bucket scripts, notices, cache reads) leave in
+  // one write and their replies come back in one read, instead of a socket write and a read per command; a node's
+  // CPU per chat was dominated by those. Replies and errors stay per command, in the order the commands were sent.
+  const command = new Redis(url, { ...settings, connectionName: 'chatwire', enableAutoPipelining: true });
   // The subscriber queues its SUBSCRIBE commands until it is ready: they are not requests a caller waits on. No ready
   // check: ioredis sends a SUBSCRIBE as soon as the socket connects, and the INFO of a ready check sent after it fails
   // (subscriber mode), which cut the connection and lost what was published until it was back.

@@ -177,7 +177,7 @@ export function createPgChatStore(sql: Pg, options: PgChatStoreOptions): PgChatS
   }
 
   /** Writes a group commit's batch: a few statements for all its writes, pipelined on its transaction, in this order. */
-  async function writeBatch(tx: PgTx, writes: readonly Write[]): Promise<void> {
+  async function writeBatch(tx: Pg, writes: readonly Write[]): Promise<void> {
     const keys = new Columns(9);
     const named: BeginRows[] = [];
     const conversations = new Columns(5);

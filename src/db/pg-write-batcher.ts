@@ -1,6 +1,6 @@
 import postgres from 'postgres';
 import { AppError } from '../protocol/index.js';
-import type { Pg, PgTx } from './pg.js';
+import type { Pg } from './pg.js';
 
 export interface PgWriteBatcher<W> {
   /** Queues `write` for the next group commit; resolves after that commit. */
@@ -15,9 +15,32 @@ export interface PgWriteBatcher<W> {
 
 /**
  * Writes a batch inside its transaction, set-based (a few statements for the whole batch, not a few per write);
- * throws when any write of it is refused.
+ * throws when any write of it is refused, once every statement it sent has settled.
  */
-export type WriteAll<W> = (tx: PgTx, writes: readonly W[]) => Promise<void>;
+export type WriteAll<W> = (tx: Pg, writes: readonly W[]) => Promise<void>;
+
+/**
+ * One transaction on a connection of its own, its BEGIN pipelined with `writeAll`'s statements: one round trip
+ * fewer than sql.begin, which waits for BEGIN's answer before it sends the first statement. COMMIT follows once
+ * every statement succeeded and writeAll's own checks passed; otherwise ROLLBACK (a connection lost rolls back on
+ * the server anyway).
+ */
+async function transaction<W>(sql: Pg, writeAll: WriteAll<W>, writes: readonly W[]): Promise<void> {
+  const tx = await sql.reserve();
+  try {
+    // Sent now: its statements, queued after it on the connection, run inside the transaction.
+    const begun = tx.unsafe('begin').execute();
+    const [began, wrote] = await Promise.allSettled([begun, writeAll(tx, writes)]);
+    if (began.status === 'fulfilled' && wrote.status === 'fulfilled') {
+      await tx.unsafe('commit');
+      return;
+    }
+    await tx.unsafe('rollback').catch(() => {});
+    throw began.status === 'rejected' ? began.reason : (wrote as PromiseRejectedResult).reason;
+  } finally {
+    tx.release();
+  }
+}
 
 interface Pending<W> {
   write: W;
@@ -53,11 +76,10 @@ export function createPgWriteBatcher<W>(sql: Pg, writeAll: WriteAll<W>, onCommit
     const started = process.hrtime.bigint();
     // Each write stops counting as pending as its caller is told, before its caller's continuation runs.
     try {
-      await sql.begin((tx) =>
-        writeAll(
-          tx,
-          batch.map((p) => p.write),
-        ),
+      await transaction(
+        sql,
+        writeAll,
+        batch.map((p) => p.write),
       );
       inCommit = 0;
       for (const p of batch) p.resolve();
@@ -65,18 +87,16 @@ export function createPgWriteBatcher<W>(sql: Pg, writeAll: WriteAll<W>, onCommit
       // A refusal of one write (the server's, or chatwire's own AppError, e.g. forbidden) rolled the batch back.
       if (batch.length > 1 && (err instanceof postgres.PostgresError || err instanceof AppError)) {
         const alone = (p: Pending<W>) =>
-          sql
-            .begin((tx) => writeAll(tx, [p.write]))
-            .then(
-              () => {
-                inCommit--;
-                p.resolve();
-              },
-              (failure: unknown) => {
-                inCommit--;
-                p.reject(failure);
-              },
-            );
+          transaction(sql, writeAll, [p.write]).then(
+            () => {
+              inCommit--;
+              p.resolve();
+            },
+            (failure: unknown) => {
+              inCommit--;
+              p.reject(failure);
+            },
+          );
         await Promise.all(batch.map(alone));
       } else {
         inCommit = 0;

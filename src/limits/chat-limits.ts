@@ -1,10 +1,34 @@
-import type { ChatLimits } from '../chat/ports.js';
+import type { Admission, ChatLimits } from '../chat/ports.js';
 import { AppError } from '../protocol/index.js';
-import type { RateLimits } from './rate-limits.js';
+import type { RateLimits, Reservation } from './rate-limits.js';
+
+/**
+ * ChatLimits.admit over one process's rate limits (answered at once): tokens, then a chat, the reservation given
+ * back when the chat is refused. Every refusal is counted by bucket (`refused`).
+ */
+export function admitLocally(limits: RateLimits, refused: (bucket: string) => void, userId: string, maxTokens: number | null): Admission {
+  let reservation: Reservation | null = null;
+  if (maxTokens !== null) {
+    const reserved = limits.reserveModelTokens(userId, maxTokens);
+    if (!reserved.ok) {
+      refused(reserved.bucket);
+      return reserved;
+    }
+    reservation = reserved.reservation;
+  }
+  const chat = limits.chat(userId);
+  if (!chat.ok) {
+    reservation?.release();
+    refused(chat.bucket);
+    return chat;
+  }
+  return { ok: true, reservation, info: chat.info };
+}
 
 /** The rate limits in the shape the chat service asks for (answered at once); every refusal is counted by bucket (`refused`). */
 export function createChatLimits(limits: RateLimits, refused: (bucket: string) => void): ChatLimits {
   return {
+    admit: (userId, maxTokens) => Promise.resolve(admitLocally(limits, refused, userId, maxTokens)),
     chat: (userId) => {
       const d = limits.chat(userId);
       if (!d.ok) refused(d.bucket);

@@ -15,7 +15,11 @@ import { cutRedis, openTestRedis, redisTestOptions, restoreRedis } from '../help
 interface Limits {
   chat(userId: string): LimitDecision | Promise<LimitDecision>;
   reserveModelTokens(userId: string, maxTokens: number): Reserved | Promise<Reserved>;
+  admit(userId: string, maxTokens: number | null): Admitted | Promise<Admitted>;
 }
+type Admitted =
+  | { ok: true; reservation: { settle(used: number): void | Promise<void>; release(): void | Promise<void> } | null; info: LimitDecision['info'] }
+  | Extract<LimitDecision, { ok: false }>;
 type Reserved =
   | { ok: true; reservation: { settle(used: number): void | Promise<void>; release(): void | Promise<void> } }
   | Extract<LimitDecision, { ok: false }>;
@@ -124,6 +128,37 @@ function contract(name: string, makePair: MakePair, options: () => Promise<{ ski
       assert.equal((await refusal(a, frank, 51)).info.remaining, 50);
     });
 
+    it("admit takes a send's tokens, then one chat; a refused chat gives the tokens back, a refused reservation takes no chat", opts, async () => {
+      const { a, b, refused } = await makePair({ chatsPerMinute: 2, modelTokensPerMinute: 60 });
+      const jack = newUser();
+      const first = await a.admit(jack, 25);
+      assert.ok(first.ok);
+      // The chats bucket's state, as the ack carries it.
+      assert.deepEqual({ limit: first.info.limit, remaining: first.info.remaining }, { limit: 2, remaining: 1 });
+      assert.equal((await refusal(b, jack, 36)).info.remaining, 35);
+      // More tokens than are left: refused by the tokens bucket, and no chat is taken.
+      const tooMany = await b.admit(jack, 36);
+      assert.ok(!tooMany.ok);
+      assert.equal(tooMany.bucket, 'tokens');
+      assert.equal(tooMany.info.remaining, 35);
+      // A cache hit reserves no tokens.
+      const hit = await b.admit(jack, null);
+      assert.ok(hit.ok);
+      assert.equal(hit.reservation, null);
+      assert.equal(hit.info.remaining, 0);
+      assert.equal((await refusal(a, jack, 36)).info.remaining, 35);
+      // No chat left: refused by the chats bucket, and the tokens it would have reserved are back.
+      const noChat = await a.admit(jack, 30);
+      assert.ok(!noChat.ok);
+      assert.equal(noChat.bucket, 'chats');
+      assert.ok(noChat.retryAfterMs > 0 && noChat.retryAfterMs <= 30_000, `retryAfterMs ${noChat.retryAfterMs}`);
+      assert.equal((await refusal(b, jack, 36)).info.remaining, 35);
+      // The reservation of an admitted send settles like any other.
+      await first.reservation?.settle(5);
+      assert.equal((await refusal(b, jack, 56)).info.remaining, 55);
+      assert.deepEqual(refused, ['tokens', 'tokens', 'tokens', 'chats', 'tokens', 'tokens']);
+    });
+
     it("two nodes charge one user's buckets together", opts, async () => {
       const { a, b } = await makePair({ chatsPerMinute: 3, modelTokensPerMinute: 60 });
       const gina = newUser();
@@ -194,6 +229,17 @@ describe('chat limits over Redis', async () => {
     // A reservation made in Redis cannot be settled there now: it is not an error, the bucket refills on its own.
     await held.settle(10);
     await localTokens.release();
+    // admit too: this node's own buckets (one chat of three taken above), the tokens given back when its chats bucket refuses.
+    const one = await a.admit(ivy, 30);
+    const two = await a.admit(ivy, 30);
+    assert.ok(one.ok);
+    assert.ok(two.ok);
+    assert.deepEqual([one.info.remaining, two.info.remaining], [1, 0]);
+    await two.reservation?.release();
+    const noLocalChat = await a.admit(ivy, 30);
+    assert.ok(!noLocalChat.ok);
+    assert.equal(noLocalChat.bucket, 'chats');
+    await one.reservation?.release();
     assert.equal((await a.reserveModelTokens(ivy, 60)).ok, true);
     assert.ok(reasons.length > 0 && reasons.every((r) => r === 'buckets: Redis is down'), JSON.stringify(reasons));
 
@@ -201,5 +247,6 @@ describe('chat limits over Redis', async () => {
     // Redis's buckets again: the chats bucket there is still empty, and so is the tokens bucket.
     assert.equal((await a.chat(ivy)).ok, false);
     assert.equal((await a.reserveModelTokens(ivy, 30)).ok, false);
+    assert.equal((await a.admit(ivy, null)).ok, false);
   });
 });

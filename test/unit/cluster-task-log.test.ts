@@ -494,6 +494,49 @@ describe('task log over Redis', async () => {
     }
   });
 
+  it('a task opened, run and ended within one turn is written by one script: its first write opens its record', opts, async () => {
+    const cluster = await redisCluster();
+    try {
+      const a = await cluster.redisNode();
+      const b = await cluster.redisNode();
+      const meta = taskMeta();
+      const keys = taskLogKeys(a.hub, meta.taskId);
+      // The scripts node A sends for this task, as they leave for Redis.
+      const scripts: string[] = [];
+      const command = a.hub.command as unknown as { sendCommand(c: { name: string; args: unknown[] }, ...rest: unknown[]): unknown };
+      const send = command.sendCommand.bind(command);
+      command.sendCommand = (c, ...rest) => {
+        if (c.name.startsWith('eval') && c.args.includes(keys.meta)) scripts.push(c.name);
+        return send(c, ...rest);
+      };
+      const writer = a.log.open(meta, { onCancel: () => {}, onLapsed: () => {} });
+      writer.markRunning();
+      for (let seq = 0; seq < 3; seq++) writer.append(seq, textOf(seq));
+      writer.end(done(meta.taskId));
+      assert.equal(await a.log.flush(), true);
+      assert.equal(await writer.opened, true);
+      assert.deepEqual(scripts, ['evalsha']);
+      const snapshot = await b.log.snapshot(meta.taskId);
+      assert.deepEqual(
+        { userId: snapshot?.userId, conversationId: snapshot?.conversationId, createdAt: snapshot?.createdAt, nodeId: snapshot?.nodeId },
+        { userId: meta.userId, conversationId: meta.conversationId, createdAt: meta.createdAt, nodeId: a.log.nodeId },
+      );
+      assert.equal(snapshot?.status, 'done');
+      assert.equal(
+        snapshot?.text,
+        expected(0, 3)
+          .map(([, text]) => text)
+          .join(''),
+      );
+      assert.deepEqual(snapshot?.terminal, done(meta.taskId));
+      // An ended task holds no lease and is off the running index.
+      assert.equal(await a.hub.command.exists(keys.lease), 0);
+      assert.equal(await a.hub.command.zscore(a.hub.key('tasklog:running'), meta.taskId), null);
+    } finally {
+      await cluster.close();
+    }
+  });
+
   it('a retried append writes nothing twice, and what the stream lost is written again', opts, async () => {
     const cluster = await redisCluster();
     try {
