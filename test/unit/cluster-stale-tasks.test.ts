@@ -19,7 +19,13 @@ it('every node ends, at each sweep, the tasks begun more than twice the call dea
   const timer = staleTaskSweep(
     store,
     10_000,
-    { nodesLost: { inc: (n = 1) => void (counted += n) } } as never,
+    {
+      nodesLost: {
+        inc: (n = 1) => {
+          counted += n;
+        },
+      },
+    } as never,
     { warn: (obj: unknown) => void lines.push(obj) } as never,
     20,
   );
