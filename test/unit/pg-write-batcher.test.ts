@@ -9,8 +9,13 @@ import type { Pg } from '../../src/db/pg.js';
 import { createPgWriteBatcher } from '../../src/db/pg-write-batcher.js';
 import { AppError } from '../../src/protocol/index.js';
 
-/** A connection whose queries are lazy like the package's (sent on execute() or then()), answered a turn later. */
-function fakePg(log: string[], refuse: (text: string) => boolean = () => false): Pg {
+/**
+ * A connection whose queries are lazy like the package's (sent on execute() or then()), answered a turn later.
+ * `lost`: the connection resets as this statement is answered; what is sent on it afterwards never answers, as on
+ * a reserved connection of the package.
+ */
+function fakePg(log: string[], refuse: (text: string) => boolean = () => false, lost: (text: string) => boolean = () => false): Pg {
+  let closed = false;
   const waiting: (() => void)[] = [];
   const answerLater = (answer: () => void) => {
     waiting.push(answer);
@@ -24,7 +29,14 @@ function fakePg(log: string[], refuse: (text: string) => boolean = () => false):
     const send = () => {
       sent ??= new Promise((resolve, reject) => {
         log.push(`send ${text}`);
+        if (closed) return;
         answerLater(() => {
+          if (lost(text)) {
+            closed = true;
+            log.push(`reset ${text}`);
+            reject(Object.assign(new Error('read ECONNRESET'), { code: 'ECONNRESET' }));
+            return;
+          }
           log.push(`answer ${text}`);
           if (refuse(text)) reject(new AppError('forbidden', `refused: ${text}`));
           else resolve([]);
@@ -59,7 +71,12 @@ function fakePg(log: string[], refuse: (text: string) => boolean = () => false):
       }
     },
   };
-  return { ...conn, reserve: async () => conn } as unknown as Pg;
+  // A connection reserved after one was lost is a new one.
+  const reserve = async () => {
+    closed = false;
+    return conn;
+  };
+  return { ...conn, reserve } as unknown as Pg;
 }
 
 describe('PostgreSQL group commit', () => {
@@ -87,5 +104,30 @@ describe('PostgreSQL group commit', () => {
     assert.equal(log.filter((l) => l === 'answer commit').length, 1);
     assert.equal(log.filter((l) => l === 'answer rollback').length, 2);
     assert.equal(batcher.pending, 0);
+  });
+
+  it('a batch whose connection is lost rejects its writes at once and sends nothing more on that connection; the next batch commits', async () => {
+    const log: string[] = [];
+    let cut = true;
+    const batcher = createPgWriteBatcher<string>(
+      fakePg(
+        log,
+        () => false,
+        (text) => cut && text.startsWith('insert'),
+      ),
+      async (tx, writes) => {
+        await tx.unsafe(`insert ${writes.join(',')}`);
+      },
+    );
+    const lost = await Promise.allSettled([batcher.enqueue('a'), batcher.enqueue('b')]);
+    assert.deepEqual(
+      lost.map((r) => r.status === 'rejected' && (r.reason as { code?: string }).code),
+      ['ECONNRESET', 'ECONNRESET'],
+    );
+    assert.ok(!log.includes('send rollback'), log.join(' | '));
+    assert.equal(batcher.pending, 0);
+    cut = false;
+    await batcher.enqueue('c');
+    assert.ok(log.includes('answer commit'));
   });
 });
