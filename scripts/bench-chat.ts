@@ -14,11 +14,10 @@
  * Targets: ack p99 <= 2x ping p99; /ws deltas/s >= 50% of echo msgs/s; socket.io >= 70% of /ws;
  * socket.io's server CPU per frame <= 1.4x /ws's.
  */
-import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { CHATWIRE_PROGRAMS, DIST, parseArgs, printTable, scrape, settle, sleep, startChatwire, startChild, summarize } from './bench-support.js';
-import { openClients, socketIoConn, wsConn, type Conn, type Transport } from './load-support.js';
+import { CHATWIRE_PROGRAMS, DIST, parseArgs, printTable, processCpuMs, scrape, settle, sleep, startChatwire, startChild, summarize } from './bench-support.js';
+import { ClosedChatLoop, openClients, socketIoConn, wsConn, type Conn, type LoopFrame, type Transport } from './load-support.js';
 
 const args = parseArgs({ connections: '100,1000', seconds: '8', warmup: '2', 'ping-interval-ms': '100', window: '32', servers: 'uws,node' });
 type ServerKind = keyof typeof CHATWIRE_PROGRAMS;
@@ -50,113 +49,13 @@ interface ChatRun {
   serverCpuMs: number;
 }
 
-/** User + system CPU time of a process, ms (Linux /proc; NaN elsewhere). */
-function cpuMs(pid: number | undefined): number {
-  try {
-    const fields = fs.readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1]?.split(' ') ?? [];
-    // utime and stime are fields 14 and 15 of stat, 12 and 13 after the command name, in clock ticks (100 Hz on Linux).
-    return ((Number(fields[11]) + Number(fields[12])) * 1000) / 100;
-  } catch {
-    return NaN;
-  }
-}
-
-type Frame = { type: string; id?: string; taskId?: string; seq?: number; text?: string; code?: string; usage?: { completionTokens: number } };
-
-/** One client's chat loop, transport-agnostic. */
-class ChatLoop {
-  measuring = false;
-  stopping = false;
-  readonly acks: number[] = [];
-  readonly pings: number[] = [];
-  chats = 0;
-  deltas = 0;
-  tokens = 0;
-  lost = 0;
-  inFlight = 0;
-  readonly errors: Record<string, number> = {};
-  private nextSeq = new Map<string, number>();
-  private pending = new Map<string, number>();
-  private n = 0;
-  private pingTimer: NodeJS.Timeout | undefined;
-
-  constructor(
-    private readonly id: number,
-    private readonly sendRaw: (m: Record<string, unknown>) => void,
-  ) {}
-
-  start(): void {
-    this.sendChat();
-    this.pingTimer = setInterval(() => {
-      const id = `p${this.n++}`;
-      this.pending.set(id, performance.now());
-      this.sendRaw({ type: 'ping', id });
-    }, PING_EVERY_MS);
-  }
-
-  private sendChat(): void {
-    if (this.stopping) return;
-    const id = `c${this.n++}`;
-    this.pending.set(id, performance.now());
-    this.inFlight++;
-    this.sendRaw({ type: 'chat.send', id, text: `client ${this.id} asks question ${this.n}`, cache: 'bypass' });
-  }
-
-  onFrame(m: Frame): void {
-    switch (m.type) {
-      case 'pong': {
-        const t = this.pending.get(m.id as string);
-        this.pending.delete(m.id as string);
-        if (t !== undefined && this.measuring) this.pings.push(performance.now() - t);
-        break;
-      }
-      case 'chat.ack': {
-        const t = this.pending.get(m.id as string);
-        this.pending.delete(m.id as string);
-        if (t !== undefined && this.measuring) this.acks.push(performance.now() - t);
-        this.nextSeq.set(m.taskId as string, 0);
-        break;
-      }
-      case 'chat.delta': {
-        const expected = this.nextSeq.get(m.taskId as string) ?? 0;
-        if (m.seq !== expected) this.lost++;
-        this.nextSeq.set(m.taskId as string, (m.seq as number) + 1);
-        if (this.measuring) this.deltas++;
-        break;
-      }
-      case 'chat.done':
-        this.nextSeq.delete(m.taskId as string);
-        this.inFlight--;
-        if (this.measuring) {
-          this.chats++;
-          this.tokens += m.usage?.completionTokens ?? 0;
-        }
-        this.sendChat();
-        break;
-      case 'chat.error':
-      case 'error':
-        this.errors[m.code as string] = (this.errors[m.code as string] ?? 0) + 1;
-        if (m.type === 'chat.error' || (m.id ?? '').startsWith('c')) {
-          this.inFlight--;
-          setTimeout(() => this.sendChat(), 50);
-        }
-        break;
-    }
-  }
-
-  stop(): void {
-    this.stopping = true;
-    clearInterval(this.pingTimer);
-  }
-}
-
 // The clients here are minimal on purpose, on both transports: this benchmark measures how many frames the server
 // delivers, and the client process shares the server's two cores. The client library (src/client) runs under load
 // in `npm run load`, bench:soak and the crash soak instead; here its own per-frame work would be measured too.
-async function connect(transport: Transport, port: number, i: number): Promise<{ conn: Conn; loop: ChatLoop }> {
+async function connect(transport: Transport, port: number, i: number): Promise<{ conn: Conn; loop: ClosedChatLoop }> {
   let conn: Conn | undefined;
-  const loop = new ChatLoop(i, (m) => conn?.send(m));
-  const onFrame = (f: Frame) => loop.onFrame(f);
+  const loop = new ClosedChatLoop(i, (m) => conn?.send(m), PING_EVERY_MS);
+  const onFrame = (f: LoopFrame) => loop.onFrame(f);
   conn =
     transport === 'ws'
       ? await wsConn(`ws://127.0.0.1:${port}/ws?user=bench-${i}`, onFrame)
@@ -172,9 +71,9 @@ async function runChat(kind: ServerKind, transport: Transport, connections: numb
     await sleep(WARMUP * 1000);
     for (const c of clients) c.loop.measuring = true;
     const t0 = performance.now();
-    const cpu0 = cpuMs(server.child.pid);
+    const cpu0 = processCpuMs(server.child.pid);
     await sleep(SECONDS * 1000);
-    const serverCpuMs = cpuMs(server.child.pid) - cpu0;
+    const serverCpuMs = processCpuMs(server.child.pid) - cpu0;
     const seconds = (performance.now() - t0) / 1000;
     for (const c of clients) {
       c.loop.measuring = false;

@@ -19,8 +19,8 @@
 import crypto from 'node:crypto';
 import os from 'node:os';
 import { Cluster, createScratchDatabase, deleteRedisKeys } from '../test/helpers/cluster-nodes.js';
-import { parseArgs, printTable, settle, sleep, startChatwire, summarize } from './bench-support.js';
-import { openClients, wsConn, type Conn } from './load-support.js';
+import { parseArgs, printTable, settle, sleep, startChatwire, summarize, UNLIMITED_ENV } from './bench-support.js';
+import { ClosedChatLoop, openClients, wsConn, type Conn, type LoopFrame } from './load-support.js';
 
 const args = parseArgs({
   connections: '100',
@@ -44,113 +44,7 @@ const chosen = (args.setups as string).split(',').map((s) => s.trim());
 for (const s of chosen) if (!(s in SETUPS)) throw new Error(`--setups: no setup ${s} (known: ${Object.keys(SETUPS).join(', ')})`);
 
 /** The settings of every node, embedded or not: what startChatwire gives the one-node benchmarks. */
-const NODE_ENV = {
-  CHATWIRE_DEV_TOKEN_DELAY_MS: '0',
-  CHATWIRE_MESSAGES_PER_SECOND: '1000000',
-  CHATWIRE_CHATS_PER_MINUTE: '1000000',
-  CHATWIRE_MODEL_TOKENS_PER_MINUTE: '1000000000',
-  CHATWIRE_MAX_CONNECTIONS_PER_USER: '100000',
-  CHATWIRE_MAX_PENDING_CONNECTIONS: '1000000',
-  CHATWIRE_MAX_PENDING_PER_ADDRESS: '1000000',
-  CHATWIRE_MAX_RUNNING_PER_USER: '100000',
-  CHATWIRE_MAX_QUEUE: '100000',
-  LOG_LEVEL: 'info',
-};
-
-type Frame = { type: string; id?: string; taskId?: string; seq?: number; code?: string };
-
-/** One client's closed chat loop, with pings on the side. */
-class ChatLoop {
-  measuring = false;
-  stopping = false;
-  readonly acks: number[] = [];
-  readonly pings: number[] = [];
-  readonly ttfts: number[] = [];
-  chats = 0;
-  lost = 0;
-  inFlight = 0;
-  readonly errors: Record<string, number> = {};
-  private readonly nextSeq = new Map<string, number>();
-  private readonly sentAt = new Map<string, number>();
-  private readonly taskSentAt = new Map<string, number>();
-  private n = 0;
-  private pingTimer: NodeJS.Timeout | undefined;
-
-  constructor(
-    private readonly id: number,
-    private readonly send: (m: Record<string, unknown>) => void,
-  ) {}
-
-  start(): void {
-    this.sendChat();
-    this.pingTimer = setInterval(() => {
-      const id = `p${this.n++}`;
-      this.sentAt.set(id, performance.now());
-      this.send({ type: 'ping', id });
-    }, PING_EVERY_MS);
-  }
-
-  private sendChat(): void {
-    if (this.stopping) return;
-    const id = `c${this.n++}`;
-    this.sentAt.set(id, performance.now());
-    this.inFlight++;
-    this.send({ type: 'chat.send', id, text: `client ${this.id} asks question ${this.n}`, cache: 'bypass' });
-  }
-
-  onFrame(m: Frame): void {
-    const now = performance.now();
-    switch (m.type) {
-      case 'pong': {
-        const t = this.sentAt.get(m.id as string);
-        this.sentAt.delete(m.id as string);
-        if (t !== undefined && this.measuring) this.pings.push(now - t);
-        break;
-      }
-      case 'chat.ack': {
-        const t = this.sentAt.get(m.id as string);
-        this.sentAt.delete(m.id as string);
-        if (t !== undefined) {
-          if (this.measuring) this.acks.push(now - t);
-          this.taskSentAt.set(m.taskId as string, t);
-        }
-        if (!this.nextSeq.has(m.taskId as string)) this.nextSeq.set(m.taskId as string, 0);
-        break;
-      }
-      case 'chat.delta': {
-        const taskId = m.taskId as string;
-        const expected = this.nextSeq.get(taskId) ?? 0;
-        if (m.seq !== expected) this.lost++;
-        this.nextSeq.set(taskId, (m.seq as number) + 1);
-        if (m.seq === 0) {
-          const t = this.taskSentAt.get(taskId);
-          if (t !== undefined && this.measuring) this.ttfts.push(now - t);
-        }
-        break;
-      }
-      case 'chat.done':
-        this.nextSeq.delete(m.taskId as string);
-        this.taskSentAt.delete(m.taskId as string);
-        this.inFlight--;
-        if (this.measuring) this.chats++;
-        this.sendChat();
-        break;
-      case 'chat.error':
-      case 'error':
-        this.errors[m.code as string] = (this.errors[m.code as string] ?? 0) + 1;
-        if (m.type === 'chat.error' || (m.id ?? '').startsWith('c')) {
-          this.inFlight--;
-          setTimeout(() => this.sendChat(), 50);
-        }
-        break;
-    }
-  }
-
-  stop(): void {
-    this.stopping = true;
-    clearInterval(this.pingTimer);
-  }
-}
+const NODE_ENV = { ...UNLIMITED_ENV, CHATWIRE_DEV_TOKEN_DELAY_MS: '0' };
 
 interface Setup {
   name: string;
@@ -219,18 +113,18 @@ interface Run {
 /** Chat on `from`, chat.resume from seq 0 on `to`: the time from the resume to its first replayed delta. */
 async function resumeLatencies(fromPort: number, toPort: number, count: number): Promise<{ samples: number[]; failed: number }> {
   const user = `resume-${crypto.randomBytes(3).toString('hex')}`;
-  type Waiter = { match: (f: Frame) => boolean; resolve: (f: Frame) => void };
+  type Waiter = { match: (f: LoopFrame) => boolean; resolve: (f: LoopFrame) => void };
   /** Frames are awaited per socket: the sender's own copy of the reply must not pass for the resumed one. */
   const waitersOf = () => new Set<Waiter>();
-  const onFrameOf = (waiters: Set<Waiter>) => (f: Frame) => {
+  const onFrameOf = (waiters: Set<Waiter>) => (f: LoopFrame) => {
     for (const w of waiters)
       if (w.match(f)) {
         waiters.delete(w);
         w.resolve(f);
       }
   };
-  const nextOf = (waiters: Set<Waiter>) => (match: (f: Frame) => boolean) =>
-    new Promise<Frame>((resolve, reject) => {
+  const nextOf = (waiters: Set<Waiter>) => (match: (f: LoopFrame) => boolean) =>
+    new Promise<LoopFrame>((resolve, reject) => {
       const w: Waiter = { match, resolve };
       waiters.add(w);
       setTimeout(() => {
@@ -239,8 +133,8 @@ async function resumeLatencies(fromPort: number, toPort: number, count: number):
     });
   const onSender = waitersOf();
   const onReader = waitersOf();
-  const sender = await wsConn<Frame>(`ws://127.0.0.1:${fromPort}/ws?user=${user}`, onFrameOf(onSender));
-  const reader = await wsConn<Frame>(`ws://127.0.0.1:${toPort}/ws?user=${user}`, onFrameOf(onReader));
+  const sender = await wsConn<LoopFrame>(`ws://127.0.0.1:${fromPort}/ws?user=${user}`, onFrameOf(onSender));
+  const reader = await wsConn<LoopFrame>(`ws://127.0.0.1:${toPort}/ws?user=${user}`, onFrameOf(onReader));
   const fromSender = nextOf(onSender);
   const fromReader = nextOf(onReader);
   const samples: number[] = [];
@@ -284,9 +178,9 @@ async function measure(setup: Setup): Promise<Run> {
     CONNECTIONS,
     async (i) => {
       let conn: Conn | undefined;
-      const loop = new ChatLoop(i, (m) => conn?.send(m));
+      const loop = new ClosedChatLoop(i, (m) => conn?.send(m), PING_EVERY_MS);
       const port = setup.ports[i % setup.ports.length] as number;
-      conn = await wsConn<Frame>(`ws://127.0.0.1:${port}/ws?user=bench-${i}`, (f) => loop.onFrame(f));
+      conn = await wsConn<LoopFrame>(`ws://127.0.0.1:${port}/ws?user=bench-${i}`, (f) => loop.onFrame(f));
       return { conn, loop };
     },
     { concurrency: 50 },

@@ -36,13 +36,12 @@
  * Prints the tables, then one JSON line.
  */
 import { fork } from 'node:child_process';
-import fs from 'node:fs';
 import os from 'node:os';
 import { performance } from 'node:perf_hooks';
 import WebSocket from 'ws';
 import { ChatwireError, connect, type ChatStream } from '../src/client/client.js';
 import { createRateLimits, type RateLimits } from '../src/limits/rate-limits.js';
-import { parseArgs, printTable, scrape, sleep, startChatwire, summarize, type Child } from './bench-support.js';
+import { parseArgs, printTable, processCpuMs, scrape, sleep, startChatwire, summarize, type Child } from './bench-support.js';
 
 const args = parseArgs({
   ops: '200000',
@@ -145,20 +144,10 @@ async function closeSockets(sockets: WebSocket[]): Promise<void> {
 const PING = JSON.stringify({ type: 'ping' });
 const PONG_BYTES = JSON.stringify({ type: 'pong' }).length;
 
-/**
- * CPU time (user + system, all threads) a process has used, in ms, from /proc; null where there is no /proc.
- * Linux counts it in clock ticks of 10 ms (USER_HZ = 100 on every mainstream kernel).
- */
+/** CPU time (user + system, all threads) a process has used, in ms; null where there is no /proc. */
 function cpuMs(pid: number | undefined): number | null {
-  if (pid === undefined) return null;
-  try {
-    const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
-    // Fields after "(comm) ": state is field 3, utime and stime are fields 14 and 15.
-    const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-    return (Number(fields[11]) + Number(fields[12])) * 10;
-  } catch {
-    return null;
-  }
+  const ms = processCpuMs(pid);
+  return Number.isNaN(ms) ? null : ms;
 }
 
 /** Closed-loop ping/pong on every socket for `seconds`; counts pongs, anything else (refusals), and the server's CPU time meanwhile. */

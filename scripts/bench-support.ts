@@ -49,24 +49,36 @@ export function startChild(script: string, env: Record<string, string>, name = p
 export const CHATWIRE_PROGRAMS = { uws: path.join(DIST, 'src', 'main.js'), node: path.join(DIST, 'scripts', 'bench-node-server.js') } as const;
 
 /** chatwire (main.js) on 127.0.0.1:0 in `dataDir`, limits raised so they do not shape the load; `env` adds to or overrides its settings. */
+/** User + system CPU time of a process, all its threads, in ms (Linux /proc, in clock ticks of 10 ms; NaN elsewhere). */
+export function processCpuMs(pid: number | undefined): number {
+  if (pid === undefined) return NaN;
+  try {
+    const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
+    // Fields after "(comm) ": state is field 3, utime and stime are fields 14 and 15.
+    const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+    return (Number(fields[11]) + Number(fields[12])) * 10;
+  } catch {
+    return NaN;
+  }
+}
+
+/** A benchmark's chatwire settings: limits raised so that they do not shape the load. */
+export const UNLIMITED_ENV: Readonly<Record<string, string>> = {
+  CHATWIRE_MESSAGES_PER_SECOND: '1000000',
+  CHATWIRE_CHATS_PER_MINUTE: '1000000',
+  CHATWIRE_MODEL_TOKENS_PER_MINUTE: '1000000000',
+  CHATWIRE_MAX_CONNECTIONS_PER_USER: '100000',
+  // Every client of a benchmark comes from 127.0.0.1, hundreds of socket.io handshakes at once.
+  CHATWIRE_MAX_PENDING_CONNECTIONS: '1000000',
+  CHATWIRE_MAX_PENDING_PER_ADDRESS: '1000000',
+  CHATWIRE_MAX_RUNNING_PER_USER: '100000',
+  CHATWIRE_MAX_QUEUE: '100000',
+  // info: the start line carries the port.
+  LOG_LEVEL: 'info',
+};
+
 export function startChatwireIn(dataDir: string, env: Record<string, string>, program: string = CHATWIRE_PROGRAMS.uws): Promise<Child> {
-  return startChild(program, {
-    PORT: '0',
-    HOST: '127.0.0.1',
-    CHATWIRE_DATA_DIR: dataDir,
-    CHATWIRE_MESSAGES_PER_SECOND: '1000000',
-    CHATWIRE_CHATS_PER_MINUTE: '1000000',
-    CHATWIRE_MODEL_TOKENS_PER_MINUTE: '1000000000',
-    CHATWIRE_MAX_CONNECTIONS_PER_USER: '100000',
-    // Every client of a benchmark comes from 127.0.0.1, hundreds of socket.io handshakes at once.
-    CHATWIRE_MAX_PENDING_CONNECTIONS: '1000000',
-    CHATWIRE_MAX_PENDING_PER_ADDRESS: '1000000',
-    CHATWIRE_MAX_RUNNING_PER_USER: '100000',
-    CHATWIRE_MAX_QUEUE: '100000',
-    // info: the start line carries the port.
-    LOG_LEVEL: 'info',
-    ...env,
-  });
+  return startChild(program, { PORT: '0', HOST: '127.0.0.1', CHATWIRE_DATA_DIR: dataDir, ...UNLIMITED_ENV, ...env });
 }
 
 /** chatwire with the dev provider on a fresh temp data dir, limits raised so they do not shape the load. */

@@ -62,7 +62,7 @@ import { writeTinyLlamaGguf } from '../test/fixtures/gguf-tiny-llama.js';
 import { createModelPool } from '../src/llm/pool.js';
 import { providerSettingsFrom, type ModelRequest } from '../src/llm/provider.js';
 import { startHopProbe } from './bench-hops.js';
-import { type Child, DIST, printTable, sleep, startChatwire, startChild, summarize } from './bench-support.js';
+import { type Child, DIST, printTable, processCpuMs, sleep, startChatwire, startChild, summarize } from './bench-support.js';
 
 const { values: args } = parseArgs({
   options: {
@@ -310,17 +310,6 @@ function serverChat(socket: WebSocket, user: number, label: string, side: Side):
   });
 }
 
-/** User + system CPU time of a process, ms (Linux /proc; NaN elsewhere). */
-function cpuMs(pid: number): number {
-  try {
-    const fields = fs.readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1]?.split(' ') ?? [];
-    // utime and stime are fields 14 and 15 of stat, 12 and 13 after the command name, in clock ticks (100 Hz on Linux).
-    return ((Number(fields[11]) + Number(fields[12])) * 1000) / 100;
-  } catch {
-    return NaN;
-  }
-}
-
 /** How a relayed path is run and reported: the process that relays it, its rows and its keys in the JSON line. */
 interface RelayedSpec {
   proc: Proc;
@@ -415,7 +404,7 @@ async function benchUpstream() {
   }
   const cpuNow = (): Partial<Record<Proc, number>> => {
     const own = process.cpuUsage();
-    return { clients: (own.user + own.system) / 1000, ...Object.fromEntries(running.map(([proc, child]) => [proc, cpuMs(child.child.pid as number)])) };
+    return { clients: (own.user + own.system) / 1000, ...Object.fromEntries(running.map(([proc, child]) => [proc, processCpuMs(child.child.pid as number)])) };
   };
   const measured = async (arrivals: Arrivals, chat: ChatFn, side: Side, label: string) => {
     await hops.take();

@@ -28,21 +28,8 @@ import { type ChatStream, ChatwireError, type ChatwireClient, connect, type Send
 import { createRandom } from '../src/db/marketplace-seed.js';
 import { type AckedChat, Ledger, WireStreams } from '../test/helpers/chat-ledger.js';
 import { Cluster, createScratchDatabase, deleteRedisKeys, verifyLedgerInPostgres, type ClusterVerification } from '../test/helpers/cluster-nodes.js';
-import { parseArgs, printTable, sleep, summarize } from './bench-support.js';
+import { parseArgs, printTable, sleep, summarize, UNLIMITED_ENV } from './bench-support.js';
 import { openLoop, roundRobin, Samples } from './load-support.js';
-
-/** Limits raised so that they do not shape the load (as startChatwireIn does for one node). */
-const UNLIMITED = {
-  CHATWIRE_MESSAGES_PER_SECOND: '1000000',
-  CHATWIRE_CHATS_PER_MINUTE: '1000000',
-  CHATWIRE_MODEL_TOKENS_PER_MINUTE: '1000000000',
-  CHATWIRE_MAX_CONNECTIONS_PER_USER: '100000',
-  CHATWIRE_MAX_PENDING_CONNECTIONS: '1000000',
-  CHATWIRE_MAX_PENDING_PER_ADDRESS: '1000000',
-  CHATWIRE_MAX_RUNNING_PER_USER: '100000',
-  CHATWIRE_MAX_QUEUE: '100000',
-  LOG_LEVEL: 'info',
-};
 
 export async function runClusterLoad(): Promise<number> {
   const args = parseArgs({
@@ -104,7 +91,7 @@ export async function runClusterLoad(): Promise<number> {
       redisUrl,
       redisPrefix,
       env: {
-        ...UNLIMITED,
+        ...UNLIMITED_ENV,
         CHATWIRE_WORKER_THREADS: String(Math.floor(num('workers', 1, 64))),
         CHATWIRE_DEV_TOKEN_DELAY_MS: String(Math.floor(num('token-delay-ms', 0, 10_000))),
       },

@@ -837,6 +837,115 @@ export async function openClients<T>(
   return out;
 }
 
+// ---------- the closed chat loop of bench:chat and bench:cluster ----------
+
+/** The frames a closed chat loop reads. */
+export type LoopFrame = { type: string; id?: string; taskId?: string; seq?: number; code?: string; usage?: { completionTokens: number } };
+
+/**
+ * One client's closed chat loop, transport-agnostic, with pings on the side: it sends its next chat when the last
+ * one is done (50 ms after a refusal), and records, while `measuring`, each ack's and pong's round trip, each
+ * chat's time to its first delta, the chats, deltas and tokens delivered, and any delta out of seq order.
+ */
+export class ClosedChatLoop {
+  measuring = false;
+  stopping = false;
+  readonly acks: number[] = [];
+  readonly pings: number[] = [];
+  readonly ttfts: number[] = [];
+  chats = 0;
+  deltas = 0;
+  tokens = 0;
+  lost = 0;
+  inFlight = 0;
+  readonly errors: Record<string, number> = {};
+  private readonly nextSeq = new Map<string, number>();
+  private readonly sentAt = new Map<string, number>();
+  private readonly taskSentAt = new Map<string, number>();
+  private n = 0;
+  private pingTimer: NodeJS.Timeout | undefined;
+
+  constructor(
+    private readonly id: number,
+    private readonly send: (m: Record<string, unknown>) => void,
+    private readonly pingEveryMs: number,
+  ) {}
+
+  start(): void {
+    this.sendChat();
+    this.pingTimer = setInterval(() => {
+      const id = `p${this.n++}`;
+      this.sentAt.set(id, performance.now());
+      this.send({ type: 'ping', id });
+    }, this.pingEveryMs);
+  }
+
+  private sendChat(): void {
+    if (this.stopping) return;
+    const id = `c${this.n++}`;
+    this.sentAt.set(id, performance.now());
+    this.inFlight++;
+    this.send({ type: 'chat.send', id, text: `client ${this.id} asks question ${this.n}`, cache: 'bypass' });
+  }
+
+  onFrame(m: LoopFrame): void {
+    const now = performance.now();
+    switch (m.type) {
+      case 'pong': {
+        const t = this.sentAt.get(m.id as string);
+        this.sentAt.delete(m.id as string);
+        if (t !== undefined && this.measuring) this.pings.push(now - t);
+        break;
+      }
+      case 'chat.ack': {
+        const t = this.sentAt.get(m.id as string);
+        this.sentAt.delete(m.id as string);
+        if (t !== undefined) {
+          if (this.measuring) this.acks.push(now - t);
+          this.taskSentAt.set(m.taskId as string, t);
+        }
+        if (!this.nextSeq.has(m.taskId as string)) this.nextSeq.set(m.taskId as string, 0);
+        break;
+      }
+      case 'chat.delta': {
+        const taskId = m.taskId as string;
+        const expected = this.nextSeq.get(taskId) ?? 0;
+        if (m.seq !== expected) this.lost++;
+        this.nextSeq.set(taskId, (m.seq as number) + 1);
+        if (this.measuring) this.deltas++;
+        if (m.seq === 0) {
+          const t = this.taskSentAt.get(taskId);
+          if (t !== undefined && this.measuring) this.ttfts.push(now - t);
+        }
+        break;
+      }
+      case 'chat.done':
+        this.nextSeq.delete(m.taskId as string);
+        this.taskSentAt.delete(m.taskId as string);
+        this.inFlight--;
+        if (this.measuring) {
+          this.chats++;
+          this.tokens += m.usage?.completionTokens ?? 0;
+        }
+        this.sendChat();
+        break;
+      case 'chat.error':
+      case 'error':
+        this.errors[m.code as string] = (this.errors[m.code as string] ?? 0) + 1;
+        if (m.type === 'chat.error' || (m.id ?? '').startsWith('c')) {
+          this.inFlight--;
+          setTimeout(() => this.sendChat(), 50);
+        }
+        break;
+    }
+  }
+
+  stop(): void {
+    this.stopping = true;
+    clearInterval(this.pingTimer);
+  }
+}
+
 // ---------- the schedule ----------
 
 /** Picks clients in turn: the first one after the last picked that `fits`, or null when none does. */
