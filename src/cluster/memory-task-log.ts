@@ -6,7 +6,7 @@
  */
 import { createLocalBus, type NodeBus } from './bus.js';
 import {
-  followLog,
+  followTracked,
   nodeChannel,
   nodeLost,
   type Notice,
@@ -238,22 +238,7 @@ export function createMemoryTaskLog(options: MemoryTaskLogOptions): TaskLog {
 
     follow(taskId, fromSeq, handlers) {
       if (closed) throw new Error('task log: closed');
-      const stop = followLog(source, taskId, fromSeq, {
-        delta: (seq, text) => handlers.delta(seq, text),
-        end: (terminal) => {
-          followers.delete(stop);
-          handlers.end(terminal);
-        },
-        gone: () => {
-          followers.delete(stop);
-          handlers.gone?.();
-        },
-      });
-      followers.add(stop);
-      return () => {
-        followers.delete(stop);
-        stop();
-      };
+      return followTracked(followers, source, taskId, fromSeq, handlers);
     },
 
     async requestCancel(taskId) {

@@ -30,7 +30,7 @@ import type { ChatError } from '../protocol/index.js';
 import type { NodeBus } from './bus.js';
 import type { RedisHub } from './redis.js';
 import {
-  followLog,
+  followTracked,
   type LogPage,
   nodeChannel,
   nodeLost,
@@ -662,28 +662,7 @@ export function createRedisTaskLog(options: RedisTaskLogOptions): TaskLog {
 
     follow(taskId, fromSeq, handlers) {
       if (closed) throw new Error('task log: closed');
-      const stop = followLog(
-        source,
-        taskId,
-        fromSeq,
-        {
-          delta: (seq, text) => handlers.delta(seq, text),
-          end: (terminal) => {
-            followers.delete(stop);
-            handlers.end(terminal);
-          },
-          gone: () => {
-            followers.delete(stop);
-            handlers.gone?.();
-          },
-        },
-        log,
-      );
-      followers.add(stop);
-      return () => {
-        followers.delete(stop);
-        stop();
-      };
+      return followTracked(followers, source, taskId, fromSeq, handlers, log);
     },
 
     async requestCancel(taskId) {

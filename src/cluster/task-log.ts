@@ -218,6 +218,42 @@ export interface FollowSource {
 }
 
 /**
+ * followLog for a log implementation's follow(): the follower is kept in `followers` (the implementation stops
+ * them all when it closes) until it ends, is gone, or its caller stops it.
+ */
+export function followTracked(
+  followers: Set<() => void>,
+  source: FollowSource,
+  taskId: string,
+  fromSeq: number,
+  handlers: FollowHandlers,
+  log?: Pick<Logger, 'warn'>,
+): () => void {
+  const stop = followLog(
+    source,
+    taskId,
+    fromSeq,
+    {
+      delta: (seq, text) => handlers.delta(seq, text),
+      end: (terminal) => {
+        followers.delete(stop);
+        handlers.end(terminal);
+      },
+      gone: () => {
+        followers.delete(stop);
+        handlers.gone?.();
+      },
+    },
+    log,
+  );
+  followers.add(stop);
+  return () => {
+    followers.delete(stop);
+    stop();
+  };
+}
+
+/**
  * Exact delivery from `fromSeq`: subscribe to the task's notices, wait until the subscription is in effect,
  * read the record from `fromSeq`, then apply notices (queued meanwhile) in order. A notice that skips ahead
  * (one was lost) or a bus resync makes it read the record again from the last seq delivered; what was
