@@ -1,6 +1,7 @@
 import postgres from 'postgres';
 import { AppError } from '../protocol/index.js';
 import type { Pg } from './pg.js';
+import { isConnectionLoss } from './storage-health.js';
 
 export interface PgWriteBatcher<W> {
   /** Queues `write` for the next group commit; resolves after that commit. */
@@ -20,17 +21,6 @@ export interface PgWriteBatcher<W> {
 export type WriteAll<W> = (tx: Pg, writes: readonly W[]) => Promise<void>;
 
 /**
- * True when `err` says the connection itself failed (reset, closed, unreachable), not a statement: the server rolls
- * the transaction back as the connection goes, and nothing more may be sent on the reserved connection (the package
- * queues a statement sent on a reserved connection that has closed and never answers it).
- */
-function connectionLost(err: unknown): boolean {
-  if (err instanceof postgres.PostgresError) return err.code.startsWith('08') || err.code.startsWith('57P');
-  const code = (err as { code?: unknown } | null)?.code;
-  return typeof code === 'string' && /^(E[A-Z]+|CONNECTION_[A-Z_]+|CONNECT_TIMEOUT)$/.test(code);
-}
-
-/**
  * One transaction on a connection of its own, its BEGIN pipelined with `writeAll`'s statements: one round trip
  * fewer than sql.begin, which waits for BEGIN's answer before it sends the first statement. COMMIT follows once
  * every statement succeeded and writeAll's own checks passed; otherwise ROLLBACK, unless the connection was lost
@@ -47,7 +37,7 @@ async function transaction<W>(sql: Pg, writeAll: WriteAll<W>, writes: readonly W
       return;
     }
     const failures = [began, wrote].flatMap((r) => (r.status === 'rejected' ? [r.reason as unknown] : []));
-    if (!failures.some(connectionLost)) await tx.unsafe('rollback').catch(() => {});
+    if (!failures.some(isConnectionLoss)) await tx.unsafe('rollback').catch(() => {});
     throw failures[0];
   } finally {
     tx.release();

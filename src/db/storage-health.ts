@@ -34,6 +34,23 @@ export function probeDataDir(dir: string): void {
   }
 }
 
+// A database across the network (PostgreSQL in cluster mode) that cannot be reached, or whose connection failed:
+// the system's errors and the `postgres` package's own.
+const CONNECTION_CAUSES: Record<string, string> = {
+  ECONNREFUSED: 'database unreachable (ECONNREFUSED)',
+  ECONNRESET: 'database connection reset (ECONNRESET)',
+  ECONNABORTED: 'database connection aborted (ECONNABORTED)',
+  ETIMEDOUT: 'database unreachable (ETIMEDOUT)',
+  EHOSTUNREACH: 'database unreachable (EHOSTUNREACH)',
+  ENETUNREACH: 'database unreachable (ENETUNREACH)',
+  ENOTFOUND: 'database host not found (ENOTFOUND)',
+  EPIPE: 'database connection broken (EPIPE)',
+  CONNECTION_CLOSED: 'database connection closed',
+  CONNECTION_DESTROYED: 'database connection destroyed',
+  CONNECTION_ENDED: 'database connection ended',
+  CONNECT_TIMEOUT: 'database unreachable (connect timeout)',
+};
+
 const ERRNO_CAUSES: Record<string, string> = {
   ENOSPC: 'disk full (ENOSPC)',
   EDQUOT: 'disk quota exceeded (EDQUOT)',
@@ -41,18 +58,7 @@ const ERRNO_CAUSES: Record<string, string> = {
   EACCES: 'permission denied (EACCES)',
   EPERM: 'operation not permitted (EPERM)',
   EIO: 'I/O error (EIO)',
-  // A database across the network (PostgreSQL in cluster mode) that cannot be reached.
-  ECONNREFUSED: 'database unreachable (ECONNREFUSED)',
-  ECONNRESET: 'database connection reset (ECONNRESET)',
-  ETIMEDOUT: 'database unreachable (ETIMEDOUT)',
-  EHOSTUNREACH: 'database unreachable (EHOSTUNREACH)',
-  ENOTFOUND: 'database host not found (ENOTFOUND)',
-  EPIPE: 'database connection broken (EPIPE)',
-  // The `postgres` package's own connection errors.
-  CONNECTION_CLOSED: 'database connection closed',
-  CONNECTION_DESTROYED: 'database connection destroyed',
-  CONNECTION_ENDED: 'database connection ended',
-  CONNECT_TIMEOUT: 'database unreachable (connect timeout)',
+  ...CONNECTION_CAUSES,
 };
 
 // PostgreSQL SQLSTATEs whose cause is the server's state, not the statement: connection exceptions (class 08),
@@ -90,6 +96,16 @@ export function describeStorageError(err: unknown): string | undefined {
     if (code === prefix || code.startsWith(`${prefix}_`)) return cause === 'I/O error' ? `I/O error (${code})` : cause;
   }
   return undefined;
+}
+
+/**
+ * True when `err` says a database connection itself failed (reset, closed, unreachable, or PostgreSQL's connection
+ * exceptions, class 08, and shutdown, 57P0x), not a statement on it.
+ */
+export function isConnectionLoss(err: unknown): boolean {
+  const code = (err as { code?: unknown } | null)?.code;
+  if (typeof code !== 'string') return false;
+  return code in CONNECTION_CAUSES || code.startsWith('08') || code.startsWith('57P0');
 }
 
 /**

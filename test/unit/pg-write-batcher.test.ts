@@ -7,6 +7,7 @@ import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
 import type { Pg } from '../../src/db/pg.js';
 import { createPgWriteBatcher } from '../../src/db/pg-write-batcher.js';
+import { isConnectionLoss } from '../../src/db/storage-health.js';
 import { AppError } from '../../src/protocol/index.js';
 
 /**
@@ -129,5 +130,13 @@ describe('PostgreSQL group commit', () => {
     cut = false;
     await batcher.enqueue('c');
     assert.ok(log.includes('answer commit'));
+  });
+
+  it("tells a lost connection from a statement's refusal, which leaves the connection open for its ROLLBACK", () => {
+    for (const code of ['ECONNRESET', 'ECONNREFUSED', 'ECONNABORTED', 'EPIPE', 'CONNECTION_CLOSED', 'CONNECT_TIMEOUT', '08006', '57P01'])
+      assert.equal(isConnectionLoss({ code }), true, code);
+    for (const code of ['23505', '53100', '25006', 'ENOSPC']) assert.equal(isConnectionLoss({ code }), false, code);
+    assert.equal(isConnectionLoss(new AppError('forbidden', 'not yours')), false);
+    assert.equal(isConnectionLoss(new Error('no code')), false);
   });
 });
