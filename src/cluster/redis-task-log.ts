@@ -2,7 +2,8 @@
  * The task log on Redis, for cluster mode.
  *
  * Keys (under the hub's prefix), per task: `tasklog:<taskId>` a stream of its
- * deltas, entry id `<seq>-1`, then its terminal message at the highest id
+ * deltas, the deltas of one write in one entry (a JSON array, entry id
+ * `<seq of its last delta>-1`), then its terminal message at the highest id
  * there is (nothing can be added after it); `tasklog:<taskId>:meta` a hash
  * (owner, conversation, createdAt, node, status, the terminal message, a
  * cancel request); `tasklog:<taskId>:lease` the running node's lease (PX).
@@ -10,8 +11,9 @@
  * (Redis time), for the sweepers.
  *
  * Every write is a Lua script, so each is atomic and safe to repeat: an append
- * skips the seqs the stream has (a retry after a lost reply writes nothing
- * twice), refuses to leave a gap, and writes nothing after a terminal message;
+ * writes nothing the stream has (a retry after a lost reply is told where the
+ * stream ends and sends from there), refuses to leave a gap, and writes nothing
+ * after a terminal message;
  * the same script publishes what it wrote on the task's channel, so a notice
  * never comes before the record. A node's appends of one event-loop turn go in
  * one pipeline, and one pipeline is in flight at a time.
@@ -64,8 +66,9 @@ if #last > 0 then nextSeq = tonumber(string.match(last[1][1], '^(%d+)')) + 1 end
 const SCRIPTS = {
   // KEYS stream, meta, lease, index. ARGV '1' to open the record first (its first write), userId, conversationId,
   // createdAt, nodeId, leaseMs, then firstSeq, terminal JSON or '', its status, retentionMs, runningExpiryMs, channel,
-  // taskId, '1' to mark it running, then the deltas from firstSeq on.
-  // Returns {'ok', deltas in the stream}, {'gap', deltas in the stream}, {'ended', terminal} or {'missing'}.
+  // taskId, '1' to mark it running, the deltas from firstSeq on as a JSON array, and their number.
+  // Returns {'ok', deltas in the stream}, {'gap', deltas in the stream} (nothing written: send from there),
+  // {'ended', terminal} or {'missing'}.
   tasklogAppend: {
     numberOfKeys: 4,
     lua: `local A = 6
@@ -85,16 +88,11 @@ else
 end
 ${NEXT_SEQ}
 local first = tonumber(ARGV[A + 1])
-if first > nextSeq then return {'gap', nextSeq} end
-local parts = {}
-for i = A + 9, #ARGV do
-  local seq = first + i - (A + 9)
-  if seq >= nextSeq then
-    redis.call('XADD', KEYS[1], seq .. '-1', 'd', ARGV[i])
-    parts[#parts + 1] = cjson.encode(ARGV[i])
-  end
-end
-local count = math.max(nextSeq, first + #ARGV - (A + 8))
+local n = tonumber(ARGV[A + 10])
+-- A gap, or deltas the stream has in part (a retry after a lost reply, with more since): the writer sends from nextSeq.
+if first > nextSeq or (first < nextSeq and first + n > nextSeq) then return {'gap', nextSeq} end
+local wrote = first == nextSeq and n > 0
+if wrote then redis.call('XADD', KEYS[1], (first + n - 1) .. '-1', 'j', ARGV[A + 9]) end
 if ARGV[A + 2] ~= '' then
   redis.call('XADD', KEYS[1], '${TERMINAL_ID}', 'e', ARGV[A + 2])
   redis.call('HSET', KEYS[2], 'end', ARGV[A + 2], 's', ARGV[A + 3])
@@ -103,15 +101,16 @@ if ARGV[A + 2] ~= '' then
   redis.call('DEL', KEYS[3])
   redis.call('ZREM', KEYS[4], ARGV[A + 7])
 else
-  if #parts > 0 or ARGV[A + 8] == '1' then redis.call('HSET', KEYS[2], 's', 'running') end
-  if #parts > 0 then redis.call('PEXPIRE', KEYS[1], ARGV[A + 5]) end
+  -- The status and the stream's expiry are set with the stream's first entry (the lease renewal extends the expiry).
+  if (wrote and (nextSeq == 0 or ARGV[1] == '1')) or ARGV[A + 8] == '1' then redis.call('HSET', KEYS[2], 's', 'running') end
+  if wrote and nextSeq == 0 then redis.call('PEXPIRE', KEYS[1], ARGV[A + 5]) end
 end
-if #parts > 0 or ARGV[A + 2] ~= '' then
-  local notice = '{"s":' .. nextSeq .. ',"t":[' .. table.concat(parts, ',') .. ']'
+if wrote or ARGV[A + 2] ~= '' then
+  local notice = '{"s":' .. nextSeq .. ',"t":' .. (wrote and ARGV[A + 9] or '[]')
   if ARGV[A + 2] ~= '' then notice = notice .. ',"e":' .. ARGV[A + 2] end
   redis.call('PUBLISH', ARGV[A + 6], notice .. '}')
 end
-return {'ok', count}`,
+return {'ok', math.max(nextSeq, first + n)}`,
   },
   // KEYS index, then meta, lease, stream of each task. ARGV leaseMs, runningExpiryMs, nodeId, then the task ids.
   // Returns per task '' (renewed), 'c' (renewed; a cancel was asked), 'm' (no record) or its terminal message.
@@ -192,7 +191,7 @@ export interface RedisTaskLogOptions extends TaskLogOptions {
 
 type Entry = [id: string, fields: string[]];
 
-/** Deltas from `fromSeq` on and the terminal message, from stream entries read from `fromSeq`. */
+/** Deltas from `fromSeq` on and the terminal message, from stream entries read from the one holding `fromSeq`. */
 function pageOf(entries: Entry[], fromSeq: number, pageSize: number): LogPage {
   const deltas: string[] = [];
   let terminal: TaskLogTerminal | null = null;
@@ -201,14 +200,18 @@ function pageOf(entries: Entry[], fromSeq: number, pageSize: number): LogPage {
       terminal = JSON.parse(fields[1] as string) as TaskLogTerminal;
       break;
     }
-    // The stream has no gap (the append script refuses one): a seq out of place means a broken record.
-    if (Number(id.slice(0, id.indexOf('-'))) !== fromSeq + deltas.length) throw new Error(`task log: entry ${id} out of place`);
-    deltas.push(fields[1] as string);
+    const texts = JSON.parse(fields[1] as string) as string[];
+    const last = Number(id.slice(0, id.indexOf('-')));
+    const first = last - texts.length + 1;
+    const next = fromSeq + deltas.length;
+    // The stream has no gap and no overlap (the append script refuses both): an entry out of place means a broken record.
+    if (first > next || last < next || (deltas.length > 0 && first !== next)) throw new Error(`task log: entry ${id} out of place`);
+    for (let i = next - first; i < texts.length; i++) deltas.push(texts[i] as string);
   }
   return { deltas, terminal, more: terminal === null && entries.length === pageSize };
 }
 
-/** The stream id to read from: `fromSeq` is a client's number, any size. */
+/** The stream id to read from: the entry holding `fromSeq` is the first whose last seq is `fromSeq` or more. `fromSeq` is a client's number, any size. */
 const startId = (fromSeq: number) => (fromSeq >= Number(TERMINAL_MS) ? TERMINAL_ID : `${fromSeq}-1`);
 
 function infoOf(taskId: string, fields: Record<string, string>): TaskLogInfo | undefined {
@@ -406,7 +409,8 @@ export function createRedisTaskLog(options: RedisTaskLogOptions): TaskLog {
           this.channel,
           this.taskId,
           this.runningPending ? '1' : '',
-          ...this.texts.slice(from, to),
+          JSON.stringify(this.texts.slice(from, to)),
+          to - from,
         );
         const opened = opening;
         replies.push((err, result) => {

@@ -548,12 +548,13 @@ describe('task log over Redis', async () => {
       await appendDeltas(writer, 0, 5);
       assert.equal(await a.log.flush(), true);
       // Seq 5 is in the stream already, as after a write whose reply was lost: the retry must not add it again.
-      await a.hub.command.xadd(keys.stream, '5-1', 'd', textOf(5));
+      await a.hub.command.xadd(keys.stream, '5-1', 'j', JSON.stringify([textOf(5)]));
       await appendDeltas(writer, 5, 3);
       assert.equal(await a.log.flush(), true);
       // The last two entries are lost, as when Redis restarts without its last writes: the next append restores them.
       await a.hub.command.del(keys.stream);
-      for (let seq = 0; seq < 6; seq++) await a.hub.command.xadd(keys.stream, `${seq}-1`, 'd', textOf(seq));
+      await a.hub.command.xadd(keys.stream, '2-1', 'j', JSON.stringify([0, 1, 2].map(textOf)));
+      await a.hub.command.xadd(keys.stream, '5-1', 'j', JSON.stringify([3, 4, 5].map(textOf)));
       await appendDeltas(writer, 8, 2);
       assert.equal(await a.log.flush(), true);
       // The command connection drops while appends are in flight: they are sent again once it is back.
@@ -566,11 +567,19 @@ describe('task log over Redis', async () => {
       }
       writer.end(done(meta.taskId));
       await until(async () => (await a.log.flush()) && (await b.log.meta(meta.taskId))?.status === 'done', 'the end written');
+      // Each entry holds the deltas of one write, named by the seq of its last one; the terminal message comes last.
       const entries = (await a.hub.command.xrange(keys.stream, '-', '+')) as [string, string[]][];
+      const deltas: string[] = [];
+      for (const [id, fields] of entries.slice(0, -1)) {
+        assert.equal(fields[0], 'j');
+        deltas.push(...(JSON.parse(fields[1] as string) as string[]));
+        assert.equal(id, `${deltas.length - 1}-1`);
+      }
       assert.deepEqual(
-        entries.map(([id, fields]) => [id, fields[1]]),
-        [...expected(0, 30).map(([seq, text]) => [`${seq}-1`, text]), ['9007199254740991-0', JSON.stringify(done(meta.taskId))]],
+        deltas,
+        expected(0, 30).map(([, text]) => text),
       );
+      assert.deepEqual(entries.at(-1), ['9007199254740991-0', ['e', JSON.stringify(done(meta.taskId))]]);
       await ended(reader);
       assertExact(reader, 30, done(meta.taskId));
     } finally {
