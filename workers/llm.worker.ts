@@ -9,7 +9,15 @@ import { BroadcastChannel, MessageChannel, parentPort, threadId, workerData } fr
 import type { ControlMessage } from '../src/llm/pool.js';
 import { createProvider } from '../src/llm/providers.js';
 import type { ModelRequest, ModelResult, Provider, ProviderSettings } from '../src/llm/provider.js';
-import type { PoolCommand, WorkerBatch, WorkerEvent, WorkerHello, WorkerTask, WorkerWarm } from '../src/llm/worker-protocol.js';
+import {
+  startingMark,
+  type PoolCommand,
+  type WorkerBatch,
+  type WorkerEvent,
+  type WorkerHello,
+  type WorkerTask,
+  type WorkerWarm,
+} from '../src/llm/worker-protocol.js';
 import { isAppError } from '../src/protocol/index.js';
 
 const { settings, controlChannel } = workerData as { settings: ProviderSettings; controlChannel?: string };
@@ -33,7 +41,9 @@ events.port1.on('message', (command: PoolCommand) => {
 });
 // Piscina's own port keeps the worker alive; this one must not keep an idle worker from being retired.
 events.port1.unref();
-parentPort?.postMessage({ t: 'events', threadId, port: events.port2 } satisfies WorkerHello, [events.port2]);
+// The call this thread is starting, for the pool to see should the provider hang before the call's `start` is posted.
+const starting = new Int32Array(new SharedArrayBuffer(4));
+parentPort?.postMessage({ t: 'events', threadId, port: events.port2, starting } satisfies WorkerHello, [events.port2]);
 
 // Warm as the thread starts: create the provider and run its check, which opens the upstream's keep-alive
 // connection (openai) or loads the model (local). A failed check is the readiness check's to report; the worker is up.
@@ -123,8 +133,19 @@ async function streamModel(id: number, request: ModelRequest): Promise<void> {
   // Where this call's text sits in the batch, if it has some there: its chunks of one turn travel as one.
   let at = -1;
   let atBatch = -1;
+  // `start` is posted once the provider has started the call (for the openai provider: its request sent), not before:
+  // the message and the main thread's wake-up it causes would otherwise come ahead of the request. Until then the
+  // pool reads the call's id in `starting`; a provider that hangs before it returns is found there.
+  let started = false;
+  const postStart = () => {
+    if (started) return;
+    started = true;
+    Atomics.store(starting, 0, 0);
+    post({ id, t: 'start', threadId });
+  };
   const chunk = (text: string) => {
     if (text.length === 0) return;
+    postStart();
     if (atBatch === batchNo) {
       batch[at] += text;
       return;
@@ -138,9 +159,15 @@ async function streamModel(id: number, request: ModelRequest): Promise<void> {
     const model = await getProvider();
     const turn = startTurn();
     if (turn) await turn;
-    post({ id, t: 'start', threadId });
     const signal = controller.signal;
-    const result = model.streamTo ? await model.streamTo(request, signal, chunk) : await drain(model.stream(request, signal), chunk);
+    Atomics.store(starting, 0, startingMark(id));
+    let call: Promise<ModelResult>;
+    try {
+      call = model.streamTo ? model.streamTo(request, signal, chunk) : drain(model.stream(request, signal), chunk);
+    } finally {
+      postStart();
+    }
+    const result = await call;
     post({ id, t: 'end', result, cancelled: signal.aborted });
   } catch (err) {
     if (controller.signal.aborted && (isAbortError(err) || !isAppError(err))) {

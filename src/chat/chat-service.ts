@@ -661,7 +661,6 @@ export function createChatService(options: ChatServiceOptions): ChatService {
     const earlier = turn?.context ?? sendOptions.context ?? stored ?? [];
     const text = turn?.text ?? body.text;
     const request = buildRequest({ ...body, text }, earlier);
-    const promptTokens = request.messages.reduce((n, m) => n + countTokens(m.content), 0);
     // A regenerated reply is a new one: never the cached or in-flight answer to the same question (refresh replaces it).
     const mode = sendOptions.regenerate ? 'refresh' : (body.cache ?? 'use');
     const key = cache.keyOf(request);
@@ -674,6 +673,8 @@ export function createChatService(options: ChatServiceOptions): ChatService {
       throw shuttingDown();
     }
     if (plan.kind === 'run') startCall(plan);
+    // Counted once the call is on its way: only the commit and the reply's end need it.
+    const promptTokens = request.messages.reduce((n, m) => n + countTokens(m.content), 0);
     // Held until the task attaches after its commit (or lets go if the commit fails).
     return { plan, flight: plan.kind === 'cached' ? null : plan.flight, reservation, chat, promptTokens, text, replyTo: turn?.messageId };
   }

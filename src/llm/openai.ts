@@ -28,6 +28,7 @@ const MAX_RETRY_DELAY_MS = 8000;
 const DEFAULT_CHECK_TIMEOUT_MS = 1500;
 const DEFAULT_DRAIN_AFTER_DONE_MS = 2000;
 const PLACEHOLDER_API_KEY = 'chatwire-no-key';
+const INCLUDE_USAGE = { include_usage: true } as const;
 // After `[DONE]`, how long the call waits for the body's end (which frees its keep-alive connection for the next
 // call) before it ends without it.
 const END_AFTER_DONE_MS = 2;
@@ -166,15 +167,18 @@ export function createOpenAIProvider(options: OpenAIProviderOptions): Provider {
   // Asks for the usage chunk until a server refuses the option; its usage is counted from then on.
   let includeUsage = true;
 
-  function bodyOf(request: ModelRequest): ChatCompletionCreateParamsStreaming {
-    return {
-      model: request.model,
-      messages: request.messages.map((m) => ({ role: m.role, content: m.content })),
-      stream: true,
-      ...(includeUsage ? { stream_options: { include_usage: true } } : {}),
-      ...(request.temperature === undefined ? {} : { temperature: request.temperature }),
-      ...(request.maxTokens === undefined ? {} : { [maxTokensParam]: request.maxTokens }),
-    };
+  /** The request's JSON body, built field by field (no spread of temporary objects: it is on the way to the first token). */
+  function bodyOf(request: ModelRequest): string {
+    const messages: ChatCompletionCreateParamsStreaming['messages'] = new Array(request.messages.length);
+    for (let i = 0; i < request.messages.length; i++) {
+      const m = request.messages[i] as ModelRequest['messages'][number];
+      messages[i] = { role: m.role, content: m.content };
+    }
+    const body: ChatCompletionCreateParamsStreaming = { model: request.model, messages, stream: true };
+    if (includeUsage) body.stream_options = INCLUDE_USAGE;
+    if (request.temperature !== undefined) body.temperature = request.temperature;
+    if (request.maxTokens !== undefined) body[maxTokensParam] = request.maxTokens;
+    return JSON.stringify(body);
   }
 
   /** What one call has streamed so far, across its attempts (only the first attempt to stream a token may have any). */
@@ -184,7 +188,9 @@ export function createOpenAIProvider(options: OpenAIProviderOptions): Provider {
 
   /**
    * One request to the upstream, read to its end: each content delta goes to `onChunk` in the callback that parsed
-   * it. Resolves (never rejects) with how it ended; the request is closed on every end but a clean one.
+   * it. Resolves (never rejects) with how it ended; the request is closed on every end but a clean one. The request
+   * is sent first; the first-token timer and the parser are set up after it (nothing of the response can arrive
+   * before this turn ends), so that they do not hold the request up.
    */
   function attempt(request: ModelRequest, signal: AbortSignal, deadline: number, call: CallState, onChunk: (text: string) => void): Promise<AttemptEnd> {
     return new Promise((resolve) => {
@@ -200,17 +206,19 @@ export function createOpenAIProvider(options: OpenAIProviderOptions): Provider {
       let streaming = false;
       // Set once the request is handed to undici, right below.
       let abort: (reason: Error) => void = () => {};
+      // Set once the request is sent (the first-token timer) and once its body starts (the parser).
+      let timer: NodeJS.Timeout | undefined;
+      let parser: SseParser | undefined;
       const finish = (end: AttemptEnd, closeRequest: boolean) => {
         if (finished) return;
         finished = true;
         clearTimeout(timer);
         signal.removeEventListener('abort', onAbort);
-        parser.stop();
+        parser?.stop();
         if (closeRequest) abort(new Error('chatwire closed the upstream request'));
         resolve(end);
       };
       const onAbort = () => finish({ kind: 'cancelled' }, true);
-      let timer = setTimeout(() => finish({ kind: 'timeout', which: 'first' }, true), Math.max(0, deadline - Date.now()));
 
       const completed = () => {
         // The body ended cleanly but before any finish_reason and before [DONE]: the reply is cut off.
@@ -229,7 +237,7 @@ export function createOpenAIProvider(options: OpenAIProviderOptions): Provider {
         // keep-alive connection serves the next call; one that has not ended within drainAfterDoneMs is closed.
         if (data.startsWith('[DONE]')) {
           sawDone = true;
-          parser.stop();
+          parser?.stop();
           clearTimeout(timer);
           if (responseEnded) {
             completed();
@@ -250,7 +258,7 @@ export function createOpenAIProvider(options: OpenAIProviderOptions): Provider {
         const chunk = JSON.parse(data) as (ChatCompletionChunk & { error?: unknown }) | null;
         if (typeof chunk !== 'object' || chunk === null) throw new SyntaxError('an SSE event that is not a JSON object');
         if (chunk.error) throw new StreamErrorEvent('an error event');
-        if (streaming) timer.refresh();
+        if (streaming) timer?.refresh();
         if (chunk.usage) usage = chunk.usage;
         const choice = firstChoice(chunk.choices);
         if (choice?.finish_reason) finishReason = choice.finish_reason;
@@ -264,7 +272,7 @@ export function createOpenAIProvider(options: OpenAIProviderOptions): Provider {
         call.text += content;
         onChunk(content);
       };
-      const parser = new SseParser((event, data) => {
+      const onSse = (event: string | null, data: string) => {
         if (finished) return;
         try {
           onEvent(event, data);
@@ -272,14 +280,13 @@ export function createOpenAIProvider(options: OpenAIProviderOptions): Provider {
           // A malformed chunk or an error event: the request is closed.
           finish({ kind: 'failure', failure: classify(err, 'stream') }, true);
         }
-      });
-
+      };
       abort = upstream.send(
         {
           method: 'POST',
           path: '/chat/completions',
           headers: { authorization, 'content-type': 'application/json', accept: 'text/event-stream' },
-          body: JSON.stringify(bodyOf(request)),
+          body: bodyOf(request),
         },
         {
           head(s, h) {
@@ -287,15 +294,18 @@ export function createOpenAIProvider(options: OpenAIProviderOptions): Provider {
             responseHeaders = h;
           },
           data(chunk) {
-            if (status >= 200 && status < 300) parser.write(chunk);
-            else if (errorBody.length < MAX_ERROR_BODY_CHARS) errorBody += chunk.toString('utf8');
+            if (finished) return;
+            if (status >= 200 && status < 300) {
+              parser ??= new SseParser(onSse);
+              parser.write(chunk);
+            } else if (errorBody.length < MAX_ERROR_BODY_CHARS) errorBody += chunk.toString('utf8');
           },
           end() {
             responseEnded = true;
             clearTimeout(drainTimer);
             if (finished) return;
             if (status >= 200 && status < 300) {
-              parser.end();
+              parser?.end();
               completed();
             } else {
               finish({ kind: 'failure', failure: httpFailure(status, responseHeaders, errorBody) }, false);
@@ -308,6 +318,9 @@ export function createOpenAIProvider(options: OpenAIProviderOptions): Provider {
           },
         },
       );
+      // The request failed as it was handed over (the attempt is over), or it is on its way.
+      if (finished) return;
+      timer = setTimeout(() => finish({ kind: 'timeout', which: 'first' }, true), Math.max(0, deadline - Date.now()));
       if (signal.aborted) onAbort();
       else signal.addEventListener('abort', onAbort, { once: true });
     });

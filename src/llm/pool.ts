@@ -1,10 +1,11 @@
 import { randomUUID } from 'node:crypto';
+import { fileURLToPath } from 'node:url';
 import { BroadcastChannel, type MessagePort } from 'node:worker_threads';
 import { Piscina } from 'piscina';
 import { AppError, type ErrorCode } from '../protocol/index.js';
 import { SlotLedger } from './slot-ledger.js';
 import type { ModelRequest, ModelResult, ProviderSettings } from './provider.js';
-import type { PoolCommand, WorkerBatch, WorkerEvent, WorkerHello, WorkerTask, WorkerWarm } from './worker-protocol.js';
+import { startingMark, type PoolCommand, type WorkerBatch, type WorkerEvent, type WorkerHello, type WorkerTask, type WorkerWarm } from './worker-protocol.js';
 
 export interface ModelPoolOptions {
   settings: ProviderSettings;
@@ -161,7 +162,8 @@ export function createModelPool(options: ModelPoolOptions): ModelPool {
     }
   };
   const piscina = new Piscina<WorkerTask, string | null>({
-    filename: filename instanceof URL ? filename.href : filename,
+    // A path, not a file: URL: Piscina turns a URL into a path again on every run().
+    filename: filename instanceof URL || filename.startsWith('file:') ? fileURLToPath(filename) : filename,
     minThreads: options.threads,
     maxThreads: options.threads,
     concurrentTasksPerWorker: options.tasksPerWorker,
@@ -203,6 +205,14 @@ export function createModelPool(options: ModelPoolOptions): ModelPool {
   let pendingCheck: Promise<string | null> | null = null;
   /** Each live worker's event port, by thread id. */
   const workerPorts = new Map<number, MessagePort>();
+  /** Each live worker's `starting` slot (WorkerHello), by thread id. */
+  const startingSlots = new Map<number, Int32Array>();
+  /** The thread starting call `id` now (its provider has not returned yet: hung, if that lasts), if any. */
+  function threadStarting(id: number): number | null {
+    const mark = startingMark(id);
+    for (const [threadId, slot] of startingSlots) if (Atomics.load(slot, 0) === mark) return threadId;
+    return null;
+  }
   /** Workers that have warmed their provider (WorkerWarm); and whether all the pool's threads had, once. */
   const warmThreads = new Set<number>();
   let warmedUp = false;
@@ -218,8 +228,9 @@ export function createModelPool(options: ModelPoolOptions): ModelPool {
       return;
     }
     if (msg?.t !== 'events') return;
-    const { threadId, port } = msg;
+    const { threadId, port, starting } = msg;
     workerPorts.set(threadId, port);
+    startingSlots.set(threadId, starting);
     port.on('message', (batch: WorkerBatch) => {
       for (let i = 0; i < batch.length; i++) {
         const entry = batch[i] as number | string | WorkerEvent;
@@ -241,6 +252,7 @@ export function createModelPool(options: ModelPoolOptions): ModelPool {
     });
     port.once('close', () => {
       if (workerPorts.get(threadId) === port) workerPorts.delete(threadId);
+      if (startingSlots.get(threadId) === starting) startingSlots.delete(threadId);
       warmThreads.delete(threadId);
     });
   });
@@ -266,7 +278,8 @@ export function createModelPool(options: ModelPoolOptions): ModelPool {
     let deadlineHit = false;
     let terminated = false;
     let cancelRequested = false;
-    // The worker running this call, from its `start` event: the one to ask to stop, or to terminate if it hangs.
+    // The worker running this call, from its `start` event: the one to ask to stop, or to terminate if it hangs (one
+    // that hangs before its `start` is found by threadStarting()).
     let workerThreadId: number | null = null;
     // A stop asked for before the worker started the call is sent with its `start`.
     const askToStop = () => {
@@ -274,15 +287,20 @@ export function createModelPool(options: ModelPoolOptions): ModelPool {
     };
     // A worker that starts this call after it ended here is told to stop at once (see the port handler). A worker
     // that does not stop it is hung, as at a deadline: it is terminated once the call's deadline and the stop grace
-    // have passed, so a stopped call never holds a worker for good.
-    const onRetiredStart = (threadId: number) => {
-      retired.delete(id);
+    // have passed (also one that hangs starting it, before its `start`), so a stopped call never holds a worker for good.
+    const stopRetired = (threadId: number | null) => {
+      clearTimeout(retiredStopTimer);
       retiredStopTimer = setTimeout(
         () => {
-          if (!settled) void piscina.threads.find((w) => w.threadId === threadId)?.terminate();
+          const hung = threadId ?? threadStarting(id);
+          if (!settled && hung !== null) void piscina.threads.find((w) => w.threadId === hung)?.terminate();
         },
         Math.max(0, deadlineAt - performance.now()) + DEADLINE_STOP_GRACE_MS,
       );
+    };
+    const onRetiredStart = (threadId: number) => {
+      retired.delete(id);
+      stopRetired(threadId);
     };
     const finish = () => {
       finished = true;
@@ -292,7 +310,10 @@ export function createModelPool(options: ModelPoolOptions): ModelPool {
       calls.delete(id);
       if (queued !== null) waiting.remove(owner, queued);
       queued = null;
-      if (submitted && workerThreadId === null && !settled) retired.set(id, onRetiredStart);
+      if (submitted && workerThreadId === null && !settled) {
+        retired.set(id, onRetiredStart);
+        stopRetired(null);
+      }
       release();
     };
     // When it was handed to Piscina: how long it held its slot feeds serviceMs.
@@ -333,31 +354,6 @@ export function createModelPool(options: ModelPoolOptions): ModelPool {
         }
       },
     });
-    options.hooks?.onModelCall?.();
-    // At the deadline the worker is first asked to stop, as a cancel does: terminating a thread while a native
-    // provider (llama.cpp) is inside a call can abort the whole process. Only a worker that does not stop in time
-    // (a hung one) is terminated and replaced.
-    // No AbortSignal goes to Piscina: it runs an abortable task alone on its worker (no sharing with the other
-    // streams), and aborting it terminates the worker. The hung worker is terminated here instead, by thread id.
-    deadlineTimer = setTimeout(() => {
-      // Still waiting for a slot: it leaves the queue and never reaches a worker.
-      if (queued !== null) {
-        fail('upstream_timeout', `the model call exceeded its ${options.taskTimeoutMs} ms deadline waiting for a worker`);
-        return;
-      }
-      deadlineHit = true;
-      askToStop();
-      stopTimer = setTimeout(() => {
-        if (finished) return;
-        const thread = piscina.threads.find((w) => w.threadId === workerThreadId);
-        if (!thread) {
-          fail('upstream_timeout', `the model call exceeded its ${options.taskTimeoutMs} ms deadline`);
-          return;
-        }
-        terminated = true;
-        void thread.terminate();
-      }, DEADLINE_STOP_GRACE_MS);
-    }, options.taskTimeoutMs);
     const submit = () => {
       queued = null;
       submitted = true;
@@ -384,6 +380,33 @@ export function createModelPool(options: ModelPoolOptions): ModelPool {
     queued = { submit, abandon: () => fail('worker_failed', 'the server is shutting down') };
     waiting.push(owner, queued);
     dispatch();
+    options.hooks?.onModelCall?.();
+    // At the deadline the worker is first asked to stop, as a cancel does: terminating a thread while a native
+    // provider (llama.cpp) is inside a call can abort the whole process. Only a worker that does not stop in time
+    // (a hung one) is terminated and replaced.
+    // No AbortSignal goes to Piscina: it runs an abortable task alone on its worker (no sharing with the other
+    // streams), and aborting it terminates the worker. The hung worker is terminated here instead, by thread id.
+    // Armed once the call is handed over (or queued), as the metric is counted: neither is needed to start it.
+    deadlineTimer = setTimeout(() => {
+      // Still waiting for a slot: it leaves the queue and never reaches a worker.
+      if (queued !== null) {
+        fail('upstream_timeout', `the model call exceeded its ${options.taskTimeoutMs} ms deadline waiting for a worker`);
+        return;
+      }
+      deadlineHit = true;
+      askToStop();
+      stopTimer = setTimeout(() => {
+        if (finished) return;
+        const threadId = workerThreadId ?? threadStarting(id);
+        const thread = threadId === null ? undefined : piscina.threads.find((w) => w.threadId === threadId);
+        if (!thread) {
+          fail('upstream_timeout', `the model call exceeded its ${options.taskTimeoutMs} ms deadline`);
+          return;
+        }
+        terminated = true;
+        void thread.terminate();
+      }, DEADLINE_STOP_GRACE_MS);
+    }, options.taskTimeoutMs);
     return {
       cancel() {
         if (finished) return;

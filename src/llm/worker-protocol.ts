@@ -14,6 +14,17 @@ export interface WorkerHello {
   t: 'events';
   threadId: number;
   port: MessagePort;
+  /**
+   * The call the worker is starting (startingMark of its id; 0: none), in memory both threads see: a worker posts a
+   * call's `start` once the provider has sent its request, so a provider that hangs before that never posts it, and
+   * the pool finds the thread to terminate here instead.
+   */
+  starting: Int32Array;
+}
+
+/** What a worker's `starting` slot holds while it starts call `id`: never 0, and within an Int32Array's range. */
+export function startingMark(id: number): number {
+  return (id % 0x7fffffff) + 1;
 }
 
 /**
@@ -26,7 +37,10 @@ export interface WorkerWarm {
   threadId: number;
 }
 
-/** What a worker tells the pool about call `id`, in order: `start`, chunks (see WorkerBatch), then exactly one `end` or `error`. */
+/**
+ * What a worker tells the pool about call `id`, in order: `start` (once the provider has started the call: its request
+ * sent), chunks (see WorkerBatch), then exactly one `end` or `error`.
+ */
 export type WorkerEvent = { id: number } & (
   | { t: 'start'; threadId: number }
   | { t: 'end'; result: ModelResult | null; cancelled: boolean }
