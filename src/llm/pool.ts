@@ -386,27 +386,29 @@ export function createModelPool(options: ModelPoolOptions): ModelPool {
     // (a hung one) is terminated and replaced.
     // No AbortSignal goes to Piscina: it runs an abortable task alone on its worker (no sharing with the other
     // streams), and aborting it terminates the worker. The hung worker is terminated here instead, by thread id.
-    // Armed once the call is handed over (or queued), as the metric is counted: neither is needed to start it.
-    deadlineTimer = setTimeout(() => {
-      // Still waiting for a slot: it leaves the queue and never reaches a worker.
-      if (queued !== null) {
-        fail('upstream_timeout', `the model call exceeded its ${options.taskTimeoutMs} ms deadline waiting for a worker`);
-        return;
-      }
-      deadlineHit = true;
-      askToStop();
-      stopTimer = setTimeout(() => {
-        if (finished) return;
-        const threadId = workerThreadId ?? threadStarting(id);
-        const thread = threadId === null ? undefined : piscina.threads.find((w) => w.threadId === threadId);
-        if (!thread) {
-          fail('upstream_timeout', `the model call exceeded its ${options.taskTimeoutMs} ms deadline`);
+    // Armed once the call is handed over (or queued), as the metric is counted: neither is needed to start it. A
+    // call that ended in the hand-over (the pool closing) has nothing to time.
+    if (!finished)
+      deadlineTimer = setTimeout(() => {
+        // Still waiting for a slot: it leaves the queue and never reaches a worker.
+        if (queued !== null) {
+          fail('upstream_timeout', `the model call exceeded its ${options.taskTimeoutMs} ms deadline waiting for a worker`);
           return;
         }
-        terminated = true;
-        void thread.terminate();
-      }, DEADLINE_STOP_GRACE_MS);
-    }, options.taskTimeoutMs);
+        deadlineHit = true;
+        askToStop();
+        stopTimer = setTimeout(() => {
+          if (finished) return;
+          const threadId = workerThreadId ?? threadStarting(id);
+          const thread = threadId === null ? undefined : piscina.threads.find((w) => w.threadId === threadId);
+          if (!thread) {
+            fail('upstream_timeout', `the model call exceeded its ${options.taskTimeoutMs} ms deadline`);
+            return;
+          }
+          terminated = true;
+          void thread.terminate();
+        }, DEADLINE_STOP_GRACE_MS);
+      }, options.taskTimeoutMs);
     return {
       cancel() {
         if (finished) return;
