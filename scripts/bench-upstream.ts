@@ -29,11 +29,7 @@
  *   through the worker pool with 1 and 2 workers and 1, 2 or the library's
  *   default threads per worker: tokens per second.
  *
- *   npm run bench:upstream -- [--part upstream|local|all] [--chats 100] [--tokens 50] [--interval-ms 10] [--rounds 6]
- *                             [--paths ws,openai,floor-inline,floor-worker] (the relayed paths to run; direct always runs)
- *                             [--steady-replies 3] (replies per user in a steady round)
- *                             [--workers <CHATWIRE_WORKER_THREADS, default: cores>]
- *                             [--local-embd 256] [--local-layers 4] [--local-streams 4] [--local-tokens 64] [--local-seconds 8]
+ * Options: USAGE below (`--help` prints it).
  *
  * Figures (p50 and p99 over every chat, or every token, of every measured round):
  * - first token: the client sending its request (POST / chat.send) to the client holding the first token (the
@@ -64,8 +60,15 @@ import { providerSettingsFrom, type ModelRequest } from '../src/llm/provider.js'
 import { startHopProbe } from './bench-hops.js';
 import { type Child, DIST, printTable, processCpuMs, sleep, startChatwire, startChild, summarize } from './bench-support.js';
 
+const USAGE = `npm run bench:upstream -- [--part upstream|local|all] [--chats 100] [--tokens 50] [--interval-ms 10] [--rounds 6]
+                            [--paths ws,openai,floor-inline,floor-worker] (the relayed paths to run; direct always runs)
+                            [--steady-replies 3] (replies per user in a steady round)
+                            [--workers <CHATWIRE_WORKER_THREADS, default: cores>]
+                            [--local-embd 256] [--local-layers 4] [--local-streams 4] [--local-tokens 64] [--local-seconds 8]`;
+
 const { values: args } = parseArgs({
   options: {
+    help: { type: 'boolean', short: 'h', default: false },
     part: { type: 'string', default: 'all' },
     chats: { type: 'string', default: '100' },
     tokens: { type: 'string', default: '50' },
@@ -81,6 +84,10 @@ const { values: args } = parseArgs({
     'local-seconds': { type: 'string', default: '8' },
   },
 });
+if (args.help) {
+  console.log(USAGE);
+  process.exit(0);
+}
 const part = args.part;
 const chats = Number(args.chats);
 const tokens = Number(args.tokens);
