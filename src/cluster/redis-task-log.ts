@@ -200,7 +200,9 @@ function pageOf(entries: Entry[], fromSeq: number, pageSize: number): LogPage {
       terminal = JSON.parse(fields[1] as string) as TaskLogTerminal;
       break;
     }
-    const texts = JSON.parse(fields[1] as string) as string[];
+    // Field `d`: one delta, as entries were written before a write's deltas shared an entry (still read, for the
+    // logs such nodes wrote).
+    const texts = fields[0] === 'd' ? [fields[1] as string] : (JSON.parse(fields[1] as string) as string[]);
     const last = Number(id.slice(0, id.indexOf('-')));
     const first = last - texts.length + 1;
     const next = fromSeq + deltas.length;

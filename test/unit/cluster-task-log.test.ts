@@ -587,6 +587,35 @@ describe('task log over Redis', async () => {
     }
   });
 
+  it('entries of one delta each (field d, as written before a write shared an entry) read as the same deltas', opts, async () => {
+    const cluster = await redisCluster();
+    try {
+      const a = await cluster.redisNode();
+      const b = await cluster.redisNode();
+      const { writer, meta } = await openTask(a.log);
+      await appendDeltas(writer, 0, 3);
+      assert.equal(await a.log.flush(), true);
+      const keys = taskLogKeys(a.hub, meta.taskId);
+      for (const seq of [3, 4]) await a.hub.command.xadd(keys.stream, `${seq}-1`, 'd', textOf(seq));
+      await appendDeltas(writer, 3, 4);
+      writer.end(done(meta.taskId));
+      await until(async () => (await a.log.flush()) && (await b.log.meta(meta.taskId))?.status === 'done', 'the end written');
+      for (const fromSeq of [0, 3, 4, 5, 7]) {
+        const reader = follow(b.log, meta.taskId, fromSeq);
+        await ended(reader);
+        assertExact(reader, 7, done(meta.taskId));
+      }
+      assert.equal(
+        (await b.log.snapshot(meta.taskId))?.text,
+        expected(0, 7)
+          .map(([, text]) => text)
+          .join(''),
+      );
+    } finally {
+      await cluster.close();
+    }
+  });
+
   it('a task whose record Redis lost while its lease held is written again in full', opts, async () => {
     const cluster = await redisCluster();
     try {
