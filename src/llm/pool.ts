@@ -1,6 +1,6 @@
 import { randomUUID } from 'node:crypto';
 import { fileURLToPath } from 'node:url';
-import { BroadcastChannel, type MessagePort } from 'node:worker_threads';
+import { BroadcastChannel } from 'node:worker_threads';
 import { Piscina } from 'piscina';
 import { AppError, type ErrorCode } from '../protocol/index.js';
 import { SlotLedger } from './slot-ledger.js';
@@ -203,15 +203,23 @@ export function createModelPool(options: ModelPoolOptions): ModelPool {
   const retired = new Map<number, (threadId: number) => void>();
   /** The health check waiting for a worker, if any: the checks asked for meanwhile wait for its answer. */
   let pendingCheck: Promise<string | null> | null = null;
-  /** Each live worker's event port, by thread id. */
-  const workerPorts = new Map<number, MessagePort>();
-  /** Each live worker's `starting` slot (WorkerHello), by thread id. */
-  const startingSlots = new Map<number, Int32Array>();
-  /** The thread starting call `id` now (its provider has not returned yet: hung, if that lasts), if any. */
-  function threadStarting(id: number): number | null {
-    const mark = startingMark(id);
-    for (const [threadId, slot] of startingSlots) if (Atomics.load(slot, 0) === mark) return threadId;
-    return null;
+  /** Each live worker's hello (its event port and `starting` slot), by thread id. */
+  const workers = new Map<number, WorkerHello>();
+  /**
+   * The thread of call `id`: `threadId`, from the call's `start`, or else the one whose `starting` slot holds the call
+   * (its provider has not returned yet: hung, if that lasts); undefined when no thread has it.
+   */
+  function threadOf(id: number, threadId: number | null) {
+    let found = threadId;
+    if (found === null) {
+      const mark = startingMark(id);
+      for (const worker of workers.values()) {
+        if (Atomics.load(worker.starting, 0) !== mark) continue;
+        found = worker.threadId;
+        break;
+      }
+    }
+    return found === null ? undefined : piscina.threads.find((w) => w.threadId === found);
   }
   /** Workers that have warmed their provider (WorkerWarm); and whether all the pool's threads had, once. */
   const warmThreads = new Set<number>();
@@ -228,9 +236,8 @@ export function createModelPool(options: ModelPoolOptions): ModelPool {
       return;
     }
     if (msg?.t !== 'events') return;
-    const { threadId, port, starting } = msg;
-    workerPorts.set(threadId, port);
-    startingSlots.set(threadId, starting);
+    const { threadId, port } = msg;
+    workers.set(threadId, msg);
     port.on('message', (batch: WorkerBatch) => {
       for (let i = 0; i < batch.length; i++) {
         const entry = batch[i] as number | string | WorkerEvent;
@@ -251,8 +258,7 @@ export function createModelPool(options: ModelPoolOptions): ModelPool {
       }
     });
     port.once('close', () => {
-      if (workerPorts.get(threadId) === port) workerPorts.delete(threadId);
-      if (startingSlots.get(threadId) === starting) startingSlots.delete(threadId);
+      if (workers.get(threadId) === msg) workers.delete(threadId);
       warmThreads.delete(threadId);
     });
   });
@@ -279,11 +285,11 @@ export function createModelPool(options: ModelPoolOptions): ModelPool {
     let terminated = false;
     let cancelRequested = false;
     // The worker running this call, from its `start` event: the one to ask to stop, or to terminate if it hangs (one
-    // that hangs before its `start` is found by threadStarting()).
+    // that hangs before its `start` is found by threadOf()).
     let workerThreadId: number | null = null;
     // A stop asked for before the worker started the call is sent with its `start`.
     const askToStop = () => {
-      if (workerThreadId !== null) workerPorts.get(workerThreadId)?.postMessage({ t: 'cancel', id } satisfies PoolCommand);
+      if (workerThreadId !== null) workers.get(workerThreadId)?.port.postMessage({ t: 'cancel', id } satisfies PoolCommand);
     };
     // A worker that starts this call after it ended here is told to stop at once (see the port handler). A worker
     // that does not stop it is hung, as at a deadline: it is terminated once the call's deadline and the stop grace
@@ -292,8 +298,7 @@ export function createModelPool(options: ModelPoolOptions): ModelPool {
       clearTimeout(retiredStopTimer);
       retiredStopTimer = setTimeout(
         () => {
-          const hung = threadId ?? threadStarting(id);
-          if (!settled && hung !== null) void piscina.threads.find((w) => w.threadId === hung)?.terminate();
+          if (!settled) void threadOf(id, threadId)?.terminate();
         },
         Math.max(0, deadlineAt - performance.now()) + DEADLINE_STOP_GRACE_MS,
       );
@@ -399,8 +404,7 @@ export function createModelPool(options: ModelPoolOptions): ModelPool {
         askToStop();
         stopTimer = setTimeout(() => {
           if (finished) return;
-          const threadId = workerThreadId ?? threadStarting(id);
-          const thread = threadId === null ? undefined : piscina.threads.find((w) => w.threadId === threadId);
+          const thread = threadOf(id, workerThreadId);
           if (!thread) {
             fail('upstream_timeout', `the model call exceeded its ${options.taskTimeoutMs} ms deadline`);
             return;
