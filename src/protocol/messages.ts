@@ -29,12 +29,10 @@ const Cursor = z.string().min(1).max(256);
 
 // ---------- client to server ----------
 
+/** The characters of a `clientMessageId` or `Idempotency-Key`. */
+export const CLIENT_MESSAGE_ID_PATTERN = /^[A-Za-z0-9._:-]+$/;
 /** A `clientMessageId` or `Idempotency-Key`: 1..64 chars of `A-Za-z0-9._:-`. */
-export const ClientMessageIdSchema = z
-  .string()
-  .min(1)
-  .max(64)
-  .regex(/^[A-Za-z0-9._:-]+$/, 'expected 1..64 chars of A-Za-z0-9._:-');
+export const ClientMessageIdSchema = z.string().min(1).max(64).regex(CLIENT_MESSAGE_ID_PATTERN, 'expected 1..64 chars of A-Za-z0-9._:-');
 
 export const ChatSendFields = {
   text: z.string().min(1).max(16000),

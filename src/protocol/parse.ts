@@ -1,5 +1,14 @@
 import { AppError, badRequestFromZod } from './errors.js';
-import { ClientMessageSchema, clientMessageTypes, type ChatSend, type ClientMessage } from './messages.js';
+import {
+  CacheModeSchema,
+  CLIENT_MESSAGE_ID_PATTERN,
+  ChatParamsSchema,
+  ChatSendSchema,
+  ClientMessageSchema,
+  clientMessageTypes,
+  type ChatSend,
+  type ClientMessage,
+} from './messages.js';
 
 export type ParseResult = { ok: true; message: ClientMessage } | { ok: false; error: AppError; id: string | undefined };
 
@@ -11,14 +20,43 @@ function echoableId(value: unknown): string | undefined {
 
 type ChatParams = NonNullable<ChatSend['params']>;
 
-const CHAT_SEND_KEYS = new Set(['type', 'id', 'text', 'conversationId', 'model', 'params', 'cache', 'clientMessageId']);
-const CHAT_PARAMS_KEYS = new Set(['temperature', 'maxTokens', 'system']);
-const CACHE_MODES = new Set(['use', 'bypass', 'refresh']);
-const CLIENT_MESSAGE_ID = /^[A-Za-z0-9._:-]+$/;
+// The fast check's bounds are read from the schemas, so the two cannot drift apart.
+const SEND = ChatSendSchema.shape;
+const PARAMS = ChatParamsSchema.shape;
+const CHAT_SEND_KEYS = new Set(Object.keys(SEND));
+const CHAT_PARAMS_KEYS = new Set(Object.keys(PARAMS));
+const CACHE_MODES = new Set<string>(CacheModeSchema.options);
 
-/** 1..max UTF-16 units: within the schema's 1..max code points. A longer string is left to zod, which counts code points. */
-function fits(value: unknown, max: number): value is string {
-  return typeof value === 'string' && value.length >= 1 && value.length <= max;
+interface Length {
+  min: number;
+  max: number;
+}
+const lengthOf = (schema: { minLength: number | null; maxLength: number | null }): Length => ({
+  min: schema.minLength ?? 0,
+  max: schema.maxLength ?? Number.POSITIVE_INFINITY,
+});
+const TEXT = lengthOf(SEND.text);
+const ID = lengthOf(SEND.id.unwrap());
+const CONVERSATION_ID = lengthOf(SEND.conversationId.unwrap());
+const MODEL = lengthOf(SEND.model.unwrap());
+const CLIENT_MESSAGE_ID = lengthOf(SEND.clientMessageId.unwrap());
+const SYSTEM = lengthOf(PARAMS.system.unwrap());
+const TEMPERATURE = PARAMS.temperature.unwrap();
+const MAX_TOKENS = PARAMS.maxTokens.unwrap();
+
+/**
+ * Within the schema's length, counted in code points, judged from UTF-16 units: a string has no more code points
+ * than units, so `max` units fit; at least `min` units mean at least `min` code points only for a `min` of 0 or 1
+ * (a larger one is left to zod, as is a string longer in units than `max`).
+ */
+function fits(value: unknown, { min, max }: Length): value is string {
+  return typeof value === 'string' && min <= 1 && value.length >= min && value.length <= max;
+}
+
+/** Within the number schema's bounds (and an integer where it asks for one). */
+function inRange(value: unknown, schema: typeof TEMPERATURE | typeof MAX_TOKENS): value is number {
+  if (typeof value !== 'number' || (schema.isInt && !Number.isInteger(value))) return false;
+  return value >= (schema.minValue ?? Number.NEGATIVE_INFINITY) && value <= (schema.maxValue ?? Number.POSITIVE_INFINITY);
 }
 
 /** Whether every own key of `value` is one of `keys` and none is undefined (which zod would keep as a key). */
@@ -34,15 +72,15 @@ function plainParams(value: unknown): ChatParams | null {
   const params: ChatParams = {};
   const { temperature, maxTokens, system } = p;
   if (temperature !== undefined) {
-    if (typeof temperature !== 'number' || !(temperature >= 0 && temperature <= 2)) return null;
+    if (!inRange(temperature, TEMPERATURE)) return null;
     params.temperature = temperature;
   }
   if (maxTokens !== undefined) {
-    if (!Number.isInteger(maxTokens) || !((maxTokens as number) >= 1 && (maxTokens as number) <= 4096)) return null;
-    params.maxTokens = maxTokens as number;
+    if (!inRange(maxTokens, MAX_TOKENS)) return null;
+    params.maxTokens = maxTokens;
   }
   if (system !== undefined) {
-    if (typeof system !== 'string' || system.length > 8000) return null;
+    if (!fits(system, SYSTEM)) return null;
     params.system = system;
   }
   return params;
@@ -56,14 +94,14 @@ function plainParams(value: unknown): ChatParams | null {
 export function plainChatSend(value: Record<string, unknown>): ChatSend | null {
   if (value.type !== 'chat.send' || !knownKeys(value, CHAT_SEND_KEYS)) return null;
   const { id, text, conversationId, model, params, cache, clientMessageId } = value;
-  if (!fits(text, 16000) || (id !== undefined && !fits(id, 64))) return null;
+  if (!fits(text, TEXT) || (id !== undefined && !fits(id, ID))) return null;
   const message: ChatSend = id === undefined ? { type: 'chat.send', text } : { type: 'chat.send', id, text };
   if (conversationId !== undefined) {
-    if (!fits(conversationId, 128)) return null;
+    if (!fits(conversationId, CONVERSATION_ID)) return null;
     message.conversationId = conversationId;
   }
   if (model !== undefined) {
-    if (!fits(model, 128)) return null;
+    if (!fits(model, MODEL)) return null;
     message.model = model;
   }
   if (params !== undefined) {
@@ -76,7 +114,7 @@ export function plainChatSend(value: Record<string, unknown>): ChatSend | null {
     message.cache = cache as ChatSend['cache'];
   }
   if (clientMessageId !== undefined) {
-    if (!fits(clientMessageId, 64) || !CLIENT_MESSAGE_ID.test(clientMessageId)) return null;
+    if (!fits(clientMessageId, CLIENT_MESSAGE_ID) || !CLIENT_MESSAGE_ID_PATTERN.test(clientMessageId)) return null;
     message.clientMessageId = clientMessageId;
   }
   return message;
